@@ -1,0 +1,1 @@
+"""Build, train, evaluate and export the MD-CSDNetwork the worker runs."""
