@@ -22,17 +22,16 @@ def square_crop_box(
 ) -> tuple[int, int, int, int]:
     """The face box grown `scale`× about its centre into a square, moved and clipped into the frame.
 
-    The square keeps its side when it only sticks out on one side (it is shifted inside); it is
-    clipped only when its side exceeds the frame itself. Returns integer (x1, y1, x2, y2), x2/y2
+    A square that sticks out is shifted inside; one larger than the frame's short side shrinks to
+    it, so crops stay square and are never stretched. Returns integer (x1, y1, x2, y2), x2/y2
     exclusive, with at least one pixel each way.
     """
     x1, y1, x2, y2 = (float(v) for v in box)
     cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0
-    side = max(x2 - x1, y2 - y1, 1.0) * scale
+    side = min(max(x2 - x1, y2 - y1, 1.0) * scale, float(min(frame_width, frame_height)))
     left, top = cx - side / 2.0, cy - side / 2.0
 
     def place(start: float, length: float, limit: int) -> tuple[int, int]:
-        length = min(length, float(limit))
         start = min(max(start, 0.0), limit - length)
         lo = int(round(start))
         hi = int(round(start + length))

@@ -1,0 +1,20 @@
+# Sourced by scripts/*.sh: make .venv with the project and the given extra installed, once.
+# torch is pinned to 2.13.0 (CPU wheel); a looser pin would pull a multi-GB CUDA build.
+extra="${1:-}"
+need_redis=0
+[ "$extra" = test ] && need_redis=1
+if [ "$need_redis" = 1 ] && ! command -v redis-server >/dev/null 2>&1; then
+  echo "installing redis-server (Debian package) for the tests" >&2
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+if [ ! -x .venv/bin/python ]; then
+  "${PYTHON:-python3}" -m venv .venv
+fi
+. .venv/bin/activate
+stamp=".venv/.installed-${extra:-base}"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  python -m pip install -q --upgrade pip
+  python -m pip install -q -e ".[${extra}]"
+  touch "$stamp"
+fi

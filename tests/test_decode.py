@@ -1,0 +1,99 @@
+"""Decoding real and generated videos: even sampling, rotation, limits and typed errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from media import carphone_frames
+from worker.decode import Limits, VideoReader, looks_like_video_container, sample_times
+from worker.errors import ErrorCode, ModerationError
+
+LIMITS = Limits(max_duration_s=1200, max_pixels=4096 * 2304, decode_timeout_s=60)
+
+
+def sample(path, n, limits=LIMITS):
+    with VideoReader(str(path), limits) as reader:
+        frames = list(reader.sample(n))
+        return reader.info, frames
+
+
+def test_sample_times_are_slice_centres():
+    assert sample_times(0.0, 4.0, 4) == [0.5, 1.5, 2.5, 3.5]
+
+
+def test_carphone_sampling_spreads_over_the_whole_clip(corpus):
+    info, frames = sample(corpus["carphone"], 32)
+    assert (info.codec, info.width, info.height) == ("h264", 176, 144)
+    assert info.fps == pytest.approx(29.97, abs=0.01) and info.duration_s == pytest.approx(4.0, abs=0.05)
+    assert info.frames_sampled == len(frames) == 32
+    times = [f.t for f in frames]
+    assert times == sorted(times) and len(set(times)) == 32
+    assert times[0] < 0.2 and times[-1] > 3.7  # not the first 32 frames
+    gaps = np.diff(times)
+    assert gaps.max() < 2.5 * gaps.mean()
+    originals = carphone_frames()
+    k = round(times[10] * 29.97)
+    assert np.abs(frames[10].image.astype(int) - originals[k]).mean() < 1.0  # the frame at that time
+
+
+def test_more_samples_than_frames_gives_each_frame_once(corpus):
+    info, frames = sample(corpus["carphone"], 500)
+    assert len(frames) == info.frames_sampled == 120
+    assert len({f.t for f in frames}) == 120
+
+
+def test_rotation_metadata_is_honoured(corpus):
+    info, frames = sample(corpus["rotated_mp4"], 4)
+    assert info.rotation == 90 and (info.width, info.height) == (144, 176)
+    assert frames[0].image.shape == (176, 144, 3)
+    # A +90° display matrix turns the stored frame 90° counter-clockwise, as FFmpeg's autorotate does.
+    stored = carphone_frames()[::4][round(frames[0].t * 8)]  # encoded at 8 fps from every 4th frame
+    upright = frames[0].image.astype(int)
+    assert np.abs(upright - np.rot90(stored, 1)).mean() < 4.0
+    assert np.abs(upright - np.rot90(stored, -1)).mean() > 20.0  # the other way round is clearly wrong
+
+
+@pytest.mark.parametrize("name", ["h264_mp4", "faststart_mp4", "vp9_webm", "mjpeg_avi", "odd_size_mp4"])
+def test_codecs_and_containers_decode(corpus, name):
+    info, frames = sample(corpus[name], 8)
+    assert len(frames) == 8 and frames[0].image.dtype == np.uint8
+    assert frames[0].image.shape == (info.height, info.width, 3)
+
+
+@pytest.mark.parametrize(
+    "name,code",
+    [
+        ("truncated_mp4", ErrorCode.CORRUPT),
+        ("truncated_moov_end_mp4", ErrorCode.CORRUPT),
+        ("zero_bytes_mp4", ErrorCode.NOT_A_VIDEO),
+        ("text_mp4", ErrorCode.NOT_A_VIDEO),
+        ("png_mp4", ErrorCode.NOT_A_VIDEO),
+        ("audio_only_mp4", ErrorCode.NO_VIDEO_STREAM),
+    ],
+)
+def test_bad_files_raise_typed_errors(corpus, name, code):
+    with pytest.raises(ModerationError) as err:
+        sample(corpus[name], 8)
+    assert err.value.code == code
+
+
+@pytest.mark.parametrize(
+    "limits,code",
+    [
+        (Limits(max_duration_s=2.0, max_pixels=10**8, decode_timeout_s=60), ErrorCode.TOO_LONG),
+        (Limits(max_duration_s=100, max_pixels=176 * 144 - 1, decode_timeout_s=60), ErrorCode.TOO_LARGE),
+        (Limits(max_duration_s=100, max_pixels=10**8, decode_timeout_s=1e-6), ErrorCode.TIMEOUT),
+    ],
+)
+def test_limits(corpus, limits, code):
+    with pytest.raises(ModerationError) as err:
+        sample(corpus["carphone"], 8, limits)
+    assert err.value.code == code
+
+
+def test_container_sniffing(corpus):
+    assert looks_like_video_container(corpus["carphone"].read_bytes()[:512])
+    assert looks_like_video_container(corpus["vp9_webm"].read_bytes()[:512])
+    assert looks_like_video_container(corpus["mjpeg_avi"].read_bytes()[:512])
+    assert not looks_like_video_container(corpus["text_mp4"].read_bytes()[:512])
+    assert not looks_like_video_container(b"")

@@ -1,0 +1,285 @@
+"""Open a video with PyAV, check it against the limits, and sample frames evenly over its duration.
+
+Frames are decoded in order with threaded decoding and only the sampled ones are converted to
+RGB and handed on, one at a time: the decoded video is never held in memory.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+import av
+import av.error
+import numpy as np
+
+from worker.errors import Corrupt, ModerationError, NotAVideo, NoVideoStream, Timeout, TooLarge, TooLong, Unsupported
+
+# Demuxers that open a still image: such a file is not a video even if it is named .mp4.
+IMAGE_DEMUXERS = frozenset(
+    {"image2", "image2pipe", "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "tiff_pipe", "gif_pipe",
+     "ppm_pipe", "pgm_pipe", "pam_pipe", "psd_pipe", "svg_pipe", "j2k_pipe", "jpegls_pipe", "qoi_pipe",
+     "dpx_pipe", "exr_pipe", "sgi_pipe", "xpm_pipe", "pcx_pipe", "tga", "pictor_pipe"}
+)
+# A decode that stops before this share of the declared duration means the data is cut short.
+MIN_COVERAGE = 0.75
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_duration_s: float
+    max_pixels: int
+    decode_timeout_s: float
+
+
+@dataclass
+class VideoInfo:
+    container: str
+    codec: str
+    width: int  # display orientation (after rotation)
+    height: int
+    fps: float | None
+    duration_s: float | None
+    rotation: int  # degrees counter-clockwise applied to the stored frames for display
+    frames_sampled: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "duration_s": None if self.duration_s is None else round(self.duration_s, 3),
+            "fps": None if self.fps is None else round(self.fps, 3),
+            "width": self.width,
+            "height": self.height,
+            "codec": self.codec,
+            "container": self.container,
+            "rotation": self.rotation,
+            "frames_sampled": self.frames_sampled,
+        }
+
+
+@dataclass(frozen=True)
+class SampledFrame:
+    index: int  # position among the sampled frames
+    t: float  # presentation time in seconds from the video's start
+    image: np.ndarray  # H×W×3 uint8 RGB, upright
+
+
+def looks_like_video_container(head: bytes) -> bool:
+    """True when the first bytes carry a known video container signature (MP4/MOV, Matroska, AVI, ...).
+
+    Tells a damaged video (`corrupt`) apart from bytes that never were one (`not_a_video`).
+    """
+    if len(head) >= 8 and head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot"):
+        return True
+    if head[:4] == b"\x1a\x45\xdf\xa3":  # EBML: Matroska / WebM
+        return True
+    if head[:4] == b"RIFF" and head[8:12] in (b"AVI ", b"AVIX"):
+        return True
+    if head[:3] == b"FLV" or head[:4] == b"OggS" or head[:4] == b"\x00\x00\x01\xba":
+        return True
+    if head[:4] == b"\x30\x26\xb2\x75":  # ASF / WMV
+        return True
+    return len(head) > 188 and head[0] == 0x47 and head[188] == 0x47  # MPEG-TS
+
+
+def sample_times(start: float, duration: float, n: int) -> list[float]:
+    """n target times at the centres of n equal slices of [start, start + duration)."""
+    return [start + (i + 0.5) * duration / n for i in range(n)]
+
+
+def rotate_upright(image: np.ndarray, rotation: int) -> np.ndarray:
+    """Apply a display-matrix rotation (degrees counter-clockwise, as FFmpeg reports it)."""
+    k = (int(round(rotation / 90.0))) % 4
+    return np.ascontiguousarray(np.rot90(image, k=k)) if k else image
+
+
+class VideoReader:
+    """One opened video. Use as a context manager; `info` is ready after construction."""
+
+    def __init__(self, media: str | BinaryIO, limits: Limits, *, threads: int = 0) -> None:
+        self._media = media
+        self._limits = limits
+        self._started = time.monotonic()
+        head = self._read_head(media)
+        try:
+            self._container = av.open(media, mode="r", metadata_errors="ignore")
+        except av.error.FFmpegError as exc:
+            self._raise_open_error(head, exc)
+        except (UnicodeDecodeError, ValueError, IndexError) as exc:
+            self._raise_open_error(head, exc)
+        try:
+            self._stream = self._pick_stream()
+            self._stream.thread_type = "AUTO"
+            self._stream.codec_context.thread_count = threads
+            self.info = self._probe()
+        except BaseException:
+            self._container.close()
+            raise
+        self._head = head
+
+    # -- opening -------------------------------------------------------------------------------
+    @staticmethod
+    def _read_head(media: str | BinaryIO) -> bytes:
+        if isinstance(media, str):
+            with open(media, "rb") as fh:
+                return fh.read(512)
+        pos = media.tell()
+        head = media.read(512)
+        media.seek(pos)
+        return head
+
+    @staticmethod
+    def _raise_open_error(head: bytes, exc: Exception) -> None:
+        if not head:
+            raise NotAVideo("the file is empty") from exc
+        if looks_like_video_container(head):
+            raise Corrupt(f"video container could not be read: {exc}") from exc
+        raise NotAVideo(f"not a recognised video format: {exc}") from exc
+
+    def _pick_stream(self) -> av.video.stream.VideoStream:
+        fmt = self._container.format.name
+        if set(fmt.split(",")) & IMAGE_DEMUXERS:
+            raise NotAVideo(f"a still image ({fmt}), not a video")
+        videos = [s for s in self._container.streams.video if not (s.disposition & av.stream.Disposition.attached_pic)]
+        if not videos:
+            kinds = sorted({s.type for s in self._container.streams}) or ["none"]
+            raise NoVideoStream(f"no video stream (streams: {', '.join(kinds)})")
+        stream = videos[0]
+        if stream.codec_context is None:
+            raise Unsupported(f"no decoder for the video codec ({stream.codec.name if stream.codec else 'unknown'})")
+        return stream
+
+    def _probe(self) -> VideoInfo:
+        s, ctx = self._stream, self._stream.codec_context
+        width, height = ctx.width, ctx.height
+        if width * height > self._limits.max_pixels:
+            raise TooLarge(f"frame size {width}x{height} exceeds the limit of {self._limits.max_pixels} pixels")
+        duration = self._declared_duration()
+        if duration is not None and duration > self._limits.max_duration_s:
+            raise TooLong(f"duration {duration:.1f} s exceeds the limit of {self._limits.max_duration_s:.0f} s")
+        rate = s.average_rate or s.guessed_rate or s.base_rate
+        fps = float(rate) if rate else None
+        # Rotation lives in each frame's display matrix: sample() reads it from the first frame.
+        return VideoInfo(
+            container=self._container.format.name, codec=ctx.name, width=width, height=height,
+            fps=fps, duration_s=duration, rotation=0,
+        )
+
+    def _declared_duration(self) -> float | None:
+        s = self._stream
+        if s.duration is not None and s.time_base is not None and s.duration > 0:
+            return float(s.duration * s.time_base)
+        if self._container.duration is not None and self._container.duration > 0:
+            return self._container.duration / av.time_base
+        if s.frames and s.average_rate:
+            return s.frames / float(s.average_rate)
+        return None
+
+    def _start_time(self) -> float:
+        s = self._stream
+        if s.start_time is not None and s.time_base is not None:
+            return float(s.start_time * s.time_base)
+        return 0.0
+
+    # -- sampling ------------------------------------------------------------------------------
+    def _check_deadline(self) -> None:
+        if time.monotonic() - self._started > self._limits.decode_timeout_s:
+            raise Timeout(f"decoding took longer than {self._limits.decode_timeout_s:.0f} s")
+
+    def _frames(self) -> Iterator[av.VideoFrame]:
+        """Decoded frames in order; damage past the first frame ends the stream instead of raising."""
+        decoded = 0
+        try:
+            for frame in self._container.decode(self._stream):
+                decoded += 1
+                self._check_deadline()
+                yield frame
+        except ModerationError:
+            raise
+        except (av.error.FFmpegError, ValueError) as exc:
+            if decoded == 0:
+                raise Corrupt(f"no frame could be decoded: {exc}") from exc
+            self.decode_error = str(exc)
+
+    def sample(self, n: int) -> Iterator[SampledFrame]:
+        """Yield up to n frames spread evenly over the duration, each at most once, in time order."""
+        self.decode_error: str | None = None
+        info = self.info
+        start = self._start_time()
+        duration = info.duration_s
+        if duration is None:
+            duration = self._measure_duration()
+        targets = sample_times(start, duration, n)
+        fps = info.fps or 25.0
+        j = 0
+        index = 0
+        last: tuple[av.VideoFrame, float] | None = None
+        last_yielded = False
+        first = True
+        for count, frame in enumerate(self._frames()):
+            if first:
+                self._check_frame_size(frame)
+                first = False
+            t = frame.time if frame.time is not None else start + count / fps
+            if t > start + self._limits.max_duration_s:
+                raise TooLong(f"video runs past the limit of {self._limits.max_duration_s:.0f} s")
+            last, last_yielded = (frame, t), False
+            if j < len(targets) and t + 0.5 / fps >= targets[j]:
+                while j < len(targets) and targets[j] <= t + 0.5 / fps:
+                    j += 1
+                yield self._to_sample(frame, index, t - start)
+                index += 1
+                last_yielded = True
+        if last is None:
+            raise Corrupt("the video stream holds no decodable frame")
+        end_t = last[1] + 1.0 / fps
+        if end_t - start < MIN_COVERAGE * duration:
+            detail = f" ({self.decode_error})" if self.decode_error else ""
+            raise Corrupt(
+                f"video data ends at {end_t - start:.2f} s of a declared {duration:.2f} s: truncated or damaged{detail}"
+            )
+        if j < len(targets) and not last_yielded:
+            yield self._to_sample(last[0], index, last[1] - start)
+            index += 1
+        info.frames_sampled = index
+
+    def _check_frame_size(self, frame: av.VideoFrame) -> None:
+        if frame.width * frame.height > self._limits.max_pixels:
+            raise TooLarge(f"frame size {frame.width}x{frame.height} exceeds the limit of {self._limits.max_pixels} pixels")
+        rotation = int(getattr(frame, "rotation", 0) or 0)
+        if rotation != self.info.rotation:
+            self.info.rotation = rotation
+            w, h = frame.width, frame.height
+            self.info.width, self.info.height = (h, w) if rotation % 180 else (w, h)
+
+    def _to_sample(self, frame: av.VideoFrame, index: int, t: float) -> SampledFrame:
+        image = frame.to_ndarray(format="rgb24")
+        return SampledFrame(index=index, t=max(0.0, float(t)), image=rotate_upright(image, self.info.rotation))
+
+    def _measure_duration(self) -> float:
+        """Demux (not decode) the stream once to find its length, then rewind for decoding."""
+        s = self._stream
+        end = None
+        for packet in self._container.demux(s):
+            self._check_deadline()
+            if packet.pts is None or packet.time_base is None:
+                continue
+            t = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+            end = t if end is None else max(end, t)
+            if end > self._limits.max_duration_s:
+                raise TooLong(f"video runs past the limit of {self._limits.max_duration_s:.0f} s")
+        if end is None:
+            raise Corrupt("the video stream holds no timed packets")
+        self._container.seek(0, any_frame=False, backward=True, stream=s)
+        duration = max(end - self._start_time(), 1e-3)
+        self.info.duration_s = duration
+        return duration
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def close(self) -> None:
+        self._container.close()
+
+    def __enter__(self) -> "VideoReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,39 @@
+"""The model-engine interface: a batch of face crops in, a fake probability per crop out."""
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from worker.engine.model_card import ModelCard
+
+
+@runtime_checkable
+class Engine(Protocol):
+    card: ModelCard
+    backend: str  # e.g. "pytorch-cpu", "onnxruntime-cpu", "tensorrt-fp16"
+    sha256: str  # of the weights file this backend runs
+
+    def predict(self, crops: np.ndarray) -> np.ndarray:
+        """N×S×S×3 uint8 RGB crops → N float32 fake probabilities in [0, 1]."""
+        ...
+
+    def describe(self) -> dict:
+        """The verdict's `model` block."""
+        ...
+
+
+def describe_engine(card: ModelCard, backend: str, sha256: str) -> dict:
+    """The verdict's `model` block; an untrained model says so in plain words."""
+    block = {
+        "name": card.name,
+        "version": card.version,
+        "architecture": card.architecture,
+        "sha256": sha256,
+        "backend": backend,
+        "trained": card.trained,
+        "training_data": card.training_data,
+    }
+    if not card.trained:
+        block["warning"] = "randomly initialised model: its scores carry no information (for tests only)"
+    return block

@@ -1,0 +1,51 @@
+"""The model directory's card (`model.json`): what a model is, how to rebuild it, how to read its scores."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CARD_FILE = "model.json"
+CARD_SCHEMA = "deepfake-model-card/1"
+
+
+class ModelCard(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    schema_: str = Field(CARD_SCHEMA, alias="schema")
+    name: str
+    version: str
+    architecture: str  # a name in training.models' registry
+    architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
+    input_size: int = 299
+    input: str = "RGB face crops, N×3×S×S float32 in [0, 1]; the model normalises each branch itself"
+    normalization: dict[str, Any] = Field(default_factory=dict)
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    operating_point: dict[str, Any] | None = None  # how the threshold was chosen, e.g. target FPR
+    trained: bool  # False for a randomly initialised model: its scores mean nothing
+    training_data: str = ""
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, str] = Field(default_factory=lambda: {"weights": "weights.pt"})
+
+    @classmethod
+    def load(cls, model_dir: Path) -> "ModelCard":
+        path = Path(model_dir) / CARD_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no {CARD_FILE} in model directory {model_dir}")
+        return cls.model_validate(json.loads(path.read_text()))
+
+    def save(self, model_dir: Path) -> Path:
+        path = Path(model_dir) / CARD_FILE
+        path.write_text(json.dumps(self.model_dump(by_alias=True, mode="json"), indent=2) + "\n")
+        return path
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

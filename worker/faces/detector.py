@@ -1,0 +1,121 @@
+"""`RetinaFaceDetector`: the project's `FaceDetector` on biubug6's RetinaFace, one forward pass per batch."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .base import Face
+from .box_utils import decode_boxes, decode_landmarks, nms, prior_boxes
+from .weights import load_retinaface
+
+BGR_MEAN = (104.0, 117.0, 123.0)  # biubug6's training mean, subtracted in BGR order
+PRE_NMS_TOP_K = 5000  # biubug6 detect.py's top_k: bounds NMS cost when the threshold is low
+
+_NAMES = {"mobilenet0.25": "retinaface-mobilenet", "resnet50": "retinaface-resnet50"}
+
+
+def _as_batch(frames: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+    """N×H×W×3 uint8 from an array or a list of same-sized H×W×3 frames."""
+    if not isinstance(frames, np.ndarray):
+        if len(frames) == 0:
+            return np.empty((0, 0, 0, 3), np.uint8)
+        frames = np.stack([np.asarray(f) for f in frames])
+    batch = frames
+    if batch.ndim == 3:
+        raise ValueError(f"expected N×H×W×3 frames, got a single frame of shape {batch.shape}; wrap it in a list")
+    if batch.ndim != 4 or batch.shape[-1] != 3:
+        raise ValueError(f"expected N×H×W×3 RGB frames, got shape {batch.shape}")
+    if batch.dtype != np.uint8:
+        raise ValueError(f"expected uint8 frames, got {batch.dtype}")
+    return batch
+
+
+class RetinaFaceDetector:
+    """RetinaFace face detector over batches of same-sized RGB uint8 frames.
+
+    Frames whose long side exceeds `max_size` are downscaled (antialiased) before the network and
+    boxes are scaled back, which is most of the cost on 1080p video; smaller frames are used as
+    they are. Boxes are in source pixels, unclipped (a face at the edge may extend past it).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "mobilenet0.25",
+        weights: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        score_threshold: float = 0.6,
+        nms_threshold: float = 0.4,
+        max_size: int | None = 640,
+        max_faces: int | None = 50,
+    ) -> None:
+        if backbone not in _NAMES:
+            raise ValueError(f"unknown RetinaFace backbone {backbone!r}; expected one of {sorted(_NAMES)}")
+        if not 0.0 <= score_threshold <= 1.0:
+            raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
+        if max_size is not None and max_size < 32:
+            raise ValueError(f"max_size must be at least 32 pixels (or None), got {max_size}")
+        self.name = _NAMES[backbone]
+        self.backbone = backbone
+        self.device = torch.device(device)
+        self.score_threshold = float(score_threshold)
+        self.nms_threshold = float(nms_threshold)
+        self.max_size = max_size
+        self.max_faces = max_faces
+        self.model = load_retinaface(backbone, weights).to(self.device)
+        self._mean = torch.tensor(BGR_MEAN, device=self.device).view(1, 3, 1, 1)
+
+    def __repr__(self) -> str:
+        return f"RetinaFaceDetector(backbone={self.backbone!r}, device={str(self.device)!r}, max_size={self.max_size})"
+
+    def _network_size(self, height: int, width: int) -> tuple[int, int]:
+        """The H, W fed to the network: the frame's, or shrunk so the long side is `max_size`."""
+        if self.max_size is None or max(height, width) <= self.max_size:
+            return height, width
+        scale = self.max_size / max(height, width)
+        return max(1, round(height * scale)), max(1, round(width * scale))
+
+    def preprocess(self, batch: np.ndarray) -> torch.Tensor:
+        """N×H×W×3 RGB uint8 → N×3×h×w float BGR minus the mean, resized to the network size."""
+        images = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        images = images.permute(0, 3, 1, 2).flip(1).float()  # RGB → BGR, NCHW
+        size = self._network_size(*batch.shape[1:3])
+        if size != tuple(batch.shape[1:3]):
+            images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+        return images - self._mean
+
+    def detect(self, frames: Sequence[np.ndarray] | np.ndarray) -> list[list[Face]]:
+        """Faces per frame, each list sorted by descending score and capped at `max_faces`."""
+        batch = _as_batch(frames)
+        if len(batch) == 0:
+            return []
+        height, width = batch.shape[1:3]
+        with torch.inference_mode():
+            images = self.preprocess(batch)
+            net_h, net_w = images.shape[-2:]
+            loc, conf, landms = self.model(images)
+            priors = prior_boxes(net_h, net_w, self.device)
+            if priors.shape[0] != loc.shape[1]:
+                raise RuntimeError(f"{priors.shape[0]} priors for {loc.shape[1]} network outputs at {net_h}×{net_w}")
+            scale = torch.tensor([width, height], dtype=torch.float32, device=self.device)
+            boxes = decode_boxes(loc, priors).view(len(batch), -1, 2, 2) * scale  # N×A×2×2 (corner, xy)
+            points = decode_landmarks(landms, priors) * scale  # N×A×5×2
+            scores = conf[..., 1]
+            return [self._select(boxes[i].reshape(-1, 4), scores[i], points[i]) for i in range(len(batch))]
+
+    def _select(self, boxes: torch.Tensor, scores: torch.Tensor, points: torch.Tensor) -> list[Face]:
+        """Threshold, top-k, NMS and cap for one frame (A×4 boxes, A scores, A×5×2 points, pixels)."""
+        keep = torch.nonzero(scores >= self.score_threshold).squeeze(1)
+        if keep.numel() > PRE_NMS_TOP_K:
+            keep = keep[torch.topk(scores[keep], PRE_NMS_TOP_K).indices]
+        keep = keep[nms(boxes[keep], scores[keep], self.nms_threshold)]
+        if self.max_faces is not None:
+            keep = keep[: self.max_faces]
+        boxes, scores, points = boxes[keep].cpu().tolist(), scores[keep].cpu().tolist(), points[keep].cpu().tolist()
+        return [
+            Face(box=tuple(b), score=s, landmarks=tuple(tuple(p) for p in pts))
+            for b, s, pts in zip(boxes, scores, points)
+        ]

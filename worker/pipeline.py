@@ -1,0 +1,196 @@
+"""The core moderation pipeline: source → decode → faces → crops → model → verdict.
+
+A `Moderator` loads the detector and the model once and then scores any number of videos; each
+call returns a verdict and never raises for bad input.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import structlog
+
+from worker.decode import Limits, SampledFrame, VideoReader
+from worker.engine import Engine, load_engine
+from worker.errors import Internal, ModerationError
+from worker.faces import FaceDetector, create_detector
+from worker.preprocess import crop_face
+from worker.settings import Settings
+from worker.source import LocalSource, Source
+from worker.verdict import aggregate_mean, error_verdict, no_face_verdict, ok_verdict
+
+log = structlog.get_logger("worker.pipeline")
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+
+
+class ConfigurationError(RuntimeError):
+    """The worker itself is misconfigured (not the input): it must not start."""
+
+
+def resolve_model_dir(model_dir: Path | None) -> Path:
+    """The configured model directory, or the packaged demo model when none is set."""
+    path = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
+    if not (path / "model.json").is_file():
+        hint = "" if model_dir is not None else " (no packaged default model: pass --model DIR or set DEEPFAKE_MODEL_DIR)"
+        raise ConfigurationError(f"no model.json in {path}{hint}")
+    return path
+
+
+class StageTimer:
+    """Accumulates wall time per stage in milliseconds."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[name] += (time.perf_counter() - start) * 1000.0
+
+    def timed(self, name: str, items: Iterator[SampledFrame]) -> Iterator[SampledFrame]:
+        """Charge the time spent producing each item of `items` to `name`."""
+        while True:
+            with self.stage(name):
+                item = next(items, None)
+            if item is None:
+                return
+            yield item
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 1) for k, v in self.ms.items()}
+
+
+def face_record(t: float, frame_index: int, face, largest: bool) -> dict:
+    return {
+        "t": round(t, 3),
+        "frame": frame_index,
+        "box": [round(float(v), 1) for v in face.box],
+        "detector_score": round(float(face.score), 4),
+        "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in face.landmarks],
+        "largest": largest,
+        "fake_score": None,
+    }
+
+
+class Moderator:
+    """Scores videos with one detector and one model engine, both loaded once."""
+
+    def __init__(self, settings: Settings, *, detector: FaceDetector | None = None, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.limits = Limits(settings.max_duration_s, settings.max_pixels, settings.decode_timeout_s)
+        if engine is None:
+            engine = load_engine(
+                resolve_model_dir(settings.model_dir), backend=settings.engine, device=settings.device,
+                batch_size=settings.batch_size,
+            )
+        self.engine = engine
+        if detector is None:
+            detector = create_detector(
+                settings.detector, weights=settings.detector_weights, device=settings.device,
+                score_threshold=settings.detector_score_threshold, max_size=settings.detector_max_size,
+            )
+        self.detector = detector
+        self.model_block = engine.describe()
+        self.threshold = engine.card.threshold
+        self.crop_size = engine.card.input_size
+
+    def moderate_path(self, path: str | Path, *, frames: int | None = None) -> dict:
+        """Verdict for a local file; a missing or unreadable path gives an error verdict."""
+        try:
+            source = LocalSource.resolve(path, max_bytes=self.settings.max_bytes)
+        except ModerationError as exc:
+            return self._error(str(path), exc, StageTimer(), None)
+        return self.moderate(source, frames=frames)
+
+    def moderate(self, source: Source, *, frames: int | None = None) -> dict:
+        timer = StageTimer()
+        reader: VideoReader | None = None
+        started = time.perf_counter()
+        try:
+            with timer.stage("open"):
+                reader = VideoReader(source.open(), self.limits)
+            with reader:
+                verdict = self._score(source, reader, frames or self.settings.frames, timer)
+        except ModerationError as exc:
+            return self._error(source.uri, exc, timer, reader)
+        except Exception as exc:  # noqa: BLE001 - a bug must cost one verdict, not the worker
+            log.exception("internal_error", source=source.uri)
+            return self._error(source.uri, Internal(f"{type(exc).__name__}: {exc}"), timer, reader)
+        verdict["timings_ms"]["total"] = round((time.perf_counter() - started) * 1000.0, 1)
+        log.info(
+            "verdict", source=source.uri, status=verdict["status"], label=verdict["label"], score=verdict["score"],
+            frames=verdict["video"]["frames_sampled"], timings_ms=verdict["timings_ms"],
+        )
+        return verdict
+
+    def _score(self, source: Source, reader: VideoReader, n_frames: int, timer: StageTimer) -> dict:
+        faces: list[dict] = []
+        crops: list[np.ndarray] = []
+        scored: list[int] = []  # index into `faces` of each crop's face
+        frames_with_face = 0
+        chunk: list[SampledFrame] = []
+
+        def flush() -> None:
+            nonlocal frames_with_face
+            with timer.stage("detect"):
+                detections = self._detect(chunk)
+            with timer.stage("crop"):
+                for frame, found in zip(chunk, detections):
+                    if not found:
+                        continue
+                    frames_with_face += 1
+                    largest = max(range(len(found)), key=lambda i: found[i].area)
+                    for i, face in enumerate(found):
+                        faces.append(face_record(frame.t, frame.index, face, i == largest))
+                        if i == largest:
+                            scored.append(len(faces) - 1)
+                            crops.append(crop_face(frame.image, face.box, size=self.crop_size))
+            chunk.clear()
+
+        for frame in timer.timed("decode", reader.sample(n_frames)):
+            chunk.append(frame)
+            if len(chunk) >= self.settings.detect_batch:
+                flush()
+        if chunk:
+            flush()
+
+        video = reader.info.to_dict()
+        video["frames_with_face"] = frames_with_face
+        log.info("decoded", source=source.uri, **{k: video[k] for k in ("codec", "width", "height", "frames_sampled")},
+                 faces=len(faces))
+        if not crops:
+            return no_face_verdict(source.uri, threshold=self.threshold, video=video, model=self.model_block,
+                                   timings_ms=timer.as_dict())
+        with timer.stage("model"):
+            probs = self.engine.predict(np.stack(crops))
+        for face_index, p in zip(scored, probs):
+            faces[face_index]["fake_score"] = round(float(p), 6)
+        score = aggregate_mean([float(p) for p in probs])
+        return ok_verdict(source.uri, score=score, threshold=self.threshold, video=video, faces=faces,
+                          model=self.model_block, timings_ms=timer.as_dict())
+
+    def _detect(self, frames: list[SampledFrame]) -> list[list]:
+        """Detect in batches of same-sized frames (a stream may change size mid-way)."""
+        by_shape: dict[tuple, list[int]] = defaultdict(list)
+        for i, f in enumerate(frames):
+            by_shape[f.image.shape].append(i)
+        out: list[list] = [[] for _ in frames]
+        for indices in by_shape.values():
+            found = self.detector.detect(np.stack([frames[i].image for i in indices]))
+            for i, faces in zip(indices, found):
+                out[i] = faces
+        return out
+
+    def _error(self, uri: str, exc: ModerationError, timer: StageTimer, reader: VideoReader | None) -> dict:
+        log.warning("error_verdict", source=uri, code=exc.code.value, message=exc.message)
+        video = reader.info.to_dict() if reader is not None else None
+        return error_verdict(uri, exc, threshold=self.threshold, model=self.model_block, video=video,
+                             timings_ms=timer.as_dict())

@@ -1,0 +1,61 @@
+"""The verdict: one versioned JSON object per input, whatever happened to it."""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from worker import __version__
+from worker.errors import ModerationError
+
+SCHEMA = "deepfake-verdict/1"
+
+
+def aggregate_mean(frame_scores: list[float]) -> float:
+    """The paper's video score: the mean of the per-frame fake probabilities."""
+    return float(sum(frame_scores) / len(frame_scores))
+
+
+def label_for(score: float, threshold: float) -> str:
+    return "fake" if score >= threshold else "real"
+
+
+def _base(source: str, model: dict | None, threshold: float | None) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "source": source,
+        "status": None,
+        "label": None,
+        "score": None,
+        "threshold": threshold,
+        "error": None,
+        "video": None,
+        "faces": [],
+        "model": model,
+        "timings_ms": {},
+        "worker_version": __version__,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+    }
+
+
+def ok_verdict(
+    source: str, *, score: float, threshold: float, video: dict, faces: list[dict], model: dict, timings_ms: dict
+) -> dict[str, Any]:
+    v = _base(source, model, threshold)
+    v.update(status="ok", score=round(score, 6), label=label_for(score, threshold), video=video, faces=faces,
+             timings_ms=timings_ms)
+    return v
+
+
+def no_face_verdict(source: str, *, threshold: float, video: dict, model: dict, timings_ms: dict) -> dict[str, Any]:
+    v = _base(source, model, threshold)
+    v.update(status="no_face", video=video, timings_ms=timings_ms)
+    return v
+
+
+def error_verdict(
+    source: str, error: ModerationError, *, threshold: float | None, model: dict | None,
+    video: dict | None = None, timings_ms: dict | None = None,
+) -> dict[str, Any]:
+    v = _base(source, model, threshold)
+    v.update(status="error", error=error.to_dict(), video=video, timings_ms=timings_ms or {})
+    return v
