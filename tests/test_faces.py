@@ -111,6 +111,9 @@ def test_batch_equals_one_by_one(carphone: np.ndarray, detector: RetinaFaceDetec
             np.testing.assert_allclose(b.landmarks, s.landmarks, atol=1e-2)
             assert b.score == pytest.approx(s.score, abs=1e-5)
     assert detector.detect(list(frames))[3] == batched[3]  # a list of frames works like an array
+    assert detector.detect([]) == [] and detector.detect(frames[:0]) == []
+    with pytest.raises(ValueError, match="single frame"):
+        detector.detect(frames[0])
 
 
 def test_state_dict_keys_follow_biubug6() -> None:

@@ -19,12 +19,13 @@ _NAMES = {"mobilenet0.25": "retinaface-mobilenet", "resnet50": "retinaface-resne
 
 
 def _as_batch(frames: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
-    """N×H×W×3 uint8 from an array or a list of same-sized H×W×3 frames."""
-    if not isinstance(frames, np.ndarray):
-        if len(frames) == 0:
-            return np.empty((0, 0, 0, 3), np.uint8)
-        frames = np.stack([np.asarray(f) for f in frames])
-    batch = frames
+    """N×H×W×3 uint8 from an array or a list of same-sized H×W×3 frames (an empty list: N = 0)."""
+    if isinstance(frames, np.ndarray):
+        batch = frames
+    elif len(frames) == 0:
+        batch = np.empty((0, 1, 1, 3), np.uint8)
+    else:
+        batch = np.stack([np.asarray(f) for f in frames])
     if batch.ndim == 3:
         raise ValueError(f"expected N×H×W×3 frames, got a single frame of shape {batch.shape}; wrap it in a list")
     if batch.ndim != 4 or batch.shape[-1] != 3:
