@@ -104,7 +104,10 @@ def build_corpus(directory: Path) -> dict[str, Path]:
     )
     files["vp9_webm"] = encode(directory / "vp9.webm", every_4th, codec="libvpx-vp9", rate=8)
     files["mjpeg_avi"] = encode(directory / "mjpeg.avi", every_4th, codec="mjpeg", rate=8, pix_fmt="yuvj420p")
-    files["rotated_mp4"] = encode(directory / "rotated.mp4", every_4th, rate=8, rotation=90)
+    # As a phone records portrait video: frames stored sideways, a display matrix that turns them upright.
+    files["rotated_mp4"] = encode(
+        directory / "rotated.mp4", [np.ascontiguousarray(np.rot90(f, -1)) for f in every_4th], rate=8, rotation=90
+    )
     files["odd_size_mp4"] = encode(
         directory / "odd.mp4", [f[:143, :175] for f in every_4th], rate=8, pix_fmt="yuv444p"
     )

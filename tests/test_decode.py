@@ -44,13 +44,15 @@ def test_more_samples_than_frames_gives_each_frame_once(corpus):
 
 def test_rotation_metadata_is_honoured(corpus):
     info, frames = sample(corpus["rotated_mp4"], 4)
-    assert info.rotation == 90 and (info.width, info.height) == (144, 176)
-    assert frames[0].image.shape == (176, 144, 3)
+    assert info.rotation == 90 and (info.width, info.height) == (176, 144)  # stored as 144×176
+    assert frames[0].image.shape == (144, 176, 3)
     # A +90° display matrix turns the stored frame 90° counter-clockwise, as FFmpeg's autorotate does.
-    stored = carphone_frames()[::4][round(frames[0].t * 8)]  # encoded at 8 fps from every 4th frame
+    # Stored turned clockwise with a +90° display matrix: FFmpeg's autorotate turns it back
+    # counter-clockwise, so the upright frame is the original carphone frame.
+    original = carphone_frames()[::4][round(frames[0].t * 8)]  # encoded at 8 fps from every 4th frame
     upright = frames[0].image.astype(int)
-    assert np.abs(upright - np.rot90(stored, 1)).mean() < 4.0
-    assert np.abs(upright - np.rot90(stored, -1)).mean() > 20.0  # the other way round is clearly wrong
+    assert np.abs(upright - original).mean() < 4.0
+    assert np.abs(upright - np.rot90(original, 2)).mean() > 20.0  # the other way round is clearly wrong
 
 
 @pytest.mark.parametrize("name", ["h264_mp4", "faststart_mp4", "vp9_webm", "mjpeg_avi", "odd_size_mp4"])

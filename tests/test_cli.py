@@ -1,0 +1,35 @@
+"""`deepfake moderate` as a user runs it: JSON Lines on stdout, logs on stderr, exit codes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def run_cli(*args, env_extra=None):
+    env = {**os.environ, "DEEPFAKE_LOG_FORMAT": "json", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "worker", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_moderate_prints_one_verdict_per_input_and_bad_files_do_not_stop_the_rest(corpus, random_model_dir):
+    proc = run_cli("moderate", "--model", str(random_model_dir), "--frames", "8",
+                   str(corpus["text_mp4"]), str(corpus["carphone"]), str(corpus["audio_only_mp4"]))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3
+    verdicts = [json.loads(line) for line in lines]
+    assert [v["status"] for v in verdicts] == ["error", "ok", "error"]
+    assert verdicts[0]["error"]["code"] == "not_a_video" and verdicts[2]["error"]["code"] == "no_video_stream"
+    assert verdicts[1]["video"]["frames_sampled"] == 8
+    events = [json.loads(line) for line in proc.stderr.strip().splitlines()]
+    assert {"verdict", "error_verdict"} <= {e["event"] for e in events}
+
+
+def test_usage_errors_exit_2(tmp_path, random_model_dir):
+    assert run_cli("moderate").returncode == 2
+    assert run_cli("moderate", "--frames", "zero", "x.mp4").returncode == 2
+    assert run_cli("moderate", "--model", str(tmp_path), "x.mp4").returncode == 2
+    proc = run_cli("moderate", "--model", str(random_model_dir), "--detector", "haar", "x.mp4")
+    assert proc.returncode == 2 and "haar" in proc.stderr

@@ -1,0 +1,98 @@
+"""The whole pipeline on real video: every verdict field, and a typed error verdict for each bad file."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from worker.errors import ErrorCode
+from worker.pipeline import ConfigurationError, Moderator, resolve_model_dir
+from worker.verdict import SCHEMA
+
+VERDICT_KEYS = {"schema", "source", "status", "label", "score", "threshold", "error", "video", "faces", "model",
+                "timings_ms"}
+VIDEO_KEYS = {"duration_s", "fps", "width", "height", "codec", "frames_sampled"}
+MODEL_KEYS = {"name", "version", "sha256", "backend"}
+
+
+def test_carphone_verdict_has_every_field(moderator, corpus):
+    v = moderator.moderate_path(corpus["carphone"])
+    json.dumps(v)  # plain JSON
+    assert VERDICT_KEYS <= v.keys() and v["schema"] == SCHEMA
+    assert v["status"] == "ok" and v["error"] is None
+    assert v["label"] in ("fake", "real") and 0.0 <= v["score"] <= 1.0
+    assert v["label"] == ("fake" if v["score"] >= v["threshold"] else "real")
+    assert VIDEO_KEYS <= v["video"].keys()
+    assert v["video"]["frames_sampled"] == 32 and v["video"]["codec"] == "h264"
+    assert v["video"]["frames_with_face"] >= 0.95 * 32
+    assert MODEL_KEYS <= v["model"].keys() and len(v["model"]["sha256"]) == 64
+    # The test model is random: the verdict must say so.
+    assert v["model"]["trained"] is False and "randomly initialised" in v["model"]["warning"]
+    scored = [f for f in v["faces"] if f["largest"]]
+    assert len(scored) == v["video"]["frames_with_face"]
+    for f in v["faces"]:
+        x1, y1, x2, y2 = f["box"]
+        assert 0 <= f["t"] <= 4.1 and f["detector_score"] >= 0.6
+        assert -5 <= x1 < x2 <= 181 and -5 <= y1 < y2 <= 149
+    assert v["score"] == pytest.approx(sum(f["fake_score"] for f in scored) / len(scored), abs=1e-5)
+    assert {"open", "decode", "detect", "crop", "model", "total"} <= v["timings_ms"].keys()
+
+
+@pytest.mark.parametrize("name", ["h264_mp4", "vp9_webm", "mjpeg_avi", "rotated_mp4", "odd_size_mp4"])
+def test_real_faces_in_other_codecs(moderator, corpus, name):
+    v = moderator.moderate_path(corpus[name])
+    assert v["status"] == "ok", v["error"]
+    assert v["video"]["frames_with_face"] >= 0.9 * v["video"]["frames_sampled"]
+
+
+def test_rotated_video_reports_upright_geometry(moderator, corpus):
+    v = moderator.moderate_path(corpus["rotated_mp4"])
+    assert (v["video"]["width"], v["video"]["height"], v["video"]["rotation"]) == (176, 144, 90)
+    assert v["video"]["frames_with_face"] == v["video"]["frames_sampled"]  # the faces are upright again
+    for f in v["faces"]:
+        assert f["box"][2] <= 181 and f["box"][3] <= 149
+
+
+def test_video_without_a_face(moderator, corpus):
+    v = moderator.moderate_path(corpus["no_face_mp4"])
+    assert v["status"] == "no_face" and v["label"] is None and v["score"] is None and v["faces"] == []
+    assert v["video"]["frames_sampled"] == 24
+
+
+@pytest.mark.parametrize(
+    "name,code",
+    [
+        ("truncated_mp4", "corrupt"),
+        ("truncated_moov_end_mp4", "corrupt"),
+        ("zero_bytes_mp4", "not_a_video"),
+        ("text_mp4", "not_a_video"),
+        ("png_mp4", "not_a_video"),
+        ("audio_only_mp4", "no_video_stream"),
+    ],
+)
+def test_bad_files_get_error_verdicts(moderator, corpus, name, code):
+    v = moderator.moderate_path(corpus[name])
+    assert v["status"] == "error" and v["label"] is None and v["score"] is None
+    assert v["error"]["code"] == code and v["error"]["message"]
+    assert v["error"]["code"] in {c.value for c in ErrorCode}
+    assert v["model"]["name"] == "mdcsd-tiny-random"
+
+
+def test_missing_file(moderator, tmp_path):
+    v = moderator.moderate_path(tmp_path / "nope.mp4")
+    assert v["status"] == "error" and v["error"]["code"] == "not_found"
+
+
+def test_limits_give_typed_verdicts(settings, corpus, moderator):
+    small = settings.model_copy(update={"max_bytes": 1000})
+    m = Moderator(small, detector=moderator.detector, engine=moderator.engine)
+    assert m.moderate_path(corpus["carphone"])["error"]["code"] == "too_large"
+    short = settings.model_copy(update={"max_duration_s": 1.0})
+    m = Moderator(short, detector=moderator.detector, engine=moderator.engine)
+    v = m.moderate_path(corpus["carphone"])
+    assert v["error"]["code"] == "too_long"
+
+
+def test_missing_model_directory_is_a_configuration_error(tmp_path):
+    with pytest.raises(ConfigurationError):
+        resolve_model_dir(tmp_path)
