@@ -1,6 +1,7 @@
 """Shared fixtures: the real test corpus, a small model directory, one loaded moderator."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -45,3 +46,24 @@ def moderator(settings):
     from worker.pipeline import Moderator
 
     return Moderator(settings)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    from servers import RedisServer, stop
+
+    server = RedisServer.start(tmp_path_factory.mktemp("redis"))
+    yield server
+    stop(server.proc)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real SeaweedFS S3 server; the worker code under test finds its keys in the AWS_* environment."""
+    from servers import S3_ACCESS_KEY, S3_SECRET_KEY, S3Server, stop
+
+    os.environ["AWS_ACCESS_KEY_ID"] = S3_ACCESS_KEY
+    os.environ["AWS_SECRET_ACCESS_KEY"] = S3_SECRET_KEY
+    server = S3Server.start(tmp_path_factory.mktemp("s3"))
+    yield server
+    stop(server.proc)

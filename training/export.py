@@ -1,15 +1,35 @@
-"""Write a model directory the worker loads: weights, model card and (later) ONNX."""
+"""Write a model directory the worker loads: ``weights.pt``, ``model.onnx`` and the card ``model.json``.
+
+The ONNX graph is the whole model after cropping (normalisation and log-DCT included): input
+``crops`` (N,3,S,S) float32 RGB in [0, 1], outputs ``logits`` (N,2) and ``fake_prob`` (N,), batch
+axis dynamic, one self-contained file. Export is followed by a parity check against ONNX Runtime
+on the probabilities; a directory whose two files disagree by more than the tolerance is not
+written.
+"""
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from worker.engine.model_card import ModelCard
+from worker.engine.model_card import ModelCard, sha256_file
+from worker.preprocess import crops_to_tensor_layout
 
 WEIGHTS_FILE = "weights.pt"
+ONNX_FILE = "model.onnx"
+ONNX_OPSET = 18
+PARITY_TOL = 1e-4
+PARITY_BATCHES = (1, 5)
+
+
+class OnnxParityError(RuntimeError):
+    """PyTorch and ONNX Runtime disagree on the exported model's probabilities."""
 
 
 def save_model_dir(
@@ -21,10 +41,178 @@ def save_model_dir(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_dir / WEIGHTS_FILE)
+    card_fields.setdefault("files", {"weights": WEIGHTS_FILE})
     card = ModelCard(
         name=name, version=version, architecture=architecture, architecture_kwargs=architecture_kwargs or {},
-        input_size=input_size, threshold=threshold, trained=trained, files={"weights": WEIGHTS_FILE},
-        **card_fields,
+        input_size=input_size, threshold=threshold, trained=trained, **card_fields,
     )
     card.save(out_dir)
     return card
+
+
+class _ProbabilityHead(nn.Module):
+    """The exported graph: logits and the fake probability, so ONNX consumers need no softmax."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(crops)
+        return logits, torch.softmax(logits, dim=1)[:, 1]
+
+
+def export_onnx(model: nn.Module, path: Path, *, input_size: int, opset: int = ONNX_OPSET) -> Path:
+    """Export with the torch.export-based exporter into ONE file (no ``.onnx.data``), dynamic batch."""
+    path = Path(path)
+    head = _ProbabilityHead(model).eval().cpu()
+    example = torch.rand(2, 3, input_size, input_size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notices are expected here
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(head, (example,), str(path), dynamo=True, external_data=False, verbose=False,
+                              input_names=["crops"], output_names=["logits", "fake_prob"],
+                              dynamic_shapes={"crops": {0: batch}}, opset_version=opset)
+    finally:
+        quiet.setLevel(level)
+    stray = path.with_name(path.name + ".data")
+    if stray.exists():
+        raise RuntimeError(f"the exporter wrote external data {stray}; the model file must be self-contained")
+    return path
+
+
+def parity_inputs(input_size: int, n: int = 5, seed: int = 0) -> np.ndarray:
+    """Image-like uint8 crops (smooth colour fields + texture + noise) for when no real crops are given."""
+    rng = np.random.default_rng(seed)
+    s = input_size
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+    out = []
+    for _ in range(n):
+        base = rng.uniform(40, 215, 3)[None, None, :]
+        grad = rng.uniform(-60, 60, (2, 3))
+        img = base + xx[..., None] * grad[0] + yy[..., None] * grad[1]
+        img += 20 * np.sin(2 * np.pi * (rng.uniform(2, 12) * xx + rng.uniform(2, 12) * yy))[..., None]
+        img += rng.normal(0, 6, img.shape)
+        out.append(np.clip(img, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def _as_nchw(crops: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(crops, torch.Tensor):
+        crops = crops.detach().cpu().numpy()
+    crops = np.asarray(crops)
+    if crops.dtype == np.uint8:  # N×S×S×3 as the worker crops them
+        return crops_to_tensor_layout(crops)
+    return np.ascontiguousarray(crops, dtype=np.float32)  # already (N,3,S,S) in [0,1]
+
+
+def onnx_parity(model: nn.Module, onnx_path: Path, crops: np.ndarray | torch.Tensor,
+                batch_sizes: Iterable[int] = PARITY_BATCHES) -> dict[str, Any]:
+    """Max |p_torch - p_onnxruntime| over the fake probabilities of `crops`, per batch size."""
+    import onnxruntime as ort
+
+    x = _as_nchw(crops)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    model = model.eval().cpu()
+    diffs: dict[str, float] = {}
+    worst_logit = 0.0
+    for b in batch_sizes:
+        worst = 0.0
+        reps = np.resize(np.arange(len(x)), max(b, len(x)))  # every crop at least once, whole batches
+        for i in range(0, len(reps) - b + 1, b):
+            batch = x[reps[i:i + b]]
+            with torch.no_grad():
+                logits = model(torch.from_numpy(batch)).float()
+            p_t = torch.softmax(logits, 1)[:, 1].numpy()
+            l_o, p_o = sess.run(["logits", "fake_prob"], {"crops": batch})
+            worst = max(worst, float(np.abs(p_t.astype(np.float64) - p_o).max()))
+            worst_logit = max(worst_logit, float(np.abs(logits.numpy() - l_o).max()))
+        diffs[str(b)] = worst
+    return {"max_abs_diff_prob": max(diffs.values()), "max_abs_diff_logits": worst_logit,
+            "per_batch_size": diffs, "n_crops": int(len(x)),
+            "onnxruntime": ort.__version__, "provider": "CPUExecutionProvider"}
+
+
+def _normalization(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What the model does to its [0,1] input, for readers of the card (the graph does it itself)."""
+    out: dict[str, Any] = {"applied_by": "the model (inside weights.pt and model.onnx)", "input_range": [0.0, 1.0]}
+    for k in ("rgb_mean", "rgb_std", "transform", "freq_mean", "freq_std", "eps"):
+        if kwargs.get(k) is not None:
+            out[k] = kwargs[k]
+    return out
+
+
+def export_model_dir(
+    model: nn.Module, out_dir: Path, *, name: str, version: str, trained: bool,
+    architecture: str | None = None, architecture_kwargs: dict[str, Any] | None = None,
+    input_size: int | None = None, threshold: float = 0.5, operating_point: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None, training_data: str = "", metrics: dict[str, Any] | None = None,
+    onnx: bool = True, parity_crops: np.ndarray | torch.Tensor | None = None, parity_tol: float = PARITY_TOL,
+    parity_batch_sizes: Sequence[int] = PARITY_BATCHES, opset: int = ONNX_OPSET, **card_fields: Any,
+) -> ModelCard:
+    """weights.pt + model.onnx (parity-checked) + model.json with sha256 of every file.
+
+    `architecture`/`architecture_kwargs`/`input_size` default to the model's own ``model_config``.
+    `calibration` = ``{"real_scores": [...], "target_fpr": 0.01, ...}`` sets the threshold with
+    :func:`training.evaluate.threshold_for_fpr` and records the rest as the operating point;
+    otherwise `threshold` and `operating_point` are taken as given. `parity_crops` are the inputs of
+    the parity check (uint8 N×S×S×3 or float N×3×S×S); real crops are best, image-like synthetic
+    ones are used without them. Raises :class:`OnnxParityError` above `parity_tol`.
+    """
+    cfg = getattr(model, "model_config", {"architecture": None, "kwargs": {}})
+    architecture = architecture or cfg["architecture"]
+    if not architecture:
+        raise ValueError("architecture is required for a model without model_config")
+    architecture_kwargs = dict(architecture_kwargs if architecture_kwargs is not None else cfg["kwargs"])
+    input_size = int(input_size or architecture_kwargs.get("input_size") or getattr(model, "input_size", 299))
+    if calibration is not None:
+        from training.evaluate import threshold_for_fpr
+
+        cal = dict(calibration)
+        real = np.asarray(cal.pop("real_scores"), dtype=np.float64)
+        threshold = threshold_for_fpr(real, float(cal["target_fpr"]))
+        operating_point = {**cal, "n_real": int(real.size),
+                           "achieved_fpr": float(np.mean(real >= threshold)),
+                           "method": "lowest threshold with FPR <= target on the calibration reals"}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.eval().cpu()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_dir / WEIGHTS_FILE)
+    files = {"weights": WEIGHTS_FILE}
+    extra: dict[str, Any] = {}
+    onnx_path = out_dir / ONNX_FILE
+    if onnx:
+        export_onnx(model, onnx_path, input_size=input_size, opset=opset)
+        crops = parity_crops if parity_crops is not None else parity_inputs(input_size)
+        parity = onnx_parity(model, onnx_path, crops, parity_batch_sizes)
+        parity["tolerance"] = parity_tol
+        if not parity["max_abs_diff_prob"] <= parity_tol:
+            onnx_path.unlink(missing_ok=True)
+            raise OnnxParityError(f"ONNX Runtime differs from PyTorch by {parity['max_abs_diff_prob']:.3g} "
+                                  f"(> {parity_tol:g}) on the fake probability")
+        files["onnx"] = ONNX_FILE
+        extra["onnx"] = {"opset": opset, "inputs": {"crops": ["batch", 3, input_size, input_size]},
+                         "outputs": {"logits": ["batch", 2], "fake_prob": ["batch"]},
+                         "exporter": f"torch.onnx dynamo (torch {torch.__version__})", "parity": parity}
+    elif onnx_path.exists():
+        onnx_path.unlink()  # a stale graph must not sit beside new weights
+    extra["sha256"] = {f: sha256_file(out_dir / f) for f in files.values()}
+    card = ModelCard(
+        name=name, version=version, architecture=architecture, architecture_kwargs=architecture_kwargs,
+        input_size=input_size, normalization=_normalization(architecture_kwargs), threshold=threshold,
+        operating_point=operating_point, trained=trained, training_data=training_data, metrics=metrics or {},
+        files=files, **extra, **card_fields,
+    )
+    card.save(out_dir)
+    return card
+
+
+def verify_model_dir(model_dir: Path) -> dict[str, bool]:
+    """{file: sha256 matches the card} for every file the card lists a digest for."""
+    card = ModelCard.load(model_dir)
+    digests = getattr(card, "sha256", None) or {}
+    return {f: (Path(model_dir) / f).is_file() and sha256_file(Path(model_dir) / f) == h for f, h in digests.items()}

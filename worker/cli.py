@@ -37,15 +37,78 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", metavar="DEV", help="torch device: cpu | cuda | cuda:N")
     m.add_argument("--engine", metavar="NAME", help="model engine (default pytorch)")
     m.set_defaults(func=cmd_moderate)
+
+    e = sub.add_parser("enqueue", help="queue S3 uploads for the workers; prints one job id per line")
+    e.add_argument("uris", nargs="+", metavar="s3://BUCKET/KEY")
+    e.add_argument("--frames", type=int, metavar="N", help="frames sampled per video")
+    e.add_argument("--front", action="store_true", help="put the jobs at the front of the queue (priority)")
+    e.add_argument("--webhook", metavar="URL", help="POST the finished/failed job to this http(s) URL")
+    e.set_defaults(func=cmd_enqueue)
+
+    r = sub.add_parser("result", help="a job's status and verdict as JSON")
+    r.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+    r.set_defaults(func=cmd_result)
+
+    s = sub.add_parser("status", help="queue length, registries, workers and the model they run, as JSON")
+    s.set_defaults(func=cmd_status)
     return parser
 
 
-def cmd_moderate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def _settings(parser: argparse.ArgumentParser, **overrides):
     from pydantic import ValidationError
 
+    from worker.settings import Settings
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        parser.error(f"invalid setting: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
+
+
+def cmd_enqueue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from worker.queue import connect, enqueue
+    from worker.s3 import S3Location, make_client
+
+    settings = _settings(parser, frames=args.frames)
+    try:
+        locations = [S3Location.parse(uri) for uri in args.uris]
+    except ValueError as exc:
+        parser.error(str(exc))
+    connection = connect(settings)
+    s3 = make_client(settings.s3_endpoint_url, settings.s3_region)
+    for loc in locations:
+        job_id = enqueue(loc.bucket, loc.key, frames=args.frames, at_front=args.front, webhook_url=args.webhook,
+                         settings=settings, connection=connection, s3_client=s3)
+        print(job_id, flush=True)
+    return EXIT_OK
+
+
+def cmd_result(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from worker.queue import connect, job_state
+
+    settings = _settings(parser)
+    connection = connect(settings)
+    missing = False
+    for job_id in args.job_ids:
+        state = job_state(job_id, settings=settings, connection=connection)
+        if state is None:
+            missing = True
+            print(json.dumps({"job_id": job_id, "status": "not_found", "result": None, "error": "no such job"}))
+        else:
+            print(json.dumps(state.to_dict()))
+    return EXIT_FAILURE if missing else EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from worker.queue import queue_status
+
+    print(json.dumps(queue_status(settings=_settings(parser)), indent=2))
+    return EXIT_OK
+
+
+def cmd_moderate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from worker.logging import configure_logging
     from worker.pipeline import ConfigurationError, Moderator
-    from worker.settings import Settings
 
     videos = [str(v) for v in args.videos]
     if args.example:
@@ -55,14 +118,10 @@ def cmd_moderate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             parser.error(str(exc))
     if not videos:
         parser.error("moderate: give at least one VIDEO (or --example)")
-    overrides = {
-        "frames": args.frames, "model_dir": args.model, "detector": args.detector,
-        "detector_weights": args.detector_weights, "device": args.device, "engine": args.engine,
-    }
-    try:
-        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        parser.error(f"invalid setting: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
+    settings = _settings(
+        parser, frames=args.frames, model_dir=args.model, detector=args.detector,
+        detector_weights=args.detector_weights, device=args.device, engine=args.engine,
+    )
     configure_logging(settings.log_format, settings.log_level)
     try:
         moderator = Moderator(settings)

@@ -74,3 +74,10 @@ class Timeout(ModerationError):
 
 class Internal(ModerationError):
     code = ErrorCode.INTERNAL
+
+
+class TransientError(Exception):
+    """Not the input's fault (storage unreachable, throttled): the job fails and RQ retries it.
+
+    Never turned into a verdict, so a passing outage cannot stamp a final error on an upload.
+    """

@@ -16,7 +16,7 @@ import structlog
 
 from worker.decode import Limits, SampledFrame, VideoReader
 from worker.engine import Engine, load_engine
-from worker.errors import Internal, ModerationError
+from worker.errors import Internal, ModerationError, TransientError
 from worker.faces import FaceDetector, create_detector
 from worker.preprocess import crop_face
 from worker.settings import Settings
@@ -121,6 +121,8 @@ class Moderator:
                 verdict = self._score(source, reader, frames or self.settings.frames, timer)
         except ModerationError as exc:
             return self._error(source.uri, exc, timer, reader)
+        except TransientError:
+            raise
         except Exception as exc:  # noqa: BLE001 - a bug must cost one verdict, not the worker
             log.exception("internal_error", source=source.uri)
             return self._error(source.uri, Internal(f"{type(exc).__name__}: {exc}"), timer, reader)

@@ -14,7 +14,10 @@ import numpy as np
 
 CROP_SCALE = 1.3  # paper section III-A: "enlarged face crop with a scale factor of 1.3"
 DEFAULT_CROP_SIZE = 299  # Xception's input size
-SPECTRUM_EPS = 1e-6  # keeps log finite where a coefficient is exactly zero
+# The log floor sits at the 8-bit quantisation noise of an orthonormal DCT coefficient (1/255/sqrt(12)
+# ≈ 1.1e-3 for crops in [0, 1]): below it a coefficient is noise, and a smaller eps lets float32
+# rounding in near-zero bins swing the log (fp32 ONNX/TensorRT vs PyTorch then disagree ~1e-4).
+SPECTRUM_EPS = 1e-3
 
 
 def square_crop_box(

@@ -5,15 +5,16 @@ down explicitly (no module-level global).
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DEEPFAKE_", extra="ignore", protected_namespaces=())
+    model_config = SettingsConfigDict(env_prefix="DEEPFAKE_", extra="ignore", protected_namespaces=(), populate_by_name=True)
 
     # What to score
     frames: int = Field(32, ge=1, le=1024, description="Frames sampled evenly over each video's duration.")
@@ -37,8 +38,36 @@ class Settings(BaseSettings):
     max_pixels: int = Field(4096 * 2304, ge=1, description="Largest frame accepted, width × height.")
     decode_timeout_s: float = Field(300.0, gt=0, description="Wall-clock limit for decoding one video.")
 
+    # Queue and storage (the RQ worker)
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", validation_alias=AliasChoices("DEEPFAKE_REDIS_URL", "RQ_REDIS_URL", "redis_url"),
+        description="Redis holding the RQ queue; RQ_REDIS_URL (what `rq worker` reads) is used when this is unset.",
+    )
+    queue: str = Field("deepfake", description="RQ queue name.")
+    allowed_buckets: str = Field(
+        "", description="Comma-separated buckets the worker may read; empty denies all, * allows any."
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (unset = AWS); credentials come from the AWS_* environment.")
+    s3_region: str | None = Field(None, description="S3 region.")
+    verdict_bucket: str | None = Field(None, description="Bucket for verdicts; unset = the upload's own bucket.")
+    verdict_prefix: str = Field("verdicts/", description="Verdicts go to <verdict_prefix><key>.json.")
+    job_retries: int = Field(3, ge=0, description="Retries of a job that failed for a transient reason or lost its worker.")
+    result_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="How long a job's verdict stays in Redis.")
+    metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus /metrics and /healthz port; 0 = off.")
+    model_s_per_frame: float = Field(
+        1.0, gt=0, description="Model time budgeted per sampled frame when deriving a job's timeout."
+    )
+
     # Logging
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto = console on a terminal, JSON otherwise."
     )
     log_level: str = Field("INFO", description="Python logging level name.")
+
+    def bucket_allow_list(self) -> frozenset[str]:
+        return frozenset(b.strip() for b in self.allowed_buckets.split(",") if b.strip())
+
+    def job_timeout_s(self, frames: int | None = None) -> int:
+        """A job's RQ timeout, derived from the limits: decoding, then detection and the model per frame."""
+        n = frames or self.frames
+        return int(math.ceil(self.decode_timeout_s + 60 + n * self.model_s_per_frame))

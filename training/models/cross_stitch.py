@@ -36,7 +36,7 @@ class CrossStitch(nn.Module):
 
     def forward(self, x_r: torch.Tensor, x_d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B,C,H,W), (B,C,H,W) -> (B,C,H,W), (B,C,H,W). Both outputs use BOTH inputs."""
-        if x_r.shape != x_d.shape:
+        if not torch.jit.is_tracing() and x_r.shape != x_d.shape:
             raise ValueError(f"cross-stitch needs equal shapes, got {tuple(x_r.shape)} and {tuple(x_d.shape)}")
         a = self.alpha
         out_r = a[0, 0] * x_r + a[0, 1] * x_d

@@ -4,8 +4,8 @@ Each layer maps RGB crops (B,3,H,W) in [0,1] to a log-magnitude spectrum of the 
 channel, using only matrix products against constant buffers so that the graph exports to ONNX
 (``torch.fft`` does not). Paper section II-B-2 uses the DCT; Table VI compares DWT and FFT, which
 is why all three exist here. The DCT matrix comes from :func:`worker.preprocess.dct_matrix` so the
-in-graph spectrum is the numpy reference :func:`worker.preprocess.log_dct_spectrum`, bit for bit
-up to float32 rounding.
+in-graph spectrum is the numpy reference :func:`worker.preprocess.log_dct_spectrum` to float32
+rounding of the result (the products run in float64 by default, see :class:`_FixedTransform`).
 
 Buffers are non-persistent: they are rebuilt from the input size, not stored in checkpoints.
 """
@@ -48,24 +48,69 @@ def haar_matrix(n: int) -> np.ndarray:
     return w
 
 
+PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
+
+
 class _FixedTransform(nn.Module):
-    """Base: size checks and the eps used in log(|·| + eps)."""
+    """Base: fixed matrices as buffers, size checks, precision, and log(|·| + eps).
+
+    `precision` is the dtype of the matrix products. The default, float32, is what TensorRT and
+    ONNX Runtime run (TensorRT has no float64 matmul). It is backend-stable because eps
+    (worker.preprocess.SPECTRUM_EPS = 1e-3, the 8-bit quantisation floor) keeps the log from
+    magnifying float32 summation error (~1e-5 on a coefficient) in near-zero bins; with eps=1e-6 that
+    error moved ONNX Runtime's probabilities ~1e-4 from PyTorch's. "float64" remains for reference
+    checks. The result is cast back to the input's dtype before the log, so the layer takes and
+    returns float32. The matrices are rebuilt in `precision` after ``.to()`` / ``.half()``, and
+    autocast is disabled inside (fp16/TF32 matmuls would be far coarser).
+    """
 
     name: str = ""
 
-    def __init__(self, size: int, eps: float = SPECTRUM_EPS) -> None:
+    def __init__(self, size: int, eps: float = SPECTRUM_EPS, precision: str = "float32") -> None:
         super().__init__()
         if size < 2:
             raise ValueError(f"size must be >= 2, got {size}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.size = int(size)
         self.eps = float(eps)
+        self.precision = precision
+        self._register_matrices(torch.device("cpu"))
+
+    def _matrices(self) -> dict[str, np.ndarray]:
+        """name -> float64 matrix, registered as a non-persistent buffer (rebuilt from `size`)."""
+        raise NotImplementedError
+
+    def _register_matrices(self, device: torch.device) -> None:
+        for name, m in self._matrices().items():
+            t = torch.from_numpy(np.ascontiguousarray(m)).to(device=device, dtype=PRECISIONS[self.precision])
+            self.register_buffer(name, t, persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        # .to(device) must move the matrices, but .half()/.float()/.double() must not change them.
+        super()._apply(fn, recurse)
+        device = next(self.buffers()).device
+        self._register_matrices(device)
+        return self
+
+    def _magnitude(self, x: torch.Tensor) -> torch.Tensor:
+        """|transform(x)| for x (B,C,S,S) in the compute dtype."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B,3,S,S) in [0,1] -> (B,3,S,S) log-magnitude
+        self._check(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            mag = self._magnitude(x.to(PRECISIONS[self.precision])).to(x.dtype)
+            return torch.log(mag + self.eps)
 
     def _check(self, x: torch.Tensor) -> None:
+        if torch.jit.is_tracing():  # static shapes in an export; the check would only warn
+            return
         if x.dim() != 4 or x.shape[-2] != self.size or x.shape[-1] != self.size:
             raise ValueError(f"{type(self).__name__} built for (B,C,{self.size},{self.size}), got {tuple(x.shape)}")
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, eps={self.eps}"
+        return f"size={self.size}, eps={self.eps}, precision={self.precision}"
 
 
 class LogDCT(_FixedTransform):
@@ -73,16 +118,12 @@ class LogDCT(_FixedTransform):
 
     name = "dct"
 
-    def __init__(self, size: int, eps: float = SPECTRUM_EPS) -> None:
-        super().__init__(size, eps)
-        d = torch.from_numpy(np.array(dct_matrix(self.size), dtype=np.float32))
-        self.register_buffer("dct", d, persistent=False)  # (S,S)
-        self.register_buffer("dct_t", d.t().contiguous(), persistent=False)  # (S,S)
+    def _matrices(self) -> dict[str, np.ndarray]:
+        d = np.array(dct_matrix(self.size))
+        return {"dct": d, "dct_t": d.T}  # (S,S) each
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B,3,S,S) -> (B,3,S,S)
-        self._check(x)
-        y = torch.matmul(torch.matmul(self.dct, x), self.dct_t)  # rows then columns
-        return torch.log(torch.abs(y) + self.eps)
+    def _magnitude(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.abs(torch.matmul(torch.matmul(self.dct, x), self.dct_t))  # rows, then columns
 
 
 class LogFFT(_FixedTransform):
@@ -94,20 +135,17 @@ class LogFFT(_FixedTransform):
 
     name = "fft"
 
-    def __init__(self, size: int, eps: float = SPECTRUM_EPS) -> None:
-        super().__init__(size, eps)
+    def _matrices(self) -> dict[str, np.ndarray]:
         c, s = dft_matrices(self.size)
         # Right factor [C | S] (S,2S); left factor [C; S] (2S,S): two matmuls give all four products.
-        self.register_buffer("right", torch.from_numpy(np.concatenate([c, s], 1).astype(np.float32)), persistent=False)
-        self.register_buffer("left", torch.from_numpy(np.concatenate([c, s], 0).astype(np.float32)), persistent=False)
+        return {"right": np.concatenate([c, s], 1), "left": np.concatenate([c, s], 0)}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B,3,S,S) -> (B,3,S,S)
-        self._check(x)
+    def _magnitude(self, x: torch.Tensor) -> torch.Tensor:
         n = self.size
         q = torch.matmul(self.left, torch.matmul(x, self.right))  # (B,3,2S,2S) = [[CXC, CXS], [SXC, SXS]]
         re = q[..., :n, :n] - q[..., n:, n:]
         im = q[..., :n, n:] + q[..., n:, :n]  # sign irrelevant for the magnitude
-        return torch.log(torch.sqrt(re * re + im * im) + self.eps)
+        return torch.sqrt(re * re + im * im)
 
 
 class LogDWT(_FixedTransform):
@@ -115,38 +153,38 @@ class LogDWT(_FixedTransform):
 
     name = "dwt"
 
-    def __init__(self, size: int, eps: float = SPECTRUM_EPS) -> None:
-        super().__init__(size, eps)
-        w = torch.from_numpy(haar_matrix(self.size).astype(np.float32))
-        self.register_buffer("haar", w, persistent=False)  # (S,S)
-        self.register_buffer("haar_t", w.t().contiguous(), persistent=False)
+    def _matrices(self) -> dict[str, np.ndarray]:
+        w = haar_matrix(self.size)
+        return {"haar": w, "haar_t": w.T}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B,3,S,S) -> (B,3,S,S)
-        self._check(x)
-        y = torch.matmul(torch.matmul(self.haar, x), self.haar_t)
-        return torch.log(torch.abs(y) + self.eps)
+    def _magnitude(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.abs(torch.matmul(torch.matmul(self.haar, x), self.haar_t))
 
 
 FREQUENCY_TRANSFORMS: dict[str, type[_FixedTransform]] = {"dct": LogDCT, "fft": LogFFT, "dwt": LogDWT}
 
 
 @torch.no_grad()
-def spectrum_stats(crops: torch.Tensor, transform: str = "dct", eps: float = SPECTRUM_EPS) -> tuple[list[float], list[float]]:
+def spectrum_stats(
+    crops: torch.Tensor, transform: str = "dct", eps: float = SPECTRUM_EPS, precision: str = "float32"
+) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of a transform's output over crops (N,3,S,S) in [0,1].
 
     How the MD-CSDNetwork's frequency-branch normalisation constants are made; run it on training
     crops to replace the defaults (``freq_mean=..., freq_std=...``).
     """
-    y = create_transform(transform, crops.shape[-1], eps)(crops.float()).double()  # (N,3,S,S)
+    y = create_transform(transform, crops.shape[-1], eps, precision)(crops.float()).double()  # (N,3,S,S)
     mean = y.mean(dim=(0, 2, 3))
     std = y.std(dim=(0, 2, 3))
     return mean.tolist(), std.tolist()
 
 
-def create_transform(name: str, size: int, eps: float = SPECTRUM_EPS) -> _FixedTransform:
+def create_transform(
+    name: str, size: int, eps: float = SPECTRUM_EPS, precision: str = "float32"
+) -> _FixedTransform:
     """Build a frequency layer by name: "dct", "fft" or "dwt"."""
     try:
         cls = FREQUENCY_TRANSFORMS[name]
     except KeyError:
         raise ValueError(f"unknown frequency transform {name!r}; choose from {sorted(FREQUENCY_TRANSFORMS)}") from None
-    return cls(size, eps)
+    return cls(size, eps, precision)

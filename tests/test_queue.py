@@ -1,0 +1,305 @@
+"""The queue worker end to end against a real redis-server and a real S3 server (SeaweedFS) on loopback."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from rq import Queue
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from worker.decode import Limits, VideoReader
+from worker.queue import enqueue, get_queue, job_state, queue_status
+from worker.rq_worker import DeepfakeWorker
+from worker.s3 import S3Location, S3Source
+from worker.settings import Settings
+
+BUCKET = "uploads"
+UPLOADS = {
+    "carphone": "clips/carphone.mp4",
+    "h264_mp4": "clips/moov-at-end.mp4",
+    "vp9_webm": "clips/vp9.webm",
+    "no_face_mp4": "clips/noface.mp4",
+    "truncated_mp4": "bad/truncated.mp4",
+    "zero_bytes_mp4": "bad/zero.mp4",
+    "text_mp4": "bad/text.mp4",
+    "audio_only_mp4": "bad/audio.mp4",
+}
+EXPECTED = {
+    "carphone": ("ok", None), "h264_mp4": ("ok", None), "vp9_webm": ("ok", None), "no_face_mp4": ("no_face", None),
+    "truncated_mp4": ("error", "corrupt"), "zero_bytes_mp4": ("error", "not_a_video"),
+    "text_mp4": ("error", "not_a_video"), "audio_only_mp4": ("error", "no_video_stream"),
+}
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server, corpus):
+    client = s3_server.client()
+    client.create_bucket(Bucket=BUCKET)
+    client.create_bucket(Bucket="private")
+    for name, key in UPLOADS.items():
+        client.put_object(Bucket=BUCKET, Key=key, Body=corpus[name].read_bytes(), ContentType="video/mp4")
+    client.put_object(Bucket="private", Key="clips/carphone.mp4", Body=corpus["carphone"].read_bytes())
+    return client
+
+
+@pytest.fixture()
+def redis(redis_server):
+    conn = Redis.from_url(redis_server.url)
+    conn.flushdb()
+    return conn
+
+
+@pytest.fixture()
+def qsettings(random_model_dir, redis_server, s3_server, tmp_path):
+    return Settings(
+        model_dir=random_model_dir, redis_url=redis_server.url, s3_endpoint_url=s3_server.endpoint,
+        allowed_buckets=BUCKET, frames=8, metrics_port=0, log_format="json", job_retries=2,
+        verdict_prefix=f"verdicts-{tmp_path.name}/",
+    )
+
+
+def burst(redis, settings, moderator=None) -> DeepfakeWorker:
+    """An in-process burst worker (the class `rq worker deepfake` runs) sharing the test's loaded model."""
+    from worker.runtime import WorkerRuntime, install
+
+    worker = DeepfakeWorker([settings.queue], connection=redis)
+    worker.runtime = WorkerRuntime(settings, moderator=moderator)
+    install(worker.runtime)
+    worker.work(burst=True)
+    return worker
+
+
+def stored_verdict(s3, settings, key):
+    body = s3.get_object(Bucket=BUCKET, Key=f"{settings.verdict_prefix}{key}.json")["Body"].read()
+    return json.loads(body)
+
+
+def test_ranged_reader_reaches_an_index_at_the_end_without_reading_everything(s3, tmp_path):
+    from media import encode, scenery_frames
+
+    path = encode(tmp_path / "long.mp4", scenery_frames(250, size=(240, 320)), rate=25, options={"crf": "10"})
+    data = path.read_bytes()
+    assert data.rfind(b"moov") > len(data) * 0.9  # PyAV's muxer wrote the index after the media data
+    s3.put_object(Bucket=BUCKET, Key="clips/long.mp4", Body=data)
+    source = S3Source.resolve(s3, S3Location(BUCKET, "clips/long.mp4"), max_bytes=10**9,
+                              allowed_buckets=frozenset({BUCKET}))
+    reader = source.open()
+    reader._block_size = 64 * 1024
+    with VideoReader(reader, Limits(100, 10**8, 60)) as video:
+        assert video.info.codec == "h264" and video.info.duration_s == pytest.approx(10.0, abs=0.1)
+        fetched = reader.requests * reader._block_size
+        assert fetched < len(data) / 4, (fetched, len(data))  # opened by seeking, not by downloading
+        frames = list(video.sample(4))
+    assert len(frames) == 4 and frames[-1].t > 8.0
+
+
+def test_end_to_end_verdicts_in_redis_and_s3(s3, redis, qsettings, moderator):
+    ids = {name: enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3)
+           for name, key in UPLOADS.items()}
+    assert get_queue(redis, "deepfake").count == len(UPLOADS)
+    burst(redis, qsettings, moderator)
+    for name, job_id in ids.items():
+        state = job_state(job_id, settings=qsettings, connection=redis)
+        assert state.status == "finished", (name, state.error)
+        status, code = EXPECTED[name]
+        verdict = state.result
+        assert verdict["status"] == status and (verdict["error"] or {}).get("code") == code, (name, verdict["error"])
+        assert verdict["source"] == f"s3://{BUCKET}/{UPLOADS[name]}"
+        stored = stored_verdict(s3, qsettings, UPLOADS[name])
+        assert stored["created_at"] == verdict["created_at"] and stored["status"] == status
+        if name != "zero_bytes_mp4":
+            assert stored["input"]["etag"] and stored["input"]["frames"] == 8
+    carphone = job_state(ids["carphone"], settings=qsettings, connection=redis).result
+    assert carphone["video"]["frames_with_face"] == 8 and carphone["video"]["frames_sampled"] == 8
+    status = queue_status(settings=qsettings, connection=redis)
+    assert status["queued"] == 0 and status["finished"] == len(UPLOADS) and status["failed"] == 0
+
+
+def test_missing_key_and_forbidden_bucket(s3, redis, qsettings, moderator):
+    missing = enqueue(BUCKET, "clips/never-uploaded.mp4", settings=qsettings, connection=redis, s3_client=s3)
+    private = enqueue("private", "clips/carphone.mp4", settings=qsettings, connection=redis, s3_client=s3)
+    burst(redis, qsettings, moderator)
+    v = job_state(missing, settings=qsettings, connection=redis).result
+    assert v["status"] == "error" and v["error"]["code"] == "not_found"
+    assert stored_verdict(s3, qsettings, "clips/never-uploaded.mp4")["error"]["code"] == "not_found"
+    v = job_state(private, settings=qsettings, connection=redis).result
+    assert v["error"]["code"] == "access_denied" and "allow-list" in v["error"]["message"]
+    with pytest.raises(s3.exceptions.NoSuchKey):  # nothing written where the worker may not read
+        s3.get_object(Bucket="private", Key=f"{qsettings.verdict_prefix}clips/carphone.mp4.json")
+
+
+def test_wrong_credentials_are_access_denied(s3_server, s3):
+    bad = s3_server.client(secret="not-the-secret")
+    from worker.errors import AccessDenied
+
+    with pytest.raises(AccessDenied):
+        S3Source.resolve(bad, S3Location(BUCKET, UPLOADS["carphone"]), max_bytes=10**9,
+                         allowed_buckets=frozenset({BUCKET}))
+
+
+def test_duplicate_enqueue_returns_the_existing_job_then_the_stored_verdict(s3, redis, qsettings, moderator):
+    key = UPLOADS["carphone"]
+    first = enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3)
+    assert enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3) == first  # still queued
+    assert get_queue(redis, "deepfake").count == 1
+    burst(redis, qsettings, moderator)
+    assert enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3) == first  # finished
+    original = job_state(first, settings=qsettings, connection=redis).result
+    # With the dedupe record gone (e.g. Redis was flushed), the worker serves the verdict stored in S3.
+    for k in redis.scan_iter("deepfake:dedupe:*"):
+        redis.delete(k)
+    again = enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3)
+    assert again != first
+    burst(redis, qsettings, moderator)
+    reused = job_state(again, settings=qsettings, connection=redis).result
+    assert reused["created_at"] == original["created_at"] and reused["score"] == original["score"]
+    # Other sampling is another question: computed anew.
+    other = enqueue(BUCKET, key, frames=4, settings=qsettings, connection=redis, s3_client=s3)
+    burst(redis, qsettings, moderator)
+    fresh = job_state(other, settings=qsettings, connection=redis).result
+    assert fresh["video"]["frames_sampled"] == 4 and fresh["created_at"] != original["created_at"]
+
+
+def test_a_non_python_client_can_enqueue_with_plain_redis_commands(s3, redis, qsettings, moderator):
+    """The README's payload, written with raw commands as a Go or Node client would."""
+    job_id = "4c0ffee0-0000-4000-8000-000000000001"
+    payload = json.dumps(["worker.jobs.moderate_s3_object", None, [BUCKET, UPLOADS["vp9_webm"]], {"frames": 4}])
+    now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+    redis.hset(f"rq:job:{job_id}", mapping={
+        "data": zlib.compress(payload.encode()), "created_at": now, "enqueued_at": now, "status": "queued",
+        "origin": "deepfake", "description": "from another language", "timeout": 600, "result_ttl": 3600,
+    })
+    redis.sadd("rq:queues", "rq:queue:deepfake")
+    redis.rpush("rq:queue:deepfake", job_id)
+    burst(redis, qsettings, moderator)
+    state = job_state(job_id, settings=qsettings, connection=redis)
+    assert state.status == "finished" and state.result["status"] == "ok"
+    assert state.result["video"]["codec"] == "vp9" and state.result["video"]["frames_sampled"] == 4
+
+
+def test_a_pickled_job_is_never_run(s3, redis, qsettings, moderator, tmp_path):
+    marker = tmp_path / "pwned"
+    queue = Queue("deepfake", connection=redis)  # RQ's default serializer: pickle
+    job = queue.enqueue(Path.touch, marker)
+    burst(redis, qsettings, moderator)
+    assert not marker.exists()
+    assert Job.fetch(job.id, connection=redis, serializer=JSONSerializer).get_status() != "finished"
+
+
+def _worker_env(settings: Settings, redis_url: str) -> dict:
+    return {
+        **os.environ, "RQ_REDIS_URL": redis_url, "RQ_WORKER_CLASS": "worker.rq_worker.DeepfakeWorker",
+        "DEEPFAKE_MODEL_DIR": str(settings.model_dir), "DEEPFAKE_ALLOWED_BUCKETS": BUCKET,
+        "DEEPFAKE_S3_ENDPOINT_URL": settings.s3_endpoint_url, "DEEPFAKE_VERDICT_PREFIX": settings.verdict_prefix,
+        "DEEPFAKE_FRAMES": "32", "DEEPFAKE_LOG_FORMAT": "json",
+    }
+
+
+def start_rq_worker(settings: Settings, redis_url: str, log: Path, *extra: str, metrics_port: int = 0):
+    """The real `rq worker deepfake` command, as users and the manifests run it."""
+    env = {**_worker_env(settings, redis_url), "DEEPFAKE_METRICS_PORT": str(metrics_port)}
+    rq = str(Path(sys.executable).parent / "rq")
+    return subprocess.Popen([rq, "worker", "deepfake", *extra], env=env, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_status(job_id, redis, status, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = Job.fetch(job_id, connection=redis, serializer=JSONSerializer).get_status()
+        if current == status:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job_id} never reached {status} (now {current})")
+
+
+def test_killed_worker_job_is_retried_to_completion(s3, redis, redis_server, qsettings, moderator, tmp_path):
+    job_id = enqueue(BUCKET, UPLOADS["carphone"], frames=120, settings=qsettings, connection=redis, s3_client=s3)
+    proc = start_rq_worker(qsettings, redis_server.url, tmp_path / "worker.log")
+    try:
+        wait_status(job_id, redis, "started")
+        os.killpg(proc.pid, signal.SIGKILL)  # the pod is gone mid-job
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    registry = StartedJobRegistry("deepfake", connection=redis, serializer=JSONSerializer)
+    assert job_id in registry.get_job_ids(cleanup=False)
+    # RQ's own abandoned-job handling, run as a worker's maintenance does once the heartbeat expires.
+    registry.cleanup(timestamp=time.time() + qsettings.job_timeout_s(120) + 120)
+    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    assert job.get_status() == "queued" and job.retries_left == qsettings.job_retries - 1
+    with pytest.raises(s3.exceptions.NoSuchKey):  # nothing half-written by the killed worker
+        stored_verdict(s3, qsettings, UPLOADS["carphone"])
+    burst(redis, qsettings, moderator)
+    state = job_state(job_id, settings=qsettings, connection=redis)
+    assert state.status == "finished" and state.result["video"]["frames_sampled"] == 120
+    assert stored_verdict(s3, qsettings, UPLOADS["carphone"])["created_at"] == state.result["created_at"]
+
+
+def test_sigterm_finishes_the_job_in_hand_then_exits(s3, redis, redis_server, qsettings, tmp_path):
+    from servers import free_ports
+
+    port = free_ports(1)[0]
+    job_id = enqueue(BUCKET, UPLOADS["carphone"], frames=120, settings=qsettings, connection=redis, s3_client=s3)
+    queued_after = enqueue(BUCKET, UPLOADS["vp9_webm"], settings=qsettings, connection=redis, s3_client=s3)
+    proc = start_rq_worker(qsettings, redis_server.url, tmp_path / "worker.log", metrics_port=port)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the model is loaded before the first job
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                    assert resp.status == 200
+                    break
+            except OSError:
+                time.sleep(0.1)
+        wait_status(job_id, redis, "started")
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    state = job_state(job_id, settings=qsettings, connection=redis)
+    assert state.status == "finished" and state.result["status"] == "ok"
+    assert Job.fetch(queued_after, connection=redis, serializer=JSONSerializer).get_status() == "queued"
+    log = (tmp_path / "worker.log").read_text()
+    assert "job_done" in log
+
+
+def test_metrics_and_health_endpoint(s3, redis, redis_server, qsettings, tmp_path):
+    from servers import free_ports
+
+    port = free_ports(1)[0]
+    enqueue(BUCKET, UPLOADS["text_mp4"], settings=qsettings, connection=redis, s3_client=s3)
+    proc = start_rq_worker(qsettings, redis_server.url, tmp_path / "worker.log", metrics_port=port)
+    body, health = "", None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "deepfake_jobs_total{" not in body:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+                    body = resp.read().decode()
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "worker.log").read_text()[-2000:]
+                time.sleep(0.05)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+            health = (resp.status, resp.read().decode())
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert 'deepfake_errors_total{code="not_a_video"} 1.0' in body
+    assert "deepfake_model_loaded 1.0" in body and "deepfake_queue_wait_seconds_count 1.0" in body
+    assert health == (200, "idle")

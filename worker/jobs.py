@@ -1,0 +1,26 @@
+"""The functions RQ runs, named by stable dotted paths with plain-JSON arguments.
+
+`worker.jobs.moderate_s3_object` is the queue's contract: a non-Python client can enqueue it
+(README: "Enqueueing from other languages").
+"""
+from __future__ import annotations
+
+from rq import get_current_job
+from rq.timeouts import JobTimeoutException
+
+from worker import runtime
+
+MODERATE_FUNC = "worker.jobs.moderate_s3_object"
+
+
+def moderate_s3_object(bucket: str, key: str, frames: int | None = None) -> dict:
+    """Moderate s3://bucket/key; the verdict is the job's result and is stored next to the upload."""
+    job = get_current_job()
+    rt = runtime.current()
+    enqueued_at = job.enqueued_at.timestamp() if job is not None and job.enqueued_at else None
+    try:
+        return rt.moderate_s3(bucket, key, frames=frames, job_id=job.id if job else None, enqueued_at=enqueued_at)
+    except JobTimeoutException:
+        # The same bytes would time out again: a final verdict, not a retry.
+        seconds = int(job.timeout) if job is not None and job.timeout else 0
+        return rt.timeout_verdict(bucket, key, seconds)

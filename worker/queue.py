@@ -1,0 +1,126 @@
+"""The client side of the queue: enqueue S3 keys, read results and queue state (a library over RQ).
+
+Jobs are JSON (RQ's JSONSerializer), their function a stable dotted path, their arguments plain
+JSON. Enqueueing an object already queued, running or done for the same bytes (ETag), sampling and
+model returns the existing job instead of computing it again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+from redis import Redis
+from rq import Queue, Retry, Worker
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+from rq.webhook import Webhook
+
+from worker.jobs import MODERATE_FUNC
+from worker.rq_worker import model_key
+from worker.s3 import make_client, validate_location
+from worker.settings import Settings
+
+DEDUPE_PREFIX = "deepfake:dedupe:"
+LIVE_STATUSES = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.FINISHED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
+
+
+def connect(settings: Settings) -> Redis:
+    return Redis.from_url(settings.redis_url)
+
+
+def get_queue(connection: Redis, name: str) -> Queue:
+    return Queue(name, connection=connection, serializer=JSONSerializer)
+
+
+def dedupe_key(bucket: str, key: str, etag: str, frames: int, model_sha256: str) -> str:
+    raw = json.dumps([bucket, key, etag, frames, model_sha256]).encode()
+    return DEDUPE_PREFIX + hashlib.sha256(raw).hexdigest()
+
+
+def object_etag(s3: Any, bucket: str, key: str) -> str | None:
+    """The upload's ETag, or None when it cannot be read now (the job then reports why)."""
+    try:
+        return s3.head_object(Bucket=bucket, Key=key)["ETag"]
+    except (ClientError, BotoCoreError):
+        return None
+
+
+def enqueue(
+    bucket: str, key: str, *, frames: int | None = None, at_front: bool = False, webhook_url: str | None = None,
+    settings: Settings | None = None, connection: Redis | None = None, s3_client: Any = None,
+) -> str:
+    """Queue s3://bucket/key for moderation and return the job id (an existing one for a duplicate)."""
+    settings = settings or Settings()
+    validate_location(bucket, key)
+    frames = frames or settings.frames
+    connection = connection or connect(settings)
+    queue = get_queue(connection, settings.queue)
+    s3 = s3_client or make_client(settings.s3_endpoint_url, settings.s3_region)
+    etag = object_etag(s3, bucket, key)
+    model = json.loads(connection.get(model_key(settings.queue)) or "{}")
+    dkey = dedupe_key(bucket, key, etag, frames, model.get("sha256", "")) if etag else None
+    if dkey:
+        existing = connection.get(dkey)
+        if existing:
+            try:
+                job = Job.fetch(existing.decode(), connection=connection, serializer=JSONSerializer)
+                if job.get_status() in LIVE_STATUSES:
+                    return job.id
+            except NoSuchJobError:
+                pass
+    webhooks = [Webhook(webhook_url, status, method="POST") for status in ("finished", "failed")] if webhook_url else None
+    job = queue.enqueue(
+        MODERATE_FUNC, args=(bucket, key), kwargs={"frames": frames},
+        job_timeout=settings.job_timeout_s(frames), result_ttl=settings.result_ttl_s,
+        failure_ttl=settings.result_ttl_s, retry=Retry(max=settings.job_retries) if settings.job_retries else None,
+        at_front=at_front, description=f"moderate s3://{bucket}/{key}", webhooks=webhooks,
+    )
+    if dkey:
+        connection.set(dkey, job.id, ex=settings.result_ttl_s)
+    return job.id
+
+
+@dataclass
+class JobState:
+    id: str
+    status: str
+    result: dict | None
+    error: str | None
+
+    def to_dict(self) -> dict:
+        return {"job_id": self.id, "status": self.status, "result": self.result, "error": self.error}
+
+
+def job_state(job_id: str, *, settings: Settings | None = None, connection: Redis | None = None) -> JobState | None:
+    settings = settings or Settings()
+    connection = connection or connect(settings)
+    try:
+        job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+    except NoSuchJobError:
+        return None
+    status = job.get_status()
+    error = None
+    if status == JobStatus.FAILED:
+        latest = job.latest_result()
+        error = latest.exc_string if latest is not None else "failed"
+    return JobState(job.id, str(status.value if hasattr(status, "value") else status), job.return_value(), error)
+
+
+def queue_status(*, settings: Settings | None = None, connection: Redis | None = None) -> dict:
+    settings = settings or Settings()
+    connection = connection or connect(settings)
+    queue = get_queue(connection, settings.queue)
+    return {
+        "queue": settings.queue,
+        "queued": queue.count,
+        "started": StartedJobRegistry(queue=queue).count,
+        "finished": FinishedJobRegistry(queue=queue).count,
+        "failed": FailedJobRegistry(queue=queue).count,
+        "workers": len(Worker.all(queue=queue)),
+        "model": json.loads(connection.get(model_key(settings.queue)) or "null"),
+    }
