@@ -1,0 +1,28 @@
+"""Training data: self-blended fakes, face extraction, data-set readers and the crop cache.
+
+    from training.data import CropDataset, build_demo_crops, extract_videos, ffpp_videos
+    build_demo_crops("data/demo", size=128)                       # real footage + SBI fakes
+    extract_videos(ffpp_videos("/data/ffpp", compression="c23"), "data/ffpp_c23", frames_per_video=270)
+    ds = CropDataset("data/demo", "train", hflip=True)           # (x 3×S×S in [0,1], label, video_id)
+"""
+from .crops import CropCache, CropDataset, CropRecord, load_crop, read_index, video_labels
+from .datasets import (
+    FFPP_MANIPULATIONS,
+    DatasetLayoutError,
+    celebdf_videos,
+    count_items,
+    dfd_videos,
+    ffpp_videos,
+    read_celebdf_list,
+    read_ffpp_split,
+)
+from .demo import DemoStats, build_demo_crops
+from .extract import ExtractStats, VideoItem, extract_videos, iter_frames, largest_face
+from .sbi import self_blend
+
+__all__ = [
+    "CropCache", "CropDataset", "CropRecord", "DatasetLayoutError", "DemoStats", "ExtractStats",
+    "FFPP_MANIPULATIONS", "VideoItem", "build_demo_crops", "celebdf_videos", "count_items", "dfd_videos",
+    "extract_videos", "ffpp_videos", "iter_frames", "largest_face", "load_crop", "read_celebdf_list",
+    "read_ffpp_split", "read_index", "self_blend", "video_labels",
+]

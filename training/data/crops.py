@@ -1,0 +1,211 @@
+"""The on-disk face-crop cache and the torch Dataset that reads it.
+
+Layout (one directory per split, crops lossless so training sees exactly what was cropped)::
+
+    <root>/<split>/index.csv          path,label,video_id,frame,source,manipulation,compression
+    <root>/<split>/videos.csv         video_id,frames,faces  (videos whose extraction finished)
+    <root>/<split>/<video_id>/<frame:06d>.png
+
+Writing appends one row per crop after its PNG is on disk and flushes, so an interrupted build
+loses at most the crop in flight; a rerun skips every (video_id, frame) already indexed. A torn
+last line (a kill mid-write) is ignored on reading and rewritten by the rerun.
+"""
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from worker.preprocess import crops_to_tensor_layout
+
+INDEX = "index.csv"
+VIDEOS = "videos.csv"
+SPLITS = ("train", "val", "test")
+LABELS = {0: "real", 1: "fake"}  # the model's class order: 1 = fake
+
+
+@dataclass(frozen=True)
+class CropRecord:
+    path: str  # relative to the split directory
+    label: int  # 0 real, 1 fake
+    video_id: str
+    frame: int  # frame number in the video (or the item's position for still images)
+    source: str = ""  # data set / footage the crop came from
+    manipulation: str = ""  # "" for real, else e.g. "Deepfakes", "sbi"
+    compression: str = ""  # e.g. "c23", "c40", "raw", "h264"
+
+
+FIELDS = [f.name for f in fields(CropRecord)]
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(video_id: str) -> str:
+    """A file-system-safe directory name for a video id."""
+    name = _SAFE.sub("_", video_id).strip("._")
+    if not name:
+        raise ValueError(f"video id {video_id!r} has no usable characters")
+    return name
+
+
+def _read_rows(path: Path, required: list[str]) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines = lines[:-1]  # a torn last line: the writer was killed mid-row
+    rows = list(csv.DictReader(lines))
+    return [r for r in rows if all(r.get(k) not in (None, "") for k in required)]  # drops malformed rows
+
+
+def read_index(root: str | Path, split: str) -> list[CropRecord]:
+    """All crops of one split, in writing order (empty when the split does not exist)."""
+    rows = _read_rows(Path(root) / split / INDEX, ["path", "label", "video_id", "frame"])
+    return [
+        CropRecord(r["path"], int(r["label"]), r["video_id"], int(r["frame"]), r.get("source") or "",
+                   r.get("manipulation") or "", r.get("compression") or "")
+        for r in rows
+    ]
+
+
+def video_labels(root: str | Path, split: str) -> dict[str, int]:
+    """video_id → label for a split: what video-level evaluation aggregates frame scores into."""
+    out: dict[str, int] = {}
+    for r in read_index(root, split):
+        if out.setdefault(r.video_id, r.label) != r.label:
+            raise ValueError(f"video {r.video_id!r} in {split} has crops with both labels")
+    return out
+
+
+class CropCache:
+    """Appending writer for a crop cache at `root`; safe to reopen on a half-written cache."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._keys: dict[str, set[tuple[str, int]]] = {}
+        self._done: dict[str, dict[str, dict[str, str]]] = {}
+
+    def _split_dir(self, split: str) -> Path:
+        if not split or "/" in split or split.startswith("."):
+            raise ValueError(f"bad split name {split!r}")
+        d = self.root / split
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def keys(self, split: str) -> set[tuple[str, int]]:
+        if split not in self._keys:
+            self._keys[split] = {(r.video_id, r.frame) for r in read_index(self.root, split)}
+        return self._keys[split]
+
+    def has(self, split: str, video_id: str, frame: int) -> bool:
+        return (video_id, int(frame)) in self.keys(split)
+
+    def add(self, split: str, crop: np.ndarray, *, label: int, video_id: str, frame: int, source: str = "",
+            manipulation: str = "", compression: str = "") -> bool:
+        """Store one S×S×3 uint8 RGB crop; False (nothing written) when it is already indexed."""
+        if crop.ndim != 3 or crop.shape[2] != 3 or crop.dtype != np.uint8:
+            raise ValueError(f"expected an S×S×3 uint8 crop, got {crop.shape} {crop.dtype}")
+        if label not in LABELS:
+            raise ValueError(f"label must be 0 (real) or 1 (fake), got {label!r}")
+        if self.has(split, video_id, frame):
+            return False
+        d = self._split_dir(split)
+        rel = f"{safe_name(video_id)}/{int(frame):06d}.png"
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        if not cv2.imwrite(str(d / rel), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"could not write {d / rel}")
+        rec = CropRecord(rel, int(label), video_id, int(frame), source, manipulation, compression)
+        self._append(d / INDEX, FIELDS, asdict(rec))
+        self.keys(split).add((video_id, int(frame)))
+        return True
+
+    @staticmethod
+    def _append(path: Path, header: list[str], row: dict) -> None:
+        new = not path.is_file() or path.stat().st_size == 0
+        if not new:  # a torn last line must not swallow the next row
+            with open(path, "rb") as fh:
+                fh.seek(-1, 2)
+                torn = fh.read(1) != b"\n"
+        with open(path, "a", newline="", encoding="utf-8") as fh:
+            if not new and torn:
+                fh.write("\n")
+            w = csv.DictWriter(fh, fieldnames=header, lineterminator="\n")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+            fh.flush()
+
+    def done_videos(self, split: str) -> dict[str, dict[str, str]]:
+        if split not in self._done:
+            rows = _read_rows(self.root / split / VIDEOS, ["video_id", "frames", "faces"])
+            self._done[split] = {r["video_id"]: r for r in rows}
+        return self._done[split]
+
+    def video_done(self, split: str, video_id: str) -> bool:
+        return video_id in self.done_videos(split)
+
+    def mark_video_done(self, split: str, video_id: str, *, frames: int, faces: int) -> None:
+        """Record that a video's extraction finished (`frames` read, `faces` crops kept)."""
+        row = {"video_id": video_id, "frames": str(frames), "faces": str(faces)}
+        self._append(self._split_dir(split) / VIDEOS, ["video_id", "frames", "faces"], row)
+        self.done_videos(split)[video_id] = row
+
+    def counts(self, split: str) -> dict[int, int]:
+        """{label: number of crops} for a split."""
+        out = {0: 0, 1: 0}
+        for r in read_index(self.root, split):
+            out[r.label] += 1
+        return out
+
+
+def load_crop(path: str | Path) -> np.ndarray:
+    """A cached crop as S×S×3 uint8 RGB."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise OSError(f"could not read crop {path}")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+class CropDataset(Dataset):
+    """(x: float32 3×S×S in [0, 1], label: int, video_id: str) per cached crop of one split.
+
+    `hflip=True` flips half the crops left-right (torch RNG, so DataLoader worker seeding applies);
+    `transform` then gets the 3×S×S tensor. `in_memory=True` decodes every PNG once up front, which
+    pays off for small sets trained for many epochs on CPU.
+    """
+
+    def __init__(self, root: str | Path, split: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 *, hflip: bool = False, in_memory: bool = False) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.records = read_index(self.root, split)
+        if not self.records:
+            raise FileNotFoundError(f"no crops for split {split!r} under {self.root} "
+                                    f"(missing {self.root / split / INDEX})")
+        self.transform = transform
+        self.hflip = hflip
+        self._cache = [load_crop(self.root / split / r.path) for r in self.records] if in_memory else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def labels(self) -> list[int]:
+        return [r.label for r in self.records]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        r = self.records[i]
+        img = self._cache[i] if self._cache is not None else load_crop(self.root / self.split / r.path)
+        x = torch.from_numpy(crops_to_tensor_layout(img[None])[0])  # the worker's own conversion
+        if self.hflip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, r.label, r.video_id

@@ -1,0 +1,166 @@
+"""Face extraction for training and evaluation: videos → largest-face 1.3× crops in the crop cache.
+
+Paper section III-A: the largest face per frame, an enlarged crop with scale 1.3, 270 consecutive
+frames per training video and 100 per validation/test video (25 per video for Celeb-DF). The
+paper used dlib; this uses the project's detector and `worker.preprocess.crop_face`, so training
+crops are made exactly as the worker makes them when it serves.
+
+Resumable: a video recorded as finished in the cache is skipped; a half-done one is decoded again
+but only the frames not yet cached go through the detector.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import av
+import av.error
+import numpy as np
+from tqdm import tqdm
+
+from worker.decode import Limits, VideoReader, rotate_upright
+from worker.errors import ModerationError
+from worker.faces import Face, FaceDetector, create_detector
+from worker.preprocess import CROP_SCALE, DEFAULT_CROP_SIZE, crop_face
+
+from .crops import CropCache
+
+log = logging.getLogger(__name__)
+
+# Training data is trusted and can be long: only guard against absurd files.
+EXTRACT_LIMITS = Limits(max_duration_s=4 * 3600.0, max_pixels=4096 * 4096, decode_timeout_s=3600.0)
+Mode = Literal["even", "consecutive"]
+
+
+@dataclass(frozen=True)
+class VideoItem:
+    path: Path
+    label: int  # 0 real, 1 fake
+    video_id: str  # unique across the cache split (data set, compression and name in it)
+    split: str  # "train" | "val" | "test"
+    manipulation: str = ""  # "" for real
+    compression: str = ""  # "raw" | "c23" | "c40" | ...
+    source: str = ""  # data set name: "ffpp", "celebdf", "dfd", ...
+    frames: int | None = None  # per-video override of frames_per_video (e.g. to balance real/fake)
+
+
+@dataclass
+class ExtractStats:
+    videos: int = 0  # extracted in this run
+    skipped: int = 0  # already complete in the cache
+    frames: int = 0  # frames read
+    crops: int = 0  # crops written in this run
+    no_face: int = 0  # frames where the detector found no face
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (video_id, error)
+
+
+def largest_face(faces: Sequence[Face]) -> Face | None:
+    """The face with the largest box, as the paper keeps one face per frame."""
+    return max(faces, key=lambda f: f.area) if faces else None
+
+
+def iter_frames(path: str | Path, n: int, mode: Mode = "even") -> Iterator[tuple[int, np.ndarray]]:
+    """(frame number, H×W×3 uint8 RGB) for n frames: spread over the video, or its first n."""
+    if mode == "even":
+        with VideoReader(str(path), EXTRACT_LIMITS) as reader:
+            fps = reader.info.fps or 25.0
+            last = -1
+            for s in reader.sample(n):
+                number = max(int(round(s.t * fps)), last + 1)  # unique even on variable frame rates
+                last = number
+                yield number, s.image
+    elif mode == "consecutive":
+        with av.open(str(path), metadata_errors="ignore") as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for number, frame in enumerate(container.decode(stream)):
+                if number >= n:
+                    break
+                rotation = int(getattr(frame, "rotation", 0) or 0)
+                yield number, rotate_upright(frame.to_ndarray(format="rgb24"), rotation)
+    else:
+        raise ValueError(f"mode must be 'even' or 'consecutive', got {mode!r}")
+
+
+def _extract_one(item: VideoItem, cache: CropCache, detector: FaceDetector, n: int, size: int, scale: float,
+                 mode: Mode, batch_size: int, stats: ExtractStats) -> tuple[int, int]:
+    frames_read = kept = 0
+    batch: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        nonlocal kept
+        if not batch:
+            return
+        faces = detector.detect(np.stack([img for _, img in batch]))
+        for (number, img), found in zip(batch, faces):
+            face = largest_face(found)
+            if face is None:
+                stats.no_face += 1
+                continue
+            crop = crop_face(img, face.box, size, scale)
+            if cache.add(item.split, crop, label=item.label, video_id=item.video_id, frame=number,
+                         source=item.source, manipulation=item.manipulation, compression=item.compression):
+                stats.crops += 1
+            kept += 1
+        batch.clear()
+
+    for number, img in iter_frames(item.path, n, mode):
+        frames_read += 1
+        if cache.has(item.split, item.video_id, number):
+            kept += 1
+            continue
+        if batch and batch[0][1].shape != img.shape:
+            flush()
+        batch.append((number, img))
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    return frames_read, kept
+
+
+def extract_videos(
+    videos: Sequence[VideoItem],
+    out_root: str | Path,
+    *,
+    frames_per_video: int,
+    size: int = DEFAULT_CROP_SIZE,
+    detector: FaceDetector | None = None,
+    mode: Mode = "even",
+    scale: float = CROP_SCALE,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> ExtractStats:
+    """Detect, keep the largest face, crop (`scale`×, size×size) and cache, video by video.
+
+    A video that cannot be decoded is logged and listed in `failed` and left unmarked, so a rerun
+    tries it again; the others go on.
+    """
+    if frames_per_video < 1:
+        raise ValueError(f"frames_per_video must be at least 1, got {frames_per_video}")
+    if mode not in ("even", "consecutive"):
+        raise ValueError(f"mode must be 'even' or 'consecutive', got {mode!r}")
+    ids = [(v.split, v.video_id) for v in videos]
+    if len(set(ids)) != len(ids):
+        raise ValueError("video ids must be unique within a split")
+    cache = CropCache(out_root)
+    detector = detector or create_detector("retinaface-mobilenet")
+    stats = ExtractStats()
+    bar = tqdm(videos, desc="extract faces", unit="video", disable=not progress)
+    for item in bar:
+        if cache.video_done(item.split, item.video_id):
+            stats.skipped += 1
+            continue
+        try:
+            read, kept = _extract_one(item, cache, detector, item.frames or frames_per_video, size, scale, mode,
+                                      batch_size, stats)
+        except (ModerationError, av.error.FFmpegError, FileNotFoundError) as exc:
+            log.warning("skipping %s (%s): %s", item.video_id, item.path, exc)
+            stats.failed.append((item.video_id, str(exc)))
+            continue
+        stats.frames += read
+        stats.videos += 1
+        cache.mark_video_done(item.split, item.video_id, frames=read, faces=kept)
+        bar.set_postfix(crops=stats.crops, no_face=stats.no_face, failed=len(stats.failed))
+    return stats
