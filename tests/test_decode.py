@@ -99,3 +99,27 @@ def test_container_sniffing(corpus):
     assert looks_like_video_container(corpus["mjpeg_avi"].read_bytes()[:512])
     assert not looks_like_video_container(corpus["text_mp4"].read_bytes()[:512])
     assert not looks_like_video_container(b"")
+
+
+def test_fast_sampling_decodes_reference_frames_only_and_stays_even(tmp_path):
+    from media import encode, scenery_frames
+
+    clip = encode(tmp_path / "gop.mp4", scenery_frames(300, size=(72, 96)), rate=30)  # x264 defaults: B-frames
+    with VideoReader(str(clip), LIMITS) as reader:
+        fast = list(reader.sample(32, mode="fast"))
+        assert reader.info.sampling == "fast"
+    with VideoReader(str(clip), LIMITS) as reader:
+        exact = list(reader.sample(32, mode="exact"))
+    assert len(fast) == len(exact) == 32
+    slice_s = 10.0 / 32
+    for i, f in enumerate(fast):
+        assert abs(f.t - (i + 0.5) * slice_s) <= slice_s / 2 + 1e-6  # inside its own slice
+    assert len({f.t for f in fast}) == 32
+
+
+def test_fast_sampling_falls_back_when_slices_are_too_short(corpus):
+    with VideoReader(str(corpus["carphone"]), LIMITS) as reader:
+        frames = list(reader.sample(100, mode="fast"))
+        assert reader.info.sampling == "exact" and reader.info.frames_sampled == 100
+    assert len({f.t for f in frames}) == 100
+    assert frames[0].t < 0.1 and frames[-1].t > 3.8

@@ -42,6 +42,7 @@ class VideoInfo:
     duration_s: float | None
     rotation: int  # degrees counter-clockwise applied to the stored frames for display
     frames_sampled: int = 0
+    sampling: str = "exact"  # how the frames were picked: exact | fast (reference frames only)
 
     def to_dict(self) -> dict:
         return {
@@ -53,6 +54,7 @@ class VideoInfo:
             "container": self.container,
             "rotation": self.rotation,
             "frames_sampled": self.frames_sampled,
+            "sampling": self.sampling,
         }
 
 
@@ -200,28 +202,40 @@ class VideoReader:
                 raise Corrupt(f"no frame could be decoded: {exc}") from exc
             self.decode_error = str(exc)
 
-    def sample(self, n: int) -> Iterator[SampledFrame]:
-        """Yield up to n frames spread evenly over the duration, each at most once, in time order."""
+    def sample(self, n: int, mode: str = "exact") -> Iterator[SampledFrame]:
+        """Yield up to n frames spread evenly over the duration, each at most once, in time order.
+
+        mode "exact" decodes every frame and takes the first at or after each slice centre. "fast"
+        first decodes only the frames FFmpeg's skip_frame lets it skip least (B-frames are never
+        decoded) and takes the nearest one to each centre; when some slice holds no such frame the
+        sampling would not be even, so it rewinds and decodes exactly.
+        """
         self.decode_error: str | None = None
-        info = self.info
         start = self._start_time()
-        duration = info.duration_s
+        duration = self.info.duration_s
         if duration is None:
             duration = self._measure_duration()
         targets = sample_times(start, duration, n)
-        fps = info.fps or 25.0
+        fps = self.info.fps or 25.0
+        if mode == "fast":
+            picked = self._pick_reference_frames(targets, start, duration, fps)
+            if picked is not None:
+                self.info.sampling = "fast"
+                for index, (frame, t) in enumerate(picked):
+                    yield self._to_sample(frame, index, t - start)
+                self.info.frames_sampled = len(picked)
+                return
+            self._rewind()
+        self.info.sampling = "exact"
+        yield from self._sample_exact(targets, start, duration, fps)
+
+    def _sample_exact(self, targets: list[float], start: float, duration: float, fps: float) -> Iterator[SampledFrame]:
         j = 0
         index = 0
         last: tuple[av.VideoFrame, float] | None = None
         last_yielded = False
-        first = True
         for count, frame in enumerate(self._frames()):
-            if first:
-                self._check_frame_size(frame)
-                first = False
-            t = frame.time if frame.time is not None else start + count / fps
-            if t > start + self._limits.max_duration_s:
-                raise TooLong(f"video runs past the limit of {self._limits.max_duration_s:.0f} s")
+            t = self._frame_time(frame, count, start, fps)
             last, last_yielded = (frame, t), False
             if j < len(targets) and t + 0.5 / fps >= targets[j]:
                 while j < len(targets) and targets[j] <= t + 0.5 / fps:
@@ -229,6 +243,59 @@ class VideoReader:
                 yield self._to_sample(frame, index, t - start)
                 index += 1
                 last_yielded = True
+        self._check_coverage(last, start, duration, fps)
+        if j < len(targets) and not last_yielded:
+            yield self._to_sample(last[0], index, last[1] - start)
+            index += 1
+        self.info.frames_sampled = index
+
+    def _pick_reference_frames(
+        self, targets: list[float], start: float, duration: float, fps: float
+    ) -> list[tuple[av.VideoFrame, float]] | None:
+        """The decoded reference frame nearest each target, or None when one lies outside its slice.
+
+        With slices of 8 frames or more all B-frames are skipped (BIDIR: about one frame in four
+        decoded with x264's defaults); with shorter slices only those no other frame refers to.
+        """
+        half_slice = duration / len(targets) / 2.0
+        self._stream.codec_context.skip_frame = "BIDIR" if 2 * half_slice * fps >= 8 else "NONREF"
+        picked: list[tuple[av.VideoFrame, float]] = []
+        prev: tuple[av.VideoFrame, float] | None = None
+        last: tuple[av.VideoFrame, float] | None = None
+        j = 0
+        for count, frame in enumerate(self._frames()):
+            current = (frame, self._frame_time(frame, count, start, fps))
+            last = current
+            while j < len(targets) and current[1] >= targets[j]:
+                best = current if prev is None or current[1] - targets[j] <= targets[j] - prev[1] else prev
+                if abs(best[1] - targets[j]) > half_slice or (picked and picked[-1][0] is best[0]):
+                    return None
+                picked.append(best)
+                j += 1
+            prev = current
+        self._check_coverage(last, start, duration, fps)
+        for target in targets[j:]:  # slices after the last decoded frame
+            if last is None or abs(last[1] - target) > half_slice or (picked and picked[-1][0] is last[0]):
+                return None
+            picked.append(last)
+        return picked
+
+    def _rewind(self) -> None:
+        self._stream.codec_context.skip_frame = "DEFAULT"
+        self._container.seek(0, any_frame=False, backward=True, stream=self._stream)
+        self._first_frame_checked = False
+
+    def _frame_time(self, frame: av.VideoFrame, count: int, start: float, fps: float) -> float:
+        if not getattr(self, "_first_frame_checked", False):
+            self._check_frame_size(frame)
+            self._first_frame_checked = True
+        t = frame.time if frame.time is not None else start + count / fps
+        if t > start + self._limits.max_duration_s:
+            raise TooLong(f"video runs past the limit of {self._limits.max_duration_s:.0f} s")
+        return t
+
+    def _check_coverage(self, last: tuple[av.VideoFrame, float] | None, start: float, duration: float,
+                        fps: float) -> None:
         if last is None:
             raise Corrupt("the video stream holds no decodable frame")
         end_t = last[1] + 1.0 / fps
@@ -237,10 +304,6 @@ class VideoReader:
             raise Corrupt(
                 f"video data ends at {end_t - start:.2f} s of a declared {duration:.2f} s: truncated or damaged{detail}"
             )
-        if j < len(targets) and not last_yielded:
-            yield self._to_sample(last[0], index, last[1] - start)
-            index += 1
-        info.frames_sampled = index
 
     def _check_frame_size(self, frame: av.VideoFrame) -> None:
         if frame.width * frame.height > self._limits.max_pixels:

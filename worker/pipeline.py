@@ -157,7 +157,7 @@ class Moderator:
                             crops.append(crop_face(frame.image, face.box, size=self.crop_size))
             chunk.clear()
 
-        for frame in timer.timed("decode", reader.sample(n_frames)):
+        for frame in timer.timed("decode", reader.sample(n_frames, mode=self.settings.sampling)):
             chunk.append(frame)
             if len(chunk) >= self.settings.detect_batch:
                 flush()

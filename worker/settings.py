@@ -18,6 +18,9 @@ class Settings(BaseSettings):
 
     # What to score
     frames: int = Field(32, ge=1, le=1024, description="Frames sampled evenly over each video's duration.")
+    sampling: Literal["fast", "exact"] = Field(
+        "fast", description="fast: pick among reference frames (B-frames never decoded), exact when that is uneven."
+    )
     model_dir: Path | None = Field(
         None, description="Model directory (model.json + weights); unset = the packaged demo model."
     )

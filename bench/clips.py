@@ -1,0 +1,33 @@
+"""Benchmark inputs made from real footage: the carphone face upscaled into 720p/1080p H.264 clips."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from media import carphone_frames, encode  # noqa: E402
+
+
+def face_clip(path: Path, *, seconds: float = 10.0, height: int = 720, fps: int = 30) -> Path:
+    """`seconds` of the carphone clip (looped back and forth) scaled to `height`, centred on a 16:9 canvas.
+
+    Encoded with x264 defaults (GOP 250, B-frames), as uploads typically are.
+    """
+    if path.exists():
+        return path
+    source = carphone_frames()
+    loop = source + source[::-1]
+    width = (height * 16 // 9) // 2 * 2
+    scaled_w = int(round(176 * height / 144)) // 2 * 2
+    frames = []
+    for i in range(int(seconds * fps)):
+        canvas = np.full((height, width, 3), 40, np.uint8)
+        face = cv2.resize(loop[i % len(loop)], (scaled_w, height), interpolation=cv2.INTER_CUBIC)
+        x = (width - scaled_w) // 2
+        canvas[:, x : x + scaled_w] = face
+        frames.append(canvas)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return encode(path, frames, rate=fps)

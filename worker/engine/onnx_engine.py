@@ -1,0 +1,214 @@
+"""The ONNX Runtime engine: runs the model directory's ``model.onnx`` (``card.files["onnx"]``).
+
+CPU by default; ``device="cuda[:N]"`` asks for the CUDAExecutionProvider and falls back to the CPU
+(with a warning, and ``backend`` says which one runs) when this onnxruntime build has none.
+
+Which output is read, in order of preference (the graph ``training.export`` writes has the first two):
+
+1. ``fake_prob`` — (N,) probability of class 1 computed in the graph; used as is.
+2. ``logits`` — (N,2); the engine takes softmax(logits)[:, 1] (float32, as PyTorch does).
+3. an output whose name contains ``prob`` with shape (N,2) — class probabilities; column 1 is used.
+4. otherwise the first output: (N,) is taken as the probability, (N,2) as logits.
+
+Threads: ``intra_op_num_threads`` = the CPUs this process may use — the cgroup CPU quota (v2
+``cpu.max``, v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us``) rounded up, capped by the CPU
+affinity mask — because ONNX Runtime otherwise sizes its pool from the host's cores and a pod
+limited to 2 CPUs on a 64-core node gets throttled to a crawl. One inter-op thread, sequential
+execution (the graph is a chain; parallel branches buy nothing at 2 CPUs).
+
+IO binding: measured on the 2-core CPU box (bench/README.md) it made no difference within noise
+(outputs are a few floats per crop), so the CPU path uses plain ``session.run``; on CUDA the
+engine binds the output to the device and the input from host memory so ORT copies each once.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from worker.engine.base import describe_engine
+from worker.engine.model_card import ModelCard, sha256_file
+from worker.preprocess import crops_to_tensor_layout
+
+log = logging.getLogger(__name__)
+
+ONNX_DEFAULT_FILE = "model.onnx"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+# -- CPU quota ----------------------------------------------------------------------------------------
+
+def parse_cpu_max(text: str) -> float | None:
+    """cgroup v2 ``cpu.max`` ("QUOTA PERIOD" in µs, QUOTA may be ``max``) → CPUs, None = unlimited."""
+    parts = text.split()
+    if not parts or parts[0] == "max":
+        return None
+    quota = float(parts[0])
+    period = float(parts[1]) if len(parts) > 1 else 100_000.0
+    if quota <= 0 or period <= 0:
+        return None
+    return quota / period
+
+
+def parse_cfs_quota(quota_text: str, period_text: str) -> float | None:
+    """cgroup v1 ``cpu.cfs_quota_us`` (-1 = unlimited) and ``cpu.cfs_period_us`` → CPUs, None = unlimited."""
+    quota, period = float(quota_text.strip()), float(period_text.strip())
+    if quota <= 0 or period <= 0:
+        return None
+    return quota / period
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
+    """The CPU quota of this process's cgroup in CPUs, or None when there is none (or none readable)."""
+    root = Path(root)
+    try:
+        v2 = root / "cpu.max"
+        if v2.is_file():
+            return parse_cpu_max(v2.read_text())
+        for v1 in (root / "cpu", root / "cpu,cpuacct", root):
+            q, p = v1 / "cpu.cfs_quota_us", v1 / "cpu.cfs_period_us"
+            if q.is_file() and p.is_file():
+                return parse_cfs_quota(q.read_text(), p.read_text())
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def available_cpus(root: Path = CGROUP_ROOT) -> int:
+    """CPUs this process may use: the cgroup quota rounded up, capped by the affinity mask, at least 1.
+
+    Rounding up (as Go's GOMAXPROCS does since 1.25): a 1.5-CPU quota runs 2 threads that are
+    throttled a little, rather than 1 thread that leaves half a CPU unused.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    limit = cgroup_cpu_limit(root)
+    if limit is not None:
+        cpus = min(cpus, math.ceil(limit))
+    return max(1, cpus)
+
+
+# -- engine -------------------------------------------------------------------------------------------
+
+def onnx_path_of(model_dir: Path, card: ModelCard) -> Path | None:
+    """The model directory's ONNX file (the card's ``files["onnx"]``, else ``model.onnx``), if present."""
+    name = card.files.get("onnx")
+    if name:
+        path = Path(model_dir) / name
+        return path if path.is_file() else None
+    path = Path(model_dir) / ONNX_DEFAULT_FILE
+    return path if path.is_file() else None
+
+
+def _softmax_class1(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float32)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e[:, 1] / e.sum(axis=1)).astype(np.float32)
+
+
+class OnnxRuntimeEngine:
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        device: str = "cpu",
+        batch_size: int = 32,
+        intra_op_threads: int | None = None,
+        io_binding: bool | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.model_dir = Path(model_dir)
+        self.card = ModelCard.load(self.model_dir)
+        path = onnx_path_of(self.model_dir, self.card)
+        if path is None:
+            raise FileNotFoundError(
+                f"no ONNX file in model directory {self.model_dir} (card files: {self.card.files}); "
+                "export one with training.export.export_model_dir"
+            )
+        self.onnx_path = path
+        self.sha256 = sha256_file(path)
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.batch_size = batch_size
+
+        providers: list = ["CPUExecutionProvider"]
+        self.device_type = "cpu"
+        if device.startswith("cuda"):
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                device_id = int(device.split(":", 1)[1]) if ":" in device else 0
+                providers = [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
+                self.device_type = "cuda"
+                self.device_id = device_id
+            else:
+                log.warning("onnxruntime has no CUDAExecutionProvider (providers: %s); running on the CPU",
+                            ", ".join(ort.get_available_providers()))
+        elif device != "cpu":
+            raise ValueError(f"unsupported device {device!r} for onnxruntime: cpu | cuda | cuda:N")
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.threads = intra_op_threads or available_cpus()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        if self.device_type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+            self.device_type = "cpu"  # the provider failed to initialise (no driver, no GPU)
+        self.backend = f"onnxruntime-{self.device_type}"
+
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise ValueError(f"expected one graph input, got {[i.name for i in inputs]}")
+        self.input_name = inputs[0].name
+        self.output_name, self.output_kind = self._pick_output(self.session.get_outputs())
+        self.io_binding = (self.device_type == "cuda") if io_binding is None else io_binding
+
+    @staticmethod
+    def _pick_output(outputs) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+        """(name, kind) with kind "prob" (N,), "probs" (N,2) or "logits" (N,2); see the module docstring."""
+        by_name = {o.name: o for o in outputs}
+        if "fake_prob" in by_name:
+            return "fake_prob", "prob"
+        if "logits" in by_name:
+            return "logits", "logits"
+        for o in outputs:
+            if "prob" in o.name.lower() and len(o.shape) == 2:
+                return o.name, "probs"
+        first = outputs[0]
+        return first.name, ("prob" if len(first.shape) == 1 else "logits")
+
+    def _to_prob(self, out: np.ndarray) -> np.ndarray:
+        if self.output_kind == "prob":
+            return out.reshape(-1).astype(np.float32)
+        if self.output_kind == "probs":
+            return out[:, 1].astype(np.float32)
+        return _softmax_class1(out)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        if not self.io_binding:
+            return self.session.run([self.output_name], {self.input_name: batch})[0]
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, batch)
+        if self.device_type == "cuda":
+            binding.bind_output(self.output_name, "cuda", self.device_id)
+        else:
+            binding.bind_output(self.output_name)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def predict(self, crops: np.ndarray) -> np.ndarray:
+        if len(crops) == 0:
+            return np.zeros((0,), dtype=np.float32)
+        x = crops_to_tensor_layout(crops)
+        out = [self._to_prob(self._run(x[i : i + self.batch_size])) for i in range(0, len(x), self.batch_size)]
+        return np.concatenate(out).astype(np.float32)
+
+    def describe(self) -> dict:
+        return describe_engine(self.card, self.backend, self.sha256)
