@@ -96,3 +96,28 @@ def test_limits_give_typed_verdicts(settings, corpus, moderator):
 def test_missing_model_directory_is_a_configuration_error(tmp_path):
     with pytest.raises(ConfigurationError):
         resolve_model_dir(tmp_path)
+
+
+def test_overlapped_pipeline_gives_the_same_verdict(settings, moderator, corpus):
+    overlapped = Moderator(settings.model_copy(update={"overlap": "on", "detect_batch": 4}),
+                           detector=moderator.detector, engine=moderator.engine)
+    assert overlapped.overlap and not moderator.overlap
+    a = moderator.moderate_path(corpus["carphone"])
+    b = overlapped.moderate_path(corpus["carphone"])
+    assert a["score"] == pytest.approx(b["score"], abs=1e-5)
+    assert [f["box"] for f in a["faces"]] == [f["box"] for f in b["faces"]]
+    for bad in ("truncated_mp4", "audio_only_mp4"):  # errors raised in the producer thread still type
+        assert overlapped.moderate_path(corpus[bad])["error"]["code"] == moderator.moderate_path(corpus[bad])["error"]["code"]
+
+
+def test_prefetch_stops_its_producer_when_the_consumer_stops():
+    import itertools
+
+    from worker.prefetch import prefetch
+
+    produced = []
+    endless = (produced.append(i) or i for i in itertools.count())
+    for i in prefetch(endless, depth=2):
+        if i == 5:
+            break
+    assert 6 <= len(produced) <= 9  # bounded read-ahead, then the thread exits

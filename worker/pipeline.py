@@ -5,6 +5,7 @@ call returns a verdict and never raises for bad input.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from worker.decode import Limits, SampledFrame, VideoReader
 from worker.engine import Engine, load_engine
 from worker.errors import Internal, ModerationError, TransientError
 from worker.faces import FaceDetector, create_detector
+from worker.prefetch import prefetch
 from worker.preprocess import crop_face
 from worker.settings import Settings
 from worker.source import LocalSource, Source
@@ -46,6 +48,7 @@ class StageTimer:
 
     def __init__(self) -> None:
         self.ms: dict[str, float] = defaultdict(float)
+        self._lock = threading.Lock()  # stages may run in the prefetch thread
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -53,7 +56,8 @@ class StageTimer:
         try:
             yield
         finally:
-            self.ms[name] += (time.perf_counter() - start) * 1000.0
+            with self._lock:
+                self.ms[name] += (time.perf_counter() - start) * 1000.0
 
     def timed(self, name: str, items: Iterator[SampledFrame]) -> Iterator[SampledFrame]:
         """Charge the time spent producing each item of `items` to `name`."""
@@ -99,6 +103,10 @@ class Moderator:
             )
         self.detector = detector
         self.model_block = engine.describe()
+        if settings.overlap == "auto":
+            self.overlap = not settings.device.startswith("cpu")
+        else:
+            self.overlap = settings.overlap == "on"
         self.threshold = engine.card.threshold
         self.crop_size = engine.card.input_size
 
@@ -135,49 +143,69 @@ class Moderator:
 
     def _score(self, source: Source, reader: VideoReader, n_frames: int, timer: StageTimer) -> dict:
         faces: list[dict] = []
-        crops: list[np.ndarray] = []
+        counts = {"frames_with_face": 0}
+        chunks = self._crop_chunks(reader, n_frames, timer, faces, counts)
+        overlap = self.overlap
+        if overlap:
+            chunks = prefetch(chunks, depth=2, name="decode-detect")
         scored: list[int] = []  # index into `faces` of each crop's face
-        frames_with_face = 0
+        probs: list[np.ndarray] = []
+        pending: list[np.ndarray] = []
+        for crops, face_indices in chunks:
+            scored.extend(face_indices)
+            pending.extend(crops)
+            if overlap and pending:  # score now, while the next frames decode
+                with timer.stage("model"):
+                    probs.append(self.engine.predict(np.stack(pending)))
+                pending = []
+        if pending:
+            with timer.stage("model"):
+                probs.append(self.engine.predict(np.stack(pending)))
+
+        video = reader.info.to_dict()
+        video["frames_with_face"] = counts["frames_with_face"]
+        log.info("decoded", source=source.uri, **{k: video[k] for k in ("codec", "width", "height", "frames_sampled")},
+                 faces=len(faces))
+        if not scored:
+            return no_face_verdict(source.uri, threshold=self.threshold, video=video, model=self.model_block,
+                                   timings_ms=timer.as_dict())
+        frame_scores = np.concatenate(probs)
+        for face_index, p in zip(scored, frame_scores):
+            faces[face_index]["fake_score"] = round(float(p), 6)
+        score = aggregate_mean([float(p) for p in frame_scores])
+        return ok_verdict(source.uri, score=score, threshold=self.threshold, video=video, faces=faces,
+                          model=self.model_block, timings_ms=timer.as_dict())
+
+    def _crop_chunks(
+        self, reader: VideoReader, n_frames: int, timer: StageTimer, faces: list[dict], counts: dict
+    ) -> Iterator[tuple[list[np.ndarray], list[int]]]:
+        """Decode → detect → crop, `detect_batch` frames at a time: (largest-face crops, their face indices)."""
         chunk: list[SampledFrame] = []
 
-        def flush() -> None:
-            nonlocal frames_with_face
+        def flush() -> tuple[list[np.ndarray], list[int]]:
             with timer.stage("detect"):
                 detections = self._detect(chunk)
+            crops, indices = [], []
             with timer.stage("crop"):
                 for frame, found in zip(chunk, detections):
                     if not found:
                         continue
-                    frames_with_face += 1
+                    counts["frames_with_face"] += 1
                     largest = max(range(len(found)), key=lambda i: found[i].area)
                     for i, face in enumerate(found):
                         faces.append(face_record(frame.t, frame.index, face, i == largest))
                         if i == largest:
-                            scored.append(len(faces) - 1)
+                            indices.append(len(faces) - 1)
                             crops.append(crop_face(frame.image, face.box, size=self.crop_size))
             chunk.clear()
+            return crops, indices
 
         for frame in timer.timed("decode", reader.sample(n_frames, mode=self.settings.sampling)):
             chunk.append(frame)
             if len(chunk) >= self.settings.detect_batch:
-                flush()
+                yield flush()
         if chunk:
-            flush()
-
-        video = reader.info.to_dict()
-        video["frames_with_face"] = frames_with_face
-        log.info("decoded", source=source.uri, **{k: video[k] for k in ("codec", "width", "height", "frames_sampled")},
-                 faces=len(faces))
-        if not crops:
-            return no_face_verdict(source.uri, threshold=self.threshold, video=video, model=self.model_block,
-                                   timings_ms=timer.as_dict())
-        with timer.stage("model"):
-            probs = self.engine.predict(np.stack(crops))
-        for face_index, p in zip(scored, probs):
-            faces[face_index]["fake_score"] = round(float(p), 6)
-        score = aggregate_mean([float(p) for p in probs])
-        return ok_verdict(source.uri, score=score, threshold=self.threshold, video=video, faces=faces,
-                          model=self.model_block, timings_ms=timer.as_dict())
+            yield flush()
 
     def _detect(self, frames: list[SampledFrame]) -> list[list]:
         """Detect in batches of same-sized frames (a stream may change size mid-way)."""

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     detect_batch: int = Field(8, ge=1, description="Frames per detector forward pass (and frames held in memory).")
     batch_size: int = Field(32, ge=1, description="Face crops per model forward pass.")
     engine: str = Field("pytorch", description="Model engine: pytorch.")
+    overlap: Literal["auto", "on", "off"] = Field(
+        "auto", description="Decode/detect the next frames in a thread while the model runs; auto = on for GPUs."
+    )
     device: str = Field("cpu", description="torch device for the detector and the PyTorch engine: cpu | cuda | cuda:N.")
 
     # Limits, checked before work is spent
