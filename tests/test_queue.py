@@ -293,8 +293,10 @@ def test_metrics_and_health_endpoint(s3, redis, redis_server, qsettings, tmp_pat
             except OSError:
                 assert proc.poll() is None, (tmp_path / "worker.log").read_text()[-2000:]
                 time.sleep(0.05)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
-            health = (resp.status, resp.read().decode())
+        while time.monotonic() < deadline and health != (200, "idle"):  # "busy" until the job returns
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                health = (resp.status, resp.read().decode())
+            time.sleep(0.05)
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:
