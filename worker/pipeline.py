@@ -23,7 +23,8 @@ from worker.prefetch import prefetch
 from worker.preprocess import crop_face
 from worker.settings import Settings
 from worker.source import LocalSource, Source
-from worker.verdict import aggregate_mean, error_verdict, no_face_verdict, ok_verdict
+from worker.tracks import build_tracks, decide_by_tracks, summarize
+from worker.verdict import aggregate_mean, error_verdict, label_for, no_face_verdict, ok_verdict
 
 log = structlog.get_logger("worker.pipeline")
 
@@ -108,6 +109,7 @@ class Moderator:
         else:
             self.overlap = settings.overlap == "on"
         self.threshold = engine.card.threshold
+        self.operating_point = engine.card.operating_point
         self.crop_size = engine.card.input_size
 
     def moderate_path(self, path: str | Path, *, frames: int | None = None) -> dict:
@@ -143,44 +145,85 @@ class Moderator:
 
     def _score(self, source: Source, reader: VideoReader, n_frames: int, timer: StageTimer) -> dict:
         faces: list[dict] = []
-        counts = {"frames_with_face": 0}
+        counts = {"frames": 0, "frames_with_face": 0}
         chunks = self._crop_chunks(reader, n_frames, timer, faces, counts)
-        overlap = self.overlap
-        if overlap:
+        streaming = self.overlap or self.settings.early_exit_frames > 0
+        if self.overlap:
             chunks = prefetch(chunks, depth=2, name="decode-detect")
         scored: list[int] = []  # index into `faces` of each crop's face
-        probs: list[np.ndarray] = []
         pending: list[np.ndarray] = []
+        early_exit = False
+
+        def score_pending() -> None:
+            with timer.stage("model"):
+                probs = self.engine.predict(np.stack(pending))
+            for face_index, p in zip(scored[len(scored) - len(pending):], probs):
+                faces[face_index]["fake_score"] = round(float(p), 6)
+            pending.clear()
+
         for crops, face_indices in chunks:
             scored.extend(face_indices)
             pending.extend(crops)
-            if overlap and pending:  # score now, while the next frames decode
-                with timer.stage("model"):
-                    probs.append(self.engine.predict(np.stack(pending)))
-                pending = []
+            if streaming and pending:  # score now, while the next frames decode
+                score_pending()
+                if self._decisive([f["fake_score"] for f in faces if f["largest"]]):
+                    early_exit = True
+                    break
+        if hasattr(chunks, "close"):
+            chunks.close()  # stops decoding after an early exit
         if pending:
-            with timer.stage("model"):
-                probs.append(self.engine.predict(np.stack(pending)))
+            score_pending()
 
         video = reader.info.to_dict()
+        video["frames_sampled"] = counts["frames"]
         video["frames_with_face"] = counts["frames_with_face"]
+        video["early_exit"] = early_exit
         log.info("decoded", source=source.uri, **{k: video[k] for k in ("codec", "width", "height", "frames_sampled")},
-                 faces=len(faces))
+                 faces=len(faces), early_exit=early_exit)
         if not scored:
             return no_face_verdict(source.uri, threshold=self.threshold, video=video, model=self.model_block,
                                    timings_ms=timer.as_dict())
-        frame_scores = np.concatenate(probs)
-        for face_index, p in zip(scored, frame_scores):
-            faces[face_index]["fake_score"] = round(float(p), 6)
-        score = aggregate_mean([float(p) for p in frame_scores])
-        return ok_verdict(source.uri, score=score, threshold=self.threshold, video=video, faces=faces,
-                          model=self.model_block, timings_ms=timer.as_dict())
+        score = aggregate_mean([f["fake_score"] for f in faces if f["largest"]])  # the paper's video score
+        label, decision = self._decide(faces, score)
+        return ok_verdict(source.uri, score=score, label=label, threshold=self.threshold, video=video, faces=faces,
+                          tracks=decision.pop("tracks"), decision=decision, model=self.model_block,
+                          timings_ms=timer.as_dict())
+
+    def _decisive(self, largest_scores: list[float]) -> bool:
+        """Early exit: the first K frames all lie at least `margin` from the threshold, on one side."""
+        k, margin = self.settings.early_exit_frames, self.settings.early_exit_margin
+        if k <= 0 or len(largest_scores) < k:
+            return False
+        head = np.asarray(largest_scores[:k])
+        return bool(np.all(head >= self.threshold + margin) or np.all(head <= self.threshold - margin))
+
+    def _decide(self, faces: list[dict], mean_score: float) -> tuple[str, dict]:
+        """The label by the configured rule, and the verdict's `decision` block (with the tracks)."""
+        s = self.settings
+        summaries = summarize(build_tracks(faces), threshold=self.threshold, strategy=s.track_score,
+                              min_frames=s.min_track_frames)
+        decision = {"rule": s.decision, "threshold": self.threshold, "operating_point": self.operating_point,
+                    "track_score": s.track_score, "min_track_frames": s.min_track_frames, "tracks": summaries}
+        label = label_for(mean_score, self.threshold)
+        if s.decision == "tracks":
+            by_tracks, top = decide_by_tracks(summaries)
+            if by_tracks is None:
+                decision["rule"] = "mean"  # no track long enough to judge: the paper's rule
+            else:
+                label = by_tracks
+                decision["track_score_max"] = top
+        return label, decision
 
     def _crop_chunks(
         self, reader: VideoReader, n_frames: int, timer: StageTimer, faces: list[dict], counts: dict
     ) -> Iterator[tuple[list[np.ndarray], list[int]]]:
-        """Decode → detect → crop, `detect_batch` frames at a time: (largest-face crops, their face indices)."""
+        """Decode → detect → crop, `detect_batch` frames at a time: (crops, their face indices).
+
+        Up to `max_faces_scored` faces per frame are cropped, largest first, so every track gets
+        scores; the largest face is the one the paper's video score uses.
+        """
         chunk: list[SampledFrame] = []
+        limit = self.settings.max_faces_scored
 
         def flush() -> tuple[list[np.ndarray], list[int]]:
             with timer.stage("detect"):
@@ -188,15 +231,16 @@ class Moderator:
             crops, indices = [], []
             with timer.stage("crop"):
                 for frame, found in zip(chunk, detections):
+                    counts["frames"] += 1
                     if not found:
                         continue
                     counts["frames_with_face"] += 1
-                    largest = max(range(len(found)), key=lambda i: found[i].area)
-                    for i, face in enumerate(found):
-                        faces.append(face_record(frame.t, frame.index, face, i == largest))
-                        if i == largest:
+                    by_area = sorted(range(len(found)), key=lambda i: -found[i].area)
+                    for rank, i in enumerate(by_area):
+                        faces.append(face_record(frame.t, frame.index, found[i], rank == 0))
+                        if rank < limit:
                             indices.append(len(faces) - 1)
-                            crops.append(crop_face(frame.image, face.box, size=self.crop_size))
+                            crops.append(crop_face(frame.image, found[i].box, size=self.crop_size))
             chunk.clear()
             return crops, indices
 

@@ -30,6 +30,16 @@ class Settings(BaseSettings):
     )
     detector_score_threshold: float = Field(0.6, ge=0.0, le=1.0, description="Minimum face confidence.")
     detector_max_size: int = Field(640, ge=64, description="Frames are shrunk so their long side is at most this for detection.")
+    max_faces_scored: int = Field(4, ge=1, description="Faces per frame cropped and scored, largest first.")
+    decision: Literal["tracks", "mean"] = Field(
+        "tracks", description="tracks: fake when any long enough face track is fake; mean: the paper's mean of largest faces."
+    )
+    track_score: Literal["mean", "confident"] = Field(
+        "mean", description="How a track's frame scores combine: mean, or the DFDC winner's confident strategy."
+    )
+    min_track_frames: int = Field(3, ge=1, description="Scored frames a track needs before it can flag a video.")
+    early_exit_frames: int = Field(0, ge=0, description="Stop sampling once this many frames are all decisive; 0 = off.")
+    early_exit_margin: float = Field(0.3, gt=0, le=1, description="How far from the threshold a decisive score lies.")
     detect_batch: int = Field(8, ge=1, description="Frames per detector forward pass (and frames held in memory).")
     batch_size: int = Field(32, ge=1, description="Face crops per model forward pass.")
     engine: str = Field("pytorch", description="Model engine: pytorch.")

@@ -30,6 +30,8 @@ def _base(source: str, model: dict | None, threshold: float | None) -> dict[str,
         "error": None,
         "video": None,
         "faces": [],
+        "tracks": [],
+        "decision": None,
         "model": model,
         "timings_ms": {},
         "worker_version": __version__,
@@ -38,11 +40,12 @@ def _base(source: str, model: dict | None, threshold: float | None) -> dict[str,
 
 
 def ok_verdict(
-    source: str, *, score: float, threshold: float, video: dict, faces: list[dict], model: dict, timings_ms: dict
+    source: str, *, score: float, label: str, threshold: float, video: dict, faces: list[dict], tracks: list[dict],
+    decision: dict, model: dict, timings_ms: dict,
 ) -> dict[str, Any]:
     v = _base(source, model, threshold)
-    v.update(status="ok", score=round(score, 6), label=label_for(score, threshold), video=video, faces=faces,
-             timings_ms=timings_ms)
+    v.update(status="ok", score=round(score, 6), label=label, video=video, faces=faces, tracks=tracks,
+             decision=decision, timings_ms=timings_ms)
     return v
 
 
