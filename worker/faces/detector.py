@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .base import Face
 from .box_utils import decode_boxes, decode_landmarks, nms, prior_boxes
@@ -80,12 +80,16 @@ class RetinaFaceDetector:
         return max(1, round(height * scale)), max(1, round(width * scale))
 
     def preprocess(self, batch: np.ndarray) -> torch.Tensor:
-        """N×H×W×3 RGB uint8 → N×3×h×w float BGR minus the mean, resized to the network size."""
-        images = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+        """N×H×W×3 RGB uint8 → N×3×h×w float BGR minus the mean, resized to the network size.
+
+        Large frames are shrunk on the CPU as uint8 with area averaging (OpenCV) before they become
+        float tensors: a 1080p batch as float would be 4× the bytes to convert, copy and filter.
+        """
+        h, w = self._network_size(*batch.shape[1:3])
+        if (h, w) != tuple(batch.shape[1:3]):
+            batch = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in batch])
+        images = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
         images = images.permute(0, 3, 1, 2).flip(1).float()  # RGB → BGR, NCHW
-        size = self._network_size(*batch.shape[1:3])
-        if size != tuple(batch.shape[1:3]):
-            images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
         return images - self._mean
 
     def detect(self, frames: Sequence[np.ndarray] | np.ndarray) -> list[list[Face]]:
