@@ -33,6 +33,7 @@ BF16_TFLOPS = 790e12  # measured bf16 matmul rate on this kind of machine
 GFLOP_PER_CROP = 32.5e9  # full-width MD-CSDNetwork at 299×299 (2 × 8.12 GMACs × 2 + the spectrum)
 RESULTS: dict = {}
 OUT: Path = Path(".")
+CLIPS = ROOT / ".gpu"
 DEV = "cuda"  # --dry-run: "cpu", to check the script here before spending device time
 ARCH = "mdcsd"
 
@@ -56,15 +57,17 @@ def section(name: str):
     return wrap
 
 
-def real_crops(n: int = 32):
-    """Largest-face 299² crops from the real carphone clip, found by the project's detector on the GPU."""
+def real_crops(n: int = 32, clip: Path | None = None):
+    """Largest-face 299² crops from the real carphone face (the 720p bench clip), found by the project's
+    detector on the device."""
     import numpy as np
 
-    from media import carphone_frames
+    from worker.decode import Limits, VideoReader
     from worker.faces import create_detector
     from worker.preprocess import crop_face, crops_to_tensor_layout
 
-    frames = carphone_frames()[:: max(1, 120 // n)][:n]
+    with VideoReader(str(clip or CLIPS / "clip720p.mp4"), Limits(3600, 4096 * 4096, 600)) as reader:
+        frames = [f.image for f in reader.sample(n, mode="exact")]
     det = create_detector("retinaface-mobilenet", device=DEV)
     found = det.detect(np.stack(frames))
     crops = [crop_face(f, max(fs, key=lambda x: x.area).box) for f, fs in zip(frames, found) if fs]
@@ -325,8 +328,9 @@ def main() -> None:
     ap.add_argument("--clips", type=Path, default=ROOT / ".gpu")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model, no throughput: checks the script")
     args = ap.parse_args()
-    global DEV, ARCH
+    global DEV, ARCH, CLIPS
     OUT = args.out
+    CLIPS = args.clips
     OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     environment()
