@@ -211,6 +211,8 @@ def throughput(deadline: float):
                 continue
             if mode == "compile" and batch not in (32, 256):
                 continue  # each batch size recompiles: two sizes keep the run short
+            RESULTS["throughput_partial"] = out
+            save()
             try:
                 out[f"{mode}@{batch}"] = _throughput(create_model(ARCH).cuda().eval() if mode == "compile" else model,
                                                      batch, mode)
@@ -289,6 +291,8 @@ def pipeline(clips: dict, model_dir: str, deadline: float, workers_list=(1, 4), 
         for p in procs:
             p.join()
         out[f"{name}_decode_only_videos_per_s"] = round(cpus * n_dec / (time.perf_counter() - t0), 2)
+        RESULTS["pipeline_partial"] = out
+        save()
         for workers in workers_list:
             if time.time() > deadline:
                 continue
@@ -305,6 +309,8 @@ def pipeline(clips: dict, model_dir: str, deadline: float, workers_list=(1, 4), 
             wall = max(r["wall_s"] for r in results)
             out[f"{name}_pipeline_{workers}w"] = {
                 "videos_per_s": round(sum(r["jobs"] for r in results) / wall, 2), "per_worker": results}
+            RESULTS["pipeline_partial"] = out
+            save()
     return out
 
 
