@@ -209,3 +209,26 @@ def test_nms_keeps_the_best_of_overlapping_boxes() -> None:
     scores = torch.tensor([0.8, 0.9, 0.7, 0.95])
     assert nms(boxes, scores, 0.4).tolist() == [3, 2]  # 3 suppresses 0 (IoU .9) and 1 (IoU .6)
     assert nms(boxes[:0], scores[:0], 0.4).numel() == 0
+
+
+def test_folded_batch_norms_give_the_same_outputs():
+    """The detector runs RetinaFace with BatchNorm folded into the convolutions: same outputs."""
+    import copy
+
+    import av
+    import numpy as np
+    import torch
+
+    from media import carphone_path
+    from worker.faces.detector import fold_batch_norms
+    from worker.faces.weights import load_retinaface
+
+    with av.open(str(carphone_path())) as c:
+        frame = next(c.decode(video=0)).to_ndarray(format="rgb24")
+    x = torch.from_numpy(frame[None].astype(np.float32)).permute(0, 3, 1, 2) - 117.0
+    plain = load_retinaface("mobilenet0.25", None).eval()
+    folded = fold_batch_norms(copy.deepcopy(plain))
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) == 0
+    with torch.inference_mode():
+        for a, b in zip(plain(x), folded(x)):
+            assert torch.allclose(a, b, atol=1e-4)

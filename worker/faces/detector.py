@@ -7,6 +7,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .base import Face
 from .box_utils import decode_boxes, decode_landmarks, nms, prior_boxes
@@ -16,6 +18,25 @@ BGR_MEAN = (104.0, 117.0, 123.0)  # biubug6's training mean, subtracted in BGR o
 PRE_NMS_TOP_K = 5000  # biubug6 detect.py's top_k: bounds NMS cost when the threshold is low
 
 _NAMES = {"mobilenet0.25": "retinaface-mobilenet", "resnet50": "retinaface-resnet50"}
+
+
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """Fold each eval-mode BatchNorm into the convolution before it (inference only).
+
+    RetinaFace's blocks are Sequential(conv, bn, act): folding removes a third of the layers the
+    forward pass runs (on 2 CPU cores BatchNorm took ~25 % of detection time) and changes outputs
+    only by float rounding.
+    """
+    for module in model.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        layers = list(module)
+        for i in range(len(layers) - 1):
+            conv, bn = layers[i], layers[i + 1]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                module[i] = fuse_conv_bn_eval(conv, bn)
+                module[i + 1] = nn.Identity()
+    return model
 
 
 def _as_batch(frames: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
@@ -66,7 +87,7 @@ class RetinaFaceDetector:
         self.nms_threshold = float(nms_threshold)
         self.max_size = max_size
         self.max_faces = max_faces
-        self.model = load_retinaface(backbone, weights).to(self.device)
+        self.model = fold_batch_norms(load_retinaface(backbone, weights).eval()).to(self.device)
         self._mean = torch.tensor(BGR_MEAN, device=self.device).view(1, 3, 1, 1)
 
     def __repr__(self) -> str:
