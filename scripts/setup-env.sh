@@ -3,10 +3,16 @@
 extra="${1:-}"
 need_redis=0
 [ "$extra" = test ] && need_redis=1
-if [ "$need_redis" = 1 ] && ! command -v redis-server >/dev/null 2>&1; then
-  echo "installing redis-server (Debian package) for the tests" >&2
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+if [ "$need_redis" = 1 ]; then
+  missing=""
+  command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+  command -v chromium >/dev/null 2>&1 || missing="$missing chromium fonts-liberation"
+  if [ -n "$missing" ]; then
+    echo "installing Debian packages for the tests:$missing" >&2
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive \
+      $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  fi
 fi
 if [ ! -x .venv/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv

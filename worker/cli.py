@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--detector-weights", type=Path, metavar="PTH", help="local RetinaFace .pth weights")
     m.add_argument("--device", metavar="DEV", help="torch device: cpu | cuda | cuda:N")
     m.add_argument("--engine", metavar="NAME", help="model engine (default pytorch)")
+    m.add_argument("--report", type=Path, metavar="DIR",
+                   help="also write an HTML report per input under DIR/<n>-<name>/index.html")
     m.set_defaults(func=cmd_moderate)
 
     e = sub.add_parser("enqueue", help="queue S3 uploads for the workers; prints one job id per line")
@@ -128,8 +130,9 @@ def cmd_moderate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     except (ConfigurationError, ValueError, FileNotFoundError) as exc:
         print(f"deepfake moderate: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    for video in videos:
-        verdict = moderator.moderate_path(video)
+    for n, video in enumerate(videos):
+        report_dir = args.report / f"{n:03d}-{Path(video).stem}" if args.report else None
+        verdict = moderator.moderate_path(video, report_dir=report_dir)
         sys.stdout.write(json.dumps(verdict, separators=(",", ":")) + "\n")
         sys.stdout.flush()
     return EXIT_OK

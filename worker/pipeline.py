@@ -14,6 +14,7 @@ from typing import Iterator
 
 import numpy as np
 import structlog
+import torch
 
 from worker.decode import Limits, SampledFrame, VideoReader
 from worker.engine import Engine, load_engine
@@ -111,39 +112,71 @@ class Moderator:
         self.threshold = engine.card.threshold
         self.operating_point = engine.card.operating_point
         self.crop_size = engine.card.input_size
+        self._report_model = None
 
-    def moderate_path(self, path: str | Path, *, frames: int | None = None) -> dict:
+    def moderate_path(self, path: str | Path, *, frames: int | None = None, report_dir: Path | None = None) -> dict:
         """Verdict for a local file; a missing or unreadable path gives an error verdict."""
         try:
             source = LocalSource.resolve(path, max_bytes=self.settings.max_bytes)
         except ModerationError as exc:
-            return self._error(str(path), exc, StageTimer(), None)
-        return self.moderate(source, frames=frames)
+            return self._reported(self._error(str(path), exc, StageTimer(), None), report_dir, {})
+        return self.moderate(source, frames=frames, report_dir=report_dir)
 
-    def moderate(self, source: Source, *, frames: int | None = None) -> dict:
+    def moderate(self, source: Source, *, frames: int | None = None, report_dir: Path | None = None) -> dict:
+        """The verdict; with `report_dir`, also the HTML report (worker.report) written there."""
         timer = StageTimer()
         reader: VideoReader | None = None
+        crops: dict[int, np.ndarray] | None = {} if report_dir is not None else None
         started = time.perf_counter()
         try:
             with timer.stage("open"):
                 reader = VideoReader(source.open(), self.limits)
             with reader:
-                verdict = self._score(source, reader, frames or self.settings.frames, timer)
+                verdict = self._score(source, reader, frames or self.settings.frames, timer, crops)
         except ModerationError as exc:
-            return self._error(source.uri, exc, timer, reader)
+            return self._reported(self._error(source.uri, exc, timer, reader), report_dir, {})
         except TransientError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must cost one verdict, not the worker
             log.exception("internal_error", source=source.uri)
-            return self._error(source.uri, Internal(f"{type(exc).__name__}: {exc}"), timer, reader)
+            error = self._error(source.uri, Internal(f"{type(exc).__name__}: {exc}"), timer, reader)
+            return self._reported(error, report_dir, {})
         verdict["timings_ms"]["total"] = round((time.perf_counter() - started) * 1000.0, 1)
         log.info(
             "verdict", source=source.uri, status=verdict["status"], label=verdict["label"], score=verdict["score"],
             frames=verdict["video"]["frames_sampled"], timings_ms=verdict["timings_ms"],
         )
+        return self._reported(verdict, report_dir, crops or {})
+
+    def _reported(self, verdict: dict, report_dir: Path | None, crops: dict[int, np.ndarray]) -> dict:
+        if report_dir is None:
+            return verdict
+        from worker.report import write_report
+
+        try:
+            page = write_report(verdict, Path(report_dir), crops, model=self.report_model())
+            verdict["report"] = str(page)
+        except Exception:  # noqa: BLE001 - a report failure must not cost the verdict
+            log.exception("report_failed", source=verdict["source"])
         return verdict
 
-    def _score(self, source: Source, reader: VideoReader, n_frames: int, timer: StageTimer) -> dict:
+    def report_model(self):
+        """A PyTorch model for Grad-CAM: the engine's own, or the card's architecture rebuilt on the CPU."""
+        model = getattr(self.engine, "model", None)
+        if isinstance(model, torch.nn.Module):
+            return model
+        if self._report_model is None:
+            from training.models import create_model
+
+            card = self.engine.card
+            weights = Path(self.engine.model_dir) / card.files["weights"]
+            m = create_model(card.architecture, **card.architecture_kwargs)
+            m.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            self._report_model = m.eval()
+        return self._report_model
+
+    def _score(self, source: Source, reader: VideoReader, n_frames: int, timer: StageTimer,
+               keep: dict[int, np.ndarray] | None = None) -> dict:
         faces: list[dict] = []
         counts = {"frames": 0, "frames_with_face": 0}
         chunks = self._crop_chunks(reader, n_frames, timer, faces, counts)
@@ -164,6 +197,8 @@ class Moderator:
         for crops, face_indices in chunks:
             scored.extend(face_indices)
             pending.extend(crops)
+            if keep is not None:
+                keep.update(zip(face_indices, crops))
             if streaming and pending:  # score now, while the next frames decode
                 score_pending()
                 if self._decisive([f["fake_score"] for f in faces if f["largest"]]):

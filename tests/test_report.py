@@ -1,0 +1,71 @@
+"""The moderator's HTML report, rendered in a real headless Chromium."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--allow-file-access-from-files", "--virtual-time-budget=5000"]
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert path, "Debian's chromium is not installed (scripts/test.sh installs it)"
+    return path
+
+
+def render(page: Path, out: Path, tmp_path: Path) -> tuple[str, np.ndarray]:
+    """The DOM after load (with the page's image-load counters) and a screenshot."""
+    profile = ["--user-data-dir=" + str(tmp_path / "profile")]
+    dom = subprocess.run([chromium(), *CHROMIUM_FLAGS, *profile, "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    subprocess.run([chromium(), *CHROMIUM_FLAGS, *profile, "--window-size=1200,1600", f"--screenshot={out}",
+                    page.as_uri()], capture_output=True, timeout=120, check=True)
+    return dom, cv2.imread(str(out))
+
+
+@pytest.fixture(scope="module")
+def report(moderator, corpus, tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("report") / "carphone"
+    verdict = moderator.moderate_path(corpus["carphone"], report_dir=out)
+    return verdict, out
+
+
+def test_report_files(report):
+    verdict, out = report
+    assert verdict["report"] == str(out / "index.html")
+    names = {p.name for p in out.iterdir()}
+    assert {"index.html", "verdict.json", "scores.png", "top_0.png", "bottom_0.png", "spectrum_top.png"} <= names
+    assert {"gradcam_rgb_0.png", "gradcam_freq_0.png"} <= names  # one heatmap per branch
+    heat = cv2.imread(str(out / "gradcam_rgb_0.png"))
+    crop = cv2.imread(str(out / "top_0.png"))
+    assert heat.shape == crop.shape and np.abs(heat.astype(int) - crop.astype(int)).mean() > 5  # overlaid
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    verdict, out = report
+    dom, shot = render(out / "index.html", tmp_path / "shot.png", tmp_path)
+    images = int(re.search(r'data-images="(\d+)"', dom).group(1))
+    loaded = int(re.search(r'data-loaded="(\d+)"', dom).group(1))
+    assert images >= 10 and loaded == images  # every PNG loaded
+    assert "Deepfake report" in dom and verdict["label"] in dom
+    assert shot is not None and shot.shape[0] > 500
+    assert shot.std() > 20  # not a blank page
+    assert len(np.unique(shot.reshape(-1, 3), axis=0)) > 500  # photos and charts, not just text
+    keep = os.environ.get("DEEPFAKE_REPORT_SCREENSHOT")  # the README's picture comes from here
+    if keep:
+        shutil.copy(tmp_path / "shot.png", keep)
+
+
+def test_error_verdicts_get_a_report_too(moderator, corpus, tmp_path):
+    v = moderator.moderate_path(corpus["text_mp4"], report_dir=tmp_path / "bad")
+    page = (tmp_path / "bad" / "index.html").read_text()
+    assert v["status"] == "error" and "not_a_video" in page
