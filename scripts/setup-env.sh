@@ -1,9 +1,9 @@
 # Sourced by scripts/*.sh: make .venv with the project and the given extra installed, once.
 # torch is pinned to 2.13.0 (CPU wheel); a looser pin would pull a multi-GB CUDA build.
 extra="${1:-}"
-need_redis=0
-[ "$extra" = test ] && need_redis=1
-if [ "$need_redis" = 1 ]; then
+need_apt=0
+[ "$extra" = test ] && need_apt=1
+if [ "$need_apt" = 1 ]; then
   missing=""
   command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
   command -v chromium >/dev/null 2>&1 || missing="$missing chromium fonts-liberation"

@@ -5,6 +5,7 @@ RGB and handed on, one at a time: the decoded video is never held in memory.
 """
 from __future__ import annotations
 
+import errno
 import time
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
@@ -23,6 +24,10 @@ IMAGE_DEMUXERS = frozenset(
 )
 # A decode that stops before this share of the declared duration means the data is cut short.
 MIN_COVERAGE = 0.75
+# FFmpeg's own per-frame pixel cap (`max_pixels`) is set to this multiple of the limit: it refuses a
+# bigger picture before allocating it (a stream can declare 16×16 and then send 12000×12000 frames),
+# with headroom for the stride alignment FFmpeg adds; the exact limit is checked on each frame.
+DECODER_PIXEL_CAP_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -100,8 +105,12 @@ class VideoReader:
     def __init__(self, media: str | BinaryIO, limits: Limits, *, threads: int = 0) -> None:
         self._media = media
         self._limits = limits
+        self._threads = threads
         self._started = time.monotonic()
         head = self._read_head(media)
+        # Not passed to av.open: a probe decoder that refuses a picture zeroes the size the container
+        # declared, and the check below could no longer refuse it before decoding.
+        self._decoder_options = {"max_pixels": str(limits.max_pixels * DECODER_PIXEL_CAP_FACTOR)}
         try:
             self._container = av.open(media, mode="r", metadata_errors="ignore")
         except av.error.FFmpegError as exc:
@@ -147,7 +156,9 @@ class VideoReader:
             raise NoVideoStream(f"no video stream (streams: {', '.join(kinds)})")
         stream = videos[0]
         if stream.codec_context is None:
-            raise Unsupported(f"no decoder for the video codec ({stream.codec.name if stream.codec else 'unknown'})")
+            # (PyAV exposes no codec name for a stream FFmpeg has no decoder for.)
+            raise Unsupported("no decoder in this build for the video stream's codec")
+        stream.codec_context.options = dict(self._decoder_options)
         return stream
 
     def _probe(self) -> VideoInfo:
@@ -194,13 +205,29 @@ class VideoReader:
             for frame in self._container.decode(self._stream):
                 decoded += 1
                 self._check_deadline()
+                if frame.width * frame.height > self._limits.max_pixels:  # any frame, not just the first
+                    raise TooLarge(
+                        f"frame size {frame.width}x{frame.height} exceeds the limit of {self._limits.max_pixels} pixels"
+                    )
                 yield frame
         except ModerationError:
             raise
         except (av.error.FFmpegError, ValueError) as exc:
+            if self._refused_as_too_large(exc):
+                raise TooLarge(
+                    f"a frame larger than the limit of {self._limits.max_pixels} pixels was refused by the decoder"
+                ) from exc
             if decoded == 0:
                 raise Corrupt(f"no frame could be decoded: {exc}") from exc
             self.decode_error = str(exc)
+
+    def _refused_as_too_large(self, exc: Exception) -> bool:
+        """FFmpeg's max_pixels refusal: EINVAL from the decoder, which then holds a 0×0 (or oversized) size."""
+        if getattr(exc, "errno", None) != errno.EINVAL:
+            return False
+        ctx = self._stream.codec_context
+        pixels = ctx.width * ctx.height
+        return pixels == 0 or pixels > self._limits.max_pixels
 
     def sample(self, n: int, mode: str = "exact") -> Iterator[SampledFrame]:
         """Yield up to n frames spread evenly over the duration, each at most once, in time order.
@@ -281,9 +308,30 @@ class VideoReader:
         return picked
 
     def _rewind(self) -> None:
+        self._restart()
         self._stream.codec_context.skip_frame = "DEFAULT"
-        self._container.seek(0, any_frame=False, backward=True, stream=self._stream)
         self._first_frame_checked = False
+
+    def _restart(self) -> None:
+        """Back to the first packet: a seek, or a fresh open where the demuxer cannot seek (EPERM from
+        a Matroska file without cues, for one)."""
+        try:
+            self._container.seek(0, any_frame=False, backward=True, stream=self._stream)
+            return
+        except (av.error.FFmpegError, ValueError):
+            pass
+        index = self._stream.index
+        self._container.close()
+        try:
+            if not isinstance(self._media, str):
+                self._media.seek(0)
+            self._container = av.open(self._media, mode="r", metadata_errors="ignore")
+            self._stream = self._container.streams[index]  # the same bytes: the same stream
+        except (av.error.FFmpegError, ValueError, IndexError, OSError) as exc:
+            raise Corrupt(f"the video could not be read again from its start: {exc}") from exc
+        self._stream.thread_type = "AUTO"
+        self._stream.codec_context.thread_count = self._threads
+        self._stream.codec_context.options = dict(self._decoder_options)
 
     def _frame_time(self, frame: av.VideoFrame, count: int, start: float, fps: float) -> float:
         if not getattr(self, "_first_frame_checked", False):
@@ -315,24 +363,36 @@ class VideoReader:
             self.info.width, self.info.height = (h, w) if rotation % 180 else (w, h)
 
     def _to_sample(self, frame: av.VideoFrame, index: int, t: float) -> SampledFrame:
-        image = frame.to_ndarray(format="rgb24")
+        try:
+            image = frame.to_ndarray(format="rgb24")
+        except (av.error.FFmpegError, ValueError):
+            # A damaged header can carry a colour-matrix code swscale refuses (ENOTSUP): convert with
+            # BT.601, what FFmpeg assumes when none is given.
+            try:
+                image = frame.to_ndarray(format="rgb24", src_colorspace="ITU601")
+            except (av.error.FFmpegError, ValueError) as exc:
+                raise Corrupt(f"a decoded frame could not be converted to RGB: {exc}") from exc
         return SampledFrame(index=index, t=max(0.0, float(t)), image=rotate_upright(image, self.info.rotation))
 
     def _measure_duration(self) -> float:
         """Demux (not decode) the stream once to find its length, then rewind for decoding."""
         s = self._stream
         end = None
-        for packet in self._container.demux(s):
-            self._check_deadline()
-            if packet.pts is None or packet.time_base is None:
-                continue
-            t = float((packet.pts + (packet.duration or 0)) * packet.time_base)
-            end = t if end is None else max(end, t)
-            if end > self._limits.max_duration_s:
-                raise TooLong(f"video runs past the limit of {self._limits.max_duration_s:.0f} s")
+        try:
+            for packet in self._container.demux(s):
+                self._check_deadline()
+                if packet.pts is None or packet.time_base is None:
+                    continue
+                t = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+                end = t if end is None else max(end, t)
+                if end > self._limits.max_duration_s:
+                    raise TooLong(f"video runs past the limit of {self._limits.max_duration_s:.0f} s")
+        except (av.error.FFmpegError, ValueError) as exc:  # damaged data: the stream ends here
+            if end is None:
+                raise Corrupt(f"the video stream could not be read: {exc}") from exc
         if end is None:
             raise Corrupt("the video stream holds no timed packets")
-        self._container.seek(0, any_frame=False, backward=True, stream=s)
+        self._restart()
         duration = max(end - self._start_time(), 1e-3)
         self.info.duration_s = duration
         return duration

@@ -13,6 +13,12 @@ from worker import runtime
 MODERATE_FUNC = "worker.jobs.moderate_s3_object"
 
 
+class JobTimedOut(BaseException):
+    """RQ's job time limit as DeepfakeWorker raises it. A BaseException, so it passes the pipeline's
+    `except Exception` (which turns a bug into an `internal` verdict) and reaches the handler below:
+    RQ's own JobTimeoutException, raised mid-moderation, used to end as an `internal` verdict."""
+
+
 def moderate_s3_object(bucket: str, key: str, frames: int | None = None) -> dict:
     """Moderate s3://bucket/key; the verdict is the job's result and is stored next to the upload."""
     job = get_current_job()
@@ -20,7 +26,7 @@ def moderate_s3_object(bucket: str, key: str, frames: int | None = None) -> dict
     enqueued_at = job.enqueued_at.timestamp() if job is not None and job.enqueued_at else None
     try:
         return rt.moderate_s3(bucket, key, frames=frames, job_id=job.id if job else None, enqueued_at=enqueued_at)
-    except JobTimeoutException:
+    except (JobTimedOut, JobTimeoutException):
         # The same bytes would time out again: a final verdict, not a retry.
         seconds = int(job.timeout) if job is not None and job.timeout else 0
         return rt.timeout_verdict(bucket, key, seconds)

@@ -2,7 +2,10 @@
 
 - Loads the detector and model once, in the worker process, before the first job, and runs jobs
   in that process (a SimpleWorker: no fork per job, so CUDA state survives and nothing reloads).
-- Forces RQ's JSON serializer: a pickled job is never unpickled, so Redis access is not code execution.
+- Forces RQ's JSON serializer: a pickled job is never unpickled. And runs only `worker.jobs` functions
+  (`DeepfakeJob`): RQ imports and calls whatever dotted path a job names, so without that list a JSON
+  job `["os.system", null, ["..."], {}]` written to Redis would run. Callbacks named in a job are never
+  imported, and a malformed job hash is skipped instead of stopping the worker.
 - Serves /metrics and /healthz, and publishes the model it runs so enqueuers can deduplicate.
 """
 from __future__ import annotations
@@ -11,22 +14,86 @@ import json
 import time
 from typing import Any
 
+import structlog
 from rq import Queue, SimpleWorker
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
+from worker.jobs import MODERATE_FUNC, JobTimedOut
 from worker.logging import configure_logging
 from worker.metrics import heartbeat_fresh, serve
 from worker.runtime import WorkerRuntime, install
 from worker.settings import Settings
 
 
+log = structlog.get_logger("worker.rq_worker")
+
+# The only functions a job may name (RQ would import and call any dotted path in a job's payload).
+ALLOWED_FUNCS = frozenset({MODERATE_FUNC})
+
+
 def model_key(queue: str) -> str:
     return f"deepfake:model:{queue}"
 
 
+class RefusedJob(Exception):
+    """A job naming code this worker does not run: it fails without anything being imported or called."""
+
+
+class DeepfakeJob(Job):
+    """A job as DeepfakeWorker loads it from Redis, which anyone who can write there controls."""
+
+    def restore(self, raw_data: Any) -> Any:
+        # RQ raises ValueError/AssertionError from a bad date or timeout while *dequeueing*, which
+        # stops the worker; as NoSuchJobError the job is skipped (and dropped from RQ's intermediate queue).
+        try:
+            return super().restore(raw_data)
+        except NoSuchJobError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any malformed field
+            log.warning("malformed_job_skipped", job_id=self.id, error=f"{type(exc).__name__}: {exc}")
+            raise NoSuchJobError(f"malformed job {self.id}: {type(exc).__name__}: {exc}") from exc
+
+    @property
+    def func(self) -> Any:
+        name = self.func_name
+        if name not in ALLOWED_FUNCS or self.instance is not None:
+            self.retries_left = None  # it would be refused again
+            self.webhooks = []  # and nobody is told at a URL the payload chose
+            log.warning("job_refused", job_id=self.id, func=name)
+            raise RefusedJob(f"job {self.id} names {name!r}: this worker runs only {', '.join(sorted(ALLOWED_FUNCS))}")
+        return super().func
+
+    # Callbacks are dotted paths in the job's hash too: never imported or called.
+    @property
+    def success_callback(self) -> None:
+        return None
+
+    @property
+    def failure_callback(self) -> None:
+        return None
+
+    @property
+    def stopped_callback(self) -> None:
+        return None
+
+
+class DeepfakeDeathPenalty(UnixSignalDeathPenalty):
+    """RQ's SIGALRM job timeout, raised as JobTimedOut so it ends as a `timeout` verdict."""
+
+    def handle_death_penalty(self, signum: int, frame: Any) -> None:
+        if self._exception is JobTimeoutException:
+            raise JobTimedOut(f"Task exceeded maximum timeout value ({self._timeout} seconds)")
+        super().handle_death_penalty(signum, frame)
+
+
 class DeepfakeWorker(SimpleWorker):
+    death_penalty_class = DeepfakeDeathPenalty
     def __init__(self, queues: Any, *args: Any, **kwargs: Any) -> None:
         kwargs["serializer"] = JSONSerializer
+        kwargs["job_class"] = DeepfakeJob
         items = queues if isinstance(queues, (list, tuple)) else [queues]
         names = [q.name if isinstance(q, Queue) else q for q in items]
         if kwargs.get("connection") is None and items and isinstance(items[0], Queue):

@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 
-from worker.errors import AccessDenied, ModerationError, Timeout
+from worker.errors import AccessDenied, ModerationError, Timeout, TransientError
 from worker.metrics import Metrics
 from worker.pipeline import Moderator
 from worker.s3 import S3Location, S3Source, make_client, validate_location
@@ -19,6 +19,21 @@ from worker.verdict import error_verdict
 from worker.verdict_store import VerdictStore, reusable
 
 log = structlog.get_logger("worker.runtime")
+
+MAX_JOB_FRAMES = 1024  # the bound Settings.frames has; a job's own `frames` is held to it too
+
+
+def check_job_arguments(bucket: object, key: object, frames: object) -> None:
+    """A job's arguments come from whoever wrote to Redis: refuse anything but the documented types.
+
+    `frames` sizes the sampling lists and the model batch: 10**9 would exhaust the worker's memory.
+    A bad argument fails the job (a client bug, not a property of the upload): no verdict is written.
+    """
+    if not isinstance(bucket, str) or not isinstance(key, str):
+        raise ValueError("bucket and key must be strings")
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int)
+                               or not 1 <= frames <= MAX_JOB_FRAMES):
+        raise ValueError(f"frames must be an integer from 1 to {MAX_JOB_FRAMES}, not {frames!r}")
 
 
 class WorkerRuntime:
@@ -42,6 +57,7 @@ class WorkerRuntime:
 
         Input problems end in an error verdict; storage outages raise TransientError so RQ retries.
         """
+        check_job_arguments(bucket, key, frames)
         frames = frames or self.settings.frames
         uri = f"s3://{bucket}/{key}"
         bound = log.bind(job_id=job_id, source=uri)
@@ -68,12 +84,32 @@ class WorkerRuntime:
             self.metrics.jobs.labels(status="reused").inc()
             return stored  # type: ignore[return-value]
         verdict = self.moderator.moderate(source, frames=frames)
+        failure = source.read_error
+        if isinstance(failure, TransientError):
+            raise failure  # the storage failed, not the upload: RQ retries, nothing is written
+        if failure is not None:  # deleted (not_found) or replaced (corrupt) while it was read
+            verdict = error_verdict(uri, failure, threshold=self.moderator.threshold, model=self.model,
+                                    timings_ms=verdict.get("timings_ms"))
         verdict["input"] = {"bucket": bucket, "key": key, "etag": source.etag, "size": source.size, "frames": frames}
         return self._store(upload, verdict, stored_etag, bound)
 
     def timeout_verdict(self, bucket: str, key: str, seconds: int) -> dict:
+        """The verdict for a job RQ stopped at its time limit, stored like any other final verdict (it
+        used to be the job's result only, leaving no verdict in S3). A timeout is never reused: the
+        next job for the key tries again."""
         uri = f"s3://{bucket}/{key}"
-        return error_verdict(uri, Timeout(f"the job ran past its {seconds} s limit"), threshold=None, model=self.model)
+        verdict = error_verdict(uri, Timeout(f"the job ran past its {seconds} s limit"), threshold=None, model=self.model)
+        bound = log.bind(source=uri)
+        try:
+            validate_location(bucket, key)
+            upload = S3Location(bucket, key)
+            if self.store.is_verdict_key(upload) or ("*" not in self.allowed and bucket not in self.allowed):
+                return self._finish(verdict, bound)
+            _, stored_etag = self.store.get(upload)
+            return self._store(upload, verdict, stored_etag, bound)
+        except Exception:  # noqa: BLE001 - the verdict is still the job's result
+            bound.exception("timeout_verdict_not_stored")
+            return self._finish(verdict, bound)
 
     def _store(self, upload: S3Location, verdict: dict, stored_etag: str | None, bound) -> dict:
         t0 = time.perf_counter()

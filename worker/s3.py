@@ -7,6 +7,7 @@ seen at HEAD time: an object replaced mid-read fails cleanly instead of mixing t
 from __future__ import annotations
 
 import io
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,9 @@ MAX_KEY_BYTES = 1024
 NOT_FOUND_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 DENIED_CODES = {"403", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "AllAccessDisabled"}
 CHANGED_CODES = {"412", "PreconditionFailed"}
+# botocore retries a request until its response starts; a body cut off after that (a reset or a
+# read timeout mid-stream) is retried here, this many times in all, before the job fails transiently.
+BODY_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,10 @@ class S3RangeReader(io.RawIOBase):
         self._blocks: OrderedDict[int, bytes] = OrderedDict()
         self._pos = 0
         self.requests = 0  # ranged GETs issued, for tests and metrics
+        # The first failed read, raised again by every later one. FFmpeg may swallow an exception
+        # raised in its read callback (and treat it as the end of the data), so the caller checks
+        # this after decoding: a failed read must never end as a verdict about the upload's bytes.
+        self.error: Exception | None = None
 
     def readable(self) -> bool:
         return True
@@ -115,20 +123,34 @@ class S3RangeReader(io.RawIOBase):
         self._pos = max(0, base + offset)
         return self._pos
 
+    def _fail(self, exc: Exception, uri: str) -> Exception:
+        self.error = translate_error(exc, uri) or TransientError(f"reading {uri} failed: {exc}")
+        return self.error
+
     def _block(self, index: int) -> bytes:
+        if self.error is not None:
+            raise self.error
         if index in self._blocks:
             self._blocks.move_to_end(index)
             return self._blocks[index]
         start = index * self._block_size
         end = min(start + self._block_size, self._size) - 1
-        self.requests += 1
         uri = f"s3://{self._bucket}/{self._key}"
-        try:
-            resp = self._client.get_object(Bucket=self._bucket, Key=self._key, Range=f"bytes={start}-{end}",
-                                           IfMatch=self._etag)
-            data = resp["Body"].read()
-        except (ClientError, BotoCoreError) as exc:
-            raise translate_error(exc, uri) or TransientError(f"reading {uri} failed: {exc}") from exc
+        for attempt in range(BODY_ATTEMPTS):
+            self.requests += 1
+            try:
+                resp = self._client.get_object(Bucket=self._bucket, Key=self._key, Range=f"bytes={start}-{end}",
+                                               IfMatch=self._etag)
+            except (ClientError, BotoCoreError) as exc:  # botocore has already retried what it could
+                raise self._fail(exc, uri) from exc
+            try:
+                data = resp["Body"].read()
+            except BotoCoreError as exc:  # the body broke off mid-stream
+                if attempt + 1 == BODY_ATTEMPTS:
+                    raise self._fail(exc, uri) from exc
+                time.sleep(0.1 * 2**attempt)
+                continue
+            break
         self._blocks[index] = data
         while len(self._blocks) > self._cache_blocks:
             self._blocks.popitem(last=False)
@@ -190,4 +212,11 @@ class S3Source:
         return cls(client, location, size, head["ETag"], head.get("ContentType"))
 
     def open(self) -> S3RangeReader:
-        return S3RangeReader(self.client, self.location.bucket, self.location.key, self.size, self.etag)
+        self.reader = S3RangeReader(self.client, self.location.bucket, self.location.key, self.size, self.etag)
+        return self.reader
+
+    @property
+    def read_error(self) -> Exception | None:
+        """The failure of a read from the object opened last (see S3RangeReader.error), if any."""
+        reader = getattr(self, "reader", None)
+        return reader.error if reader is not None else None

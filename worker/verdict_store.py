@@ -35,9 +35,10 @@ class VerdictStore:
                 return None, None
             raise
         try:
-            return json.loads(resp["Body"].read()), resp["ETag"]
+            stored = json.loads(resp["Body"].read())
         except ValueError:
             return None, resp["ETag"]  # unreadable: treated as stale and replaced
+        return (stored, resp["ETag"]) if isinstance(stored, dict) else (None, resp["ETag"])
 
     def put(self, upload: S3Location, verdict: dict, *, replaces: str | None = None) -> bool:
         """Write once: False when another writer got there first (their verdict stands)."""
@@ -60,12 +61,11 @@ DETERMINISTIC_ERRORS = frozenset({"not_a_video", "no_video_stream", "corrupt", "
 
 def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int) -> bool:
     """A stored verdict answers a new job for the same upload bytes, model weights and sampling."""
-    if not stored:
+    if not isinstance(stored, dict) or not stored:
         return False
-    if stored.get("status") == "error" and (stored.get("error") or {}).get("code") not in DETERMINISTIC_ERRORS:
+    inp, model, error = stored.get("input"), stored.get("model"), stored.get("error")
+    if not isinstance(inp, dict) or not isinstance(model, dict) or not isinstance(error, (dict, type(None))):
+        return False  # not a verdict this worker wrote: recomputed and replaced
+    if stored.get("status") == "error" and (error or {}).get("code") not in DETERMINISTIC_ERRORS:
         return False
-    return (
-        stored.get("input", {}).get("etag") == etag
-        and stored.get("model", {}).get("sha256") == model_sha256
-        and stored.get("input", {}).get("frames") == frames
-    )
+    return inp.get("etag") == etag and model.get("sha256") == model_sha256 and inp.get("frames") == frames

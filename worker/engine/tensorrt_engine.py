@@ -65,6 +65,17 @@ def import_tensorrt() -> Any:
     return trt
 
 
+_LOGGER: Any = None
+
+
+def _logger(trt: Any) -> Any:
+    """One ``trt.Logger`` per process: TensorRT registers the first one globally and warns about others."""
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = trt.Logger(trt.Logger.WARNING)
+    return _LOGGER
+
+
 def tensorrt_available() -> bool:
     """True when the ``tensorrt`` package imports and torch sees a CUDA GPU (what 'auto' checks)."""
     try:
@@ -187,7 +198,7 @@ class TensorRTEngine:
         self.precision = precision
         self.size = self.card.input_size
         self.workspace_bytes = int(workspace_gib * (1 << 30))
-        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.logger = _logger(trt)
 
         calib_crops = None
         extra: dict[str, Any] = {}
@@ -311,9 +322,8 @@ class TensorRTEngine:
     def _torch_dtype(self, name: str) -> Any:
         import torch
 
-        trt = self.trt
-        return {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
-                trt.int8: torch.int8, trt.bool: torch.bool}[self.engine.get_tensor_dtype(name)]
+        np_dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
+        return torch.from_numpy(np.empty(0, dtype=np_dtype)).dtype
 
     def predict(self, crops: np.ndarray) -> np.ndarray:
         import torch
