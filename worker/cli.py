@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--detector", metavar="NAME", help="face detector: retinaface-mobilenet | retinaface-resnet50")
     m.add_argument("--detector-weights", type=Path, metavar="PTH", help="local RetinaFace .pth weights")
     m.add_argument("--device", metavar="DEV", help="torch device: cpu | cuda | cuda:N")
-    m.add_argument("--engine", metavar="NAME", help="model engine (default pytorch)")
+    m.add_argument("--engine", metavar="NAME", help="model engine: auto (default) | pytorch | onnxruntime | tensorrt")
     m.add_argument("--report", type=Path, metavar="DIR",
                    help="also write an HTML report per input under DIR/<n>-<name>/index.html")
     m.set_defaults(func=cmd_moderate)

@@ -42,7 +42,18 @@ class Settings(BaseSettings):
     early_exit_margin: float = Field(0.3, gt=0, le=1, description="How far from the threshold a decisive score lies.")
     detect_batch: int = Field(8, ge=1, description="Frames per detector forward pass (and frames held in memory).")
     batch_size: int = Field(32, ge=1, description="Face crops per model forward pass.")
-    engine: str = Field("pytorch", description="Model engine: pytorch.")
+    engine: Literal["auto", "pytorch", "onnxruntime", "tensorrt"] = Field(
+        "auto", description="Model engine; auto = TensorRT on CUDA when installed, ONNX Runtime when the model has ONNX, else PyTorch."
+    )
+    precision: Literal["fp32", "fp16", "bf16", "int8"] | None = Field(
+        None, description="Engine precision; unset = the engine's default (PyTorch fp32, TensorRT fp16). GPU: fp16 (see README)."
+    )
+    channels_last: bool = Field(False, description="PyTorch engine: channels-last memory format.")
+    torch_compile: str = Field("", description="PyTorch engine: a torch.compile mode (e.g. default); empty = off.")
+    cuda_graphs: bool = Field(False, description="PyTorch engine on CUDA: replay CUDA graphs per batch size.")
+    engine_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads; unset = the cgroup CPU quota.")
+    cache_dir: Path | None = Field(None, description="TensorRT engine cache; unset = ~/.cache/deepfake/trt.")
+    int8_calibration: Path | None = Field(None, description="TensorRT INT8: a folder of crop images or a .npy of crops.")
     overlap: Literal["auto", "on", "off"] = Field(
         "auto", description="Decode/detect the next frames in a thread while the model runs; auto = on for GPUs."
     )

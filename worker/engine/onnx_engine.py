@@ -17,9 +17,9 @@ limited to 2 CPUs on a 64-core node gets throttled to a crawl. One inter-op thre
 execution (the graph is a chain; parallel branches buy nothing at 2 CPUs).
 
 Memory pattern: off by default (``mem_pattern=False``). With it on, ORT pre-plans one block for all
-intermediate tensors on top of its arena; on the full-width model that raised peak RSS from
-1.86 to 3.26 GB at batch 32 (0.74 → 1.07 GB at batch 8) with no measurable speed gain on the
-2-core box (bench/README.md).
+intermediate tensors on top of its arena; on the full-width model that raised a bare ORT
+process's peak RSS from 1.86 to 3.26 GB at batch 32 (0.74 → 1.07 GB at batch 8) with no
+measurable speed gain on the 2-core box (bench/README.md).
 
 IO binding: off on the CPU (``session.run`` already reads the numpy input in place and the output
 is a few floats per crop; measured no difference within noise, bench/README.md). On CUDA the

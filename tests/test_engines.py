@@ -1,0 +1,451 @@
+"""Model engines: every backend available here agrees with the PyTorch reference on real face crops;
+`auto` selection; TensorRT's absence is a clear error; the TensorRT engine cache; CPU-quota parsing.
+
+Parity tolerance: 1e-4 on the fake probability (measured ~1e-7 for onnxruntime-cpu and 0 for the
+PyTorch engine, both against the model called directly). The model is `mdcsd_tiny` with BatchNorm
+statistics set from a batch and a scaled-up classifier (as tests/test_models.py does), so its
+probabilities spread over the crops instead of all sitting at ~0.5.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from media import carphone_frames
+from worker.engine import ENGINES, Engine, load_engine, resolve_backend
+from worker.engine.cache import CACHE_ENV, EngineCache, EngineKey, default_cache_dir
+from worker.engine.model_card import sha256_file
+from worker.engine.onnx_engine import (
+    OnnxRuntimeEngine,
+    available_cpus,
+    cgroup_cpu_limit,
+    parse_cfs_quota,
+    parse_cpu_max,
+)
+from worker.engine.torch_engine import TorchEngine, graph_buckets
+from worker.preprocess import crop_face, crops_to_tensor_layout
+
+TOL = 1e-4
+N_CROPS = 12
+BATCH_SIZES = (1, 5, 8, 32)  # 12 crops: 5 → 5+5+2 and 8 → 8+4 end on a ragged batch; 32 > N
+
+ort = pytest.importorskip("onnxruntime")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def calibrate(model: nn.Module, x: torch.Tensor, gain: float = 10.0) -> nn.Module:
+    """BatchNorm running statistics from one batch and a scaled-up classifier (tests/test_models.py)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for m in bns:
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(x)
+        model.classifier.weight.mul_(gain)
+    for m in bns:
+        m.momentum = 0.1
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def face_crops() -> np.ndarray:
+    """12 real 299×299 face crops: RetinaFace's best face in every 10th carphone frame, cropped 1.3×."""
+    from worker.faces import create_detector
+
+    frames = carphone_frames()[::10][:N_CROPS]
+    faces = create_detector().detect(np.stack(frames))
+    assert all(faces), "the detector must find the face in every sampled frame"
+    return np.stack([crop_face(f, fs[0].box) for f, fs in zip(frames, faces)])
+
+
+@pytest.fixture(scope="module")
+def model_and_dir(tmp_path_factory, face_crops) -> tuple[nn.Module, Path]:
+    """A calibrated mdcsd_tiny exported by training.export (weights.pt + model.onnx + card)."""
+    from training.export import export_model_dir
+    from training.models import create_model
+
+    torch.manual_seed(0)
+    x = torch.from_numpy(crops_to_tensor_layout(face_crops))
+    model = calibrate(create_model("mdcsd_tiny"), torch.cat([x, torch.rand(6, 3, 299, 299)]))
+    out = tmp_path_factory.mktemp("engines_model")
+    card = export_model_dir(model, out, name="mdcsd-tiny-engines", version="0.0.0-test", trained=False,
+                            parity_crops=face_crops[:5], training_data="none: test model")
+    assert card.files.get("onnx")
+    return model, out
+
+
+@pytest.fixture(scope="module")
+def reference(model_and_dir, face_crops) -> np.ndarray:
+    """The PyTorch reference: the model called directly on all crops at once."""
+    model, _ = model_and_dir
+    with torch.no_grad():
+        logits = model(torch.from_numpy(crops_to_tensor_layout(face_crops)))
+    return torch.softmax(logits, dim=1)[:, 1].numpy()
+
+
+def available_engines() -> list[str]:
+    names = ["pytorch", "onnxruntime"]
+    try:
+        from worker.engine.tensorrt_engine import tensorrt_available
+
+        if tensorrt_available():
+            names.append("tensorrt")
+    except Exception:
+        pass
+    return names
+
+
+def test_reference_is_not_constant(reference: np.ndarray) -> None:
+    assert reference.shape == (N_CROPS,)
+    assert np.ptp(reference) > 1e-2, reference  # outputs differ by crop, so parity means something
+
+
+@pytest.mark.parametrize("batch_size", BATCH_SIZES)
+@pytest.mark.parametrize("backend", ["pytorch", "onnxruntime"])
+def test_engine_matches_pytorch_reference(backend, batch_size, model_and_dir, face_crops, reference) -> None:
+    _, model_dir = model_and_dir
+    engine = load_engine(model_dir, backend=backend, batch_size=batch_size)
+    assert isinstance(engine, Engine)
+    probs = engine.predict(face_crops)
+    assert probs.dtype == np.float32 and probs.shape == (N_CROPS,)
+    assert np.all((probs >= 0) & (probs <= 1))
+    assert float(np.abs(probs - reference).max()) <= TOL
+    # Order and ragged batching: a prefix alone scores as it did inside the whole set.
+    np.testing.assert_allclose(engine.predict(face_crops[:3]), probs[:3], atol=TOL, rtol=0)
+    assert engine.predict(face_crops[:0]).shape == (0,)
+
+
+def test_engine_identity(model_and_dir) -> None:
+    _, model_dir = model_and_dir
+    pt = load_engine(model_dir, backend="pytorch")
+    ox = load_engine(model_dir, backend="onnxruntime")
+    assert pt.backend == "pytorch-cpu" and ox.backend == "onnxruntime-cpu"
+    assert pt.sha256 == sha256_file(model_dir / "weights.pt")
+    assert ox.sha256 == sha256_file(model_dir / "model.onnx") != pt.sha256
+    block = ox.describe()
+    assert block["backend"] == "onnxruntime-cpu" and block["sha256"] == ox.sha256
+    assert block["warning"]  # untrained model says so
+    assert ox.output_name == "fake_prob" and ox.input_name == "crops"
+
+
+def _legacy_export(model: nn.Module, path: Path, output: str, probs: bool) -> None:
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.model(x)
+            return torch.softmax(y, dim=1) if probs else y
+
+    torch.onnx.export(Head().eval(), (torch.rand(2, 3, 299, 299),), str(path), input_names=["input"],
+                      output_names=[output], dynamic_axes={"input": {0: "batch"}, output: {0: "batch"}},
+                      opset_version=17, dynamo=False)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter is deprecated, still works
+@pytest.mark.parametrize("output,probs,kind", [("logits", False, "logits"), ("probs", True, "probs")])
+def test_onnxruntime_reads_logits_or_probabilities(tmp_path, model_and_dir, face_crops, reference,
+                                                   output, probs, kind) -> None:
+    """A graph with only (N,2) logits, or (N,2) probabilities, and another input name, is read right."""
+    from training.export import save_model_dir
+
+    model, _ = model_and_dir
+    d = tmp_path / output
+    save_model_dir(model, d, name="t", version="0", architecture="mdcsd_tiny",
+                   architecture_kwargs=model.model_config["kwargs"], trained=False,
+                   files={"weights": "weights.pt", "onnx": "graph.onnx"})
+    _legacy_export(model, d / "graph.onnx", output, probs)
+    engine = OnnxRuntimeEngine(d, batch_size=5)
+    assert (engine.input_name, engine.output_name, engine.output_kind) == ("input", output, kind)
+    assert float(np.abs(engine.predict(face_crops) - reference).max()) <= TOL
+
+
+def test_onnxruntime_io_binding_path_agrees(model_and_dir, face_crops, reference) -> None:
+    _, model_dir = model_and_dir
+    engine = OnnxRuntimeEngine(model_dir, batch_size=5, io_binding=True)
+    assert float(np.abs(engine.predict(face_crops) - reference).max()) <= TOL
+
+
+def test_onnxruntime_needs_an_onnx_file(random_model_dir) -> None:
+    with pytest.raises(FileNotFoundError, match="no ONNX file"):
+        OnnxRuntimeEngine(random_model_dir)
+
+
+# -- selection ------------------------------------------------------------------------------------------
+
+def test_auto_picks_the_best_available(model_and_dir, random_model_dir) -> None:
+    _, model_dir = model_and_dir
+    assert ENGINES == ("pytorch", "onnxruntime", "tensorrt")
+    # On this machine (no TensorRT/GPU, or device cpu) a directory with an ONNX file runs onnxruntime …
+    assert resolve_backend(model_dir, "auto", "cpu") == "onnxruntime"
+    engine = load_engine(model_dir, backend="auto")
+    assert isinstance(engine, OnnxRuntimeEngine) and engine.backend == "onnxruntime-cpu"
+    # … and one with weights only runs PyTorch.
+    assert resolve_backend(random_model_dir, "auto", "cpu") == "pytorch"
+    assert isinstance(load_engine(random_model_dir, backend="auto"), TorchEngine)
+    if not torch.cuda.is_available():  # asking for CUDA on a machine without a GPU: the CPU choice stands
+        assert resolve_backend(model_dir, "auto", "cuda") == "onnxruntime"
+    elif "tensorrt" not in available_engines() and "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert resolve_backend(model_dir, "auto", "cuda") == "pytorch"  # torch on the GPU, not ORT on the CPU
+    with pytest.raises(ValueError, match="unknown engine"):
+        load_engine(model_dir, backend="tflite")
+
+
+def test_options_a_backend_cannot_honour(model_and_dir) -> None:
+    _, model_dir = model_and_dir
+    with pytest.raises(ValueError, match="does not support precision"):
+        load_engine(model_dir, backend="onnxruntime", precision="fp16")
+    with pytest.raises(ValueError, match="does not support precision"):
+        load_engine(model_dir, backend="pytorch", precision="bf16")  # autocast precisions are for CUDA
+    # under auto they are dropped with a warning instead
+    assert load_engine(model_dir, backend="auto", precision="fp16").backend == "onnxruntime-cpu"
+
+
+@pytest.mark.skipif("tensorrt" in sys.modules or "tensorrt" in available_engines(), reason="TensorRT is present")
+def test_tensorrt_missing_is_a_clear_error(model_and_dir) -> None:
+    from worker.engine.tensorrt_engine import TensorRTUnavailable
+
+    _, model_dir = model_and_dir
+    with pytest.raises(TensorRTUnavailable, match=r"'tensorrt'.*not installed.*nvcr\.io/nvidia/tensorrt"):
+        load_engine(model_dir, backend="tensorrt", device="cuda")
+    assert "tensorrt" not in sys.modules  # importing worker.engine never pulled it in
+
+
+# -- torch engine options -----------------------------------------------------------------------------
+
+def test_torch_engine_cpu_options(model_and_dir, face_crops, reference) -> None:
+    _, model_dir = model_and_dir
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        TorchEngine(model_dir, precision="fp16")
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        TorchEngine(model_dir, cuda_graphs=True)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TorchEngine(model_dir, precision="int4")
+    cl = TorchEngine(model_dir, batch_size=5, channels_last=True)
+    assert float(np.abs(cl.predict(face_crops) - reference).max()) <= TOL
+
+
+def test_graph_buckets() -> None:
+    assert graph_buckets(32) == (1, 2, 4, 8, 16, 32)
+    assert graph_buckets(5) == (1, 2, 4, 5)
+    assert graph_buckets(1) == (1,)
+
+
+@cuda
+def test_torch_engine_cuda_fp32_and_graphs(model_and_dir, face_crops, reference) -> None:
+    _, model_dir = model_and_dir
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # strict fp32 for the parity check
+    try:
+        eager = TorchEngine(model_dir, device="cuda", batch_size=5)
+        graphs = TorchEngine(model_dir, device="cuda", batch_size=5, cuda_graphs=True)
+        assert eager.backend == "pytorch-cuda"
+        p_eager = eager.predict(face_crops)
+        assert float(np.abs(p_eager - reference).max()) <= TOL  # H200: 9.8e-6 (cuDNN summation order)
+        p_graph = graphs.predict(face_crops)  # 5+5+2: the last chunk runs the padded bucket-2 graph
+        assert sorted(graphs._graphs) == [1, 2, 4, 5]  # warm-up captured every bucket
+        np.testing.assert_allclose(p_graph, p_eager, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(graphs.predict(face_crops[:3]), p_eager[:3], atol=1e-5, rtol=0)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+@cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_torch_engine_cuda_autocast(model_and_dir, face_crops, reference, precision) -> None:
+    _, model_dir = model_and_dir
+    engine = load_engine(model_dir, backend="pytorch", device="cuda", batch_size=5, precision=precision,
+                         channels_last=True, cuda_graphs=True)
+    assert engine.backend == f"pytorch-cuda-{precision}"
+    err = float(np.abs(engine.predict(face_crops) - reference).max())
+    # autocast is not a parity mode; H200 measured 2.5e-3 (bf16) and 2.8e-4 (fp16)
+    assert err <= (1e-2 if precision == "bf16" else 2e-3), err
+
+
+# -- TensorRT engine cache ------------------------------------------------------------------------------
+
+def make_key(**overrides) -> EngineKey:
+    fields = dict(gpu_name="NVIDIA H200", compute_capability="9.0", tensorrt_version="10.7.0",
+                  onnx_sha256="ab" * 32, precision="fp16", batch_profile=(1, 32, 32), input_size=299)
+    fields.update(overrides)
+    return EngineKey(**fields)
+
+
+def test_cache_key_covers_everything_that_invalidates_an_engine() -> None:
+    base = make_key()
+    assert base.digest() == make_key().digest()  # deterministic
+    variants = [make_key(gpu_name="NVIDIA A10"), make_key(compute_capability="8.6"),
+                make_key(tensorrt_version="10.8.0"), make_key(onnx_sha256="cd" * 32),
+                make_key(precision="int8"), make_key(batch_profile=(1, 16, 16)), make_key(input_size=256),
+                make_key(extra={"calibration_sha256": "00"})]
+    digests = {v.digest() for v in variants} | {base.digest()}
+    assert len(digests) == len(variants) + 1
+    stem = base.file_stem()
+    assert stem.startswith("abababababab-fp16-b1-32-32-") and "." not in stem
+
+
+def test_cache_dir_default(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c" and EngineCache().directory == tmp_path / "c"
+    monkeypatch.delenv(CACHE_ENV)
+    assert default_cache_dir() == Path.home() / ".cache" / "deepfake" / "trt"
+
+
+def test_cache_builds_once_then_reuses(tmp_path) -> None:
+    cache = EngineCache(tmp_path / "trt")
+    calls = []
+
+    def build() -> bytes:
+        calls.append(1)
+        return b"plan-" + os.urandom(64)
+
+    key = make_key()
+    first, built = cache.get_or_build(key, build)
+    assert built and len(calls) == 1
+    again, built = EngineCache(tmp_path / "trt").get_or_build(key, build)  # a second pod on the volume
+    assert not built and again == first and len(calls) == 1
+    path = cache.path_for(key)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["key"] == key.as_dict() and meta["engine_sha256"] == hashlib.sha256(first).hexdigest()
+    other, built = cache.get_or_build(make_key(precision="fp32"), build)  # another key builds anew
+    assert built and other != first and len(calls) == 2
+    assert not list((tmp_path / "trt").glob(".*tmp"))  # no temporary files left
+
+
+def test_cache_rejects_an_engine_that_does_not_match_its_record(tmp_path) -> None:
+    cache = EngineCache(tmp_path)
+    key = make_key()
+    cache.store(key, b"good engine")
+    cache.path_for(key).write_bytes(b"bit-rotted")
+    assert cache.load(key) is None
+    data, built = cache.get_or_build(key, lambda: b"rebuilt")
+    assert built and data == b"rebuilt" and cache.load(key) == b"rebuilt"
+    cache.invalidate(key)
+    assert cache.load(key) is None and not cache.path_for(key).exists()
+
+
+def test_cache_write_is_atomic(tmp_path, monkeypatch) -> None:
+    """A build that fails, or a write that dies half-way, leaves no engine and no temporary file."""
+    cache = EngineCache(tmp_path)
+    key = make_key()
+
+    def failing_build() -> bytes:
+        raise RuntimeError("builder ran out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cache.get_or_build(key, failing_build)
+    assert not cache.path_for(key).exists()
+
+    def dying_fsync(fd: int) -> None:
+        raise OSError("disk gone")  # after the bytes went into the temporary file, before the rename
+
+    monkeypatch.setattr(os, "fsync", dying_fsync)
+    with pytest.raises(OSError, match="disk gone"):
+        cache.store(key, b"x" * 1000)
+    assert not cache.path_for(key).exists()
+    assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
+
+
+def test_cache_concurrent_builders_build_once_and_agree(tmp_path) -> None:
+    """Eight workers start at once on one key: one builds (the others wait on the lock), all get its bytes,
+    and a reader polling meanwhile only ever sees no file or the whole file."""
+    key = make_key()
+    calls = []
+    payload = b"E" * (1 << 20)
+    results: list[bytes] = []
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def build() -> bytes:
+        calls.append(1)
+        time.sleep(0.3)
+        return payload
+
+    def worker() -> None:
+        results.append(EngineCache(tmp_path).get_or_build(key, build)[0])
+
+    def reader() -> None:
+        path = EngineCache(tmp_path).path_for(key)
+        while not stop.is_set():
+            try:
+                seen.add(len(path.read_bytes()))
+            except FileNotFoundError:
+                seen.add(0)
+
+    r = threading.Thread(target=reader)
+    r.start()
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    r.join()
+    assert len(calls) == 1 and results == [payload] * 8
+    assert seen <= {0, len(payload)}
+
+
+def test_cache_without_lock_still_never_tears(tmp_path) -> None:
+    """Without the lock (filesystems that refuse flock) builders may race; the renames keep the file whole."""
+    key = make_key()
+    payloads = [bytes([i]) * 200_000 for i in range(4)]
+    barrier = threading.Barrier(4)
+
+    def worker(i: int) -> None:
+        def build() -> bytes:
+            barrier.wait()
+            return payloads[i]
+
+        EngineCache(tmp_path, lock=False).get_or_build(key, build)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    data = EngineCache(tmp_path).path_for(key).read_bytes()
+    assert data in payloads
+
+
+# -- CPU quota ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,cpus", [("max 100000\n", None), ("200000 100000\n", 2.0), ("150000 100000", 1.5),
+                                       ("50000 100000", 0.5), ("max", None), ("", None)])
+def test_parse_cpu_max(text, cpus) -> None:
+    assert parse_cpu_max(text) == cpus
+
+
+def test_parse_cfs_quota() -> None:
+    assert parse_cfs_quota("-1\n", "100000\n") is None
+    assert parse_cfs_quota("300000\n", "100000\n") == 3.0
+
+
+def test_cgroup_limit_and_available_cpus(tmp_path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_limit(v2) == 1.5
+    assert available_cpus(v2) == min(affinity, 2)  # 1.5 CPUs → 2 threads (rounded up), capped by affinity
+    (v2 / "cpu.max").write_text("50000 100000\n")
+    assert available_cpus(v2) == 1
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(v2) is None and available_cpus(v2) == affinity
+    v1 = tmp_path / "v1"
+    (v1 / "cpu,cpuacct").mkdir(parents=True)
+    (v1 / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu,cpuacct" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_cpu_limit(v1) == 1.0 and available_cpus(v1) == 1
+    assert cgroup_cpu_limit(tmp_path / "missing") is None
+    assert available_cpus(tmp_path / "missing") == affinity
