@@ -98,7 +98,8 @@ class WorkerRuntime:
         used to be the job's result only, leaving no verdict in S3). A timeout is never reused: the
         next job for the key tries again."""
         uri = f"s3://{bucket}/{key}"
-        verdict = error_verdict(uri, Timeout(f"the job ran past its {seconds} s limit"), threshold=None, model=self.model)
+        verdict = error_verdict(uri, Timeout(f"the job ran past its {seconds} s limit"), threshold=None,
+                                model=self.model)
         bound = log.bind(source=uri)
         try:
             validate_location(bucket, key)
