@@ -305,3 +305,17 @@ def test_metrics_and_health_endpoint(s3, redis, redis_server, qsettings, tmp_pat
     assert 'deepfake_errors_total{code="not_a_video"} 1.0' in body
     assert "deepfake_model_loaded 1.0" in body and "deepfake_queue_wait_seconds_count 1.0" in body
     assert health == (200, "idle")
+
+
+def test_worker_uploads_the_report_next_to_the_verdict(s3, redis, qsettings, moderator):
+    settings = qsettings.model_copy(update={"upload_reports": True})
+    job_id = enqueue(BUCKET, UPLOADS["carphone"], settings=settings, connection=redis, s3_client=s3)
+    burst(redis, settings, moderator)
+    verdict = job_state(job_id, settings=settings, connection=redis).result
+    prefix = f"{settings.verdict_prefix}{UPLOADS['carphone']}.report/"
+    assert verdict["report"] == f"s3://{BUCKET}/{prefix}index.html"
+    listed = {o["Key"][len(prefix):] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]}
+    assert {"index.html", "verdict.json", "scores.png", "top_0.png", "gradcam_rgb_0.png"} <= listed
+    page = s3.get_object(Bucket=BUCKET, Key=prefix + "index.html")
+    assert page["ContentType"].startswith("text/html") and b"Deepfake report" in page["Body"].read()
+    assert stored_verdict(s3, settings, UPLOADS["carphone"])["report"] == verdict["report"]

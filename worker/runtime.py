@@ -5,7 +5,10 @@ process without one (a plain forking `rq worker`) builds its own on first use.
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -83,7 +86,14 @@ class WorkerRuntime:
             bound.info("verdict_reused", etag=source.etag)
             self.metrics.jobs.labels(status="reused").inc()
             return stored  # type: ignore[return-value]
-        verdict = self.moderator.moderate(source, frames=frames)
+        report_dir = Path(tempfile.mkdtemp(prefix="deepfake-report-")) if self.settings.upload_reports else None
+        try:
+            verdict = self.moderator.moderate(source, frames=frames, report_dir=report_dir)
+            if report_dir is not None and verdict.get("report"):
+                verdict["report"] = self.store.put_report(upload, report_dir)
+        finally:
+            if report_dir is not None:
+                shutil.rmtree(report_dir, ignore_errors=True)
         failure = source.read_error
         if isinstance(failure, TransientError):
             raise failure  # the storage failed, not the upload: RQ retries, nothing is written

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     s3_region: str | None = Field(None, description="S3 region.")
     verdict_bucket: str | None = Field(None, description="Bucket for verdicts; unset = the upload's own bucket.")
     verdict_prefix: str = Field("verdicts/", description="Verdicts go to <verdict_prefix><key>.json.")
+    upload_reports: bool = Field(
+        False, description="Also upload an HTML report (worker.report) to <verdict_prefix><key>.report/ in S3."
+    )
     job_retries: int = Field(3, ge=0, description="Retries of a job that failed for a transient reason or lost its worker.")
     result_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="How long a job's verdict stays in Redis.")
     metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus /metrics and /healthz port; 0 = off.")

@@ -7,11 +7,15 @@ or model) uses `If-Match` on the ETag that was read, so a concurrent writer is n
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 from worker.s3 import CHANGED_CODES, NOT_FOUND_CODES, S3Location
+
+
+REPORT_TYPES = {".html": "text/html; charset=utf-8", ".png": "image/png", ".json": "application/json"}
 
 
 class VerdictStore:
@@ -20,6 +24,15 @@ class VerdictStore:
 
     def location_for(self, upload: S3Location) -> S3Location:
         return S3Location(self.bucket or upload.bucket, f"{self.prefix}{upload.key}.json")
+
+    def put_report(self, upload: S3Location, directory: Path) -> str:
+        """Upload a report directory to `<prefix><key>.report/`; the page's s3:// URI. Reruns overwrite it."""
+        prefix = S3Location(self.bucket or upload.bucket, f"{self.prefix}{upload.key}.report/")
+        for path in sorted(directory.iterdir()):
+            if path.is_file() and path.suffix in REPORT_TYPES:
+                self.client.put_object(Bucket=prefix.bucket, Key=prefix.key + path.name, Body=path.read_bytes(),
+                                       ContentType=REPORT_TYPES[path.suffix])
+        return f"s3://{prefix.bucket}/{prefix.key}index.html"
 
     def is_verdict_key(self, upload: S3Location) -> bool:
         """Uploads inside the verdict prefix are refused: the worker must not moderate its own output."""
