@@ -95,7 +95,7 @@ class Moderator:
         if engine is None:
             engine = load_engine(
                 resolve_model_dir(settings.model_dir), backend=settings.engine, device=settings.device,
-                batch_size=settings.batch_size, precision=settings.precision, channels_last=settings.channels_last,
+                batch_size=settings.model_batch_size(), precision=settings.precision, channels_last=settings.channels_last,
                 compile=settings.torch_compile or False, cuda_graphs=settings.cuda_graphs,
                 threads=settings.engine_threads, cache_dir=settings.cache_dir, calibration=settings.int8_calibration,
             )
