@@ -464,8 +464,8 @@ def test_two_runtimes_racing_write_one_verdict_and_both_return_it(s3, fsettings,
         def __getattr__(self, name):
             return getattr(moderator, name)
 
-        def moderate(self, source, frames=None):
-            verdict = inner(source, frames=frames)
+        def moderate(self, source, frames=None, **kwargs):
+            verdict = inner(source, frames=frames, **kwargs)
             a.moderate_s3(BUCKET, KEYS["carphone"])  # A wins the race while B is still scoring
             return verdict
 
