@@ -33,9 +33,15 @@ def render(page: Path, out: Path, tmp_path: Path) -> tuple[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def report(moderator, corpus, tmp_path_factory) -> tuple[dict, Path]:
+def report(corpus, tmp_path_factory) -> tuple[dict, Path]:
+    """The packaged demo model's report on the real carphone clip (what `deepfake moderate --example
+    --report DIR` writes)."""
+    from worker.pipeline import Moderator
+    from worker.settings import Settings
+
     out = tmp_path_factory.mktemp("report") / "carphone"
-    verdict = moderator.moderate_path(corpus["carphone"], report_dir=out)
+    verdict = Moderator(Settings(log_format="json")).moderate_path(corpus["carphone"], report_dir=out)
+    assert verdict["model"]["trained"] is True
     return verdict, out
 
 

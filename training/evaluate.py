@@ -1,0 +1,392 @@
+"""Metrics and evaluation reports in the paper's terms (section III-B): Acc and AUC, frame- and video-level.
+
+Scores are fake probabilities (class 1 = fake); a crop or video is called fake when
+``score >= threshold`` (the worker's rule, ``worker.verdict.label_for``). Video-level scores are the
+mean of a video's frame scores, as the paper reports and as the worker aggregates.
+
+Everything is plain numpy (no scikit-learn). Degenerate input: the ranking metrics (AUC, EER, AP)
+need both classes and raise ``ValueError`` on one class; :func:`binary_metrics` catches that and
+reports ``nan`` (``null`` in JSON) so a per-group table can still be printed.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+# -- basic metrics -------------------------------------------------------------------------------
+
+
+def _as_arrays(labels: Iterable[int], scores: Iterable[float]) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(list(labels) if not isinstance(labels, np.ndarray) else labels).astype(np.int64).ravel()
+    s = np.asarray(list(scores) if not isinstance(scores, np.ndarray) else scores, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"labels and scores differ in length: {y.size} vs {s.size}")
+    if y.size and not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 (real) or 1 (fake)")
+    if not np.isfinite(s).all():
+        raise ValueError("scores must be finite")
+    return y, s
+
+
+def _need_both(y: np.ndarray, what: str) -> tuple[int, int]:
+    n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"{what} needs both real and fake samples (got {n_neg} real, {n_pos} fake)")
+    return n_pos, n_neg
+
+
+def accuracy(labels: Iterable[int], scores: Iterable[float], threshold: float = 0.5) -> float:
+    """Fraction correct with fake = ``score >= threshold``; nan on empty input."""
+    y, s = _as_arrays(labels, scores)
+    return float(np.mean((s >= threshold).astype(np.int64) == y)) if y.size else math.nan
+
+
+def roc_auc(labels: Iterable[int], scores: Iterable[float]) -> float:
+    """Area under the ROC curve = P(score_fake > score_real) + 0.5 P(tie) (Mann-Whitney U / n1 n0)."""
+    y, s = _as_arrays(labels, scores)
+    n_pos, n_neg = _need_both(y, "ROC AUC")
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    # Mid-ranks (1-based) of each distinct value, so tied scores share their average rank.
+    ends = np.cumsum(counts)
+    midranks = ends - (counts - 1) / 2.0
+    rank_sum = midranks[inverse][y == 1].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def roc_curve(labels: Iterable[int], scores: Iterable[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds): one point per distinct score, highest first, after a leading (0, 0, +inf).
+
+    Point i is the rate of ``score >= thresholds[i]``; tied scores move the curve diagonally.
+    """
+    y, s = _as_arrays(labels, scores)
+    n_pos, n_neg = _need_both(y, "ROC curve")
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, y_sorted = s[order], y[order]
+    last_of_value = np.r_[np.nonzero(np.diff(s_sorted))[0], s_sorted.size - 1]
+    tps = np.cumsum(y_sorted)[last_of_value]
+    fps = (last_of_value + 1) - tps
+    fpr = np.r_[0.0, fps / n_neg]
+    tpr = np.r_[0.0, tps / n_pos]
+    return fpr, tpr, np.r_[np.inf, s_sorted[last_of_value]]
+
+
+def eer(labels: Iterable[int], scores: Iterable[float]) -> float:
+    """Equal error rate: where FPR = FNR on the (linearly interpolated) ROC curve."""
+    fpr, tpr, _ = roc_curve(labels, scores)
+    fnr = 1.0 - tpr
+    d = fnr - fpr  # starts at 1, ends at -1, non-increasing
+    i = int(np.nonzero(d <= 0)[0][0])
+    if d[i] == 0 or i == 0:
+        return float(fpr[i])
+    t = d[i - 1] / (d[i - 1] - d[i])
+    return float(fpr[i - 1] + t * (fpr[i] - fpr[i - 1]))
+
+
+def average_precision(labels: Iterable[int], scores: Iterable[float]) -> float:
+    """AP = sum over distinct thresholds of (R_k - R_{k-1}) P_k (no interpolation; fake = positive)."""
+    y, s = _as_arrays(labels, scores)
+    n_pos, _ = _need_both(y, "average precision")
+    fpr, tpr, _ = roc_curve(y, s)
+    n_neg = y.size - n_pos
+    tps, fps = tpr[1:] * n_pos, fpr[1:] * n_neg
+    precision = tps / np.maximum(tps + fps, 1)
+    recall_steps = np.diff(tpr)
+    return float(np.sum(recall_steps * precision))
+
+
+def threshold_for_fpr(real_scores: Iterable[float], target_fpr: float) -> float:
+    """The lowest threshold whose false-positive rate on `real_scores` is at most `target_fpr`.
+
+    With the fake rule ``score >= t``, at most ``floor(target_fpr * n)`` real scores may reach t, so t
+    is the next float above the (k+1)-th highest real score. Why the lowest: it keeps the most
+    true positives for the FPR the operator asked for. Calibrate on validation reals, at the level
+    the worker decides on (video scores). Capped at 1.0, where a real score of exactly 1.0 would
+    still count as fake.
+    """
+    s = np.sort(np.asarray(list(real_scores), dtype=np.float64))[::-1]
+    if s.size == 0:
+        raise ValueError("threshold_for_fpr needs at least one real score")
+    if not 0.0 <= target_fpr <= 1.0:
+        raise ValueError(f"target_fpr must be in [0, 1], got {target_fpr}")
+    k = int(math.floor(target_fpr * s.size + 1e-9))  # allowed false positives
+    if k >= s.size:
+        return 0.0
+    return float(min(np.nextafter(s[k], np.inf), 1.0))
+
+
+def binary_metrics(labels: Iterable[int], scores: Iterable[float], threshold: float = 0.5) -> dict[str, Any]:
+    """acc, auc, eer, ap, tpr/fpr at `threshold`, and counts; ranking metrics are nan on one class."""
+    y, s = _as_arrays(labels, scores)
+    pred = s >= threshold
+    n_pos, n_neg = int(y.sum()), int(y.size - y.sum())
+    out: dict[str, Any] = {
+        "n": int(y.size), "n_real": n_neg, "n_fake": n_pos, "threshold": float(threshold),
+        "acc": accuracy(y, s, threshold),
+        "tpr": float(pred[y == 1].mean()) if n_pos else math.nan,
+        "fpr": float(pred[y == 0].mean()) if n_neg else math.nan,
+    }
+    for name, fn in (("auc", roc_auc), ("eer", eer), ("ap", average_precision)):
+        out[name] = fn(y, s) if n_pos and n_neg else math.nan
+    return out
+
+
+def video_level(
+    scores: Sequence[float], labels: Sequence[int], video_ids: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Mean frame score per video (paper III-B), in order of first appearance; a video's crops must share a label."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = defaultdict(int)
+    vlabel: dict[str, int] = {}
+    for s, y, v in zip(scores, labels, video_ids, strict=True):
+        if vlabel.setdefault(v, int(y)) != int(y):
+            raise ValueError(f"video {v!r} has crops with both labels")
+        sums[v] = sums.get(v, 0.0) + float(s)
+        counts[v] += 1
+    ids = list(sums)
+    return (np.array([sums[v] / counts[v] for v in ids], dtype=np.float64),
+            np.array([vlabel[v] for v in ids], dtype=np.int64), ids)
+
+
+# -- model evaluation ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_dataset(
+    model: nn.Module, dataset: Dataset, *, batch_size: int = 64, device: str | torch.device = "cpu",
+    num_workers: int = 0, progress: bool = True, desc: str = "evaluate",
+) -> dict[str, Any]:
+    """Fake probabilities for every item of a (x, label, video_id) dataset, in dataset order."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    scores, labels, vids = [], [], []
+    for x, y, v in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+        logits = model(x.to(device, non_blocking=True))
+        scores.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy().astype(np.float64))
+        labels.append(np.asarray(y, dtype=np.int64))
+        vids.extend(str(i) for i in v)
+    model.train(was_training)
+    return {"scores": np.concatenate(scores) if scores else np.zeros(0), "labels": np.concatenate(labels) if labels
+            else np.zeros(0, np.int64), "video_ids": vids}
+
+
+def _record_meta(dataset: Dataset) -> list[dict[str, str]] | None:
+    """Per-item source/manipulation/compression when the dataset has CropDataset-style ``records``."""
+    records = getattr(dataset, "records", None)
+    if records is None:
+        return None
+    return [{"source": getattr(r, "source", ""), "manipulation": getattr(r, "manipulation", ""),
+             "compression": getattr(r, "compression", "")} for r in records]
+
+
+def _level_metrics(scores: np.ndarray, labels: np.ndarray, vids: Sequence[str], threshold: float) -> dict[str, Any]:
+    vs, vl, _ = video_level(scores, labels, vids)
+    return {"frame": binary_metrics(labels, scores, threshold), "video": binary_metrics(vl, vs, threshold)}
+
+
+def evaluate_scores(
+    scores: Sequence[float], labels: Sequence[int], video_ids: Sequence[str], *, threshold: float = 0.5,
+    meta: Sequence[dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """Frame- and video-level metrics, plus per-group breakdowns when `meta` (per item) is given.
+
+    Groups (the paper's tables): ``groups`` = one per (source, manipulation, compression) of the
+    fakes, each evaluated against the reals of the same source and compression (Table I);
+    ``by_compression`` = all manipulations per compression (Table II); ``by_source`` = everything
+    of one data set (cross-dataset AUC, Tables III/IV).
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    vids = list(video_ids)
+    out: dict[str, Any] = {"threshold": float(threshold), "n_crops": int(s.size), "n_videos": len(set(vids)),
+                           **_level_metrics(s, y, vids, threshold)}
+    if meta is None:
+        return out
+    src = np.array([m.get("source", "") for m in meta])
+    man = np.array([m.get("manipulation", "") for m in meta])
+    comp = np.array([m.get("compression", "") for m in meta])
+
+    def subset(mask: np.ndarray, **keys: str) -> dict[str, Any]:
+        idx = np.nonzero(mask)[0]
+        return {**keys, **_level_metrics(s[idx], y[idx], [vids[i] for i in idx], threshold)}
+
+    fake_keys = sorted({(src[i], man[i], comp[i]) for i in range(s.size) if y[i] == 1})
+    out["groups"] = [
+        subset((src == a) & (comp == c) & ((y == 0) | (man == m)), source=a, manipulation=m, compression=c)
+        for a, m, c in fake_keys
+    ]
+    out["by_compression"] = [subset((src == a) & (comp == c), source=a, compression=c)
+                             for a, c in sorted(set(zip(src.tolist(), comp.tolist())))]
+    out["by_source"] = [subset(src == a, source=a) for a in sorted(set(src.tolist()))]
+    return out
+
+
+def evaluate_model(
+    model: nn.Module, dataset: Dataset, batch_size: int = 64, *, threshold: float = 0.5,
+    device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = True,
+    meta: Sequence[dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """Score `dataset` and return :func:`evaluate_scores`' results plus the raw predictions (``predictions``).
+
+    Per-group tables use the dataset's ``records`` (``training.data.crops.CropDataset``) unless
+    `meta` is given.
+    """
+    pred = predict_dataset(model, dataset, batch_size=batch_size, device=device, num_workers=num_workers,
+                           progress=progress)
+    res = evaluate_scores(pred["scores"], pred["labels"], pred["video_ids"], threshold=threshold,
+                          meta=meta if meta is not None else _record_meta(dataset))
+    res["predictions"] = pred
+    return res
+
+
+# -- reports -------------------------------------------------------------------------------------
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def results_json(results: dict[str, Any], *, predictions: bool = False) -> dict[str, Any]:
+    """Results as JSON-safe data (nan -> null); raw predictions only when asked."""
+    res = {k: v for k, v in results.items() if predictions or k != "predictions"}
+    return _jsonable(res)
+
+
+def _fmt(v: float | None, pct: bool) -> str:
+    if v is None or not math.isfinite(v):
+        return "–"
+    return f"{100 * v:.2f}" if pct else f"{v:.4f}"
+
+
+def markdown_report(results: dict[str, Any], *, name: str = "model", level: str = "video") -> str:
+    """Markdown tables laid out like the paper's: overall, Table I (per manipulation × compression,
+    Acc %), Table II (per compression, Acc % and AUC), Table III/IV (per data set, AUC)."""
+    lines = [f"## Evaluation: {name}", "",
+             f"{results['n_crops']} crops, {results['n_videos']} videos; threshold {results['threshold']:.4g} "
+             "(fake when score ≥ threshold); video score = mean of its frame scores.", "",
+             "| level | Acc % | AUC | EER % | AP | TPR % | FPR % | real | fake |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for lv in ("frame", "video"):
+        m = results[lv]
+        lines.append(f"| {lv} | {_fmt(m['acc'], True)} | {_fmt(m['auc'], False)} | {_fmt(m['eer'], True)} | "
+                     f"{_fmt(m['ap'], False)} | {_fmt(m['tpr'], True)} | {_fmt(m['fpr'], True)} | "
+                     f"{m['n_real']} | {m['n_fake']} |")
+    if results.get("groups"):
+        many = len({g["source"] for g in results["groups"]}) > 1
+        heads = [f"{g['source'] + '/' if many else ''}{g['manipulation'] or '?'} {g['compression']}".strip()
+                 for g in results["groups"]]
+        lines += ["", f"### Per manipulation and compression ({level}-level Acc %, Table I layout)", "",
+                  "| method | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|",
+                  f"| {name} | " + " | ".join(_fmt(g[level]["acc"], True) for g in results["groups"]) + " |",
+                  f"| {name} (AUC) | " + " | ".join(_fmt(g[level]["auc"], False) for g in results["groups"]) + " |"]
+    if results.get("by_compression"):
+        heads = [f"{g['source']} {g['compression']}".strip() for g in results["by_compression"]]
+        lines += ["", f"### Per compression ({level}-level, Table II layout)", "",
+                  "| method | " + " | ".join(f"{h} Acc % | {h} AUC" for h in heads) + " |",
+                  "|---" * (2 * len(heads) + 1) + "|",
+                  f"| {name} | " + " | ".join(f"{_fmt(g[level]['acc'], True)} | {_fmt(g[level]['auc'], False)}"
+                                            for g in results["by_compression"]) + " |"]
+    if results.get("by_source"):
+        heads = [g["source"] or "?" for g in results["by_source"]]
+        lines += ["", "### Per data set (frame-level AUC, Table III/IV layout)", "",
+                  "| method | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|",
+                  f"| {name} | " + " | ".join(_fmt(g["frame"]["auc"], False) for g in results["by_source"]) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+def cross_dataset_table(results_by_dataset: dict[str, dict[str, Any]], *, name: str = "model",
+                        level: str = "frame") -> str:
+    """Table III/IV: one AUC column per test data set, each from its own :func:`evaluate_scores` result."""
+    heads = list(results_by_dataset)
+    return "\n".join([
+        "| method | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|",
+        f"| {name} | " + " | ".join(_fmt(results_by_dataset[h][level]["auc"], False) for h in heads) + " |",
+    ]) + "\n"
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, *, size: int = 560,
+             title: str = "ROC") -> Path:
+    """Draw ROC curves {label: (labels, scores)} to a PNG with OpenCV (no plotting dependency)."""
+    import cv2
+
+    colours = [(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214)]  # BGR
+    img = np.full((size, size, 3), 255, np.uint8)
+    m0, m1 = 60, 34  # left/bottom and right/top margins
+    span = size - m0 - m1
+
+    def pt(fx: float, fy: float) -> tuple[int, int]:
+        return int(round(m0 + fx * span)), int(round(size - m0 - fy * span))
+
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for k in range(11):
+        v = k / 10
+        cv2.line(img, pt(v, 0), pt(v, 1), (230, 230, 230), 1)
+        cv2.line(img, pt(0, v), pt(1, v), (230, 230, 230), 1)
+        if k % 2 == 0:
+            cv2.putText(img, f"{v:.1f}", (pt(v, 0)[0] - 12, size - m0 + 18), font, 0.4, (60, 60, 60), 1, cv2.LINE_AA)
+            cv2.putText(img, f"{v:.1f}", (m0 - 32, pt(0, v)[1] + 4), font, 0.4, (60, 60, 60), 1, cv2.LINE_AA)
+    cv2.rectangle(img, pt(0, 1), pt(1, 0), (0, 0, 0), 1)
+    cv2.line(img, pt(0, 0), pt(1, 1), (150, 150, 150), 1, cv2.LINE_AA)
+    cv2.putText(img, "false positive rate (real called fake)", (m0 + 60, size - 18), font, 0.45, (0, 0, 0), 1,
+                cv2.LINE_AA)
+    cv2.putText(img, title, (m0, 22), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    y_label = np.full((20, span, 3), 255, np.uint8)
+    cv2.putText(y_label, "true positive rate (fake caught)", (span // 2 - 130, 14), font, 0.45, (0, 0, 0), 1,
+                cv2.LINE_AA)
+    img[m1:m1 + span, 6:26] = cv2.rotate(y_label, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    for i, (label, (y, s)) in enumerate(curves.items()):
+        colour = colours[i % len(colours)]
+        try:
+            fpr, tpr, _ = roc_curve(y, s)
+            text = f"{label}: AUC {roc_auc(y, s):.4f}"
+        except ValueError:
+            continue
+        poly = np.array([pt(a, b) for a, b in zip(fpr, tpr)], np.int32).reshape(-1, 1, 2)
+        cv2.polylines(img, [poly], False, colour, 2, cv2.LINE_AA)
+        org = (pt(0.35, 0)[0], pt(0, 0.12)[1] + 20 * i)
+        cv2.line(img, (org[0] - 25, org[1] - 4), (org[0] - 5, org[1] - 4), colour, 2, cv2.LINE_AA)
+        cv2.putText(img, text, org, font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), img):
+        raise OSError(f"could not write {path}")
+    return path
+
+
+def write_report(results: dict[str, Any], out_dir: str | Path, *, name: str = "model") -> dict[str, Path]:
+    """results.json, report.md and roc.png (frame- and video-level curves) under `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "markdown": out / "report.md", "roc": out / "roc.png"}
+    paths["json"].write_text(json.dumps(results_json(results), indent=2) + "\n")
+    paths["markdown"].write_text(markdown_report(results, name=name))
+    pred = results.get("predictions")
+    if pred is not None and len(pred["scores"]):
+        vs, vl, _ = video_level(pred["scores"], pred["labels"], pred["video_ids"])
+        plot_roc({"frame-level": (pred["labels"], pred["scores"]), "video-level": (vl, vs)}, paths["roc"],
+                 title=f"ROC: {name}")
+    else:
+        del paths["roc"]
+    return paths
+

@@ -1,0 +1,387 @@
+"""The paper's training recipe (MD-CSDNetwork section II-C), for one process or many under ``torchrun``.
+
+Defaults are the paper's: Adam (β 0.9/0.999, ε 1e-8), lr 2e-4 and 1e-3 for the cross-stitch alphas,
+batch 32, cross-entropy, the learning rate ×0.2 whenever the validation loss has not decreased for
+three consecutive epochs, and the checkpoint with the highest validation accuracy kept for testing
+(ties: the lower validation loss). What the paper leaves open (epochs, augmentation) is a setting.
+
+Files under ``out_dir`` (rank 0 only): ``best.pt`` (weights of the best epoch + its metrics),
+``last.pt`` (model, optimizer, scheduler, epoch, best and history: resume from it),
+``metrics.csv`` (one row per epoch), ``config.json`` and TensorBoard events when tensorboard is
+installed. Validation metrics are frame-level unless named ``video``.
+
+Multi-GPU: ``torchrun --nproc_per_node=N -m training train ...`` sets WORLD_SIZE>1; each process
+then trains on its DistributedSampler shard under DistributedDataParallel (NCCL on CUDA, gloo on
+CPU) and validates on a 1/N slice whose predictions are gathered, so every rank takes the same
+scheduler and checkpoint decisions.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from training.evaluate import accuracy, roc_auc, video_level
+from training.models import create_model
+from training.models.cross_stitch import param_groups
+from training.sampling import Augment, EpochCycle, PairedBatchSampler, labels_of, sbi_pair_key
+
+__all__ = ["Augment", "EpochCycle", "PairedBatchSampler", "TrainConfig", "TrainResult", "build_optimizer",
+           "build_scheduler", "is_better", "sbi_pair_key", "seed_everything", "train"]
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CSV_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "val_video_acc",
+              "val_video_auc", "lr", "stitch_lr", "seconds", "best"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; ``config.json`` in the output directory records it."""
+
+    model: str = "mdcsd"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # create_model overrides, e.g. input_size
+    imagenet_path: str | None = None  # classic Xception weights for the RGB branch (paper II-C), if you have them
+    epochs: int = 20  # the paper does not say; the best-validation checkpoint makes extra epochs safe
+    batch_size: int = 32
+    lr: float = 2e-4
+    stitch_lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    plateau_factor: float = 0.2
+    plateau_patience: int = 3  # epochs in a row without a val-loss decrease before the LR drops (paper)
+    seed: int = 0
+    num_workers: int = 0
+    amp: str = "none"  # "bf16" | "fp16" | "none"; autocast on CUDA only (CPU always runs fp32)
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    out_dir: str = "runs/train"
+    resume: str | None = None  # a last.pt to continue from
+    log_every: int = 20  # steps between progress-bar / TensorBoard loss updates
+    balance: bool = False  # sample real and fake crops equally often (single process only)
+    paired: bool = False  # keep a frame's real and SBI crops in one batch (PairedBatchSampler; single process)
+    eval_batch_size: int = 64
+    max_steps_per_epoch: int | None = None  # cap for smoke runs
+    progress: bool = True
+    tensorboard: bool = True  # only if the tensorboard package is installed
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if self.amp not in ("none", *AMP_DTYPES):
+            raise ValueError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        if self.plateau_patience < 1:
+            raise ValueError("plateau_patience must be >= 1")
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module  # the best-validation-accuracy weights, unwrapped, in eval mode
+    best_epoch: int
+    best: dict[str, float]
+    history: list[dict[str, Any]]
+    out_dir: Path
+    best_path: Path
+    last_path: Path
+    seconds: float
+
+
+# -- the pieces the tests check ------------------------------------------------------------------
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam with two groups: the network at `lr`, the cross-stitch alphas at `stitch_lr`."""
+    return torch.optim.Adam(param_groups(model, cfg.lr, cfg.stitch_lr), betas=cfg.betas, eps=cfg.eps,
+                            weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    """×`plateau_factor` once the val loss has not decreased for `plateau_patience` epochs in a row.
+
+    PyTorch's ``patience`` counts the bad epochs it tolerates (it reduces on the one after), the
+    paper (and Keras, which it used) reduces on the third, so torch gets ``plateau_patience - 1``.
+    "Decrease" is strict: threshold 0.
+    """
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience - 1,
+        threshold=0.0, threshold_mode="abs")
+
+
+def is_better(acc: float, loss: float, best: dict[str, float] | None) -> bool:
+    """The paper keeps the highest validation accuracy; equal accuracy goes to the lower val loss."""
+    if best is None:
+        return True
+    if acc != best["val_acc"]:
+        return acc > best["val_acc"]
+    return loss < best["val_loss"]
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:  # numpy/random in DataLoader workers follow torch's per-worker seed
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def _dist_setup(cfg: TrainConfig) -> tuple[int, int, torch.device, bool]:
+    """(rank, world, device, we_initialised) from torchrun's environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    if world > 1:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        init = not dist.is_initialized()
+        if init:
+            dist.init_process_group("nccl" if cuda else "gloo")
+        return dist.get_rank(), world, device, init
+    if cfg.device == "auto":
+        return 0, 1, torch.device("cuda" if cuda else "cpu"), False
+    return 0, 1, torch.device(cfg.device), False
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _autocast(device: torch.device, amp: str):
+    if device.type == "cuda" and amp in AMP_DTYPES:
+        return torch.autocast("cuda", dtype=AMP_DTYPES[amp])
+    return torch.autocast(device.type, enabled=False)
+
+
+def _validate(model: nn.Module, loader: DataLoader, device: torch.device, amp: str, world: int) -> dict[str, Any]:
+    """Mean CE loss and frame/video metrics over the whole validation set (gathered across ranks)."""
+    model.eval()
+    loss_sum, scores, labels, vids = 0.0, [], [], []
+    with torch.no_grad():
+        for x, y, v in loader:
+            x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device)
+            with _autocast(device, amp):
+                logits = model(x)
+            logits = logits.float()
+            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            scores.extend(torch.softmax(logits, 1)[:, 1].cpu().tolist())
+            labels.extend(y.cpu().tolist())
+            vids.extend(str(i) for i in v)
+    if world > 1:
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, (loss_sum, scores, labels, vids))
+        loss_sum = sum(p[0] for p in parts)
+        scores, labels, vids = ([x for p in parts for x in p[k]] for k in (1, 2, 3))
+    n = max(len(scores), 1)
+    out = {"val_loss": loss_sum / n, "val_acc": accuracy(labels, scores, 0.5)}
+    vs, vl, _ = video_level(scores, labels, vids)
+    out["val_video_acc"] = accuracy(vl, vs, 0.5)
+    try:
+        out["val_auc"], out["val_video_auc"] = roc_auc(labels, scores), roc_auc(vl, vs)
+    except ValueError:  # one class only
+        out["val_auc"] = out["val_video_auc"] = math.nan
+    return out
+
+
+def _write_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for row in history:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    tmp.replace(path)
+
+
+def _save(obj: dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)  # a kill mid-save never leaves a torn checkpoint
+
+
+def _tensorboard(out_dir: Path, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+# -- training ------------------------------------------------------------------------------------
+
+
+def train(
+    cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, *, model: nn.Module | None = None,
+    callbacks: Sequence[Callable[[dict[str, Any], nn.Module], None]] = (),
+) -> TrainResult:
+    """Train `cfg.model` (or `model`) on (x, label, video_id) items; returns the best-val-accuracy model.
+
+    `callbacks` run after every epoch with the epoch's metrics row and the unwrapped model.
+    """
+    t0 = time.perf_counter()
+    rank, world, device, own_group = _dist_setup(cfg)
+    out_dir = Path(cfg.out_dir)
+    best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    seed_everything(cfg.seed)
+    if model is None:
+        model = create_model(cfg.model, imagenet_path=cfg.imagenet_path, **cfg.model_kwargs)
+    model.to(device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp == "fp16")
+
+    start_epoch, best, history = 0, None, []
+    if cfg.resume:
+        ckpt = torch.load(cfg.resume, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, best, history = int(ckpt["epoch"]), ckpt.get("best"), list(ckpt.get("history", []))
+        src = Path(cfg.resume).with_name("best.pt")  # resuming into another directory: bring the best along
+        if rank == 0 and not best_path.exists() and src.exists():
+            shutil.copy2(src, best_path)
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    gen = torch.Generator()
+    if world > 1:
+        if cfg.balance:
+            raise ValueError("balance=True is not supported with several processes")
+        sampler: Any = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    elif cfg.balance:
+        labels = np.asarray(labels_of(train_ds))
+        weights = 1.0 / np.bincount(labels, minlength=2)[labels]
+        sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(labels), generator=gen)
+    else:
+        sampler = None
+    pin = device.type == "cuda"
+    if cfg.paired:
+        if world > 1 or cfg.balance:
+            raise ValueError("paired=True works in a single process and without balance")
+        loader = DataLoader(train_ds, batch_sampler=PairedBatchSampler(train_ds, cfg.batch_size, gen),
+                            num_workers=cfg.num_workers, pin_memory=pin, worker_init_fn=_seed_worker)
+    else:
+        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                            generator=gen, num_workers=cfg.num_workers, pin_memory=pin, worker_init_fn=_seed_worker)
+    val_part = Subset(val_ds, range(rank, len(val_ds), world)) if world > 1 else val_ds  # type: ignore[arg-type]
+    val_loader = DataLoader(val_part, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers,
+                            pin_memory=pin)
+    tb = _tensorboard(out_dir, cfg.tensorboard) if rank == 0 else None
+    loss_fn = nn.CrossEntropyLoss()
+    step = start_epoch * len(loader)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        e_start = time.perf_counter()
+        # Per-epoch seeds make a resumed run draw the same batches, flips and dropout as an unbroken one.
+        gen.manual_seed(cfg.seed * 1000 + epoch)
+        torch.manual_seed(cfg.seed * 1000 + epoch * 10 + rank)
+        for obj in (sampler, train_ds):
+            if hasattr(obj, "set_epoch"):  # DistributedSampler, EpochCycle
+                obj.set_epoch(epoch)
+        net.train()
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.float64)
+        seen = torch.zeros((), device=device, dtype=torch.float64)
+        total = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+        bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                   disable=not cfg.progress or rank != 0)
+        for i, (x, y, _) in enumerate(loader):
+            if i >= total:
+                break
+            x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
+            with _autocast(device, cfg.amp):
+                logits = net(x)
+            loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach().double() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+            step += 1
+            bar.update(1)
+            if step % max(cfg.log_every, 1) == 0:
+                bar.set_postfix(loss=f"{float(loss_sum / seen):.4f}")
+                if tb is not None:
+                    tb.add_scalar("train/loss_step", float(loss), step)
+        bar.close()
+        if world > 1:
+            for t in (loss_sum, correct, seen):
+                dist.all_reduce(t)
+        val = _validate(net, val_loader, device, cfg.amp, world)
+        scheduler.step(val["val_loss"])
+        row: dict[str, Any] = {
+            "epoch": epoch + 1, "train_loss": float(loss_sum / seen.clamp(min=1)),
+            "train_acc": float(correct / seen.clamp(min=1)), **val,
+            "lr": optimizer.param_groups[0]["lr"],
+            "stitch_lr": optimizer.param_groups[1]["lr"] if len(optimizer.param_groups) > 1 else math.nan,
+            "seconds": time.perf_counter() - e_start,
+        }
+        improved = is_better(val["val_acc"], val["val_loss"], best)
+        row["best"] = int(improved)
+        if improved:
+            best = {"epoch": epoch + 1, **{k: float(v) for k, v in val.items()}}
+        history.append(row)
+        if rank == 0:
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            meta = {"model_config": getattr(model, "model_config", None), "config": asdict(cfg)}
+            if improved:
+                _save({"model": state, "epoch": epoch + 1, "metrics": best, **meta}, best_path)
+            _save({"model": state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                   "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "history": history, **meta},
+                  last_path)
+            _write_csv(out_dir / "metrics.csv", history)
+            if tb is not None:
+                for k, v in row.items():
+                    if k not in ("epoch", "best") and isinstance(v, float) and math.isfinite(v):
+                        tb.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
+            if cfg.progress:
+                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} val_loss "
+                           f"{val['val_loss']:.4f} val_acc {val['val_acc']:.4f} val_auc {val['val_auc']:.4f} "
+                           f"video_auc {val['val_video_auc']:.4f} lr {row['lr']:.2e} "
+                           f"{row['seconds']:.0f}s{' *' if improved else ''}")
+        for cb in callbacks:
+            cb(row, model)
+        if world > 1:
+            dist.barrier()
+
+    if tb is not None:
+        tb.close()
+    if best is None:
+        raise ValueError(f"nothing to train: epochs={cfg.epochs} and the resumed run had no epochs")
+    ckpt = torch.load(best_path, map_location=device, weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    if own_group:
+        dist.destroy_process_group()
+    return TrainResult(model=model.eval(), best_epoch=int(best["epoch"]), best=best, history=history,
+                       out_dir=out_dir, best_path=best_path, last_path=last_path,
+                       seconds=time.perf_counter() - t0)
