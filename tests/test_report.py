@@ -51,6 +51,7 @@ def test_report_files(report):
     names = {p.name for p in out.iterdir()}
     assert {"index.html", "verdict.json", "scores.png", "top_0.png", "bottom_0.png", "spectrum_top.png"} <= names
     assert {"gradcam_rgb_0.png", "gradcam_freq_0.png"} <= names  # one heatmap per branch
+    assert "spectrum_reference.png" in names  # the model card's real reference face
     heat = cv2.imread(str(out / "gradcam_rgb_0.png"))
     crop = cv2.imread(str(out / "top_0.png"))
     assert heat.shape == crop.shape and np.abs(heat.astype(int) - crop.astype(int)).mean() > 5  # overlaid

@@ -386,6 +386,7 @@ def cmd_demo_model(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     card = export_model_dir(
         model, args.out, name=name, version="0.1.0-demo", trained=True, calibration=calibration,
         training_data=DEMO_TRAINING_DATA, metrics=metrics, parity_crops=_some_crops(roots[0], "test"),
+        reference_face=_some_crops(roots[0], "train", n=2)[0],  # a real training face
         provenance={"command": command_line(), "train_config": dict(vars(cfg)),
                     "augmentation": "hflip + sampling.Augment; SBI seed variants one per epoch; paired batches",
                     "total_seconds": round(time.perf_counter() - t0, 1)},

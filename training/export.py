@@ -146,13 +146,17 @@ def _normalization(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+REFERENCE_FILE = "reference_face.png"
+
+
 def export_model_dir(
     model: nn.Module, out_dir: Path, *, name: str, version: str, trained: bool,
     architecture: str | None = None, architecture_kwargs: dict[str, Any] | None = None,
     input_size: int | None = None, threshold: float = 0.5, operating_point: dict[str, Any] | None = None,
     calibration: dict[str, Any] | None = None, training_data: str = "", metrics: dict[str, Any] | None = None,
     onnx: bool = True, parity_crops: np.ndarray | torch.Tensor | None = None, parity_tol: float = PARITY_TOL,
-    parity_batch_sizes: Sequence[int] = PARITY_BATCHES, opset: int = ONNX_OPSET, **card_fields: Any,
+    parity_batch_sizes: Sequence[int] = PARITY_BATCHES, opset: int = ONNX_OPSET,
+    reference_face: np.ndarray | None = None, **card_fields: Any,
 ) -> ModelCard:
     """weights.pt + model.onnx (parity-checked) + model.json with sha256 of every file.
 
@@ -162,6 +166,8 @@ def export_model_dir(
     otherwise `threshold` and `operating_point` are taken as given. `parity_crops` are the inputs of
     the parity check (uint8 N×S×S×3 or float N×3×S×S); real crops are best, image-like synthetic
     ones are used without them. Raises :class:`OnnxParityError` above `parity_tol`.
+    `reference_face`: a real training crop (S×S×3 uint8 RGB) the worker's report shows the spectrum of
+    beside a scored face's (the paper's Fig. 1).
     """
     cfg = getattr(model, "model_config", {"architecture": None, "kwargs": {}})
     architecture = architecture or cfg["architecture"]
@@ -200,6 +206,11 @@ def export_model_dir(
                          "exporter": f"torch.onnx dynamo (torch {torch.__version__})", "parity": parity}
     elif onnx_path.exists():
         onnx_path.unlink()  # a stale graph must not sit beside new weights
+    if reference_face is not None:
+        import cv2
+
+        cv2.imwrite(str(out_dir / REFERENCE_FILE), cv2.cvtColor(np.asarray(reference_face, np.uint8), cv2.COLOR_RGB2BGR))
+        files["reference_face"] = REFERENCE_FILE
     extra["sha256"] = {f: sha256_file(out_dir / f) for f in files.values()}
     card = ModelCard(
         name=name, version=version, architecture=architecture, architecture_kwargs=architecture_kwargs,

@@ -156,11 +156,22 @@ class Moderator:
         from worker.report import write_report
 
         try:
-            page = write_report(verdict, Path(report_dir), crops, model=self.report_model())
+            page = write_report(verdict, Path(report_dir), crops, model=self.report_model(),
+                                reference=self.reference_face())
             verdict["report"] = str(page)
         except Exception:  # noqa: BLE001 - a report failure must not cost the verdict
             log.exception("report_failed", source=verdict["source"])
         return verdict
+
+    def reference_face(self) -> np.ndarray | None:
+        """The model card's real reference crop (training.export writes it), for the report's spectra."""
+        name = self.engine.card.files.get("reference_face")
+        model_dir = getattr(self.engine, "model_dir", None)
+        if not name or model_dir is None or not (Path(model_dir) / name).is_file():
+            return None
+        import cv2
+
+        return cv2.cvtColor(cv2.imread(str(Path(model_dir) / name)), cv2.COLOR_BGR2RGB)
 
     def report_model(self):
         """A PyTorch model for Grad-CAM: the engine's own, or the card's architecture rebuilt on the CPU."""
