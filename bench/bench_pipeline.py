@@ -41,7 +41,6 @@ def main() -> None:
     model_dir = ensure_model_dir(Path(os.environ.get("DEEPFAKE_BENCH_DIR", "/tmp/deepfake-bench")), args.arch)
     base = Settings(model_dir=model_dir, engine=args.engine, frames=args.frames, log_format="json", log_level="ERROR")
     moderator = Moderator(base)
-    crops: dict[int, np.ndarray] = {}
     moderator.moderate_path(clip, report_dir=None)  # warm-up
     rows = []
     for overlap in ("off", "on"):

@@ -67,3 +67,13 @@ def s3_server(tmp_path_factory):
     server = S3Server.start(tmp_path_factory.mktemp("s3"))
     yield server
     stop(server.proc)
+
+
+@pytest.fixture()
+def redis(redis_server):
+    """A client of the session's redis-server, its database emptied for this test."""
+    from redis import Redis
+
+    conn = Redis.from_url(redis_server.url)
+    conn.flushdb()
+    return conn

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_models import calibrate  # BatchNorm statistics from real crops, a stretched classifier
 import torch
 from torch import nn
 
@@ -41,20 +42,6 @@ BATCH_SIZES = (1, 5, 8, 32)  # 12 crops: 5 → 5+5+2 and 8 → 8+4 end on a ragg
 
 ort = pytest.importorskip("onnxruntime")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def calibrate(model: nn.Module, x: torch.Tensor, gain: float = 10.0) -> nn.Module:
-    """BatchNorm running statistics from one batch and a scaled-up classifier (tests/test_models.py)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in bns:
-        m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(x)
-        model.classifier.weight.mul_(gain)
-    for m in bns:
-        m.momentum = 0.1
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

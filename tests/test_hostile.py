@@ -194,15 +194,6 @@ def s3(s3_server, hostile_corpus):
 
 
 @pytest.fixture()
-def redis(redis_server):
-    from redis import Redis
-
-    conn = Redis.from_url(redis_server.url)
-    conn.flushdb()
-    return conn
-
-
-@pytest.fixture()
 def qsettings(random_model_dir, redis_server, s3_server):
     from worker.settings import Settings
 

@@ -12,7 +12,6 @@ import zlib
 from pathlib import Path
 
 import pytest
-from redis import Redis
 from rq import Queue
 from rq.job import Job
 from rq.registry import StartedJobRegistry
@@ -51,13 +50,6 @@ def s3(s3_server, corpus):
         client.put_object(Bucket=BUCKET, Key=key, Body=corpus[name].read_bytes(), ContentType="video/mp4")
     client.put_object(Bucket="private", Key="clips/carphone.mp4", Body=corpus["carphone"].read_bytes())
     return client
-
-
-@pytest.fixture()
-def redis(redis_server):
-    conn = Redis.from_url(redis_server.url)
-    conn.flushdb()
-    return conn
 
 
 @pytest.fixture()
