@@ -1,0 +1,28 @@
+"""`python -m bench`: every CPU benchmark in one run, on the same inputs.
+
+1. engines: crops/s of each available engine and the ratio to PyTorch eager (bench_engines.py);
+2. the whole pipeline vs the model alone on a 10 s 720p clip at 32 frames, with peak RSS
+   (bench_pipeline.py);
+3. sampled decode vs decode-all on that clip (bench_decode.py).
+Each runs in its own process so one's memory does not count against another's.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    status = 0
+    for script, args in (("bench_engines.py", ["--models", "mdcsd"]), ("bench_pipeline.py", []),
+                         ("bench_decode.py", [])):
+        print(f"\n### {script} {' '.join(args)}", flush=True)
+        status |= subprocess.call([sys.executable, str(HERE / script), *args, *sys.argv[1:2]][: 2 + len(args)])
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
