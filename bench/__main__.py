@@ -20,7 +20,7 @@ def main() -> int:
     for script, args in (("bench_engines.py", ["--models", "mdcsd"]), ("bench_pipeline.py", []),
                          ("bench_decode.py", [])):
         print(f"\n### {script} {' '.join(args)}", flush=True)
-        status |= subprocess.call([sys.executable, str(HERE / script), *args, *sys.argv[1:2]][: 2 + len(args)])
+        status |= subprocess.call([sys.executable, str(HERE / script), *args])
     return status
 
 
