@@ -77,6 +77,7 @@ RUN if [ ! -f /opt/deepfake/model/model.json ]; then \
 ENV RQ_WORKER_CLASS=worker.rq_worker.DeepfakeWorker \
     DEEPFAKE_MODEL_DIR=/opt/deepfake/model \
     DEEPFAKE_DEVICE=cuda \
+    DEEPFAKE_PRECISION=fp16 \
     DEEPFAKE_METRICS_PORT=9100 \
     DEEPFAKE_LOG_FORMAT=json \
     DEEPFAKE_CACHE_DIR=/var/cache/deepfake \
