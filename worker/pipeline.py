@@ -217,8 +217,7 @@ class Moderator:
                 if self._decisive([f["fake_score"] for f in faces if f["largest"]]):
                     early_exit = True
                     break
-        if hasattr(chunks, "close"):
-            chunks.close()  # stops decoding after an early exit
+        chunks.close()  # stops decoding after an early exit
         if pending:
             score_pending()
 
