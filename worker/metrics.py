@@ -29,6 +29,8 @@ class Metrics:
                                buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
         self.queue_wait = Histogram("deepfake_queue_wait_seconds", "Time from enqueue to start.",
                                     buckets=STAGE_BUCKETS + (600, 1800, 3600), registry=self.registry)
+        self.webhooks = Counter("deepfake_webhooks_total", "Webhook POSTs by outcome (sent, refused, failed).",
+                                ["outcome"], registry=self.registry)
         self.model_loaded = Gauge("deepfake_model_loaded", "1 once the model is loaded.", registry=self.registry)
 
     def observe_verdict(self, verdict: dict) -> None:

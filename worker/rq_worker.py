@@ -5,7 +5,8 @@
 - Forces RQ's JSON serializer: a pickled job is never unpickled. And runs only `worker.jobs` functions
   (`DeepfakeJob`): RQ imports and calls whatever dotted path a job names, so without that list a JSON
   job `["os.system", null, ["..."], {}]` written to Redis would run. Callbacks named in a job are never
-  imported, and a malformed job hash is skipped instead of stopping the worker.
+  imported, and a malformed job hash is skipped instead of stopping the worker. Webhooks go only to
+  vetted receivers, with a verdict summary and no traceback (`worker.webhooks`).
 - Serves /metrics and /healthz, and publishes the model it runs so enqueuers can deduplicate.
 """
 from __future__ import annotations
@@ -13,19 +14,21 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 from rq import Queue, SimpleWorker
 from rq.exceptions import NoSuchJobError
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
 from worker.jobs import MODERATE_FUNC, JobTimedOut
 from worker.logging import configure_logging
 from worker.metrics import heartbeat_fresh, serve
-from worker.runtime import WorkerRuntime, install
+from worker.runtime import WorkerRuntime, current, install
 from worker.settings import Settings
+from worker.webhooks import HostPolicy, WebhookFailed, WebhookRefused, deliver, summary
 
 
 log = structlog.get_logger("worker.rq_worker")
@@ -65,6 +68,33 @@ class DeepfakeJob(Job):
             log.warning("job_refused", job_id=self.id, func=name)
             raise RefusedJob(f"job {self.id} names {name!r}: this worker runs only {', '.join(sorted(ALLOWED_FUNCS))}")
         return super().func
+
+    def send_webhooks(self, status: Any, *, exc_string: str | None = None) -> None:
+        """RQ's webhooks, sent through `worker.webhooks.deliver`: vetted receiver, summary, signature."""
+        hooks = [w for w in self.webhooks if w.job_status == status]
+        if not hooks:
+            return
+        rt = current()
+        s = rt.settings
+        status = JobStatus(status).value
+        policy = HostPolicy.parse(s.webhook_hosts)
+        secret = s.webhook_secret.get_secret_value() if s.webhook_secret else None
+        payload = summary(self.id, status, self._result if status == "finished" else None, exc_string,
+                          self.enqueued_at.isoformat() if self.enqueued_at else None,
+                          self.ended_at.isoformat() if self.ended_at else None)
+        for hook in hooks:
+            host = urlsplit(hook.url).hostname  # never the path or query: they may hold a token
+            try:
+                outcome = deliver(hook.url, payload, policy=policy, secret=secret, headers=hook.headers,
+                                  timeout_s=min(float(hook.timeout), s.webhook_timeout_s))
+                log.info("webhook_sent", job_id=self.id, host=host, status=status)
+            except WebhookRefused as exc:
+                outcome = "refused"
+                log.warning("webhook_refused", job_id=self.id, host=host, reason=str(exc))
+            except WebhookFailed as exc:
+                outcome = "failed"
+                log.warning("webhook_failed", job_id=self.id, host=host, reason=str(exc))
+            rt.metrics.webhooks.labels(outcome=outcome).inc()
 
     # Callbacks are dotted paths in the job's hash too: never imported or called.
     @property

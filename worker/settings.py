@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -86,6 +86,13 @@ class Settings(BaseSettings):
     job_retries: int = Field(3, ge=0, description="Retries of a job that failed for a transient reason or lost its worker.")
     result_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="How long a job's verdict stays in Redis.")
     metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus /metrics and /healthz port; 0 = off.")
+    webhook_hosts: str = Field(
+        "", description="Comma-separated webhook receivers (names, .domain suffixes, IPs, CIDRs); empty = any public address."
+    )
+    webhook_secret: SecretStr | None = Field(
+        None, description="HMAC-SHA256 key signing each webhook body (X-Deepfake-Signature); unset = unsigned."
+    )
+    webhook_timeout_s: float = Field(5.0, gt=0, le=60, description="Time limit for one webhook POST.")
     model_s_per_frame: float = Field(
         1.0, gt=0, description="Model time budgeted per sampled frame when deriving a job's timeout."
     )

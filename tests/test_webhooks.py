@@ -1,0 +1,245 @@
+"""Webhooks: which receivers a job may name, what they get, and delivery by a real worker.
+
+Receivers are real HTTP servers on loopback; the end-to-end tests run DeepfakeWorker against the real
+redis-server and S3 server. Only the round-robin DNS case injects a lookup: no real resolver here can
+be made to answer one name with a public and a private address.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from prometheus_client import generate_latest
+
+from worker.queue import enqueue, job_state
+from worker.settings import Settings
+from worker.webhooks import (
+    SIGNATURE_HEADER, HostPolicy, WebhookFailed, WebhookRefused, deliver, resolve, sign, summary, verify_signature,
+)
+
+BUCKET = "hooks"
+KEY = "clips/carphone.mp4"
+OPEN = HostPolicy.parse("")
+
+
+class Receiver:
+    """A real HTTP server on 127.0.0.1 that records every request and answers per path."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                if self.path.startswith("/slow"):
+                    time.sleep(2)
+                if self.path.startswith("/redirect"):
+                    self.send_response(302)
+                    self.send_header("Location", f"http://127.0.0.1:{receiver.port}/elsewhere")
+                elif self.path.startswith("/broken"):
+                    self.send_response(500)
+                else:
+                    self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+@pytest.fixture()
+def receiver():
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+    r.server.server_close()
+
+
+# -- which receivers ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8080/hook", "http://localhost/hook", "http://169.254.169.254/latest/meta-data/",
+    "http://10.1.2.3/", "http://192.168.0.10/", "http://172.16.0.1/", "http://100.64.0.1/", "http://0.0.0.0/",
+    "http://[::1]/", "http://[::ffff:127.0.0.1]/", "http://[fd00::1]/", "http://[fe80::1]/", "http://224.0.0.1/",
+])
+def test_by_default_only_public_addresses_are_called(url):
+    with pytest.raises(WebhookRefused, match="not a public address"):
+        resolve(url, OPEN)
+
+
+@pytest.mark.parametrize("url, why", [
+    ("ftp://93.184.216.34/x", "only http"), ("file:///etc/passwd", "only http"), ("http:///nohost", "only http"),
+    ("http://user:pw@93.184.216.34/", "credentials"), ("http://93.184.216.34:99999/", "malformed"),
+])
+def test_urls_that_are_never_called(url, why):
+    with pytest.raises(WebhookRefused, match=why):
+        resolve(url, HostPolicy.parse("93.184.216.34"))
+
+
+def test_a_public_address_is_called_at_the_vetted_address():
+    dest = resolve("https://93.184.216.34/hooks/deepfake?token=abc", OPEN)
+    assert (dest.scheme, dest.host, dest.port, dest.path, dest.address) == (
+        "https", "93.184.216.34", 443, "/hooks/deepfake?token=abc", "93.184.216.34")
+
+
+def test_a_receiver_list_allows_exactly_its_hosts_private_ones_included():
+    policy = HostPolicy.parse("127.0.0.1, 10.0.0.0/8, .hooks.example, moderation.internal")
+    assert resolve("http://127.0.0.1:9/x", policy).address == "127.0.0.1"
+    assert resolve("http://10.9.8.7/x", policy).address == "10.9.8.7"
+    with pytest.raises(WebhookRefused, match="not a listed receiver"):
+        resolve("http://93.184.216.34/", policy)  # public, but not listed
+    with pytest.raises(WebhookRefused, match="not a listed receiver"):
+        resolve("http://169.254.169.254/", policy)
+
+    def lookup(host, port, type):  # noqa: A002 - getaddrinfo's keyword
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.168.5.5", port))]
+
+    assert resolve("http://a.hooks.example/", policy, lookup).address == "192.168.5.5"
+    assert resolve("http://moderation.internal./", policy, lookup).address == "192.168.5.5"
+    with pytest.raises(WebhookRefused):
+        resolve("http://hooks.example.attacker.test/", policy, lookup)
+
+
+def test_a_name_with_one_private_address_among_public_ones_is_refused():
+    def round_robin(host, port, type):  # noqa: A002
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", port))]
+
+    with pytest.raises(WebhookRefused, match="169.254.169.254"):
+        resolve("http://hooks.example/", OPEN, round_robin)
+
+
+# -- what receivers get ----------------------------------------------------------------------------
+
+def test_delivery_is_signed_and_carries_the_verdict_summary_only(receiver):
+    verdict = {"status": "ok", "label": "fake", "score": 0.91, "threshold": 0.5, "source": "s3://b/k.mp4",
+               "stored_at": "s3://b/verdicts/k.mp4.json", "error": None, "faces": [{"big": "x" * 1000}]}
+    payload = summary("job-1", "finished", verdict)
+    headers = {"Authorization": "Bearer receiver-token", "Host": "internal.admin", SIGNATURE_HEADER: "forged",
+               "X-Bad": "a\r\nInjected: 1"}
+    outcome = deliver(receiver.url(), payload, policy=HostPolicy.parse("127.0.0.1"), secret="s3cret",
+                      headers=headers)
+    assert outcome == "sent"
+    [req] = receiver.requests
+    body = req["body"]
+    assert json.loads(body) == {"job_id": "job-1", "status": "finished", "enqueued_at": None, "ended_at": None,
+                                "verdict": {"status": "ok", "label": "fake", "score": 0.91, "threshold": 0.5,
+                                            "source": "s3://b/k.mp4", "stored_at": "s3://b/verdicts/k.mp4.json",
+                                            "error": None}}
+    assert req["headers"]["Authorization"] == "Bearer receiver-token"
+    assert req["headers"]["Host"] == f"127.0.0.1:{receiver.port}"
+    assert "X-Bad" not in req["headers"] and "Injected" not in req["headers"]
+    signature = req["headers"][SIGNATURE_HEADER]
+    assert verify_signature("s3cret", signature, body)
+    assert not verify_signature("other", signature, body)
+    assert not verify_signature("s3cret", signature, body.replace(b"fake", b"real"))
+    assert not verify_signature("s3cret", sign("s3cret", body, timestamp=int(time.time()) - 3600), body)
+    assert not verify_signature("s3cret", "garbage", body)
+
+
+def test_a_failed_job_sends_the_error_line_not_the_traceback():
+    trace = 'Traceback (most recent call last):\n  File "/app/worker/x.py", line 3\nValueError: frames must be 1..1024\n'
+    assert summary("j", "failed", None, trace)["error"] == "ValueError: frames must be 1..1024"
+
+
+def test_redirects_errors_and_slow_receivers_fail_without_following(receiver):
+    policy = HostPolicy.parse("127.0.0.1")
+    with pytest.raises(WebhookFailed, match="302.*not followed"):
+        deliver(receiver.url("/redirect"), {"a": 1}, policy=policy)
+    assert [r["path"] for r in receiver.requests] == ["/redirect"]
+    with pytest.raises(WebhookFailed, match="HTTP 500"):
+        deliver(receiver.url("/broken"), {"a": 1}, policy=policy)
+    t0 = time.monotonic()
+    with pytest.raises(WebhookFailed, match="timed out"):
+        deliver(receiver.url("/slow"), {"a": 1}, policy=policy, timeout_s=0.3)
+    assert time.monotonic() - t0 < 1.5
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with pytest.raises(WebhookFailed, match="Connection refused|ConnectionRefused"):
+        deliver(f"http://127.0.0.1:{closed}/", {"a": 1}, policy=policy)
+
+
+def test_settings_keep_the_secret_out_of_reprs():
+    s = Settings(webhook_secret="s3cret", webhook_hosts="127.0.0.1")
+    assert "s3cret" not in repr(s) and s.webhook_secret.get_secret_value() == "s3cret"
+
+
+# -- delivered by the worker -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def s3(s3_server, corpus):
+    client = s3_server.client()
+    client.create_bucket(Bucket=BUCKET)
+    client.put_object(Bucket=BUCKET, Key=KEY, Body=corpus["carphone"].read_bytes(), ContentType="video/mp4")
+    return client
+
+
+def worker_settings(random_model_dir, redis_server, s3_server, tmp_path, **extra) -> Settings:
+    return Settings(model_dir=random_model_dir, redis_url=redis_server.url, s3_endpoint_url=s3_server.endpoint,
+                    allowed_buckets=BUCKET, frames=8, metrics_port=0, log_format="json",
+                    verdict_prefix=f"verdicts-{tmp_path.name}/", **extra)
+
+
+def run_burst(redis, settings, moderator):
+    from worker.rq_worker import DeepfakeWorker
+    from worker.runtime import WorkerRuntime, install
+
+    worker = DeepfakeWorker([settings.queue], connection=redis)
+    worker.runtime = WorkerRuntime(settings, moderator=moderator)
+    install(worker.runtime)
+    worker.work(burst=True)
+    return worker
+
+
+def webhook_counts(worker) -> dict[str, float]:
+    text = generate_latest(worker.runtime.metrics.registry).decode()
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("deepfake_webhooks_total{"):
+            counts[line.split('outcome="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_worker_posts_the_signed_verdict_to_a_listed_receiver(s3, redis, redis_server, s3_server, random_model_dir,
+                                                               moderator, receiver, tmp_path):
+    settings = worker_settings(random_model_dir, redis_server, s3_server, tmp_path,
+                               webhook_hosts="127.0.0.1", webhook_secret="hook-key")
+    job_id = enqueue(BUCKET, KEY, webhook_url=receiver.url("/deepfake?token=t1"), settings=settings,
+                     connection=redis, s3_client=s3)
+    worker = run_burst(redis, settings, moderator)
+    state = job_state(job_id, settings=settings, connection=redis)
+    assert state.status == "finished" and state.result["status"] == "ok"
+    [req] = receiver.requests
+    assert req["path"] == "/deepfake?token=t1"
+    assert verify_signature("hook-key", req["headers"][SIGNATURE_HEADER], req["body"])
+    body = json.loads(req["body"])
+    assert body["job_id"] == job_id and body["status"] == "finished"
+    assert body["verdict"]["label"] == state.result["label"] and body["verdict"]["score"] == state.result["score"]
+    assert body["verdict"]["stored_at"] == state.result["stored_at"]
+    assert body["enqueued_at"] and body["ended_at"]
+    assert webhook_counts(worker) == {"sent": 1.0}
+
+
+def test_worker_refuses_an_internal_receiver_and_still_finishes_the_job(s3, redis, redis_server, s3_server,
+                                                                         random_model_dir, moderator, receiver,
+                                                                         tmp_path):
+    settings = worker_settings(random_model_dir, redis_server, s3_server, tmp_path)  # no receiver list
+    job_id = enqueue(BUCKET, KEY, webhook_url=receiver.url(), settings=settings, connection=redis, s3_client=s3)
+    worker = run_burst(redis, settings, moderator)
+    assert job_state(job_id, settings=settings, connection=redis).status == "finished"
+    assert receiver.requests == []
+    assert webhook_counts(worker) == {"refused": 1.0}
