@@ -39,7 +39,7 @@ def main() -> None:
                    rate=8)
     clips = {"carphone": corpus["carphone"], "vp9": corpus["vp9_webm"], "mjpeg": corpus["mjpeg_avi"],
              "rotated": corpus["rotated_mp4"], "tiled 2x2": tiled,
-             "720p 10 s": face_clip(Path(tempfile.gettempdir()) / "deepfake-bench-720p.mp4", height=720)}
+             "720p 10 s": face_clip(Path(tempfile.gettempdir()) / "deepfake-bench-720p-1slice.mp4", height=720)}
     base = Settings(log_format="json", log_level="ERROR")
     off = Moderator(base)
     on = Moderator(base.model_copy(update={"early_exit_frames": args.k, "early_exit_margin": args.margin}),

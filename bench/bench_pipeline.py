@@ -37,7 +37,7 @@ def main() -> None:
     from worker.pipeline import Moderator
     from worker.settings import Settings
 
-    clip = face_clip(Path(tempfile.gettempdir()) / "deepfake-bench-720p.mp4", height=720)
+    clip = face_clip(Path(tempfile.gettempdir()) / "deepfake-bench-720p-1slice.mp4", height=720)
     model_dir = ensure_model_dir(Path(os.environ.get("DEEPFAKE_BENCH_DIR", "/tmp/deepfake-bench")), args.arch)
     base = Settings(model_dir=model_dir, engine=args.engine, frames=args.frames, log_format="json", log_level="ERROR")
     moderator = Moderator(base)

@@ -1,16 +1,17 @@
 """The GPU check (issue: verify the GPU path on an NVIDIA H200), as one bounded run.
 
-    python bench/gpu_verify.py --out DIR [--budget-s 240]
+    python bench/gpu_verify.py --out DIR [--budget-s 240] [--sections parity,throughput,detect,pipeline]
 
 Writes DIR/gpu_verify.json (and prints a summary) with:
 1. parity: CUDA fp32 / TF32 / bf16 / fp16 probabilities against the same model on the CPU, on real
    face crops (the trained demo model, and full-width MD-CSDNetwork with BatchNorm statistics set
    from real crops so its outputs spread);
-2. model throughput, crops/s at batch 1, 32, 128, 256 for eager fp32, bf16 autocast, bf16 +
+2. model throughput, crops/s at batch 1, 32, 128, 256 for eager fp32, bf16 and fp16 autocast, with
    channels-last, torch.compile and CUDA graphs, with the fraction of the bf16 bound reached;
-3. the whole pipeline (decode → RetinaFace → crops → model) on 10 s 720p and 1080p clips at 32
+3. RetinaFace alone on each clip's 32 frames: preprocess, network, box decoding + NMS;
+4. the whole pipeline (decode → RetinaFace → crops → model) on 10 s 720p and 1080p clips at 32
    frames, in 1 and 4 worker processes, against decode-only videos/s on all cores;
-4. GPU memory per worker.
+5. GPU memory per worker.
 Each section is time-boxed and failure-isolated: a broken section records its error and the rest run.
 """
 from __future__ import annotations
@@ -150,23 +151,23 @@ def _throughput(model, batch: int, mode: str, seconds: float = 1.0) -> dict:
     import torch
 
     x = torch.rand(batch, 3, 299, 299, device="cuda")
-    if mode in ("bf16_cl", "compile", "cuda_graphs"):
+    if mode in ("bf16_cl", "compile", "cuda_graphs", "fp16_cl", "fp16_graphs", "fp16_compile"):
         model = model.to(memory_format=torch.channels_last)
-    dtype = None if mode == "fp32" else torch.bfloat16
+    dtype = None if mode == "fp32" else torch.float16 if mode.startswith("fp16") else torch.bfloat16
 
     def step(inp):
         with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
             return model(inp)
 
     fn = step
-    if mode == "compile":
+    if mode in ("compile", "fp16_compile"):
         fn = torch.compile(step, dynamic=False)
     torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
         for _ in range(3):
             fn(x)
         torch.cuda.synchronize()
-        if mode == "cuda_graphs":
+        if mode in ("cuda_graphs", "fp16_graphs"):
             static = x.clone()
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
@@ -195,8 +196,12 @@ def _throughput(model, batch: int, mode: str, seconds: float = 1.0) -> dict:
             "peak_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 
 
+THROUGHPUT_MODES = ("fp32", "bf16", "bf16_cl", "cuda_graphs", "compile", "fp16", "fp16_cl", "fp16_graphs",
+                    "fp16_compile")
+
+
 @section("throughput")
-def throughput(deadline: float):
+def throughput(deadline: float, modes=THROUGHPUT_MODES):
     import torch
 
     from training.models import create_model
@@ -204,17 +209,18 @@ def throughput(deadline: float):
     torch.backends.cudnn.benchmark = True
     model = create_model(ARCH).cuda().eval()
     out: dict = {}
-    for mode in ("fp32", "bf16", "bf16_cl", "cuda_graphs", "compile"):
+    for mode in modes:
         for batch in (1, 32, 128, 256):
             if time.time() > deadline:
                 out.setdefault("skipped", []).append(f"{mode}@{batch}")
                 continue
-            if mode == "compile" and batch not in (32, 256):
+            if mode.endswith("compile") and batch not in (32, 256):
                 continue  # each batch size recompiles: two sizes keep the run short
             RESULTS["throughput_partial"] = out
             save()
             try:
-                out[f"{mode}@{batch}"] = _throughput(create_model(ARCH).cuda().eval() if mode == "compile" else model,
+                fresh = mode.endswith("compile")
+                out[f"{mode}@{batch}"] = _throughput(create_model(ARCH).cuda().eval() if fresh else model,
                                                      batch, mode)
             except Exception as exc:  # noqa: BLE001
                 out[f"{mode}@{batch}"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
@@ -231,6 +237,53 @@ def throughput(deadline: float):
     return out
 
 
+@section("detect")
+def detect(clips: dict, batches=(8, 32)):
+    """RetinaFace alone on each clip's 32 sampled frames: where a detection pass spends its time."""
+    import numpy as np
+    import torch
+
+    from worker.decode import Limits, VideoReader
+    from worker.faces.detector import RetinaFaceDetector
+
+    def sync():
+        if DEV.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    det = RetinaFaceDetector(device=DEV)
+    out: dict = {}
+    for name, clip in clips.items():
+        with VideoReader(clip, Limits(3600, 4096 * 4096, 600)) as reader:
+            frames = np.stack([f.image for f in reader.sample(32, mode="fast")])
+        det.detect(frames[:8])  # warm-up (cuDNN autotune, allocator)
+        for batch in batches:
+            parts = {"preprocess": 0.0, "network": 0.0, "decode_select": 0.0}
+            faces = 0
+            t_all = time.perf_counter()
+            for i in range(0, len(frames), batch):
+                chunk = frames[i:i + batch]
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    images = det.preprocess(chunk)
+                    sync()
+                    t1 = time.perf_counter()
+                    det.model(images)
+                    sync()
+                    t2 = time.perf_counter()
+                faces += sum(len(f) for f in det.detect(chunk))  # the whole call, for the remainder
+                sync()
+                t3 = time.perf_counter()
+                parts["preprocess"] += t1 - t0
+                parts["network"] += t2 - t1
+                parts["decode_select"] += max(0.0, (t3 - t2) - (t2 - t0))  # detect() minus its own pre+net
+            total = time.perf_counter() - t_all
+            out[f"{name}@{batch}"] = {"frames": len(frames), "faces": faces,
+                                      "ms_per_32_frames_detect_only": round(sum(parts.values()) * 1000, 1),
+                                      "ms_wall_incl_instrumentation": round(total * 1000, 1),
+                                      **{f"{k}_ms": round(v * 1000, 1) for k, v in parts.items()}}
+    return out
+
+
 def _pipeline_proc(rank, clip, model_dir, jobs, device, barrier, queue):
     sys.path.insert(0, str(ROOT))
     import resource
@@ -241,7 +294,8 @@ def _pipeline_proc(rank, clip, model_dir, jobs, device, barrier, queue):
     from worker.settings import Settings
 
     torch.set_num_threads(max(1, (os.cpu_count() or 4) // 4))
-    settings = Settings(model_dir=model_dir, device=device, frames=32, log_format="json", log_level="WARNING")
+    settings = Settings(model_dir=model_dir, device=device, frames=32, log_format="json", log_level="WARNING",
+                        precision="fp16" if device.startswith("cuda") else None)
     m = Moderator(settings)
     m.moderate_path(clip)  # warm-up
     barrier.wait()
@@ -332,7 +386,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget-s", type=float, default=240)
     ap.add_argument("--clips", type=Path, default=ROOT / ".gpu")
-    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--sections", default="parity,throughput,detect,pipeline",
+                    help="comma-separated, run in this order: parity, throughput, detect, pipeline")
+    ap.add_argument("--modes", default=",".join(THROUGHPUT_MODES), help="throughput modes")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model, no throughput: checks the script")
     args = ap.parse_args()
     global DEV, ARCH, CLIPS
@@ -342,15 +398,26 @@ def main() -> None:
     t0 = time.time()
     environment()
     clips = {p.stem: str(p) for p in sorted(args.clips.glob("*.mp4"))}
+    wanted = [x.strip() for x in args.sections.split(",") if x.strip()]
     if args.dry_run:
         DEV, ARCH = "cpu", "mdcsd_tiny"
-        parity()
-        pipeline(dict(list(clips.items())[:1]), make_full_model_dir(), deadline=t0 + 600, workers_list=(1,), cpus=2)
-    else:
-        parity()
-        if not args.skip_throughput:
-            throughput(deadline=t0 + args.budget_s * 0.55)
-        pipeline(clips, make_full_model_dir(), deadline=t0 + args.budget_s * 0.9)
+        wanted = [w for w in wanted if w != "throughput"]
+    deadline = {"throughput": 0.55, "pipeline": 0.9}
+    for name in wanted:
+        if name == "parity":
+            parity()
+        elif name == "throughput":
+            throughput(deadline=t0 + args.budget_s * deadline["throughput"], modes=args.modes.split(","))
+        elif name == "detect":
+            detect(clips)
+        elif name == "pipeline":
+            if args.dry_run:
+                pipeline(dict(list(clips.items())[:1]), make_full_model_dir(), deadline=t0 + 600,
+                         workers_list=(1,), cpus=2)
+            else:
+                pipeline(clips, make_full_model_dir(), deadline=t0 + args.budget_s * deadline["pipeline"])
+        else:
+            raise SystemExit(f"unknown section {name!r}")
     RESULTS["total_s"] = round(time.time() - t0, 1)
     save()
 

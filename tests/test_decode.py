@@ -123,3 +123,12 @@ def test_fast_sampling_falls_back_when_slices_are_too_short(corpus):
         assert reader.info.sampling == "exact" and reader.info.frames_sampled == 100
     assert len({f.t for f in frames}) == 100
     assert frames[0].t < 0.1 and frames[-1].t > 3.8
+    # the fallback reopens the decoder (the fast pass ran it with slice threads), from a file object
+    # too, and gives exactly what an exact pass gives
+    with open(corpus["carphone"], "rb") as fh, VideoReader(fh, LIMITS) as reader:
+        from_stream = list(reader.sample(100, mode="fast"))
+    with VideoReader(str(corpus["carphone"]), LIMITS) as reader:
+        exact = list(reader.sample(100, mode="exact"))
+    for a, b, c in zip(frames, from_stream, exact, strict=True):
+        assert a.t == b.t == c.t
+        assert np.array_equal(a.image, c.image) and np.array_equal(b.image, c.image)

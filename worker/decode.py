@@ -107,6 +107,7 @@ class VideoReader:
         self._first_frame_checked = False  # the rotation is read from the first decoded frame
         self._limits = limits
         self._threads = threads
+        self._slice_threads = False  # the fast pass's decoder (see _pick_reference_frames)
         self._started = time.monotonic()
         head = self._read_head(media)
         # Not passed to av.open: a probe decoder that refuses a picture zeroes the size the container
@@ -285,6 +286,13 @@ class VideoReader:
         decoded with x264's defaults); with shorter slices only those no other frame refers to.
         """
         half_slice = duration / len(targets) / 2.0
+        if not self._stream.codec_context.is_open:
+            # With B-frames skipped, what is left is a chain of frames that each refer to the last, which
+            # frame threading cannot spread but still pays for (a pipeline of thread_count frames, context
+            # copies): slice threads decoded the same frames 1.2–1.7× faster on 2 cores, and a one-slice
+            # stream decodes as fast as single-threaded (bench/bench_decode.py, README).
+            self._stream.thread_type = "SLICE"
+            self._slice_threads = True
         self._stream.codec_context.skip_frame = "BIDIR" if 2 * half_slice * fps >= 8 else "NONREF"
         picked: list[tuple[av.VideoFrame, float]] = []
         prev: tuple[av.VideoFrame, float] | None = None
@@ -308,18 +316,21 @@ class VideoReader:
         return picked
 
     def _rewind(self) -> None:
-        self._restart()
+        """Back to the start for an exact pass: reopened when the fast pass chose slice threads, since a
+        decoder's threading is fixed once it is open and exact decoding wants frame threads."""
+        self._restart(reopen=self._slice_threads)
         self._stream.codec_context.skip_frame = "DEFAULT"
         self._first_frame_checked = False
 
-    def _restart(self) -> None:
+    def _restart(self, reopen: bool = False) -> None:
         """Back to the first packet: a seek, or a fresh open where the demuxer cannot seek (EPERM from
-        a Matroska file without cues, for one)."""
-        try:
-            self._container.seek(0, any_frame=False, backward=True, stream=self._stream)
-            return
-        except (av.error.FFmpegError, ValueError):
-            pass
+        a Matroska file without cues, for one) or `reopen` asks for a new decoder."""
+        if not reopen:
+            try:
+                self._container.seek(0, any_frame=False, backward=True, stream=self._stream)
+                return
+            except (av.error.FFmpegError, ValueError):
+                pass
         index = self._stream.index
         self._container.close()
         try:
@@ -330,6 +341,7 @@ class VideoReader:
         except (av.error.FFmpegError, ValueError, IndexError, OSError) as exc:
             raise Corrupt(f"the video could not be read again from its start: {exc}") from exc
         self._stream.thread_type = "AUTO"
+        self._slice_threads = False
         self._stream.codec_context.thread_count = self._threads
         self._stream.codec_context.options = dict(self._decoder_options)
 
