@@ -3,7 +3,9 @@
 1. engines: crops/s of each available engine and the ratio to PyTorch eager (bench_engines.py);
 2. the whole pipeline vs the model alone on a 10 s 720p clip at 32 frames, with peak RSS
    (bench_pipeline.py);
-3. sampled decode vs decode-all on that clip (bench_decode.py).
+3. sampled decode vs decode-all on that clip (bench_decode.py);
+4. the RetinaFace network: the worker's channels-last PyTorch path vs NCHW input vs ONNX Runtime
+   (bench_detect.py).
 Each runs in its own process so one's memory does not count against another's.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 def main() -> int:
     status = 0
     for script, args in (("bench_engines.py", ["--models", "mdcsd"]), ("bench_pipeline.py", []),
-                         ("bench_decode.py", [])):
+                         ("bench_decode.py", []), ("bench_detect.py", [])):
         print(f"\n### {script} {' '.join(args)}", flush=True)
         status |= subprocess.call([sys.executable, str(HERE / script), *args])
     return status

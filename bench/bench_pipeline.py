@@ -42,17 +42,20 @@ def main() -> None:
     base = Settings(model_dir=model_dir, engine=args.engine, frames=args.frames, log_format="json", log_level="ERROR")
     moderator = Moderator(base)
     moderator.moderate_path(clip, report_dir=None)  # warm-up
-    rows = []
-    for overlap in ("off", "on"):
-        m = Moderator(base.model_copy(update={"overlap": overlap}), detector=moderator.detector,
-                      engine=moderator.engine)
-        times, stages = [], []
-        for _ in range(args.repeat):
+    configs = {  # rounds interleave the configurations, so load changes hit both alike
+        f"pipeline, overlap {overlap}": Moderator(base.model_copy(update={"overlap": overlap}),
+                                                  detector=moderator.detector, engine=moderator.engine)
+        for overlap in ("off", "on")
+    }
+    times: dict = {k: [] for k in configs}
+    stages: dict = {}
+    for _ in range(args.repeat):
+        for name, m in configs.items():
             t0 = time.perf_counter()
             v = m.moderate_path(clip)
-            times.append(time.perf_counter() - t0)
-            stages.append(v["timings_ms"])
-        rows.append((f"pipeline, overlap {overlap}", statistics.median(times), stages[-1]))
+            times[name].append(time.perf_counter() - t0)
+            stages[name] = v["timings_ms"]
+    rows = [(name, statistics.median(times[name]), stages[name]) for name in configs]
     # The model alone on this video's own crops (what the pipeline fed it).
     from worker.decode import Limits, VideoReader
     from worker.preprocess import crop_face

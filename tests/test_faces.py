@@ -204,6 +204,16 @@ def test_max_size_downscale_returns_source_pixels(carphone: np.ndarray, detector
         assert len(b) == 1 and _iou(b[0].box, tuple(np.array(s[0].box) * 4)) > 0.8
 
 
+def test_preprocess_hands_the_network_channels_last_memory(carphone: np.ndarray, detector: RetinaFaceDetector) -> None:
+    """The CPU convolutions run about 2× faster on channels-last input: keep the layout the frames have."""
+    images = detector.preprocess(carphone[:2])
+    assert images.shape == (2, 3, 144, 176)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    bgr = carphone[:2, ..., ::-1].transpose(0, 3, 1, 2).astype(np.float32) - np.array(
+        [104.0, 117.0, 123.0], np.float32).reshape(1, 3, 1, 1)
+    np.testing.assert_array_equal(images.numpy(), bgr)
+
+
 def test_nms_keeps_the_best_of_overlapping_boxes() -> None:
     boxes = torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30], [0, 0, 10, 9]], dtype=torch.float32)
     scores = torch.tensor([0.8, 0.9, 0.7, 0.95])

