@@ -26,13 +26,8 @@ from media import carphone_frames
 from worker.engine import ENGINES, Engine, load_engine, resolve_backend
 from worker.engine.cache import CACHE_ENV, EngineCache, EngineKey, default_cache_dir
 from worker.engine.model_card import sha256_file
-from worker.engine.onnx_engine import (
-    OnnxRuntimeEngine,
-    available_cpus,
-    cgroup_cpu_limit,
-    parse_cfs_quota,
-    parse_cpu_max,
-)
+from worker.cpus import available_cpus, cgroup_cpu_limit, parse_cfs_quota, parse_cpu_max
+from worker.engine.onnx_engine import OnnxRuntimeEngine
 from worker.engine.torch_engine import TorchEngine, graph_buckets
 from worker.preprocess import crop_face, crops_to_tensor_layout
 

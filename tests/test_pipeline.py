@@ -121,3 +121,15 @@ def test_prefetch_stops_its_producer_when_the_consumer_stops():
         if i == 5:
             break
     assert 6 <= len(produced) <= 9  # bounded read-ahead, then the thread exits
+
+
+def test_decoder_threads_follow_the_cpu_quota_and_do_not_change_the_verdict(settings, moderator, corpus):
+    from worker.cpus import available_cpus
+
+    assert moderator.decode_threads == available_cpus()  # not FFmpeg's count of the host's cores
+    single = Moderator(settings.model_copy(update={"decode_threads": 1}), detector=moderator.detector,
+                       engine=moderator.engine)
+    assert single.decode_threads == 1
+    for name in ("carphone", "vp9_webm"):
+        a, b = moderator.moderate_path(corpus[name]), single.moderate_path(corpus[name])
+        assert a["score"] == b["score"] and a["faces"] == b["faces"], name

@@ -16,6 +16,7 @@ import numpy as np
 import structlog
 import torch
 
+from worker.cpus import available_cpus
 from worker.decode import Limits, SampledFrame, VideoReader
 from worker.engine import Engine, load_engine
 from worker.errors import Internal, ModerationError, TransientError
@@ -92,6 +93,7 @@ class Moderator:
     def __init__(self, settings: Settings, *, detector: FaceDetector | None = None, engine: Engine | None = None) -> None:
         self.settings = settings
         self.limits = Limits(settings.max_duration_s, settings.max_pixels, settings.decode_timeout_s)
+        self.decode_threads = settings.decode_threads or available_cpus()
         if engine is None:
             engine = load_engine(
                 resolve_model_dir(settings.model_dir), backend=settings.engine, device=settings.device,
@@ -132,7 +134,7 @@ class Moderator:
         started = time.perf_counter()
         try:
             with timer.stage("open"):
-                reader = VideoReader(source.open(), self.limits)
+                reader = VideoReader(source.open(), self.limits, threads=self.decode_threads)
             with reader:
                 verdict = self._score(source, reader, frames or self.settings.frames, timer, crops)
         except ModerationError as exc:

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     channels_last: bool = Field(False, description="PyTorch engine: channels-last memory format.")
     torch_compile: str = Field("", description="PyTorch engine: a torch.compile mode (e.g. default); empty = off.")
     cuda_graphs: bool = Field(False, description="PyTorch engine on CUDA: replay CUDA graphs per batch size.")
+    decode_threads: int | None = Field(
+        None, ge=1, description="PyAV/FFmpeg decoder threads; unset = the cgroup CPU quota (FFmpeg would take the host's cores)."
+    )
     engine_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads; unset = the cgroup CPU quota.")
     cache_dir: Path | None = Field(None, description="TensorRT engine cache; unset = ~/.cache/deepfake/trt.")
     int8_calibration: Path | None = Field(None, description="TensorRT INT8: a folder of crop images or a .npy of crops.")
