@@ -8,7 +8,8 @@ Writes DIR/gpu_verify.json (and prints a summary) with:
    from real crops so its outputs spread);
 2. model throughput, crops/s at batch 1, 32, 128, 256 for eager fp32, bf16 and fp16 autocast, with
    channels-last, torch.compile and CUDA graphs, with the fraction of the bf16 bound reached;
-3. RetinaFace alone on each clip's 32 frames: preprocess, network, box decoding + NMS;
+3. fast sampled decoding with slice vs frame threads at 1, 4 and 16 threads; RetinaFace alone on
+   each clip's 32 frames: preprocess, network, box decoding + NMS;
 4. the whole pipeline (decode → RetinaFace → crops → model) on 10 s 720p and 1080p clips at 32
    frames, in 1 and 4 worker processes, against decode-only videos/s on all cores;
 5. GPU memory per worker.
@@ -237,6 +238,34 @@ def throughput(deadline: float, modes=THROUGHPUT_MODES):
     return out
 
 
+@section("decode")
+def decode_threading(clips: dict, thread_counts=(1, 4, 16), repeat: int = 3):
+    """Fast sampling (B-frames skipped) with slice vs frame threads: the CPU box chose slice threads
+    (1.2–1.7× faster on 2 cores); does that hold with 16 cores?"""
+    import statistics
+
+    from worker.decode import Limits, VideoReader
+
+    class FrameThreaded(VideoReader):
+        FAST_PASS_THREADING = "FRAME"
+
+    def timed(cls, clip, threads):
+        ts = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            with cls(clip, Limits(3600, 4096 * 4096, 600), threads=threads) as r:
+                n = len(list(r.sample(32, mode="fast")))
+            ts.append(time.perf_counter() - t0)
+        return round(statistics.median(ts) * 1000, 1), n
+
+    out: dict = {}
+    for name, clip in clips.items():
+        for threads in thread_counts:
+            for label, cls in (("slice", VideoReader), ("frame", FrameThreaded)):
+                out[f"{name}_fast_{label}_threads{threads}_ms"] = timed(cls, clip, threads)[0]
+    return out
+
+
 @section("detect")
 def detect(clips: dict, batches=(8, 32)):
     """RetinaFace alone on each clip's 32 sampled frames: where a detection pass spends its time."""
@@ -386,8 +415,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget-s", type=float, default=240)
     ap.add_argument("--clips", type=Path, default=ROOT / ".gpu")
-    ap.add_argument("--sections", default="parity,throughput,detect,pipeline",
-                    help="comma-separated, run in this order: parity, throughput, detect, pipeline")
+    ap.add_argument("--sections", default="parity,throughput,decode,detect,pipeline",
+                    help="comma-separated, run in this order: parity, throughput, decode, detect, pipeline")
     ap.add_argument("--modes", default=",".join(THROUGHPUT_MODES), help="throughput modes")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny model, no throughput: checks the script")
     args = ap.parse_args()
@@ -408,6 +437,8 @@ def main() -> None:
             parity()
         elif name == "throughput":
             throughput(deadline=t0 + args.budget_s * deadline["throughput"], modes=args.modes.split(","))
+        elif name == "decode":
+            decode_threading(clips, thread_counts=(1, 2) if args.dry_run else (1, 4, 16))
         elif name == "detect":
             detect(clips)
         elif name == "pipeline":

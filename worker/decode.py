@@ -102,12 +102,15 @@ def rotate_upright(image: np.ndarray, rotation: int) -> np.ndarray:
 class VideoReader:
     """One opened video. Use as a context manager; `info` is ready after construction."""
 
+    # Threading of the fast pass's decoder (see _pick_reference_frames); the exact pass uses AUTO.
+    FAST_PASS_THREADING = "SLICE"
+
     def __init__(self, media: str | BinaryIO, limits: Limits, *, threads: int = 0) -> None:
         self._media = media
         self._first_frame_checked = False  # the rotation is read from the first decoded frame
         self._limits = limits
         self._threads = threads
-        self._slice_threads = False  # the fast pass's decoder (see _pick_reference_frames)
+        self._reopen_for_exact = False  # the fast pass's decoder (see _pick_reference_frames)
         self._started = time.monotonic()
         head = self._read_head(media)
         # Not passed to av.open: a probe decoder that refuses a picture zeroes the size the container
@@ -291,8 +294,8 @@ class VideoReader:
             # frame threading cannot spread but still pays for (a pipeline of thread_count frames, context
             # copies): slice threads decoded the same frames 1.2–1.7× faster on 2 cores, and a one-slice
             # stream decodes as fast as single-threaded (bench/bench_decode.py, README).
-            self._stream.thread_type = "SLICE"
-            self._slice_threads = True
+            self._stream.thread_type = self.FAST_PASS_THREADING
+            self._reopen_for_exact = self.FAST_PASS_THREADING != "AUTO"
         self._stream.codec_context.skip_frame = "BIDIR" if 2 * half_slice * fps >= 8 else "NONREF"
         picked: list[tuple[av.VideoFrame, float]] = []
         prev: tuple[av.VideoFrame, float] | None = None
@@ -318,7 +321,7 @@ class VideoReader:
     def _rewind(self) -> None:
         """Back to the start for an exact pass: reopened when the fast pass chose slice threads, since a
         decoder's threading is fixed once it is open and exact decoding wants frame threads."""
-        self._restart(reopen=self._slice_threads)
+        self._restart(reopen=self._reopen_for_exact)
         self._stream.codec_context.skip_frame = "DEFAULT"
         self._first_frame_checked = False
 
@@ -341,7 +344,7 @@ class VideoReader:
         except (av.error.FFmpegError, ValueError, IndexError, OSError) as exc:
             raise Corrupt(f"the video could not be read again from its start: {exc}") from exc
         self._stream.thread_type = "AUTO"
-        self._slice_threads = False
+        self._reopen_for_exact = False
         self._stream.codec_context.thread_count = self._threads
         self._stream.codec_context.options = dict(self._decoder_options)
 
