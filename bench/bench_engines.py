@@ -20,8 +20,9 @@ How it measures, so that other jobs on a shared machine bias no engine:
 * GFLOP per crop: torch.utils.flop_counter on the PyTorch model (multiply-add = 2 FLOPs);
   achieved GFLOP/s = crops/s × that.
 
-Engines: pytorch (CPU eager fp32), onnxruntime (CPU provider), onnxruntime-iobind (IO binding),
-onnxruntime-mempattern (ORT's memory pattern on), and on a CUDA machine pytorch-cuda,
+Engines: pytorch (CPU eager fp32), onnxruntime (CPU provider), onnxruntime-int8 (the graph statically
+quantised, calibrated on the bench crops), onnxruntime-iobind (IO binding), onnxruntime-mempattern
+(ORT's memory pattern on), and on a CUDA machine pytorch-cuda,
 pytorch-cuda-bf16 (channels-last + CUDA graphs) and tensorrt.
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ ENGINE_SPECS: dict[str, dict] = {
     "onnxruntime": {"backend": "onnxruntime"},
     "onnxruntime-iobind": {"backend": "onnxruntime", "io_binding": True},
     "onnxruntime-mempattern": {"backend": "onnxruntime", "mem_pattern": True},
+    "onnxruntime-int8": {"backend": "onnxruntime", "precision": "int8", "calibrate": True},
     "pytorch-cuda": {"backend": "pytorch", "device": "cuda"},
     "pytorch-cuda-bf16": {"backend": "pytorch", "device": "cuda", "precision": "bf16", "channels_last": True,
                           "cuda_graphs": True},
@@ -98,6 +100,11 @@ def flops_per_crop(model_dir: Path) -> float:
 
 def make_engine(model_dir: Path, spec_name: str, batch: int):  # type: ignore[no-untyped-def]
     spec = dict(ENGINE_SPECS[spec_name])
+    if spec.pop("calibrate", False):  # INT8: calibrated on the bench's crops, cached beside the models
+        from worker.engine.model_card import ModelCard
+
+        spec["calibration"] = bench_crops(ModelCard.load(model_dir).input_size, 16)
+        spec["cache_dir"] = Path(model_dir).parent / "engine-cache"
     ort_options = {k: spec.pop(k) for k in ("io_binding", "mem_pattern") if k in spec}
     if ort_options:  # variants load_engine has no switch for
         from worker.engine.onnx_engine import OnnxRuntimeEngine
@@ -194,7 +201,7 @@ def ensure_model_dir(workdir: Path, architecture: str) -> Path:
 
 
 def available_specs() -> list[str]:
-    specs = ["pytorch", "onnxruntime"]
+    specs = ["pytorch", "onnxruntime", "onnxruntime-int8"]
     try:
         import torch
 

@@ -133,3 +133,27 @@ def test_decoder_threads_follow_the_cpu_quota_and_do_not_change_the_verdict(sett
     for name in ("carphone", "vp9_webm"):
         a, b = moderator.moderate_path(corpus[name]), single.moderate_path(corpus[name])
         assert a["score"] == b["score"] and a["faces"] == b["faces"], name
+
+
+def test_int8_engine_through_settings(settings, moderator, corpus, tmp_path):
+    """DEEPFAKE_ENGINE=onnxruntime DEEPFAKE_PRECISION=int8 DEEPFAKE_INT8_CALIBRATION=...: the worker's path."""
+    import numpy as np
+
+    from worker.decode import Limits, VideoReader
+    from worker.pipeline import DEFAULT_MODEL_DIR
+    from worker.preprocess import crop_face
+
+    fp32 = Moderator(settings.model_copy(update={"model_dir": DEFAULT_MODEL_DIR, "engine": "onnxruntime"}),
+                     detector=moderator.detector)
+    with VideoReader(str(corpus["carphone"]), Limits(60, 10**7, 60)) as reader:
+        frames = [f.image for f in reader.sample(16)]
+    faces = moderator.detector.detect(np.stack(frames))
+    np.save(tmp_path / "calib.npy", np.stack([crop_face(f, fs[0].box, size=fp32.crop_size)
+                                              for f, fs in zip(frames, faces) if fs]))
+    s = settings.model_copy(update={"model_dir": DEFAULT_MODEL_DIR, "engine": "onnxruntime", "precision": "int8",
+                                    "int8_calibration": tmp_path / "calib.npy", "cache_dir": tmp_path / "cache"})
+    m = Moderator(s, detector=moderator.detector)
+    v = m.moderate_path(corpus["carphone"])
+    assert v["status"] == "ok" and v["model"]["backend"] == "onnxruntime-cpu-int8"
+    assert v["model"]["int8_max_abs_diff"] is not None
+    assert abs(v["score"] - fp32.moderate_path(corpus["carphone"])["score"]) < 0.06

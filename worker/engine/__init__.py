@@ -87,9 +87,11 @@ def load_engine(
     """Load `model_dir` with `backend` (pytorch | onnxruntime | tensorrt | auto).
 
     precision: None = the backend's default (pytorch fp32, tensorrt fp16, onnxruntime the graph's
-    fp32); pytorch takes fp32 | bf16 | fp16 (CUDA autocast), tensorrt fp32 | fp16 | int8.
+    fp32); pytorch takes fp32 | bf16 | fp16 (CUDA autocast), tensorrt fp32 | fp16 | int8, onnxruntime
+    fp32 | int8 (CPU, statically quantised with the calibration crops).
     channels_last / compile / cuda_graphs: pytorch only. threads: onnxruntime intra-op threads
-    (None = the cgroup CPU quota). cache_dir / calibration: tensorrt's engine cache and INT8 crops.
+    (None = the cgroup CPU quota). cache_dir / calibration: the engine cache (TensorRT plans, INT8
+    ONNX graphs) and the INT8 calibration crops.
     """
     chosen = resolve_backend(model_dir, backend, device)
     auto = backend == "auto"
@@ -115,9 +117,11 @@ def load_engine(
     if chosen == "onnxruntime":
         from worker.engine.onnx_engine import OnnxRuntimeEngine
 
-        if precision not in (None, "fp32"):
-            unsupported(f"precision {precision!r} (it runs the ONNX graph as exported, fp32)")
-        return OnnxRuntimeEngine(model_dir, device=device, batch_size=batch_size, intra_op_threads=threads)
+        if precision not in (None, "fp32", "int8") or (precision == "int8" and device != "cpu"):
+            unsupported(f"precision {precision!r} on {device} (it runs fp32, and int8 on the CPU)")
+            precision = None
+        return OnnxRuntimeEngine(model_dir, device=device, batch_size=batch_size, intra_op_threads=threads,
+                                 precision=precision or "fp32", calibration=calibration, cache_dir=cache_dir)
     from worker.engine.tensorrt_engine import TensorRTEngine
 
     return TensorRTEngine(model_dir, device=device, batch_size=batch_size, precision=precision or "fp16",

@@ -21,6 +21,10 @@ intermediate tensors on top of its arena; on the full-width model that raised a 
 process's peak RSS from 1.86 to 3.26 GB at batch 32 (0.74 → 1.07 GB at batch 8) with no
 measurable speed gain on the 2-core box (bench/README.md).
 
+INT8 (``precision="int8"``, CPU only): the graph statically quantised with calibration crops
+(``worker.engine.ort_int8``), cached in the engine cache; the verdict's model block then carries
+``int8_max_abs_diff``, the largest |Δ probability| against FP32 measured when it was built.
+
 IO binding: off on the CPU (``session.run`` already reads the numpy input in place and the output
 is a few floats per crop; measured no difference within noise, bench/README.md). On CUDA the
 engine binds the output on the device and the input from host memory so ORT copies each once.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +45,7 @@ from worker.preprocess import crops_to_tensor_layout
 log = logging.getLogger(__name__)
 
 ONNX_DEFAULT_FILE = "model.onnx"
+PARITY_CROPS = 64  # calibration crops an INT8 build is compared with FP32 on
 # -- engine -------------------------------------------------------------------------------------------
 
 def onnx_path_of(model_dir: Path, card: ModelCard) -> Path | None:
@@ -69,8 +75,21 @@ class OnnxRuntimeEngine:
         intra_op_threads: int | None = None,
         io_binding: bool | None = None,
         mem_pattern: bool = False,
+        precision: str = "fp32",
+        calibration: Any = None,
+        cache_dir: Path | str | None = None,
     ) -> None:
         import onnxruntime as ort
+
+        if precision not in ("fp32", "int8"):
+            raise ValueError(f"onnxruntime runs precision fp32 or int8, not {precision!r}")
+        if precision == "int8" and device != "cpu":
+            raise ValueError("onnxruntime int8 runs on the CPU (on a GPU, use tensorrt for int8)")
+        if precision == "int8" and calibration is None:
+            raise ValueError("precision 'int8' needs calibration crops: set DEEPFAKE_INT8_CALIBRATION to a "
+                             "directory of face-crop images or a .npy of N×S×S×3 uint8 crops")
+        self.precision = precision
+        self.int8_max_abs_diff: float | None = None
 
         self.model_dir = Path(model_dir)
         self.card = ModelCard.load(self.model_dir)
@@ -118,6 +137,38 @@ class OnnxRuntimeEngine:
         self.input_name = inputs[0].name
         self.output_name, self.output_kind = self._pick_output(self.session.get_outputs())
         self.io_binding = (self.device_type == "cuda") if io_binding is None else io_binding
+        if precision == "int8":
+            self._load_int8(ort, so, calibration, cache_dir)
+
+    def _load_int8(self, ort: Any, so: Any, calibration: Any, cache_dir: Path | str | None) -> None:
+        """Swap the session for the cached (or newly quantised) INT8 graph; on a new build, measure it
+        against the FP32 graph on the calibration crops and keep that figure beside the cached graph."""
+        import json
+
+        from worker.engine.calibration import load_calibration_crops
+        from worker.engine.ort_int8 import load_or_quantize
+
+        crops = load_calibration_crops(calibration, self.card.input_size)
+        data, built, path = load_or_quantize(self.onnx_path, self.sha256, crops, self.input_name,
+                                             self.card.input_size, cache_dir)
+        fp32 = self.predict(crops[:PARITY_CROPS]) if built else None
+        self.session = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        self.backend = "onnxruntime-cpu-int8"
+        record = path.with_suffix(".parity.json")
+        if fp32 is not None:
+            self.int8_max_abs_diff = round(float(np.abs(self.predict(crops[:PARITY_CROPS]) - fp32).max()), 6)
+            log.info("INT8 graph: max |Δ probability| %.4f vs FP32 on %d calibration crops",
+                     self.int8_max_abs_diff, min(len(crops), PARITY_CROPS))
+            try:
+                record.write_text(json.dumps({"max_abs_diff": self.int8_max_abs_diff,
+                                              "crops": int(min(len(crops), PARITY_CROPS))}) + "\n")
+            except OSError as exc:  # a read-only cache: the figure is in the log
+                log.warning("could not record INT8 parity beside %s (%s)", path, exc)
+        else:
+            try:
+                self.int8_max_abs_diff = json.loads(record.read_text())["max_abs_diff"]
+            except (OSError, ValueError, KeyError):
+                self.int8_max_abs_diff = None
 
     @staticmethod
     def _pick_output(outputs) -> tuple[str, str]:  # type: ignore[no-untyped-def]
@@ -160,4 +211,7 @@ class OnnxRuntimeEngine:
         return np.concatenate(out).astype(np.float32)
 
     def describe(self) -> dict:
-        return describe_engine(self.card, self.backend, self.sha256)
+        block = describe_engine(self.card, self.backend, self.sha256)
+        if self.precision == "int8":
+            block["int8_max_abs_diff"] = self.int8_max_abs_diff  # vs FP32, on the calibration crops
+        return block
