@@ -306,7 +306,20 @@ def detect(clips: dict, batches=(8, 32)):
                 parts["network"] += t2 - t1
                 parts["decode_select"] += max(0.0, (t3 - t2) - (t2 - t0))  # detect() minus its own pre+net
             total = time.perf_counter() - t_all
-            out[f"{name}@{batch}"] = {"frames": len(frames), "faces": faces,
+            layouts = {}
+            with torch.inference_mode():
+                x = det.preprocess(frames[:batch])
+                for label, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+                    xi = x.contiguous(memory_format=fmt)
+                    det.model(xi)  # warm-up for this layout
+                    sync()
+                    t0 = time.perf_counter()
+                    for _ in range(5):
+                        det.model(xi)
+                    sync()
+                    layouts[f"network_{label}_ms_per_batch"] = round((time.perf_counter() - t0) / 5 * 1000, 2)
+            out[f"{name}@{batch}"] = {"frames": len(frames), "faces": faces, "detector_layout": str(det.memory_format),
+                                      **layouts,
                                       "ms_per_32_frames_detect_only": round(sum(parts.values()) * 1000, 1),
                                       "ms_wall_incl_instrumentation": round(total * 1000, 1),
                                       **{f"{k}_ms": round(v * 1000, 1) for k, v in parts.items()}}

