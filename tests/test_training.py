@@ -264,7 +264,7 @@ def test_demo_training_reaches_video_auc(tmp_path):
 # -- the command line ----------------------------------------------------------------------------------------
 
 
-def test_cli_train_evaluate_export(tmp_path, capsys):
+def test_cli_train_evaluate_export(tmp_path, capsys, monkeypatch):
     """train -> evaluate -> export through ``python -m training`` on a small real-footage SBI cache."""
     import json
 
@@ -287,7 +287,26 @@ def test_cli_train_evaluate_export(tmp_path, capsys):
     card = ModelCard.load(model)
     assert card.input_size == 32 and card.operating_point["achieved_fpr"] == 0.0 and card.metrics["n_crops"] == 80
     assert card.provenance["command"].startswith("python -m training")
+    # the exported directory, scored as the worker would: its PyTorch model, ONNX Runtime, ONNX Runtime INT8
+    from training.data import CropDataset
+
+    train_crops = CropDataset(data, "train")
+    np.save(tmp_path / "calib.npy", np.stack([(train_crops[i][0].permute(1, 2, 0).numpy() * 255).round()
+                                              .astype(np.uint8) for i in range(64)]))
+    runs = {"torch": [], "ort": ["--engine", "onnxruntime"],
+            "int8": ["--engine", "onnxruntime", "--precision", "int8", "--int8-calibration", str(tmp_path / "calib.npy")]}
+    scored = {}
+    monkeypatch.setenv("DEEPFAKE_CACHE_DIR", str(tmp_path / "engine-cache"))  # where the INT8 graph is kept
+    for name, extra in runs.items():
+        assert main(["evaluate", "--model-dir", str(model), "--data", str(data), "--out", str(tmp_path / name),
+                     *extra]) == 0
+        scored[name] = json.loads((tmp_path / name / "results.json").read_text())["frame"]
+    assert scored["ort"]["auc"] == pytest.approx(scored["torch"]["auc"], abs=1e-3)
+    assert scored["int8"]["n"] == 80 and abs(scored["int8"]["auc"] - scored["torch"]["auc"]) < 0.1
     capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--checkpoint", str(run / "best.pt"), "--engine", "onnxruntime", "--data", str(data),
+              "--out", str(ev)])  # an engine needs an exported model directory
     with pytest.raises(SystemExit) as exc:
         main(["train", "--out", str(run)])  # --data missing
     assert exc.value.code == 2

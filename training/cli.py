@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--name", default="model", help="row label in the tables")
+    p.add_argument("--engine", choices=["pytorch", "onnxruntime", "tensorrt"],
+                   help="with --model-dir: score through this worker engine (default: the PyTorch model itself)")
+    p.add_argument("--precision", help="the engine's precision, e.g. int8 (onnxruntime on the CPU, tensorrt)")
+    p.add_argument("--int8-calibration", type=Path, help="INT8 calibration crops: an image folder or a .npy")
 
     p = sub.add_parser("export", help="write a model directory: weights.pt, model.onnx, model.json",
                        description="Exports a checkpoint for the worker, checks ONNX Runtime against PyTorch "
@@ -267,11 +271,22 @@ def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from training.evaluate import cross_dataset_table, evaluate_model, markdown_report, write_report
 
     threshold = args.threshold
+    if (args.engine or args.precision or args.int8_calibration) and not args.model_dir:
+        parser.error("--engine, --precision and --int8-calibration need --model-dir")
     if args.model_dir:
         from worker.engine.model_card import ModelCard
         from worker.engine.torch_engine import TorchEngine
 
-        model = TorchEngine(args.model_dir).model
+        if args.engine:
+            from training.evaluate import EngineScorer
+            from worker.engine import load_engine
+
+            model = EngineScorer(load_engine(args.model_dir, backend=args.engine, device=args.device,
+                                             batch_size=args.batch_size, precision=args.precision,
+                                             calibration=args.int8_calibration))
+            args.device = "cpu"  # the engine moves crops itself
+        else:
+            model = TorchEngine(args.model_dir).model
         threshold = ModelCard.load(args.model_dir).threshold if threshold is None else threshold
     else:
         model = load_checkpoint_model(args.checkpoint)

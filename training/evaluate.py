@@ -181,6 +181,24 @@ def predict_dataset(
             else np.zeros(0, np.int64), "video_ids": vids}
 
 
+class EngineScorer(nn.Module):
+    """A worker engine (`worker.engine.load_engine`) as the module `predict_dataset` calls, so an
+    evaluation scores exactly what the worker would (ONNX Runtime, INT8, TensorRT...).
+
+    Crops arrive as the dataset's [0, 1] NCHW floats (uint8 / 255, so ×255 and rounding recovers
+    the bytes) and leave as logits [0, logit(p)], whose softmax is the engine's probability p.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__()
+        self.engine = engine
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        crops = (x.detach().cpu().permute(0, 2, 3, 1) * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+        p = torch.from_numpy(self.engine.predict(crops)).double().clamp(1e-12, 1 - 1e-12)
+        return torch.stack([torch.zeros_like(p), torch.log(p) - torch.log1p(-p)], dim=1).float()
+
+
 def _record_meta(dataset: Dataset) -> list[dict[str, str]] | None:
     """Per-item source/manipulation/compression when the dataset has CropDataset-style ``records``."""
     records = getattr(dataset, "records", None)
