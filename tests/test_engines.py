@@ -248,6 +248,22 @@ def test_onnxruntime_int8_stays_near_fp32_and_is_built_once(tmp_path, demo_crops
     assert len(list(cache.glob("*.engine"))) == 2
 
 
+def test_calibration_crops_from_a_crop_cache_split(tmp_path, demo_crops) -> None:
+    """A directory is searched recursively, so a crop cache's split (one folder per video) works."""
+    import cv2
+
+    from worker.engine.calibration import load_calibration_crops
+
+    for i, crop in enumerate(demo_crops[:3]):
+        (tmp_path / f"video{i}").mkdir()
+        cv2.imwrite(str(tmp_path / f"video{i}" / "000000.png"), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR))
+    (tmp_path / "index.json").write_text("{}")
+    crops = load_calibration_crops(tmp_path, demo_crops.shape[1])
+    np.testing.assert_array_equal(crops, demo_crops[:3])  # PNG is lossless: the same bytes, in order
+    with pytest.raises(ValueError, match="must be N×64×64×3"):
+        load_calibration_crops(demo_crops, 64)
+
+
 def test_onnxruntime_int8_needs_calibration_and_the_cpu() -> None:
     from worker.pipeline import DEFAULT_MODEL_DIR
 

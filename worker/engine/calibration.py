@@ -1,7 +1,8 @@
 """INT8 calibration crops, shared by the TensorRT and the ONNX Runtime INT8 builds.
 
 Real face crops as the worker makes them (`worker.preprocess.crop_face`), N×S×S×3 uint8 RGB: a
-directory of images (resized to S), a `.npy` file, or such an array (`DEEPFAKE_INT8_CALIBRATION`).
+directory of images (recursively: a crop cache's split works; resized to S), a `.npy` file, or such
+an array (`DEEPFAKE_INT8_CALIBRATION`).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def load_calibration_crops(source: Any, size: int) -> np.ndarray:
-    """N×S×S×3 uint8 RGB crops from an array, a ``.npy`` file, or a directory of images (resized to S)."""
+    """N×S×S×3 uint8 RGB crops from an array, a ``.npy`` file, or a directory of images, searched
+    recursively (so a crop cache's split, ``python -m training extract`` output, works), resized to S."""
     if isinstance(source, np.ndarray):
         crops = source
     else:
@@ -25,8 +27,8 @@ def load_calibration_crops(source: Any, size: int) -> np.ndarray:
             import cv2
 
             images = []
-            for p in sorted(path.iterdir()):
-                if p.suffix.lower() not in IMAGE_SUFFIXES:
+            for p in sorted(path.rglob("*")):
+                if p.suffix.lower() not in IMAGE_SUFFIXES or not p.is_file():
                     continue
                 bgr = cv2.imread(str(p), cv2.IMREAD_COLOR)
                 if bgr is None:
