@@ -407,10 +407,11 @@ def test_secrets_come_only_from_the_environment():
 
     secretish = [name for name in Settings.model_fields if re.search(r"secret|password|token|credential|access_key",
                                                                       name)]
-    # S3 keys come from AWS_* via boto3's own chain, never settings or code; the one secret of our own
-    # (the webhook signing key) is a SecretStr, so no repr or log line shows it
-    assert secretish == ["webhook_secret"], secretish
-    assert SecretStr in getattr(Settings.model_fields["webhook_secret"].annotation, "__args__", ())
+    # S3 keys come from AWS_* via boto3's own chain, never settings or code; our own secrets (the
+    # verdict and webhook signing keys) are SecretStr, so no repr or log line shows them
+    assert sorted(secretish) == ["verdict_secret", "webhook_secret"], secretish
+    for name in secretish:
+        assert SecretStr in getattr(Settings.model_fields[name].annotation, "__args__", ()), name
     pattern = re.compile(r"AKIA[0-9A-Z]{16}|aws_secret_access_key\s*=|aws_access_key_id\s*=|"
                          r"(password|secret)\s*=\s*['\"][^'\"]+['\"]", re.I)
     for path in worker_sources():

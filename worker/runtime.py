@@ -45,7 +45,9 @@ class WorkerRuntime:
         self.settings = settings
         self.moderator = moderator or Moderator(settings)
         self.s3 = s3_client or make_client(settings.s3_endpoint_url, settings.s3_region)
-        self.store = VerdictStore(self.s3, prefix=settings.verdict_prefix, bucket=settings.verdict_bucket)
+        secret = settings.verdict_secret.get_secret_value() if settings.verdict_secret else None
+        self.store = VerdictStore(self.s3, prefix=settings.verdict_prefix, bucket=settings.verdict_bucket,
+                                  secret=secret)
         self.allowed = settings.bucket_allow_list()
         self.metrics = metrics or Metrics()
         self.loaded_at = time.time()
@@ -126,9 +128,12 @@ class WorkerRuntime:
         t0 = time.perf_counter()
         written = self.store.put(upload, verdict, replaces=stored_etag)
         if not written:
-            # Another worker wrote first: its verdict stands, and this job returns that one.
-            theirs, _ = self.store.get(upload)
+            # Another worker wrote first: its verdict stands, and this job returns that one. One that
+            # does not verify (written by someone else) is replaced, on the ETag just read.
+            theirs, their_etag = self.store.get(upload)
             bound.info("verdict_race_lost")
+            if theirs is None and their_etag is not None and self.store.put(upload, verdict, replaces=their_etag):
+                theirs = verdict
             verdict = theirs or verdict
         verdict.setdefault("timings_ms", {})["store"] = round((time.perf_counter() - t0) * 1000.0, 1)
         verdict["stored_at"] = self.store.location_for(upload).uri

@@ -3,24 +3,51 @@
 A PUT is atomic (readers see the old object or the new one, never half). `If-None-Match: *` makes
 the first writer win when two workers race on one upload; replacing a stale verdict (another ETag
 or model) uses `If-Match` on the ETag that was read, so a concurrent writer is never overwritten.
+
+Signed verdicts (`DEEPFAKE_VERDICT_SECRET`): a stored verdict is reused instead of recomputed, so
+whoever can write under the verdict prefix could otherwise plant one. With a key set, each verdict
+object carries `x-amz-meta-deepfake-signature: v1=<hex HMAC-SHA256 of "<bucket>/<key>\n" + body>`,
+and a stored verdict whose signature is missing or wrong is treated as stale: recomputed and
+replaced. Readers check verdicts with `verify_verdict` (the object's exact bytes and location).
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from pathlib import Path
 from typing import Any
 
+import structlog
 from botocore.exceptions import ClientError
 
 from worker.s3 import CHANGED_CODES, NOT_FOUND_CODES, S3Location
 
 
+log = structlog.get_logger("worker.verdict_store")
+
 REPORT_TYPES = {".html": "text/html; charset=utf-8", ".png": "image/png", ".json": "application/json"}
+SIGNATURE_METADATA = "deepfake-signature"  # S3 user metadata: the x-amz-meta-deepfake-signature header
+
+
+def sign_verdict(secret: str, location: S3Location, body: bytes) -> str:
+    """`v1=<hex HMAC-SHA256>` over the verdict object's location and bytes (a verdict copied to
+    another upload's location does not verify there)."""
+    message = f"{location.bucket}/{location.key}\n".encode() + body
+    return "v1=" + hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def verify_verdict(secret: str, location: S3Location, body: bytes, signature: str | None) -> bool:
+    """For readers of stored verdicts: True when `signature` (the object's deepfake-signature
+    metadata) is this key's signature of `body` at `location`."""
+    return bool(signature) and hmac.compare_digest(sign_verdict(secret, location, body), signature)
 
 
 class VerdictStore:
-    def __init__(self, client: Any, *, prefix: str = "verdicts/", bucket: str | None = None) -> None:
+    def __init__(self, client: Any, *, prefix: str = "verdicts/", bucket: str | None = None,
+                 secret: str | None = None) -> None:
         self.client, self.prefix, self.bucket = client, prefix, bucket
+        self.secret = secret
 
     def location_for(self, upload: S3Location) -> S3Location:
         return S3Location(self.bucket or upload.bucket, f"{self.prefix}{upload.key}.json")
@@ -47,8 +74,14 @@ class VerdictStore:
             if str(exc.response.get("Error", {}).get("Code")) in NOT_FOUND_CODES:
                 return None, None
             raise
+        body = resp["Body"].read()
+        if self.secret is not None:
+            signature = (resp.get("Metadata") or {}).get(SIGNATURE_METADATA)
+            if not verify_verdict(self.secret, loc, body, signature):
+                log.warning("stored_verdict_not_signed", location=loc.uri, signature_present=bool(signature))
+                return None, resp["ETag"]  # not ours: treated as stale and replaced
         try:
-            stored = json.loads(resp["Body"].read())
+            stored = json.loads(body)
         except ValueError:
             return None, resp["ETag"]  # unreadable: treated as stale and replaced
         return (stored, resp["ETag"]) if isinstance(stored, dict) else (None, resp["ETag"])
@@ -58,9 +91,10 @@ class VerdictStore:
         loc = self.location_for(upload)
         body = json.dumps(verdict, separators=(",", ":")).encode()
         condition = {"IfMatch": replaces} if replaces else {"IfNoneMatch": "*"}
+        metadata = {SIGNATURE_METADATA: sign_verdict(self.secret, loc, body)} if self.secret is not None else {}
         try:
             self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=body, ContentType="application/json",
-                                   **condition)
+                                   Metadata=metadata, **condition)
         except ClientError as exc:
             if str(exc.response.get("Error", {}).get("Code")) in CHANGED_CODES | {"ConditionalRequestConflict"}:
                 return False

@@ -1,0 +1,80 @@
+"""Signed verdicts against the real S3 server: a planted verdict is not reused when a key is set."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import SecretStr
+
+from worker.runtime import WorkerRuntime
+from worker.s3 import S3Location
+from worker.verdict_store import SIGNATURE_METADATA, VerdictStore, verify_verdict
+
+BUCKET = "signed"
+KEY = "clips/carphone.mp4"
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server, corpus):
+    client = s3_server.client()
+    client.create_bucket(Bucket=BUCKET)
+    client.put_object(Bucket=BUCKET, Key=KEY, Body=corpus["carphone"].read_bytes(), ContentType="video/mp4")
+    return client
+
+
+def runtime(settings, s3_server, s3, moderator, tmp_path, secret: str | None) -> WorkerRuntime:
+    s = settings.model_copy(update={"s3_endpoint_url": s3_server.endpoint, "allowed_buckets": BUCKET, "frames": 8,
+                                    "verdict_prefix": f"v-{tmp_path.name}/",
+                                    "verdict_secret": SecretStr(secret) if secret else None})
+    return WorkerRuntime(s, moderator=moderator, s3_client=s3)
+
+
+def stored(s3, rt: WorkerRuntime) -> tuple[bytes, dict, S3Location]:
+    loc = rt.store.location_for(S3Location(BUCKET, KEY))
+    obj = s3.get_object(Bucket=loc.bucket, Key=loc.key)
+    return obj["Body"].read(), obj.get("Metadata") or {}, loc
+
+
+def plant(s3, loc: S3Location, body: bytes, metadata: dict | None = None) -> None:
+    s3.put_object(Bucket=loc.bucket, Key=loc.key, Body=body, Metadata=metadata or {})
+
+
+def test_a_planted_verdict_is_reused_without_a_key_and_replaced_with_one(settings, s3_server, s3, moderator,
+                                                                         tmp_path):
+    # without a key: the worker cannot tell its verdicts from planted ones (the threat)
+    plain = runtime(settings, s3_server, s3, moderator, tmp_path / "plain", None)
+    first = plain.moderate_s3(BUCKET, KEY)
+    body, meta, loc = stored(s3, plain)
+    assert SIGNATURE_METADATA not in meta
+    forged = dict(json.loads(body), label="real" if first["label"] == "fake" else "fake", score=0.0)
+    plant(s3, loc, json.dumps(forged).encode())
+    assert plain.moderate_s3(BUCKET, KEY)["label"] == forged["label"]  # reused as is
+
+    # with a key: verdicts are signed, and a planted one is recomputed and replaced
+    signed = runtime(settings, s3_server, s3, moderator, tmp_path / "signed", "verdict-key")
+    first = signed.moderate_s3(BUCKET, KEY)
+    body, meta, loc = stored(s3, signed)
+    assert verify_verdict("verdict-key", loc, body, meta[SIGNATURE_METADATA])
+    assert not verify_verdict("other-key", loc, body, meta[SIGNATURE_METADATA])
+    assert signed.moderate_s3(BUCKET, KEY)["created_at"] == first["created_at"]  # its own: reused
+
+    forged = dict(json.loads(body), label="real" if first["label"] == "fake" else "fake", score=0.0)
+    forged_body = json.dumps(forged).encode()
+    for attempt in ({}, {SIGNATURE_METADATA: meta[SIGNATURE_METADATA]}, {SIGNATURE_METADATA: "v1=00"}):
+        plant(s3, loc, forged_body, attempt)  # unsigned, an old signature on new bytes, a made-up one
+        again = signed.moderate_s3(BUCKET, KEY)
+        assert again["label"] == first["label"] and again["created_at"] != first["created_at"]  # recomputed
+        body2, meta2, _ = stored(s3, signed)
+        assert verify_verdict("verdict-key", loc, body2, meta2[SIGNATURE_METADATA])  # and replaced, signed
+
+
+def test_a_signed_verdict_does_not_verify_at_another_location(s3):
+    store = VerdictStore(s3, prefix="sig-loc/", secret="verdict-key")
+    a, b = S3Location(BUCKET, "a.mp4"), S3Location(BUCKET, "b.mp4")
+    assert store.put(a, {"status": "ok", "label": "real"})
+    obj = s3.get_object(Bucket=BUCKET, Key="sig-loc/a.mp4.json")
+    body, sig = obj["Body"].read(), obj["Metadata"][SIGNATURE_METADATA]
+    s3.put_object(Bucket=BUCKET, Key="sig-loc/b.mp4.json", Body=body, Metadata={SIGNATURE_METADATA: sig})
+    assert store.get(a)[0] == {"status": "ok", "label": "real"}
+    verdict, etag = store.get(b)  # copied beside another upload: not accepted there
+    assert verdict is None and etag is not None
