@@ -7,15 +7,13 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from training.eval_report import markdown_report, plot_roc, results_json
 from training.evaluate import (
     accuracy,
     average_precision,
     binary_metrics,
     eer,
     evaluate_scores,
-    markdown_report,
-    plot_roc,
-    results_json,
     roc_auc,
     roc_curve,
     threshold_for_fpr,

@@ -1,0 +1,76 @@
+"""What the decoder hands on and checks against: limits, stream facts, sampled frames, and the pure
+helpers behind them (container signatures, sample times, upright rotation). No PyAV here."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_duration_s: float
+    max_pixels: int
+    decode_timeout_s: float
+
+
+@dataclass
+class VideoInfo:
+    container: str
+    codec: str
+    width: int  # display orientation (after rotation)
+    height: int
+    fps: float | None
+    duration_s: float | None
+    rotation: int  # degrees counter-clockwise applied to the stored frames for display
+    frames_sampled: int = 0
+    sampling: str = "exact"  # how the frames were picked: exact | fast (reference frames only)
+
+    def to_dict(self) -> dict:
+        return {
+            "duration_s": None if self.duration_s is None else round(self.duration_s, 3),
+            "fps": None if self.fps is None else round(self.fps, 3),
+            "width": self.width,
+            "height": self.height,
+            "codec": self.codec,
+            "container": self.container,
+            "rotation": self.rotation,
+            "frames_sampled": self.frames_sampled,
+            "sampling": self.sampling,
+        }
+
+
+@dataclass(frozen=True)
+class SampledFrame:
+    index: int  # position among the sampled frames
+    t: float  # presentation time in seconds from the video's start
+    image: np.ndarray  # H×W×3 uint8 RGB, upright
+
+
+def looks_like_video_container(head: bytes) -> bool:
+    """True when the first bytes carry a known video container signature (MP4/MOV, Matroska, AVI, ...).
+
+    Tells a damaged video (`corrupt`) apart from bytes that never were one (`not_a_video`).
+    """
+    if len(head) >= 8 and head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip", b"pnot"):
+        return True
+    if head[:4] == b"\x1a\x45\xdf\xa3":  # EBML: Matroska / WebM
+        return True
+    if head[:4] == b"RIFF" and head[8:12] in (b"AVI ", b"AVIX"):
+        return True
+    if head[:3] == b"FLV" or head[:4] == b"OggS" or head[:4] == b"\x00\x00\x01\xba":
+        return True
+    if head[:4] == b"\x30\x26\xb2\x75":  # ASF / WMV
+        return True
+    return len(head) > 188 and head[0] == 0x47 and head[188] == 0x47  # MPEG-TS
+
+
+def sample_times(start: float, duration: float, n: int) -> list[float]:
+    """n target times at the centres of n equal slices of [start, start + duration)."""
+    return [start + (i + 0.5) * duration / n for i in range(n)]
+
+
+def rotate_upright(image: np.ndarray, rotation: int) -> np.ndarray:
+    """Apply a display-matrix rotation (degrees counter-clockwise, as FFmpeg reports it)."""
+    k = (int(round(rotation / 90.0))) % 4
+    return np.ascontiguousarray(np.rot90(image, k=k)) if k else image
