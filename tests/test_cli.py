@@ -33,3 +33,19 @@ def test_usage_errors_exit_2(tmp_path, random_model_dir):
     assert run_cli("moderate", "--model", str(tmp_path), "x.mp4").returncode == 2
     proc = run_cli("moderate", "--model", str(random_model_dir), "--detector", "haar", "x.mp4")
     assert proc.returncode == 2 and "haar" in proc.stderr
+
+
+def test_enqueue_checks_the_webhook_url(redis_server, s3_server):
+    """`deepfake enqueue --webhook`: an unusable URL is a usage error; one the workers' default policy
+    refuses (an internal address) is enqueued with a warning, not silently left unheard."""
+    env = {"DEEPFAKE_REDIS_URL": redis_server.url, "DEEPFAKE_S3_ENDPOINT_URL": s3_server.endpoint,
+           "DEEPFAKE_QUEUE": "cli-webhooks"}
+    bad = run_cli("enqueue", "s3://uploads/a.mp4", "--webhook", "ftp://hooks.example/x", env_extra=env)
+    assert bad.returncode == 2 and "--webhook must be an http(s) URL" in bad.stderr
+    internal = run_cli("enqueue", "s3://uploads/a.mp4", "--webhook", "http://127.0.0.1:9/hook", env_extra=env)
+    assert internal.returncode == 0, internal.stderr
+    assert len(internal.stdout.split()) == 1  # the job id
+    assert "will not call this webhook" in internal.stderr and "not a public address" in internal.stderr
+    listed = run_cli("enqueue", "s3://uploads/b.mp4", "--webhook", "http://127.0.0.1:9/hook",
+                     env_extra={**env, "DEEPFAKE_WEBHOOK_HOSTS": "127.0.0.1"})
+    assert listed.returncode == 0 and "will not call" not in listed.stderr

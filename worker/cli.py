@@ -76,6 +76,8 @@ def cmd_enqueue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         locations = [S3Location.parse(uri) for uri in args.uris]
     except ValueError as exc:
         parser.error(str(exc))
+    if args.webhook:
+        _check_webhook(args.webhook, settings, parser)
     connection = connect(settings)
     s3 = make_client(settings.s3_endpoint_url, settings.s3_region)
     for loc in locations:
@@ -83,6 +85,22 @@ def cmd_enqueue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
                          settings=settings, connection=connection, s3_client=s3)
         print(job_id, flush=True)
     return EXIT_OK
+
+
+def _check_webhook(url: str, settings, parser: argparse.ArgumentParser) -> None:  # type: ignore[no-untyped-def]
+    """A URL no worker would call is a usage error; one this machine's settings would refuse is a
+    warning (the workers' DEEPFAKE_WEBHOOK_HOSTS may differ), so the job is not silently unheard."""
+    from urllib.parse import urlsplit
+
+    from worker.webhooks import HostPolicy, WebhookRefused, resolve
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        parser.error(f"--webhook must be an http(s) URL with a host and no credentials, not {url!r}")
+    try:
+        resolve(url, HostPolicy.parse(settings.webhook_hosts))
+    except WebhookRefused as exc:
+        print(f"warning: workers with these settings will not call this webhook: {exc}", file=sys.stderr)
 
 
 def cmd_result(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
