@@ -335,9 +335,11 @@ def _pipeline_proc(rank, clip, model_dir, jobs, device, barrier, queue):
     from worker.pipeline import Moderator
     from worker.settings import Settings
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 4) // 4))
+    share = max(1, (os.cpu_count() or 4) // 4)  # a quarter of the cores each, as a pod's requests.cpu gives
+    torch.set_num_threads(share)
     settings = Settings(model_dir=model_dir, device=device, frames=32, log_format="json", log_level="WARNING",
-                        precision="fp16" if device.startswith("cuda") else None)
+                        precision="fp16" if device.startswith("cuda") else None, decode_threads=share,
+                        engine_threads=share)
     m = Moderator(settings)
     m.moderate_path(clip)  # warm-up
     barrier.wait()
