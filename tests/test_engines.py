@@ -280,9 +280,9 @@ def test_spectrum_convolution_stays_fp32() -> None:
 
     import onnx
 
-    found = spectrum_convs(DEFAULT_MODEL_DIR / "model.onnx")
-    assert len(found) == 1
     graph = onnx.load(str(DEFAULT_MODEL_DIR / "model.onnx")).graph
+    found = spectrum_convs(graph)
+    assert len(found) == 1
     producer = {o: n for n in graph.node for o in n.output}
     conv = next(n for n in graph.node if n.name == found[0])
     chain, t = [], conv.input[0]

@@ -126,33 +126,44 @@ class OnnxRuntimeEngine:
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.enable_mem_pattern = mem_pattern
-        self.session = ort.InferenceSession(str(path), so, providers=providers)
-        if self.device_type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
-            self.device_type = "cpu"  # the provider failed to initialise (no driver, no GPU)
-        self.backend = f"onnxruntime-{self.device_type}"
+        self._session_options = so
+        self.io_binding = (self.device_type == "cuda") if io_binding is None else io_binding
+        if precision == "int8":
+            self._load_int8(calibration, cache_dir)
+        else:
+            self._open(str(path), providers)
+            if self.device_type == "cuda" and "CUDAExecutionProvider" not in self.session.get_providers():
+                self.device_type = "cpu"  # the provider failed to initialise (no driver, no GPU)
+                self.io_binding = bool(io_binding)
+            self.backend = f"onnxruntime-{self.device_type}"
 
+    def _open(self, source: str | bytes, providers: list | None = None) -> None:
+        """Make `source` (a path or a serialised graph) the session `predict` runs, and find its tensors."""
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(source, self._session_options,
+                                            providers=providers or ["CPUExecutionProvider"])
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise ValueError(f"expected one graph input, got {[i.name for i in inputs]}")
         self.input_name = inputs[0].name
         self.output_name, self.output_kind = self._pick_output(self.session.get_outputs())
-        self.io_binding = (self.device_type == "cuda") if io_binding is None else io_binding
-        if precision == "int8":
-            self._load_int8(ort, so, calibration, cache_dir)
 
-    def _load_int8(self, ort: Any, so: Any, calibration: Any, cache_dir: Path | str | None) -> None:
-        """Swap the session for the cached (or newly quantised) INT8 graph; on a new build, measure it
-        against the FP32 graph on the calibration crops and keep that figure beside the cached graph."""
+    def _load_int8(self, calibration: Any, cache_dir: Path | str | None) -> None:
+        """Run the cached (or newly quantised) INT8 graph. Only a new build opens the FP32 graph, to
+        measure the INT8 one against it on the calibration crops; that figure is kept beside the graph."""
         import json
 
         from worker.engine.calibration import load_calibration_crops
         from worker.engine.ort_int8 import load_or_quantize
 
         crops = load_calibration_crops(calibration, self.card.input_size)
-        data, built, path = load_or_quantize(self.onnx_path, self.sha256, crops, self.input_name,
-                                             self.card.input_size, cache_dir)
-        fp32 = self.predict(crops[:PARITY_CROPS]) if built else None
-        self.session = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        data, built, path = load_or_quantize(self.onnx_path, self.sha256, crops, self.card.input_size, cache_dir)
+        fp32 = None
+        if built:
+            self._open(str(self.onnx_path))
+            fp32 = self.predict(crops[:PARITY_CROPS])
+        self._open(data)
         self.backend = "onnxruntime-cpu-int8"
         record = path.with_suffix(".parity.json")
         if fp32 is not None:
