@@ -28,6 +28,7 @@ from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 from servers import free_ports, stop, wait_for_port
+from workers import burst
 
 from worker.errors import TransientError
 from worker.jobs import MODERATE_FUNC
@@ -161,19 +162,13 @@ def test_a_storage_outage_is_never_written_down_as_a_verdict(s3, proxy, fsetting
 
 def test_an_outage_during_a_job_is_retried_by_rq_to_exactly_one_verdict(s3, proxy, fsettings, moderator,
                                                                         redis_server):
-    from worker.rq_worker import DeepfakeWorker
-    from worker.runtime import install
-
     redis = Redis.from_url(redis_server.url)
     redis.flushdb()
     settings = fsettings.model_copy(update={"redis_url": redis_server.url})
     # exactly one job attempt's worth: the first try and botocore's 2 retries of the second block
     passing = proxy.add(Rule("status", method="GET", path="scenery.avi$", status=503, when=beyond_first_block, times=3))
     job_id = enqueue(BUCKET, KEYS["big"], settings=settings, connection=redis, s3_client=s3)
-    worker = DeepfakeWorker([settings.queue], connection=redis)
-    worker.runtime = runtime(settings, moderator, proxy.endpoint, attempts=2)
-    install(worker.runtime)
-    worker.work(burst=True)
+    worker = burst(redis, settings, runtime=runtime(settings, moderator, proxy.endpoint, attempts=2))
     assert passing.hits == 3
     state = job_state(job_id, settings=settings, connection=redis)
     assert state.status == "finished" and state.result["status"] == "no_face"
@@ -194,18 +189,12 @@ def test_an_outage_during_a_job_is_retried_by_rq_to_exactly_one_verdict(s3, prox
 
 def test_a_job_past_its_rq_time_limit_gets_one_stored_timeout_verdict(s3, fsettings, moderator, redis_server):
     """RQ's SIGALRM lands mid-moderation; it used to come out as an `internal` verdict."""
-    from worker.rq_worker import DeepfakeWorker
-    from worker.runtime import install
-
     redis = Redis.from_url(redis_server.url)
     redis.flushdb()
     settings = fsettings.model_copy(update={"redis_url": redis_server.url})
     job = get_queue(redis, settings.queue).enqueue(MODERATE_FUNC, args=(BUCKET, KEYS["carphone"]),
                                                    kwargs={"frames": 120}, job_timeout=1)
-    worker = DeepfakeWorker([settings.queue], connection=redis)
-    worker.runtime = runtime(settings, moderator, settings.s3_endpoint_url)
-    install(worker.runtime)
-    worker.work(burst=True)
+    burst(redis, settings, runtime=runtime(settings, moderator, settings.s3_endpoint_url))
     state = job_state(job.id, settings=settings, connection=redis)
     assert state.status == "finished" and state.result["error"]["code"] == "timeout", state.result["error"]
     [only] = stored(s3, settings, KEYS["carphone"])

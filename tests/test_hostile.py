@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from hostile_media import CASES, CASES_BY_NAME, HOSTILE_SETTINGS, MAX_PIXELS, build_hostile_corpus, outcome
+from workers import burst
 
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ = Path(__file__).resolve().parent / "fuzz_decode.py"
@@ -201,17 +202,6 @@ def qsettings(random_model_dir, redis_server, s3_server):
                     allowed_buckets=BUCKET, frames=4, metrics_port=0, log_format="json", job_retries=1)
 
 
-def run_burst(redis, settings, moderator):
-    from worker.rq_worker import DeepfakeWorker
-    from worker.runtime import WorkerRuntime, install
-
-    worker = DeepfakeWorker([settings.queue], connection=redis)
-    worker.runtime = WorkerRuntime(settings, moderator=moderator)
-    install(worker.runtime)
-    worker.work(burst=True)
-    return worker
-
-
 def raw_enqueue(redis, job_id: str, payload=None, *, data: bytes | None = None, **fields) -> str:
     """A job written with plain Redis commands, as anyone with write access to Redis can."""
     now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
@@ -253,7 +243,7 @@ def test_a_json_job_naming_any_other_function_or_callback_never_runs(s3, redis, 
         "failing_callback": raw_enqueue(redis, "h-failing", ["os.getcwd", None, [], {}],
                                         failure_callback_name="hostile_media.canary"),
     }
-    run_burst(redis, qsettings, moderator)
+    burst(redis, qsettings, moderator)
     assert not marker.exists()
     assert status_of(redis, jobs["os"]) == "failed" and status_of(redis, jobs["canary"]) == "failed"
     assert status_of(redis, jobs["method"]) == "failed" and status_of(redis, jobs["failing_callback"]) == "failed"
@@ -273,7 +263,7 @@ def test_malformed_job_hashes_do_not_stop_the_worker(s3, redis, qsettings, moder
     raw_enqueue(redis, "m-nodata", data=b"", status="queued")
     redis.rpush("rq:queue:deepfake", "m-no-such-hash")
     last = raw_enqueue(redis, "m-good", good)
-    run_burst(redis, qsettings, moderator)
+    burst(redis, qsettings, moderator)
     assert status_of(redis, last) == "finished"  # the worker went on to the good job
 
 
@@ -284,7 +274,7 @@ def test_hostile_job_arguments_fail_the_job_and_write_nothing(s3, redis, qsettin
                                           {"frames": frames}])
     bad_key = raw_enqueue(redis, "a-key", ["worker.jobs.moderate_s3_object", None, [BUCKET, ["clips", "x"]], {}])
     started = time.monotonic()
-    run_burst(redis, qsettings, moderator)
+    burst(redis, qsettings, moderator)
     assert time.monotonic() - started < 60
     assert status_of(redis, job) == "failed" and status_of(redis, bad_key) == "failed"
     assert verdict_keys(s3, BUCKET) == before

@@ -16,10 +16,10 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
+from workers import burst
 
 from worker.decode import Limits, VideoReader
 from worker.queue import enqueue, get_queue, job_state, queue_status
-from worker.rq_worker import DeepfakeWorker
 from worker.s3 import S3Location, S3Source
 from worker.settings import Settings
 
@@ -59,17 +59,6 @@ def qsettings(random_model_dir, redis_server, s3_server, tmp_path):
         allowed_buckets=BUCKET, frames=8, metrics_port=0, log_format="json", job_retries=2,
         verdict_prefix=f"verdicts-{tmp_path.name}/",
     )
-
-
-def burst(redis, settings, moderator=None) -> DeepfakeWorker:
-    """An in-process burst worker (the class `rq worker deepfake` runs) sharing the test's loaded model."""
-    from worker.runtime import WorkerRuntime, install
-
-    worker = DeepfakeWorker([settings.queue], connection=redis)
-    worker.runtime = WorkerRuntime(settings, moderator=moderator)
-    install(worker.runtime)
-    worker.work(burst=True)
-    return worker
 
 
 def stored_verdict(s3, settings, key):

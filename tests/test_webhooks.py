@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from prometheus_client import generate_latest
+from workers import burst
 
 from worker.queue import enqueue, job_state
 from worker.settings import Settings
@@ -194,17 +195,6 @@ def worker_settings(random_model_dir, redis_server, s3_server, tmp_path, **extra
                     verdict_prefix=f"verdicts-{tmp_path.name}/", **extra)
 
 
-def run_burst(redis, settings, moderator):
-    from worker.rq_worker import DeepfakeWorker
-    from worker.runtime import WorkerRuntime, install
-
-    worker = DeepfakeWorker([settings.queue], connection=redis)
-    worker.runtime = WorkerRuntime(settings, moderator=moderator)
-    install(worker.runtime)
-    worker.work(burst=True)
-    return worker
-
-
 def webhook_counts(worker) -> dict[str, float]:
     text = generate_latest(worker.runtime.metrics.registry).decode()
     counts = {}
@@ -220,7 +210,7 @@ def test_worker_posts_the_signed_verdict_to_a_listed_receiver(s3, redis, redis_s
                                webhook_hosts="127.0.0.1", webhook_secret="hook-key")
     job_id = enqueue(BUCKET, KEY, webhook_url=receiver.url("/deepfake?token=t1"), settings=settings,
                      connection=redis, s3_client=s3)
-    worker = run_burst(redis, settings, moderator)
+    worker = burst(redis, settings, moderator)
     state = job_state(job_id, settings=settings, connection=redis)
     assert state.status == "finished" and state.result["status"] == "ok"
     [req] = receiver.requests
@@ -239,7 +229,7 @@ def test_worker_refuses_an_internal_receiver_and_still_finishes_the_job(s3, redi
                                                                          tmp_path):
     settings = worker_settings(random_model_dir, redis_server, s3_server, tmp_path)  # no receiver list
     job_id = enqueue(BUCKET, KEY, webhook_url=receiver.url(), settings=settings, connection=redis, s3_client=s3)
-    worker = run_burst(redis, settings, moderator)
+    worker = burst(redis, settings, moderator)
     assert job_state(job_id, settings=settings, connection=redis).status == "finished"
     assert receiver.requests == []
     assert webhook_counts(worker) == {"refused": 1.0}
@@ -251,7 +241,7 @@ def test_a_failed_job_posts_the_error_line_only(s3, redis, redis_server, s3_serv
                                job_retries=0)
     job_id = enqueue(BUCKET, KEY, frames=5000, webhook_url=receiver.url(), settings=settings, connection=redis,
                      s3_client=s3)  # more frames than a worker accepts: the job fails, no verdict
-    worker = run_burst(redis, settings, moderator)
+    worker = burst(redis, settings, moderator)
     assert job_state(job_id, settings=settings, connection=redis).status == "failed"
     [req] = receiver.requests
     body = json.loads(req["body"])
