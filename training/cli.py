@@ -21,6 +21,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+# main() dispatches by name to cmd_*: the demo commands live in their own module
+from training.demo_commands import cmd_demo_model, cmd_make_demo_data  # noqa: F401
+
 # The demo's settings, measured on the CPU (tests/test_training.py::test_demo_training_reaches_video_auc). They
 # depart from the paper's where a from-scratch network on ~300 crops needs it: no ImageNet start, so lr 1e-3
 # (stitches 1e-3 as in the paper) and patience 10 (the loss of 80 validation crops is noisy); fresh SBI fakes
@@ -28,8 +31,6 @@ from typing import Any
 # tiny width (0.25: the thinnest early layers miss the blending traces of unseen faces).
 DEMO_DEFAULTS = {"size": 128, "variants": 8, "epochs": 40, "lr": 1e-3, "patience": 10, "seed": 0, "target_fpr": 0.0}
 DEMO_MODEL_KWARGS: dict[str, Any] = {"width": 0.25}  # overrides of mdcsd_tiny for the demo
-
-from training.demo_commands import cmd_demo_model, cmd_make_demo_data, make_demo_data  # noqa: E402, F401
 
 
 def _kv(text: str) -> tuple[str, Any]:
