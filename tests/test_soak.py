@@ -21,17 +21,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from faultproxy import FaultProxy, Rule
-from hostile_media import write_frames
-from media import carphone_frames, encode_audio_only, scenery_frames
+from media import carphone_frames, encode, encode_audio_only, scenery_frames
 from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
-from test_faults import Supervisor, stored, wait_until_final
+from workers import Supervisor, stored, wait_until_final
 
 from worker.queue import enqueue, job_state
 from worker.settings import Settings
 
-BUCKET = "faults"  # the bucket test_faults' Supervisor allows
+BUCKET = "faults"
 JOBS = int(os.environ.get("DEEPFAKE_SOAK_JOBS", "120"))
 RSS_GROWTH_LIMIT_MB = 150
 KINDS = [  # (kind, share, expected outcome)
@@ -47,12 +46,12 @@ KINDS = [  # (kind, share, expected outcome)
 def soak_media(directory: Path) -> dict[str, bytes]:
     faces = carphone_frames()[::15]  # 8 frames
     clips: dict[str, bytes] = {}
-    write_frames(directory / "face.mp4", faces, rate=4)
+    encode(directory / "face.mp4", faces, rate=4)
     clips["face"] = (directory / "face.mp4").read_bytes()
-    write_frames(directory / "scenery.mp4", scenery_frames(8, size=(48, 64)), rate=4)
+    encode(directory / "scenery.mp4", scenery_frames(8, size=(48, 64)), rate=4)
     clips["scenery"] = (directory / "scenery.mp4").read_bytes()
     clips["text"] = b"not a video\n" * 64
-    write_frames(directory / "full.mp4", faces, rate=4, container_options={"movflags": "+faststart"})
+    encode(directory / "full.mp4", faces, rate=4, container_options={"movflags": "+faststart"})
     full = (directory / "full.mp4").read_bytes()
     clips["truncated"] = full[: len(full) // 3]
     clips["audio"] = encode_audio_only(directory / "audio.mp4", seconds=0.5).read_bytes()
