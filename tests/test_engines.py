@@ -1,5 +1,6 @@
 """Model engines: every backend available here agrees with the PyTorch reference on real face crops;
-`auto` selection; TensorRT's absence is a clear error; the TensorRT engine cache; CPU-quota parsing.
+`auto` selection; TensorRT's absence is a clear error; ONNX Runtime INT8; the PyTorch engine's options.
+(The engine cache: test_engine_cache.py; CPU quotas: test_cpus.py.)
 
 Parity tolerance: 1e-4 on the fake probability (measured ~1e-7 for onnxruntime-cpu and 0 for the
 PyTorch engine, both against the model called directly). The model is `mdcsd_tiny` with BatchNorm
@@ -8,25 +9,18 @@ probabilities spread over the crops instead of all sitting at ~0.5.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_models import calibrate  # BatchNorm statistics from real crops, a stretched classifier
 import torch
+from calibrated import calibrate
+from media import carphone_frames
 from torch import nn
 
-from media import carphone_frames
 from worker.engine import ENGINES, Engine, load_engine, resolve_backend
-from worker.engine.cache import CACHE_ENV, EngineCache, EngineKey, default_cache_dir
 from worker.engine.model_card import sha256_file
-from worker.cpus import available_cpus, cgroup_cpu_limit, parse_cfs_quota, parse_cpu_max
 from worker.engine.onnx_engine import OnnxRuntimeEngine
 from worker.engine.torch_engine import TorchEngine, graph_buckets
 from worker.preprocess import crop_face, crops_to_tensor_layout
@@ -275,10 +269,10 @@ def test_onnxruntime_int8_needs_calibration_and_the_cpu() -> None:
 
 def test_spectrum_convolution_stays_fp32() -> None:
     """The one convolution reading the log-spectrum is kept out of INT8 (it would quantise the spectrum)."""
+    import onnx
+
     from worker.engine.ort_int8 import spectrum_convs
     from worker.pipeline import DEFAULT_MODEL_DIR
-
-    import onnx
 
     graph = onnx.load(str(DEFAULT_MODEL_DIR / "model.onnx")).graph
     found = spectrum_convs(graph)
@@ -341,181 +335,3 @@ def test_torch_engine_cuda_autocast(model_and_dir, face_crops, reference, precis
     err = float(np.abs(engine.predict(face_crops) - reference).max())
     # autocast is not a parity mode; H200 measured 2.5e-3 (bf16) and 2.8e-4 (fp16)
     assert err <= (1e-2 if precision == "bf16" else 2e-3), err
-
-
-# -- TensorRT engine cache ------------------------------------------------------------------------------
-
-def make_key(**overrides) -> EngineKey:
-    fields = dict(gpu_name="NVIDIA H200", compute_capability="9.0", tensorrt_version="10.7.0",
-                  onnx_sha256="ab" * 32, precision="fp16", batch_profile=(1, 32, 32), input_size=299)
-    fields.update(overrides)
-    return EngineKey(**fields)
-
-
-def test_cache_key_covers_everything_that_invalidates_an_engine() -> None:
-    base = make_key()
-    assert base.digest() == make_key().digest()  # deterministic
-    variants = [make_key(gpu_name="NVIDIA A10"), make_key(compute_capability="8.6"),
-                make_key(tensorrt_version="10.8.0"), make_key(onnx_sha256="cd" * 32),
-                make_key(precision="int8"), make_key(batch_profile=(1, 16, 16)), make_key(input_size=256),
-                make_key(extra={"calibration_sha256": "00"})]
-    digests = {v.digest() for v in variants} | {base.digest()}
-    assert len(digests) == len(variants) + 1
-    stem = base.file_stem()
-    assert stem.startswith("abababababab-fp16-b1-32-32-") and "." not in stem
-
-
-def test_cache_dir_default(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "c"))
-    assert default_cache_dir() == tmp_path / "c" and EngineCache().directory == tmp_path / "c"
-    monkeypatch.delenv(CACHE_ENV)
-    assert default_cache_dir() == Path.home() / ".cache" / "deepfake" / "trt"
-
-
-def test_cache_builds_once_then_reuses(tmp_path) -> None:
-    cache = EngineCache(tmp_path / "trt")
-    calls = []
-
-    def build() -> bytes:
-        calls.append(1)
-        return b"plan-" + os.urandom(64)
-
-    key = make_key()
-    first, built = cache.get_or_build(key, build)
-    assert built and len(calls) == 1
-    again, built = EngineCache(tmp_path / "trt").get_or_build(key, build)  # a second pod on the volume
-    assert not built and again == first and len(calls) == 1
-    path = cache.path_for(key)
-    meta = json.loads(path.with_suffix(".json").read_text())
-    assert meta["key"] == key.as_dict() and meta["engine_sha256"] == hashlib.sha256(first).hexdigest()
-    other, built = cache.get_or_build(make_key(precision="fp32"), build)  # another key builds anew
-    assert built and other != first and len(calls) == 2
-    assert not list((tmp_path / "trt").glob(".*tmp"))  # no temporary files left
-
-
-def test_cache_rejects_an_engine_that_does_not_match_its_record(tmp_path) -> None:
-    cache = EngineCache(tmp_path)
-    key = make_key()
-    cache.store(key, b"good engine")
-    cache.path_for(key).write_bytes(b"bit-rotted")
-    assert cache.load(key) is None
-    data, built = cache.get_or_build(key, lambda: b"rebuilt")
-    assert built and data == b"rebuilt" and cache.load(key) == b"rebuilt"
-    cache.invalidate(key)
-    assert cache.load(key) is None and not cache.path_for(key).exists()
-
-
-def test_cache_write_is_atomic(tmp_path, monkeypatch) -> None:
-    """A build that fails, or a write that dies half-way, leaves no engine and no temporary file."""
-    cache = EngineCache(tmp_path)
-    key = make_key()
-
-    def failing_build() -> bytes:
-        raise RuntimeError("builder ran out of memory")
-
-    with pytest.raises(RuntimeError, match="out of memory"):
-        cache.get_or_build(key, failing_build)
-    assert not cache.path_for(key).exists()
-
-    def dying_fsync(fd: int) -> None:
-        raise OSError("disk gone")  # after the bytes went into the temporary file, before the rename
-
-    monkeypatch.setattr(os, "fsync", dying_fsync)
-    with pytest.raises(OSError, match="disk gone"):
-        cache.store(key, b"x" * 1000)
-    assert not cache.path_for(key).exists()
-    assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
-
-
-def test_cache_concurrent_builders_build_once_and_agree(tmp_path) -> None:
-    """Eight workers start at once on one key: one builds (the others wait on the lock), all get its bytes,
-    and a reader polling meanwhile only ever sees no file or the whole file."""
-    key = make_key()
-    calls = []
-    payload = b"E" * (1 << 20)
-    results: list[bytes] = []
-    seen: set[int] = set()
-    stop = threading.Event()
-
-    def build() -> bytes:
-        calls.append(1)
-        time.sleep(0.3)
-        return payload
-
-    def worker() -> None:
-        results.append(EngineCache(tmp_path).get_or_build(key, build)[0])
-
-    def reader() -> None:
-        path = EngineCache(tmp_path).path_for(key)
-        while not stop.is_set():
-            try:
-                seen.add(len(path.read_bytes()))
-            except FileNotFoundError:
-                seen.add(0)
-
-    r = threading.Thread(target=reader)
-    r.start()
-    threads = [threading.Thread(target=worker) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    stop.set()
-    r.join()
-    assert len(calls) == 1 and results == [payload] * 8
-    assert seen <= {0, len(payload)}
-
-
-def test_cache_without_lock_still_never_tears(tmp_path) -> None:
-    """Without the lock (filesystems that refuse flock) builders may race; the renames keep the file whole."""
-    key = make_key()
-    payloads = [bytes([i]) * 200_000 for i in range(4)]
-    barrier = threading.Barrier(4)
-
-    def worker(i: int) -> None:
-        def build() -> bytes:
-            barrier.wait()
-            return payloads[i]
-
-        EngineCache(tmp_path, lock=False).get_or_build(key, build)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    data = EngineCache(tmp_path).path_for(key).read_bytes()
-    assert data in payloads
-
-
-# -- CPU quota ------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("text,cpus", [("max 100000\n", None), ("200000 100000\n", 2.0), ("150000 100000", 1.5),
-                                       ("50000 100000", 0.5), ("max", None), ("", None)])
-def test_parse_cpu_max(text, cpus) -> None:
-    assert parse_cpu_max(text) == cpus
-
-
-def test_parse_cfs_quota() -> None:
-    assert parse_cfs_quota("-1\n", "100000\n") is None
-    assert parse_cfs_quota("300000\n", "100000\n") == 3.0
-
-
-def test_cgroup_limit_and_available_cpus(tmp_path) -> None:
-    affinity = len(os.sched_getaffinity(0))
-    v2 = tmp_path / "v2"
-    v2.mkdir()
-    (v2 / "cpu.max").write_text("150000 100000\n")
-    assert cgroup_cpu_limit(v2) == 1.5
-    assert available_cpus(v2) == min(affinity, 2)  # 1.5 CPUs → 2 threads (rounded up), capped by affinity
-    (v2 / "cpu.max").write_text("50000 100000\n")
-    assert available_cpus(v2) == 1
-    (v2 / "cpu.max").write_text("max 100000\n")
-    assert cgroup_cpu_limit(v2) is None and available_cpus(v2) == affinity
-    v1 = tmp_path / "v1"
-    (v1 / "cpu,cpuacct").mkdir(parents=True)
-    (v1 / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("100000\n")
-    (v1 / "cpu,cpuacct" / "cpu.cfs_period_us").write_text("100000\n")
-    assert cgroup_cpu_limit(v1) == 1.0 and available_cpus(v1) == 1
-    assert cgroup_cpu_limit(tmp_path / "missing") is None
-    assert available_cpus(tmp_path / "missing") == affinity

