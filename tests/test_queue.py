@@ -285,6 +285,9 @@ def test_metrics_and_health_endpoint(s3, redis, redis_server, qsettings, tmp_pat
             os.killpg(proc.pid, signal.SIGKILL)
     assert 'deepfake_errors_total{code="not_a_video"} 1.0' in body
     assert "deepfake_model_loaded 1.0" in body and "deepfake_queue_wait_seconds_count 1.0" in body
+    # the queue's state, read from Redis by the worker process's exporter
+    assert 'deepfake_queue_jobs{queue="deepfake",state="failed"} 0.0' in body
+    assert 'deepfake_queue_oldest_job_age_seconds{queue="deepfake"} 0.0' in body
     assert health == (200, "idle")
 
 

@@ -1,7 +1,9 @@
 """Prometheus metrics and the health endpoint, served on one port by a daemon thread.
 
-`/metrics`: jobs by status, stage latency, faces per video, queue wait. `/healthz`: 200 while the
-model is loaded and the worker's heartbeat is fresh, 503 otherwise (the Kubernetes probe).
+`/metrics`: jobs by status, stage latency, faces per video, queue wait, job attempts that raised,
+webhooks, and the queue as Redis holds it at scrape time (waiting, running and failed jobs, the age
+of the oldest waiting one). `/healthz`: 200 while the model is loaded and the worker's heartbeat is
+fresh, 503 otherwise (the Kubernetes probe). deploy/components/monitoring alerts on these.
 """
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
+SCRAPE_TIMEOUT_S = 2.0  # per Redis call made while Prometheus scrapes the queue's state
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -32,6 +37,14 @@ class Metrics:
         self.webhooks = Counter("deepfake_webhooks_total", "Webhook POSTs by outcome (sent, refused, failed).",
                                 ["outcome"], registry=self.registry)
         self.model_loaded = Gauge("deepfake_model_loaded", "1 once the model is loaded.", registry=self.registry)
+        self.job_failures = Counter(
+            "deepfake_job_failures_total", "Job attempts that raised instead of returning a verdict, by reason "
+            "(storage: S3 failed, RQ retries; refused: a job naming other code; stopped: on request; internal: a "
+            "bug) and whether RQ retries the job.", ["reason", "retried"], registry=self.registry)
+
+    def watch_queues(self, connection, queues: list[str]) -> None:
+        """Export the queues' state from Redis at each scrape (see QueueCollector)."""
+        self.registry.register(QueueCollector(connection, queues))
 
     def observe_verdict(self, verdict: dict) -> None:
         self.jobs.labels(status=verdict["status"]).inc()
@@ -41,6 +54,59 @@ class Metrics:
             self.stage.labels(stage=stage).observe(ms / 1000.0)
         if verdict["status"] in ("ok", "no_face"):
             self.faces.observe(len(verdict.get("faces") or []))
+
+
+class QueueCollector(Collector):
+    """The RQ queues as Redis holds them when Prometheus scrapes: jobs waiting, running and failed, and
+    how long the oldest waiting job has waited. Every worker exports the same values (alert on max).
+    Failed jobs include those whose worker died mid-job (RQ moves them there), which no worker counts.
+    With Redis unreachable the scrape still answers, without these series."""
+
+    def __init__(self, connection, queues: list[str]) -> None:
+        from rq import Queue
+        from rq.registry import FailedJobRegistry, StartedJobRegistry
+
+        # A connection of its own with timeouts: a Redis that stops answering must not hang scrapes.
+        pool = connection.connection_pool
+        kwargs = {**pool.connection_kwargs, "socket_timeout": SCRAPE_TIMEOUT_S,
+                  "socket_connect_timeout": SCRAPE_TIMEOUT_S}
+        self.connection = type(connection)(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
+        self.keys = {name: (Queue(name, connection=connection).key,
+                            StartedJobRegistry(name, connection=connection).key,
+                            FailedJobRegistry(name, connection=connection).key) for name in queues}
+
+    def describe(self) -> list:
+        return []  # collected live: nothing to check at registration, no Redis call then
+
+    def collect(self):
+        from rq.job import Job
+        from rq.utils import utcparse
+
+        jobs = GaugeMetricFamily("deepfake_queue_jobs", "Jobs in the RQ queue by state (queued: waiting; "
+                                 "started: running; failed: in the failed registry).", labels=["queue", "state"])
+        age = GaugeMetricFamily("deepfake_queue_oldest_job_age_seconds",
+                                "How long the oldest waiting job has waited (0 when none waits).", labels=["queue"])
+        try:
+            for name, (queued, started, failed) in self.keys.items():
+                with self.connection.pipeline(transaction=False) as pipe:
+                    pipe.llen(queued).zcard(started).zcard(failed).lindex(queued, 0)
+                    n_queued, n_started, n_failed, oldest = pipe.execute()
+                waited = 0.0
+                if oldest is not None:
+                    stamp = self.connection.hget(Job.key_for(_text(oldest)), "enqueued_at")
+                    if stamp:
+                        waited = max(0.0, time.time() - utcparse(_text(stamp)).timestamp())
+                for state, n in (("queued", n_queued), ("started", n_started), ("failed", n_failed)):
+                    jobs.add_metric([name, state], n)
+                age.add_metric([name], waited)
+        except Exception:  # noqa: BLE001 - Redis down or a malformed job: /metrics still answers
+            return
+        yield jobs
+        yield age
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class _Handler(BaseHTTPRequestHandler):

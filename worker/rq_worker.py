@@ -23,6 +23,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
+from worker.errors import TransientError
 from worker.jobs import MODERATE_FUNC, JobTimedOut
 from worker.logging import configure_logging
 from worker.metrics import heartbeat_fresh, serve
@@ -149,6 +150,7 @@ class DeepfakeWorker(SimpleWorker):
             self.runtime.metrics.model_loaded.set(1)
             for q in self.queues:
                 self.connection.set(model_key(q.name), json.dumps(self.runtime.model))
+            self.runtime.metrics.watch_queues(self.connection, [q.name for q in self.queues])
             if settings.metrics_port and self._http is None:
                 self._http = serve(self.runtime.metrics, self.health, settings.metrics_port)
         return self.runtime
@@ -165,6 +167,17 @@ class DeepfakeWorker(SimpleWorker):
         finally:
             self._job_started = None
             self._beat = time.time()
+
+    def handle_exception(self, job: Job, *exc_info: Any) -> Any:
+        """Count a job attempt that raised (RQ calls this just before it retries or fails the job)."""
+        if self.runtime is not None:
+            exc = exc_info[1] if len(exc_info) > 1 else None
+            stopped = self._stopped_job_id == job.id  # `rq` was asked to stop it: never retried
+            reason = ("stopped" if stopped else "storage" if isinstance(exc, TransientError) else
+                      "refused" if isinstance(exc, RefusedJob) else "internal")
+            retried = bool(job.should_retry) and not stopped
+            self.runtime.metrics.job_failures.labels(reason=reason, retried=str(retried).lower()).inc()
+        return super().handle_exception(job, *exc_info)
 
     def health(self) -> tuple[bool, str]:
         """Model loaded, and either a fresh heartbeat or a job still inside its time limit."""

@@ -1,0 +1,200 @@
+"""The monitoring component (deploy/components/monitoring): it renders onto an overlay, its PodMonitor
+scrapes the workers' metrics port, its rules pass `promtool check rules` and the unit tests in
+tests/alert_rules_test.yaml, read only series the worker exports, and evaluate cleanly in a real
+Prometheus scraping a real worker's /metrics beside a real redis-server.
+
+Needs Debian's `prometheus` package (promtool and prometheus; scripts/setup-env.sh installs it):
+missing, the tests fail with what to install, never skip.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from deploy_tools import MISSING_TOOL, ROOT, tool
+from redis import Redis
+from servers import free_ports, stop, wait_for_port
+
+COMPONENT = ROOT / "deploy" / "components" / "monitoring"
+UNIT_TESTS = Path(__file__).with_name("alert_rules_test.yaml")
+PROMETHEUS_HOW = "apt-get install prometheus (Debian's package: promtool and prometheus)"
+
+
+def binary(name: str) -> str:
+    found = tool(name)
+    if not found:
+        pytest.fail(MISSING_TOOL.format(tool=name, how=PROMETHEUS_HOW))
+    return found
+
+
+def rendered(tmp_path: Path) -> list[dict]:
+    """The cpu overlay with the monitoring component added, as a user's overlay would add it."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    rel = os.path.relpath(ROOT / "deploy", overlay)
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "namespace": "deepfake",
+        "resources": [f"{rel}/overlays/cpu"], "components": [f"{rel}/components/monitoring"]}))
+    kubectl = tool("kubectl")
+    if not kubectl:
+        pytest.fail(MISSING_TOOL.format(tool="kubectl", how="bash deploy/ci/install-kubectl.sh"))
+    proc = subprocess.run([kubectl, "kustomize", str(overlay)], check=False, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def rule_spec() -> dict:
+    return yaml.safe_load((COMPONENT / "prometheusrule.yaml").read_text())["spec"]
+
+
+def alerts() -> list[dict]:
+    return [r for g in rule_spec()["groups"] for r in g["rules"] if "alert" in r]
+
+
+def write_rules(directory: Path) -> Path:
+    path = directory / "rules.yaml"
+    path.write_text(yaml.safe_dump(rule_spec(), sort_keys=False))
+    return path
+
+
+def test_the_component_renders_and_scrapes_the_workers(tmp_path):
+    docs = rendered(tmp_path)
+    by_kind = {d["kind"]: d for d in docs}
+    monitor, rule, deployment = by_kind["PodMonitor"], by_kind["PrometheusRule"], by_kind["Deployment"]
+    assert monitor["metadata"]["namespace"] == rule["metadata"]["namespace"] == "deepfake"
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    ports = {p["name"] for c in deployment["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert endpoint["port"] in ports and endpoint["path"] == annotations["prometheus.io/path"]
+    # The kube-state-metrics alerts name the Deployment and container as the base does.
+    container_names = {c["name"] for c in deployment["spec"]["template"]["spec"]["containers"]}
+    for alert in alerts():
+        for name in re.findall(r'deployment="([^"]+)"', alert["expr"]):
+            assert name == deployment["metadata"]["name"], alert["alert"]
+        for name in re.findall(r'container="([^"]+)"', alert["expr"]):
+            assert name in container_names, alert["alert"]
+
+
+def test_every_alert_has_severity_summary_and_a_runbook_section_in_the_docs():
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    headings = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
+                for h in re.findall(r"^#+ (.+)$", docs, re.M)}
+    names = [a["alert"] for a in alerts()]
+    assert len(names) == len(set(names)) >= 8
+    for alert in alerts():
+        assert alert["labels"]["severity"] in {"warning", "critical"}, alert["alert"]
+        assert {"summary", "description", "runbook"} <= alert["annotations"].keys(), alert["alert"]
+        anchor = alert["annotations"]["runbook"].partition("#")[2]
+        assert anchor == alert["alert"].lower() and anchor in headings, f"docs/deploy.md has no section {anchor}"
+
+
+def test_promtool_checks_the_rules_and_their_unit_tests_pass(tmp_path):
+    promtool = binary("promtool")
+    rules = write_rules(tmp_path)
+    check = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    shutil.copy(UNIT_TESTS, tmp_path / UNIT_TESTS.name)
+    tested = yaml.safe_load(UNIT_TESTS.read_text())["tests"]
+    assert {t["alertname"] for case in tested for t in case["alert_rule_test"]} == {a["alert"] for a in alerts()}
+    unit = subprocess.run([promtool, "test", "rules", UNIT_TESTS.name], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert unit.returncode == 0, unit.stdout + unit.stderr
+
+
+def test_the_rules_read_only_series_the_worker_exports(redis_server):
+    from worker.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.watch_queues(Redis.from_url(redis_server.url), ["deepfake"])
+    exported = set()
+    for family in metrics.registry.collect():
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}.get(family.type, ("",))
+        exported |= {family.name + s for s in suffixes}
+    named = {m for a in alerts() for m in re.findall(r"\b(deepfake_[a-z_]+)\b", a["expr"])}
+    assert named and named <= exported, named - exported
+    assert {"deepfake_queue_jobs", "deepfake_queue_oldest_job_age_seconds", "deepfake_job_failures_total"} <= named
+
+
+def ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=5) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def prometheus_api(port: int, path: str, **params) -> dict:
+    url = f"http://127.0.0.1:{port}/api/v1/{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        body = json.loads(resp.read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+@pytest.mark.timeout(120)
+def test_a_real_prometheus_scrapes_a_worker_and_evaluates_every_rule(tmp_path, redis_server):
+    """The rules against real series: Prometheus scrapes the worker's /metrics (the real exporter and
+    its queue collector on a real Redis with a job waiting) and evaluates every rule without error."""
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    from worker.jobs import MODERATE_FUNC
+    from worker.metrics import Metrics, serve
+
+    queue_name = f"alerts-{tmp_path.name}"
+    redis = Redis.from_url(redis_server.url)
+    Queue(queue_name, connection=redis, serializer=JSONSerializer).enqueue(MODERATE_FUNC, args=("b", "k.mp4"))
+    metrics = Metrics()
+    metrics.watch_queues(redis, [queue_name])
+    metrics.job_failures.labels(reason="storage", retried="true").inc()
+    metrics_port, prom_port = free_ports(2)
+    http = serve(metrics, lambda: (True, "idle"), metrics_port, host="127.0.0.1")
+    write_rules(tmp_path)
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": ["rules.yaml"],
+        "scrape_configs": [{"job_name": "deepfake-worker", "static_configs": [
+            {"targets": [f"127.0.0.1:{metrics_port}"], "labels": {"namespace": "deepfake"}}]}]}))
+    proc = subprocess.Popen(
+        [binary("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prom_port}"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "prometheus.log", "wb"))
+    try:
+        wait_for_port(prom_port, 30, proc)
+        deadline = time.monotonic() + 60
+        while not ready(prom_port):  # 503 until its storage is open
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "prometheus.log").read_text()
+            time.sleep(0.2)
+        groups, ages = [], []
+        while time.monotonic() < deadline:
+            ages = prometheus_api(prom_port, "query", query=f'deepfake_queue_oldest_job_age_seconds{{queue="{queue_name}"}}')["result"]
+            groups = prometheus_api(prom_port, "rules")["groups"]
+            # a rule never evaluated reports the zero time
+            evaluated = [r for g in groups for r in g["rules"] if not r.get("lastEvaluation", "0001").startswith("0001")]
+            if ages and len(evaluated) == len(alerts()) and all(float(a["value"][1]) > 0 for a in ages):
+                break
+            time.sleep(0.5)
+        log = (tmp_path / "prometheus.log").read_text()[-3000:]
+        assert ages and float(ages[0]["value"][1]) > 0, log
+        assert ages[0]["metric"]["namespace"] == "deepfake"
+        queued = prometheus_api(prom_port, "query", query=f'deepfake_queue_jobs{{queue="{queue_name}",state="queued"}}')
+        assert [float(r["value"][1]) for r in queued["result"]] == [1.0]
+        rules = [r for g in groups for r in g["rules"]]
+        assert sorted(r["name"] for r in rules) == sorted(a["alert"] for a in alerts())
+        for r in rules:
+            assert r["health"] == "ok" and not r.get("lastError"), (r["name"], r.get("lastError"), log)
+    finally:
+        stop(proc)
+        http.shutdown()

@@ -1,0 +1,93 @@
+"""The worker's own metrics behind the alerts (worker/metrics.py): the queue's state read from a real
+redis-server at scrape time, job attempts that raised counted by reason and retry, and a scrape that
+still answers, quickly, when Redis is gone or frozen. (A real `rq worker` process serves them:
+tests/test_queue.py::test_metrics_and_health_endpoint.)"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from prometheus_client import generate_latest
+from redis import Redis
+from rq import Retry
+from servers import RedisServer, free_ports, stop
+from workers import burst
+
+from worker.jobs import MODERATE_FUNC
+from worker.metrics import SCRAPE_TIMEOUT_S, Metrics
+from worker.queue import get_queue
+from worker.runtime import WorkerRuntime
+from worker.s3 import make_client
+
+QUEUE = "deepfake"
+
+
+def sample(metrics: Metrics, name: str, **labels) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def test_the_queue_state_is_read_from_redis_at_each_scrape(redis):
+    metrics = Metrics()
+    metrics.watch_queues(redis, [QUEUE])
+    assert sample(metrics, "deepfake_queue_jobs", queue=QUEUE, state="queued") == 0
+    assert sample(metrics, "deepfake_queue_oldest_job_age_seconds", queue=QUEUE) == 0
+    queue = get_queue(redis, QUEUE)
+    first = queue.enqueue(MODERATE_FUNC, args=("b", "one.mp4"))
+    time.sleep(1.2)
+    queue.enqueue(MODERATE_FUNC, args=("b", "two.mp4"))
+    assert sample(metrics, "deepfake_queue_jobs", queue=QUEUE, state="queued") == 2
+    age = sample(metrics, "deepfake_queue_oldest_job_age_seconds", queue=QUEUE)
+    assert 1.2 <= age < 30  # the first job's age, not the second's
+    first.cancel()  # leaves the list: the oldest waiting job is now the second
+    assert sample(metrics, "deepfake_queue_jobs", queue=QUEUE, state="queued") == 1
+    assert sample(metrics, "deepfake_queue_oldest_job_age_seconds", queue=QUEUE) < age
+
+
+def test_refused_and_storage_failures_are_counted_and_end_in_the_failed_registry(redis, settings, moderator):
+    dead_s3 = f"http://127.0.0.1:{free_ports(1)[0]}"  # nothing listens: every S3 call fails
+    s = settings.model_copy(update={"allowed_buckets": "uploads", "s3_endpoint_url": dead_s3})
+    runtime = WorkerRuntime(s, moderator=moderator, s3_client=make_client(dead_s3, max_attempts=1))
+    runtime.metrics.watch_queues(redis, [QUEUE])
+    queue = get_queue(redis, QUEUE)
+    queue.enqueue("os.getcwd")  # naming other code: refused, never retried
+    queue.enqueue(MODERATE_FUNC, args=("uploads", "clip.mp4"), retry=Retry(max=1))  # retried once, then failed
+    burst(redis, s, runtime=runtime)
+    m = runtime.metrics
+    assert sample(m, "deepfake_job_failures_total", reason="refused", retried="false") == 1
+    assert sample(m, "deepfake_job_failures_total", reason="storage", retried="true") == 1
+    assert sample(m, "deepfake_job_failures_total", reason="storage", retried="false") == 1
+    assert sample(m, "deepfake_job_failures_total", reason="internal", retried="false") is None
+    assert sample(m, "deepfake_queue_jobs", queue=QUEUE, state="failed") == 2
+    assert sample(m, "deepfake_queue_jobs", queue=QUEUE, state="queued") == 0
+
+
+def scrape_seconds(metrics: Metrics) -> tuple[float, str]:
+    t0 = time.monotonic()
+    body = generate_latest(metrics.registry).decode()
+    return time.monotonic() - t0, body
+
+
+@pytest.mark.timeout(60)
+def test_a_scrape_answers_without_the_queue_series_when_redis_is_down_or_frozen(tmp_path):
+    server = RedisServer.start(tmp_path)
+    try:
+        metrics = Metrics()
+        metrics.watch_queues(Redis.from_url(server.url), [QUEUE])
+        metrics.jobs.labels(status="ok").inc()
+        _, body = scrape_seconds(metrics)
+        assert 'deepfake_queue_jobs{queue="deepfake",state="queued"} 0.0' in body
+        os.kill(server.proc.pid, signal.SIGSTOP)  # accepts connections, never answers
+        try:
+            seconds, body = scrape_seconds(metrics)
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert seconds < SCRAPE_TIMEOUT_S * 3, seconds
+        assert "deepfake_queue_jobs{" not in body and 'deepfake_jobs_total{status="ok"} 1.0' in body
+        _, body = scrape_seconds(metrics)  # thawed: back
+        assert 'deepfake_queue_jobs{queue="deepfake",state="queued"} 0.0' in body
+    finally:
+        stop(server.proc)
+    seconds, body = scrape_seconds(metrics)  # gone: refused at once
+    assert seconds < SCRAPE_TIMEOUT_S and "deepfake_queue_jobs{" not in body
