@@ -7,7 +7,7 @@ if [ "$need_apt" = 1 ]; then
   missing=""
   command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
   command -v chromium >/dev/null 2>&1 || missing="$missing chromium fonts-liberation"
-  command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"  # promtool + prometheus: tests/test_alerts.py
+  command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"  # promtool + prometheus: tests/test_monitoring.py
   if [ -n "$missing" ]; then
     echo "installing Debian packages for the tests:$missing" >&2
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"

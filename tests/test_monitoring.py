@@ -1,7 +1,8 @@
 """The monitoring component (deploy/components/monitoring): it renders onto an overlay, its PodMonitor
 scrapes the workers' metrics port, its rules pass `promtool check rules` and the unit tests in
-tests/alert_rules_test.yaml, read only series the worker exports, and evaluate cleanly in a real
-Prometheus scraping a real worker's /metrics beside a real redis-server.
+tests/alert_rules_test.yaml; rules and dashboard read only series the worker exports, and a real
+Prometheus scraping a real worker's /metrics beside a real redis-server evaluates every rule and
+answers every dashboard query.
 
 Needs Debian's `prometheus` package (promtool and prometheus; scripts/setup-env.sh installs it):
 missing, the tests fail with what to install, never skip.
@@ -25,6 +26,7 @@ from redis import Redis
 from servers import free_ports, stop, wait_for_port
 
 COMPONENT = ROOT / "deploy" / "components" / "monitoring"
+DASHBOARD = COMPONENT / "dashboard.json"
 UNIT_TESTS = Path(__file__).with_name("alert_rules_test.yaml")
 PROMETHEUS_HOW = "apt-get install prometheus (Debian's package: promtool and prometheus)"
 
@@ -67,6 +69,35 @@ def write_rules(directory: Path) -> Path:
     return path
 
 
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_queries(**values: str) -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every panel target, with the dashboard's variables filled in."""
+    out = []
+    for panel in dashboard()["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for name, value in values.items():
+                expr = expr.replace(f"${name}", value)
+            out.append((panel["title"], expr))
+    return out
+
+
+def exported_series(redis_url: str) -> set[str]:
+    """Every series name a worker's /metrics can carry (counters with _total, histograms' parts)."""
+    from worker.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.watch_queues(Redis.from_url(redis_url), ["deepfake"])
+    exported = set()
+    for family in metrics.registry.collect():
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}.get(family.type, ("",))
+        exported |= {family.name + s for s in suffixes}
+    return exported
+
+
 def test_the_component_renders_and_scrapes_the_workers(tmp_path):
     docs = rendered(tmp_path)
     by_kind = {d["kind"]: d for d in docs}
@@ -85,6 +116,10 @@ def test_the_component_renders_and_scrapes_the_workers(tmp_path):
             assert name == deployment["metadata"]["name"], alert["alert"]
         for name in re.findall(r'container="([^"]+)"', alert["expr"]):
             assert name in container_names, alert["alert"]
+    # The dashboard ships as the file, for Grafana's sidecar to find by its label.
+    [board] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "deepfake-worker-dashboard"]
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(board["data"]["deepfake-worker.json"]) == dashboard()
 
 
 def test_every_alert_has_severity_summary_and_a_runbook_section_in_the_docs():
@@ -113,18 +148,23 @@ def test_promtool_checks_the_rules_and_their_unit_tests_pass(tmp_path):
     assert unit.returncode == 0, unit.stdout + unit.stderr
 
 
-def test_the_rules_read_only_series_the_worker_exports(redis_server):
-    from worker.metrics import Metrics
-
-    metrics = Metrics()
-    metrics.watch_queues(Redis.from_url(redis_server.url), ["deepfake"])
-    exported = set()
-    for family in metrics.registry.collect():
-        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}.get(family.type, ("",))
-        exported |= {family.name + s for s in suffixes}
+def test_the_rules_and_the_dashboard_read_only_series_the_worker_exports(redis_server):
+    exported = exported_series(redis_server.url)
     named = {m for a in alerts() for m in re.findall(r"\b(deepfake_[a-z_]+)\b", a["expr"])}
     assert named and named <= exported, named - exported
     assert {"deepfake_queue_jobs", "deepfake_queue_oldest_job_age_seconds", "deepfake_job_failures_total"} <= named
+    board = dashboard()
+    queries = [q for _, q in dashboard_queries()]
+    on_board = {m for q in queries for m in re.findall(r"\b(deepfake_[a-z_]+)\b", q)}
+    assert on_board <= exported, on_board - exported
+    # every metric the worker exports has a panel (histograms through their buckets)
+    assert {s for s in exported if not s.endswith(("_count", "_sum"))} <= on_board, exported - on_board
+    defined = {v["name"] for v in board["templating"]["list"]} | {"__rate_interval"}
+    used = {v for q in queries for v in re.findall(r"\$(\w+)", q)}
+    used |= {re.sub(r"[${}]", "", p["datasource"]["uid"]) for p in board["panels"]}
+    assert used <= defined, used - defined
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids)) and board["uid"] == "deepfake-worker"
 
 
 def ready(port: int) -> bool:
@@ -144,9 +184,10 @@ def prometheus_api(port: int, path: str, **params) -> dict:
 
 
 @pytest.mark.timeout(120)
-def test_a_real_prometheus_scrapes_a_worker_and_evaluates_every_rule(tmp_path, redis_server):
-    """The rules against real series: Prometheus scrapes the worker's /metrics (the real exporter and
-    its queue collector on a real Redis with a job waiting) and evaluates every rule without error."""
+def test_a_real_prometheus_scrapes_a_worker_evaluates_every_rule_and_answers_the_dashboard(tmp_path, redis_server):
+    """Rules and panels against real series: Prometheus scrapes the worker's /metrics (the real exporter
+    and its queue collector on a real Redis with a job waiting), evaluates every rule without error
+    and answers every dashboard query."""
     from rq import Queue
     from rq.serializers import JSONSerializer
 
@@ -158,6 +199,7 @@ def test_a_real_prometheus_scrapes_a_worker_and_evaluates_every_rule(tmp_path, r
     Queue(queue_name, connection=redis, serializer=JSONSerializer).enqueue(MODERATE_FUNC, args=("b", "k.mp4"))
     metrics = Metrics()
     metrics.watch_queues(redis, [queue_name])
+    metrics.model_loaded.set(1)  # as DeepfakeWorker.load_runtime does
     metrics.job_failures.labels(reason="storage", retried="true").inc()
     metrics_port, prom_port = free_ports(2)
     http = serve(metrics, lambda: (True, "idle"), metrics_port, host="127.0.0.1")
@@ -195,6 +237,11 @@ def test_a_real_prometheus_scrapes_a_worker_and_evaluates_every_rule(tmp_path, r
         assert sorted(r["name"] for r in rules) == sorted(a["alert"] for a in alerts())
         for r in rules:
             assert r["health"] == "ok" and not r.get("lastError"), (r["name"], r.get("lastError"), log)
+        # every dashboard query parses and evaluates (a bad one is a 400), the queue panels have data
+        answered = {}
+        for title, query in dashboard_queries(namespace="deepfake", queue=queue_name, __rate_interval="1m"):
+            answered.setdefault(title, []).extend(prometheus_api(prom_port, "query", query=query)["result"])
+        assert answered["Queue"] and answered["Oldest waiting job"] and answered["Workers"], answered
     finally:
         stop(proc)
         http.shutdown()
