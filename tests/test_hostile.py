@@ -54,6 +54,7 @@ def test_the_corpus_covers_the_hostile_input_the_worker_must_survive():
     expected = {o for c in CASES if len(c.expect) == 1 for o in c.expect}
     assert {"ok", "no_face", "not_a_video", "no_video_stream", "corrupt", "unsupported", "too_large", "too_long",
             "timeout"} <= expected
+    assert f"`tests/test_hostile.py`: {len(CASES)} generated hostile" in (ROOT / "README.md").read_text()  # docs match
 
 
 @pytest.mark.timeout(90)
