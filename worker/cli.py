@@ -53,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="queue length, registries, workers and the model they run, as JSON")
     s.set_defaults(func=cmd_status)
+
+    f = sub.add_parser("failed", help="jobs that failed without a verdict: one JSON line each, with the error")
+    f.add_argument("--limit", type=int, metavar="N", help="at most N jobs, oldest first")
+    f.set_defaults(func=cmd_failed)
+
+    q = sub.add_parser("requeue", help="put failed jobs back on the queue (same job ids); prints what it did")
+    which = q.add_mutually_exclusive_group(required=True)
+    which.add_argument("job_ids", nargs="*", metavar="JOB_ID", default=[])
+    which.add_argument("--all", action="store_true", help="every job in the failed registry")
+    q.set_defaults(func=cmd_requeue)
     return parser
 
 
@@ -124,6 +134,24 @@ def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     print(json.dumps(queue_status(settings=_settings(parser)), indent=2))
     return EXIT_OK
+
+
+def cmd_failed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from worker.queue import failed_jobs
+
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be at least 1")
+    for job in failed_jobs(settings=_settings(parser), limit=args.limit):
+        print(json.dumps(job.to_dict()))
+    return EXIT_OK
+
+
+def cmd_requeue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from worker.queue import requeue_failed
+
+    requeued, missing = requeue_failed(None if args.all else args.job_ids, settings=_settings(parser))
+    print(json.dumps({"requeued": requeued, "not_failed": missing}))
+    return EXIT_FAILURE if missing else EXIT_OK
 
 
 def cmd_moderate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -1,4 +1,5 @@
-"""The client side of the queue: enqueue S3 keys, read results and queue state (a library over RQ).
+"""The client side of the queue: enqueue S3 keys, read results and queue state, list the jobs that
+failed without a verdict and put them back (a library over RQ).
 
 Jobs are JSON (RQ's JSONSerializer), their function a stable dotted path, their arguments plain
 JSON. Enqueueing an object already queued, running or done for the same bytes (ETag), sampling and
@@ -14,7 +15,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 from redis import Redis
 from rq import Queue, Retry, Worker
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -124,3 +125,56 @@ def queue_status(*, settings: Settings | None = None, connection: Redis | None =
         "workers": len(Worker.all(queue=queue)),
         "model": json.loads(connection.get(model_key(settings.queue)) or "null"),
     }
+
+
+@dataclass
+class FailedJob:
+    """A job in RQ's failed registry: it ran out of retries, or its worker died, and has no verdict."""
+
+    id: str
+    bucket: str | None
+    key: str | None
+    failed_at: str | None
+    error: str  # the exception's last line, e.g. "worker.errors.TransientError: reading s3://... failed: ..."
+
+    def to_dict(self) -> dict:
+        return {"job_id": self.id, "bucket": self.bucket, "key": self.key, "failed_at": self.failed_at,
+                "error": self.error}
+
+
+def failed_jobs(*, settings: Settings | None = None, connection: Redis | None = None,
+                limit: int | None = None) -> list[FailedJob]:
+    """The failed registry's jobs, oldest first (what the DeepfakeJobsFailed alert counts)."""
+    settings = settings or Settings()
+    connection = connection or connect(settings)
+    registry = FailedJobRegistry(queue=get_queue(connection, settings.queue))
+    out: list[FailedJob] = []
+    for job_id in registry.get_job_ids(0, -1 if limit is None else limit - 1):
+        try:
+            job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+        except NoSuchJobError:
+            continue  # expired between the listing and the fetch
+        args = job.args if job.func_name == MODERATE_FUNC else []
+        latest = job.latest_result()
+        lines = [line for line in (latest.exc_string if latest is not None else "").splitlines() if line.strip()]
+        out.append(FailedJob(job.id, args[0] if len(args) > 0 else None, args[1] if len(args) > 1 else None,
+                             job.ended_at.isoformat() if job.ended_at else None,
+                             lines[-1].strip() if lines else "failed (no exception recorded: its worker died)"))
+    return out
+
+
+def requeue_failed(job_ids: list[str] | None = None, *, settings: Settings | None = None,
+                   connection: Redis | None = None) -> tuple[list[str], list[str]]:
+    """Put failed jobs (all of them when `job_ids` is None) back on the queue, same ids, retries
+    reset; returns (requeued, not in the failed registry). Each writes its verdict once when it runs."""
+    settings = settings or Settings()
+    connection = connection or connect(settings)
+    registry = FailedJobRegistry(queue=get_queue(connection, settings.queue))
+    requeued, missing = [], []
+    for job_id in registry.get_job_ids() if job_ids is None else job_ids:
+        try:
+            registry.requeue(job_id)
+            requeued.append(job_id)
+        except (InvalidJobOperation, NoSuchJobError):
+            missing.append(job_id)
+    return requeued, missing

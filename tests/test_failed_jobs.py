@@ -1,0 +1,65 @@
+"""Recovering jobs that failed without a verdict, as an operator answering DeepfakeJobsFailed would:
+S3 is down for longer than a job's retries, `deepfake failed` lists the job with its error,
+`deepfake requeue` puts it back, and once S3 answers again it ends with exactly one verdict. Real
+redis-server, real S3 server, the real worker class and the real CLI entry point."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from servers import free_ports
+from workers import burst, stored
+
+from worker.cli import main
+from worker.queue import enqueue, job_state
+from worker.runtime import WorkerRuntime
+from worker.s3 import make_client
+
+BUCKET = "recover"
+KEY = "clips/carphone.mp4"
+
+
+@pytest.fixture()
+def s3(s3_server, corpus):
+    client = s3_server.client()
+    client.create_bucket(Bucket=BUCKET)
+    client.put_object(Bucket=BUCKET, Key=KEY, Body=corpus["carphone"].read_bytes(), ContentType="video/mp4")
+    return client
+
+
+def cli(capsys, *argv: str) -> tuple[int, list[str]]:
+    capsys.readouterr()  # drop what the workers logged before
+    code = main(list(argv))
+    return code, [line for line in capsys.readouterr().out.splitlines() if line]
+
+
+def test_a_job_lost_to_an_s3_outage_is_listed_requeued_and_then_gets_its_one_verdict(
+        s3, s3_server, redis, redis_server, settings, moderator, monkeypatch, capsys, tmp_path):
+    s = settings.model_copy(update={"redis_url": redis_server.url, "allowed_buckets": BUCKET, "frames": 8,
+                                    "job_retries": 1, "s3_endpoint_url": s3_server.endpoint,
+                                    "verdict_prefix": f"v-{tmp_path.name}/"})
+    for name in ("redis_url", "allowed_buckets", "frames", "verdict_prefix"):
+        monkeypatch.setenv(f"DEEPFAKE_{name.upper()}", str(getattr(s, name)))
+    job_id = enqueue(BUCKET, KEY, settings=s, connection=redis, s3_client=s3)
+
+    dead = f"http://127.0.0.1:{free_ports(1)[0]}"  # the outage: nothing answers there
+    burst(redis, s, runtime=WorkerRuntime(s, moderator=moderator, s3_client=make_client(dead, max_attempts=1)))
+    assert job_state(job_id, settings=s, connection=redis).status == "failed"  # both attempts failed
+    assert stored(s3, s, KEY) == []
+
+    code, lines = cli(capsys, "failed")
+    [failed] = [json.loads(line) for line in lines]
+    assert code == 0 and failed["job_id"] == job_id and (failed["bucket"], failed["key"]) == (BUCKET, KEY)
+    assert failed["error"].startswith("worker.errors.TransientError:") and failed["failed_at"]
+
+    code, lines = cli(capsys, "requeue", job_id, "no-such-job")
+    assert code == 1 and json.loads(lines[0]) == {"requeued": [job_id], "not_failed": ["no-such-job"]}
+    assert job_state(job_id, settings=s, connection=redis).status == "queued"
+    assert cli(capsys, "failed") == (0, [])
+
+    burst(redis, s, moderator)  # S3 is back
+    state = job_state(job_id, settings=s, connection=redis)
+    assert state.status == "finished" and state.result["status"] == "ok"
+    [only] = stored(s3, s, KEY)
+    assert only["created_at"] == state.result["created_at"]
+    assert cli(capsys, "requeue", "--all") == (0, [json.dumps({"requeued": [], "not_failed": []})])
