@@ -68,14 +68,7 @@ def tiled(image: np.ndarray, n: int) -> np.ndarray:
 
 def tiny_jpeg(size: int = 16, pix_fmt: str = "yuvj444p") -> bytes:
     buf = io.BytesIO()
-    with av.open(buf, "w", format="mjpeg") as out:
-        s = out.add_stream("mjpeg", rate=1)
-        s.width = s.height = size
-        s.pix_fmt = pix_fmt
-        for p in s.encode(av.VideoFrame.from_ndarray(np.full((size, size, 3), 100, np.uint8), format="rgb24")):
-            out.mux(p)
-        for p in s.encode():
-            out.mux(p)
+    encode(buf, [np.full((size, size, 3), 100, np.uint8)], codec="mjpeg", rate=1, pix_fmt=pix_fmt, fmt="mjpeg")
     return buf.getvalue()
 
 
@@ -141,23 +134,11 @@ def b_text(path: Path, a: Assets) -> None:
 
 
 def b_png(path: Path, a: Assets) -> None:
-    with av.open(str(path), "w", format="image2", options={"update": "1"}) as out:
-        s = out.add_stream("png", rate=1)
-        s.width, s.height, s.pix_fmt = 176, 144, "rgb24"
-        for p in s.encode(av.VideoFrame.from_ndarray(a.faces[0], format="rgb24")):
-            out.mux(p)
-        for p in s.encode():
-            out.mux(p)
+    encode(path, a.faces[:1], codec="png", rate=1, pix_fmt="rgb24", fmt="image2", container_options={"update": "1"})
 
 
 def b_jpeg(path: Path, a: Assets) -> None:
-    with av.open(str(path), "w", format="mjpeg") as out:
-        s = out.add_stream("mjpeg", rate=1)
-        s.width, s.height, s.pix_fmt = 176, 144, "yuvj420p"
-        for p in s.encode(av.VideoFrame.from_ndarray(a.faces[0], format="rgb24")):
-            out.mux(p)
-        for p in s.encode():
-            out.mux(p)
+    encode(path, a.faces[:1], codec="mjpeg", rate=1, pix_fmt="yuvj420p", fmt="mjpeg")
 
 
 def b_audio(path: Path, a: Assets) -> None:
