@@ -242,3 +242,20 @@ def test_folded_batch_norms_give_the_same_outputs():
     with torch.inference_mode():
         for a, b in zip(plain(x), folded(x)):
             assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_training_extracts_faces_as_the_worker_detects_them() -> None:
+    """Training (training.data.extract, the demo build) makes its detector from create_detector's
+    defaults, the worker from Settings: the two must agree, or training and serving crop different faces."""
+    import inspect
+
+    from worker.settings import Settings
+
+    defaults = inspect.signature(RetinaFaceDetector.__init__).parameters
+    fields = Settings.model_fields
+    assert fields["detector"].default == "retinaface-mobilenet" and defaults["backbone"].default == "mobilenet0.25"
+    assert fields["detector_score_threshold"].default == defaults["score_threshold"].default
+    assert fields["detector_max_size"].default == defaults["max_size"].default
+    root = Path(__file__).resolve().parents[1]
+    for module in ("training/data/extract.py", "training/data/demo.py"):
+        assert 'create_detector("retinaface-mobilenet")' in (root / module).read_text(), module
