@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from rq.job import Job
+from rq.serializers import JSONSerializer
 from servers import free_ports
 from workers import burst, stored
 
@@ -38,7 +40,7 @@ def test_a_job_lost_to_an_s3_outage_is_listed_requeued_and_then_gets_its_one_ver
     s = settings.model_copy(update={"redis_url": redis_server.url, "allowed_buckets": BUCKET, "frames": 8,
                                     "job_retries": 1, "s3_endpoint_url": s3_server.endpoint,
                                     "verdict_prefix": f"v-{tmp_path.name}/"})
-    for name in ("redis_url", "allowed_buckets", "frames", "verdict_prefix"):
+    for name in ("redis_url", "allowed_buckets", "frames", "job_retries", "verdict_prefix"):
         monkeypatch.setenv(f"DEEPFAKE_{name.upper()}", str(getattr(s, name)))
     job_id = enqueue(BUCKET, KEY, settings=s, connection=redis, s3_client=s3)
 
@@ -55,6 +57,7 @@ def test_a_job_lost_to_an_s3_outage_is_listed_requeued_and_then_gets_its_one_ver
     code, lines = cli(capsys, "requeue", job_id, "no-such-job")
     assert code == 1 and json.loads(lines[0]) == {"requeued": [job_id], "not_failed": ["no-such-job"]}
     assert job_state(job_id, settings=s, connection=redis).status == "queued"
+    assert Job.fetch(job_id, connection=redis, serializer=JSONSerializer).retries_left == s.job_retries  # again
     assert cli(capsys, "failed") == (0, [])
 
     burst(redis, s, moderator)  # S3 is back

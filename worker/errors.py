@@ -81,3 +81,9 @@ class TransientError(Exception):
 
     Never turned into a verdict, so a passing outage cannot stamp a final error on an upload.
     """
+
+
+def last_line(exc_string: str | None) -> str | None:
+    """A recorded traceback's last line, `Type: message`: what to show outside the logs."""
+    lines = [line.strip() for line in (exc_string or "").splitlines() if line.strip()]
+    return lines[-1] if lines else None

@@ -21,6 +21,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegist
 from rq.serializers import JSONSerializer
 from rq.webhook import Webhook
 
+from worker.errors import last_line
 from worker.jobs import MODERATE_FUNC
 from worker.rq_worker import model_key
 from worker.s3 import make_client, validate_location
@@ -154,25 +155,31 @@ def failed_jobs(*, settings: Settings | None = None, connection: Redis | None = 
             job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
         except NoSuchJobError:
             continue  # expired between the listing and the fetch
-        args = job.args if job.func_name == MODERATE_FUNC else []
+        try:
+            args = job.args if job.func_name == MODERATE_FUNC else []
+        except Exception:  # noqa: BLE001 - a job hash anyone could have written: list it without arguments
+            args = []
         latest = job.latest_result()
-        lines = [line for line in (latest.exc_string if latest is not None else "").splitlines() if line.strip()]
         out.append(FailedJob(job.id, args[0] if len(args) > 0 else None, args[1] if len(args) > 1 else None,
                              job.ended_at.isoformat() if job.ended_at else None,
-                             lines[-1].strip() if lines else "failed (no exception recorded: its worker died)"))
+                             last_line(latest.exc_string if latest is not None else None)
+                             or "failed (no exception recorded: its worker died)"))
     return out
 
 
 def requeue_failed(job_ids: list[str] | None = None, *, settings: Settings | None = None,
                    connection: Redis | None = None) -> tuple[list[str], list[str]]:
-    """Put failed jobs (all of them when `job_ids` is None) back on the queue, same ids, retries
-    reset; returns (requeued, not in the failed registry). Each writes its verdict once when it runs."""
+    """Put failed jobs (all of them when `job_ids` is None) back on the queue under the same ids, with
+    `job_retries` retries again; returns (requeued, not in the failed registry). Each writes its
+    verdict once when it runs."""
     settings = settings or Settings()
     connection = connection or connect(settings)
     registry = FailedJobRegistry(queue=get_queue(connection, settings.queue))
     requeued, missing = [], []
     for job_id in registry.get_job_ids() if job_ids is None else job_ids:
         try:
+            if job_id in registry:  # its retries were spent: give it the configured ones again
+                connection.hset(Job.key_for(job_id), "retries_left", settings.job_retries)
             registry.requeue(job_id)
             requeued.append(job_id)
         except (InvalidJobOperation, NoSuchJobError):

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from worker.errors import last_line
+
 SIGNATURE_HEADER = "X-Deepfake-Signature"
 # Headers a job may not set: they would change where or what is sent, or forge the signature.
 _RESERVED_HEADERS = {"host", "content-length", "content-type", "transfer-encoding", "connection",
@@ -140,8 +142,7 @@ def summary(job_id: str, status: str, result: Any = None, error: str | None = No
         }
     if error:
         # the exception's last line only: a receiver outside the cluster gets no traceback
-        lines = [line for line in error.strip().splitlines() if line.strip()]
-        body["error"] = (lines[-1] if lines else error)[:_MAX_ERROR_CHARS]
+        body["error"] = (last_line(error) or error)[:_MAX_ERROR_CHARS]
     return body
 
 
