@@ -13,7 +13,7 @@ from servers import free_ports
 from workers import burst, stored
 
 from worker.cli import main
-from worker.queue import enqueue, job_state
+from worker.queue import enqueue, get_queue, job_state
 from worker.runtime import WorkerRuntime
 from worker.s3 import make_client
 
@@ -42,6 +42,7 @@ def test_a_job_lost_to_an_s3_outage_is_listed_requeued_and_then_gets_its_one_ver
                                     "verdict_prefix": f"v-{tmp_path.name}/"})
     for name in ("redis_url", "allowed_buckets", "frames", "job_retries", "verdict_prefix"):
         monkeypatch.setenv(f"DEEPFAKE_{name.upper()}", str(getattr(s, name)))
+    refused = get_queue(redis, s.queue).enqueue("os.getcwd").id  # naming other code: fails at once
     job_id = enqueue(BUCKET, KEY, settings=s, connection=redis, s3_client=s3)
 
     dead = f"http://127.0.0.1:{free_ports(1)[0]}"  # the outage: nothing answers there
@@ -50,19 +51,25 @@ def test_a_job_lost_to_an_s3_outage_is_listed_requeued_and_then_gets_its_one_ver
     assert stored(s3, s, KEY) == []
 
     code, lines = cli(capsys, "failed")
-    [failed] = [json.loads(line) for line in lines]
-    assert code == 0 and failed["job_id"] == job_id and (failed["bucket"], failed["key"]) == (BUCKET, KEY)
+    listed = {j["job_id"]: j for j in map(json.loads, lines)}
+    failed, foreign = listed.pop(job_id), listed.pop(refused)
+    assert listed == {}
+    assert code == 0 and (failed["bucket"], failed["key"]) == (BUCKET, KEY)
     assert failed["error"].startswith("worker.errors.TransientError:") and failed["failed_at"]
+    assert foreign["bucket"] is None  # its arguments are nobody's upload
+    assert foreign["error"].startswith("worker.rq_worker.RefusedJob:")
+    assert len(cli(capsys, "failed", "--limit", "1")[1]) == 1
 
     code, lines = cli(capsys, "requeue", job_id, "no-such-job")
     assert code == 1 and json.loads(lines[0]) == {"requeued": [job_id], "not_failed": ["no-such-job"]}
     assert job_state(job_id, settings=s, connection=redis).status == "queued"
     assert Job.fetch(job_id, connection=redis, serializer=JSONSerializer).retries_left == s.job_retries  # again
-    assert cli(capsys, "failed") == (0, [])
+    assert [json.loads(line)["job_id"] for line in cli(capsys, "failed")[1]] == [refused]
 
     burst(redis, s, moderator)  # S3 is back
     state = job_state(job_id, settings=s, connection=redis)
     assert state.status == "finished" and state.result["status"] == "ok"
     [only] = stored(s3, s, KEY)
     assert only["created_at"] == state.result["created_at"]
+    assert cli(capsys, "requeue", "--all") == (0, [json.dumps({"requeued": [refused], "not_failed": []})])
     assert cli(capsys, "requeue", "--all") == (0, [json.dumps({"requeued": [], "not_failed": []})])

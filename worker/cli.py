@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_status)
 
     f = sub.add_parser("failed", help="jobs that failed without a verdict: one JSON line each, with the error")
-    f.add_argument("--limit", type=int, metavar="N", help="at most N jobs, oldest first")
+    f.add_argument("--limit", type=int, metavar="N", help="at most N jobs (the oldest)")
     f.set_defaults(func=cmd_failed)
 
     q = sub.add_parser("requeue", help="put failed jobs back on the queue (same job ids); prints what it did")

@@ -145,7 +145,7 @@ class FailedJob:
 
 def failed_jobs(*, settings: Settings | None = None, connection: Redis | None = None,
                 limit: int | None = None) -> list[FailedJob]:
-    """The failed registry's jobs, oldest first (what the DeepfakeJobsFailed alert counts)."""
+    """The failed registry's jobs, oldest first by RQ's registry order (what DeepfakeJobsFailed counts)."""
     settings = settings or Settings()
     connection = connection or connect(settings)
     registry = FailedJobRegistry(queue=get_queue(connection, settings.queue))
