@@ -163,7 +163,7 @@ def failed_jobs(*, settings: Settings | None = None, connection: Redis | None = 
         out.append(FailedJob(job.id, args[0] if len(args) > 0 else None, args[1] if len(args) > 1 else None,
                              job.ended_at.isoformat() if job.ended_at else None,
                              last_line(latest.exc_string if latest is not None else None)
-                             or "failed (no exception recorded: its worker died)"))
+                             or "failed (no exception recorded)"))
     return out
 
 
