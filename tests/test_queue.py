@@ -105,6 +105,7 @@ def test_end_to_end_verdicts_in_redis_and_s3(s3, redis, qsettings, moderator):
     assert carphone["video"]["frames_with_face"] == 8 and carphone["video"]["frames_sampled"] == 8
     status = queue_status(settings=qsettings, connection=redis)
     assert status["queued"] == 0 and status["finished"] == len(UPLOADS) and status["failed"] == 0
+    assert status["oldest_waiting_s"] == 0
 
 
 def test_missing_key_and_forbidden_bucket(s3, redis, qsettings, moderator):

@@ -17,7 +17,7 @@ from workers import burst
 
 from worker.jobs import MODERATE_FUNC
 from worker.metrics import SCRAPE_TIMEOUT_S, Metrics
-from worker.queue import get_queue
+from worker.queue import get_queue, queue_status
 from worker.runtime import WorkerRuntime
 from worker.s3 import make_client
 
@@ -28,7 +28,7 @@ def sample(metrics: Metrics, name: str, **labels) -> float | None:
     return metrics.registry.get_sample_value(name, labels)
 
 
-def test_the_queue_state_is_read_from_redis_at_each_scrape(redis):
+def test_the_queue_state_is_read_from_redis_at_each_scrape(redis, settings):
     metrics = Metrics()
     metrics.watch_queues(redis, [QUEUE])
     assert sample(metrics, "deepfake_queue_jobs", queue=QUEUE, state="queued") == 0
@@ -40,6 +40,8 @@ def test_the_queue_state_is_read_from_redis_at_each_scrape(redis):
     assert sample(metrics, "deepfake_queue_jobs", queue=QUEUE, state="queued") == 2
     age = sample(metrics, "deepfake_queue_oldest_job_age_seconds", queue=QUEUE)
     assert 1.2 <= age < 30  # the first job's age, not the second's
+    status = queue_status(settings=settings.model_copy(update={"queue": QUEUE}), connection=redis)
+    assert status["queued"] == 2 and age - 0.1 <= status["oldest_waiting_s"] < 30  # `deepfake status` too (to 0.1 s)
     first.cancel()  # leaves the list: the oldest waiting job is now the second
     assert sample(metrics, "deepfake_queue_jobs", queue=QUEUE, state="queued") == 1
     assert sample(metrics, "deepfake_queue_oldest_job_age_seconds", queue=QUEUE) < age

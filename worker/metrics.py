@@ -63,50 +63,33 @@ class QueueCollector(Collector):
     With Redis unreachable the scrape still answers, without these series."""
 
     def __init__(self, connection, queues: list[str]) -> None:
-        from rq import Queue
-        from rq.registry import FailedJobRegistry, StartedJobRegistry
-
         # A connection of its own with timeouts: a Redis that stops answering must not hang scrapes.
         pool = connection.connection_pool
         kwargs = {**pool.connection_kwargs, "socket_timeout": SCRAPE_TIMEOUT_S,
                   "socket_connect_timeout": SCRAPE_TIMEOUT_S}
         self.connection = type(connection)(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
-        self.keys = {name: (Queue(name, connection=connection).key,
-                            StartedJobRegistry(name, connection=connection).key,
-                            FailedJobRegistry(name, connection=connection).key) for name in queues}
+        self.queues = list(queues)
 
     def describe(self) -> list:
         return []  # collected live: nothing to check at registration, no Redis call then
 
     def collect(self):
-        from rq.job import Job
-        from rq.utils import utcparse
+        from worker.queue import queue_depths  # worker.queue imports this module (through rq_worker)
 
         jobs = GaugeMetricFamily("deepfake_queue_jobs", "Jobs in the RQ queue by state (queued: waiting; "
                                  "started: running; failed: in the failed registry).", labels=["queue", "state"])
         age = GaugeMetricFamily("deepfake_queue_oldest_job_age_seconds",
                                 "How long the oldest waiting job has waited (0 when none waits).", labels=["queue"])
         try:
-            for name, (queued, started, failed) in self.keys.items():
-                with self.connection.pipeline(transaction=False) as pipe:
-                    pipe.llen(queued).zcard(started).zcard(failed).lindex(queued, 0)
-                    n_queued, n_started, n_failed, oldest = pipe.execute()
-                waited = 0.0
-                if oldest is not None:
-                    stamp = self.connection.hget(Job.key_for(_text(oldest)), "enqueued_at")
-                    if stamp:
-                        waited = max(0.0, time.time() - utcparse(_text(stamp)).timestamp())
-                for state, n in (("queued", n_queued), ("started", n_started), ("failed", n_failed)):
-                    jobs.add_metric([name, state], n)
-                age.add_metric([name], waited)
+            for name in self.queues:
+                depths = queue_depths(self.connection, name)
+                for state in ("queued", "started", "failed"):
+                    jobs.add_metric([name, state], depths[state])
+                age.add_metric([name], depths["oldest_waiting_s"])
         except Exception:  # noqa: BLE001 - Redis down or a malformed job: /metrics still answers
             return
         yield jobs
         yield age
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class _Handler(BaseHTTPRequestHandler):

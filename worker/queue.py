@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.utils import utcparse
 from rq.webhook import Webhook
 
 from worker.errors import last_line
@@ -113,6 +115,26 @@ def job_state(job_id: str, *, settings: Settings | None = None, connection: Redi
     return JobState(job.id, str(status.value if hasattr(status, "value") else status), job.return_value(), error)
 
 
+def queue_depths(connection: Redis, name: str) -> dict:
+    """Jobs `queued` (waiting), `started` and `failed` as Redis holds them (no registry cleanup), and
+    `oldest_waiting_s`, the age of the job at the head of the queue (0 when none waits): one round
+    trip, plus one for that job's enqueue time. What /metrics exports at each scrape."""
+    queue = Queue(name, connection=connection)
+    with connection.pipeline(transaction=False) as pipe:
+        pipe.llen(queue.key).zcard(StartedJobRegistry(name, connection=connection).key)
+        pipe.zcard(FailedJobRegistry(name, connection=connection).key).lindex(queue.key, 0)
+        queued, started, failed, head = pipe.execute()
+    waited = 0.0
+    stamp = connection.hget(Job.key_for(_text(head)), "enqueued_at") if head is not None else None
+    if stamp:
+        waited = max(0.0, time.time() - utcparse(_text(stamp)).timestamp())
+    return {"queued": queued, "started": started, "failed": failed, "oldest_waiting_s": waited}
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def queue_status(*, settings: Settings | None = None, connection: Redis | None = None) -> dict:
     settings = settings or Settings()
     connection = connection or connect(settings)
@@ -123,6 +145,7 @@ def queue_status(*, settings: Settings | None = None, connection: Redis | None =
         "started": StartedJobRegistry(queue=queue).count,
         "finished": FinishedJobRegistry(queue=queue).count,
         "failed": FailedJobRegistry(queue=queue).count,
+        "oldest_waiting_s": round(queue_depths(connection, settings.queue)["oldest_waiting_s"], 1),
         "workers": len(Worker.all(queue=queue)),
         "model": json.loads(connection.get(model_key(settings.queue)) or "null"),
     }
