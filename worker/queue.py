@@ -119,10 +119,10 @@ def queue_depths(connection: Redis, name: str) -> dict:
     """Jobs `queued` (waiting), `started` and `failed` as Redis holds them (no registry cleanup), and
     `oldest_waiting_s`, the age of the job at the head of the queue (0 when none waits): one round
     trip, plus one for that job's enqueue time. What /metrics exports at each scrape."""
-    queue = Queue(name, connection=connection)
+    queue = get_queue(connection, name)
     with connection.pipeline(transaction=False) as pipe:
-        pipe.llen(queue.key).zcard(StartedJobRegistry(name, connection=connection).key)
-        pipe.zcard(FailedJobRegistry(name, connection=connection).key).lindex(queue.key, 0)
+        pipe.llen(queue.key).zcard(StartedJobRegistry(queue=queue).key)
+        pipe.zcard(FailedJobRegistry(queue=queue).key).lindex(queue.key, 0)
         queued, started, failed, head = pipe.execute()
     waited = 0.0
     stamp = connection.hget(Job.key_for(_text(head)), "enqueued_at") if head is not None else None
@@ -171,7 +171,8 @@ def failed_jobs(*, settings: Settings | None = None, connection: Redis | None = 
     """The failed registry's jobs, oldest first by RQ's registry order (what DeepfakeJobsFailed counts)."""
     settings = settings or Settings()
     connection = connection or connect(settings)
-    registry = FailedJobRegistry(queue=get_queue(connection, settings.queue))
+    queue = get_queue(connection, settings.queue)
+    registry = FailedJobRegistry(queue=queue)
     out: list[FailedJob] = []
     for job_id in registry.get_job_ids(0, -1 if limit is None else limit - 1):
         try:
@@ -197,7 +198,8 @@ def requeue_failed(job_ids: list[str] | None = None, *, settings: Settings | Non
     verdict once when it runs."""
     settings = settings or Settings()
     connection = connection or connect(settings)
-    registry = FailedJobRegistry(queue=get_queue(connection, settings.queue))
+    queue = get_queue(connection, settings.queue)
+    registry = FailedJobRegistry(queue=queue)
     requeued, missing = [], []
     for job_id in registry.get_job_ids() if job_ids is None else job_ids:
         try:
