@@ -31,12 +31,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploy_tools import MISSING_TOOL, WORKER_CLASS, dockerfile_stages, tool
+from deploy_tools import (
+    MISSING_TOOL,
+    WORKER_CLASS,
+    dockerfile_stages,
+    k8s_versions,
+    schema_errors,
+    schema_validator,
+    tool,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 OVERLAYS_DIR = DEPLOY / "overlays"
-SCHEMAS = DEPLOY / "schemas"
 WORKER = "deepfake-worker"
 # The overlays the docs promise; any further overlay is rendered and checked too.
 REQUIRED_OVERLAYS = {"gpu", "cpu", "trial"}
@@ -141,35 +148,21 @@ def test_renders(overlay):
         assert d["metadata"].get("namespace") == "deepfake", f"{overlay}: {d['kind']}/{d['metadata']['name']}"
 
 
-def _k8s_versions() -> list[str]:
-    try:
-        from kubernetes_validate.utils import all_versions
-    except ImportError:
-        pytest.fail(MISSING_TOOL.format(tool="kubernetes-validate", how="pip install kubernetes-validate"))
-    minors = sorted({".".join(v.split(".")[:2]) for v in all_versions()}, key=lambda v: tuple(map(int, v.split("."))))
-    return [v for v in minors if tuple(map(int, v.split("."))) >= (1, 30)]
-
-
 KEDA_SCHEMAS = {
     "ScaledObject": "keda-scaledobject.schema.json",
     "TriggerAuthentication": "keda-triggerauthentication.schema.json",
 }
 
 
-@cache
 def keda_validator(kind: str):
-    import jsonschema
-
-    schema = json.loads((SCHEMAS / KEDA_SCHEMAS[kind]).read_text())
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker())
+    return schema_validator(KEDA_SCHEMAS[kind])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_kubernetes_schemas_strict(overlay):
     import kubernetes_validate
 
-    versions = _k8s_versions()
+    versions = k8s_versions()
     assert versions, "kubernetes-validate bundles no schema for Kubernetes 1.30 or newer"
     errors = []
     for d in render(overlay):
@@ -190,10 +183,7 @@ def test_kubernetes_schemas_strict(overlay):
 def test_keda_schemas(overlay):
     keda = [d for d in render(overlay) if d["apiVersion"].startswith("keda.sh/")]
     assert {d["kind"] for d in keda} == set(KEDA_SCHEMAS), [d["kind"] for d in keda]
-    errors = []
-    for d in keda:
-        for err in keda_validator(d["kind"]).iter_errors(d):
-            errors.append(f"{d['kind']}/{d['metadata']['name']}: {'.'.join(map(str, err.path))}: {err.message}")
+    errors = [e for d in keda for e in schema_errors(KEDA_SCHEMAS[d["kind"]], d)]
     assert not errors, "\n".join(errors)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploy_tools import MISSING_TOOL, ROOT, tool
+from deploy_tools import MISSING_TOOL, ROOT, k8s_versions, schema_errors, tool
 from redis import Redis
 from servers import free_ports, stop, wait_for_port
 
@@ -120,6 +120,32 @@ def test_the_component_renders_and_scrapes_the_workers(tmp_path):
     [board] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "deepfake-worker-dashboard"]
     assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(board["data"]["deepfake-worker.json"]) == dashboard()
+
+
+OPERATOR_SCHEMAS = {"PodMonitor": "prometheus-operator-podmonitor.schema.json",
+                    "PrometheusRule": "prometheus-operator-prometheusrule.schema.json"}
+
+
+def test_the_component_validates_strictly(tmp_path):
+    """The operator's kinds against the hand-written subset schemas in deploy/schemas (unknown fields,
+    bad durations, a rule both alert and record fail), the dashboard ConfigMap against Kubernetes'."""
+    import kubernetes_validate
+
+    docs = rendered(tmp_path)
+    ours = [d for d in docs if d["kind"] in OPERATOR_SCHEMAS]
+    assert sorted(d["kind"] for d in ours) == sorted(OPERATOR_SCHEMAS)
+    errors = [e for d in ours for e in schema_errors(OPERATOR_SCHEMAS[d["kind"]], d)]
+    assert not errors, "\n".join(errors)
+    [board] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "deepfake-worker-dashboard"]
+    for version in k8s_versions():
+        kubernetes_validate.validate(board, version, strict=True)
+    # the schemas catch what matters
+    monitor, rule = (json.loads(json.dumps(next(d for d in ours if d["kind"] == k))) for k in sorted(OPERATOR_SCHEMAS))
+    monitor["spec"]["podMetricsEndpoints"][0]["intervall"] = "30s"
+    rule["spec"]["groups"][0]["rules"][0]["for"] = "5 minutes"
+    rule["spec"]["groups"][0]["rules"][1]["record"] = "deepfake:failed"
+    assert len(schema_errors(OPERATOR_SCHEMAS["PodMonitor"], monitor)) == 1
+    assert len(schema_errors(OPERATOR_SCHEMAS["PrometheusRule"], rule)) == 2
 
 
 def test_every_alert_has_severity_summary_and_a_runbook_section_in_the_docs():
