@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="queue length, registries, workers and the model they run, as JSON")
     s.set_defaults(func=cmd_status)
 
+    c = sub.add_parser("check", help="check what a worker needs (model, Redis, S3, webhooks, signing): "
+                                     "one JSON line each; exit 1 when any fails")
+    c.add_argument("--only", metavar="NAMES", help="comma-separated subset of: model, redis, s3, webhooks, signing")
+    c.set_defaults(func=cmd_check)
+
     f = sub.add_parser("failed", help="jobs that failed without a verdict: one JSON line each, with the error")
     f.add_argument("--limit", type=int, metavar="N", help="at most N jobs (the oldest)")
     f.set_defaults(func=cmd_failed)
@@ -134,6 +139,22 @@ def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     print(json.dumps(queue_status(settings=_settings(parser)), indent=2))
     return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from worker.logging import configure_logging
+    from worker.preflight import CHECKS, run_checks
+
+    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    unknown = sorted(set(only or ()) - set(CHECKS))
+    if unknown:
+        parser.error(f"check: unknown check {', '.join(unknown)}; choose from {', '.join(CHECKS)}")
+    settings = _settings(parser)
+    configure_logging(settings.log_format, settings.log_level)
+    results = run_checks(settings, only)
+    for result in results:
+        print(json.dumps(result.to_dict()), flush=True)
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILURE
 
 
 def cmd_failed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -1,0 +1,104 @@
+"""`deepfake check` against real servers: a worker's settings that work pass every check, and each
+common misconfiguration fails its own check with a line that says what is wrong (exit 1), without
+stopping the others. Real redis-server (one with an always-fsynced append-only file, one without),
+real S3 server, the real model loader and the real CLI entry point."""
+from __future__ import annotations
+
+import json
+
+import boto3
+import pytest
+import torch
+from servers import free_ports, stop
+from workers import DurableRedis
+
+from worker.cli import main
+from worker.preflight import CHECKS
+
+BUCKET = "preflight"
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server) -> str:
+    s3_server.client().create_bucket(Bucket=BUCKET)
+    return BUCKET
+
+
+@pytest.fixture()
+def env(bucket, s3_server, redis_server, random_model_dir, monkeypatch):
+    """A worker's environment that works: the settings a pod gets from its ConfigMap."""
+    values = {"DEEPFAKE_MODEL_DIR": str(random_model_dir), "DEEPFAKE_REDIS_URL": redis_server.url,
+              "DEEPFAKE_S3_ENDPOINT_URL": s3_server.endpoint, "DEEPFAKE_ALLOWED_BUCKETS": BUCKET,
+              "DEEPFAKE_VERDICT_SECRET": "a-long-random-key", "DEEPFAKE_WEBHOOK_HOSTS": "hooks.example.com,10.0.0.0/8",
+              "DEEPFAKE_LOG_FORMAT": "json"}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    return monkeypatch
+
+
+def check(capsys, *argv: str) -> tuple[int, dict[str, dict]]:
+    capsys.readouterr()
+    code = main(["check", *argv])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line]
+    return code, {r["check"]: r for r in lines}
+
+
+def test_a_working_configuration_passes_every_check(env, capsys, tmp_path):
+    durable = DurableRedis(free_ports(1)[0], tmp_path).start()  # appendonly yes, as the README asks
+    env.setenv("DEEPFAKE_REDIS_URL", durable.url)
+    try:
+        code, results = check(capsys)
+    finally:
+        stop(durable.proc)
+    assert code == 0 and list(results) == list(CHECKS)
+    assert all(r["ok"] for r in results.values()), results
+    # the only warning: this test model is random, and the check passes the verdict's warning on
+    assert {n for n, r in results.items() if r["warning"]} == {"model"}
+    assert "carry no information" in results["model"]["warning"] and "on pytorch-cpu" in results["model"]["detail"]
+    assert f"{BUCKET} reachable" in results["s3"]["detail"]
+    assert "0 waiting" in results["redis"]["detail"]
+
+
+def test_each_misconfiguration_fails_its_own_check_and_says_why(env, capsys, tmp_path):
+    # Redis without persistence: works, with a warning
+    code, results = check(capsys, "--only", "redis")
+    assert code == 0 and results["redis"]["ok"] and "appendonly" in results["redis"]["warning"]
+    # the deny-all default
+    env.setenv("DEEPFAKE_ALLOWED_BUCKETS", "")
+    code, results = check(capsys, "--only", "s3")
+    assert code == 1 and "DEEPFAKE_ALLOWED_BUCKETS is empty" in results["s3"]["detail"]
+    # a bucket that is not there, and wrong credentials
+    env.setenv("DEEPFAKE_ALLOWED_BUCKETS", f"{BUCKET},no-such-bucket")
+    code, results = check(capsys, "--only", "s3")
+    assert code == 1 and results["s3"]["detail"].endswith("no-such-bucket: does not exist")
+    env.setenv("DEEPFAKE_ALLOWED_BUCKETS", BUCKET)
+    env.setenv("AWS_SECRET_ACCESS_KEY", "not-the-key")
+    env.setattr(boto3, "DEFAULT_SESSION", None)  # boto3 keeps the credentials it first read, as a pod would
+    code, results = check(capsys, "--only", "s3")
+    assert code == 1 and f"{BUCKET}: access denied" in results["s3"]["detail"]
+    # nothing listening where Redis should be; a model directory without its card; a URL as a webhook host
+    env.setenv("DEEPFAKE_REDIS_URL", f"redis://127.0.0.1:{free_ports(1)[0]}/0")
+    env.setenv("DEEPFAKE_MODEL_DIR", str(tmp_path))
+    env.setenv("DEEPFAKE_WEBHOOK_HOSTS", "https://hooks.example.com/deepfake")
+    env.delenv("DEEPFAKE_VERDICT_SECRET")
+    code, results = check(capsys)
+    assert code == 1 and list(results) == list(CHECKS)  # every check ran, none stopped the others
+    assert not results["redis"]["ok"] and results["redis"]["detail"].startswith("ConnectionError")
+    assert not results["model"]["ok"] and f"no model.json in {tmp_path}" in results["model"]["detail"]
+    assert not results["webhooks"]["ok"] and "https://hooks.example.com/deepfake" in results["webhooks"]["detail"]
+    assert results["signing"]["ok"] and "DEEPFAKE_VERDICT_SECRET" in results["signing"]["warning"]
+
+
+def test_a_gpu_worker_passes_the_model_check_only_where_cuda_is(env, capsys):
+    env.setenv("DEEPFAKE_DEVICE", "cuda")
+    code, results = check(capsys, "--only", "model")
+    if torch.cuda.is_available():
+        assert code == 0 and results["model"]["ok"] and "on cuda" in results["model"]["detail"]
+    else:
+        assert code == 1 and not results["model"]["ok"] and "cuda" in results["model"]["detail"].lower()
+
+
+def test_unknown_check_names_are_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["check", "--only", "redis,gpu"])
+    assert exc.value.code == 2 and "unknown check gpu" in capsys.readouterr().err

@@ -1,0 +1,147 @@
+"""`deepfake check`: what a worker needs, checked before it takes a job.
+
+A misconfigured worker otherwise shows up as failed or refused jobs minutes later: an empty bucket
+allow-list refuses every upload, a wrong S3 key fails every read, a model directory without its card
+stops the pod in a crash loop. Each check runs on its own, says in one line what it found, and never
+raises; `ok` False means a worker with these settings would not do its job.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from worker.settings import Settings
+
+CHECKS = ("model", "redis", "s3", "webhooks", "signing")
+NETWORK_TIMEOUT_S = 5.0
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    warning: str | None = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"check": self.name, "ok": self.ok, "detail": self.detail, "warning": self.warning,
+                "seconds": round(self.seconds, 2)}
+
+
+def check_model(settings: Settings) -> Check:
+    """The model and the detector load on the configured device and score a crop and a frame."""
+    from worker.pipeline import Moderator
+
+    moderator = Moderator(settings)
+    size = moderator.engine.card.input_size
+    prob = moderator.engine.predict(np.full((1, size, size, 3), 128, np.uint8))
+    if prob.shape != (1,) or not np.isfinite(prob).all() or not 0.0 <= float(prob[0]) <= 1.0:
+        return Check("model", False, f"the engine returned {prob!r} for one crop, not one probability")
+    moderator.detector.detect(np.zeros((1, 64, 64, 3), np.uint8))
+    block = moderator.model_block
+    warning = block.get("warning")
+    return Check("model", True, f"{block['name']} {block['version']} on {block['backend']} (sha256 "
+                 f"{block['sha256'][:12]}), detector {settings.detector} on {settings.device}", warning)
+
+
+def check_redis(settings: Settings) -> Check:
+    """Redis answers; warns when it does not persist the queue (a restart would lose waiting jobs)."""
+    from redis import Redis
+    from redis.exceptions import ResponseError
+
+    from worker.queue import queue_depths
+
+    connection = Redis.from_url(settings.redis_url, socket_timeout=NETWORK_TIMEOUT_S,
+                                socket_connect_timeout=NETWORK_TIMEOUT_S)
+    connection.ping()
+    version = connection.info("server").get("redis_version", "?")
+    depths = queue_depths(connection, settings.queue)
+    warning = None
+    try:
+        persistent = connection.config_get("appendonly").get("appendonly") == "yes"
+        if not persistent:
+            warning = "appendonly is off: a Redis restart loses the queued jobs (README, Reliability)"
+    except ResponseError:  # managed Redis often forbids CONFIG
+        warning = "cannot read the persistence setting (CONFIG is disabled): make sure the queue is persisted"
+    return Check("redis", True, f"Redis {version}, queue {settings.queue!r}: {depths['queued']} waiting, "
+                 f"{depths['started']} running, {depths['failed']} failed", warning)
+
+
+def check_s3(settings: Settings) -> Check:
+    """The credentials reach every allowed bucket (and the verdict bucket); an empty allow-list is an error."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from worker.s3 import make_client
+
+    allowed = settings.bucket_allow_list()
+    if not allowed:
+        return Check("s3", False, "DEEPFAKE_ALLOWED_BUCKETS is empty: every job would be refused (access_denied)")
+    buckets = sorted(b for b in allowed if b != "*")
+    if settings.verdict_bucket and settings.verdict_bucket not in buckets:
+        buckets.append(settings.verdict_bucket)
+    client = make_client(settings.s3_endpoint_url, settings.s3_region, max_attempts=2)
+    problems = []
+    for bucket in buckets:
+        try:
+            client.head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            why = {"404": "does not exist", "NoSuchBucket": "does not exist", "403": "access denied"}.get(code, code)
+            problems.append(f"{bucket}: {why}")
+        except BotoCoreError as exc:
+            problems.append(f"{bucket}: {exc}")
+    where = settings.s3_endpoint_url or "AWS"
+    if problems:
+        return Check("s3", False, f"{where}: " + "; ".join(problems))
+    warning = "DEEPFAKE_ALLOWED_BUCKETS=* lets a job name any bucket these credentials reach" if "*" in allowed else None
+    return Check("s3", True, f"{where}: {', '.join(buckets) or 'no bucket named'} reachable with these credentials",
+                 warning)
+
+
+def check_webhooks(settings: Settings) -> Check:
+    """DEEPFAKE_WEBHOOK_HOSTS names hosts, .domain suffixes, IPs or CIDRs; anything else (a URL, a
+    port) would never match a receiver, so every webhook would be refused."""
+    from worker.webhooks import HostPolicy
+
+    policy = HostPolicy.parse(settings.webhook_hosts)
+    if not policy.restricted:
+        return Check("webhooks", True, "receivers: any host whose every address is public")
+    bad = sorted(n for n in (*policy.names, *(s[1:] for s in policy.suffixes)) if not _HOST_NAME.fullmatch(n))
+    if bad:
+        return Check("webhooks", False, f"DEEPFAKE_WEBHOOK_HOSTS: not a host name, .suffix, IP or CIDR: {', '.join(bad)}")
+    return Check("webhooks", True, f"receivers: only {settings.webhook_hosts}")
+
+
+def check_signing(settings: Settings) -> Check:
+    if settings.verdict_secret is None:
+        return Check("signing", True, "stored verdicts are not signed",
+                     "set DEEPFAKE_VERDICT_SECRET: unsigned, a verdict planted in S3 would be reused (docs/security.md)")
+    return Check("signing", True, "stored verdicts are signed and verified before reuse")
+
+
+_RUNNERS: dict[str, Callable[[Settings], Check]] = {
+    "model": check_model, "redis": check_redis, "s3": check_s3, "webhooks": check_webhooks, "signing": check_signing,
+}
+
+
+def run_checks(settings: Settings, only: Any = None) -> list[Check]:
+    """Every check (or those named in `only`), each timed; an exception is that check's failure."""
+    results = []
+    for name in CHECKS:
+        if only and name not in only:
+            continue
+        t0 = time.perf_counter()
+        try:
+            result = _RUNNERS[name](settings)
+        except Exception as exc:  # noqa: BLE001 - reported as the check's failure, with its type
+            result = Check(name, False, f"{type(exc).__name__}: {exc}")
+        result.seconds = time.perf_counter() - t0
+        results.append(result)
+    return results
