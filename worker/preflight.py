@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable, Collection
 
 import numpy as np
 
@@ -131,7 +131,7 @@ _RUNNERS: dict[str, Callable[[Settings], Check]] = {
 }
 
 
-def run_checks(settings: Settings, only: Any = None) -> list[Check]:
+def run_checks(settings: Settings, only: Collection[str] | None = None) -> list[Check]:
     """Every check (or those named in `only`), each timed; an exception is that check's failure."""
     results = []
     for name in CHECKS:
