@@ -102,3 +102,14 @@ def test_unknown_check_names_are_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["check", "--only", "redis,gpu"])
     assert exc.value.code == 2 and "unknown check gpu" in capsys.readouterr().err
+
+
+def test_a_worker_started_with_no_bucket_allowed_says_so_at_start(redis, settings, capsys):
+    from worker.rq_worker import DeepfakeWorker
+
+    worker = DeepfakeWorker(["deepfake"], connection=redis)
+    worker.load_runtime(settings.model_copy(update={"allowed_buckets": "", "metrics_port": 0, "log_format": "json"}))
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    warning = next(e for e in events if e["event"] == "no_bucket_allowed")
+    assert warning["level"] == "warning" and "every job will be refused" in warning["reason"]
+    assert next(e for e in events if e["event"] == "worker_ready")["allowed_buckets"] == []

@@ -257,6 +257,9 @@ def test_sigterm_finishes_the_job_in_hand_then_exits(s3, redis, redis_server, qs
     assert Job.fetch(queued_after, connection=redis, serializer=JSONSerializer).get_status() == "queued"
     log = (tmp_path / "worker.log").read_text()
     assert "job_done" in log
+    ready = next(json.loads(line) for line in log.splitlines() if '"worker_ready"' in line)
+    assert ready["allowed_buckets"] == [BUCKET] and ready["queues"] == ["deepfake"] and ready["load_s"] > 0
+    assert "no_bucket_allowed" not in log
 
 
 def test_metrics_and_health_endpoint(s3, redis, redis_server, qsettings, tmp_path):

@@ -145,8 +145,16 @@ class DeepfakeWorker(SimpleWorker):
         if self.runtime is None:
             settings = settings or Settings()
             configure_logging(settings.log_format, settings.log_level)
+            t0 = time.perf_counter()
             self.runtime = WorkerRuntime(settings)
             install(self.runtime)
+            model = self.runtime.model
+            log.info("worker_ready", queues=[q.name for q in self.queues], model=model["name"],
+                     backend=model["backend"], sha256=model["sha256"], device=settings.device,
+                     allowed_buckets=sorted(self.runtime.allowed), load_s=round(time.perf_counter() - t0, 2))
+            if not self.runtime.allowed:
+                log.warning("no_bucket_allowed", reason="DEEPFAKE_ALLOWED_BUCKETS is empty: every job will be "
+                            "refused as access_denied (`deepfake check` lists what else is missing)")
             self.runtime.metrics.model_loaded.set(1)
             for q in self.queues:
                 self.connection.set(model_key(q.name), json.dumps(self.runtime.model))
