@@ -28,6 +28,8 @@ from servers import free_ports, stop, wait_for_port
 COMPONENT = ROOT / "deploy" / "components" / "monitoring"
 DASHBOARD = COMPONENT / "dashboard.json"
 UNIT_TESTS = Path(__file__).with_name("alert_rules_test.yaml")
+OPERATOR_SCHEMAS = {"PodMonitor": "prometheus-operator-podmonitor.schema.json",
+                    "PrometheusRule": "prometheus-operator-prometheusrule.schema.json"}
 PROMETHEUS_HOW = "apt-get install prometheus (Debian's package: promtool and prometheus)"
 
 
@@ -120,10 +122,6 @@ def test_the_component_renders_and_scrapes_the_workers(tmp_path):
     [board] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "deepfake-worker-dashboard"]
     assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(board["data"]["deepfake-worker.json"]) == dashboard()
-
-
-OPERATOR_SCHEMAS = {"PodMonitor": "prometheus-operator-podmonitor.schema.json",
-                    "PrometheusRule": "prometheus-operator-prometheusrule.schema.json"}
 
 
 def test_the_component_validates_strictly(tmp_path):
