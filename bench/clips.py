@@ -34,3 +34,21 @@ def face_clip(path: Path, *, seconds: float = 10.0, height: int = 720, fps: int 
     path.parent.mkdir(parents=True, exist_ok=True)
     params = "sliced-threads=0" if slices == 1 else f"sliced-threads=1:threads={slices}:slices={slices}"
     return encode(path, frames, rate=fps, options={"x264-params": params})
+
+
+def self_blended_clip(path: Path, frames: list[np.ndarray], detector, *, seed: int, fps: int = 8) -> Path:
+    """A fake clip of `frames`: each frame's largest face self-blended (training.data.sbi, the demo
+    model's kind of fake), a fresh blend per frame from `seed`; frames without a face stay real.
+    Among equal faces (a tiled clip) the top-left one is blended, so reruns make the same clip."""
+    from training.data.sbi import self_blend
+
+    rng = np.random.default_rng(seed)
+    fakes = []
+    for frame, faces in zip(frames, detector.detect(np.stack(frames))):
+        if faces:
+            largest = max(faces, key=lambda f: (round((f.box[2] - f.box[0]) * (f.box[3] - f.box[1]), -2),
+                                                -f.box[1], -f.box[0]))
+            frame = self_blend(frame, largest, rng)[0]
+        fakes.append(frame)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return encode(path, fakes, rate=fps)
