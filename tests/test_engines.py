@@ -20,7 +20,7 @@ from media import carphone_frames
 from torch import nn
 
 from worker.engine import ENGINES, Engine, load_engine, resolve_backend
-from worker.engine.model_card import sha256_file
+from worker.engine.model_card import ModelCard, sha256_file
 from worker.engine.onnx_engine import OnnxRuntimeEngine
 from worker.engine.torch_engine import TorchEngine, graph_buckets
 from worker.preprocess import crop_face, crops_to_tensor_layout
@@ -114,6 +114,15 @@ def test_engine_identity(model_and_dir) -> None:
     assert ox.output_name == "fake_prob" and ox.input_name == "crops"
 
 
+def test_the_demo_models_caveat_rides_on_every_verdict() -> None:
+    """The packaged demo model's card says it was not trained on deepfake data; its verdicts say so too."""
+    from worker.pipeline import DEFAULT_MODEL_DIR
+
+    card = ModelCard.load(DEFAULT_MODEL_DIR)
+    assert card.trained and "not on deepfake data" in card.warning
+    assert load_engine(DEFAULT_MODEL_DIR, backend="onnxruntime").describe()["warning"] == card.warning
+
+
 def _legacy_export(model: nn.Module, path: Path, output: str, probs: bool) -> None:
     class Head(nn.Module):
         def __init__(self) -> None:
@@ -203,7 +212,6 @@ def test_tensorrt_missing_is_a_clear_error(model_and_dir) -> None:
 @pytest.fixture(scope="module")
 def demo_crops() -> np.ndarray:
     """40 real face crops at the packaged demo model's input size (every 3rd carphone frame)."""
-    from worker.engine.model_card import ModelCard
     from worker.faces import create_detector
     from worker.pipeline import DEFAULT_MODEL_DIR
 

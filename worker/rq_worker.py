@@ -152,6 +152,8 @@ class DeepfakeWorker(SimpleWorker):
             log.info("worker_ready", queues=[q.name for q in self.queues], model=model["name"],
                      backend=model["backend"], sha256=model["sha256"], device=settings.device,
                      allowed_buckets=sorted(self.runtime.allowed), load_s=round(time.perf_counter() - t0, 2))
+            if model.get("warning"):
+                log.warning("model_warning", model=model["name"], reason=model["warning"])
             if not self.runtime.allowed:
                 log.warning("no_bucket_allowed", reason="DEEPFAKE_ALLOWED_BUCKETS is empty: every job will be "
                             "refused as access_denied (`deepfake check` lists what else is missing)")

@@ -24,7 +24,8 @@ class Engine(Protocol):
 
 
 def describe_engine(card: ModelCard, backend: str, sha256: str) -> dict:
-    """The verdict's `model` block; an untrained model says so in plain words."""
+    """The verdict's `model` block; an untrained model says so in plain words, and a card's own
+    caveat (the packaged demo model's: not trained on deepfake data) rides along on every verdict."""
     block = {
         "name": card.name,
         "version": card.version,
@@ -36,4 +37,6 @@ def describe_engine(card: ModelCard, backend: str, sha256: str) -> dict:
     }
     if not card.trained:
         block["warning"] = "randomly initialised model: its scores carry no information (for tests only)"
+    elif card.warning:
+        block["warning"] = card.warning
     return block

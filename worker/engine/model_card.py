@@ -27,6 +27,7 @@ class ModelCard(BaseModel):
     operating_point: dict[str, Any] | None = None  # how the threshold was chosen, e.g. target FPR
     trained: bool  # False for a randomly initialised model: its scores mean nothing
     training_data: str = ""
+    warning: str | None = None  # a caveat every verdict made with this model repeats (the demo model has one)
     metrics: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, str] = Field(default_factory=lambda: {"weights": "weights.pt"})
 
