@@ -99,6 +99,14 @@ class S3Server:
             aws_secret_access_key=secret, config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
         )
 
+    def bucket_with(self, bucket: str, objects: dict[str, bytes], content_type: str = "video/mp4"):
+        """A client, after making `bucket` and uploading `objects` (key → bytes) into it."""
+        client = self.client()
+        client.create_bucket(Bucket=bucket)
+        for key, body in objects.items():
+            client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
+        return client
+
     @classmethod
     def start(cls, workdir: Path) -> "S3Server":
         binary = shutil.which("weed") or str(Path(sys.executable).parent / "weed")

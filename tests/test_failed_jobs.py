@@ -23,10 +23,7 @@ KEY = "clips/carphone.mp4"
 
 @pytest.fixture()
 def s3(s3_server, corpus):
-    client = s3_server.client()
-    client.create_bucket(Bucket=BUCKET)
-    client.put_object(Bucket=BUCKET, Key=KEY, Body=corpus["carphone"].read_bytes(), ContentType="video/mp4")
-    return client
+    return s3_server.bucket_with(BUCKET, {KEY: corpus["carphone"].read_bytes()})
 
 
 def cli(capsys, *argv: str) -> tuple[int, list[str]]:

@@ -16,10 +16,7 @@ KEY = "clips/carphone.mp4"
 
 @pytest.fixture(scope="module")
 def s3(s3_server, corpus):
-    client = s3_server.client()
-    client.create_bucket(Bucket=BUCKET)
-    client.put_object(Bucket=BUCKET, Key=KEY, Body=corpus["carphone"].read_bytes(), ContentType="video/mp4")
-    return client
+    return s3_server.bucket_with(BUCKET, {KEY: corpus["carphone"].read_bytes()})
 
 
 def runtime(settings, s3_server, s3, moderator, tmp_path, secret: str | None) -> WorkerRuntime:

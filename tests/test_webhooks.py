@@ -183,10 +183,7 @@ def test_settings_keep_the_secret_out_of_reprs():
 
 @pytest.fixture(scope="module")
 def s3(s3_server, corpus):
-    client = s3_server.client()
-    client.create_bucket(Bucket=BUCKET)
-    client.put_object(Bucket=BUCKET, Key=KEY, Body=corpus["carphone"].read_bytes(), ContentType="video/mp4")
-    return client
+    return s3_server.bucket_with(BUCKET, {KEY: corpus["carphone"].read_bytes()})
 
 
 def worker_settings(random_model_dir, redis_server, s3_server, tmp_path, **extra) -> Settings:
