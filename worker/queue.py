@@ -139,13 +139,15 @@ def queue_status(*, settings: Settings | None = None, connection: Redis | None =
     settings = settings or Settings()
     connection = connection or connect(settings)
     queue = get_queue(connection, settings.queue)
+    depths = queue_depths(connection, settings.queue)
     return {
         "queue": settings.queue,
-        "queued": queue.count,
+        "queued": depths["queued"],  # the list's length, as queue.count reads it
+        # the registries' own counts: they drop expired entries first, which /metrics does not
         "started": StartedJobRegistry(queue=queue).count,
         "finished": FinishedJobRegistry(queue=queue).count,
         "failed": FailedJobRegistry(queue=queue).count,
-        "oldest_waiting_s": round(queue_depths(connection, settings.queue)["oldest_waiting_s"], 1),
+        "oldest_waiting_s": round(depths["oldest_waiting_s"], 1),
         "workers": len(Worker.all(queue=queue)),
         "model": json.loads(connection.get(model_key(settings.queue)) or "null"),
     }

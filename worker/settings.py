@@ -57,8 +57,8 @@ class Settings(BaseSettings):
         None, ge=1, description="PyAV/FFmpeg decoder threads; unset = the cgroup CPU quota (FFmpeg would take the host's cores)."
     )
     engine_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads; unset = the cgroup CPU quota.")
-    cache_dir: Path | None = Field(None, description="TensorRT engine cache; unset = ~/.cache/deepfake/trt.")
-    int8_calibration: Path | None = Field(None, description="TensorRT INT8: a folder of crop images or a .npy of crops.")
+    cache_dir: Path | None = Field(None, description="Engine cache (TensorRT plans, ONNX Runtime INT8 graphs); unset = ~/.cache/deepfake/trt.")
+    int8_calibration: Path | None = Field(None, description="INT8 calibration (TensorRT, ONNX Runtime): a folder of crop images or a .npy of crops.")
     overlap: Literal["auto", "on", "off"] = Field(
         "auto", description="Decode/detect the next frames in a thread while the model runs; auto = on for GPUs."
     )

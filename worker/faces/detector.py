@@ -89,7 +89,7 @@ class RetinaFaceDetector:
         self.max_faces = max_faces
         self.model = fold_batch_norms(load_retinaface(backbone, weights).eval()).to(self.device)
         self._mean = torch.tensor(BGR_MEAN, device=self.device).view(1, 3, 1, 1)
-        # On the CPU, channels-last (the frames' own layout): oneDNN ran RetinaFace about 2× faster so
+        # On the CPU, channels-last (the frames' own layout): oneDNN ran RetinaFace about 2× faster
         # than on NCHW input (75 vs 153 ms for 8 frames at 360×640, bench/bench_detect.py), as fast as
         # ONNX Runtime. On CUDA, NCHW: fp32 depthwise convolutions (MobileNet's) are cuDNN's weak case
         # in NHWC, and detection on the H200 took 2.4 s for 32 frames with channels-last input (slower
