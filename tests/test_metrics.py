@@ -10,6 +10,7 @@ from scipy import stats
 from training.eval_report import markdown_report, plot_roc, results_json
 from training.evaluate import (
     accuracy,
+    action_rates,
     average_precision,
     binary_metrics,
     eer,
@@ -207,6 +208,23 @@ def test_threshold_for_fpr_edges():
         threshold_for_fpr([], 0.1)
     with pytest.raises(ValueError):
         threshold_for_fpr([0.5], 1.5)
+
+
+def test_action_rates_hand_computed():
+    # reals 0.1 0.35 0.45 0.7 -> allow, review, review, block; fakes 0.2 0.5 0.9 -> allow, review, block
+    labels, scores = [0, 0, 0, 0, 1, 1, 1], [0.1, 0.35, 0.45, 0.7, 0.2, 0.5, 0.9]
+    rates = action_rates(labels, scores, threshold=0.6, review_threshold=0.3)
+    assert rates["real"] == {"allow": 0.25, "review": 0.5, "block": 0.25, "n": 4}
+    assert rates["fake"] == pytest.approx({"allow": 1 / 3, "review": 1 / 3, "block": 1 / 3, "n": 3})
+    assert rates["real"]["block"] == binary_metrics(labels, scores, 0.6)["fpr"]  # block is the labelled fake
+    with pytest.raises(ValueError, match="above the threshold"):
+        action_rates(labels, scores, threshold=0.3, review_threshold=0.6)
+    # video level in evaluate_scores (mean of frames): v0 (0.1, 0.5) -> 0.3 review; v1 (0.9, 0.9) -> block
+    res = evaluate_scores([0.1, 0.5, 0.9, 0.9], [0, 0, 1, 1], ["v0", "v0", "v1", "v1"], threshold=0.6,
+                          review_threshold=0.3)
+    assert res["video_actions"]["real"]["review"] == 1.0 and res["video_actions"]["fake"]["block"] == 1.0
+    assert "| real | 0.00 | 100.00 | 0.00 | 1 |" in markdown_report(res)
+    assert "video_actions" not in evaluate_scores([0.1, 0.9], [0, 1], ["a", "b"])
 
 
 # -- reports -----------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ from worker.errors import ErrorCode
 from worker.pipeline import ConfigurationError, Moderator, resolve_model_dir
 from worker.verdict import SCHEMA
 
-VERDICT_KEYS = {"schema", "source", "status", "label", "score", "threshold", "error", "video", "faces", "model",
-                "timings_ms"}
+VERDICT_KEYS = {"schema", "source", "status", "label", "action", "score", "threshold", "error", "video", "faces",
+                "decision", "model", "timings_ms"}
 VIDEO_KEYS = {"duration_s", "fps", "width", "height", "codec", "frames_sampled"}
 MODEL_KEYS = {"name", "version", "sha256", "backend"}
 
@@ -22,6 +22,7 @@ def test_carphone_verdict_has_every_field(moderator, corpus):
     assert v["status"] == "ok" and v["error"] is None
     assert v["label"] in ("fake", "real") and 0.0 <= v["score"] <= 1.0
     assert v["label"] == ("fake" if v["score"] >= v["threshold"] else "real")
+    assert v["action"] == {"fake": "block", "real": "allow"}[v["label"]]  # no review band on this card
     assert VIDEO_KEYS <= v["video"].keys()
     assert v["video"]["frames_sampled"] == 32 and v["video"]["codec"] == "h264"
     assert v["video"]["frames_with_face"] >= 0.95 * 32

@@ -19,6 +19,7 @@ from rq.serializers import JSONSerializer
 from workers import burst
 
 from worker.decode import Limits, VideoReader
+from worker.pipeline import Moderator
 from worker.queue import enqueue, get_queue, job_state, queue_status
 from worker.s3 import S3Location, S3Source
 from worker.settings import Settings
@@ -132,6 +133,7 @@ def test_wrong_credentials_are_access_denied(s3_server, s3):
 
 def test_duplicate_enqueue_returns_the_existing_job_then_the_stored_verdict(s3, redis, qsettings, moderator):
     key = UPLOADS["carphone"]
+    burst(redis, qsettings, moderator)  # a worker has started: the model and policy it runs are published
     first = enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3)
     assert enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3) == first  # still queued
     assert get_queue(redis, "deepfake").count == 1
@@ -151,6 +153,26 @@ def test_duplicate_enqueue_returns_the_existing_job_then_the_stored_verdict(s3, 
     burst(redis, qsettings, moderator)
     fresh = job_state(other, settings=qsettings, connection=redis).result
     assert fresh["video"]["frames_sampled"] == 4 and fresh["created_at"] != original["created_at"]
+
+
+def test_a_changed_decision_policy_rescores_the_upload(s3, redis, qsettings, moderator):
+    key = UPLOADS["carphone"]
+    burst(redis, qsettings, moderator)
+    first = enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3)
+    burst(redis, qsettings, moderator)
+    original = job_state(first, settings=qsettings, connection=redis).result
+    assert original["action"] == "block" and original["decision"]["policy"]["review_threshold"] is None
+    # The workers restart with a review band: neither Redis's finished job nor the verdict in S3 answers.
+    banded = qsettings.model_copy(update={"review_threshold": 0.3})
+    rescorer = Moderator(banded, detector=moderator.detector, engine=moderator.engine)
+    burst(redis, banded, rescorer)
+    again = enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3)
+    assert again != first
+    burst(redis, banded, rescorer)
+    fresh = job_state(again, settings=qsettings, connection=redis).result
+    assert fresh["created_at"] != original["created_at"] and fresh["decision"]["policy"]["review_threshold"] == 0.3
+    assert stored_verdict(s3, qsettings, key)["created_at"] == fresh["created_at"]  # replaced in S3
+    assert enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3) == again  # same policy: same job
 
 
 def test_a_non_python_client_can_enqueue_with_plain_redis_commands(s3, redis, qsettings, moderator):

@@ -283,9 +283,11 @@ def test_cli_train_evaluate_export(tmp_path, capsys, monkeypatch):
     assert (ev / "report.md").is_file() and (ev / "roc.png").stat().st_size > 1000
     assert main(["export", "--checkpoint", str(run / "best.pt"), "--out", str(model), "--name", "t", "--version",
                  "0", "--training-data", "test", "--calibrate-on", str(data), "--target-fpr", "0.0",
-                 "--metrics", str(ev / "results.json")]) == 0
+                 "--review-fpr", "0.5", "--metrics", str(ev / "results.json")]) == 0
     card = ModelCard.load(model)
     assert card.input_size == 32 and card.operating_point["achieved_fpr"] == 0.0 and card.metrics["n_crops"] == 80
+    assert card.review_threshold <= card.threshold and card.review_operating_point["target_fpr"] == 0.5
+    assert 0.0 < card.review_operating_point["achieved_fpr"] <= 0.5  # a band that holds some calibration reals
     assert card.provenance["command"].startswith("python -m training")
     # the exported directory, scored as the worker would: its PyTorch model, ONNX Runtime, ONNX Runtime INT8
     from training.data import CropDataset
@@ -300,7 +302,9 @@ def test_cli_train_evaluate_export(tmp_path, capsys, monkeypatch):
     for name, extra in runs.items():
         assert main(["evaluate", "--model-dir", str(model), "--data", str(data), "--out", str(tmp_path / name),
                      *extra]) == 0
-        scored[name] = json.loads((tmp_path / name / "results.json").read_text())["frame"]
+        res = json.loads((tmp_path / name / "results.json").read_text())
+        assert res["video_actions"]["review_threshold"] == card.review_threshold  # the card's band, reported
+        scored[name] = res["frame"]
     assert scored["ort"]["auc"] == pytest.approx(scored["torch"]["auc"], abs=1e-3)
     assert scored["int8"]["n"] == 80 and abs(scored["int8"]["auc"] - scored["torch"]["auc"]) < 0.1
     capsys.readouterr()

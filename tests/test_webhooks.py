@@ -126,7 +126,7 @@ def test_a_name_with_one_private_address_among_public_ones_is_refused():
 # -- what receivers get ----------------------------------------------------------------------------
 
 def test_delivery_is_signed_and_carries_the_verdict_summary_only(receiver):
-    verdict = {"status": "ok", "label": "fake", "score": 0.91, "threshold": 0.5, "source": "s3://b/k.mp4",
+    verdict = {"status": "ok", "label": "fake", "action": "block", "score": 0.91, "threshold": 0.5, "source": "s3://b/k.mp4",
                "stored_at": "s3://b/verdicts/k.mp4.json", "error": None, "faces": [{"big": "x" * 1000}]}
     payload = summary("job-1", "finished", verdict)
     headers = {"Authorization": "Bearer receiver-token", "Host": "internal.admin", SIGNATURE_HEADER: "forged",
@@ -137,7 +137,8 @@ def test_delivery_is_signed_and_carries_the_verdict_summary_only(receiver):
     [req] = receiver.requests
     body = req["body"]
     assert json.loads(body) == {"job_id": "job-1", "status": "finished", "enqueued_at": None, "ended_at": None,
-                                "verdict": {"status": "ok", "label": "fake", "score": 0.91, "threshold": 0.5,
+                                "verdict": {"status": "ok", "label": "fake", "action": "block", "score": 0.91,
+                                            "threshold": 0.5,
                                             "source": "s3://b/k.mp4", "stored_at": "s3://b/verdicts/k.mp4.json",
                                             "error": None}}
     assert req["headers"]["Authorization"] == "Bearer receiver-token"

@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--threshold", type=float, help="default: the model card's, else 0.5")
+    p.add_argument("--review-threshold", type=float,
+                   help="also report the allow/review/block shares; default: the model card's review threshold")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--name", default="model", help="row label in the tables")
@@ -146,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate-on", type=Path, help="cache whose --calibration-split reals set the threshold")
     p.add_argument("--calibration-split", default="val")
     p.add_argument("--target-fpr", type=float, default=0.01, help="video-level FPR on the calibration reals")
+    p.add_argument("--review-threshold", type=float,
+                   help="lower edge of the human-review band (scores below --threshold), unless --review-fpr is given")
+    p.add_argument("--review-fpr", type=float, help="with --calibrate-on: set the review band's lower edge at this "
+                   "video-level FPR on the calibration reals (>= --target-fpr), e.g. 0.05")
     p.add_argument("--metrics", type=Path, help="results.json from evaluate, stored on the card")
     p.add_argument("--no-onnx", action="store_true")
 
@@ -268,14 +274,17 @@ def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             args.device = "cpu"  # the engine moves crops itself
         else:
             model = TorchEngine(args.model_dir).model
-        threshold = ModelCard.load(args.model_dir).threshold if threshold is None else threshold
+        card = ModelCard.load(args.model_dir)
+        threshold = card.threshold if threshold is None else threshold
+        if args.review_threshold is None:
+            args.review_threshold = card.review_threshold
     else:
         model = load_checkpoint_model(args.checkpoint)
     threshold = 0.5 if threshold is None else threshold
     results = {}
     for root in args.data:
         res = evaluate_model(model, CropDataset(root, args.split), args.batch_size, threshold=threshold,
-                             device=args.device)
+                             review_threshold=args.review_threshold, device=args.device)
         out = args.out if len(args.data) == 1 else args.out / Path(root).name
         write_report(res, out, name=args.name)
         print(markdown_report(res, name=args.name))
@@ -315,18 +324,26 @@ def cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     if args.calibrate_on:
         if not 0.0 <= args.target_fpr <= 1.0:
             parser.error("--target-fpr must be in [0, 1]")
+        if args.review_fpr is not None and not args.target_fpr <= args.review_fpr <= 1.0:
+            parser.error("--review-fpr must lie between --target-fpr and 1")
         calibration = {"real_scores": _real_video_scores(model, args.calibrate_on, args.calibration_split),
                        "target_fpr": args.target_fpr, "level": "video (mean of a video's frame scores)",
                        "data": f"{args.calibrate_on} split {args.calibration_split}"}
+        if args.review_fpr is not None:
+            calibration["review_fpr"] = args.review_fpr
         crops = _some_crops(args.calibrate_on, args.calibration_split)
+    elif args.review_fpr is not None:
+        parser.error("--review-fpr needs --calibrate-on")
     metrics = {}
     if args.metrics:
         metrics = {k: v for k, v in json.loads(args.metrics.read_text()).items() if k != "predictions"}
     card = export_model_dir(model, args.out, name=args.name, version=args.version, trained=True,
-                            threshold=args.threshold, calibration=calibration, training_data=args.training_data,
+                            threshold=args.threshold, review_threshold=args.review_threshold,
+                            calibration=calibration, training_data=args.training_data,
                             metrics=metrics, onnx=not args.no_onnx, parity_crops=crops,
                             provenance={"command": command_line(), "checkpoint": str(args.checkpoint)})
-    print(json.dumps({"out": str(args.out), "threshold": card.threshold, "files": card.files}))
+    print(json.dumps({"out": str(args.out), "threshold": card.threshold, "review_threshold": card.review_threshold,
+                      "files": card.files}))
     return 0
 
 

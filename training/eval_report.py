@@ -51,6 +51,12 @@ def markdown_report(results: dict[str, Any], *, name: str = "model", level: str 
         lines.append(f"| {lv} | {_fmt(m['acc'], True)} | {_fmt(m['auc'], False)} | {_fmt(m['eer'], True)} | "
                      f"{_fmt(m['ap'], False)} | {_fmt(m['tpr'], True)} | {_fmt(m['fpr'], True)} | "
                      f"{m['n_real']} | {m['n_fake']} |")
+    if results.get("video_actions"):
+        act = results["video_actions"]
+        lines += ["", f"### Actions (video level; review from {act['review_threshold']:.4g}, block from "
+                  f"{act['threshold']:.4g})", "", "| videos | allow % | review % | block % | n |", "|---|---|---|---|---|"]
+        lines += [f"| {kind} | " + " | ".join(_fmt(act[kind][a], True) for a in ("allow", "review", "block"))
+                  + f" | {act[kind]['n']} |" for kind in ("real", "fake")]
     if results.get("groups"):
         many = len({g["source"] for g in results["groups"]}) > 1
         heads = [f"{g['source'] + '/' if many else ''}{g['manipulation'] or '?'} {g['compression']}".strip()

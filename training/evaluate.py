@@ -138,6 +138,22 @@ def binary_metrics(labels: Iterable[int], scores: Iterable[float], threshold: fl
     return out
 
 
+def action_rates(labels: Iterable[int], scores: Iterable[float], threshold: float,
+                 review_threshold: float) -> dict[str, Any]:
+    """The share of real and of fake items the worker's policy would allow, review or block
+    (``worker.decision``: block at ``score >= threshold``, review at ``score >= review_threshold``)."""
+    if review_threshold > threshold:
+        raise ValueError(f"review threshold {review_threshold} is above the threshold {threshold}")
+    y, s = _as_arrays(labels, scores)
+    action = np.where(s >= threshold, "block", np.where(s >= review_threshold, "review", "allow"))
+    out: dict[str, Any] = {"threshold": float(threshold), "review_threshold": float(review_threshold)}
+    for name, cls in (("real", 0), ("fake", 1)):
+        picked = action[y == cls]
+        out[name] = {a: float(np.mean(picked == a)) if picked.size else math.nan for a in ("allow", "review", "block")}
+        out[name]["n"] = int(picked.size)
+    return out
+
+
 def video_level(
     scores: Sequence[float], labels: Sequence[int], video_ids: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -213,9 +229,12 @@ def _level_metrics(scores: np.ndarray, labels: np.ndarray, vids: Sequence[str], 
 
 def evaluate_scores(
     scores: Sequence[float], labels: Sequence[int], video_ids: Sequence[str], *, threshold: float = 0.5,
-    meta: Sequence[dict[str, str]] | None = None,
+    review_threshold: float | None = None, meta: Sequence[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Frame- and video-level metrics, plus per-group breakdowns when `meta` (per item) is given.
+
+    With `review_threshold`, ``video_actions`` gives the share of real and fake videos (mean of frame
+    scores) that would be allowed, sent to review and blocked (:func:`action_rates`).
 
     Groups (the paper's tables): ``groups`` = one per (source, manipulation, compression) of the
     fakes, each evaluated against the reals of the same source and compression (Table I);
@@ -227,6 +246,9 @@ def evaluate_scores(
     vids = list(video_ids)
     out: dict[str, Any] = {"threshold": float(threshold), "n_crops": int(s.size), "n_videos": len(set(vids)),
                            **_level_metrics(s, y, vids, threshold)}
+    if review_threshold is not None:
+        vs, vl, _ = video_level(s, y, vids)
+        out["video_actions"] = action_rates(vl, vs, threshold, review_threshold)
     if meta is None:
         return out
     src = np.array([m.get("source", "") for m in meta])
@@ -250,7 +272,7 @@ def evaluate_scores(
 
 def evaluate_model(
     model: nn.Module, dataset: Dataset, batch_size: int = 64, *, threshold: float = 0.5,
-    device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = True,
+    review_threshold: float | None = None, device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = True,
     meta: Sequence[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Score `dataset` and return :func:`evaluate_scores`' results plus the raw predictions (``predictions``).
@@ -261,6 +283,6 @@ def evaluate_model(
     pred = predict_dataset(model, dataset, batch_size=batch_size, device=device, num_workers=num_workers,
                            progress=progress)
     res = evaluate_scores(pred["scores"], pred["labels"], pred["video_ids"], threshold=threshold,
-                          meta=meta if meta is not None else _record_meta(dataset))
+                          review_threshold=review_threshold, meta=meta if meta is not None else _record_meta(dataset))
     res["predictions"] = pred
     return res

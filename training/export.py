@@ -153,6 +153,7 @@ def export_model_dir(
     model: nn.Module, out_dir: Path, *, name: str, version: str, trained: bool,
     architecture: str | None = None, architecture_kwargs: dict[str, Any] | None = None,
     input_size: int | None = None, threshold: float = 0.5, operating_point: dict[str, Any] | None = None,
+    review_threshold: float | None = None, review_operating_point: dict[str, Any] | None = None,
     calibration: dict[str, Any] | None = None, training_data: str = "", metrics: dict[str, Any] | None = None,
     onnx: bool = True, parity_crops: np.ndarray | torch.Tensor | None = None, parity_tol: float = PARITY_TOL,
     parity_batch_sizes: Sequence[int] = PARITY_BATCHES, opset: int = ONNX_OPSET,
@@ -162,8 +163,10 @@ def export_model_dir(
 
     `architecture`/`architecture_kwargs`/`input_size` default to the model's own ``model_config``.
     `calibration` = ``{"real_scores": [...], "target_fpr": 0.01, ...}`` sets the threshold with
-    :func:`training.evaluate.threshold_for_fpr` and records the rest as the operating point;
-    otherwise `threshold` and `operating_point` are taken as given. `parity_crops` are the inputs of
+    :func:`training.evaluate.threshold_for_fpr` and records the rest as the operating point; with a
+    ``"review_fpr"`` (>= target_fpr) it also sets the review threshold, the lower edge of the band of
+    scores the worker sends to human review (action `review`), at that FPR on the same reals;
+    otherwise `threshold`, `review_threshold` and their operating points are taken as given. `parity_crops` are the inputs of
     the parity check (uint8 N×S×S×3 or float N×3×S×S); real crops are best, image-like synthetic
     ones are used without them. Raises :class:`OnnxParityError` above `parity_tol`.
     `reference_face`: a real training crop (S×S×3 uint8 RGB) the worker's report shows the spectrum of
@@ -180,10 +183,17 @@ def export_model_dir(
 
         cal = dict(calibration)
         real = np.asarray(cal.pop("real_scores"), dtype=np.float64)
+        review_fpr = cal.pop("review_fpr", None)
+        method = "lowest threshold with FPR <= target on the calibration reals"
         threshold = threshold_for_fpr(real, float(cal["target_fpr"]))
-        operating_point = {**cal, "n_real": int(real.size),
-                           "achieved_fpr": float(np.mean(real >= threshold)),
-                           "method": "lowest threshold with FPR <= target on the calibration reals"}
+        operating_point = {**cal, "n_real": int(real.size), "achieved_fpr": float(np.mean(real >= threshold)),
+                           "method": method}
+        if review_fpr is not None:
+            if not float(cal["target_fpr"]) <= float(review_fpr) <= 1.0:
+                raise ValueError(f"review FPR {review_fpr} must lie between the target FPR {cal['target_fpr']} and 1")
+            review_threshold = threshold_for_fpr(real, float(review_fpr))
+            review_operating_point = {**cal, "target_fpr": float(review_fpr), "n_real": int(real.size),
+                                      "achieved_fpr": float(np.mean(real >= review_threshold)), "method": method}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
@@ -215,7 +225,8 @@ def export_model_dir(
     card = ModelCard(
         name=name, version=version, architecture=architecture, architecture_kwargs=architecture_kwargs,
         input_size=input_size, normalization=_normalization(architecture_kwargs), threshold=threshold,
-        operating_point=operating_point, trained=trained, training_data=training_data, metrics=metrics or {},
+        operating_point=operating_point, review_threshold=review_threshold,
+        review_operating_point=review_operating_point, trained=trained, training_data=training_data, metrics=metrics or {},
         files=files, **extra, **card_fields,
     )
     card.save(out_dir)

@@ -28,6 +28,8 @@ class Metrics:
         self.jobs = Counter("deepfake_jobs_total", "Finished jobs by verdict status (ok, no_face, error, reused).",
                             ["status"], registry=self.registry)
         self.errors = Counter("deepfake_errors_total", "Error verdicts by code.", ["code"], registry=self.registry)
+        self.actions = Counter("deepfake_verdict_actions_total", "Verdicts by action (allow, review, block): "
+                               "review is the human review queue's inflow.", ["action"], registry=self.registry)
         self.stage = Histogram("deepfake_stage_seconds", "Wall time per pipeline stage.", ["stage"],
                                buckets=STAGE_BUCKETS, registry=self.registry)
         self.faces = Histogram("deepfake_faces_per_video", "Faces detected per video.",
@@ -48,6 +50,8 @@ class Metrics:
 
     def observe_verdict(self, verdict: dict) -> None:
         self.jobs.labels(status=verdict["status"]).inc()
+        if verdict.get("action"):
+            self.actions.labels(action=verdict["action"]).inc()
         if verdict.get("error"):
             self.errors.labels(code=verdict["error"]["code"]).inc()
         for stage, ms in (verdict.get("timings_ms") or {}).items():

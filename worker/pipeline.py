@@ -17,6 +17,7 @@ import structlog
 import torch
 
 from worker.cpus import available_cpus
+from worker.decision import NO_FACE_ACTION, DecisionPolicy
 from worker.decode import Limits, SampledFrame, VideoReader
 from worker.engine import Engine, load_engine
 from worker.errors import Internal, ModerationError, TransientError
@@ -25,8 +26,7 @@ from worker.prefetch import prefetch
 from worker.preprocess import crop_face
 from worker.settings import Settings
 from worker.source import LocalSource, Source
-from worker.tracks import build_tracks, decide_by_tracks, summarize
-from worker.verdict import aggregate_mean, error_verdict, label_for, no_face_verdict, ok_verdict
+from worker.verdict import aggregate_mean, error_verdict, no_face_verdict, ok_verdict
 
 log = structlog.get_logger("worker.pipeline")
 
@@ -113,8 +113,11 @@ class Moderator:
             self.overlap = not settings.device.startswith("cpu")
         else:
             self.overlap = settings.overlap == "on"
+        try:
+            self.policy = DecisionPolicy.from_settings(engine.card, settings)
+        except ValueError as exc:  # DEEPFAKE_REVIEW_THRESHOLD above the card's threshold
+            raise ConfigurationError(f"DEEPFAKE_REVIEW_THRESHOLD: {exc}") from exc
         self.threshold = engine.card.threshold
-        self.operating_point = engine.card.operating_point
         self.crop_size = engine.card.input_size
         self._report_model = None
 
@@ -147,7 +150,8 @@ class Moderator:
             return self._reported(error, report_dir, {})
         verdict["timings_ms"]["total"] = round((time.perf_counter() - started) * 1000.0, 1)
         log.info(
-            "verdict", source=source.uri, status=verdict["status"], label=verdict["label"], score=verdict["score"],
+            "verdict", source=source.uri, status=verdict["status"], label=verdict["label"], action=verdict["action"],
+            score=verdict["score"],
             frames=verdict["video"]["frames_sampled"], timings_ms=verdict["timings_ms"],
         )
         return self._reported(verdict, report_dir, crops or {})
@@ -216,7 +220,8 @@ class Moderator:
                 keep.update(zip(face_indices, crops))
             if streaming and pending:  # score now, while the next frames decode
                 score_pending()
-                if self._decisive([f["fake_score"] for f in faces if f["largest"]]):
+                if self.policy.decisive([f["fake_score"] for f in faces if f["largest"]],
+                                        frames=self.settings.early_exit_frames, margin=self.settings.early_exit_margin):
                     early_exit = True
                     break
         chunks.close()  # stops decoding after an early exit
@@ -230,38 +235,13 @@ class Moderator:
         log.info("decoded", source=source.uri, **{k: video[k] for k in ("codec", "width", "height", "frames_sampled")},
                  faces=len(faces), early_exit=early_exit)
         if not scored:
-            return no_face_verdict(source.uri, threshold=self.threshold, video=video, model=self.model_block,
-                                   timings_ms=timer.as_dict())
+            return no_face_verdict(source.uri, threshold=self.threshold, action=NO_FACE_ACTION, video=video,
+                                   model=self.model_block, timings_ms=timer.as_dict())
         score = aggregate_mean([f["fake_score"] for f in faces if f["largest"]])  # the paper's video score
-        label, decision = self._decide(faces, score)
-        return ok_verdict(source.uri, score=score, label=label, threshold=self.threshold, video=video, faces=faces,
-                          tracks=decision.pop("tracks"), decision=decision, model=self.model_block,
+        label, action, decision = self.policy.decide(faces, score)
+        return ok_verdict(source.uri, score=score, label=label, action=action, threshold=self.threshold, video=video,
+                          faces=faces, tracks=decision.pop("tracks"), decision=decision, model=self.model_block,
                           timings_ms=timer.as_dict())
-
-    def _decisive(self, largest_scores: list[float]) -> bool:
-        """Early exit: the first K frames all lie at least `margin` from the threshold, on one side."""
-        k, margin = self.settings.early_exit_frames, self.settings.early_exit_margin
-        if k <= 0 or len(largest_scores) < k:
-            return False
-        head = np.asarray(largest_scores[:k])
-        return bool(np.all(head >= self.threshold + margin) or np.all(head <= self.threshold - margin))
-
-    def _decide(self, faces: list[dict], mean_score: float) -> tuple[str, dict]:
-        """The label by the configured rule, and the verdict's `decision` block (with the tracks)."""
-        s = self.settings
-        summaries = summarize(build_tracks(faces), threshold=self.threshold, strategy=s.track_score,
-                              min_frames=s.min_track_frames)
-        decision = {"rule": s.decision, "threshold": self.threshold, "operating_point": self.operating_point,
-                    "track_score": s.track_score, "min_track_frames": s.min_track_frames, "tracks": summaries}
-        label = label_for(mean_score, self.threshold)
-        if s.decision == "tracks":
-            by_tracks, top = decide_by_tracks(summaries)
-            if by_tracks is None:
-                decision["rule"] = "mean"  # no track long enough to judge: the paper's rule
-            else:
-                label = by_tracks
-                decision["track_score_max"] = top
-        return label, decision
 
     def _crop_chunks(
         self, reader: VideoReader, n_frames: int, timer: StageTimer, faces: list[dict], counts: dict

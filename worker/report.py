@@ -148,7 +148,8 @@ def write_report(verdict: dict, out_dir: Path, crops: dict[int, np.ndarray], *, 
             spec_cells.append(f'<figure><img src="{_png(out_dir / "spectrum_reference.png", spectrum_image(reference))}" '
                               f'alt="real reference spectrum"><figcaption>real-face reference</figcaption></figure>')
         parts.append(f"<h2>log-DCT spectrum</h2><div class=row>{''.join(spec_cells)}</div>")
-    summary = {k: verdict.get(k) for k in ("source", "status", "label", "score", "threshold")}
+    summary = {k: verdict.get(k) for k in ("source", "status", "label", "action", "score", "threshold")}
+    summary["review_threshold"] = (verdict.get("decision") or {}).get("review_threshold")
     if verdict.get("error"):
         summary["error"] = f"{verdict['error']['code']}: {verdict['error']['message']}"
     model_block = verdict.get("model") or {}

@@ -139,7 +139,15 @@ class DeepfakeWorker(SimpleWorker):
     # -- start-up --------------------------------------------------------------------------------
     def work(self, *args: Any, **kwargs: Any) -> bool:
         self.load_runtime()
+        self.publish_model()
         return super().work(*args, **kwargs)
+
+    def publish_model(self) -> None:
+        """Tell enqueuers (duplicate matching) and `deepfake status` which model and decision policy
+        this worker runs; the last worker to start on a queue is the one named."""
+        assert self.runtime is not None
+        for q in self.queues:
+            self.connection.set(model_key(q.name), json.dumps(self.runtime.published()))
 
     def load_runtime(self, settings: Settings | None = None) -> WorkerRuntime:
         if self.runtime is None:
@@ -158,8 +166,6 @@ class DeepfakeWorker(SimpleWorker):
                 log.warning("no_bucket_allowed", reason="DEEPFAKE_ALLOWED_BUCKETS is empty: every job will be "
                             "refused as access_denied (`deepfake check` lists what else is missing)")
             self.runtime.metrics.model_loaded.set(1)
-            for q in self.queues:
-                self.connection.set(model_key(q.name), json.dumps(self.runtime.model))
             self.runtime.metrics.watch_queues(self.connection, [q.name for q in self.queues])
             if settings.metrics_port and self._http is None:
                 self._http = serve(self.runtime.metrics, self.health, settings.metrics_port)

@@ -56,6 +56,11 @@ class WorkerRuntime:
     def model(self) -> dict:
         return self.moderator.model_block
 
+    def published(self) -> dict:
+        """What the worker publishes in Redis for enqueuers and `deepfake status`: the model block and
+        the decision policy (duplicates are matched on both)."""
+        return {**self.model, "decision_policy": self.moderator.policy.key()}
+
     def moderate_s3(self, bucket: str, key: str, *, frames: int | None = None, job_id: str | None = None,
                     enqueued_at: float | None = None) -> dict:
         """The verdict for s3://bucket/key: reused when stored for the same bytes and model, else computed.
@@ -84,7 +89,8 @@ class WorkerRuntime:
                 return self._finish(verdict, bound)  # never write where the worker may not read
             return self._store(upload, verdict, None, bound)
         stored, stored_etag = self.store.get(upload)
-        if reusable(stored, etag=source.etag, model_sha256=self.model["sha256"], frames=frames):
+        if reusable(stored, etag=source.etag, model_sha256=self.model["sha256"], frames=frames,
+                    policy=self.moderator.policy.key()):
             bound.info("verdict_reused", etag=source.etag)
             self.metrics.jobs.labels(status="reused").inc()
             return stored  # type: ignore[return-value]

@@ -38,6 +38,10 @@ class Settings(BaseSettings):
         "mean", description="How a track's frame scores combine: mean, or the DFDC winner's confident strategy."
     )
     min_track_frames: int = Field(3, ge=1, description="Scored frames a track needs before it can flag a video.")
+    review_threshold: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Scores from this up to the model's threshold get action review; unset = the model card's (none: no band).",
+    )
     early_exit_frames: int = Field(0, ge=0, description="Stop sampling once this many frames are all decisive; 0 = off.")
     early_exit_margin: float = Field(0.3, gt=0, le=1, description="How far from the threshold a decisive score lies.")
     detect_batch: int = Field(8, ge=1, description="Frames per detector forward pass (and frames held in memory).")

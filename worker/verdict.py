@@ -25,6 +25,7 @@ def _base(source: str, model: dict | None, threshold: float | None) -> dict[str,
         "source": source,
         "status": None,
         "label": None,
+        "action": None,
         "score": None,
         "threshold": threshold,
         "error": None,
@@ -40,18 +41,20 @@ def _base(source: str, model: dict | None, threshold: float | None) -> dict[str,
 
 
 def ok_verdict(
-    source: str, *, score: float, label: str, threshold: float, video: dict, faces: list[dict], tracks: list[dict],
-    decision: dict, model: dict, timings_ms: dict,
+    source: str, *, score: float, label: str, action: str, threshold: float, video: dict, faces: list[dict],
+    tracks: list[dict], decision: dict, model: dict, timings_ms: dict,
 ) -> dict[str, Any]:
     v = _base(source, model, threshold)
-    v.update(status="ok", score=round(score, 6), label=label, video=video, faces=faces, tracks=tracks,
+    v.update(status="ok", score=round(score, 6), label=label, action=action, video=video, faces=faces, tracks=tracks,
              decision=decision, timings_ms=timings_ms)
     return v
 
 
-def no_face_verdict(source: str, *, threshold: float, video: dict, model: dict, timings_ms: dict) -> dict[str, Any]:
+def no_face_verdict(
+    source: str, *, threshold: float, action: str, video: dict, model: dict, timings_ms: dict
+) -> dict[str, Any]:
     v = _base(source, model, threshold)
-    v.update(status="no_face", video=video, timings_ms=timings_ms)
+    v.update(status="no_face", action=action, video=video, timings_ms=timings_ms)
     return v
 
 

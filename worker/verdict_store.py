@@ -106,13 +106,18 @@ class VerdictStore:
 DETERMINISTIC_ERRORS = frozenset({"not_a_video", "no_video_stream", "corrupt", "unsupported", "too_large", "too_long"})
 
 
-def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int) -> bool:
-    """A stored verdict answers a new job for the same upload bytes, model weights and sampling."""
+def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int, policy: dict | None = None) -> bool:
+    """A stored verdict answers a new job for the same upload bytes, model weights and sampling, and
+    (for a scored one) the same decision policy: a changed threshold or rule re-scores the upload."""
     if not isinstance(stored, dict) or not stored:
         return False
     inp, model, error = stored.get("input"), stored.get("model"), stored.get("error")
     if not isinstance(inp, dict) or not isinstance(model, dict) or not isinstance(error, (dict, type(None))):
         return False  # not a verdict this worker wrote: recomputed and replaced
     if stored.get("status") == "error" and (error or {}).get("code") not in DETERMINISTIC_ERRORS:
+        return False
+    if stored.get("status") in ("ok", "no_face") and "action" not in stored:
+        return False  # written before verdicts carried an action
+    if stored.get("status") == "ok" and policy is not None and (stored.get("decision") or {}).get("policy") != policy:
         return False
     return inp.get("etag") == etag and model.get("sha256") == model_sha256 and inp.get("frames") == frames

@@ -136,7 +136,8 @@ def summary(job_id: str, status: str, result: Any = None, error: str | None = No
     body: dict[str, Any] = {"job_id": job_id, "status": status, "enqueued_at": enqueued_at, "ended_at": ended_at}
     if isinstance(result, dict):
         body["verdict"] = {
-            "status": result.get("status"), "label": result.get("label"), "score": result.get("score"),
+            "status": result.get("status"), "label": result.get("label"), "action": result.get("action"),
+            "score": result.get("score"),
             "threshold": result.get("threshold"), "source": result.get("source"),
             "stored_at": result.get("stored_at"), "error": (result.get("error") or {}).get("code"),
         }

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CARD_FILE = "model.json"
 CARD_SCHEMA = "deepfake-model-card/1"
@@ -25,11 +25,21 @@ class ModelCard(BaseModel):
     normalization: dict[str, Any] = Field(default_factory=dict)
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     operating_point: dict[str, Any] | None = None  # how the threshold was chosen, e.g. target FPR
+    # Scores in [review_threshold, threshold) are sent to human review rather than allowed; None = no review band.
+    review_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    review_operating_point: dict[str, Any] | None = None  # how the review threshold was chosen
     trained: bool  # False for a randomly initialised model: its scores mean nothing
     training_data: str = ""
     warning: str | None = None  # a caveat every verdict made with this model repeats (the demo model has one)
     metrics: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, str] = Field(default_factory=lambda: {"weights": "weights.pt"})
+
+    @model_validator(mode="after")
+    def _review_below_threshold(self) -> "ModelCard":
+        if self.review_threshold is not None and self.review_threshold > self.threshold:
+            raise ValueError(f"review_threshold {self.review_threshold} is above threshold {self.threshold}: "
+                             "the review band lies below the fake threshold")
+        return self
 
     @classmethod
     def load(cls, model_dir: Path) -> "ModelCard":

@@ -1,0 +1,103 @@
+"""The decision policy: label and action (allow / review / block) from the scores of real footage."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from pydantic import ValidationError
+
+from worker.decision import ALLOW, BLOCK, REVIEW, DecisionPolicy
+from worker.engine.model_card import ModelCard
+from worker.pipeline import ConfigurationError, Moderator
+from worker.verdict import label_for
+from worker.verdict_store import reusable
+
+
+def carded(src, dst, **fields):
+    """A copy of model directory `src` whose card has `fields` changed (same weights, same sha256)."""
+    shutil.copytree(src, dst)
+    card = ModelCard.load(dst)
+    ModelCard.model_validate({**card.model_dump(by_alias=True), **fields}).save(dst)
+    return dst
+
+
+def test_actions_by_band():
+    policy = DecisionPolicy(threshold=0.6, review_threshold=0.3)
+    scores = (0.0, 0.299, 0.3, 0.599, 0.6, 1.0)
+    assert [policy.action(label_for(s, 0.6), s) for s in scores] == [ALLOW, ALLOW, REVIEW, REVIEW, BLOCK, BLOCK]
+    no_band = DecisionPolicy(threshold=0.6)
+    assert [no_band.action(label_for(s, 0.6), s) for s in scores] == [ALLOW] * 4 + [BLOCK] * 2
+    with pytest.raises(ValueError, match="above the model's threshold"):
+        DecisionPolicy(threshold=0.5, review_threshold=0.6)
+
+
+def test_a_card_keeps_its_review_band_below_its_threshold(random_model_dir):
+    card = ModelCard.load(random_model_dir).model_dump(by_alias=True)
+    assert ModelCard.model_validate({**card, "threshold": 0.7, "review_threshold": 0.7}).review_threshold == 0.7
+    with pytest.raises(ValidationError, match="review_threshold 0.8 is above threshold 0.7"):
+        ModelCard.model_validate({**card, "threshold": 0.7, "review_threshold": 0.8})
+
+
+def test_early_exit_stays_clear_of_the_review_band():
+    band = DecisionPolicy(threshold=0.5, review_threshold=0.3)
+    no_band = DecisionPolicy(threshold=0.5)
+    low = [0.35] * 8  # 0.15 below the threshold, but inside the band
+    assert no_band.decisive(low, frames=8, margin=0.1) and not band.decisive(low, frames=8, margin=0.1)
+    assert band.decisive([0.15] * 8, frames=8, margin=0.1)
+    assert band.decisive([0.65] * 8, frames=8, margin=0.1) and not band.decisive([0.55] * 8, frames=8, margin=0.1)
+    assert not band.decisive([0.15] * 7, frames=8, margin=0.1)  # too few frames yet
+
+
+def test_the_review_band_on_real_footage(settings, moderator, corpus, random_model_dir, tmp_path):
+    base = moderator.moderate_path(corpus["carphone"])
+    score = base["decision"]["score"]  # the highest long-enough track's: the one the label came from
+    # The seeded random test model scores carphone a little above its 0.5 threshold.
+    assert (base["label"], base["action"]) == ("fake", BLOCK) and base["decision"]["rule"] == "tracks"
+    assert score == base["decision"]["track_score_max"] and base["decision"]["review_threshold"] is None
+
+    # A card whose threshold lies above this clip's score and whose review band holds it.
+    banded = carded(random_model_dir, tmp_path / "banded", threshold=round(score + 0.05, 6),
+                    review_threshold=round(score - 0.05, 6), review_operating_point={"target_fpr": 0.05})
+    m = Moderator(settings.model_copy(update={"model_dir": banded}), detector=moderator.detector)
+    v = m.moderate_path(corpus["carphone"])
+    assert (v["label"], v["action"]) == ("real", REVIEW)
+    assert v["decision"]["score"] == score and v["decision"]["review_operating_point"] == {"target_fpr": 0.05}
+    assert v["decision"]["policy"] == {"rule": "tracks", "threshold": round(score + 0.05, 6),
+                                       "review_threshold": round(score - 0.05, 6), "track_score": "mean",
+                                       "min_track_frames": 3}
+    assert [f["fake_score"] for f in v["faces"]] == [f["fake_score"] for f in base["faces"]]
+
+    # DEEPFAKE_REVIEW_THRESHOLD takes the card's place: above the score, the clip is allowed.
+    above = Moderator(settings.model_copy(update={"model_dir": banded, "review_threshold": round(score + 0.01, 6)}),
+                      detector=moderator.detector, engine=m.engine)
+    v = above.moderate_path(corpus["carphone"])
+    assert (v["label"], v["action"]) == ("real", ALLOW)
+    assert v["decision"]["review_operating_point"] == {"source": "DEEPFAKE_REVIEW_THRESHOLD"}
+
+    # The paper's rule compares the video score (mean of the largest face's frame scores) instead.
+    mean = Moderator(settings.model_copy(update={"model_dir": banded, "decision": "mean"}),
+                     detector=moderator.detector, engine=m.engine).moderate_path(corpus["carphone"])
+    assert mean["decision"]["score"] == mean["score"] and "track_score_max" not in mean["decision"]
+    assert mean["action"] == (REVIEW if mean["score"] >= score - 0.05 else ALLOW)
+
+    with pytest.raises(ConfigurationError, match="DEEPFAKE_REVIEW_THRESHOLD: review threshold 0.9 is above"):
+        Moderator(settings.model_copy(update={"model_dir": banded, "review_threshold": 0.9}),
+                  detector=moderator.detector, engine=m.engine)
+
+
+def test_no_face_is_allowed_and_an_error_has_no_action(moderator, corpus):
+    assert moderator.moderate_path(corpus["no_face_mp4"])["action"] == ALLOW
+    bad = moderator.moderate_path(corpus["truncated_mp4"])
+    assert bad["status"] == "error" and bad["action"] is None
+
+
+def test_a_stored_verdict_is_reused_only_under_the_policy_that_made_it():
+    policy, banded = DecisionPolicy(threshold=0.5).key(), DecisionPolicy(threshold=0.5, review_threshold=0.3).key()
+    scored = {"status": "ok", "action": "allow", "error": None, "input": {"etag": "e", "frames": 8},
+              "model": {"sha256": "m"}, "decision": {"policy": policy}}
+    same = {"etag": "e", "model_sha256": "m", "frames": 8}
+    assert reusable(scored, **same, policy=policy) and not reusable(scored, **same, policy=banded)
+    assert not reusable({**scored, "decision": {"threshold": 0.5}}, **same, policy=policy)  # before policies
+    no_face = {**scored, "status": "no_face", "decision": None}
+    assert reusable(no_face, **same, policy=banded)  # nothing was decided: any policy allows it
+    assert not reusable({k: v for k, v in no_face.items() if k != "action"}, **same, policy=policy)  # before actions
