@@ -56,16 +56,19 @@ def object_etag(s3: Any, bucket: str, key: str) -> str | None:
 
 def enqueue(
     bucket: str, key: str, *, frames: int | None = None, at_front: bool = False, webhook_url: str | None = None,
-    settings: Settings | None = None, connection: Redis | None = None, s3_client: Any = None,
+    etag: str | None = None, settings: Settings | None = None, connection: Redis | None = None, s3_client: Any = None,
 ) -> str:
-    """Queue s3://bucket/key for moderation and return the job id (an existing one for a duplicate)."""
+    """Queue s3://bucket/key for moderation and return the job id (an existing one for a duplicate).
+
+    `etag`: the object's ETag when the caller has it already (a listing), which saves a HEAD."""
     settings = settings or Settings()
     validate_location(bucket, key)
     frames = frames or settings.frames
     connection = connection or connect(settings)
     queue = get_queue(connection, settings.queue)
-    s3 = s3_client or make_client(settings.s3_endpoint_url, settings.s3_region)
-    etag = object_etag(s3, bucket, key)
+    if etag is None:
+        s3 = s3_client or make_client(settings.s3_endpoint_url, settings.s3_region)
+        etag = object_etag(s3, bucket, key)
     model = json.loads(connection.get(model_key(settings.queue)) or "{}")
     dkey = dedupe_key(bucket, key, etag, frames, model.get("sha256", ""), model.get("decision_policy")) if etag else None
     if dkey:

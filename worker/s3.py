@@ -46,10 +46,14 @@ class S3Location:
         return cls(bucket, key)
 
 
-def validate_location(bucket: str, key: str) -> None:
-    """Reject bucket names and keys that could escape into other prefixes or break a verdict path."""
+def validate_bucket(bucket: str) -> None:
     if not (3 <= len(bucket) <= 63) or not all(c.isalnum() or c in "-." for c in bucket) or bucket[0] in "-.":
         raise ValueError(f"invalid bucket name: {bucket!r}")
+
+
+def validate_location(bucket: str, key: str) -> None:
+    """Reject bucket names and keys that could escape into other prefixes or break a verdict path."""
+    validate_bucket(bucket)
     if not key or len(key.encode()) > MAX_KEY_BYTES:
         raise ValueError("the object key must be 1 to 1024 bytes")
     if key.startswith("/") or any(part in ("", ".", "..") for part in key.split("/")):

@@ -1,0 +1,108 @@
+"""Backfill: queue every upload already under an S3 prefix, throttled so that live uploads never
+wait behind more than `max_queued` backfill jobs.
+
+A deployment starts with a bucket of uploads nobody has checked. `deepfake backfill` lists them
+(paged, in key order), skips what is not an upload (folder markers, the workers' own verdicts and
+reports, keys the worker refuses), and enqueues the rest through `worker.queue.enqueue`, so a job
+already queued or finished, or a verdict already stored, is not computed again. It reports the last
+key it queued: rerun with `start_after` (`--start-after`) to go on from there.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator
+
+from redis import Redis
+
+from worker.queue import connect, enqueue, get_queue
+from worker.s3 import S3Location, make_client, validate_bucket, validate_location
+from worker.settings import Settings
+from worker.verdict_store import VerdictStore
+
+POLL_S = 1.0  # how often a throttled backfill looks at the queue again
+
+
+@dataclass
+class Listed:
+    key: str
+    etag: str
+    skip: str | None  # why it is not queued: folder, verdict, older, invalid_key; None = an upload
+
+
+@dataclass
+class BackfillStats:
+    listed: int = 0
+    enqueued: int = 0
+    skipped: dict[str, int] | None = None
+    waited_s: float = 0.0
+    last_key: str | None = None  # the last key queued: --start-after resumes after it
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_prefix(uri: str) -> tuple[str, str]:
+    """(bucket, prefix) of ``s3://bucket`` or ``s3://bucket/prefix``."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, prefix = uri[5:].partition("/")
+    validate_bucket(bucket)
+    return bucket, prefix
+
+
+def list_uploads(s3: Any, bucket: str, prefix: str, *, store: VerdictStore, start_after: str | None = None,
+                 since: dt.datetime | None = None) -> Iterator[Listed]:
+    """Every object under `prefix` in key order, each with why it would be skipped (or None)."""
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+    if start_after:
+        kwargs["StartAfter"] = start_after
+    for page in s3.get_paginator("list_objects_v2").paginate(**kwargs):
+        for obj in page.get("Contents", []):
+            key, skip = obj["Key"], None
+            if key.endswith("/"):
+                skip = "folder"
+            elif store.is_verdict_key(S3Location(bucket, key)):
+                skip = "verdict"
+            elif since is not None and obj["LastModified"] < since:
+                skip = "older"
+            else:
+                try:
+                    validate_location(bucket, key)
+                except ValueError:
+                    skip = "invalid_key"  # the worker would refuse it as access_denied
+            yield Listed(key, obj.get("ETag", ""), skip)
+
+
+def backfill(
+    bucket: str, prefix: str = "", *, frames: int | None = None, since: dt.datetime | None = None,
+    start_after: str | None = None, limit: int | None = None, max_queued: int | None = None,
+    settings: Settings | None = None, connection: Redis | None = None, s3_client: Any = None,
+    on_enqueued: Callable[[str, str], None] | None = None, sleep: Callable[[float], None] = time.sleep,
+) -> BackfillStats:
+    """Queue the uploads under s3://bucket/prefix (at most `limit`); before each, wait while the
+    queue holds `max_queued` or more waiting jobs. `on_enqueued(key, job_id)` is called for each."""
+    settings = settings or Settings()
+    connection = connection or connect(settings)
+    s3 = s3_client or make_client(settings.s3_endpoint_url, settings.s3_region)
+    store = VerdictStore(s3, prefix=settings.verdict_prefix, bucket=settings.verdict_bucket)
+    queue = get_queue(connection, settings.queue)
+    stats = BackfillStats(skipped={})
+    for item in list_uploads(s3, bucket, prefix, store=store, start_after=start_after, since=since):
+        if limit is not None and stats.enqueued >= limit:
+            break
+        stats.listed += 1
+        if item.skip:
+            stats.skipped[item.skip] = stats.skipped.get(item.skip, 0) + 1  # type: ignore[index]
+            continue
+        while max_queued is not None and queue.count >= max_queued:
+            sleep(POLL_S)
+            stats.waited_s += POLL_S
+        job_id = enqueue(bucket, item.key, frames=frames, etag=item.etag or None, settings=settings,
+                         connection=connection, s3_client=s3)
+        stats.enqueued += 1
+        stats.last_key = item.key
+        if on_enqueued is not None:
+            on_enqueued(item.key, job_id)
+    return stats
