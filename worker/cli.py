@@ -62,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--frames", type=int, metavar="N", help="frames sampled per video")
     b.set_defaults(func=cmd_backfill)
 
+    g = sub.add_parser("forget", help="erase what the system holds about uploads (jobs, results, verdicts, "
+                                      "reports); one JSON line each",
+                       description="For an upload the platform deletes: deletes its jobs and duplicate records "
+                                   "from Redis, waits for a job running on it, then deletes its stored verdict "
+                                   "and report from S3. Exit 1 when a job was still running (run it again).")
+    g.add_argument("uris", nargs="+", metavar="s3://BUCKET/KEY")
+    g.add_argument("--wait", type=float, default=420.0, metavar="S",
+                   help="how long to wait for a running job (default: %(default)s, the default job time limit + 28 s)")
+    g.set_defaults(func=cmd_forget)
+
     r = sub.add_parser("result", help="a job's status and verdict as JSON")
     r.add_argument("job_ids", nargs="+", metavar="JOB_ID")
     r.set_defaults(func=cmd_result)
@@ -115,6 +125,26 @@ def cmd_enqueue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
                          settings=settings, connection=connection, s3_client=s3)
         print(job_id, flush=True)
     return EXIT_OK
+
+
+def cmd_forget(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from worker.forget import forget
+    from worker.queue import connect
+    from worker.s3 import S3Location, make_client
+
+    try:
+        locations = [S3Location.parse(uri) for uri in args.uris]
+    except ValueError as exc:
+        parser.error(str(exc))
+    settings = _settings(parser)
+    connection = connect(settings)
+    s3 = make_client(settings.s3_endpoint_url, settings.s3_region)
+    complete = True
+    for loc in locations:
+        done = forget(loc.bucket, loc.key, wait_s=args.wait, settings=settings, connection=connection, s3_client=s3)
+        complete &= done.complete
+        print(json.dumps(done.to_dict()), flush=True)
+    return EXIT_OK if complete else EXIT_FAILURE
 
 
 def _timestamp(text: str):  # type: ignore[no-untyped-def]

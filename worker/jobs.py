@@ -8,7 +8,7 @@ from __future__ import annotations
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
-from worker import runtime
+from worker import runtime, upload_index
 
 MODERATE_FUNC = "worker.jobs.moderate_s3_object"
 
@@ -23,6 +23,8 @@ def moderate_s3_object(bucket: str, key: str, frames: int | None = None) -> dict
     """Moderate s3://bucket/key; the verdict is the job's result and is stored next to the upload."""
     job = get_current_job()
     rt = runtime.current()
+    if job is not None:  # whoever enqueued it, `deepfake forget` can find it
+        upload_index.record(job.connection, bucket, key, job_id=job.id, ttl_s=rt.settings.result_ttl_s)
     enqueued_at = job.enqueued_at.timestamp() if job is not None and job.enqueued_at else None
     try:
         return rt.moderate_s3(bucket, key, frames=frames, job_id=job.id if job else None, enqueued_at=enqueued_at)

@@ -23,6 +23,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import utcparse
 from rq.webhook import Webhook
 
+from worker import upload_index
 from worker.errors import last_line
 from worker.jobs import MODERATE_FUNC
 from worker.rq_worker import model_key
@@ -89,6 +90,7 @@ def enqueue(
     )
     if dkey:
         connection.set(dkey, job.id, ex=settings.result_ttl_s)
+    upload_index.record(connection, bucket, key, job_id=job.id, dedupe_key=dkey, ttl_s=settings.result_ttl_s)
     return job.id
 
 

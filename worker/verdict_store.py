@@ -61,6 +61,22 @@ class VerdictStore:
                                        ContentType=REPORT_TYPES[path.suffix])
         return f"s3://{prefix.bucket}/{prefix.key}index.html"
 
+    def delete(self, upload: S3Location) -> list[str]:
+        """Delete the upload's verdict and report objects (`deepfake forget`); the s3:// URIs deleted."""
+        verdict = self.location_for(upload)
+        report = f"{self.prefix}{upload.key}.report/"
+        keys = [o["Key"] for page in self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=verdict.bucket, Prefix=report) for o in page.get("Contents", [])]
+        try:
+            self.client.head_object(Bucket=verdict.bucket, Key=verdict.key)
+            keys.insert(0, verdict.key)
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) not in NOT_FOUND_CODES:
+                raise
+        for key in keys:
+            self.client.delete_object(Bucket=verdict.bucket, Key=key)
+        return [f"s3://{verdict.bucket}/{key}" for key in keys]
+
     def is_verdict_key(self, upload: S3Location) -> bool:
         """Uploads inside the verdict prefix are refused: the worker must not moderate its own output."""
         return (self.bucket is None or self.bucket == upload.bucket) and upload.key.startswith(self.prefix)

@@ -1,0 +1,126 @@
+"""`deepfake forget` against a real redis-server and a real S3 server: an upload's jobs, results,
+duplicate records, verdict and report are erased, a job running on it is waited for, and another
+upload's records are left alone."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from faultproxy import FaultProxy, Rule
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+from workers import burst
+
+from worker.forget import forget
+from worker.jobs import MODERATE_FUNC
+from worker.queue import enqueue, get_queue, job_state
+from worker.s3 import make_client
+from worker.settings import Settings
+from worker.upload_index import index_key
+
+BUCKET = "erasable"
+ALICE, BOB = "users/alice/clip.mp4", "users/bob/clip.mp4"
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server, corpus):
+    clip = corpus["carphone"].read_bytes()
+    return s3_server.bucket_with(BUCKET, {ALICE: clip, BOB: clip})
+
+
+@pytest.fixture()
+def fsettings(random_model_dir, redis_server, s3_server, tmp_path):
+    return Settings(model_dir=random_model_dir, redis_url=redis_server.url, s3_endpoint_url=s3_server.endpoint,
+                    allowed_buckets=BUCKET, frames=4, metrics_port=0, log_format="json", upload_reports=True,
+                    verdict_prefix=f"v-{tmp_path.name}/")
+
+
+def stored_keys(s3, settings, key) -> list[str]:
+    listed = s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{settings.verdict_prefix}{key}")
+    return sorted(o["Key"] for o in listed.get("Contents", []))
+
+
+def test_an_upload_is_erased_and_the_others_are_not(s3, redis, fsettings, moderator):
+    burst(redis, fsettings, moderator)  # a worker has started: duplicates are matched on its model
+    done = enqueue(BUCKET, ALICE, settings=fsettings, connection=redis, s3_client=s3)
+    bob = enqueue(BUCKET, BOB, settings=fsettings, connection=redis, s3_client=s3)
+    burst(redis, fsettings, moderator)
+    assert job_state(done, settings=fsettings, connection=redis).result["status"] == "ok"
+    alice_objects = stored_keys(s3, fsettings, ALICE)
+    assert f"{fsettings.verdict_prefix}{ALICE}.json" in alice_objects and len(alice_objects) > 2  # + the report
+    waiting = enqueue(BUCKET, ALICE, frames=2, settings=fsettings, connection=redis, s3_client=s3)
+    # as a non-Python client would: no index entry until a worker starts it
+    raw = get_queue(redis, fsettings.queue).enqueue(MODERATE_FUNC, args=(BUCKET, ALICE), kwargs={"frames": 3}).id
+
+    gone = forget(BUCKET, ALICE, settings=fsettings, connection=redis, s3_client=s3)
+    assert gone.complete and sorted(gone.jobs_deleted) == sorted([done, waiting, raw])
+    assert sorted(u.removeprefix(f"s3://{BUCKET}/") for u in gone.s3_deleted) == alice_objects
+    assert stored_keys(s3, fsettings, ALICE) == []
+    for job_id in (done, waiting, raw):
+        assert not Job.exists(job_id, connection=redis) and not redis.exists(f"rq:results:{job_id}")
+    assert get_queue(redis, fsettings.queue).get_job_ids() == [] and not redis.exists(index_key(BUCKET, ALICE))
+    assert not [k for k in redis.scan_iter("deepfake:dedupe:*") if redis.get(k).decode() in (done, waiting)]
+    # Bob's job, result and stored verdict are untouched.
+    assert job_state(bob, settings=fsettings, connection=redis).result["status"] == "ok"
+    assert f"{fsettings.verdict_prefix}{BOB}.json" in stored_keys(s3, fsettings, BOB)
+    assert enqueue(BUCKET, BOB, settings=fsettings, connection=redis, s3_client=s3) == bob  # still a duplicate
+    # Alice uploads again: a new job and a new verdict (none is reused).
+    again = enqueue(BUCKET, ALICE, settings=fsettings, connection=redis, s3_client=s3)
+    assert again != done
+    burst(redis, fsettings, moderator)
+    fresh = job_state(again, settings=fsettings, connection=redis).result
+    assert fresh["status"] == "ok" and fresh["created_at"] != job_state(bob, settings=fsettings, connection=redis) \
+        .result["created_at"]
+
+
+@pytest.mark.timeout(180)
+def test_a_running_job_is_waited_for_before_s3_is_erased(s3_server, s3, redis, fsettings, moderator):
+    gate, results = threading.Event(), {}
+    with FaultProxy(s3_server.port) as proxy:
+        # the worker's first read of Alice's upload waits for the gate: the job is running meanwhile
+        proxy.add(Rule("hook", method="GET", path=ALICE + "$", hook=lambda req: gate.wait(60), times=1))
+        slow = fsettings.model_copy(update={"s3_endpoint_url": proxy.endpoint})
+        job_id = enqueue(BUCKET, ALICE, settings=slow, connection=redis, s3_client=s3)
+
+        def erase() -> None:  # what an operator runs while the worker (below, in the main thread) works
+            started = StartedJobRegistry(queue=get_queue(redis, slow.queue))
+            deadline = time.monotonic() + 60
+            while job_id not in started and time.monotonic() < deadline:
+                time.sleep(0.05)
+            results["early"] = forget(BUCKET, ALICE, wait_s=0, settings=slow, connection=redis, s3_client=s3)
+            results["exists"] = Job.exists(job_id, connection=redis)
+            threading.Timer(1.0, gate.set).start()  # the job goes on while forget waits
+            results["gone"] = forget(BUCKET, ALICE, wait_s=120, settings=slow, connection=redis, s3_client=s3)
+
+        eraser = threading.Thread(target=erase, daemon=True)
+        eraser.start()
+        burst(redis, slow, moderator)
+        eraser.join(120)
+    early, gone = results["early"], results["gone"]
+    assert not early.complete and early.still_running == [job_id] and early.s3_deleted == [] and results["exists"]
+    assert gone.complete and gone.jobs_deleted == [job_id] and not Job.exists(job_id, connection=redis)
+    assert f"s3://{BUCKET}/{slow.verdict_prefix}{ALICE}.json" in gone.s3_deleted  # written while it waited
+    assert stored_keys(s3, slow, ALICE) == []
+
+
+def test_the_command_prints_one_line_per_upload(s3, redis, redis_server, s3_server, fsettings, moderator):
+    enqueue(BUCKET, BOB, settings=fsettings, connection=redis, s3_client=s3)
+    burst(redis, fsettings, moderator)
+    env = {**os.environ, "DEEPFAKE_REDIS_URL": redis_server.url, "DEEPFAKE_S3_ENDPOINT_URL": s3_server.endpoint,
+           "DEEPFAKE_VERDICT_PREFIX": fsettings.verdict_prefix}
+    proc = subprocess.run([sys.executable, "-m", "worker", "forget", f"s3://{BUCKET}/{BOB}", f"s3://{BUCKET}/nobody.mp4"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    bob, nobody = (json.loads(line) for line in proc.stdout.splitlines())
+    assert bob["complete"] and len(bob["jobs_deleted"]) == 1 and bob["s3_deleted"]
+    assert nobody == {"upload": f"s3://{BUCKET}/nobody.mp4", "jobs_deleted": [], "still_running": [],
+                      "s3_deleted": [], "complete": True}
+    assert stored_keys(make_client(s3_server.endpoint), fsettings, BOB) == []
+    bad = subprocess.run([sys.executable, "-m", "worker", "forget", "s3://erasable/../x"], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert bad.returncode == 2

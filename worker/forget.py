@@ -1,0 +1,108 @@
+"""Erasure: delete everything this system keeps about one upload, when the platform deletes it (a
+user's erasure request, a takedown). Verdicts name the upload and hold its face boxes and landmarks;
+reports hold face crops; Redis holds jobs with their results.
+
+`forget` deletes the upload's jobs (waiting, finished, failed: hash, result and registry entries)
+and duplicate records from Redis, waits for a job that is running on it to end (its verdict would
+otherwise be written after the erasure), then deletes the stored verdict and report from S3. The
+upload itself is the platform's to delete. Log lines name uploads too: their retention is the log
+pipeline's.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from redis import Redis
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+
+from worker import upload_index
+from worker.jobs import MODERATE_FUNC
+from worker.queue import connect, get_queue
+from worker.s3 import S3Location, make_client, validate_location
+from worker.settings import Settings
+from worker.verdict_store import VerdictStore
+
+POLL_S = 1.0
+
+
+@dataclass
+class Forgotten:
+    upload: str
+    jobs_deleted: list[str] = field(default_factory=list)
+    still_running: list[str] = field(default_factory=list)  # nothing in S3 was deleted: run it again
+    s3_deleted: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.still_running
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "complete": self.complete}
+
+
+def _is_for(job: Job, bucket: str, key: str) -> bool:
+    try:
+        return job.func_name == MODERATE_FUNC and list(job.args[:2]) == [bucket, key]
+    except Exception:  # noqa: BLE001 - a job hash anyone could have written
+        return False
+
+
+def jobs_for(connection: Redis, queue_name: str, bucket: str, key: str) -> list[Job]:
+    """The upload's jobs: those the index recorded, and any waiting or running that it has not yet
+    (a job a non-Python client enqueued is recorded only when a worker starts it)."""
+    queue = get_queue(connection, queue_name)
+    indexed, _ = upload_index.recorded(connection, bucket, key)
+    candidates = indexed | set(queue.get_job_ids()) | set(StartedJobRegistry(queue=queue).get_job_ids())
+    jobs = []
+    for job_id in sorted(candidates):
+        try:
+            job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+        except NoSuchJobError:
+            continue
+        except Exception:  # noqa: BLE001 - malformed hash: not one of ours to judge
+            continue
+        if _is_for(job, bucket, key):
+            jobs.append(job)
+    return jobs
+
+
+def forget(
+    bucket: str, key: str, *, wait_s: float = 420.0, settings: Settings | None = None,
+    connection: Redis | None = None, s3_client: Any = None, sleep: Callable[[float], None] = time.sleep,
+) -> Forgotten:
+    """Delete the Redis records and stored S3 verdict and report of s3://bucket/key (see module doc).
+
+    A job running on the upload is waited for, at most `wait_s` (default: the default job time
+    limit plus a margin); if it is still running then, S3 is left alone and `still_running` says so.
+    """
+    validate_location(bucket, key)
+    settings = settings or Settings()
+    connection = connection or connect(settings)
+    s3 = s3_client or make_client(settings.s3_endpoint_url, settings.s3_region)
+    out = Forgotten(f"s3://{bucket}/{key}")
+    started = StartedJobRegistry(queue=get_queue(connection, settings.queue))
+    deadline = time.monotonic() + wait_s
+    while True:
+        jobs = jobs_for(connection, settings.queue, bucket, key)
+        running = [j.id for j in jobs if j.id in started]
+        for job in jobs:
+            if job.id not in running:
+                job.delete()
+                out.jobs_deleted.append(job.id)
+        if not running or time.monotonic() >= deadline:
+            break
+        sleep(POLL_S)
+    out.still_running = running
+    _, dedupe_keys = upload_index.recorded(connection, bucket, key)
+    if dedupe_keys:
+        connection.delete(*dedupe_keys)
+    if not out.still_running:
+        connection.delete(upload_index.index_key(bucket, key))
+        store = VerdictStore(s3, prefix=settings.verdict_prefix, bucket=settings.verdict_bucket)
+        out.s3_deleted = store.delete(S3Location(bucket, key))
+    return out
