@@ -85,7 +85,9 @@ class Settings(BaseSettings):
     )
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (unset = AWS); credentials come from the AWS_* environment.")
     s3_region: str | None = Field(None, description="S3 region.")
-    verdict_bucket: str | None = Field(None, description="Bucket for verdicts; unset = the upload's own bucket.")
+    verdict_bucket: str | None = Field(
+        None, description="Bucket for verdicts, under <verdict_prefix><upload bucket>/<key>.json; unset = the upload's own bucket."
+    )
     verdict_prefix: str = Field("verdicts/", description="Verdicts go to <verdict_prefix><key>.json.")
     verdict_secret: SecretStr | None = Field(
         None, description="HMAC-SHA256 key signing stored verdicts; set, unsigned or forged stored verdicts are recomputed."

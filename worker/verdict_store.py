@@ -49,12 +49,20 @@ class VerdictStore:
         self.client, self.prefix, self.bucket = client, prefix, bucket
         self.secret = secret
 
+    def _path(self, upload: S3Location) -> str:
+        """`<prefix><key>` beside the upload; in a separate verdict bucket `<prefix><bucket>/<key>`, since
+        uploads in different buckets may share a key."""
+        return f"{self.prefix}{upload.bucket}/{upload.key}" if self.bucket else f"{self.prefix}{upload.key}"
+
     def location_for(self, upload: S3Location) -> S3Location:
-        return S3Location(self.bucket or upload.bucket, f"{self.prefix}{upload.key}.json")
+        return S3Location(self.bucket or upload.bucket, self._path(upload) + ".json")
+
+    def report_location(self, upload: S3Location) -> S3Location:
+        return S3Location(self.bucket or upload.bucket, self._path(upload) + ".report/")
 
     def put_report(self, upload: S3Location, directory: Path) -> str:
-        """Upload a report directory to `<prefix><key>.report/`; the page's s3:// URI. Reruns overwrite it."""
-        prefix = S3Location(self.bucket or upload.bucket, f"{self.prefix}{upload.key}.report/")
+        """Upload a report directory beside the verdict (`.report/`); the page's s3:// URI. Reruns overwrite it."""
+        prefix = self.report_location(upload)
         for path in sorted(directory.iterdir()):
             if path.is_file() and path.suffix in REPORT_TYPES:
                 self.client.put_object(Bucket=prefix.bucket, Key=prefix.key + path.name, Body=path.read_bytes(),
@@ -63,10 +71,9 @@ class VerdictStore:
 
     def delete(self, upload: S3Location) -> list[str]:
         """Delete the upload's verdict and report objects (`deepfake forget`); the s3:// URIs deleted."""
-        verdict = self.location_for(upload)
-        report = f"{self.prefix}{upload.key}.report/"
+        verdict, report = self.location_for(upload), self.report_location(upload)
         keys = [o["Key"] for page in self.client.get_paginator("list_objects_v2").paginate(
-            Bucket=verdict.bucket, Prefix=report) for o in page.get("Contents", [])]
+            Bucket=verdict.bucket, Prefix=report.key) for o in page.get("Contents", [])]
         try:
             self.client.head_object(Bucket=verdict.bucket, Key=verdict.key)
             keys.insert(0, verdict.key)

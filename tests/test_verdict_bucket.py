@@ -1,0 +1,35 @@
+"""DEEPFAKE_VERDICT_BUCKET: one verdict bucket for several upload buckets, against the real S3 server.
+Uploads in different buckets may share a key; each must keep its own verdict (they used to share
+`<prefix><key>.json`, each replacing the other's)."""
+from __future__ import annotations
+
+import json
+
+from worker.forget import forget
+from worker.runtime import WorkerRuntime
+
+KEY = "clips/same-name.mp4"
+
+
+def test_uploads_with_one_key_in_two_buckets_keep_their_own_verdicts(s3_server, corpus, settings, moderator, redis):
+    s3 = s3_server.bucket_with("tenant-a", {KEY: corpus["carphone"].read_bytes()})
+    s3_server.bucket_with("tenant-b", {KEY: corpus["vp9_webm"].read_bytes()})
+    s3.create_bucket(Bucket="verdicts-central")
+    s = settings.model_copy(update={"s3_endpoint_url": s3_server.endpoint, "allowed_buckets": "tenant-a,tenant-b",
+                                    "verdict_bucket": "verdicts-central", "frames": 4, "upload_reports": True})
+    rt = WorkerRuntime(s, moderator=moderator, s3_client=s3)
+    a, b = rt.moderate_s3("tenant-a", KEY), rt.moderate_s3("tenant-b", KEY)
+    assert a["stored_at"] == f"s3://verdicts-central/verdicts/tenant-a/{KEY}.json"
+    assert b["stored_at"] == f"s3://verdicts-central/verdicts/tenant-b/{KEY}.json"
+    assert a["report"].startswith(f"s3://verdicts-central/verdicts/tenant-a/{KEY}.report/")
+    assert a["video"]["codec"] == "h264" and b["video"]["codec"] == "vp9"
+    # each upload's verdict is reused for it, not recomputed (nor replaced by the other's)
+    assert rt.moderate_s3("tenant-a", KEY)["created_at"] == a["created_at"]
+    assert rt.moderate_s3("tenant-b", KEY)["created_at"] == b["created_at"]
+    # erasing one upload leaves the other's verdict and report
+    gone = forget("tenant-a", KEY, settings=s, connection=redis, s3_client=s3)
+    assert gone.complete and all(u.startswith(f"s3://verdicts-central/verdicts/tenant-a/{KEY}") for u in gone.s3_deleted)
+    left = [o["Key"] for o in s3.list_objects_v2(Bucket="verdicts-central").get("Contents", [])]
+    assert left and all(k.startswith(f"verdicts/tenant-b/{KEY}") for k in left)
+    body = s3.get_object(Bucket="verdicts-central", Key=f"verdicts/tenant-b/{KEY}.json")["Body"].read()
+    assert json.loads(body)["input"]["bucket"] == "tenant-b"
