@@ -1,12 +1,20 @@
-"""DEEPFAKE_VERDICT_BUCKET: one verdict bucket for several upload buckets, against the real S3 server.
-Uploads in different buckets may share a key; each must keep its own verdict (they used to share
-`<prefix><key>.json`, each replacing the other's)."""
+"""Where verdicts go. DEEPFAKE_VERDICT_BUCKET: one verdict bucket for several upload buckets, against
+the real S3 server; uploads in different buckets may share a key, and each must keep its own verdict
+(they used to share `<prefix><key>.json`, each replacing the other's). DEEPFAKE_VERDICT_PREFIX must
+be a folder."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
 
 from worker.forget import forget
 from worker.runtime import WorkerRuntime
+from worker.settings import Settings
 
 KEY = "clips/same-name.mp4"
 
@@ -33,3 +41,17 @@ def test_uploads_with_one_key_in_two_buckets_keep_their_own_verdicts(s3_server, 
     assert left and all(k.startswith(f"verdicts/tenant-b/{KEY}") for k in left)
     body = s3.get_object(Bucket="verdicts-central", Key=f"verdicts/tenant-b/{KEY}.json")["Body"].read()
     assert json.loads(body)["input"]["bucket"] == "tenant-b"
+
+
+@pytest.mark.parametrize("prefix", ["", "verdicts", "/verdicts/", "a//b/", "a/../b/", "./"])
+def test_the_verdict_prefix_must_be_a_folder(prefix):
+    # "" would put every upload inside the prefix (all refused), "verdicts" every key starting with it
+    with pytest.raises(ValidationError, match="must be a folder"):
+        Settings(verdict_prefix=prefix)
+
+
+def test_a_nested_verdict_prefix_is_accepted_and_a_bad_one_stops_the_cli(monkeypatch):
+    assert Settings(verdict_prefix="moderation/verdicts/").verdict_prefix == "moderation/verdicts/"
+    proc = subprocess.run([sys.executable, "-m", "worker", "status"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "DEEPFAKE_VERDICT_PREFIX": ""})
+    assert proc.returncode == 2 and "verdict_prefix" in proc.stderr and "must be a folder" in proc.stderr

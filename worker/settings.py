@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -114,6 +114,17 @@ class Settings(BaseSettings):
         "auto", description="auto = console on a terminal, JSON otherwise."
     )
     log_level: str = Field("INFO", description="Python logging level name.")
+
+    @field_validator("verdict_prefix")
+    @classmethod
+    def _verdict_prefix_is_a_folder(cls, value: str) -> str:
+        """Uploads under the prefix are refused (the worker's own output): an empty prefix would refuse
+        every upload, and one without a trailing slash every key that merely starts with it."""
+        parts = value.split("/")
+        if not value.endswith("/") or value.startswith("/") or any(p in ("", ".", "..") for p in parts[:-1]):
+            raise ValueError(f"must be a folder such as 'verdicts/' (non-empty, ending in '/', no empty, '.' or "
+                             f"'..' segments), not {value!r}")
+        return value
 
     def bucket_allow_list(self) -> frozenset[str]:
         return frozenset(b.strip() for b in self.allowed_buckets.split(",") if b.strip())
