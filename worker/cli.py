@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from worker.cli_data import add_data_commands
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
@@ -47,30 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--webhook", metavar="URL", help="POST the finished/failed job to this http(s) URL")
     e.set_defaults(func=cmd_enqueue)
 
-    b = sub.add_parser("backfill", help="queue every upload under an S3 prefix, throttled; one JSON line per job",
-                       description="Lists s3://BUCKET/PREFIX in key order and enqueues each upload (not folder "
-                                   "markers, verdicts or reports), waiting while the queue holds --max-queued jobs "
-                                   "so live uploads are not starved. Duplicates and stored verdicts are not "
-                                   "recomputed; the summary on stderr names the key to resume after.")
-    b.add_argument("prefix", metavar="s3://BUCKET[/PREFIX]")
-    b.add_argument("--since", type=_timestamp, metavar="ISO-8601",
-                   help="only objects modified at or after this time, e.g. 2026-11-01 or 2026-11-01T12:00:00Z")
-    b.add_argument("--start-after", metavar="KEY", help="resume: only keys after this one")
-    b.add_argument("--limit", type=int, metavar="N", help="queue at most N uploads")
-    b.add_argument("--max-queued", type=int, default=100, metavar="N",
-                   help="wait while the queue holds N or more jobs (default: %(default)s; 0 = never wait)")
-    b.add_argument("--frames", type=int, metavar="N", help="frames sampled per video")
-    b.set_defaults(func=cmd_backfill)
-
-    g = sub.add_parser("forget", help="erase what the system holds about uploads (jobs, results, verdicts, "
-                                      "reports); one JSON line each",
-                       description="For an upload the platform deletes: deletes its jobs and duplicate records "
-                                   "from Redis, waits for a job running on it, then deletes its stored verdict "
-                                   "and report from S3. Exit 1 when a job was still running (run it again).")
-    g.add_argument("uris", nargs="+", metavar="s3://BUCKET/KEY")
-    g.add_argument("--wait", type=float, default=420.0, metavar="S",
-                   help="how long to wait for a running job (default: %(default)s, the default job time limit + 28 s)")
-    g.set_defaults(func=cmd_forget)
+    add_data_commands(sub)
 
     r = sub.add_parser("result", help="a job's status and verdict as JSON")
     r.add_argument("job_ids", nargs="+", metavar="JOB_ID")
@@ -127,76 +106,14 @@ def cmd_enqueue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     return EXIT_OK
 
 
-def cmd_forget(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from worker.forget import forget
-    from worker.queue import connect
-    from worker.s3 import S3Location, make_client
-
-    try:
-        locations = [S3Location.parse(uri) for uri in args.uris]
-    except ValueError as exc:
-        parser.error(str(exc))
-    settings = _settings(parser)
-    connection = connect(settings)
-    s3 = make_client(settings.s3_endpoint_url, settings.s3_region)
-    complete = True
-    for loc in locations:
-        done = forget(loc.bucket, loc.key, wait_s=args.wait, settings=settings, connection=connection, s3_client=s3)
-        complete &= done.complete
-        print(json.dumps(done.to_dict()), flush=True)
-    return EXIT_OK if complete else EXIT_FAILURE
 
 
-def _timestamp(text: str):  # type: ignore[no-untyped-def]
-    import datetime as dt
-
-    try:
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r}") from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
 
 
-def cmd_backfill(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from botocore.exceptions import BotoCoreError, ClientError
-    from tqdm import tqdm
 
-    from worker.backfill import backfill, parse_prefix
 
-    try:
-        bucket, prefix = parse_prefix(args.prefix)
-    except ValueError as exc:
-        parser.error(str(exc))
-    if (args.limit is not None and args.limit < 1) or args.max_queued < 0:
-        parser.error("--limit must be at least 1 and --max-queued at least 0")
-    settings = _settings(parser, frames=args.frames)
-    allowed = settings.bucket_allow_list()
-    if "*" not in allowed and bucket not in allowed:
-        print(f"warning: {bucket} is not in DEEPFAKE_ALLOWED_BUCKETS here: workers with these settings will "
-              "refuse its jobs (access_denied)", file=sys.stderr)
-    bar = tqdm(desc="backfill", unit="upload", file=sys.stderr, disable=None)
-    last: list[str] = []
 
-    def enqueued(key: str, job_id: str) -> None:
-        print(json.dumps({"key": key, "job_id": job_id}), flush=True)
-        last[:] = [key]
-        bar.update()
 
-    try:
-        stats = backfill(bucket, prefix, frames=args.frames, since=args.since, start_after=args.start_after,
-                         limit=args.limit, max_queued=args.max_queued or None, settings=settings,
-                         on_enqueued=enqueued)
-    except KeyboardInterrupt:
-        bar.close()
-        print(json.dumps({"interrupted": True, "last_key": last[0] if last else None}), file=sys.stderr)
-        return 130
-    except (ClientError, BotoCoreError) as exc:
-        bar.close()
-        print(f"deepfake backfill: cannot list s3://{bucket}/{prefix}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    bar.close()
-    print(json.dumps(stats.to_dict()), file=sys.stderr)
-    return EXIT_OK
 
 
 def _check_webhook(url: str, settings, parser: argparse.ArgumentParser) -> None:  # type: ignore[no-untyped-def]

@@ -60,6 +60,10 @@ class VerdictStore:
     def report_location(self, upload: S3Location) -> S3Location:
         return S3Location(self.bucket or upload.bucket, self._path(upload) + ".report/")
 
+    def feedback_location(self, upload: S3Location) -> S3Location:
+        """A reviewer's decision on the verdict (worker.feedback)."""
+        return S3Location(self.bucket or upload.bucket, self._path(upload) + ".feedback.json")
+
     def put_report(self, upload: S3Location, directory: Path) -> str:
         """Upload a report directory beside the verdict (`.report/`); the page's s3:// URI. Reruns overwrite it."""
         prefix = self.report_location(upload)
@@ -70,16 +74,18 @@ class VerdictStore:
         return f"s3://{prefix.bucket}/{prefix.key}index.html"
 
     def delete(self, upload: S3Location) -> list[str]:
-        """Delete the upload's verdict and report objects (`deepfake forget`); the s3:// URIs deleted."""
+        """Delete the upload's verdict, feedback and report objects (`deepfake forget`); the s3:// URIs deleted."""
         verdict, report = self.location_for(upload), self.report_location(upload)
-        keys = [o["Key"] for page in self.client.get_paginator("list_objects_v2").paginate(
+        keys = []
+        for single in (verdict, self.feedback_location(upload)):
+            try:
+                self.client.head_object(Bucket=single.bucket, Key=single.key)
+                keys.append(single.key)
+            except ClientError as exc:
+                if str(exc.response.get("Error", {}).get("Code")) not in NOT_FOUND_CODES:
+                    raise
+        keys += [o["Key"] for page in self.client.get_paginator("list_objects_v2").paginate(
             Bucket=verdict.bucket, Prefix=report.key) for o in page.get("Contents", [])]
-        try:
-            self.client.head_object(Bucket=verdict.bucket, Key=verdict.key)
-            keys.insert(0, verdict.key)
-        except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) not in NOT_FOUND_CODES:
-                raise
         for key in keys:
             self.client.delete_object(Bucket=verdict.bucket, Key=key)
         return [f"s3://{verdict.bucket}/{key}" for key in keys]

@@ -1,0 +1,152 @@
+"""`deepfake` commands over stored data rather than single jobs: backfill a bucket, forget an upload,
+record and summarise reviewer feedback (worker.cli holds the parser, the other commands and the shared
+helpers; it imports this module, so each command imports it when it runs.)"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_data_commands(sub) -> None:  # type: ignore[no-untyped-def]
+    b = sub.add_parser("backfill", help="queue every upload under an S3 prefix, throttled; one JSON line per job",
+                       description="Lists s3://BUCKET/PREFIX in key order and enqueues each upload (not folder "
+                                   "markers, verdicts or reports), waiting while the queue holds --max-queued jobs "
+                                   "so live uploads are not starved. Duplicates and stored verdicts are not "
+                                   "recomputed; the summary on stderr names the key to resume after.")
+    b.add_argument("prefix", metavar="s3://BUCKET[/PREFIX]")
+    b.add_argument("--since", type=_timestamp, metavar="ISO-8601",
+                   help="only objects modified at or after this time, e.g. 2026-11-01 or 2026-11-01T12:00:00Z")
+    b.add_argument("--start-after", metavar="KEY", help="resume: only keys after this one")
+    b.add_argument("--limit", type=int, metavar="N", help="queue at most N uploads")
+    b.add_argument("--max-queued", type=int, default=100, metavar="N",
+                   help="wait while the queue holds N or more jobs (default: %(default)s; 0 = never wait)")
+    b.add_argument("--frames", type=int, metavar="N", help="frames sampled per video")
+    b.set_defaults(func=cmd_backfill)
+
+    g = sub.add_parser("forget", help="erase what the system holds about uploads (jobs, results, verdicts, "
+                                      "reports); one JSON line each",
+                       description="For an upload the platform deletes: deletes its jobs and duplicate records "
+                                   "from Redis, waits for a job running on it, then deletes its stored verdict "
+                                   "and report from S3. Exit 1 when a job was still running (run it again).")
+    g.add_argument("uris", nargs="+", metavar="s3://BUCKET/KEY")
+    g.add_argument("--wait", type=float, default=420.0, metavar="S",
+                   help="how long to wait for a running job (default: %(default)s, the default job time limit + 28 s)")
+    g.set_defaults(func=cmd_forget)
+
+    fb = sub.add_parser("feedback", help="record a reviewer's decision (fake|real) beside an upload's verdict")
+    fb.add_argument("uri", metavar="s3://BUCKET/KEY")
+    fb.add_argument("--label", required=True, choices=["fake", "real"], help="what the reviewer decided")
+    fb.add_argument("--reviewer", metavar="ID", help="who decided (an id, not a name)")
+    fb.add_argument("--note", metavar="TEXT")
+    fb.set_defaults(func=cmd_feedback)
+
+    fs = sub.add_parser("feedback-summary", help="reviewer decisions by the worker's action, per model, as JSON")
+    fs.add_argument("prefix", metavar="s3://BUCKET[/PREFIX]", help="the uploads' bucket (and key prefix)")
+    fs.set_defaults(func=cmd_feedback_summary)
+
+
+def _timestamp(text: str):  # type: ignore[no-untyped-def]
+    import datetime as dt
+
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+
+
+def cmd_backfill(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from botocore.exceptions import BotoCoreError, ClientError
+    from tqdm import tqdm
+
+    from worker import cli
+    from worker.backfill import backfill, parse_prefix
+
+    try:
+        bucket, prefix = parse_prefix(args.prefix)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if (args.limit is not None and args.limit < 1) or args.max_queued < 0:
+        parser.error("--limit must be at least 1 and --max-queued at least 0")
+    settings = cli._settings(parser, frames=args.frames)
+    allowed = settings.bucket_allow_list()
+    if "*" not in allowed and bucket not in allowed:
+        print(f"warning: {bucket} is not in DEEPFAKE_ALLOWED_BUCKETS here: workers with these settings will "
+              "refuse its jobs (access_denied)", file=sys.stderr)
+    bar = tqdm(desc="backfill", unit="upload", file=sys.stderr, disable=None)
+    last: list[str] = []
+
+    def enqueued(key: str, job_id: str) -> None:
+        print(json.dumps({"key": key, "job_id": job_id}), flush=True)
+        last[:] = [key]
+        bar.update()
+
+    try:
+        stats = backfill(bucket, prefix, frames=args.frames, since=args.since, start_after=args.start_after,
+                         limit=args.limit, max_queued=args.max_queued or None, settings=settings,
+                         on_enqueued=enqueued)
+    except KeyboardInterrupt:
+        bar.close()
+        print(json.dumps({"interrupted": True, "last_key": last[0] if last else None}), file=sys.stderr)
+        return 130
+    except (ClientError, BotoCoreError) as exc:
+        bar.close()
+        print(f"deepfake backfill: cannot list s3://{bucket}/{prefix}: {exc}", file=sys.stderr)
+        return cli.EXIT_FAILURE
+    bar.close()
+    print(json.dumps(stats.to_dict()), file=sys.stderr)
+    return cli.EXIT_OK
+
+
+def cmd_forget(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from worker import cli
+    from worker.forget import forget
+    from worker.queue import connect
+    from worker.s3 import S3Location, make_client
+
+    try:
+        locations = [S3Location.parse(uri) for uri in args.uris]
+    except ValueError as exc:
+        parser.error(str(exc))
+    settings = cli._settings(parser)
+    connection = connect(settings)
+    s3 = make_client(settings.s3_endpoint_url, settings.s3_region)
+    complete = True
+    for loc in locations:
+        done = forget(loc.bucket, loc.key, wait_s=args.wait, settings=settings, connection=connection, s3_client=s3)
+        complete &= done.complete
+        print(json.dumps(done.to_dict()), flush=True)
+    return cli.EXIT_OK if complete else cli.EXIT_FAILURE
+
+
+def cmd_feedback(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from worker import cli
+    from worker.feedback import NoVerdict, record
+    from worker.s3 import S3Location
+
+    try:
+        loc = S3Location.parse(args.uri)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        done = record(loc.bucket, loc.key, args.label, reviewer=args.reviewer, note=args.note,
+                      settings=cli._settings(parser))
+    except NoVerdict as exc:
+        print(f"deepfake feedback: {exc}", file=sys.stderr)
+        return cli.EXIT_FAILURE
+    print(json.dumps(done))
+    return cli.EXIT_OK
+
+
+def cmd_feedback_summary(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from worker import cli
+    from worker.backfill import parse_prefix
+    from worker.feedback import summarize
+
+    try:
+        bucket, prefix = parse_prefix(args.prefix)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(json.dumps(summarize(bucket, prefix, settings=cli._settings(parser)), indent=2))
+    return cli.EXIT_OK

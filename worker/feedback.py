@@ -1,0 +1,96 @@
+"""Reviewer feedback: what a person decided about an upload the worker scored, kept beside its
+verdict, and how the worker's actions fare against those decisions.
+
+The review band sends uncertain uploads to people; their decisions (and appeals, and spot checks
+of allowed uploads) are the only production ground truth. `record` stores one next to the verdict
+(`<verdict path>.feedback.json`, schema `deepfake-feedback/1`) with the verdict's action, scores,
+thresholds and model, so `summarize` can tell, per model, how often a blocked upload was really
+fake and what share of reviews found one. The uploads people look at are not a random sample (most
+come from the review band), so these are the precision of each action, not the model's error rates.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import defaultdict
+from typing import Any
+
+from worker.s3 import S3Location, make_client, validate_location
+from worker.settings import Settings
+from worker.verdict_store import VerdictStore
+
+SCHEMA = "deepfake-feedback/1"
+LABELS = ("fake", "real")
+ACTIONS = ("block", "review", "allow")
+SUFFIX = ".feedback.json"
+
+
+class NoVerdict(LookupError):
+    """Feedback is about a verdict: the upload has none stored."""
+
+
+def _store(settings: Settings, s3: Any) -> VerdictStore:
+    return VerdictStore(s3, prefix=settings.verdict_prefix, bucket=settings.verdict_bucket)
+
+
+def record(bucket: str, key: str, label: str, *, reviewer: str | None = None, note: str | None = None,
+           settings: Settings | None = None, s3_client: Any = None) -> dict[str, Any]:
+    """Store a reviewer's `label` (fake | real) for s3://bucket/key beside its verdict; the record.
+    A later decision on the same upload (an appeal) replaces the earlier one."""
+    if label not in LABELS:
+        raise ValueError(f"label must be one of {', '.join(LABELS)}, not {label!r}")
+    validate_location(bucket, key)
+    settings = settings or Settings()
+    store = _store(settings, s3_client or make_client(settings.s3_endpoint_url, settings.s3_region))
+    upload = S3Location(bucket, key)
+    verdict, _ = store.get(upload)
+    if not verdict or verdict.get("status") != "ok":
+        status = (verdict or {}).get("status")
+        raise NoVerdict(f"no scored verdict stored for {upload.uri}" + (f" (its verdict is {status})" if status else ""))
+    decision, model = verdict.get("decision") or {}, verdict.get("model") or {}
+    feedback = {
+        "schema": SCHEMA, "source": upload.uri, "label": label, "reviewer": reviewer, "note": note,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+        "verdict": {
+            "action": verdict.get("action"), "label": verdict.get("label"), "score": verdict.get("score"),
+            "decision_score": decision.get("score"), "threshold": verdict.get("threshold"),
+            "review_threshold": decision.get("review_threshold"), "created_at": verdict.get("created_at"),
+            "etag": (verdict.get("input") or {}).get("etag"),
+            "model": {k: model.get(k) for k in ("name", "version", "sha256")},
+        },
+    }
+    loc = store.feedback_location(upload)
+    store.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=json.dumps(feedback).encode(),
+                            ContentType="application/json")
+    return feedback
+
+
+def summarize(bucket: str, prefix: str = "", *, settings: Settings | None = None, s3_client: Any = None) -> dict:
+    """Per model: reviewer labels by the worker's action, and each action's share of real fakes."""
+    settings = settings or Settings()
+    store = _store(settings, s3_client or make_client(settings.s3_endpoint_url, settings.s3_region))
+    where = store.feedback_location(S3Location(bucket, prefix))
+    listing_prefix = where.key[: -len(SUFFIX)]
+    counts: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: {a: dict.fromkeys(LABELS, 0) for a in ACTIONS})
+    n = 0
+    for page in store.client.get_paginator("list_objects_v2").paginate(Bucket=where.bucket, Prefix=listing_prefix):
+        for obj in page.get("Contents", []):
+            if not obj["Key"].endswith(SUFFIX):
+                continue
+            try:
+                fb = json.loads(store.client.get_object(Bucket=where.bucket, Key=obj["Key"])["Body"].read())
+                action, label, model = fb["verdict"]["action"], fb["label"], fb["verdict"]["model"]
+            except (ValueError, KeyError, TypeError):
+                continue  # not a record this module wrote
+            if action not in ACTIONS or label not in LABELS:
+                continue
+            name = f"{model.get('name')} {model.get('version')} ({str(model.get('sha256'))[:12]})"
+            counts[name][action][label] += 1
+            n += 1
+    models = []
+    for name, by_action in sorted(counts.items()):
+        shares = {f"{a}_fake_share": (by_action[a]["fake"] / total if (total := sum(by_action[a].values())) else None)
+                  for a in ACTIONS}
+        models.append({"model": name, "n": sum(sum(v.values()) for v in by_action.values()),
+                       "by_action": by_action, **shares})
+    return {"feedback": n, "source": f"s3://{bucket}/{prefix}", "models": models}
