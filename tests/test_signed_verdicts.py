@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from pydantic import SecretStr
@@ -75,3 +78,27 @@ def test_a_signed_verdict_does_not_verify_at_another_location(s3):
     assert store.get(a)[0] == {"status": "ok", "label": "real"}
     verdict, etag = store.get(b)  # copied beside another upload: not accepted there
     assert verdict is None and etag is not None
+
+
+def test_the_verdict_command_reads_and_checks_stored_verdicts(settings, s3_server, s3, moderator, tmp_path):
+    signed = runtime(settings, s3_server, s3, moderator, tmp_path, "verdict-key")
+    first = signed.moderate_s3(BUCKET, KEY)
+    env = {**os.environ, "DEEPFAKE_S3_ENDPOINT_URL": s3_server.endpoint, "DEEPFAKE_LOG_FORMAT": "json",
+           "DEEPFAKE_VERDICT_PREFIX": signed.settings.verdict_prefix}
+
+    def read(secret: str | None, *uris: str) -> tuple[int, list[dict], str]:
+        proc = subprocess.run([sys.executable, "-m", "worker", "verdict", *uris], capture_output=True, text=True,
+                              timeout=60, env={**env, **({"DEEPFAKE_VERDICT_SECRET": secret} if secret else {})})
+        return proc.returncode, [json.loads(line) for line in proc.stdout.splitlines()], proc.stderr
+
+    rc, [found], _ = read("verdict-key", f"s3://{BUCKET}/{KEY}")
+    assert rc == 0 and found["verified"] is True and found["verdict"]["created_at"] == first["created_at"]
+    assert found["stored_at"] == f"s3://{BUCKET}/{signed.settings.verdict_prefix}{KEY}.json"
+    rc, [unchecked], _ = read(None, f"s3://{BUCKET}/{KEY}")
+    assert rc == 0 and unchecked["verified"] is None  # no key to check with
+    body, meta, loc = stored(s3, signed)
+    plant(s3, loc, json.dumps(dict(json.loads(body), label="forged")).encode(), meta)  # old signature, new bytes
+    rc, [forged, missing], err = read("verdict-key", f"s3://{BUCKET}/{KEY}", f"s3://{BUCKET}/none.mp4")
+    assert rc == 1 and forged["verified"] is False and forged["verdict"]["label"] == "forged"
+    assert missing == {"upload": f"s3://{BUCKET}/none.mp4", "stored_at": None, "verified": None, "verdict": None}
+    assert "stored_verdict_not_signed" in err  # the warning on stderr; stdout stays JSON Lines

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
 from redis import Redis
@@ -35,7 +35,7 @@ class Listed:
 class BackfillStats:
     listed: int = 0
     enqueued: int = 0
-    skipped: dict[str, int] | None = None
+    skipped: dict[str, int] = field(default_factory=dict)  # by reason
     waited_s: float = 0.0
     last_key: str | None = None  # the last key queued: --start-after resumes after it
 
@@ -88,13 +88,13 @@ def backfill(
     s3 = s3_client or make_client(settings.s3_endpoint_url, settings.s3_region)
     store = VerdictStore(s3, prefix=settings.verdict_prefix, bucket=settings.verdict_bucket)
     queue = get_queue(connection, settings.queue)
-    stats = BackfillStats(skipped={})
+    stats = BackfillStats()
     for item in list_uploads(s3, bucket, prefix, store=store, start_after=start_after, since=since):
         if limit is not None and stats.enqueued >= limit:
             break
         stats.listed += 1
         if item.skip:
-            stats.skipped[item.skip] = stats.skipped.get(item.skip, 0) + 1  # type: ignore[index]
+            stats.skipped[item.skip] = stats.skipped.get(item.skip, 0) + 1
             continue
         while max_queued is not None and queue.count >= max_queued:
             sleep(POLL_S)

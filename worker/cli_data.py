@@ -34,6 +34,11 @@ def add_data_commands(sub) -> None:  # type: ignore[no-untyped-def]
                    help="how long to wait for a running job (default: %(default)s, the default job time limit + 28 s)")
     g.set_defaults(func=cmd_forget)
 
+    v = sub.add_parser("verdict", help="the verdicts stored in S3 for uploads, one JSON line each, with whether "
+                                       "each verifies against DEEPFAKE_VERDICT_SECRET (exit 1: missing or forged)")
+    v.add_argument("uris", nargs="+", metavar="s3://BUCKET/KEY")
+    v.set_defaults(func=cmd_verdict)
+
     fb = sub.add_parser("feedback", help="record a reviewer's decision (fake|real) beside an upload's verdict")
     fb.add_argument("uri", metavar="s3://BUCKET/KEY")
     fb.add_argument("--label", required=True, choices=["fake", "real"], help="what the reviewer decided")
@@ -118,6 +123,29 @@ def cmd_forget(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         complete &= done.complete
         print(json.dumps(done.to_dict()), flush=True)
     return cli.EXIT_OK if complete else cli.EXIT_FAILURE
+
+
+def cmd_verdict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from worker import cli
+    from worker.logging import configure_logging
+    from worker.s3 import S3Location, make_client
+    from worker.verdict_store import VerdictStore
+
+    try:
+        locations = [S3Location.parse(uri) for uri in args.uris]
+    except ValueError as exc:
+        parser.error(str(exc))
+    settings = cli._settings(parser)
+    configure_logging(settings.log_format, settings.log_level)  # a forged verdict's warning goes to stderr
+    secret = settings.verdict_secret.get_secret_value() if settings.verdict_secret else None
+    store = VerdictStore(make_client(settings.s3_endpoint_url, settings.s3_region), prefix=settings.verdict_prefix,
+                         bucket=settings.verdict_bucket, secret=secret)
+    ok = True
+    for loc in locations:
+        found = store.read(loc)
+        ok &= found["verdict"] is not None and found["verified"] is not False
+        print(json.dumps(found), flush=True)
+    return cli.EXIT_OK if ok else cli.EXIT_FAILURE
 
 
 def cmd_feedback(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -94,26 +94,51 @@ class VerdictStore:
         """Uploads inside the verdict prefix are refused: the worker must not moderate its own output."""
         return (self.bucket is None or self.bucket == upload.bucket) and upload.key.startswith(self.prefix)
 
-    def get(self, upload: S3Location) -> tuple[dict | None, str | None]:
-        """The stored verdict and its ETag, or (None, None)."""
-        loc = self.location_for(upload)
+    def _fetch(self, loc: S3Location) -> tuple[bytes, str, bool | None] | None:
+        """(body, ETag, whether its signature verifies: None without a key), or None when absent."""
         try:
             resp = self.client.get_object(Bucket=loc.bucket, Key=loc.key)
         except ClientError as exc:
             if str(exc.response.get("Error", {}).get("Code")) in NOT_FOUND_CODES:
-                return None, None
+                return None
             raise
         body = resp["Body"].read()
+        verified = None
         if self.secret is not None:
             signature = (resp.get("Metadata") or {}).get(SIGNATURE_METADATA)
-            if not verify_verdict(self.secret, loc, body, signature):
+            verified = verify_verdict(self.secret, loc, body, signature)
+            if not verified:
                 log.warning("stored_verdict_not_signed", location=loc.uri, signature_present=bool(signature))
-                return None, resp["ETag"]  # not ours: treated as stale and replaced
+        return body, resp["ETag"], verified
+
+    def get(self, upload: S3Location) -> tuple[dict | None, str | None]:
+        """The stored verdict and its ETag, or (None, None); one that does not verify, or does not
+        parse, comes back as (None, ETag): stale, to be replaced."""
+        fetched = self._fetch(self.location_for(upload))
+        if fetched is None:
+            return None, None
+        body, etag, verified = fetched
+        if verified is False:
+            return None, etag  # not ours: treated as stale and replaced
         try:
             stored = json.loads(body)
         except ValueError:
-            return None, resp["ETag"]  # unreadable: treated as stale and replaced
-        return (stored, resp["ETag"]) if isinstance(stored, dict) else (None, resp["ETag"])
+            return None, etag  # unreadable: treated as stale and replaced
+        return (stored, etag) if isinstance(stored, dict) else (None, etag)
+
+    def read(self, upload: S3Location) -> dict[str, Any]:
+        """For readers (`deepfake verdict`): the stored verdict as it is, where, and whether its
+        signature verifies (null without DEEPFAKE_VERDICT_SECRET)."""
+        loc = self.location_for(upload)
+        fetched = self._fetch(loc)
+        if fetched is None:
+            return {"upload": upload.uri, "stored_at": None, "verified": None, "verdict": None}
+        body, _, verified = fetched
+        try:
+            verdict = json.loads(body)
+        except ValueError:
+            verdict = None
+        return {"upload": upload.uri, "stored_at": loc.uri, "verified": verified, "verdict": verdict}
 
     def put(self, upload: S3Location, verdict: dict, *, replaces: str | None = None) -> bool:
         """Write once: False when another writer got there first (their verdict stands)."""
