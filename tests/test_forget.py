@@ -56,6 +56,9 @@ def test_an_upload_is_erased_and_the_others_are_not(s3, redis, fsettings, modera
     waiting = enqueue(BUCKET, ALICE, frames=2, settings=fsettings, connection=redis, s3_client=s3)
     # as a non-Python client would: no index entry until a worker starts it
     raw = get_queue(redis, fsettings.queue).enqueue(MODERATE_FUNC, args=(BUCKET, ALICE), kwargs={"frames": 3}).id
+    # and a malformed job hash in the queue (anyone who can write to Redis): skipped, not fatal
+    redis.hset("rq:job:malformed", mapping={"data": b"not zlib", "created_at": "yesterday"})
+    redis.rpush(f"rq:queue:{fsettings.queue}", "malformed")
 
     gone = forget(BUCKET, ALICE, settings=fsettings, connection=redis, s3_client=s3)
     assert gone.complete and sorted(gone.jobs_deleted) == sorted([done, waiting, raw])
@@ -63,7 +66,8 @@ def test_an_upload_is_erased_and_the_others_are_not(s3, redis, fsettings, modera
     assert stored_keys(s3, fsettings, ALICE) == []
     for job_id in (done, waiting, raw):
         assert not Job.exists(job_id, connection=redis) and not redis.exists(f"rq:results:{job_id}")
-    assert get_queue(redis, fsettings.queue).get_job_ids() == [] and not redis.exists(index_key(BUCKET, ALICE))
+    assert get_queue(redis, fsettings.queue).get_job_ids() == ["malformed"]
+    assert not redis.exists(index_key(BUCKET, ALICE))
     assert not [k for k in redis.scan_iter("deepfake:dedupe:*") if redis.get(k).decode() in (done, waiting)]
     # Bob's job, result and stored verdict are untouched.
     assert job_state(bob, settings=fsettings, connection=redis).result["status"] == "ok"

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from redis import Redis
-from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -58,16 +57,25 @@ def jobs_for(connection: Redis, queue_name: str, bucket: str, key: str) -> list[
     queue = get_queue(connection, queue_name)
     indexed, _ = upload_index.recorded(connection, bucket, key)
     candidates = indexed | set(queue.get_job_ids()) | set(StartedJobRegistry(queue=queue).get_job_ids())
-    jobs = []
-    for job_id in sorted(candidates):
+    return [job for job in _fetch_all(connection, sorted(candidates)) if _is_for(job, bucket, key)]
+
+
+def _fetch_all(connection: Redis, job_ids: list[str], chunk: int = 1000) -> list[Job]:
+    """The jobs that exist, fetched in pipelined chunks (a backlog can hold many thousands); a chunk
+    with a malformed hash in it is fetched one job at a time, skipping that one."""
+    jobs: list[Job] = []
+    for start in range(0, len(job_ids), chunk):
+        ids = job_ids[start:start + chunk]
         try:
-            job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
-        except NoSuchJobError:
+            jobs += [j for j in Job.fetch_many(ids, connection=connection, serializer=JSONSerializer) if j]
             continue
-        except Exception:  # noqa: BLE001 - malformed hash: not one of ours to judge
-            continue
-        if _is_for(job, bucket, key):
-            jobs.append(job)
+        except Exception:  # noqa: BLE001 - a job hash anyone could have written
+            pass
+        for job_id in ids:
+            try:
+                jobs.append(Job.fetch(job_id, connection=connection, serializer=JSONSerializer))
+            except Exception:  # noqa: BLE001 - gone, or malformed: not one of ours to judge
+                continue
     return jobs
 
 
