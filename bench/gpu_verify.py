@@ -126,8 +126,11 @@ def parity():
         m = create_model(card.architecture, **card.architecture_kwargs)
         m.load_state_dict(torch.load(DEFAULT_MODEL_DIR / card.files["weights"], map_location="cpu", weights_only=True))
         models["demo_" + card.name] = m.eval()
-    xt = torch.from_numpy(x)
+    x299 = torch.from_numpy(x)
     for name, model in models.items():
+        size = getattr(model, "input_size", 299)  # the demo model takes 128-px crops: the same faces, resized
+        xt = x299 if size == 299 else torch.nn.functional.interpolate(x299, size=(size, size), mode="bilinear",
+                                                                       antialias=True, align_corners=False)
         with torch.inference_mode():
             ref = torch.softmax(model.float().cpu()(xt), 1)[:, 1]
             res = {"cpu_prob_range": [round(float(ref.min()), 4), round(float(ref.max()), 4)]}

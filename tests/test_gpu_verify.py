@@ -1,0 +1,34 @@
+"""The prepared H200 check (bench/gpu_verify.py) runs on the CPU in its dry-run mode, every section
+without an error: device time is scarce (15 minutes a session, when lent at all), and a section that
+fails there is lost. Its parity section once fed 299-px crops to the 128-px demo model."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_gpu_check_dry_runs_every_section_without_an_error(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from bench.clips import face_clip
+
+    for height in (720, 1080):
+        face_clip(tmp_path / f"clip{height}p.mp4", height=height)
+    proc = subprocess.run([sys.executable, "bench/gpu_verify.py", "--out", str(tmp_path / "out"), "--clips",
+                           str(tmp_path), "--dry-run", "--budget-s", "400"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=580)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "gpu_verify.json").read_text())
+    assert {"environment", "parity", "decode", "detect", "pipeline"} <= results.keys(), results.keys()
+    failed = {name: r.get("error") for name, r in results.items() if isinstance(r, dict) and "error" in r}
+    assert not failed, failed
+    assert results["parity"]["crops"] == 32 and all(
+        r["fp32"] < 1e-6 for name, r in results["parity"].items() if isinstance(r, dict))
+    assert results["pipeline"]["clip1080p_pipeline_1w"]["per_worker"][0]["status"] == "ok"
