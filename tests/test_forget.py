@@ -128,3 +128,13 @@ def test_the_command_prints_one_line_per_upload(s3, redis, redis_server, s3_serv
     bad = subprocess.run([sys.executable, "-m", "worker", "forget", "s3://erasable/../x"], capture_output=True,
                          text=True, env=env, timeout=60)
     assert bad.returncode == 2
+
+
+def test_scan_finds_jobs_from_before_the_index(s3, redis, fsettings, moderator):
+    job_id = enqueue(BUCKET, ALICE, settings=fsettings, connection=redis, s3_client=s3)
+    burst(redis, fsettings, moderator)
+    redis.delete(index_key(BUCKET, ALICE))  # as a job that finished before this version kept an index
+    missed = forget(BUCKET, ALICE, settings=fsettings, connection=redis, s3_client=s3)
+    assert missed.jobs_deleted == [] and Job.exists(job_id, connection=redis)  # S3 is erased all the same
+    found = forget(BUCKET, ALICE, scan=True, settings=fsettings, connection=redis, s3_client=s3)
+    assert found.jobs_deleted == [job_id] and not Job.exists(job_id, connection=redis)

@@ -32,6 +32,8 @@ def add_data_commands(sub) -> None:  # type: ignore[no-untyped-def]
     g.add_argument("uris", nargs="+", metavar="s3://BUCKET/KEY")
     g.add_argument("--wait", type=float, default=420.0, metavar="S",
                    help="how long to wait for a running job (default: %(default)s, the default job time limit + 28 s)")
+    g.add_argument("--scan", action="store_true",
+                   help="also read every finished and failed job (slow): for jobs from before the upload index")
     g.set_defaults(func=cmd_forget)
 
     v = sub.add_parser("verdict", help="the verdicts stored in S3 for uploads, one JSON line each, with whether "
@@ -119,7 +121,8 @@ def cmd_forget(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     s3 = make_client(settings.s3_endpoint_url, settings.s3_region)
     complete = True
     for loc in locations:
-        done = forget(loc.bucket, loc.key, wait_s=args.wait, settings=settings, connection=connection, s3_client=s3)
+        done = forget(loc.bucket, loc.key, wait_s=args.wait, scan=args.scan, settings=settings,
+                      connection=connection, s3_client=s3)
         complete &= done.complete
         print(json.dumps(done.to_dict()), flush=True)
     return cli.EXIT_OK if complete else cli.EXIT_FAILURE

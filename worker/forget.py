@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from redis import Redis
 from rq.job import Job
-from rq.registry import StartedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from worker import upload_index
@@ -51,12 +51,16 @@ def _is_for(job: Job, bucket: str, key: str) -> bool:
         return False
 
 
-def jobs_for(connection: Redis, queue_name: str, bucket: str, key: str) -> list[Job]:
+def jobs_for(connection: Redis, queue_name: str, bucket: str, key: str, *, scan: bool = False) -> list[Job]:
     """The upload's jobs: those the index recorded, and any waiting or running that it has not yet
-    (a job a non-Python client enqueued is recorded only when a worker starts it)."""
+    (a job a non-Python client enqueued is recorded only when a worker starts it). `scan` also reads
+    every finished and failed job, for jobs older than the index."""
     queue = get_queue(connection, queue_name)
     indexed, _ = upload_index.recorded(connection, bucket, key)
     candidates = indexed | set(queue.get_job_ids()) | set(StartedJobRegistry(queue=queue).get_job_ids())
+    if scan:
+        for registry in (FinishedJobRegistry(queue=queue), FailedJobRegistry(queue=queue)):
+            candidates |= set(registry.get_job_ids())
     return [job for job in _fetch_all(connection, sorted(candidates)) if _is_for(job, bucket, key)]
 
 
@@ -80,13 +84,14 @@ def _fetch_all(connection: Redis, job_ids: list[str], chunk: int = 1000) -> list
 
 
 def forget(
-    bucket: str, key: str, *, wait_s: float = 420.0, settings: Settings | None = None,
+    bucket: str, key: str, *, wait_s: float = 420.0, scan: bool = False, settings: Settings | None = None,
     connection: Redis | None = None, s3_client: Any = None, sleep: Callable[[float], None] = time.sleep,
 ) -> Forgotten:
     """Delete the Redis records and stored S3 verdict and report of s3://bucket/key (see module doc).
 
     A job running on the upload is waited for, at most `wait_s` (default: the default job time
     limit plus a margin); if it is still running then, S3 is left alone and `still_running` says so.
+    `scan` reads every finished and failed job too (once), for jobs enqueued before the index existed.
     """
     validate_location(bucket, key)
     settings = settings or Settings()
@@ -96,7 +101,8 @@ def forget(
     started = StartedJobRegistry(queue=get_queue(connection, settings.queue))
     deadline = time.monotonic() + wait_s
     while True:
-        jobs = jobs_for(connection, settings.queue, bucket, key)
+        jobs = jobs_for(connection, settings.queue, bucket, key, scan=scan)
+        scan = False  # what finishes while this waits is indexed by the worker that ran it
         running = [j.id for j in jobs if j.id in started]
         for job in jobs:
             if job.id not in running:
