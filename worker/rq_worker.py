@@ -7,7 +7,7 @@
   job `["os.system", null, ["..."], {}]` written to Redis would run. Callbacks named in a job are never
   imported, and a malformed job hash is skipped instead of stopping the worker. Webhooks go only to
   vetted receivers, with a verdict summary and no traceback (`worker.webhooks`).
-- Serves /metrics and /healthz, and publishes the model it runs so enqueuers can deduplicate.
+- Serves /metrics and /healthz, and publishes the model and decision policy it runs so enqueuers can deduplicate.
 """
 from __future__ import annotations
 
