@@ -64,6 +64,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     loaded = int(re.search(r'data-loaded="(\d+)"', dom).group(1))
     assert images >= 10 and loaded == images  # every PNG loaded
     assert "Deepfake report" in dom and verdict["label"] in dom
+    assert f'class="action action-{verdict["action"]}"' in dom  # block / review / allow beside the label
     assert shot is not None and shot.shape[0] > 500
     assert shot.std() > 20  # not a blank page
     assert len(np.unique(shot.reshape(-1, 3), axis=0)) > 500  # photos and charts, not just text

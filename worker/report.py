@@ -155,11 +155,15 @@ def write_report(verdict: dict, out_dir: Path, crops: dict[int, np.ndarray], *, 
     model_block = verdict.get("model") or {}
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
     warning = f'<p class=warn>{html.escape(model_block["warning"])}</p>' if model_block.get("warning") else ""
+    action = f' <span class="action action-{html.escape(summary["action"])}">{html.escape(summary["action"])}</span>' \
+        if summary.get("action") else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Deepfake report: {html.escape(str(summary['source']))}</title>
 <style>body{{font-family:sans-serif;margin:24px;color:#222}} .row{{display:flex;flex-wrap:wrap;gap:12px}}
 figure{{margin:0}} figcaption{{font-size:12px}} img{{max-width:100%}} th{{text-align:left;padding-right:12px}}
-.warn{{color:#a00}} .label-fake{{color:#b00}} .label-real{{color:#070}}</style></head>
-<body><h1>Deepfake report <span class="label-{html.escape(str(summary['label']))}">{html.escape(str(summary['label'] or summary['status']))}</span></h1>
+.warn{{color:#a00}} .label-fake{{color:#b00}} .label-real{{color:#070}}
+.action{{font-size:60%;padding:2px 8px;border-radius:4px;vertical-align:middle;color:#fff;background:#070}}
+.action-review{{background:#c80}} .action-block{{background:#b00}}</style></head>
+<body><h1>Deepfake report <span class="label-{html.escape(str(summary['label']))}">{html.escape(str(summary['label'] or summary['status']))}</span>{action}</h1>
 <table>{rows}<tr><th>model</th><td>{html.escape(str(model_block.get('name')))} {html.escape(str(model_block.get('version')))}
 ({html.escape(str(model_block.get('backend')))})</td></tr></table>{warning}
 {''.join(parts)}
