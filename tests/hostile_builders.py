@@ -244,6 +244,21 @@ def b_mjpeg_header_lies(path: Path, a: Assets) -> None:
     mux_packets(path, "mjpeg", 16000, 16000, [lying_jpeg(16000, 16000)] * 2)
 
 
+def b_vp9_keyframes_lie(path: Path, a: Assets) -> None:
+    """VP9 in WebM, every frame a keyframe whose header claims 16000×16000 (the WebM track says 176×144):
+    opening the file decodes the first frame to probe it, and that probe decoder allocated ~400 MB."""
+    buf = io.BytesIO()
+    encode(buf, a.faces[:6], codec="libvpx-vp9", fmt="webm", rate=4, options={"g": "1", "deadline": "realtime"})
+    data = bytearray(buf.getvalue())
+    at = data.find(b"\x49\x83\x42")  # a keyframe's sync code: 4 colour bits, then width-1 and height-1
+    while at >= 0:
+        bits = int.from_bytes(data[at - 1:at + 8], "big")  # from the frame's first byte, 72 bits
+        bits = (bits & ~(((1 << 32) - 1) << 4)) | ((15999 << 20) | (15999 << 4))
+        data[at - 1:at + 8] = bits.to_bytes(9, "big")
+        at = data.find(b"\x49\x83\x42", at + 3)
+    path.write_bytes(bytes(data))
+
+
 def b_mjpeg_later_frames_lie(path: Path, a: Assets) -> None:
     """Honest 16×16 MJPEG frames, then frames whose JPEG headers claim 12000×12000: the container and
     the probe see a tiny video, the decoder would allocate ~430 MB per frame (and RGB twice that)."""
@@ -265,8 +280,8 @@ def b_long_undeclared(path: Path, a: Assets) -> None:
 
 def b_looping_ts(path: Path, a: Assets) -> None:
     """One second of 16×16 MPEG-TS repeated 3000 times: time goes 0→1 s over and over, so the
-    duration limit never trips and only the decode deadline can stop it (75,000 frames take seconds
-    to decode on any machine; the case's deadline is half a second)."""
+    duration limit never trips and only the decode deadline can stop it (75,000 frames took 0.5 s to
+    decode on a 2-core machine, sometimes just inside a 0.5 s deadline; the case's is 0.1 s)."""
     one = io.BytesIO()
     encode(one, scenery_frames(25, size=(16, 16)), rate=25, fmt="mpegts", options={"preset": "ultrafast"})
     path.write_bytes(one.getvalue() * 3000)

@@ -50,11 +50,9 @@ class VideoReader:
         self._reopen_for_exact = False  # the fast pass's decoder (see _pick_reference_frames)
         self._started = time.monotonic()
         head = self._read_head(media)
-        # Not passed to av.open: a probe decoder that refuses a picture zeroes the size the container
-        # declared, and the check below could no longer refuse it before decoding.
         self._decoder_options = {"max_pixels": str(limits.max_pixels * DECODER_PIXEL_CAP_FACTOR)}
         try:
-            self._container = av.open(media, mode="r", metadata_errors="ignore")
+            self._container = self._open(media)
         except av.error.FFmpegError as exc:
             self._raise_open_error(head, exc)
         except (UnicodeDecodeError, ValueError, IndexError) as exc:
@@ -69,6 +67,15 @@ class VideoReader:
             raise
 
     # -- opening -------------------------------------------------------------------------------
+    def _open(self, media: str | BinaryIO) -> av.container.InputContainer:
+        """av.open with the decoders' pixel cap for the probe too: opening decodes the first frames
+        (avformat_find_stream_info) with decoders of its own, which would otherwise allocate whatever a
+        header claims (a VP9 keyframe claiming 16000×16000 took 477 MB before any check could run).
+        Where a container declares its streams before probing (MP4, Matroska, AVI) the cap reaches
+        them; a refused probe picture leaves a 0×0 size, and the capped decoder refuses it again as
+        too_large."""
+        return av.open(media, mode="r", metadata_errors="ignore", options=dict(self._decoder_options))
+
     @staticmethod
     def _read_head(media: str | BinaryIO) -> bytes:
         if isinstance(media, str):
@@ -276,7 +283,7 @@ class VideoReader:
         try:
             if not isinstance(self._media, str):
                 self._media.seek(0)
-            self._container = av.open(self._media, mode="r", metadata_errors="ignore")
+            self._container = self._open(self._media)
             self._stream = self._container.streams[index]  # the same bytes: the same stream
         except (av.error.FFmpegError, ValueError, IndexError, OSError) as exc:
             raise Corrupt(f"the video could not be read again from its start: {exc}") from exc
