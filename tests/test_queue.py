@@ -155,6 +155,16 @@ def test_duplicate_enqueue_returns_the_existing_job_then_the_stored_verdict(s3, 
     assert fresh["video"]["frames_sampled"] == 4 and fresh["created_at"] != original["created_at"]
 
 
+def test_queues_sharing_one_redis_keep_their_own_duplicates(s3, redis, qsettings, moderator):
+    key = UPLOADS["carphone"]
+    other = qsettings.model_copy(update={"queue": "deepfake-other"})
+    first = enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3)
+    elsewhere = enqueue(BUCKET, key, settings=other, connection=redis, s3_client=s3)
+    assert elsewhere != first  # it used to return the other queue's job, which this queue's workers never run
+    assert get_queue(redis, "deepfake").job_ids == [first] and get_queue(redis, "deepfake-other").job_ids == [elsewhere]
+    assert enqueue(BUCKET, key, settings=other, connection=redis, s3_client=s3) == elsewhere
+
+
 def test_a_changed_decision_policy_rescores_the_upload(s3, redis, qsettings, moderator):
     key = UPLOADS["carphone"]
     burst(redis, qsettings, moderator)
