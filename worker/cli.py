@@ -86,15 +86,22 @@ def _settings(parser: argparse.ArgumentParser, **overrides):
         parser.error(f"invalid setting: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
 
 
-def cmd_enqueue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from worker.queue import connect, enqueue
-    from worker.s3 import S3Location, make_client
+def _locations(parser: argparse.ArgumentParser, uris: list[str]):  # type: ignore[no-untyped-def]
+    """s3://bucket/key arguments, or a usage error naming the first bad one."""
+    from worker.s3 import S3Location
 
-    settings = _settings(parser, frames=args.frames)
     try:
-        locations = [S3Location.parse(uri) for uri in args.uris]
+        return [S3Location.parse(uri) for uri in uris]
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def cmd_enqueue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from worker.queue import connect, enqueue
+    from worker.s3 import make_client
+
+    settings = _settings(parser, frames=args.frames)
+    locations = _locations(parser, args.uris)
     if args.webhook:
         _check_webhook(args.webhook, settings, parser)
     connection = connect(settings)

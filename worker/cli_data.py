@@ -110,12 +110,9 @@ def cmd_forget(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from worker import cli
     from worker.forget import forget
     from worker.queue import connect
-    from worker.s3 import S3Location, make_client
+    from worker.s3 import make_client
 
-    try:
-        locations = [S3Location.parse(uri) for uri in args.uris]
-    except ValueError as exc:
-        parser.error(str(exc))
+    locations = cli._locations(parser, args.uris)
     settings = cli._settings(parser)
     connection = connect(settings)
     s3 = make_client(settings.s3_endpoint_url, settings.s3_region)
@@ -131,13 +128,10 @@ def cmd_forget(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 def cmd_verdict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from worker import cli
     from worker.logging import configure_logging
-    from worker.s3 import S3Location, make_client
+    from worker.s3 import make_client
     from worker.verdict_store import VerdictStore
 
-    try:
-        locations = [S3Location.parse(uri) for uri in args.uris]
-    except ValueError as exc:
-        parser.error(str(exc))
+    locations = cli._locations(parser, args.uris)
     settings = cli._settings(parser)
     configure_logging(settings.log_format, settings.log_level)  # a forged verdict's warning goes to stderr
     secret = settings.verdict_secret.get_secret_value() if settings.verdict_secret else None
@@ -154,12 +148,8 @@ def cmd_verdict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 def cmd_feedback(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from worker import cli
     from worker.feedback import NoVerdict, record
-    from worker.s3 import S3Location
 
-    try:
-        loc = S3Location.parse(args.uri)
-    except ValueError as exc:
-        parser.error(str(exc))
+    [loc] = cli._locations(parser, [args.uri])
     try:
         done = record(loc.bucket, loc.key, args.label, reviewer=args.reviewer, note=args.note,
                       settings=cli._settings(parser))
