@@ -140,16 +140,20 @@ def binary_metrics(labels: Iterable[int], scores: Iterable[float], threshold: fl
 
 def action_rates(labels: Iterable[int], scores: Iterable[float], threshold: float,
                  review_threshold: float) -> dict[str, Any]:
-    """The share of real and of fake items the worker's policy would allow, review or block
-    (``worker.decision``: block at ``score >= threshold``, review at ``score >= review_threshold``)."""
+    """The share of real and of fake items the worker's policy would allow, review or block: each
+    score judged by ``worker.decision.DecisionPolicy`` itself, so evaluation and serving agree."""
+    from worker.decision import ALLOW, BLOCK, REVIEW, DecisionPolicy
+    from worker.verdict import label_for
+
     if review_threshold > threshold:
         raise ValueError(f"review threshold {review_threshold} is above the threshold {threshold}")
     y, s = _as_arrays(labels, scores)
-    action = np.where(s >= threshold, "block", np.where(s >= review_threshold, "review", "allow"))
+    policy = DecisionPolicy(threshold=float(threshold), review_threshold=float(review_threshold))
+    action = np.array([policy.action(label_for(v, policy.threshold), v) for v in s.tolist()], dtype=object)
     out: dict[str, Any] = {"threshold": float(threshold), "review_threshold": float(review_threshold)}
     for name, cls in (("real", 0), ("fake", 1)):
         picked = action[y == cls]
-        out[name] = {a: float(np.mean(picked == a)) if picked.size else math.nan for a in ("allow", "review", "block")}
+        out[name] = {a: float(np.mean(picked == a)) if picked.size else math.nan for a in (ALLOW, REVIEW, BLOCK)}
         out[name]["n"] = int(picked.size)
     return out
 

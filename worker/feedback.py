@@ -15,13 +15,14 @@ import json
 from collections import defaultdict
 from typing import Any
 
+from worker.decision import ALLOW, BLOCK, REVIEW
 from worker.s3 import S3Location, make_client, validate_location
 from worker.settings import Settings
 from worker.verdict_store import VerdictStore
 
 SCHEMA = "deepfake-feedback/1"
 LABELS = ("fake", "real")
-ACTIONS = ("block", "review", "allow")
+ACTIONS = (BLOCK, REVIEW, ALLOW)
 SUFFIX = ".feedback.json"
 
 

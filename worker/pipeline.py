@@ -117,9 +117,13 @@ class Moderator:
             self.policy = DecisionPolicy.from_settings(engine.card, settings)
         except ValueError as exc:  # DEEPFAKE_REVIEW_THRESHOLD above the card's threshold
             raise ConfigurationError(f"DEEPFAKE_REVIEW_THRESHOLD: {exc}") from exc
-        self.threshold = engine.card.threshold
         self.crop_size = engine.card.input_size
         self._report_model = None
+
+    @property
+    def threshold(self) -> float:
+        """The model card's fake threshold (the policy's)."""
+        return self.policy.threshold
 
     def moderate_path(self, path: str | Path, *, frames: int | None = None, report_dir: Path | None = None) -> dict:
         """Verdict for a local file; a missing or unreadable path gives an error verdict."""
