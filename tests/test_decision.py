@@ -6,9 +6,13 @@ import shutil
 import pytest
 from pydantic import ValidationError
 
-from worker.decision import ALLOW, BLOCK, REVIEW, DecisionPolicy
+from worker.decision import ALLOW, BLOCK, DEFAULT_ERROR_ACTIONS, REVIEW, DecisionPolicy, parse_error_actions
 from worker.engine.model_card import ModelCard
+from worker.errors import ErrorCode
 from worker.pipeline import ConfigurationError, Moderator
+from worker.runtime import WorkerRuntime
+from worker.s3 import S3Location
+from worker.settings import Settings
 from worker.verdict import label_for
 from worker.verdict_store import reusable
 
@@ -85,19 +89,64 @@ def test_the_review_band_on_real_footage(settings, moderator, corpus, random_mod
                   detector=moderator.detector, engine=m.engine)
 
 
-def test_no_face_is_allowed_and_an_error_has_no_action(moderator, corpus):
+def test_no_face_is_allowed_and_an_error_gets_its_codes_action(settings, moderator, corpus):
     assert moderator.moderate_path(corpus["no_face_mp4"])["action"] == ALLOW
-    bad = moderator.moderate_path(corpus["truncated_mp4"])
-    assert bad["status"] == "error" and bad["action"] is None
+    bad = moderator.moderate_path(corpus["truncated_mp4"])  # plays up to the cut in a browser: a person looks
+    assert (bad["status"], bad["error"]["code"], bad["action"]) == ("error", "corrupt", REVIEW)
+    assert moderator.moderate_path(corpus["audio_only_mp4"])["action"] == ALLOW  # no video to show
+    assert moderator.moderate_path(corpus["carphone"].parent / "missing.mp4")["action"] is None  # nothing to act on
+    for configured, action in (("corrupt=block", BLOCK), ("corrupt=none", None), ("too_long=allow", REVIEW)):
+        m = Moderator(settings.model_copy(update={"error_actions": configured}), detector=moderator.detector,
+                      engine=moderator.engine)
+        assert m.moderate_path(corpus["truncated_mp4"])["action"] == action, configured
+
+
+def test_every_error_code_has_a_default_action_and_the_setting_is_checked():
+    assert set(DEFAULT_ERROR_ACTIONS) == {code.value for code in ErrorCode}
+    assert parse_error_actions(" corrupt = block , internal=none,") == {**DEFAULT_ERROR_ACTIONS, "corrupt": BLOCK,
+                                                                        "internal": None}
+    for bad in ("corupt=block", "corrupt=ban", "corrupt", "=review"):
+        with pytest.raises(ValidationError, match="is not code=action with code one of not_found"):
+            Settings(error_actions=bad)
 
 
 def test_a_stored_verdict_is_reused_only_under_the_policy_that_made_it():
-    policy, banded = DecisionPolicy(threshold=0.5).key(), DecisionPolicy(threshold=0.5, review_threshold=0.3).key()
+    policy, banded = DecisionPolicy(threshold=0.5), DecisionPolicy(threshold=0.5, review_threshold=0.3)
     scored = {"status": "ok", "action": "allow", "error": None, "input": {"etag": "e", "frames": 8},
-              "model": {"sha256": "m"}, "decision": {"policy": policy}}
+              "model": {"sha256": "m"}, "decision": {"policy": policy.key()}}
     same = {"etag": "e", "model_sha256": "m", "frames": 8}
     assert reusable(scored, **same, policy=policy) and not reusable(scored, **same, policy=banded)
     assert not reusable({**scored, "decision": {"threshold": 0.5}}, **same, policy=policy)  # before policies
     no_face = {**scored, "status": "no_face", "decision": None}
     assert reusable(no_face, **same, policy=banded)  # nothing was decided: any policy allows it
     assert not reusable({k: v for k, v in no_face.items() if k != "action"}, **same, policy=policy)  # before actions
+    corrupt = {**no_face, "status": "error", "action": REVIEW, "error": {"code": "corrupt", "message": "cut"}}
+    assert reusable(corrupt, **same, policy=banded)  # the score's policy does not decide an error's action
+    blocking = DecisionPolicy(threshold=0.5, error_actions=parse_error_actions("corrupt=block"))
+    assert not reusable(corrupt, **same, policy=blocking) and reusable({**corrupt, "action": BLOCK}, **same, policy=blocking)
+    assert not reusable({**corrupt, "action": None}, **same, policy=policy)  # written before errors had actions
+    # Enqueuers match duplicates on the error actions too; a scored verdict records the scoring key only.
+    assert blocking.key() == policy.key() and blocking.published() != policy.published()
+
+
+def test_a_stored_error_verdict_is_decided_anew_under_other_error_actions(settings, moderator, corpus, s3_server,
+                                                                          tmp_path):
+    """Through the queue worker and the real S3 server: a truncated upload's corrupt verdict is stored
+    with `review`, reused while the actions stay, and replaced once `corrupt=block` is configured."""
+    s3 = s3_server.bucket_with("errors", {"cut.mp4": corpus["truncated_mp4"].read_bytes()})
+    base = settings.model_copy(update={"s3_endpoint_url": s3_server.endpoint, "allowed_buckets": "errors",
+                                       "frames": 4, "verdict_prefix": f"v-{tmp_path.name}/"})
+    default = WorkerRuntime(base, moderator=moderator, s3_client=s3)
+    first = default.moderate_s3("errors", "cut.mp4")
+    assert (first["error"]["code"], first["action"]) == ("corrupt", REVIEW)
+    assert default.moderate_s3("errors", "cut.mp4")["created_at"] == first["created_at"]  # reused
+
+    blocking = base.model_copy(update={"error_actions": "corrupt=block"})
+    rt = WorkerRuntime(blocking, moderator=Moderator(blocking, detector=moderator.detector, engine=moderator.engine),
+                       s3_client=s3)
+    assert rt.published()["decision_policy"]["error_actions"]["corrupt"] == BLOCK
+    again = rt.moderate_s3("errors", "cut.mp4")
+    assert again["action"] == BLOCK and again["created_at"] != first["created_at"]
+    assert rt.store.read(S3Location("errors", "cut.mp4"))["verdict"]["action"] == BLOCK  # the stored one was replaced
+    # The missing upload: nothing to act on, whatever the setting for other codes.
+    assert rt.moderate_s3("errors", "gone.mp4")["action"] is None

@@ -4,11 +4,16 @@ The label is the model's call (`fake` at or above the card's threshold). The act
 moderation queue does with it: `block` a fake, `review` a real whose score lies in the review band
 [review_threshold, threshold), `allow` the rest. The policy is recorded in every scored verdict, and
 a stored verdict is reused only under the same policy, so changing a threshold or the rule re-scores.
+
+An upload that could not be judged gets its action from its error code (`DEEPFAKE_ERROR_ACTIONS`
+over `DEFAULT_ERROR_ACTIONS`): an uploader can make a file fail on purpose (truncate it, pad it past
+the duration limit, pick a codec the worker lacks), so by default those go to a person instead of
+through unjudged.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -17,6 +22,32 @@ from worker.verdict import label_for
 
 ALLOW, REVIEW, BLOCK = "allow", "review", "block"
 NO_FACE_ACTION = ALLOW  # nothing to judge: the product decides about faces only
+NO_ACTION = "none"  # the settings' word for an error verdict without an action (null)
+
+# What to do with an upload the worker could not judge, by error code. Content the uploader controls
+# and that a player may still show (a truncated file plays up to the cut, a codec this build lacks
+# plays elsewhere, a long or huge file or a decoding bomb) goes to review; what has no video to show
+# is allowed like an upload without faces; where the worker itself could not read the upload (gone,
+# or a deployment's permissions) nothing was judged and nothing is to be done with the upload.
+DEFAULT_ERROR_ACTIONS: dict[str, str | None] = {
+    "not_found": None, "access_denied": None,
+    "not_a_video": ALLOW, "no_video_stream": ALLOW,
+    "corrupt": REVIEW, "unsupported": REVIEW, "too_large": REVIEW, "too_long": REVIEW, "timeout": REVIEW,
+    "internal": REVIEW,
+}
+
+
+def parse_error_actions(text: str) -> dict[str, str | None]:
+    """`DEFAULT_ERROR_ACTIONS` with `code=action` pairs (comma-separated) put over it; action `none`
+    means no action (null). Unknown codes or actions raise ValueError naming the allowed ones."""
+    actions = dict(DEFAULT_ERROR_ACTIONS)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        code, sep, action = (word.strip() for word in item.partition("="))
+        if not sep or code not in actions or action not in (ALLOW, REVIEW, BLOCK, NO_ACTION):
+            raise ValueError(f"{item!r} is not code=action with code one of {', '.join(actions)} and action one "
+                             f"of {ALLOW}, {REVIEW}, {BLOCK}, {NO_ACTION}")
+        actions[code] = None if action == NO_ACTION else action
+    return actions
 
 
 @dataclass(frozen=True)
@@ -28,6 +59,7 @@ class DecisionPolicy:
     min_track_frames: int = 3
     operating_point: dict | None = None
     review_operating_point: dict | None = None
+    error_actions: Mapping[str, str | None] = field(default_factory=lambda: dict(DEFAULT_ERROR_ACTIONS))
 
     def __post_init__(self) -> None:
         if self.review_threshold is not None and self.review_threshold > self.threshold:
@@ -43,12 +75,31 @@ class DecisionPolicy:
             review, review_op = card.review_threshold, card.review_operating_point
         return cls(threshold=card.threshold, review_threshold=review, rule=settings.decision,
                    track_score=settings.track_score, min_track_frames=settings.min_track_frames,
-                   operating_point=card.operating_point, review_operating_point=review_op)
+                   operating_point=card.operating_point, review_operating_point=review_op,
+                   error_actions=parse_error_actions(settings.error_actions))
 
     def key(self) -> dict[str, Any]:
         """What a stored verdict's `decision.policy` must equal for the verdict to be reused."""
         return {"rule": self.rule, "threshold": self.threshold, "review_threshold": self.review_threshold,
                 "track_score": self.track_score, "min_track_frames": self.min_track_frames}
+
+    def published(self) -> dict[str, Any]:
+        """What workers publish for enqueuers to match duplicates on: the scoring key and the error
+        actions (a job finished under other error actions is not an answer either)."""
+        return {**self.key(), "error_actions": dict(self.error_actions)}
+
+    def error_action(self, code: str) -> str | None:
+        return self.error_actions.get(code)
+
+    def answers(self, stored: dict) -> bool:
+        """Whether a stored verdict's label and action are what this policy would give: a scored one
+        made under the same key, an error one with this policy's action for its code."""
+        status = stored.get("status")
+        if status == "ok":
+            return (stored.get("decision") or {}).get("policy") == self.key()
+        if status == "error":
+            return stored.get("action") == self.error_action((stored.get("error") or {}).get("code"))
+        return stored.get("action") == NO_FACE_ACTION
 
     def action(self, label: str, score: float) -> str:
         if label == "fake":

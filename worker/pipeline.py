@@ -299,5 +299,5 @@ class Moderator:
     def _error(self, uri: str, exc: ModerationError, timer: StageTimer, reader: VideoReader | None) -> dict:
         log.warning("error_verdict", source=uri, code=exc.code.value, message=exc.message)
         video = reader.info.to_dict() if reader is not None else None
-        return error_verdict(uri, exc, threshold=self.threshold, model=self.model_block, video=video,
-                             timings_ms=timer.as_dict())
+        return error_verdict(uri, exc, action=self.policy.error_action(exc.code.value), threshold=self.threshold,
+                             model=self.model_block, video=video, timings_ms=timer.as_dict())

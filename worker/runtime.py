@@ -59,7 +59,7 @@ class WorkerRuntime:
     def published(self) -> dict:
         """What the worker publishes in Redis for enqueuers and `deepfake status`: the model block and
         the decision policy (duplicates are matched on both)."""
-        return {**self.model, "decision_policy": self.moderator.policy.key()}
+        return {**self.model, "decision_policy": self.moderator.policy.published()}
 
     def moderate_s3(self, bucket: str, key: str, *, frames: int | None = None, job_id: str | None = None,
                     enqueued_at: float | None = None) -> dict:
@@ -76,21 +76,21 @@ class WorkerRuntime:
         try:
             validate_location(bucket, key)
         except ValueError as exc:
-            return self._finish(error_verdict(uri, AccessDenied(str(exc)), threshold=None, model=self.model), bound)
+            return self._finish(self._error(uri, AccessDenied(str(exc)), threshold=None), bound)
         upload = S3Location(bucket, key)
         if self.store.is_verdict_key(upload):
             err = AccessDenied(f"{uri} is inside the verdict prefix {self.settings.verdict_prefix!r}")
-            return self._finish(error_verdict(uri, err, threshold=None, model=self.model), bound)
+            return self._finish(self._error(uri, err, threshold=None), bound)
         try:
             source = S3Source.resolve(self.s3, upload, max_bytes=self.settings.max_bytes, allowed_buckets=self.allowed)
         except ModerationError as exc:
-            verdict = error_verdict(uri, exc, threshold=self.moderator.threshold, model=self.model)
+            verdict = self._error(uri, exc, threshold=self.moderator.threshold)
             if exc.code.value == "access_denied":
                 return self._finish(verdict, bound)  # never write where the worker may not read
             return self._store(upload, verdict, None, bound)
         stored, stored_etag = self.store.get(upload)
         if reusable(stored, etag=source.etag, model_sha256=self.model["sha256"], frames=frames,
-                    policy=self.moderator.policy.key()):
+                    policy=self.moderator.policy):
             bound.info("verdict_reused", etag=source.etag)
             self.metrics.jobs.labels(status="reused").inc()
             return stored  # type: ignore[return-value]
@@ -106,8 +106,7 @@ class WorkerRuntime:
         if isinstance(failure, TransientError):
             raise failure  # the storage failed, not the upload: RQ retries, nothing is written
         if failure is not None:  # deleted (not_found) or replaced (corrupt) while it was read
-            verdict = error_verdict(uri, failure, threshold=self.moderator.threshold, model=self.model,
-                                    timings_ms=verdict.get("timings_ms"))
+            verdict = self._error(uri, failure, threshold=self.moderator.threshold, timings_ms=verdict.get("timings_ms"))
         verdict["input"] = {"bucket": bucket, "key": key, "etag": source.etag, "size": source.size, "frames": frames}
         return self._store(upload, verdict, stored_etag, bound)
 
@@ -116,8 +115,7 @@ class WorkerRuntime:
         used to be the job's result only, leaving no verdict in S3). A timeout is never reused: the
         next job for the key tries again."""
         uri = f"s3://{bucket}/{key}"
-        verdict = error_verdict(uri, Timeout(f"the job ran past its {seconds} s limit"), threshold=None,
-                                model=self.model)
+        verdict = self._error(uri, Timeout(f"the job ran past its {seconds} s limit"), threshold=None)
         bound = log.bind(source=uri)
         try:
             validate_location(bucket, key)
@@ -129,6 +127,11 @@ class WorkerRuntime:
         except Exception:  # noqa: BLE001 - the verdict is still the job's result
             bound.exception("timeout_verdict_not_stored")
             return self._finish(verdict, bound)
+
+    def _error(self, uri: str, exc: ModerationError, *, threshold: float | None, timings_ms: dict | None = None) -> dict:
+        """An error verdict with the decision policy's action for its code."""
+        return error_verdict(uri, exc, action=self.moderator.policy.error_action(exc.code.value), threshold=threshold,
+                             model=self.model, timings_ms=timings_ms)
 
     def _store(self, upload: S3Location, verdict: dict, stored_etag: str | None, bound) -> dict:
         t0 = time.perf_counter()

@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.decision import parse_error_actions
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEEPFAKE_", extra="ignore", protected_namespaces=(), populate_by_name=True)
@@ -41,6 +43,10 @@ class Settings(BaseSettings):
     review_threshold: float | None = Field(
         None, ge=0.0, le=1.0,
         description="Scores from this up to the model's threshold get action review; unset = the model card's (none: no band).",
+    )
+    error_actions: str = Field(
+        "", description="code=action pairs (allow, review, block, none) over the default action per error code "
+        "(worker.decision.DEFAULT_ERROR_ACTIONS), e.g. corrupt=block,too_long=allow.",
     )
     early_exit_frames: int = Field(0, ge=0, description="Stop sampling once this many frames are all decisive; 0 = off.")
     early_exit_margin: float = Field(0.3, gt=0, le=1, description="How far from the threshold a decisive score lies.")
@@ -114,6 +120,12 @@ class Settings(BaseSettings):
         "auto", description="auto = console on a terminal, JSON otherwise."
     )
     log_level: str = Field("INFO", description="Python logging level name.")
+
+    @field_validator("error_actions")
+    @classmethod
+    def _error_actions_parse(cls, value: str) -> str:
+        parse_error_actions(value)  # raises ValueError naming the codes and actions allowed
+        return value
 
     @field_validator("verdict_prefix")
     @classmethod

@@ -59,9 +59,10 @@ def no_face_verdict(
 
 
 def error_verdict(
-    source: str, error: ModerationError, *, threshold: float | None, model: dict | None,
+    source: str, error: ModerationError, *, action: str | None, threshold: float | None, model: dict | None,
     video: dict | None = None, timings_ms: dict | None = None,
 ) -> dict[str, Any]:
+    """`action`: the decision policy's for this error's code (`DecisionPolicy.error_action`)."""
     v = _base(source, model, threshold)
-    v.update(status="error", error=error.to_dict(), video=video, timings_ms=timings_ms or {})
+    v.update(status="error", action=action, error=error.to_dict(), video=video, timings_ms=timings_ms or {})
     return v

@@ -16,12 +16,15 @@ import hashlib
 import hmac
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from botocore.exceptions import ClientError
 
 from worker.s3 import CHANGED_CODES, NOT_FOUND_CODES, S3Location
+
+if TYPE_CHECKING:
+    from worker.decision import DecisionPolicy
 
 
 log = structlog.get_logger("worker.verdict_store")
@@ -160,9 +163,11 @@ class VerdictStore:
 DETERMINISTIC_ERRORS = frozenset({"not_a_video", "no_video_stream", "corrupt", "unsupported", "too_large", "too_long"})
 
 
-def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int, policy: dict | None = None) -> bool:
+def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int,
+             policy: DecisionPolicy | None = None) -> bool:
     """A stored verdict answers a new job for the same upload bytes, model weights and sampling, and
-    (for a scored one) the same decision policy: a changed threshold or rule re-scores the upload."""
+    the same decision policy (`DecisionPolicy.answers`): a changed threshold, rule or error action
+    decides the upload anew."""
     if not isinstance(stored, dict) or not stored:
         return False
     inp, model, error = stored.get("input"), stored.get("model"), stored.get("error")
@@ -170,8 +175,8 @@ def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int, 
         return False  # not a verdict this worker wrote: recomputed and replaced
     if stored.get("status") == "error" and (error or {}).get("code") not in DETERMINISTIC_ERRORS:
         return False
-    if stored.get("status") in ("ok", "no_face") and "action" not in stored:
+    if "action" not in stored:
         return False  # written before verdicts carried an action
-    if stored.get("status") == "ok" and policy is not None and (stored.get("decision") or {}).get("policy") != policy:
+    if policy is not None and not policy.answers(stored):
         return False
     return inp.get("etag") == etag and model.get("sha256") == model_sha256 and inp.get("frames") == frames
