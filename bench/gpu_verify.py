@@ -14,12 +14,12 @@ Writes DIR/gpu_verify.json (and prints a summary) with:
    frames, in 1 and 4 worker processes, against decode-only videos/s on all cores;
 5. GPU memory per worker.
 Each section is time-boxed and failure-isolated: a broken section records its error and the rest run.
+Sections 3 and 4 live in bench/gpu_stages.py.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import sys
 import tempfile
@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+from bench import gpu_stages  # noqa: E402 - after ROOT is on the path (run as a script)
 
 BF16_TFLOPS = 790e12  # measured bf16 matmul rate on this kind of machine
 GFLOP_PER_CROP = 32.5e9  # full-width MD-CSDNetwork at 299×299 (2 × 8.12 GMACs × 2 + the spectrum)
@@ -241,180 +243,6 @@ def throughput(deadline: float, modes=THROUGHPUT_MODES):
     return out
 
 
-@section("decode")
-def decode_threading(clips: dict, thread_counts=(1, 4, 16), repeat: int = 3):
-    """Fast sampling (B-frames skipped) with slice vs frame threads: the CPU box chose slice threads
-    (1.2–1.7× faster on 2 cores); does that hold with 16 cores?"""
-    import statistics
-
-    from worker.decode import Limits, VideoReader
-
-    class FrameThreaded(VideoReader):
-        FAST_PASS_THREADING = "FRAME"
-
-    def timed(cls, clip, threads):
-        ts = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            with cls(clip, Limits(3600, 4096 * 4096, 600), threads=threads) as r:
-                n = len(list(r.sample(32, mode="fast")))
-            ts.append(time.perf_counter() - t0)
-        return round(statistics.median(ts) * 1000, 1), n
-
-    out: dict = {}
-    for name, clip in clips.items():
-        for threads in thread_counts:
-            for label, cls in (("slice", VideoReader), ("frame", FrameThreaded)):
-                out[f"{name}_fast_{label}_threads{threads}_ms"] = timed(cls, clip, threads)[0]
-    return out
-
-
-@section("detect")
-def detect(clips: dict, batches=(8, 32)):
-    """RetinaFace alone on each clip's 32 sampled frames: where a detection pass spends its time."""
-    import numpy as np
-    import torch
-
-    from worker.decode import Limits, VideoReader
-    from worker.faces.detector import RetinaFaceDetector
-
-    def sync():
-        if DEV.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    det = RetinaFaceDetector(device=DEV)
-    out: dict = {}
-    for name, clip in clips.items():
-        with VideoReader(clip, Limits(3600, 4096 * 4096, 600)) as reader:
-            frames = np.stack([f.image for f in reader.sample(32, mode="fast")])
-        det.detect(frames[:8])  # warm-up (cuDNN autotune, allocator)
-        for batch in batches:
-            parts = {"preprocess": 0.0, "network": 0.0, "decode_select": 0.0}
-            faces = 0
-            t_all = time.perf_counter()
-            for i in range(0, len(frames), batch):
-                chunk = frames[i:i + batch]
-                t0 = time.perf_counter()
-                with torch.inference_mode():
-                    images = det.preprocess(chunk)
-                    sync()
-                    t1 = time.perf_counter()
-                    det.model(images)
-                    sync()
-                    t2 = time.perf_counter()
-                faces += sum(len(f) for f in det.detect(chunk))  # the whole call, for the remainder
-                sync()
-                t3 = time.perf_counter()
-                parts["preprocess"] += t1 - t0
-                parts["network"] += t2 - t1
-                parts["decode_select"] += max(0.0, (t3 - t2) - (t2 - t0))  # detect() minus its own pre+net
-            total = time.perf_counter() - t_all
-            layouts = {}
-            with torch.inference_mode():
-                x = det.preprocess(frames[:batch])
-                for label, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
-                    xi = x.contiguous(memory_format=fmt)
-                    det.model(xi)  # warm-up for this layout
-                    sync()
-                    t0 = time.perf_counter()
-                    for _ in range(5):
-                        det.model(xi)
-                    sync()
-                    layouts[f"network_{label}_ms_per_batch"] = round((time.perf_counter() - t0) / 5 * 1000, 2)
-            out[f"{name}@{batch}"] = {"frames": len(frames), "faces": faces, "detector_layout": str(det.memory_format),
-                                      **layouts,
-                                      "ms_per_32_frames_detect_only": round(sum(parts.values()) * 1000, 1),
-                                      "ms_wall_incl_instrumentation": round(total * 1000, 1),
-                                      **{f"{k}_ms": round(v * 1000, 1) for k, v in parts.items()}}
-    return out
-
-
-def _pipeline_proc(rank, clip, model_dir, jobs, device, barrier, queue):
-    sys.path.insert(0, str(ROOT))
-    import resource
-
-    import torch
-
-    from worker.pipeline import Moderator
-    from worker.settings import Settings
-
-    share = max(1, (os.cpu_count() or 4) // 4)  # a quarter of the cores each, as a pod's requests.cpu gives
-    torch.set_num_threads(share)
-    settings = Settings(model_dir=model_dir, device=device, frames=32, log_format="json", log_level="WARNING",
-                        precision="fp16" if device.startswith("cuda") else None, decode_threads=share,
-                        engine_threads=share)
-    m = Moderator(settings)
-    m.moderate_path(clip)  # warm-up
-    barrier.wait()
-    t0 = time.perf_counter()
-    stages: dict = {}
-    for _ in range(jobs):
-        v = m.moderate_path(clip)
-        for k, ms in v["timings_ms"].items():
-            stages.setdefault(k, []).append(ms)
-    wall = time.perf_counter() - t0
-    mem = {}
-    if device.startswith("cuda"):
-        mem = {"cuda_max_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
-               "cuda_max_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20, 1)}
-    queue.put({"rank": rank, "wall_s": wall, "jobs": jobs, "status": v["status"],
-               "frames_with_face": v["video"]["frames_with_face"],
-               "stage_ms_median": {k: sorted(x)[len(x) // 2] for k, x in stages.items()},
-               "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), **mem})
-
-
-def _decode_proc(clip, n, queue):
-    sys.path.insert(0, str(ROOT))
-    from worker.decode import Limits, VideoReader
-
-    t0 = time.perf_counter()
-    for _ in range(n):
-        with VideoReader(clip, Limits(3600, 4096 * 4096, 600), threads=1) as r:
-            list(r.sample(32, mode="fast"))
-    queue.put(time.perf_counter() - t0)
-
-
-@section("pipeline")
-def pipeline(clips: dict, model_dir: str, deadline: float, workers_list=(1, 4), cpus: int | None = None):
-    ctx = mp.get_context("spawn")
-    out: dict = {}
-    cpus = cpus or os.cpu_count() or 16
-    for name, clip in clips.items():
-        if time.time() > deadline:
-            out[name] = "skipped: time"
-            continue
-        q = ctx.Queue()
-        n_dec = 4
-        procs = [ctx.Process(target=_decode_proc, args=(clip, n_dec, q)) for _ in range(cpus)]
-        t0 = time.perf_counter()
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        out[f"{name}_decode_only_videos_per_s"] = round(cpus * n_dec / (time.perf_counter() - t0), 2)
-        RESULTS["pipeline_partial"] = out
-        save()
-        for workers in workers_list:
-            if time.time() > deadline:
-                continue
-            barrier = ctx.Barrier(workers)
-            q = ctx.Queue()
-            jobs = 6 if workers == 1 else 4
-            procs = [ctx.Process(target=_pipeline_proc, args=(r, clip, model_dir, jobs, DEV, barrier, q))
-                     for r in range(workers)]
-            for p in procs:
-                p.start()
-            results = [q.get(timeout=300) for _ in procs]
-            for p in procs:
-                p.join()
-            wall = max(r["wall_s"] for r in results)
-            out[f"{name}_pipeline_{workers}w"] = {
-                "videos_per_s": round(sum(r["jobs"] for r in results) / wall, 2), "per_worker": results}
-            RESULTS["pipeline_partial"] = out
-            save()
-    return out
-
-
 def make_full_model_dir() -> str:
     import torch
 
@@ -456,15 +284,20 @@ def main() -> None:
         elif name == "throughput":
             throughput(deadline=t0 + args.budget_s * deadline["throughput"], modes=args.modes.split(","))
         elif name == "decode":
-            decode_threading(clips, thread_counts=(1, 2) if args.dry_run else (1, 4, 16))
+            section("decode")(gpu_stages.decode_threading)(clips, thread_counts=(1, 2) if args.dry_run else (1, 4, 16))
         elif name == "detect":
-            detect(clips)
+            section("detect")(gpu_stages.detect)(clips, DEV)
         elif name == "pipeline":
+            def progress(partial: dict) -> None:
+                RESULTS["pipeline_partial"] = partial
+                save()
+            run = section("pipeline")(gpu_stages.pipeline)
             if args.dry_run:
-                pipeline(dict(list(clips.items())[:1]), make_full_model_dir(), deadline=t0 + 600,
-                         workers_list=(1,), cpus=2)
+                run(dict(list(clips.items())[:1]), make_full_model_dir(), DEV, deadline=t0 + 600, workers_list=(1,),
+                    cpus=2, progress=progress)
             else:
-                pipeline(clips, make_full_model_dir(), deadline=t0 + args.budget_s * deadline["pipeline"])
+                run(clips, make_full_model_dir(), DEV, deadline=t0 + args.budget_s * deadline["pipeline"],
+                    progress=progress)
         else:
             raise SystemExit(f"unknown section {name!r}")
     RESULTS["total_s"] = round(time.time() - t0, 1)
