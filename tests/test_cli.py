@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from servers import free_ports
+
 
 def run_cli(*args, env_extra=None):
     env = {**os.environ, "DEEPFAKE_LOG_FORMAT": "json", **(env_extra or {})}
@@ -49,3 +51,21 @@ def test_enqueue_checks_the_webhook_url(redis_server, s3_server):
     listed = run_cli("enqueue", "s3://uploads/b.mp4", "--webhook", "http://127.0.0.1:9/hook",
                      env_extra={**env, "DEEPFAKE_WEBHOOK_HOSTS": "127.0.0.1"})
     assert listed.returncode == 0 and "will not call" not in listed.stderr
+
+
+def test_an_unreachable_redis_or_a_missing_bucket_is_one_line_and_exit_1(redis_server, s3_server):
+    """The operator's mistakes (Redis down or misaddressed, a bucket that does not exist) are said in
+    one line naming what to check, not a traceback."""
+    closed = free_ports(1)[0]  # nothing listens there
+    for args in (("status",), ("enqueue", "s3://uploads/a.mp4"), ("failed",)):
+        proc = run_cli(*args, env_extra={"DEEPFAKE_REDIS_URL": f"redis://127.0.0.1:{closed}/0",
+                                         "DEEPFAKE_S3_ENDPOINT_URL": s3_server.endpoint})
+        assert proc.returncode == 1, (args, proc.stderr)
+        assert proc.stderr.startswith(f"deepfake {args[0]}: Redis did not answer (") and "Traceback" not in proc.stderr
+        assert f"127.0.0.1:{closed}" in proc.stderr and "DEEPFAKE_REDIS_URL" in proc.stderr
+    env = {"DEEPFAKE_REDIS_URL": redis_server.url, "DEEPFAKE_S3_ENDPOINT_URL": s3_server.endpoint}
+    for args, said in ((("feedback-summary", "s3://no-such-bucket/"), "deepfake feedback-summary: S3 request failed ("),
+                       (("backfill", "s3://no-such-bucket/"), "deepfake backfill: cannot list s3://no-such-bucket/")):
+        proc = run_cli(*args, env_extra=env)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert said in proc.stderr and "NoSuchBucket" in proc.stderr, proc.stderr

@@ -2,7 +2,8 @@
 
 `deepfake moderate VIDEO ...` prints one verdict per input as JSON Lines on stdout and logs on
 stderr. Exit status: 0 when every input got a verdict (error verdicts included), 2 on a usage or
-configuration error, 1 when the worker itself failed.
+configuration error, 1 when the worker itself failed. The queue and data commands exit 1 with one
+line on stderr when Redis or S3 cannot be reached (no traceback: the cause is the deployment's).
 """
 from __future__ import annotations
 
@@ -227,9 +228,21 @@ def cmd_moderate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
 
 def main(argv: list[str] | None = None) -> int:
+    from botocore.exceptions import BotoCoreError, ClientError
+    from redis.exceptions import ConnectionError as RedisUnreachable
+    from redis.exceptions import TimeoutError as RedisTimeout
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args, parser)
+    try:
+        return args.func(args, parser)
+    except (RedisUnreachable, RedisTimeout) as exc:  # a down or misaddressed Redis is the operator's to fix
+        print(f"deepfake {args.command}: Redis did not answer ({exc}); check DEEPFAKE_REDIS_URL or RQ_REDIS_URL",
+              file=sys.stderr)
+    except (BotoCoreError, ClientError) as exc:  # unreachable endpoint, no credentials, a missing bucket
+        print(f"deepfake {args.command}: S3 request failed ({exc}); check DEEPFAKE_S3_ENDPOINT_URL, the AWS_* "
+              "credentials and the bucket", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 if __name__ == "__main__":
