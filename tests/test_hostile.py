@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from hostile_media import CASES, CASES_BY_NAME, HOSTILE_SETTINGS, MAX_PIXELS, build_hostile_corpus, outcome
+from verdict_schema import assert_valid_verdict
 from workers import burst
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +69,7 @@ def test_each_hostile_file_ends_in_its_verdict_in_time(case, hostile_corpus, hos
     verdict = m.moderate_path(hostile_corpus[case.name])
     elapsed = time.monotonic() - started
     json.dumps(verdict)
+    assert_valid_verdict(verdict)
     assert outcome(verdict) in case.expect, (case.name, verdict["error"], verdict.get("video"))
     assert outcome(verdict) != "internal"
     assert elapsed < case.limit_s, f"{case.name} took {elapsed:.1f} s (limit {case.limit_s} s)"
@@ -136,6 +138,7 @@ def test_a_worker_process_gives_one_verdict_per_hostile_file(hostile_corpus, ran
     verdicts = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     assert [v["source"] for v in verdicts] == files  # one verdict per file, in order
     for case, verdict in zip(batch, verdicts):
+        assert_valid_verdict(verdict)
         assert outcome(verdict) in case.expect, (case.name, verdict["error"])
     assert elapsed < sum(c.limit_s for c in batch) + 60
     assert canary not in proc.stdout and canary not in proc.stderr  # secrets stay in the environment

@@ -96,11 +96,13 @@ def test_a_scrape_answers_without_the_queue_series_when_redis_is_down_or_frozen(
 
 
 def test_verdicts_are_counted_by_action(moderator, corpus):
-    """The review queue's inflow: scored and no-face verdicts count by action; error verdicts have none."""
+    """The review queue's inflow: verdicts count by action, error verdicts by their code's (a truncated
+    upload goes to review, an unreadable one has none)."""
     metrics = Metrics()
     for name in ("carphone", "no_face_mp4", "truncated_mp4"):
         metrics.observe_verdict(moderator.moderate_path(corpus[name]))
+    metrics.observe_verdict(moderator.moderate_path(corpus["carphone"].parent / "missing.mp4"))
     assert sample(metrics, "deepfake_verdict_actions_total", action="block") == 1  # the random model calls it fake
     assert sample(metrics, "deepfake_verdict_actions_total", action="allow") == 1  # no face
-    assert sample(metrics, "deepfake_verdict_actions_total", action="review") is None
-    assert sample(metrics, "deepfake_jobs_total", status="error") == 1
+    assert sample(metrics, "deepfake_verdict_actions_total", action="review") == 1  # corrupt
+    assert sample(metrics, "deepfake_jobs_total", status="error") == 2

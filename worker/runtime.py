@@ -93,7 +93,7 @@ class WorkerRuntime:
                     policy=self.moderator.policy):
             bound.info("verdict_reused", etag=source.etag)
             self.metrics.jobs.labels(status="reused").inc()
-            return stored  # type: ignore[return-value]
+            return {**stored, "stored_at": self.store.location_for(upload).uri}  # type: ignore[dict-item]
         report_dir = Path(tempfile.mkdtemp(prefix="deepfake-report-")) if self.settings.upload_reports else None
         try:
             verdict = self.moderator.moderate(source, frames=frames, report_dir=report_dir)

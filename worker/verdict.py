@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 from typing import Any
 
 from worker import __version__
 from worker.errors import ModerationError
 
 SCHEMA = "deepfake-verdict/1"
+SCHEMA_PATH = Path(__file__).parent / "schemas" / "verdict.schema.json"  # the JSON Schema integrators validate against
 
 
 def aggregate_mean(frame_scores: list[float]) -> float:
