@@ -77,15 +77,31 @@ def test_feedback_is_kept_beside_the_verdict_and_summarised_by_action(settings, 
     assert summarize(BUCKET, settings=s, s3_client=s3)["feedback"] == 2
 
 
-def test_feedback_needs_a_scored_verdict(settings, moderator, s3, s3_server, tmp_path):
+def test_feedback_needs_a_verdict_with_an_action(settings, moderator, s3, s3_server, tmp_path, corpus):
     rt = runtimes(settings, moderator, s3, s3_server, tmp_path)["block"]
-    with pytest.raises(NoVerdict, match="no scored verdict"):
+    with pytest.raises(NoVerdict, match="no verdict stored"):
         record(BUCKET, KEYS["allow"], "real", settings=rt.settings, s3_client=s3)  # not scored yet
-    assert rt.moderate_s3(BUCKET, "in/notes.txt")["status"] == "error"
-    with pytest.raises(NoVerdict, match="its verdict is error"):
-        record(BUCKET, "in/notes.txt", "real", settings=rt.settings, s3_client=s3)
+    assert rt.moderate_s3(BUCKET, "in/gone.mp4")["action"] is None  # not_found: nothing was decided
+    with pytest.raises(NoVerdict, match=r"has no action to judge \(its status is error, not_found\)"):
+        record(BUCKET, "in/gone.mp4", "real", settings=rt.settings, s3_client=s3)
     with pytest.raises(ValueError, match="label must be one of"):
         record(BUCKET, KEYS["block"], "maybe", settings=rt.settings, s3_client=s3)
+
+    # Unscored uploads with an action take feedback, counted apart: a truncated upload sent to
+    # review and found fake twice, a text file allowed and reported, then found real.
+    s3.put_object(Bucket=BUCKET, Key="in/cut-1.mp4", Body=corpus["truncated_mp4"].read_bytes())
+    s3.put_object(Bucket=BUCKET, Key="in/cut-2.mp4", Body=corpus["truncated_mp4"].read_bytes())
+    for key, label in (("in/cut-1.mp4", "fake"), ("in/cut-2.mp4", "fake"), ("in/notes.txt", "real")):
+        rt.moderate_s3(BUCKET, key)
+        fb = record(BUCKET, key, label, settings=rt.settings, s3_client=s3)
+        assert fb["verdict"]["status"] == "error" and fb["verdict"]["score"] is None
+    rt.moderate_s3(BUCKET, KEYS["block"])
+    record(BUCKET, KEYS["block"], "fake", settings=rt.settings, s3_client=s3)
+    [model] = summarize(BUCKET, settings=rt.settings, s3_client=s3)["models"]
+    assert model["unscored"] == {"corrupt": {"review": {"fake": 2, "real": 0}},
+                                 "not_a_video": {"allow": {"fake": 0, "real": 1}}}
+    assert model["by_action"]["block"] == {"fake": 1, "real": 0} and model["block_fake_share"] == 1.0
+    assert model["review_fake_share"] is None and model["n"] == 4  # the band's share is the scored reviews' only
 
 
 def test_the_commands(settings, moderator, s3, s3_server, tmp_path):
@@ -104,5 +120,5 @@ def test_the_commands(settings, moderator, s3, s3_server, tmp_path):
     summary = cli("feedback-summary", f"s3://{BUCKET}")
     assert summary.returncode == 0 and json.loads(summary.stdout)["models"][0]["by_action"]["block"]["real"] == 1
     missing = cli("feedback", f"s3://{BUCKET}/{KEYS['review']}", "--label", "fake")
-    assert missing.returncode == 1 and "no scored verdict" in missing.stderr
+    assert missing.returncode == 1 and "no verdict stored" in missing.stderr
     assert cli("feedback", f"s3://{BUCKET}/{KEYS['block']}", "--label", "maybe").returncode == 2

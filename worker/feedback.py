@@ -7,6 +7,9 @@ of allowed uploads) are the only production ground truth. `record` stores one ne
 thresholds and model, so `summarize` can tell, per model, how often a blocked upload was really
 fake and what share of reviews found one. The uploads people look at are not a random sample (most
 come from the review band), so these are the precision of each action, not the model's error rates.
+Uploads the worker could not score but gave an action (a truncated file sent to review, a no-face
+upload a user reported) take feedback too, counted apart by status or error code: how often they
+turn out fake is what DEEPFAKE_ERROR_ACTIONS should follow.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ SUFFIX = ".feedback.json"
 
 
 class NoVerdict(LookupError):
-    """Feedback is about a verdict: the upload has none stored."""
+    """Feedback is about a verdict's action: the upload has no verdict stored, or one without an action."""
 
 
 def _store(settings: Settings, s3: Any) -> VerdictStore:
@@ -45,14 +48,18 @@ def record(bucket: str, key: str, label: str, *, reviewer: str | None = None, no
     store = _store(settings, s3_client or make_client(settings.s3_endpoint_url, settings.s3_region))
     upload = S3Location(bucket, key)
     verdict, _ = store.get(upload)
-    if not verdict or verdict.get("status") != "ok":
-        status = (verdict or {}).get("status")
-        raise NoVerdict(f"no scored verdict stored for {upload.uri}" + (f" (its verdict is {status})" if status else ""))
+    if not verdict:
+        raise NoVerdict(f"no verdict stored for {upload.uri}")
+    if verdict.get("action") not in ACTIONS:
+        code = (verdict.get("error") or {}).get("code")
+        raise NoVerdict(f"the verdict stored for {upload.uri} has no action to judge (its status is "
+                        f"{verdict.get('status')}{f', {code}' if code else ''}): nothing was decided about the upload")
     decision, model = verdict.get("decision") or {}, verdict.get("model") or {}
     feedback = {
         "schema": SCHEMA, "source": upload.uri, "label": label, "reviewer": reviewer, "note": note,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
         "verdict": {
+            "status": verdict.get("status"), "error": (verdict.get("error") or {}).get("code"),
             "action": verdict.get("action"), "label": verdict.get("label"), "score": verdict.get("score"),
             "decision_score": decision.get("score"), "threshold": verdict.get("threshold"),
             "review_threshold": decision.get("review_threshold"), "created_at": verdict.get("created_at"),
@@ -67,12 +74,14 @@ def record(bucket: str, key: str, label: str, *, reviewer: str | None = None, no
 
 
 def summarize(bucket: str, prefix: str = "", *, settings: Settings | None = None, s3_client: Any = None) -> dict:
-    """Per model: reviewer labels by the worker's action, and each action's share of real fakes."""
+    """Per model: reviewer labels by the worker's action on scored uploads, each action's share of real
+    fakes, and (`unscored`) reviewer labels on the others by status or error code."""
     settings = settings or Settings()
     store = _store(settings, s3_client or make_client(settings.s3_endpoint_url, settings.s3_region))
     where = store.feedback_location(S3Location(bucket, prefix))
     listing_prefix = where.key[: -len(SUFFIX)]
     counts: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: {a: dict.fromkeys(LABELS, 0) for a in ACTIONS})
+    unscored: dict[str, dict[str, dict[str, dict[str, int]]]] = defaultdict(dict)  # model → code → action → label
     n = 0
     for page in store.client.get_paginator("list_objects_v2").paginate(Bucket=where.bucket, Prefix=listing_prefix):
         for obj in page.get("Contents", []):
@@ -86,12 +95,19 @@ def summarize(bucket: str, prefix: str = "", *, settings: Settings | None = None
             if action not in ACTIONS or label not in LABELS:
                 continue
             name = f"{model.get('name')} {model.get('version')} ({str(model.get('sha256'))[:12]})"
-            counts[name][action][label] += 1
+            status = fb["verdict"].get("status", "ok")  # records from before unscored feedback: scored
+            if status == "ok":
+                counts[name][action][label] += 1
+            else:
+                why = fb["verdict"].get("error") or status
+                unscored[name].setdefault(why, {}).setdefault(action, dict.fromkeys(LABELS, 0))[label] += 1
             n += 1
     models = []
-    for name, by_action in sorted(counts.items()):
+    for name in sorted(set(counts) | set(unscored)):
+        by_action = counts[name]
         shares = {f"{a}_fake_share": (by_action[a]["fake"] / total if (total := sum(by_action[a].values())) else None)
                   for a in ACTIONS}
-        models.append({"model": name, "n": sum(sum(v.values()) for v in by_action.values()),
-                       "by_action": by_action, **shares})
+        n_unscored = sum(sum(c.values()) for by in unscored[name].values() for c in by.values())
+        models.append({"model": name, "n": sum(sum(v.values()) for v in by_action.values()) + n_unscored,
+                       "by_action": by_action, **shares, "unscored": dict(sorted(unscored[name].items()))})
     return {"feedback": n, "source": f"s3://{bucket}/{prefix}", "models": models}
