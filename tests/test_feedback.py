@@ -58,8 +58,10 @@ def test_feedback_is_kept_beside_the_verdict_and_summarised_by_action(settings, 
     assert appeal["verdict"]["review_threshold"] == 0.4
     record(BUCKET, KEYS["allow"], "fake", note="user report", settings=s, s3_client=s3)
 
-    summary = summarize(BUCKET, settings=s, s3_client=s3)
+    listed: list[int] = []
+    summary = summarize(BUCKET, settings=s, s3_client=s3, on_listed=listed.append)
     assert summary["feedback"] == 3
+    assert sum(listed) == 6  # the progress count: three verdicts and three feedback objects listed
     [model] = summary["models"]  # one set of weights, three policies
     assert model["by_action"] == {"block": {"fake": 1, "real": 0}, "review": {"fake": 0, "real": 1},
                                   "allow": {"fake": 1, "real": 0}}  # the appeal replaced the first decision

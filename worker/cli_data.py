@@ -161,6 +161,8 @@ def cmd_feedback(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
 
 def cmd_feedback_summary(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from tqdm import tqdm
+
     from worker import cli
     from worker.backfill import parse_prefix
     from worker.feedback import summarize
@@ -169,5 +171,7 @@ def cmd_feedback_summary(args: argparse.Namespace, parser: argparse.ArgumentPars
         bucket, prefix = parse_prefix(args.prefix)
     except ValueError as exc:
         parser.error(str(exc))
-    print(json.dumps(summarize(bucket, prefix, settings=cli._settings(parser)), indent=2))
+    with tqdm(desc="feedback-summary", unit="object", file=sys.stderr, disable=None) as bar:
+        summary = summarize(bucket, prefix, settings=cli._settings(parser), on_listed=bar.update)
+    print(json.dumps(summary, indent=2))
     return cli.EXIT_OK

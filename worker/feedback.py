@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable
 
 from worker.decision import ALLOW, BLOCK, REVIEW
 from worker.s3 import S3Location, make_client, validate_location
@@ -73,9 +73,13 @@ def record(bucket: str, key: str, label: str, *, reviewer: str | None = None, no
     return feedback
 
 
-def summarize(bucket: str, prefix: str = "", *, settings: Settings | None = None, s3_client: Any = None) -> dict:
+def summarize(bucket: str, prefix: str = "", *, settings: Settings | None = None, s3_client: Any = None,
+              on_listed: Callable[[int], None] | None = None) -> dict:
     """Per model: reviewer labels by the worker's action on scored uploads, each action's share of real
-    fakes, and (`unscored`) reviewer labels on the others by status or error code."""
+    fakes, and (`unscored`) reviewer labels on the others by status or error code.
+
+    Feedback lies among the verdicts, one per upload, so a whole bucket is a long listing:
+    `on_listed(n)` is told after each page how many objects it held (the CLI's progress bar)."""
     settings = settings or Settings()
     store = _store(settings, s3_client or make_client(settings.s3_endpoint_url, settings.s3_region))
     where = store.feedback_location(S3Location(bucket, prefix))
@@ -84,6 +88,8 @@ def summarize(bucket: str, prefix: str = "", *, settings: Settings | None = None
     unscored: dict[str, dict[str, dict[str, dict[str, int]]]] = defaultdict(dict)  # model → code → action → label
     n = 0
     for page in store.client.get_paginator("list_objects_v2").paginate(Bucket=where.bucket, Prefix=listing_prefix):
+        if on_listed is not None:
+            on_listed(len(page.get("Contents", [])))
         for obj in page.get("Contents", []):
             if not obj["Key"].endswith(SUFFIX):
                 continue
