@@ -28,6 +28,10 @@ class Metrics:
         self.jobs = Counter("deepfake_jobs_total", "Finished jobs by verdict status (ok, no_face, error, reused).",
                             ["status"], registry=self.registry)
         self.errors = Counter("deepfake_errors_total", "Error verdicts by code.", ["code"], registry=self.registry)
+        self.shadow_actions = Counter(
+            "deepfake_shadow_actions_total", "Scored verdicts by the production model's action and the shadow "
+            "model's (DEEPFAKE_SHADOW_MODEL_DIR): what switching models would change.", ["action", "shadow_action"],
+            registry=self.registry)
         self.actions = Counter("deepfake_verdict_actions_total", "Verdicts by action (allow, review, block): "
                                "review is the human review queue's inflow.", ["action"], registry=self.registry)
         self.stage = Histogram("deepfake_stage_seconds", "Wall time per pipeline stage.", ["stage"],
@@ -52,6 +56,8 @@ class Metrics:
         self.jobs.labels(status=verdict["status"]).inc()
         if verdict.get("action"):
             self.actions.labels(action=verdict["action"]).inc()
+        if verdict.get("shadow"):
+            self.shadow_actions.labels(action=verdict["action"], shadow_action=verdict["shadow"]["action"]).inc()
         if verdict.get("error"):
             self.errors.labels(code=verdict["error"]["code"]).inc()
         for stage, ms in (verdict.get("timings_ms") or {}).items():

@@ -25,6 +25,7 @@ from worker.faces import FaceDetector, create_detector
 from worker.prefetch import prefetch
 from worker.preprocess import crop_face
 from worker.settings import Settings
+from worker.shadow import ShadowModel
 from worker.source import LocalSource, Source
 from worker.verdict import aggregate_mean, error_verdict, no_face_verdict, ok_verdict
 
@@ -90,35 +91,40 @@ def face_record(t: float, frame_index: int, face, largest: bool) -> dict:
 class Moderator:
     """Scores videos with one detector and one model engine, both loaded once."""
 
-    def __init__(self, settings: Settings, *, detector: FaceDetector | None = None, engine: Engine | None = None) -> None:
+    def __init__(self, settings: Settings, *, detector: FaceDetector | None = None, engine: Engine | None = None,
+                 shadow_engine: Engine | None = None) -> None:
         self.settings = settings
         self.limits = Limits(settings.max_duration_s, settings.max_pixels, settings.decode_timeout_s)
         self.decode_threads = settings.decode_threads or available_cpus()
-        if engine is None:
-            engine = load_engine(
-                resolve_model_dir(settings.model_dir), backend=settings.engine, device=settings.device,
-                batch_size=settings.model_batch_size(), precision=settings.precision, channels_last=settings.channels_last,
-                compile=settings.torch_compile or False, cuda_graphs=settings.cuda_graphs,
-                threads=settings.engine_threads, cache_dir=settings.cache_dir, calibration=settings.int8_calibration,
-            )
-        self.engine = engine
+        self.engine = engine or self._load_engine(resolve_model_dir(settings.model_dir))
+        if shadow_engine is None and settings.shadow_model_dir is not None:
+            shadow_engine = self._load_engine(resolve_model_dir(settings.shadow_model_dir))
+        self.shadow = ShadowModel.for_engine(shadow_engine, settings) if shadow_engine is not None else None
         if detector is None:
             detector = create_detector(
                 settings.detector, weights=settings.detector_weights, device=settings.device,
                 score_threshold=settings.detector_score_threshold, max_size=settings.detector_max_size,
             )
         self.detector = detector
-        self.model_block = engine.describe()
+        self.model_block = self.engine.describe()
         if settings.overlap == "auto":
             self.overlap = not settings.device.startswith("cpu")
         else:
             self.overlap = settings.overlap == "on"
         try:
-            self.policy = DecisionPolicy.from_settings(engine.card, settings)
+            self.policy = DecisionPolicy.from_settings(self.engine.card, settings)
         except ValueError as exc:  # DEEPFAKE_REVIEW_THRESHOLD above the card's threshold
             raise ConfigurationError(f"DEEPFAKE_REVIEW_THRESHOLD: {exc}") from exc
-        self.crop_size = engine.card.input_size
+        self.crop_size = self.engine.card.input_size
         self._report_model = None
+
+    def _load_engine(self, model_dir: Path) -> Engine:
+        s = self.settings
+        return load_engine(
+            model_dir, backend=s.engine, device=s.device, batch_size=s.model_batch_size(), precision=s.precision,
+            channels_last=s.channels_last, compile=s.torch_compile or False, cuda_graphs=s.cuda_graphs,
+            threads=s.engine_threads, cache_dir=s.cache_dir, calibration=s.int8_calibration,
+        )
 
     @property
     def threshold(self) -> float:
@@ -208,18 +214,27 @@ class Moderator:
             chunks = prefetch(chunks, depth=2, name="decode-detect")
         scored: list[int] = []  # index into `faces` of each crop's face
         pending: list[np.ndarray] = []
+        shadow_pending: list[np.ndarray] = []
+        shadow_scores: dict[int, float] = {}  # face index → the shadow model's score
         early_exit = False
 
         def score_pending() -> None:
+            batch = scored[len(scored) - len(pending):]
             with timer.stage("model"):
                 probs = self.engine.predict(np.stack(pending))
-            for face_index, p in zip(scored[len(scored) - len(pending):], probs):
+            for face_index, p in zip(batch, probs):
                 faces[face_index]["fake_score"] = round(float(p), 6)
+            if self.shadow is not None:
+                with timer.stage("shadow"):
+                    probs = self.shadow.predict(np.stack(shadow_pending or pending))
+                shadow_scores.update((i, round(float(p), 6)) for i, p in zip(batch, probs))
             pending.clear()
+            shadow_pending.clear()
 
-        for crops, face_indices in chunks:
+        for crops, shadow_crops, face_indices in chunks:
             scored.extend(face_indices)
             pending.extend(crops)
+            shadow_pending.extend(shadow_crops)
             if keep is not None:
                 keep.update(zip(face_indices, crops))
             if streaming and pending:  # score now, while the next frames decode
@@ -243,25 +258,30 @@ class Moderator:
                                    model=self.model_block, timings_ms=timer.as_dict())
         score = aggregate_mean([f["fake_score"] for f in faces if f["largest"]])  # the paper's video score
         label, action, decision = self.policy.decide(faces, score)
-        return ok_verdict(source.uri, score=score, label=label, action=action, threshold=self.threshold, video=video,
-                          faces=faces, tracks=decision.pop("tracks"), decision=decision, model=self.model_block,
-                          timings_ms=timer.as_dict())
+        verdict = ok_verdict(source.uri, score=score, label=label, action=action, threshold=self.threshold,
+                             video=video, faces=faces, tracks=decision.pop("tracks"), decision=decision,
+                             model=self.model_block, timings_ms=timer.as_dict())
+        if self.shadow is not None:
+            verdict["shadow"] = self.shadow.block(faces, shadow_scores, action=action)
+        return verdict
 
     def _crop_chunks(
         self, reader: VideoReader, n_frames: int, timer: StageTimer, faces: list[dict], counts: dict
-    ) -> Iterator[tuple[list[np.ndarray], list[int]]]:
-        """Decode → detect → crop, `detect_batch` frames at a time: (crops, their face indices).
+    ) -> Iterator[tuple[list[np.ndarray], list[np.ndarray], list[int]]]:
+        """Decode → detect → crop, `detect_batch` frames at a time: (crops, the shadow model's crops
+        when its input size differs (else none), their face indices).
 
         Up to `max_faces_scored` faces per frame are cropped, largest first, so every track gets
         scores; the largest face is the one the paper's video score uses.
         """
         chunk: list[SampledFrame] = []
         limit = self.settings.max_faces_scored
+        shadow_size = self.shadow.crop_size if self.shadow is not None else self.crop_size
 
-        def flush() -> tuple[list[np.ndarray], list[int]]:
+        def flush() -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
             with timer.stage("detect"):
                 detections = self._detect(chunk)
-            crops, indices = [], []
+            crops, shadow_crops, indices = [], [], []
             with timer.stage("crop"):
                 for frame, found in zip(chunk, detections):
                     counts["frames"] += 1
@@ -274,8 +294,10 @@ class Moderator:
                         if rank < limit:
                             indices.append(len(faces) - 1)
                             crops.append(crop_face(frame.image, found[i].box, size=self.crop_size))
+                            if shadow_size != self.crop_size:  # cut again from the frame, not resized
+                                shadow_crops.append(crop_face(frame.image, found[i].box, size=shadow_size))
             chunk.clear()
-            return crops, indices
+            return crops, shadow_crops, indices
 
         for frame in timer.timed("decode", reader.sample(n_frames, mode=self.settings.sampling)):
             chunk.append(frame)

@@ -59,7 +59,9 @@ class WorkerRuntime:
     def published(self) -> dict:
         """What the worker publishes in Redis for enqueuers and `deepfake status`: the model block and
         the decision policy (duplicates are matched on both)."""
-        return {**self.model, "decision_policy": self.moderator.policy.published()}
+        shadow = self.moderator.shadow
+        return {**self.model, "decision_policy": self.moderator.policy.published(),
+                **({"shadow_model": shadow.engine.describe()} if shadow is not None else {})}
 
     def moderate_s3(self, bucket: str, key: str, *, frames: int | None = None, job_id: str | None = None,
                     enqueued_at: float | None = None) -> dict:

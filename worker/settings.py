@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     model_dir: Path | None = Field(
         None, description="Model directory (model.json + weights); unset = the packaged demo model."
     )
+    shadow_model_dir: Path | None = Field(
+        None, description="A candidate model scored on the same faces and recorded in each verdict's shadow block, "
+        "never acted on; unset = none.",
+    )
     detector: str = Field("retinaface-mobilenet", description="Face detector: retinaface-mobilenet | retinaface-resnet50.")
     detector_weights: Path | None = Field(
         None, description="Local RetinaFace .pth; unset = the embedded MobileNet-0.25 weights (resnet50 needs one)."

@@ -1,0 +1,116 @@
+"""A candidate model in shadow (DEEPFAKE_SHADOW_MODEL_DIR) on real footage: scored on the same faces,
+decided by its own card, recorded and counted beside the production action, never acted on."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from verdict_schema import assert_valid_verdict
+
+from worker.decision import ALLOW, BLOCK
+from worker.engine.model_card import ModelCard
+from worker.metrics import Metrics
+from worker.pipeline import DEFAULT_MODEL_DIR, ConfigurationError, Moderator
+from worker.runtime import WorkerRuntime
+
+
+def candidate(src, dst, **card_fields):
+    """The same weights under another card (threshold, input size): a stand-in for a retrained model."""
+    shutil.copytree(src, dst)
+    card = ModelCard.load(dst)
+    ModelCard.model_validate({**card.model_dump(by_alias=True), **card_fields}).save(dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def production(moderator, corpus):
+    return moderator.moderate_path(corpus["carphone"])
+
+
+def test_a_shadow_model_is_recorded_beside_the_verdict_and_never_acts(settings, moderator, corpus, production,
+                                                                      random_model_dir, tmp_path):
+    # The seeded random model blocks carphone (score a little above its 0.5 threshold); the candidate,
+    # with the same weights but a threshold above that score, would allow it.
+    top = production["decision"]["score"]
+    shadow_dir = candidate(random_model_dir, tmp_path / "candidate", name="candidate", version="2",
+                           threshold=round(top + 0.05, 6))
+    m = Moderator(settings.model_copy(update={"shadow_model_dir": shadow_dir}), detector=moderator.detector,
+                  engine=moderator.engine)
+    v = assert_valid_verdict(m.moderate_path(corpus["carphone"]))
+    assert (v["label"], v["action"], v["score"]) == (production["label"], BLOCK, production["score"])  # unchanged
+    shadow = v["shadow"]
+    assert shadow["model"]["name"] == "candidate" and shadow["model"]["sha256"] == v["model"]["sha256"]
+    assert (shadow["label"], shadow["action"], shadow["agrees"]) == ("real", ALLOW, False)
+    assert shadow["score"] == v["score"] and shadow["decision"]["score"] == top  # same weights, same faces
+    assert shadow["decision"]["threshold"] == round(top + 0.05, 6) and v["timings_ms"]["shadow"] > 0
+
+    metrics = Metrics()
+    metrics.observe_verdict(v)
+    metrics.observe_verdict(production)  # no shadow: not counted
+    assert metrics.registry.get_sample_value("deepfake_shadow_actions_total",
+                                             {"action": BLOCK, "shadow_action": ALLOW}) == 1
+    assert metrics.registry.get_sample_value("deepfake_shadow_actions_total",
+                                             {"action": BLOCK, "shadow_action": BLOCK}) is None
+
+    # No face, no shadow block; an error verdict has none either.
+    assert "shadow" not in m.moderate_path(corpus["no_face_mp4"])
+    assert "shadow" not in m.moderate_path(corpus["truncated_mp4"])
+
+
+def test_a_shadow_model_of_another_input_size_gets_its_own_crops(settings, moderator, corpus, production):
+    """The packaged demo model (128-px crops, its own weights) in shadow of the 299-px test model: its
+    crops are cut again from the frame at its size, not resized from the production crops."""
+    m = Moderator(settings.model_copy(update={"shadow_model_dir": DEFAULT_MODEL_DIR}), detector=moderator.detector,
+                  engine=moderator.engine)
+    assert m.shadow.crop_size == 128 and m.crop_size == 299
+    v = assert_valid_verdict(m.moderate_path(corpus["carphone"]))
+    assert v["score"] == production["score"] and v["shadow"]["model"]["name"] == "mdcsd-tiny-sbi-demo"
+    assert v["shadow"]["score"] < 0.3 and v["shadow"]["action"] == ALLOW  # the demo model knows this clip as real
+    shadow_crops, indices = _first_chunk(m, corpus["carphone"])
+    assert len(shadow_crops) == len(indices) > 0 and {c.shape for c in shadow_crops} == {(128, 128, 3)}
+
+
+def _first_chunk(m: Moderator, path):
+    """The first chunk's shadow crops and face indices, through the pipeline's own cropping."""
+    from worker.decode import VideoReader
+    from worker.pipeline import StageTimer
+
+    with VideoReader(str(path), m.limits) as reader:
+        chunks = m._crop_chunks(reader, 8, StageTimer(), [], {"frames": 0, "frames_with_face": 0})
+        _, shadow_crops, indices = next(chunks)
+        chunks.close()
+    return shadow_crops, indices
+
+
+def test_the_queue_worker_publishes_and_stores_the_shadow(settings, moderator, corpus, random_model_dir, s3_server,
+                                                          tmp_path):
+    s3 = s3_server.bucket_with("shadowed", {"a.mp4": corpus["carphone"].read_bytes()})
+    s = settings.model_copy(update={"s3_endpoint_url": s3_server.endpoint, "allowed_buckets": "shadowed", "frames": 4,
+                                    "verdict_prefix": f"v-{tmp_path.name}/",
+                                    "shadow_model_dir": candidate(random_model_dir, tmp_path / "c", name="next")})
+    rt = WorkerRuntime(s, moderator=Moderator(s, detector=moderator.detector, engine=moderator.engine), s3_client=s3)
+    assert rt.published()["shadow_model"]["name"] == "next"
+    assert rt.published()["decision_policy"] == moderator.policy.published()  # duplicates match as before
+    v = rt.moderate_s3("shadowed", "a.mp4")
+    stored = json.loads(s3.get_object(Bucket="shadowed", Key=f"{s.verdict_prefix}a.mp4.json")["Body"].read())
+    assert stored["shadow"] == v["shadow"] and v["shadow"]["agrees"] is True  # same card threshold: same action
+
+
+def test_the_setting_from_the_environment_and_a_missing_directory(random_model_dir, corpus, tmp_path):
+    env = {**os.environ, "DEEPFAKE_LOG_FORMAT": "json", "DEEPFAKE_SHADOW_MODEL_DIR": str(random_model_dir)}
+    proc = subprocess.run([sys.executable, "-m", "worker", "moderate", "--model", str(random_model_dir), "--frames",
+                           "4", str(corpus["carphone"])], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["shadow"]["agrees"] is True
+    env["DEEPFAKE_SHADOW_MODEL_DIR"] = str(tmp_path / "nowhere")
+    proc = subprocess.run([sys.executable, "-m", "worker", "moderate", "--model", str(random_model_dir),
+                           str(corpus["carphone"])], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and f"no model.json in {tmp_path / 'nowhere'}" in proc.stderr
+    with pytest.raises(ConfigurationError):
+        from worker.settings import Settings
+
+        Moderator(Settings(model_dir=random_model_dir, shadow_model_dir=tmp_path / "nowhere"))

@@ -1,0 +1,57 @@
+"""A candidate model run in shadow: scored on the same faces as the production model, recorded in the
+verdict's `shadow` block and counted against the production action, never acted on.
+
+Swapping the model is the riskiest change a moderation deployment makes: a new model moves every
+threshold, so how many more uploads it would block or send to review is only known on live
+traffic. With `DEEPFAKE_SHADOW_MODEL_DIR` set, each scored verdict says what the candidate would
+have decided (its own card's threshold and review band, the worker's decision rule), and
+`deepfake_shadow_actions_total{action, shadow_action}` is the confusion matrix of the two.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from worker.decision import DecisionPolicy
+from worker.engine import Engine
+from worker.verdict import aggregate_mean
+
+
+@dataclass
+class ShadowModel:
+    engine: Engine
+    policy: DecisionPolicy
+
+    @classmethod
+    def for_engine(cls, engine: Engine, settings: Any) -> "ShadowModel":
+        """The candidate's policy: its own card's thresholds (DEEPFAKE_REVIEW_THRESHOLD is the
+        production model's), the worker's rule and track settings."""
+        card = engine.card
+        return cls(engine, DecisionPolicy(
+            threshold=card.threshold, review_threshold=card.review_threshold, rule=settings.decision,
+            track_score=settings.track_score, min_track_frames=settings.min_track_frames,
+            operating_point=card.operating_point, review_operating_point=card.review_operating_point))
+
+    @property
+    def crop_size(self) -> int:
+        return self.engine.card.input_size
+
+    def predict(self, crops: np.ndarray) -> np.ndarray:
+        return self.engine.predict(crops)
+
+    def block(self, faces: list[dict], scores: dict[int, float], *, action: str) -> dict[str, Any]:
+        """The verdict's `shadow` block: the candidate's scores in place of the production model's on
+        the same faces, decided by its policy; `agrees` compares its action with `action`."""
+        mine = copy.deepcopy(faces)
+        for i, face in enumerate(mine):
+            face["fake_score"] = scores.get(i)
+        score = aggregate_mean([f["fake_score"] for f in mine if f["largest"]])
+        label, shadow_action, decision = self.policy.decide(mine, score)
+        return {
+            "model": self.engine.describe(), "score": round(score, 6), "label": label, "action": shadow_action,
+            "agrees": shadow_action == action,
+            "decision": {k: decision.get(k) for k in ("rule", "score", "threshold", "review_threshold")},
+        }
