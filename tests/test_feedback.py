@@ -68,7 +68,7 @@ def test_feedback_is_kept_beside_the_verdict_and_summarised_by_action(settings, 
     assert (model["block_fake_share"], model["review_fake_share"], model["allow_fake_share"]) == (1.0, 0.0, 1.0)
     assert summarize(BUCKET, "in/a", settings=s, s3_client=s3)["feedback"] == 1  # a key prefix narrows it
     assert summarize(BUCKET, "elsewhere/", settings=s, s3_client=s3) == {
-        "feedback": 0, "source": f"s3://{BUCKET}/elsewhere/", "models": []}
+        "feedback": 0, "source": f"s3://{BUCKET}/elsewhere/", "models": [], "shadow_models": []}
 
     # the feedback object lies inside the verdict prefix: never moderated as an upload
     loc = rts["block"].store.feedback_location(S3Location(BUCKET, KEYS["block"]))
@@ -104,6 +104,28 @@ def test_feedback_needs_a_verdict_with_an_action(settings, moderator, s3, s3_ser
                                  "not_a_video": {"allow": {"fake": 0, "real": 1}}}
     assert model["by_action"]["block"] == {"fake": 1, "real": 0} and model["block_fake_share"] == 1.0
     assert model["review_fake_share"] is None and model["n"] == 4  # the band's share is the scored reviews' only
+
+
+def test_feedback_judges_the_shadow_model_too(settings, moderator, s3, s3_server, tmp_path):
+    """With a candidate in shadow, each review also says how the candidate's action would have fared:
+    here it would have allowed (its threshold 0.6) the upload production blocked and a reviewer found fake."""
+    shadow_dir = tmp_path / "candidate"
+    shutil.copytree(settings.model_dir, shadow_dir)
+    card = ModelCard.load(shadow_dir).model_dump(by_alias=True)
+    ModelCard.model_validate({**card, "name": "candidate", "threshold": 0.6}).save(shadow_dir)
+    s = settings.model_copy(update={"s3_endpoint_url": s3_server.endpoint, "allowed_buckets": BUCKET, "frames": 4,
+                                    "verdict_prefix": f"v-{tmp_path.name}/", "shadow_model_dir": shadow_dir})
+    rt = WorkerRuntime(s, moderator=Moderator(s, detector=moderator.detector, engine=moderator.engine), s3_client=s3)
+    v = rt.moderate_s3(BUCKET, KEYS["block"])
+    assert (v["action"], v["shadow"]["action"]) == ("block", "allow")
+    fb = record(BUCKET, KEYS["block"], "fake", settings=s, s3_client=s3)
+    assert fb["shadow"]["action"] == "allow" and fb["shadow"]["model"]["name"] == "candidate"
+    summary = summarize(BUCKET, settings=s, s3_client=s3)
+    [production] = summary["models"]
+    [shadow] = summary["shadow_models"]
+    assert production["by_action"]["block"] == {"fake": 1, "real": 0}
+    assert shadow["model"].startswith("candidate ") and shadow["by_action"]["allow"] == {"fake": 1, "real": 0}
+    assert shadow["allow_fake_share"] == 1.0 and shadow["n"] == 1
 
 
 def test_the_commands(settings, moderator, s3, s3_server, tmp_path):

@@ -64,19 +64,39 @@ def record(bucket: str, key: str, label: str, *, reviewer: str | None = None, no
             "decision_score": decision.get("score"), "threshold": verdict.get("threshold"),
             "review_threshold": decision.get("review_threshold"), "created_at": verdict.get("created_at"),
             "etag": (verdict.get("input") or {}).get("etag"),
-            "model": {k: model.get(k) for k in ("name", "version", "sha256")},
+            "model": _model_id(model),
         },
     }
+    if isinstance(verdict.get("shadow"), dict):  # what the candidate model would have done, for its precision
+        shadow = verdict["shadow"]
+        feedback["shadow"] = {"action": shadow.get("action"), "label": shadow.get("label"), "score": shadow.get("score"),
+                              "decision_score": (shadow.get("decision") or {}).get("score"),
+                              "model": _model_id(shadow.get("model") or {})}
     loc = store.feedback_location(upload)
     store.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=json.dumps(feedback).encode(),
                             ContentType="application/json")
     return feedback
 
 
+def _model_id(model: dict) -> dict:
+    return {k: model.get(k) for k in ("name", "version", "sha256")}
+
+
+def _model_name(model: dict) -> str:
+    return f"{model.get('name')} {model.get('version')} ({str(model.get('sha256'))[:12]})"
+
+
+def _by_action_summary(name: str, by_action: dict[str, dict[str, int]]) -> dict[str, Any]:
+    shares = {f"{a}_fake_share": (by_action[a]["fake"] / total if (total := sum(by_action[a].values())) else None)
+              for a in ACTIONS}
+    return {"model": name, "n": sum(sum(v.values()) for v in by_action.values()), "by_action": by_action, **shares}
+
+
 def summarize(bucket: str, prefix: str = "", *, settings: Settings | None = None, s3_client: Any = None,
               on_listed: Callable[[int], None] | None = None) -> dict:
     """Per model: reviewer labels by the worker's action on scored uploads, each action's share of real
-    fakes, and (`unscored`) reviewer labels on the others by status or error code.
+    fakes, and (`unscored`) reviewer labels on the others by status or error code; `shadow_models`:
+    the same for the shadow models' actions on the scored uploads that had one.
 
     Feedback lies among the verdicts, one per upload, so a whole bucket is a long listing:
     `on_listed(n)` is told after each page how many objects it held (the CLI's progress bar)."""
@@ -85,6 +105,8 @@ def summarize(bucket: str, prefix: str = "", *, settings: Settings | None = None
     where = store.feedback_location(S3Location(bucket, prefix))
     listing_prefix = where.key[: -len(SUFFIX)]
     counts: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: {a: dict.fromkeys(LABELS, 0) for a in ACTIONS})
+    shadow_counts: dict[str, dict[str, dict[str, int]]] = defaultdict(
+        lambda: {a: dict.fromkeys(LABELS, 0) for a in ACTIONS})
     unscored: dict[str, dict[str, dict[str, dict[str, int]]]] = defaultdict(dict)  # model → code → action → label
     n = 0
     for page in store.client.get_paginator("list_objects_v2").paginate(Bucket=where.bucket, Prefix=listing_prefix):
@@ -100,20 +122,21 @@ def summarize(bucket: str, prefix: str = "", *, settings: Settings | None = None
                 continue  # not a record this module wrote
             if action not in ACTIONS or label not in LABELS:
                 continue
-            name = f"{model.get('name')} {model.get('version')} ({str(model.get('sha256'))[:12]})"
+            name = _model_name(model)
             status = fb["verdict"].get("status", "ok")  # records from before unscored feedback: scored
             if status == "ok":
                 counts[name][action][label] += 1
+                shadow = fb.get("shadow") or {}
+                if shadow.get("action") in ACTIONS:
+                    shadow_counts[_model_name(shadow.get("model") or {})][shadow["action"]][label] += 1
             else:
                 why = fb["verdict"].get("error") or status
                 unscored[name].setdefault(why, {}).setdefault(action, dict.fromkeys(LABELS, 0))[label] += 1
             n += 1
     models = []
     for name in sorted(set(counts) | set(unscored)):
-        by_action = counts[name]
-        shares = {f"{a}_fake_share": (by_action[a]["fake"] / total if (total := sum(by_action[a].values())) else None)
-                  for a in ACTIONS}
-        n_unscored = sum(sum(c.values()) for by in unscored[name].values() for c in by.values())
-        models.append({"model": name, "n": sum(sum(v.values()) for v in by_action.values()) + n_unscored,
-                       "by_action": by_action, **shares, "unscored": dict(sorted(unscored[name].items()))})
-    return {"feedback": n, "source": f"s3://{bucket}/{prefix}", "models": models}
+        summary = _by_action_summary(name, counts[name])
+        summary["n"] += sum(sum(c.values()) for by in unscored[name].values() for c in by.values())
+        models.append({**summary, "unscored": dict(sorted(unscored[name].items()))})
+    shadow_models = [_by_action_summary(name, by_action) for name, by_action in sorted(shadow_counts.items())]
+    return {"feedback": n, "source": f"s3://{bucket}/{prefix}", "models": models, "shadow_models": shadow_models}
