@@ -38,10 +38,12 @@ def test_a_shadow_model_is_recorded_beside_the_verdict_and_never_acts(settings, 
     top = production["decision"]["score"]
     shadow_dir = candidate(random_model_dir, tmp_path / "candidate", name="candidate", version="2",
                            threshold=round(top + 0.05, 6))
-    m = Moderator(settings.model_copy(update={"shadow_model_dir": shadow_dir}), detector=moderator.detector,
-                  engine=moderator.engine)
+    # DEEPFAKE_REVIEW_THRESHOLD is the production model's: the candidate keeps its own card's (none).
+    m = Moderator(settings.model_copy(update={"shadow_model_dir": shadow_dir, "review_threshold": 0.1}),
+                  detector=moderator.detector, engine=moderator.engine)
     v = assert_valid_verdict(m.moderate_path(corpus["carphone"]))
     assert (v["label"], v["action"], v["score"]) == (production["label"], BLOCK, production["score"])  # unchanged
+    assert v["decision"]["review_threshold"] == 0.1 and v["shadow"]["decision"]["review_threshold"] is None
     shadow = v["shadow"]
     assert shadow["model"]["name"] == "candidate" and shadow["model"]["sha256"] == v["model"]["sha256"]
     assert (shadow["label"], shadow["action"], shadow["agrees"]) == ("real", ALLOW, False)

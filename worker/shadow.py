@@ -29,11 +29,8 @@ class ShadowModel:
     def for_engine(cls, engine: Engine, settings: Any) -> "ShadowModel":
         """The candidate's policy: its own card's thresholds (DEEPFAKE_REVIEW_THRESHOLD is the
         production model's), the worker's rule and track settings."""
-        card = engine.card
-        return cls(engine, DecisionPolicy(
-            threshold=card.threshold, review_threshold=card.review_threshold, rule=settings.decision,
-            track_score=settings.track_score, min_track_frames=settings.min_track_frames,
-            operating_point=card.operating_point, review_operating_point=card.review_operating_point))
+        own_band = settings.model_copy(update={"review_threshold": None})
+        return cls(engine, DecisionPolicy.from_settings(engine.card, own_band))
 
     @property
     def crop_size(self) -> int:
