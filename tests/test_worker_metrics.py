@@ -99,8 +99,15 @@ def test_verdicts_are_counted_by_action(moderator, corpus):
     """The review queue's inflow: verdicts count by action, error verdicts by their code's (a truncated
     upload goes to review, an unreadable one has none)."""
     metrics = Metrics()
-    for name in ("carphone", "no_face_mp4", "truncated_mp4"):
-        metrics.observe_verdict(moderator.moderate_path(corpus[name]))
+    verdicts = [moderator.moderate_path(corpus[name]) for name in ("carphone", "no_face_mp4", "truncated_mp4")]
+    for verdict in verdicts:
+        metrics.observe_verdict(verdict)
+    # the decision score's distribution (drift): the one scored verdict, in its 0.05-wide bucket
+    score = verdicts[0]["decision"]["score"]
+    assert sample(metrics, "deepfake_decision_score_count") == 1 and sample(metrics, "deepfake_decision_score_sum") == score
+    upper = next(b for b in (0.05 * i for i in range(1, 21)) if score <= round(b, 2) + 1e-12)
+    assert sample(metrics, "deepfake_decision_score_bucket", le=str(round(upper, 2))) == 1
+    assert sample(metrics, "deepfake_decision_score_bucket", le=str(round(upper - 0.05, 2))) in (0, None)
     metrics.observe_verdict(moderator.moderate_path(corpus["carphone"].parent / "missing.mp4"))
     assert sample(metrics, "deepfake_verdict_actions_total", action="block") == 1  # the random model calls it fake
     assert sample(metrics, "deepfake_verdict_actions_total", action="allow") == 1  # no face

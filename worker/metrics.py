@@ -1,6 +1,7 @@
 """Prometheus metrics and the health endpoint, served on one port by a daemon thread.
 
-`/metrics`: jobs by status, stage latency, faces per video, queue wait, job attempts that raised,
+`/metrics`: jobs by status and action, decision scores, stage latency, faces per video, queue wait, job
+attempts that raised,
 webhooks, and the queue as Redis holds it at scrape time (waiting, running and failed jobs, the age
 of the oldest waiting one). `/healthz`: 200 while the model is loaded and the worker's heartbeat is
 fresh, 503 otherwise (the Kubernetes probe). deploy/components/monitoring alerts on these.
@@ -17,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 SCRAPE_TIMEOUT_S = 2.0  # per Redis call made while Prometheus scrapes the queue's state
+SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05, 0.10, ... 1.0
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -34,6 +36,10 @@ class Metrics:
             registry=self.registry)
         self.actions = Counter("deepfake_verdict_actions_total", "Verdicts by action (allow, review, block): "
                                "review is the human review queue's inflow.", ["action"], registry=self.registry)
+        self.scores = Histogram(
+            "deepfake_decision_score", "The score each scored verdict was decided on (decision.score). Its "
+            "distribution drifting is the first sign that uploads changed (a new generator, a new codec) or that the "
+            "model no longer fits them.", buckets=SCORE_BUCKETS, registry=self.registry)
         self.stage = Histogram("deepfake_stage_seconds", "Wall time per pipeline stage.", ["stage"],
                                buckets=STAGE_BUCKETS, registry=self.registry)
         self.faces = Histogram("deepfake_faces_per_video", "Faces detected per video.",
@@ -64,6 +70,8 @@ class Metrics:
             self.stage.labels(stage=stage).observe(ms / 1000.0)
         if verdict["status"] in ("ok", "no_face"):
             self.faces.observe(len(verdict.get("faces") or []))
+        if verdict["status"] == "ok" and isinstance((verdict.get("decision") or {}).get("score"), (int, float)):
+            self.scores.observe(verdict["decision"]["score"])
 
 
 class QueueCollector(Collector):
