@@ -13,6 +13,7 @@ from servers import free_ports, stop
 from workers import DurableRedis
 
 from worker.cli import main
+from worker.pipeline import DEFAULT_MODEL_DIR
 from worker.preflight import CHECKS
 
 BUCKET = "preflight"
@@ -96,6 +97,15 @@ def test_a_gpu_worker_passes_the_model_check_only_where_cuda_is(env, capsys):
         assert code == 0 and results["model"]["ok"] and "on cuda" in results["model"]["detail"]
     else:
         assert code == 1 and not results["model"]["ok"] and "cuda" in results["model"]["detail"].lower()
+
+
+def test_the_model_check_loads_and_names_the_shadow_model(env, capsys, tmp_path):
+    env.setenv("DEEPFAKE_SHADOW_MODEL_DIR", str(DEFAULT_MODEL_DIR))
+    code, results = check(capsys, "--only", "model")
+    assert code == 0 and ", shadow mdcsd-tiny-sbi-demo 0.1.0-demo (sha256 " in results["model"]["detail"]
+    env.setenv("DEEPFAKE_SHADOW_MODEL_DIR", str(tmp_path))  # no model there: every scored job would fail
+    code, results = check(capsys, "--only", "model")
+    assert code == 1 and f"no model.json in {tmp_path}" in results["model"]["detail"]
 
 
 def test_unknown_check_names_are_a_usage_error(capsys):

@@ -47,8 +47,16 @@ def check_model(settings: Settings) -> Check:
     moderator.detector.detect(np.zeros((1, 64, 64, 3), np.uint8))
     block = moderator.model_block
     warning = block.get("warning")
-    return Check("model", True, f"{block['name']} {block['version']} on {block['backend']} (sha256 "
-                 f"{block['sha256'][:12]}), detector {settings.detector} on {settings.device}", warning)
+    detail = (f"{block['name']} {block['version']} on {block['backend']} (sha256 {block['sha256'][:12]}), "
+              f"detector {settings.detector} on {settings.device}")
+    if moderator.shadow is not None:  # a candidate that does not score would fail every scored job
+        shadow_size = moderator.shadow.crop_size
+        shadow_prob = moderator.shadow.predict(np.full((1, shadow_size, shadow_size, 3), 128, np.uint8))
+        if shadow_prob.shape != (1,) or not np.isfinite(shadow_prob).all():
+            return Check("model", False, f"the shadow model returned {shadow_prob!r} for one crop")
+        shadow = moderator.shadow.engine.describe()
+        detail += f", shadow {shadow['name']} {shadow['version']} (sha256 {shadow['sha256'][:12]})"
+    return Check("model", True, detail, warning)
 
 
 def check_redis(settings: Settings) -> Check:
