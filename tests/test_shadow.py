@@ -76,6 +76,18 @@ def test_a_shadow_model_of_another_input_size_gets_its_own_crops(settings, moder
     assert len(shadow_crops) == len(indices) > 0 and {c.shape for c in shadow_crops} == {(128, 128, 3)}
 
 
+def test_a_failing_shadow_model_never_costs_the_verdict(settings, moderator, corpus, production, random_model_dir,
+                                                        tmp_path, capsys):
+    """A candidate whose card disagrees with its own graph (128-px crops for a network built for 299)
+    raises on every batch: the production verdict is whole, without a shadow block, and logged."""
+    broken = candidate(random_model_dir, tmp_path / "broken", name="broken", input_size=128)
+    m = Moderator(settings.model_copy(update={"shadow_model_dir": broken}), detector=moderator.detector,
+                  engine=moderator.engine)
+    v = assert_valid_verdict(m.moderate_path(corpus["carphone"]))
+    assert v["status"] == "ok" and v["score"] == production["score"] and v["action"] == production["action"]
+    assert "shadow" not in v and "shadow_failed" in capsys.readouterr().out
+
+
 def _first_chunk(m: Moderator, path):
     """The first chunk's shadow crops and face indices, through the pipeline's own cropping."""
     from worker.decode import VideoReader
