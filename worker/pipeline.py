@@ -214,9 +214,8 @@ class Moderator:
             chunks = prefetch(chunks, depth=2, name="decode-detect")
         scored: list[int] = []  # index into `faces` of each crop's face
         pending: list[np.ndarray] = []
-        shadow_pending: list[np.ndarray] = []
-        shadow_scores: dict[int, float] = {}  # face index → the shadow model's score
-        shadow_failed: list[bool] = []  # set once the shadow model raised: the verdict goes on without it
+        shadow_pending: list[np.ndarray] = []  # the shadow model's own crops, when its input size differs
+        shadow = self.shadow.start(source.uri) if self.shadow is not None else None
         early_exit = False
 
         def score_pending() -> None:
@@ -225,14 +224,9 @@ class Moderator:
                 probs = self.engine.predict(np.stack(pending))
             for face_index, p in zip(batch, probs):
                 faces[face_index]["fake_score"] = round(float(p), 6)
-            if self.shadow is not None and not shadow_failed:
-                try:
-                    with timer.stage("shadow"):
-                        probs = self.shadow.predict(np.stack(shadow_pending or pending))
-                    shadow_scores.update((i, round(float(p), 6)) for i, p in zip(batch, probs))
-                except Exception:  # noqa: BLE001 - a candidate model must never cost the verdict
-                    log.exception("shadow_failed", source=source.uri)
-                    shadow_failed.append(True)
+            if shadow is not None:
+                with timer.stage("shadow"):
+                    shadow.score(batch, np.stack(shadow_pending or pending))
             pending.clear()
             shadow_pending.clear()
 
@@ -266,8 +260,8 @@ class Moderator:
         verdict = ok_verdict(source.uri, score=score, label=label, action=action, threshold=self.threshold,
                              video=video, faces=faces, tracks=decision.pop("tracks"), decision=decision,
                              model=self.model_block, timings_ms=timer.as_dict())
-        if self.shadow is not None and not shadow_failed:
-            verdict["shadow"] = self.shadow.block(faces, shadow_scores, action=action)
+        if shadow is not None and (block := shadow.block(faces, action=action)) is not None:
+            verdict["shadow"] = block
         return verdict
 
     def _crop_chunks(

@@ -51,7 +51,7 @@ def check_model(settings: Settings) -> Check:
               f"detector {settings.detector} on {settings.device}")
     if moderator.shadow is not None:  # a candidate that does not score would fail every scored job
         shadow_size = moderator.shadow.crop_size
-        shadow_prob = moderator.shadow.predict(np.full((1, shadow_size, shadow_size, 3), 128, np.uint8))
+        shadow_prob = moderator.shadow.engine.predict(np.full((1, shadow_size, shadow_size, 3), 128, np.uint8))
         if shadow_prob.shape != (1,) or not np.isfinite(shadow_prob).all():
             return Check("model", False, f"the shadow model returned {shadow_prob!r} for one crop")
         shadow = moderator.shadow.engine.describe()

@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import structlog
 
 from worker.decision import DecisionPolicy
 from worker.engine import Engine
 from worker.verdict import aggregate_mean
+
+log = structlog.get_logger("worker.shadow")
 
 
 @dataclass
@@ -36,19 +39,42 @@ class ShadowModel:
     def crop_size(self) -> int:
         return self.engine.card.input_size
 
-    def predict(self, crops: np.ndarray) -> np.ndarray:
-        return self.engine.predict(crops)
+    def start(self, source: str) -> "ShadowJob":
+        return ShadowJob(self, source)
 
-    def block(self, faces: list[dict], scores: dict[int, float], *, action: str) -> dict[str, Any]:
-        """The verdict's `shadow` block: the candidate's scores in place of the production model's on
-        the same faces, decided by its policy; `agrees` compares its action with `action`."""
+
+class ShadowJob:
+    """One video's shadow scores, by face index. The first failure stops them (logged): a candidate
+    model must never cost the production verdict."""
+
+    def __init__(self, model: ShadowModel, source: str) -> None:
+        self.model, self.source = model, source
+        self.scores: dict[int, float] = {}
+        self.failed = False
+
+    def score(self, face_indices: list[int], crops: np.ndarray) -> None:
+        if self.failed:
+            return
+        try:
+            probs = self.model.engine.predict(crops)
+        except Exception:  # noqa: BLE001 - see the class docstring
+            log.exception("shadow_failed", source=self.source, model=self.model.engine.card.name)
+            self.failed = True
+            return
+        self.scores.update((i, round(float(p), 6)) for i, p in zip(face_indices, probs))
+
+    def block(self, faces: list[dict], *, action: str) -> dict[str, Any] | None:
+        """The verdict's `shadow` block (None after a failure): the candidate's scores in place of the
+        production model's on the same faces, decided by its policy; `agrees`: its action is `action`."""
+        if self.failed:
+            return None
         mine = copy.deepcopy(faces)
         for i, face in enumerate(mine):
-            face["fake_score"] = scores.get(i)
+            face["fake_score"] = self.scores.get(i)
         score = aggregate_mean([f["fake_score"] for f in mine if f["largest"]])
-        label, shadow_action, decision = self.policy.decide(mine, score)
+        label, shadow_action, decision = self.model.policy.decide(mine, score)
         return {
-            "model": self.engine.describe(), "score": round(score, 6), "label": label, "action": shadow_action,
-            "agrees": shadow_action == action,
+            "model": self.model.engine.describe(), "score": round(score, 6), "label": label,
+            "action": shadow_action, "agrees": shadow_action == action,
             "decision": {k: decision.get(k) for k in ("rule", "score", "threshold", "review_threshold")},
         }
