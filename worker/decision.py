@@ -59,7 +59,7 @@ class DecisionPolicy:
     min_track_frames: int = 3
     operating_point: dict | None = None
     review_operating_point: dict | None = None
-    error_actions: Mapping[str, str | None] = field(default_factory=lambda: dict(DEFAULT_ERROR_ACTIONS))
+    error_actions: Mapping[str, str | None] = field(default_factory=lambda: dict(DEFAULT_ERROR_ACTIONS), hash=False)
 
     def __post_init__(self) -> None:
         if self.review_threshold is not None and self.review_threshold > self.threshold:
