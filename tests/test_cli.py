@@ -69,3 +69,12 @@ def test_an_unreachable_redis_or_a_missing_bucket_is_one_line_and_exit_1(redis_s
         proc = run_cli(*args, env_extra=env)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert said in proc.stderr and "NoSuchBucket" in proc.stderr, proc.stderr
+
+
+def test_error_actions_come_from_the_environment(corpus, random_model_dir):
+    args = ("moderate", "--model", str(random_model_dir), "--frames", "4", str(corpus["truncated_mp4"]))
+    assert json.loads(run_cli(*args).stdout)["action"] == "review"  # the default for corrupt
+    blocked = run_cli(*args, env_extra={"DEEPFAKE_ERROR_ACTIONS": "corrupt=block"})
+    assert blocked.returncode == 0 and json.loads(blocked.stdout)["action"] == "block"
+    bad = run_cli(*args, env_extra={"DEEPFAKE_ERROR_ACTIONS": "corrupt=bloc"})
+    assert bad.returncode == 2 and "invalid setting: error_actions" in bad.stderr and "'corrupt=bloc'" in bad.stderr
