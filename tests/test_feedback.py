@@ -10,13 +10,15 @@ import subprocess
 import sys
 
 import pytest
+from faultproxy import FaultProxy, Rule
 
 from worker.engine.model_card import ModelCard
 from worker.feedback import NoVerdict, record, summarize
 from worker.forget import forget
 from worker.pipeline import Moderator
 from worker.runtime import WorkerRuntime
-from worker.s3 import S3Location
+
+from worker.s3 import S3Location, make_client
 
 BUCKET = "reviewed"
 KEYS = {"block": "in/a.mp4", "review": "in/b.mp4", "allow": "in/c.mp4"}
@@ -126,6 +128,23 @@ def test_feedback_judges_the_shadow_model_too(settings, moderator, s3, s3_server
     assert production["by_action"]["block"] == {"fake": 1, "real": 0}
     assert shadow["model"].startswith("candidate ") and shadow["by_action"]["allow"] == {"fake": 1, "real": 0}
     assert shadow["allow_fake_share"] == 1.0 and shadow["n"] == 1
+
+
+def test_a_record_deleted_between_listing_and_reading_is_skipped(settings, moderator, s3, s3_server, tmp_path):
+    """An erasure (`deepfake forget`) racing the summary: the listed feedback object is gone when its
+    GET arrives (the loopback proxy deletes it on the real server first); the rest are counted."""
+    rt = runtimes(settings, moderator, s3, s3_server, tmp_path)["block"]
+    for key in (KEYS["block"], KEYS["allow"]):
+        rt.moderate_s3(BUCKET, key)
+        record(BUCKET, key, "fake", settings=rt.settings, s3_client=s3)
+
+    def erase(req) -> None:
+        s3.delete_object(Bucket=BUCKET, Key=req.path.split(f"/{BUCKET}/", 1)[1])
+
+    with FaultProxy(s3_server.port) as proxy:
+        proxy.add(Rule(action="hook", method="GET", path=r"\.feedback\.json$", times=1, hook=erase))
+        summary = summarize(BUCKET, settings=rt.settings, s3_client=make_client(proxy.endpoint))
+    assert summary["feedback"] == 1 and len(proxy.requests("GET", path=r"\.feedback\.json$")) == 2
 
 
 def test_the_commands(settings, moderator, s3, s3_server, tmp_path):
