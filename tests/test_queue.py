@@ -291,6 +291,7 @@ def test_sigterm_finishes_the_job_in_hand_then_exits(s3, redis, redis_server, qs
     assert "job_done" in log
     ready = next(json.loads(line) for line in log.splitlines() if '"worker_ready"' in line)
     assert ready["allowed_buckets"] == [BUCKET] and ready["queues"] == ["deepfake"] and ready["load_s"] > 0
+    assert ready["shadow_model"] is None
     assert "no_bucket_allowed" not in log
 
 

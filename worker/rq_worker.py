@@ -157,8 +157,10 @@ class DeepfakeWorker(SimpleWorker):
             self.runtime = WorkerRuntime(settings)
             install(self.runtime)
             model = self.runtime.model
+            shadow = self.runtime.moderator.shadow
             log.info("worker_ready", queues=[q.name for q in self.queues], model=model["name"],
                      backend=model["backend"], sha256=model["sha256"], device=settings.device,
+                     shadow_model=shadow.engine.card.name if shadow is not None else None,
                      allowed_buckets=sorted(self.runtime.allowed), load_s=round(time.perf_counter() - t0, 2))
             if model.get("warning"):
                 log.warning("model_warning", model=model["name"], reason=model["warning"])
