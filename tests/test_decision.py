@@ -101,6 +101,18 @@ def test_no_face_is_allowed_and_an_error_gets_its_codes_action(settings, moderat
         assert m.moderate_path(corpus["truncated_mp4"])["action"] == action, configured
 
 
+def test_no_face_can_go_to_review_where_every_upload_should_show_one(settings, moderator, corpus):
+    """An identity check or a selfie flow expects a face: there, a video without one is suspect."""
+    m = Moderator(settings.model_copy(update={"no_face_action": REVIEW}), detector=moderator.detector,
+                  engine=moderator.engine)
+    v = m.moderate_path(corpus["no_face_mp4"])
+    assert (v["status"], v["action"]) == ("no_face", REVIEW)
+    assert m.policy.answers(v) and not moderator.policy.answers(v)  # reused only under the same setting
+    assert m.policy.published()["no_face_action"] == REVIEW != moderator.policy.published()["no_face_action"]
+    with pytest.raises(ValidationError, match="no_face_action"):
+        Settings(no_face_action="none")
+
+
 def test_every_error_code_has_a_default_action_and_the_setting_is_checked():
     assert set(DEFAULT_ERROR_ACTIONS) == {code.value for code in ErrorCode}
     assert parse_error_actions(" corrupt = block , internal=none,") == {**DEFAULT_ERROR_ACTIONS, "corrupt": BLOCK,

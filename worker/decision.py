@@ -8,7 +8,8 @@ a stored verdict is reused only under the same policy, so changing a threshold o
 An upload that could not be judged gets its action from its error code (`DEEPFAKE_ERROR_ACTIONS`
 over `DEFAULT_ERROR_ACTIONS`): an uploader can make a file fail on purpose (truncate it, pad it past
 the duration limit, pick a codec the worker lacks), so by default those go to a person instead of
-through unjudged.
+through unjudged. A video without a face is allowed unless DEEPFAKE_NO_FACE_ACTION says otherwise
+(where every upload should show a face, not finding one is itself suspect).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from worker.tracks import build_tracks, decide_by_tracks, summarize
 from worker.verdict import label_for
 
 ALLOW, REVIEW, BLOCK = "allow", "review", "block"
-NO_FACE_ACTION = ALLOW  # nothing to judge: the product decides about faces only
+NO_FACE_ACTION = ALLOW  # default: nothing to judge, the product decides about faces only (DEEPFAKE_NO_FACE_ACTION)
 NO_ACTION = "none"  # the settings' word for an error verdict without an action (null)
 
 # What to do with an upload the worker could not judge, by error code. Content the uploader controls
@@ -60,6 +61,7 @@ class DecisionPolicy:
     operating_point: dict | None = None
     review_operating_point: dict | None = None
     error_actions: Mapping[str, str | None] = field(default_factory=lambda: dict(DEFAULT_ERROR_ACTIONS), hash=False)
+    no_face_action: str = NO_FACE_ACTION
 
     def __post_init__(self) -> None:
         if self.review_threshold is not None and self.review_threshold > self.threshold:
@@ -76,7 +78,7 @@ class DecisionPolicy:
         return cls(threshold=card.threshold, review_threshold=review, rule=settings.decision,
                    track_score=settings.track_score, min_track_frames=settings.min_track_frames,
                    operating_point=card.operating_point, review_operating_point=review_op,
-                   error_actions=parse_error_actions(settings.error_actions))
+                   error_actions=parse_error_actions(settings.error_actions), no_face_action=settings.no_face_action)
 
     def key(self) -> dict[str, Any]:
         """What a stored verdict's `decision.policy` must equal for the verdict to be reused."""
@@ -84,9 +86,9 @@ class DecisionPolicy:
                 "track_score": self.track_score, "min_track_frames": self.min_track_frames}
 
     def published(self) -> dict[str, Any]:
-        """What workers publish for enqueuers to match duplicates on: the scoring key and the error
-        actions (a job finished under other error actions is not an answer either)."""
-        return {**self.key(), "error_actions": dict(self.error_actions)}
+        """What workers publish for enqueuers to match duplicates on: the scoring key and the actions
+        for uploads without a score (a job finished under other ones is not an answer either)."""
+        return {**self.key(), "error_actions": dict(self.error_actions), "no_face_action": self.no_face_action}
 
     def error_action(self, code: str) -> str | None:
         return self.error_actions.get(code)
@@ -99,7 +101,7 @@ class DecisionPolicy:
             return (stored.get("decision") or {}).get("policy") == self.key()
         if status == "error":
             return stored.get("action") == self.error_action((stored.get("error") or {}).get("code"))
-        return stored.get("action") == NO_FACE_ACTION
+        return stored.get("action") == self.no_face_action
 
     def action(self, label: str, score: float) -> str:
         if label == "fake":

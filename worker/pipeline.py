@@ -17,7 +17,7 @@ import structlog
 import torch
 
 from worker.cpus import available_cpus
-from worker.decision import NO_FACE_ACTION, DecisionPolicy
+from worker.decision import DecisionPolicy
 from worker.decode import Limits, SampledFrame, VideoReader
 from worker.engine import Engine, load_engine
 from worker.errors import Internal, ModerationError, TransientError
@@ -253,7 +253,7 @@ class Moderator:
         log.info("decoded", source=source.uri, **{k: video[k] for k in ("codec", "width", "height", "frames_sampled")},
                  faces=len(faces), early_exit=early_exit)
         if not scored:
-            return no_face_verdict(source.uri, threshold=self.threshold, action=NO_FACE_ACTION, video=video,
+            return no_face_verdict(source.uri, threshold=self.threshold, action=self.policy.no_face_action, video=video,
                                    model=self.model_block, timings_ms=timer.as_dict())
         score = aggregate_mean([f["fake_score"] for f in faces if f["largest"]])  # the paper's video score
         label, action, decision = self.policy.decide(faces, score)

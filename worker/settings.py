@@ -48,6 +48,10 @@ class Settings(BaseSettings):
         None, ge=0.0, le=1.0,
         description="Scores from this up to the model's threshold get action review; unset = the model card's (none: no band).",
     )
+    no_face_action: Literal["allow", "review", "block"] = Field(
+        "allow", description="Action for a video in which no face was found: allow (most platforms), or review where "
+        "every upload should show a face (identity checks, selfie videos).",
+    )
     error_actions: str = Field(
         "", description="code=action pairs (allow, review, block, none) over the default action per error code "
         "(worker.decision.DEFAULT_ERROR_ACTIONS), e.g. corrupt=block,too_long=allow.",
