@@ -1,21 +1,28 @@
 """What the deployment tests (test_deploy.py, test_dockerfile.py, test_monitoring.py) share: the worker
-class the image and the manifests name, how a command-line tool they need is found, the Kubernetes
-versions and hand-written schemas manifests are validated against, and the Dockerfile read as stages."""
+class the image and the manifests name, how a command-line tool they need is found, the overlays
+rendered by kustomize, the Kubernetes versions and hand-written schemas manifests are validated
+against, and the Dockerfile read as stages."""
 from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
+import subprocess
 import sys
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 SCHEMAS = ROOT / "deploy" / "schemas"
 WORKER_CLASS = "worker.rq_worker.DeepfakeWorker"
+DEPLOY = ROOT / "deploy"
+OVERLAYS_DIR = DEPLOY / "overlays"
+WORKER = "deepfake-worker"
 MISSING_TOOL = "{tool} not found. CI must install it: {how} (the deployment tests never skip for a missing tool)."
 
 
@@ -84,3 +91,52 @@ def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
         elif current:
             stages[current].append((word, rest))
     return stages
+
+
+# -- rendering --------------------------------------------------------------------------------------
+
+
+KUBECTL_HOW = "bash deploy/ci/install-kubectl.sh (a kubectl v1.27+, for kustomize v5 components; see docs/deploy.md)"
+
+
+@lru_cache(maxsize=1)
+def _kustomize_command() -> tuple[str, ...]:
+    kubectl = tool("kubectl")
+    if kubectl:
+        proc = subprocess.run([kubectl, "version", "--client", "-o", "json"], check=False, capture_output=True, text=True, timeout=60)
+        minor = re.sub(r"\D.*", "", json.loads(proc.stdout)["clientVersion"]["minor"]) if proc.returncode == 0 else ""
+        if not minor or int(minor) < 27:
+            pytest.fail(f"{kubectl} is too old (v1.{minor or '?'}): {KUBECTL_HOW}")
+        return (kubectl, "kustomize")
+    kustomize = tool("kustomize")
+    if kustomize:
+        return (kustomize, "build")
+    pytest.fail(MISSING_TOOL.format(tool="kubectl (or kustomize)", how=KUBECTL_HOW))
+
+
+@cache
+def render(overlay: str) -> tuple[dict, ...]:
+    cmd = [*_kustomize_command(), str(OVERLAYS_DIR / overlay)]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{shlex.join(cmd)} failed:\n{proc.stderr}"
+    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
+
+
+def objects(overlay: str, kind: str) -> list[dict]:
+    return [d for d in render(overlay) if d["kind"] == kind]
+
+
+def one(overlay: str, kind: str, name: str) -> dict:
+    found = [d for d in objects(overlay, kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{overlay}: expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def worker_deployment(overlay: str) -> dict:
+    return one(overlay, "Deployment", WORKER)
+
+
+def worker_container(overlay: str) -> dict:
+    containers = worker_deployment(overlay)["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["worker"]
+    return containers[0]

@@ -24,27 +24,27 @@ import importlib
 import json
 import os
 import re
-import shlex
-import subprocess
-from functools import cache, lru_cache
 from pathlib import Path
 
 import pytest
 import yaml
 from deploy_tools import (
-    MISSING_TOOL,
+    DEPLOY,
+    OVERLAYS_DIR,
+    WORKER,
     WORKER_CLASS,
     dockerfile_stages,
     k8s_versions,
+    objects,
+    one,
+    render,
     schema_errors,
     schema_validator,
-    tool,
+    worker_container,
+    worker_deployment,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "deploy"
-OVERLAYS_DIR = DEPLOY / "overlays"
-WORKER = "deepfake-worker"
 # The overlays the docs promise; any further overlay is rendered and checked too.
 REQUIRED_OVERLAYS = {"gpu", "cpu", "trial"}
 OVERLAYS = sorted(p.parent.name for p in OVERLAYS_DIR.glob("*/kustomization.yaml"))
@@ -52,55 +52,6 @@ SECRET_WORDS = ("KEY", "SECRET", "PASSWORD", "TOKEN")
 # Margin past the job timeout for RQ to record the result and the process to exit.
 GRACE_MARGIN_S = 30
 
-
-
-# -- rendering --------------------------------------------------------------------------------------
-
-
-KUBECTL_HOW = "bash deploy/ci/install-kubectl.sh (a kubectl v1.27+, for kustomize v5 components; see docs/deploy.md)"
-
-
-@lru_cache(maxsize=1)
-def _kustomize_command() -> tuple[str, ...]:
-    kubectl = tool("kubectl")
-    if kubectl:
-        proc = subprocess.run([kubectl, "version", "--client", "-o", "json"], check=False, capture_output=True, text=True, timeout=60)
-        minor = re.sub(r"\D.*", "", json.loads(proc.stdout)["clientVersion"]["minor"]) if proc.returncode == 0 else ""
-        if not minor or int(minor) < 27:
-            pytest.fail(f"{kubectl} is too old (v1.{minor or '?'}): {KUBECTL_HOW}")
-        return (kubectl, "kustomize")
-    kustomize = tool("kustomize")
-    if kustomize:
-        return (kustomize, "build")
-    pytest.fail(MISSING_TOOL.format(tool="kubectl (or kustomize)", how=KUBECTL_HOW))
-
-
-@cache
-def render(overlay: str) -> tuple[dict, ...]:
-    cmd = [*_kustomize_command(), str(OVERLAYS_DIR / overlay)]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"{shlex.join(cmd)} failed:\n{proc.stderr}"
-    return tuple(d for d in yaml.safe_load_all(proc.stdout) if d)
-
-
-def objects(overlay: str, kind: str) -> list[dict]:
-    return [d for d in render(overlay) if d["kind"] == kind]
-
-
-def one(overlay: str, kind: str, name: str) -> dict:
-    found = [d for d in objects(overlay, kind) if d["metadata"]["name"] == name]
-    assert len(found) == 1, f"{overlay}: expected one {kind}/{name}, found {len(found)}"
-    return found[0]
-
-
-def worker_deployment(overlay: str) -> dict:
-    return one(overlay, "Deployment", WORKER)
-
-
-def worker_container(overlay: str) -> dict:
-    containers = worker_deployment(overlay)["spec"]["template"]["spec"]["containers"]
-    assert [c["name"] for c in containers] == ["worker"]
-    return containers[0]
 
 
 def pod_templates(overlay: str) -> list[tuple[str, dict]]:
