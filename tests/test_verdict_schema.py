@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 
 import pytest
 from verdict_schema import assert_valid_verdict, schema_errors
@@ -70,9 +72,11 @@ def test_verdicts_that_break_the_rules_are_invalid(scored, change, complaint):
     assert any(complaint in e for e in errors), errors
 
 
-def test_the_schema_is_packaged_and_documented():
+def test_the_schema_is_packaged_documented_and_printed():
     from worker.verdict import SCHEMA, SCHEMA_PATH
 
     assert json.loads(SCHEMA_PATH.read_text())["title"] == SCHEMA
     readme = (SCHEMA_PATH.parents[2] / "README.md").read_text()
-    assert "worker/schemas/verdict.schema.json" in readme
+    assert "worker/schemas/verdict.schema.json" in readme and "deepfake schema" in readme
+    printed = subprocess.run([sys.executable, "-m", "worker", "schema"], capture_output=True, text=True, timeout=60)
+    assert printed.returncode == 0 and json.loads(printed.stdout) == json.loads(SCHEMA_PATH.read_text())

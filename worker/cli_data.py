@@ -36,6 +36,11 @@ def add_data_commands(sub) -> None:  # type: ignore[no-untyped-def]
                    help="also read every finished and failed job (slow): for jobs from before the upload index")
     g.set_defaults(func=cmd_forget)
 
+    sub.add_parser("schema", help="print the verdict's JSON Schema (deepfake-verdict/1) this worker writes to",
+                   description="The JSON Schema every verdict of this version is valid against "
+                               "(worker/schemas/verdict.schema.json), for platforms to validate what they "
+                               "receive.").set_defaults(func=cmd_schema)
+
     v = sub.add_parser("verdict", help="the verdicts stored in S3 for uploads, one JSON line each, with whether "
                                        "each verifies against DEEPFAKE_VERDICT_SECRET (exit 1: missing or forged)")
     v.add_argument("uris", nargs="+", metavar="s3://BUCKET/KEY")
@@ -174,4 +179,12 @@ def cmd_feedback_summary(args: argparse.Namespace, parser: argparse.ArgumentPars
     with tqdm(desc="feedback-summary", unit="object", file=sys.stderr, disable=None) as bar:
         summary = summarize(bucket, prefix, settings=cli._settings(parser), on_listed=bar.update)
     print(json.dumps(summary, indent=2))
+    return cli.EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from worker import cli
+    from worker.verdict import SCHEMA_PATH
+
+    sys.stdout.write(SCHEMA_PATH.read_text())
     return cli.EXIT_OK
