@@ -1,5 +1,5 @@
 """`deepfake feedback-summary` over a prefix of verdicts with reviewer feedback: one GET at a time
-against `worker.feedback.FETCH_THREADS` in parallel, side by side, on a real SeaweedFS S3 server on
+against `worker.verdict_store.SCAN_THREADS` in parallel, side by side, on a real SeaweedFS S3 server on
 loopback, directly and through a loopback proxy that holds each GET for `--latency-ms` (a cloud
 region's round trip, which loopback lacks).
 
@@ -26,11 +26,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 from faultproxy import FaultProxy, Rule  # noqa: E402
 from servers import S3_ACCESS_KEY, S3_SECRET_KEY, S3Server, stop  # noqa: E402
 
-from worker import feedback  # noqa: E402
+from worker import feedback, verdict_store  # noqa: E402
 from worker.settings import Settings  # noqa: E402
 
 BUCKET = "reviewed"
-PARALLEL = feedback.FETCH_THREADS
+PARALLEL = verdict_store.SCAN_THREADS
 
 
 def main() -> None:
@@ -78,12 +78,12 @@ def measure(settings: Settings, args: argparse.Namespace) -> dict[str, list[floa
     times: dict[str, list[float]] = {name: [] for name in threads}
     for _ in range(args.repeat):
         for name, n in threads.items():
-            feedback.FETCH_THREADS = n
+            verdict_store.SCAN_THREADS = n
             t0 = time.perf_counter()
             summary = feedback.summarize(BUCKET, "2026/", settings=settings, s3_client=s3)
             times[name].append(time.perf_counter() - t0)
             assert summary["feedback"] == args.uploads, summary
-    feedback.FETCH_THREADS = PARALLEL
+    verdict_store.SCAN_THREADS = PARALLEL
     return times
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from worker.tracks import build_tracks, decide_by_tracks, summarize
+from worker.tracks import build_tracks, decide_by_tracks, judge, summarize
 from worker.verdict import label_for
 
 ALLOW, REVIEW, BLOCK = "allow", "review", "block"
@@ -124,16 +124,27 @@ class DecisionPolicy:
             "track_score": self.track_score, "min_track_frames": self.min_track_frames, "policy": self.key(),
             "tracks": summaries,
         }
-        label, score = label_for(mean_score, self.threshold), mean_score
-        if self.rule == "tracks":
-            by_tracks, top = decide_by_tracks(summaries)
-            if by_tracks is None:
-                decision["rule"] = "mean"  # no track long enough to judge: the paper's rule
-            else:
-                label, score = by_tracks, top
-                decision["track_score_max"] = top
+        label, score, decision["rule"] = self._label(summaries, mean_score)
+        if decision["rule"] == "tracks":
+            decision["track_score_max"] = score
         decision["score"] = round(float(score), 6)
         return label, self.action(label, score), decision
+
+    def _label(self, summaries: list[dict], mean_score: float) -> tuple[str, float, str]:
+        """(label, the score it was decided on, the rule that decided) for judged tracks."""
+        if self.rule == "tracks":
+            by_tracks, top = decide_by_tracks(summaries)
+            if by_tracks is not None:
+                return by_tracks, top, "tracks"
+        return label_for(mean_score, self.threshold), mean_score, "mean"  # no track long enough: the paper's rule
+
+    def redecide(self, verdict: dict) -> tuple[str, str, float]:
+        """(label, action, decision score) this policy gives a stored scored verdict, from the frame
+        scores its tracks keep, without scoring it again: what a threshold, band or rule would change."""
+        summaries = [judge(t["frame_scores"], threshold=self.threshold, strategy=self.track_score,
+                           min_frames=self.min_track_frames) for t in verdict["tracks"]]
+        label, score, _ = self._label(summaries, verdict["score"])
+        return label, self.action(label, score), round(float(score), 6)
 
     def decisive(self, largest_scores: list[float], *, frames: int, margin: float) -> bool:
         """Early exit: the first `frames` scores all lie `margin` above the threshold, or all `margin`

@@ -16,13 +16,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from botocore.exceptions import ClientError
-
 from worker.decision import ALLOW, BLOCK, REVIEW
-from worker.s3 import NOT_FOUND_CODES, S3Location, make_client, validate_location
+from worker.s3 import S3Location, make_client, validate_location
 from worker.settings import Settings
 from worker.verdict_store import VerdictStore
 
@@ -30,7 +27,6 @@ SCHEMA = "deepfake-feedback/1"
 LABELS = ("fake", "real")
 ACTIONS = (BLOCK, REVIEW, ALLOW)
 SUFFIX = ".feedback.json"
-FETCH_THREADS = 8  # parallel GETs while summarising (botocore's connection pool holds 10)
 
 
 class NoVerdict(LookupError):
@@ -106,47 +102,29 @@ def summarize(bucket: str, prefix: str = "", *, settings: Settings | None = None
     `on_listed(n)` is told after each page how many objects it held (the CLI's progress bar)."""
     settings = settings or Settings()
     store = _store(settings, s3_client or make_client(settings.s3_endpoint_url, settings.s3_region))
-    where = store.feedback_location(S3Location(bucket, prefix))
-    listing_prefix = where.key[: -len(SUFFIX)]
     counts: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: {a: dict.fromkeys(LABELS, 0) for a in ACTIONS})
     shadow_counts: dict[str, dict[str, dict[str, int]]] = defaultdict(
         lambda: {a: dict.fromkeys(LABELS, 0) for a in ACTIONS})
     unscored: dict[str, dict[str, dict[str, dict[str, int]]]] = defaultdict(dict)  # model → code → action → label
     n = 0
-
-    def fetch(key: str) -> Any:
+    for _, fb in store.scan(S3Location(bucket, prefix), suffixes=(SUFFIX,), on_listed=on_listed):
         try:
-            return json.loads(store.client.get_object(Bucket=where.bucket, Key=key)["Body"].read())
-        except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in NOT_FOUND_CODES:
-                return None  # deleted since the listing (an erasure, an appeal being rewritten)
-            raise
-        except ValueError:
-            return None  # not JSON: not a record this module wrote
-
-    with ThreadPoolExecutor(max_workers=FETCH_THREADS) as pool:
-        for page in store.client.get_paginator("list_objects_v2").paginate(Bucket=where.bucket, Prefix=listing_prefix):
-            if on_listed is not None:
-                on_listed(len(page.get("Contents", [])))
-            keys = [obj["Key"] for obj in page.get("Contents", []) if obj["Key"].endswith(SUFFIX)]
-            for fb in pool.map(fetch, keys):  # a GET each: in parallel, the listing's order kept
-                try:
-                    action, label, model = fb["verdict"]["action"], fb["label"], fb["verdict"]["model"]
-                except (KeyError, TypeError):
-                    continue  # not a record this module wrote
-                if action not in ACTIONS or label not in LABELS:
-                    continue
-                name = _model_name(model)
-                status = fb["verdict"].get("status", "ok")  # records from before unscored feedback: scored
-                if status == "ok":
-                    counts[name][action][label] += 1
-                    shadow = fb.get("shadow") or {}
-                    if shadow.get("action") in ACTIONS:
-                        shadow_counts[_model_name(shadow.get("model") or {})][shadow["action"]][label] += 1
-                else:
-                    why = fb["verdict"].get("error") or status
-                    unscored[name].setdefault(why, {}).setdefault(action, dict.fromkeys(LABELS, 0))[label] += 1
-                n += 1
+            action, label, model = fb["verdict"]["action"], fb["label"], fb["verdict"]["model"]
+        except (KeyError, TypeError):
+            continue  # not a record this module wrote
+        if action not in ACTIONS or label not in LABELS:
+            continue
+        name = _model_name(model)
+        status = fb["verdict"].get("status", "ok")  # records from before unscored feedback: scored
+        if status == "ok":
+            counts[name][action][label] += 1
+            shadow = fb.get("shadow") or {}
+            if shadow.get("action") in ACTIONS:
+                shadow_counts[_model_name(shadow.get("model") or {})][shadow["action"]][label] += 1
+        else:
+            why = fb["verdict"].get("error") or status
+            unscored[name].setdefault(why, {}).setdefault(action, dict.fromkeys(LABELS, 0))[label] += 1
+        n += 1
     models = []
     for name in sorted(set(counts) | set(unscored)):
         summary = _by_action_summary(name, counts[name])

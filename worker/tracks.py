@@ -100,13 +100,20 @@ def track_score(scores: list[float], strategy: str = "mean") -> float:
     return float(p.mean())
 
 
+def judge(frame_scores: list[float], *, threshold: float, strategy: str, min_frames: int) -> dict:
+    """A track's `score`, whether it is `long_enough` to count, and whether it is `fake`: from its frame
+    scores alone, so a stored verdict's tracks can be judged again under other settings."""
+    score = track_score(frame_scores, strategy) if frame_scores else None
+    counts = len(frame_scores) >= min_frames
+    return {"score": None if score is None else round(score, 6), "long_enough": counts,
+            "fake": bool(counts and score is not None and score >= threshold)}
+
+
 def summarize(tracks: list[Track], *, threshold: float, strategy: str, min_frames: int) -> list[dict]:
     """The verdict's `tracks`: span, boxes, frame scores, score, and whether the track counts."""
     out = []
     for track in tracks:
         scores = track.scores()
-        score = track_score(scores, strategy) if scores else None
-        counts = len(scores) >= min_frames
         out.append({
             "id": track.id,
             "start_t": track.faces[0]["t"],
@@ -114,9 +121,7 @@ def summarize(tracks: list[Track], *, threshold: float, strategy: str, min_frame
             "frames": [f["frame"] for f in track.faces],
             "boxes": [f["box"] for f in track.faces],
             "frame_scores": scores,
-            "score": None if score is None else round(score, 6),
-            "long_enough": counts,
-            "fake": bool(counts and score is not None and score >= threshold),
+            **judge(scores, threshold=threshold, strategy=strategy, min_frames=min_frames),
         })
     return out
 

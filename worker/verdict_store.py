@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import structlog
 from botocore.exceptions import ClientError
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("worker.verdict_store")
 
+SCAN_THREADS = 8  # parallel GETs when reading many verdicts (botocore's connection pool holds 10)
 REPORT_TYPES = {".html": "text/html; charset=utf-8", ".png": "image/png", ".json": "application/json"}
 SIGNATURE_METADATA = "deepfake-signature"  # S3 user metadata: the x-amz-meta-deepfake-signature header
 
@@ -66,6 +68,34 @@ class VerdictStore:
     def feedback_location(self, upload: S3Location) -> S3Location:
         """A reviewer's decision on the verdict (worker.feedback)."""
         return S3Location(self.bucket or upload.bucket, self._path(upload) + ".feedback.json")
+
+    def scan(self, uploads: S3Location, *, suffixes: tuple[str, ...],
+             on_listed: Callable[[int], None] | None = None) -> Iterator[tuple[str, Any]]:
+        """(key, parsed JSON) of each object this store holds for the uploads under `uploads`
+        (s3://bucket/key-prefix) whose key ends with one of `suffixes`, in listing order, GET
+        `SCAN_THREADS` at a time. Reports are passed over; an object deleted since the listing (an
+        erasure) or not JSON is skipped. `on_listed(n)`: after each page, how many objects it held."""
+        where = S3Location(self.bucket or uploads.bucket, self._path(uploads))
+
+        def fetch(key: str) -> Any:
+            try:
+                return json.loads(self.client.get_object(Bucket=where.bucket, Key=key)["Body"].read())
+            except ClientError as exc:
+                if str(exc.response.get("Error", {}).get("Code")) in NOT_FOUND_CODES:
+                    return None
+                raise
+            except ValueError:
+                return None
+
+        with ThreadPoolExecutor(max_workers=SCAN_THREADS) as pool:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=where.bucket, Prefix=where.key):
+                contents = page.get("Contents", [])
+                if on_listed is not None:
+                    on_listed(len(contents))
+                keys = [o["Key"] for o in contents if o["Key"].endswith(suffixes) and ".report/" not in o["Key"]]
+                for key, body in zip(keys, pool.map(fetch, keys)):
+                    if body is not None:
+                        yield key, body
 
     def put_report(self, upload: S3Location, directory: Path) -> str:
         """Upload a report directory beside the verdict (`.report/`); the page's s3:// URI. Reruns overwrite it."""
