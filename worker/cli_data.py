@@ -36,6 +36,21 @@ def add_data_commands(sub) -> None:  # type: ignore[no-untyped-def]
                    help="also read every finished and failed job (slow): for jobs from before the upload index")
     g.set_defaults(func=cmd_forget)
 
+    w = sub.add_parser("what-if", help="what a changed threshold, review band or rule would do to the uploads "
+                                       "already moderated, from their stored verdicts (nothing is scored again)",
+                       description="Reads the stored scored verdicts under s3://BUCKET[/PREFIX], decides each again "
+                                   "under its own policy with the options given put over it, and prints per model "
+                                   "the actions now and then, the moves between them, and the reviewer labels "
+                                   "(deepfake feedback) on each action now and then.")
+    w.add_argument("prefix", metavar="s3://BUCKET[/PREFIX]")
+    w.add_argument("--threshold", type=_probability, metavar="P", help="the fake threshold")
+    w.add_argument("--review-threshold", type=_probability_or_none, metavar="P|none",
+                   help="the review band's lower end; none removes the band")
+    w.add_argument("--rule", choices=("tracks", "mean"))
+    w.add_argument("--track-score", choices=("mean", "confident"))
+    w.add_argument("--min-track-frames", type=int, metavar="N")
+    w.set_defaults(func=cmd_what_if)
+
     sub.add_parser("schema", help="print the verdict's JSON Schema (deepfake-verdict/1) this worker writes to",
                    description="The JSON Schema every verdict of this version is valid against "
                                "(worker/schemas/verdict.schema.json), for platforms to validate what they "
@@ -179,6 +194,47 @@ def cmd_feedback_summary(args: argparse.Namespace, parser: argparse.ArgumentPars
     with tqdm(desc="feedback-summary", unit="object", file=sys.stderr, disable=None) as bar:
         summary = summarize(bucket, prefix, settings=cli._settings(parser), on_listed=bar.update)
     print(json.dumps(summary, indent=2))
+    return cli.EXIT_OK
+
+
+NO_BAND = "none"
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a probability from 0 to 1")
+    return value
+
+
+def _probability_or_none(text: str) -> float | str:
+    return NO_BAND if text == NO_BAND else _probability(text)
+
+
+def cmd_what_if(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from tqdm import tqdm
+
+    from worker import cli
+    from worker.backfill import parse_prefix
+    from worker.whatif import what_if
+
+    try:
+        bucket, prefix = parse_prefix(args.prefix)
+    except ValueError as exc:
+        parser.error(str(exc))
+    changes = {k: getattr(args, k) for k in ("threshold", "rule", "track_score", "min_track_frames")
+               if getattr(args, k) is not None}
+    if args.review_threshold is not None:
+        changes["review_threshold"] = None if args.review_threshold == NO_BAND else args.review_threshold
+    if not changes:
+        parser.error("what-if: give at least one of --threshold, --review-threshold, --rule, --track-score, "
+                     "--min-track-frames")
+    try:
+        with tqdm(desc="what-if", unit="object", file=sys.stderr, disable=None) as bar:
+            result = what_if(bucket, prefix, changes, settings=cli._settings(parser), on_listed=bar.update)
+    except ValueError as exc:  # e.g. a review threshold above a verdict's threshold
+        parser.error(f"what-if: {exc}")
+    print(json.dumps(result, indent=2, ensure_ascii=False))
     return cli.EXIT_OK
 
 

@@ -1,0 +1,82 @@
+"""What a changed threshold, review band or rule would do to the uploads already moderated, read from
+their stored verdicts without scoring anything again (`deepfake what-if`).
+
+Each scored verdict keeps its tracks' frame scores, so `DecisionPolicy.redecide` gives its label and
+action under another policy exactly as the worker would have. Per model (scores of different models
+are not comparable): how many uploads each action would get, which moves between actions, and, on
+the uploads a reviewer labelled (`deepfake feedback`), each action's reviewer labels now and then.
+That is the review team's workload and what it would catch, measured on production traffic before
+the setting is changed.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable
+
+from worker.decision import DecisionPolicy
+from worker.feedback import ACTIONS, LABELS
+from worker.feedback import SUFFIX as FEEDBACK_SUFFIX
+from worker.s3 import S3Location, make_client
+from worker.settings import Settings
+from worker.verdict_store import VerdictStore
+
+POLICY_FIELDS = ("rule", "threshold", "review_threshold", "track_score", "min_track_frames")
+
+
+def proposed_policy(stored: dict, changes: dict[str, Any]) -> DecisionPolicy:
+    """The stored verdict's own policy (`decision.policy`) with `changes` put over it."""
+    return DecisionPolicy(**{**{k: stored[k] for k in POLICY_FIELDS}, **changes})
+
+
+def _tally() -> dict[str, Any]:
+    return {"scored": 0, "actions": {"current": dict.fromkeys(ACTIONS, 0), "proposed": dict.fromkeys(ACTIONS, 0)},
+            "moves": defaultdict(int),
+            "reviewed": {"current": {a: dict.fromkeys(LABELS, 0) for a in ACTIONS},
+                         "proposed": {a: dict.fromkeys(LABELS, 0) for a in ACTIONS}}}
+
+
+def what_if(bucket: str, prefix: str = "", changes: dict[str, Any] | None = None, *,
+            settings: Settings | None = None, s3_client: Any = None,
+            on_listed: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """The actions the stored scored verdicts under s3://bucket/prefix have and would have with
+    `changes` (any of POLICY_FIELDS) put over each one's own policy. A change that makes no valid
+    policy (a review threshold above the threshold) raises ValueError."""
+    changes = dict(changes or {})
+    unknown = set(changes) - set(POLICY_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown policy fields {sorted(unknown)}; expected some of {POLICY_FIELDS}")
+    settings = settings or Settings()
+    store = VerdictStore(s3_client or make_client(settings.s3_endpoint_url, settings.s3_region),
+                         prefix=settings.verdict_prefix, bucket=settings.verdict_bucket)
+    models: dict[str, dict[str, Any]] = defaultdict(_tally)
+    reviewer_labels: dict[str, str] = {}  # verdict key → label; a feedback object lists just before its verdict
+    other = 0
+    for key, body in store.scan(S3Location(bucket, prefix), suffixes=(".json",), on_listed=on_listed):
+        if not isinstance(body, dict):
+            continue  # not an object this system wrote
+        if key.endswith(FEEDBACK_SUFFIX):
+            if body.get("label") in LABELS:
+                reviewer_labels[key[: -len(FEEDBACK_SUFFIX)] + ".json"] = body["label"]
+            continue
+        label = reviewer_labels.pop(key, None)
+        policy_now = (body.get("decision") or {}).get("policy") or {}
+        if body.get("status") != "ok" or body.get("action") not in ACTIONS or set(POLICY_FIELDS) - set(policy_now):
+            other += 1  # not scored (its action does not follow the thresholds), or from before policies
+            continue
+        _, proposed, _ = proposed_policy(policy_now, changes).redecide(body)
+        model = body.get("model") or {}
+        tally = models[f"{model.get('name')} {model.get('version')} ({str(model.get('sha256'))[:12]})"]
+        current = body["action"]
+        tally["scored"] += 1
+        tally["actions"]["current"][current] += 1
+        tally["actions"]["proposed"][proposed] += 1
+        if proposed != current:
+            tally["moves"][f"{current}→{proposed}"] += 1
+        if label is not None:
+            tally["reviewed"]["current"][current][label] += 1
+            tally["reviewed"]["proposed"][proposed][label] += 1
+    return {
+        "source": f"s3://{bucket}/{prefix}", "changes": changes, "unscored": other,
+        "models": [{"model": name, **tally, "moves": dict(sorted(tally["moves"].items()))}
+                   for name, tally in sorted(models.items())],
+    }
