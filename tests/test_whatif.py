@@ -71,7 +71,7 @@ def test_what_if_over_a_prefix_counts_actions_moves_and_reviews(settings, modera
     listed: list[int] = []
     result = what_if(BUCKET, "in/", changes, settings=s, s3_client=s3, on_listed=listed.append)
     [model] = result["models"]
-    assert result["unscored"] == 2 and model["scored"] == 2 and sum(listed) == 5  # 4 verdicts + 1 feedback
+    assert result["skipped"] == 2 and model["scored"] == 2 and sum(listed) == 5  # 4 verdicts + 1 feedback
     assert model["actions"] == {"current": {"allow": 0, "review": 0, "block": 2},
                                 "proposed": {"allow": 0, "review": 2, "block": 0}}
     assert model["moves"] == {"block→review": 2}

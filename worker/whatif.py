@@ -39,8 +39,10 @@ def what_if(bucket: str, prefix: str = "", changes: dict[str, Any] | None = None
             settings: Settings | None = None, s3_client: Any = None,
             on_listed: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The actions the stored scored verdicts under s3://bucket/prefix have and would have with
-    `changes` (any of POLICY_FIELDS) put over each one's own policy. A change that makes no valid
-    policy (a review threshold above the threshold) raises ValueError."""
+    `changes` (any of POLICY_FIELDS) put over each one's own policy; `skipped` counts the other
+    verdicts (no_face and error ones, which no threshold decides, and any from before verdicts
+    recorded their policy). A change that makes no valid policy (a review threshold above the
+    threshold) raises ValueError."""
     changes = dict(changes or {})
     unknown = set(changes) - set(POLICY_FIELDS)
     if unknown:
@@ -50,7 +52,7 @@ def what_if(bucket: str, prefix: str = "", changes: dict[str, Any] | None = None
                          prefix=settings.verdict_prefix, bucket=settings.verdict_bucket)
     models: dict[str, dict[str, Any]] = defaultdict(_tally)
     reviewer_labels: dict[str, str] = {}  # verdict key → label; a feedback object lists just before its verdict
-    other = 0
+    skipped = 0
     for key, body in store.scan(S3Location(bucket, prefix), suffixes=(".json",), on_listed=on_listed):
         if not isinstance(body, dict):
             continue  # not an object this system wrote
@@ -61,7 +63,7 @@ def what_if(bucket: str, prefix: str = "", changes: dict[str, Any] | None = None
         label = reviewer_labels.pop(key, None)
         policy_now = (body.get("decision") or {}).get("policy") or {}
         if body.get("status") != "ok" or body.get("action") not in ACTIONS or set(POLICY_FIELDS) - set(policy_now):
-            other += 1  # not scored (its action does not follow the thresholds), or from before policies
+            skipped += 1  # not scored (no_face, error: no threshold decides it), or from before policies
             continue
         _, proposed, _ = proposed_policy(policy_now, changes).redecide(body)
         model = body.get("model") or {}
@@ -76,7 +78,7 @@ def what_if(bucket: str, prefix: str = "", changes: dict[str, Any] | None = None
             tally["reviewed"]["current"][current][label] += 1
             tally["reviewed"]["proposed"][proposed][label] += 1
     return {
-        "source": f"s3://{bucket}/{prefix}", "changes": changes, "unscored": other,
+        "source": f"s3://{bucket}/{prefix}", "changes": changes, "skipped": skipped,
         "models": [{"model": name, **tally, "moves": dict(sorted(tally["moves"].items()))}
                    for name, tally in sorted(models.items())],
     }
