@@ -12,9 +12,11 @@ import sys
 import pytest
 from pydantic import ValidationError
 
+from worker.feedback import record, summarize
 from worker.forget import forget
 from worker.runtime import WorkerRuntime
 from worker.settings import Settings
+from worker.whatif import what_if
 
 KEY = "clips/same-name.mp4"
 
@@ -34,6 +36,12 @@ def test_uploads_with_one_key_in_two_buckets_keep_their_own_verdicts(s3_server, 
     # each upload's verdict is reused for it, not recomputed (nor replaced by the other's)
     assert rt.moderate_s3("tenant-a", KEY)["created_at"] == a["created_at"]
     assert rt.moderate_s3("tenant-b", KEY)["created_at"] == b["created_at"]
+    # readers of many verdicts find each bucket's own: the scan lists <prefix><bucket>/ in the verdict bucket
+    record("tenant-a", KEY, "fake", settings=s, s3_client=s3)
+    assert summarize("tenant-a", settings=s, s3_client=s3)["feedback"] == 1
+    assert summarize("tenant-b", settings=s, s3_client=s3)["feedback"] == 0
+    replay = what_if("tenant-a", "clips/", {"threshold": 0.99}, settings=s, s3_client=s3)
+    assert replay["models"][0]["scored"] == 1 and replay["skipped"] == 0
     # erasing one upload leaves the other's verdict and report
     gone = forget("tenant-a", KEY, settings=s, connection=redis, s3_client=s3)
     assert gone.complete and all(u.startswith(f"s3://verdicts-central/verdicts/tenant-a/{KEY}") for u in gone.s3_deleted)
