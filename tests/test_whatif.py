@@ -3,6 +3,7 @@ the worker gives, under its own policy and under another; over a prefix on the r
 counts the actions now and then, the moves, and the reviewer labels on each."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import pytest
 
 from worker.decision import DecisionPolicy
 from worker.engine.model_card import ModelCard
-from worker.feedback import record
+from worker.feedback import record, summarize
 from worker.pipeline import Moderator
 from worker.runtime import WorkerRuntime
 from worker.whatif import proposed_policy, what_if
@@ -78,6 +79,13 @@ def test_what_if_over_a_prefix_counts_actions_moves_and_reviews(settings, modera
     assert model["reviewed"]["current"]["block"] == {"fake": 1, "real": 0}
     assert model["reviewed"]["proposed"]["review"] == {"fake": 1, "real": 0}  # the fake would still reach a person
 
+    now = dt.datetime.now(dt.timezone.utc)
+    recent = what_if(BUCKET, "in/", changes, settings=s, s3_client=s3, since=now - dt.timedelta(hours=1))
+    assert recent["models"][0]["moves"] == {"block→review": 2}
+    assert what_if(BUCKET, "in/", changes, settings=s, s3_client=s3, since=now + dt.timedelta(hours=1))["models"] == []
+    assert summarize(BUCKET, settings=s, s3_client=s3, since=now + dt.timedelta(hours=1))["feedback"] == 0
+    assert summarize(BUCKET, settings=s, s3_client=s3, since=now - dt.timedelta(hours=1))["feedback"] == 1
+
     same = what_if(BUCKET, "in/", {"threshold": verdicts["a.mp4"]["threshold"]}, settings=s, s3_client=s3)
     assert same["models"][0]["moves"] == {}  # the policy they were made under: nothing moves
     with pytest.raises(ValueError, match="above the model's threshold"):
@@ -95,6 +103,7 @@ def test_what_if_over_a_prefix_counts_actions_moves_and_reviews(settings, modera
     assert json.loads(done.stdout)["models"][0]["moves"] == {"block→review": 2}
     no_band = cli(f"s3://{BUCKET}/in/", "--review-threshold", "none")
     assert no_band.returncode == 0 and json.loads(no_band.stdout)["changes"] == {"review_threshold": None}
+    assert json.loads(cli(f"s3://{BUCKET}/in/", "--threshold", "0.9", "--since", "2999-01-01").stdout)["models"] == []
     assert cli(f"s3://{BUCKET}/in/").returncode == 2  # nothing to change
     bad = cli(f"s3://{BUCKET}/in/", "--review-threshold", "0.99")
     assert bad.returncode == 2 and "above the model's threshold" in bad.stderr

@@ -49,6 +49,8 @@ def add_data_commands(sub) -> None:  # type: ignore[no-untyped-def]
     w.add_argument("--rule", choices=("tracks", "mean"))
     w.add_argument("--track-score", choices=("mean", "confident"))
     w.add_argument("--min-track-frames", type=int, metavar="N")
+    w.add_argument("--since", type=_timestamp, metavar="ISO-8601",
+                   help="only verdicts (and feedback) written at or after this time, e.g. the last week's")
     w.set_defaults(func=cmd_what_if)
 
     sub.add_parser("schema", help="print the verdict's JSON Schema (deepfake-verdict/1) this worker writes to",
@@ -70,6 +72,7 @@ def add_data_commands(sub) -> None:  # type: ignore[no-untyped-def]
 
     fs = sub.add_parser("feedback-summary", help="reviewer decisions by the worker's action, per model, as JSON")
     fs.add_argument("prefix", metavar="s3://BUCKET[/PREFIX]", help="the uploads' bucket (and key prefix)")
+    fs.add_argument("--since", type=_timestamp, metavar="ISO-8601", help="only feedback recorded at or after this time")
     fs.set_defaults(func=cmd_feedback_summary)
 
 
@@ -192,7 +195,7 @@ def cmd_feedback_summary(args: argparse.Namespace, parser: argparse.ArgumentPars
     except ValueError as exc:
         parser.error(str(exc))
     with tqdm(desc="feedback-summary", unit="object", file=sys.stderr, disable=None) as bar:
-        summary = summarize(bucket, prefix, settings=cli._settings(parser), on_listed=bar.update)
+        summary = summarize(bucket, prefix, settings=cli._settings(parser), since=args.since, on_listed=bar.update)
     print(json.dumps(summary, indent=2))
     return cli.EXIT_OK
 
@@ -231,7 +234,8 @@ def cmd_what_if(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
                      "--min-track-frames")
     try:
         with tqdm(desc="what-if", unit="object", file=sys.stderr, disable=None) as bar:
-            result = what_if(bucket, prefix, changes, settings=cli._settings(parser), on_listed=bar.update)
+            result = what_if(bucket, prefix, changes, settings=cli._settings(parser), since=args.since,
+                             on_listed=bar.update)
     except ValueError as exc:  # e.g. a review threshold above a verdict's threshold
         parser.error(f"what-if: {exc}")
     print(json.dumps(result, indent=2, ensure_ascii=False))

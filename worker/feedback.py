@@ -93,13 +93,14 @@ def _by_action_summary(name: str, by_action: dict[str, dict[str, int]]) -> dict[
 
 
 def summarize(bucket: str, prefix: str = "", *, settings: Settings | None = None, s3_client: Any = None,
-              on_listed: Callable[[int], None] | None = None) -> dict:
+              since: dt.datetime | None = None, on_listed: Callable[[int], None] | None = None) -> dict:
     """Per model: reviewer labels by the worker's action on scored uploads, each action's share of real
     fakes, and (`unscored`) reviewer labels on the others by status or error code; `shadow_models`:
     the same for the shadow models' actions on the scored uploads that had one.
 
     Feedback lies among the verdicts, one per upload, so a whole bucket is a long listing:
-    `on_listed(n)` is told after each page how many objects it held (the CLI's progress bar)."""
+    `on_listed(n)` is told after each page how many objects it held (the CLI's progress bar); `since`
+    keeps the feedback recorded at or after it."""
     settings = settings or Settings()
     store = _store(settings, s3_client or make_client(settings.s3_endpoint_url, settings.s3_region))
     counts: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: {a: dict.fromkeys(LABELS, 0) for a in ACTIONS})
@@ -107,7 +108,7 @@ def summarize(bucket: str, prefix: str = "", *, settings: Settings | None = None
         lambda: {a: dict.fromkeys(LABELS, 0) for a in ACTIONS})
     unscored: dict[str, dict[str, dict[str, dict[str, int]]]] = defaultdict(dict)  # model → code → action → label
     n = 0
-    for _, fb in store.scan(S3Location(bucket, prefix), suffixes=(SUFFIX,), on_listed=on_listed):
+    for _, fb in store.scan(S3Location(bucket, prefix), suffixes=(SUFFIX,), since=since, on_listed=on_listed):
         try:
             action, label, model = fb["verdict"]["action"], fb["label"], fb["verdict"]["model"]
         except (KeyError, TypeError):

@@ -12,6 +12,7 @@ replaced. Readers check verdicts with `verify_verdict` (the object's exact bytes
 """
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import json
@@ -69,12 +70,13 @@ class VerdictStore:
         """A reviewer's decision on the verdict (worker.feedback)."""
         return S3Location(self.bucket or upload.bucket, self._path(upload) + ".feedback.json")
 
-    def scan(self, uploads: S3Location, *, suffixes: tuple[str, ...],
+    def scan(self, uploads: S3Location, *, suffixes: tuple[str, ...], since: dt.datetime | None = None,
              on_listed: Callable[[int], None] | None = None) -> Iterator[tuple[str, Any]]:
         """(key, parsed JSON) of each object this store holds for the uploads under `uploads`
-        (s3://bucket/key-prefix) whose key ends with one of `suffixes`, in listing order, GET
-        `SCAN_THREADS` at a time. Reports are passed over; an object deleted since the listing (an
-        erasure) or not JSON is skipped. `on_listed(n)`: after each page, how many objects it held."""
+        (s3://bucket/key-prefix) whose key ends with one of `suffixes` and, with `since`, that was
+        written at or after it, in listing order, GET `SCAN_THREADS` at a time. Reports are passed
+        over; an object deleted since the listing (an erasure) or not JSON is skipped.
+        `on_listed(n)`: after each page, how many objects it held."""
         where = S3Location(self.bucket or uploads.bucket, self._path(uploads))
 
         def fetch(key: str) -> Any:
@@ -92,7 +94,8 @@ class VerdictStore:
                 contents = page.get("Contents", [])
                 if on_listed is not None:
                     on_listed(len(contents))
-                keys = [o["Key"] for o in contents if o["Key"].endswith(suffixes) and ".report/" not in o["Key"]]
+                keys = [o["Key"] for o in contents if o["Key"].endswith(suffixes) and ".report/" not in o["Key"]
+                        and (since is None or o["LastModified"] >= since)]
                 for key, body in zip(keys, pool.map(fetch, keys)):
                     if body is not None:
                         yield key, body

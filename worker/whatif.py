@@ -10,6 +10,7 @@ the setting is changed.
 """
 from __future__ import annotations
 
+import datetime as dt
 from collections import defaultdict
 from typing import Any, Callable
 
@@ -36,13 +37,13 @@ def _tally() -> dict[str, Any]:
 
 
 def what_if(bucket: str, prefix: str = "", changes: dict[str, Any] | None = None, *,
-            settings: Settings | None = None, s3_client: Any = None,
+            settings: Settings | None = None, s3_client: Any = None, since: dt.datetime | None = None,
             on_listed: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The actions the stored scored verdicts under s3://bucket/prefix have and would have with
     `changes` (any of POLICY_FIELDS) put over each one's own policy; `skipped` counts the other
     verdicts (no_face and error ones, which no threshold decides, and any from before verdicts
-    recorded their policy). A change that makes no valid policy (a review threshold above the
-    threshold) raises ValueError."""
+    recorded their policy). `since`: only verdicts (and feedback) written at or after it. A change
+    that makes no valid policy (a review threshold above the threshold) raises ValueError."""
     changes = dict(changes or {})
     unknown = set(changes) - set(POLICY_FIELDS)
     if unknown:
@@ -53,7 +54,7 @@ def what_if(bucket: str, prefix: str = "", changes: dict[str, Any] | None = None
     models: dict[str, dict[str, Any]] = defaultdict(_tally)
     reviewer_labels: dict[str, str] = {}  # verdict key → label; a feedback object lists just before its verdict
     skipped = 0
-    for key, body in store.scan(S3Location(bucket, prefix), suffixes=(".json",), on_listed=on_listed):
+    for key, body in store.scan(S3Location(bucket, prefix), suffixes=(".json",), since=since, on_listed=on_listed):
         if not isinstance(body, dict):
             continue  # not an object this system wrote
         if key.endswith(FEEDBACK_SUFFIX):
