@@ -82,7 +82,8 @@ def _model_id(model: dict) -> dict:
     return {k: model.get(k) for k in ("name", "version", "sha256")}
 
 
-def _model_name(model: dict) -> str:
+def model_label(model: dict) -> str:
+    """How summaries name a model: name, version and the start of its weights' sha256."""
     return f"{model.get('name')} {model.get('version')} ({str(model.get('sha256'))[:12]})"
 
 
@@ -115,13 +116,13 @@ def summarize(bucket: str, prefix: str = "", *, settings: Settings | None = None
             continue  # not a record this module wrote
         if action not in ACTIONS or label not in LABELS:
             continue
-        name = _model_name(model)
+        name = model_label(model)
         status = fb["verdict"].get("status", "ok")  # records from before unscored feedback: scored
         if status == "ok":
             counts[name][action][label] += 1
             shadow = fb.get("shadow") or {}
             if shadow.get("action") in ACTIONS:
-                shadow_counts[_model_name(shadow.get("model") or {})][shadow["action"]][label] += 1
+                shadow_counts[model_label(shadow.get("model") or {})][shadow["action"]][label] += 1
         else:
             why = fb["verdict"].get("error") or status
             unscored[name].setdefault(why, {}).setdefault(action, dict.fromkeys(LABELS, 0))[label] += 1

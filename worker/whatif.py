@@ -15,7 +15,7 @@ from collections import defaultdict
 from typing import Any, Callable
 
 from worker.decision import DecisionPolicy
-from worker.feedback import ACTIONS, LABELS
+from worker.feedback import ACTIONS, LABELS, model_label
 from worker.feedback import SUFFIX as FEEDBACK_SUFFIX
 from worker.s3 import S3Location, make_client
 from worker.settings import Settings
@@ -68,7 +68,7 @@ def what_if(bucket: str, prefix: str = "", changes: dict[str, Any] | None = None
             continue
         _, proposed, _ = proposed_policy(policy_now, changes).redecide(body)
         model = body.get("model") or {}
-        tally = models[f"{model.get('name')} {model.get('version')} ({str(model.get('sha256'))[:12]})"]
+        tally = models[model_label(model)]
         current = body["action"]
         tally["scored"] += 1
         tally["actions"]["current"][current] += 1
