@@ -92,6 +92,20 @@ def test_a_failing_shadow_model_never_costs_the_verdict(settings, moderator, cor
     assert failed["model"] == "broken" and failed["source"] == str(corpus["carphone"])
 
 
+def test_the_queue_worker_counts_shadow_failures(settings, moderator, corpus, random_model_dir, s3_server, tmp_path):
+    s3 = s3_server.bucket_with("shadow-broken", {"a.mp4": corpus["carphone"].read_bytes()})
+    s = settings.model_copy(update={
+        "s3_endpoint_url": s3_server.endpoint, "allowed_buckets": "shadow-broken", "frames": 4,
+        "verdict_prefix": f"v-{tmp_path.name}/",
+        "shadow_model_dir": candidate(random_model_dir, tmp_path / "broken", name="broken", input_size=128)})
+    rt = WorkerRuntime(s, moderator=Moderator(s, detector=moderator.detector, engine=moderator.engine), s3_client=s3)
+    v = rt.moderate_s3("shadow-broken", "a.mp4")
+    assert v["status"] == "ok" and "shadow" not in v
+    assert rt.metrics.registry.get_sample_value("deepfake_shadow_failures_total") == 1
+    rt.moderate_s3("shadow-broken", "a.mp4")  # reused: nothing ran, nothing failed
+    assert rt.metrics.registry.get_sample_value("deepfake_shadow_failures_total") == 1
+
+
 def _first_chunk(m: Moderator, path):
     """The first chunk's shadow crops and face indices, through the pipeline's own cropping."""
     from worker.decode import VideoReader

@@ -34,6 +34,9 @@ class Metrics:
             "deepfake_shadow_actions_total", "Scored verdicts by the production model's action and the shadow "
             "model's (DEEPFAKE_SHADOW_MODEL_DIR): what switching models would change.", ["action", "shadow_action"],
             registry=self.registry)
+        self.shadow_failures = Counter(
+            "deepfake_shadow_failures_total", "Scored jobs whose shadow model raised (logged as shadow_failed); "
+            "their verdicts went on without a shadow block.", registry=self.registry)
         self.actions = Counter("deepfake_verdict_actions_total", "Verdicts by action (allow, review, block): "
                                "review is the human review queue's inflow.", ["action"], registry=self.registry)
         self.scores = Histogram(

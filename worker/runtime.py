@@ -99,6 +99,8 @@ class WorkerRuntime:
         report_dir = Path(tempfile.mkdtemp(prefix="deepfake-report-")) if self.settings.upload_reports else None
         try:
             verdict = self.moderator.moderate(source, frames=frames, report_dir=report_dir)
+            if self.moderator.shadow is not None and verdict["status"] == "ok" and "shadow" not in verdict:
+                self.metrics.shadow_failures.inc()  # the shadow model raised (logged): the verdict went on
             if report_dir is not None and verdict.get("report"):
                 verdict["report"] = self.store.put_report(upload, report_dir)
         finally:
