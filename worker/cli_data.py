@@ -36,6 +36,23 @@ def add_data_commands(sub) -> None:  # type: ignore[no-untyped-def]
                    help="also read every finished and failed job (slow): for jobs from before the upload index")
     g.set_defaults(func=cmd_forget)
 
+    v = sub.add_parser("verdict", help="the verdicts stored in S3 for uploads, one JSON line each, with whether "
+                                       "each verifies against DEEPFAKE_VERDICT_SECRET (exit 1: missing or forged)")
+    v.add_argument("uris", nargs="+", metavar="s3://BUCKET/KEY")
+    v.set_defaults(func=cmd_verdict)
+
+    fb = sub.add_parser("feedback", help="record a reviewer's decision (fake|real) beside an upload's verdict")
+    fb.add_argument("uri", metavar="s3://BUCKET/KEY")
+    fb.add_argument("--label", required=True, choices=["fake", "real"], help="what the reviewer decided")
+    fb.add_argument("--reviewer", metavar="ID", help="who decided (an id, not a name)")
+    fb.add_argument("--note", metavar="TEXT")
+    fb.set_defaults(func=cmd_feedback)
+
+    fs = sub.add_parser("feedback-summary", help="reviewer decisions by the worker's action, per model, as JSON")
+    fs.add_argument("prefix", metavar="s3://BUCKET[/PREFIX]", help="the uploads' bucket (and key prefix)")
+    fs.add_argument("--since", type=_timestamp, metavar="ISO-8601", help="only feedback recorded at or after this time")
+    fs.set_defaults(func=cmd_feedback_summary)
+
     w = sub.add_parser("what-if", help="what a changed threshold, review band or rule would do to the uploads "
                                        "already moderated, from their stored verdicts (nothing is scored again)",
                        description="Reads the stored scored verdicts under s3://BUCKET[/PREFIX], decides each again "
@@ -53,27 +70,10 @@ def add_data_commands(sub) -> None:  # type: ignore[no-untyped-def]
                    help="only verdicts (and feedback) written at or after this time, e.g. the last week's")
     w.set_defaults(func=cmd_what_if)
 
-    sub.add_parser("schema", help="print the verdict's JSON Schema (deepfake-verdict/1) this worker writes to",
+    sub.add_parser("schema", help="print the JSON Schema (deepfake-verdict/1) this version's verdicts follow",
                    description="The JSON Schema every verdict of this version is valid against "
                                "(worker/schemas/verdict.schema.json), for platforms to validate what they "
                                "receive.").set_defaults(func=cmd_schema)
-
-    v = sub.add_parser("verdict", help="the verdicts stored in S3 for uploads, one JSON line each, with whether "
-                                       "each verifies against DEEPFAKE_VERDICT_SECRET (exit 1: missing or forged)")
-    v.add_argument("uris", nargs="+", metavar="s3://BUCKET/KEY")
-    v.set_defaults(func=cmd_verdict)
-
-    fb = sub.add_parser("feedback", help="record a reviewer's decision (fake|real) beside an upload's verdict")
-    fb.add_argument("uri", metavar="s3://BUCKET/KEY")
-    fb.add_argument("--label", required=True, choices=["fake", "real"], help="what the reviewer decided")
-    fb.add_argument("--reviewer", metavar="ID", help="who decided (an id, not a name)")
-    fb.add_argument("--note", metavar="TEXT")
-    fb.set_defaults(func=cmd_feedback)
-
-    fs = sub.add_parser("feedback-summary", help="reviewer decisions by the worker's action, per model, as JSON")
-    fs.add_argument("prefix", metavar="s3://BUCKET[/PREFIX]", help="the uploads' bucket (and key prefix)")
-    fs.add_argument("--since", type=_timestamp, metavar="ISO-8601", help="only feedback recorded at or after this time")
-    fs.set_defaults(func=cmd_feedback_summary)
 
 
 def _timestamp(text: str):  # type: ignore[no-untyped-def]
