@@ -17,7 +17,7 @@ from worker.engine.model_card import ModelCard
 from worker.feedback import record, summarize
 from worker.pipeline import Moderator
 from worker.runtime import WorkerRuntime
-from worker.whatif import proposed_policy, what_if
+from worker.whatif import what_if
 
 BUCKET = "whatif"
 
@@ -50,9 +50,9 @@ def test_another_policy_decided_from_the_stored_verdict_is_what_the_worker_gives
     card_dir = carded(random_model_dir, tmp_path / "banded", **changes)
     fresh = Moderator(settings.model_copy(update={"model_dir": card_dir}),  # its own engine: the card's thresholds
                       detector=moderator.detector).moderate_path(corpus["carphone"])
-    again = proposed_policy(stored["decision"]["policy"], changes).redecide(stored)
+    again = DecisionPolicy.from_key(stored["decision"]["policy"], **changes).redecide(stored)
     assert again == (fresh["label"], fresh["action"], fresh["decision"]["score"]) == ("real", "review", top)
-    mean = proposed_policy(stored["decision"]["policy"], {**changes, "rule": "mean", "min_track_frames": 99})
+    mean = DecisionPolicy.from_key(stored["decision"]["policy"], **changes, rule="mean", min_track_frames=99)
     assert mean.redecide(stored)[2] == stored["score"]  # no track long enough, or the paper's rule: the video score
 
 

@@ -86,7 +86,7 @@ def backfill(
     settings = settings or Settings()
     connection = connection or connect(settings)
     s3 = s3_client or make_client(settings.s3_endpoint_url, settings.s3_region)
-    store = VerdictStore(s3, prefix=settings.verdict_prefix, bucket=settings.verdict_bucket)
+    store = VerdictStore.for_settings(settings, s3)
     queue = get_queue(connection, settings.queue)
     stats = BackfillStats()
     for item in list_uploads(s3, bucket, prefix, store=store, start_after=start_after, since=since):

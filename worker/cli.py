@@ -97,6 +97,16 @@ def _locations(parser: argparse.ArgumentParser, uris: list[str]):  # type: ignor
         parser.error(str(exc))
 
 
+def _prefix(parser: argparse.ArgumentParser, uri: str) -> tuple[str, str]:
+    """An s3://bucket[/prefix] argument as (bucket, prefix), or a usage error."""
+    from worker.backfill import parse_prefix
+
+    try:
+        return parse_prefix(uri)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
 def cmd_enqueue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from worker.queue import connect, enqueue
     from worker.s3 import make_client

@@ -91,12 +91,9 @@ def cmd_backfill(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from tqdm import tqdm
 
     from worker import cli
-    from worker.backfill import backfill, parse_prefix
+    from worker.backfill import backfill
 
-    try:
-        bucket, prefix = parse_prefix(args.prefix)
-    except ValueError as exc:
-        parser.error(str(exc))
+    bucket, prefix = cli._prefix(parser, args.prefix)
     if (args.limit is not None and args.limit < 1) or args.max_queued < 0:
         parser.error("--limit must be at least 1 and --max-queued at least 0")
     settings = cli._settings(parser, frames=args.frames)
@@ -187,13 +184,9 @@ def cmd_feedback_summary(args: argparse.Namespace, parser: argparse.ArgumentPars
     from tqdm import tqdm
 
     from worker import cli
-    from worker.backfill import parse_prefix
     from worker.feedback import summarize
 
-    try:
-        bucket, prefix = parse_prefix(args.prefix)
-    except ValueError as exc:
-        parser.error(str(exc))
+    bucket, prefix = cli._prefix(parser, args.prefix)
     with tqdm(desc="feedback-summary", unit="object", file=sys.stderr, disable=None) as bar:
         summary = summarize(bucket, prefix, settings=cli._settings(parser), since=args.since, on_listed=bar.update)
     print(json.dumps(summary, indent=2))
@@ -218,13 +211,9 @@ def cmd_what_if(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from tqdm import tqdm
 
     from worker import cli
-    from worker.backfill import parse_prefix
     from worker.whatif import what_if
 
-    try:
-        bucket, prefix = parse_prefix(args.prefix)
-    except ValueError as exc:
-        parser.error(str(exc))
+    bucket, prefix = cli._prefix(parser, args.prefix)
     changes = {k: getattr(args, k) for k in ("threshold", "rule", "track_score", "min_track_frames")
                if getattr(args, k) is not None}
     if args.review_threshold is not None:

@@ -14,7 +14,7 @@ through unjudged. A video without a face is allowed unless DEEPFAKE_NO_FACE_ACTI
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
@@ -53,6 +53,8 @@ def parse_error_actions(text: str) -> dict[str, str | None]:
 
 @dataclass(frozen=True)
 class DecisionPolicy:
+    KEY_FIELDS: ClassVar[tuple[str, ...]] = ("rule", "threshold", "review_threshold", "track_score", "min_track_frames")
+
     threshold: float
     review_threshold: float | None = None
     rule: str = "tracks"  # tracks | mean (the paper's)
@@ -82,8 +84,12 @@ class DecisionPolicy:
 
     def key(self) -> dict[str, Any]:
         """What a stored verdict's `decision.policy` must equal for the verdict to be reused."""
-        return {"rule": self.rule, "threshold": self.threshold, "review_threshold": self.review_threshold,
-                "track_score": self.track_score, "min_track_frames": self.min_track_frames}
+        return {name: getattr(self, name) for name in self.KEY_FIELDS}
+
+    @classmethod
+    def from_key(cls, key: dict[str, Any], **changes: Any) -> "DecisionPolicy":
+        """The policy a stored verdict's `decision.policy` names, with `changes` put over it."""
+        return cls(**{**{name: key[name] for name in cls.KEY_FIELDS}, **changes})
 
     def published(self) -> dict[str, Any]:
         """What workers publish for enqueuers to match duplicates on: the scoring key and the actions

@@ -19,7 +19,7 @@ from collections import defaultdict
 from typing import Any, Callable
 
 from worker.decision import ALLOW, BLOCK, REVIEW
-from worker.s3 import S3Location, make_client, validate_location
+from worker.s3 import S3Location, validate_location
 from worker.settings import Settings
 from worker.verdict_store import VerdictStore
 
@@ -33,10 +33,6 @@ class NoVerdict(LookupError):
     """Feedback is about a verdict's action: the upload has no verdict stored, or one without an action."""
 
 
-def _store(settings: Settings, s3: Any) -> VerdictStore:
-    return VerdictStore(s3, prefix=settings.verdict_prefix, bucket=settings.verdict_bucket)
-
-
 def record(bucket: str, key: str, label: str, *, reviewer: str | None = None, note: str | None = None,
            settings: Settings | None = None, s3_client: Any = None) -> dict[str, Any]:
     """Store a reviewer's `label` (fake | real) for s3://bucket/key beside its verdict; the record.
@@ -45,7 +41,7 @@ def record(bucket: str, key: str, label: str, *, reviewer: str | None = None, no
         raise ValueError(f"label must be one of {', '.join(LABELS)}, not {label!r}")
     validate_location(bucket, key)
     settings = settings or Settings()
-    store = _store(settings, s3_client or make_client(settings.s3_endpoint_url, settings.s3_region))
+    store = VerdictStore.for_settings(settings, s3_client)
     upload = S3Location(bucket, key)
     verdict, _ = store.get(upload)
     if not verdict:
@@ -103,7 +99,7 @@ def summarize(bucket: str, prefix: str = "", *, settings: Settings | None = None
     `on_listed(n)` is told after each page how many objects it held (the CLI's progress bar); `since`
     keeps the feedback recorded at or after it."""
     settings = settings or Settings()
-    store = _store(settings, s3_client or make_client(settings.s3_endpoint_url, settings.s3_region))
+    store = VerdictStore.for_settings(settings, s3_client)
     counts: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: {a: dict.fromkeys(LABELS, 0) for a in ACTIONS})
     shadow_counts: dict[str, dict[str, dict[str, int]]] = defaultdict(
         lambda: {a: dict.fromkeys(LABELS, 0) for a in ACTIONS})

@@ -117,6 +117,6 @@ def forget(
         connection.delete(*dedupe_keys)
     if not out.still_running:
         connection.delete(upload_index.index_key(bucket, key))
-        store = VerdictStore(s3, prefix=settings.verdict_prefix, bucket=settings.verdict_bucket)
+        store = VerdictStore.for_settings(settings, s3)
         out.s3_deleted = store.delete(S3Location(bucket, key))
     return out

@@ -35,25 +35,29 @@ class Check:
                 "seconds": round(self.seconds, 2)}
 
 
+def _scores_one_crop(engine) -> np.ndarray | None:  # type: ignore[no-untyped-def]
+    """None when the engine gives one probability for one grey crop of its input size, else what it gave."""
+    size = engine.card.input_size
+    prob = engine.predict(np.full((1, size, size, 3), 128, np.uint8))
+    ok = prob.shape == (1,) and bool(np.isfinite(prob).all()) and 0.0 <= float(prob[0]) <= 1.0
+    return None if ok else prob
+
+
 def check_model(settings: Settings) -> Check:
     """The model and the detector load on the configured device and score a crop and a frame."""
     from worker.pipeline import Moderator
 
     moderator = Moderator(settings)
-    size = moderator.engine.card.input_size
-    prob = moderator.engine.predict(np.full((1, size, size, 3), 128, np.uint8))
-    if prob.shape != (1,) or not np.isfinite(prob).all() or not 0.0 <= float(prob[0]) <= 1.0:
-        return Check("model", False, f"the engine returned {prob!r} for one crop, not one probability")
+    if (wrong := _scores_one_crop(moderator.engine)) is not None:
+        return Check("model", False, f"the engine returned {wrong!r} for one crop, not one probability")
     moderator.detector.detect(np.zeros((1, 64, 64, 3), np.uint8))
     block = moderator.model_block
     warning = block.get("warning")
     detail = (f"{block['name']} {block['version']} on {block['backend']} (sha256 {block['sha256'][:12]}), "
               f"detector {settings.detector} on {settings.device}")
     if moderator.shadow is not None:  # a candidate that does not score would fail every scored job
-        shadow_size = moderator.shadow.crop_size
-        shadow_prob = moderator.shadow.engine.predict(np.full((1, shadow_size, shadow_size, 3), 128, np.uint8))
-        if shadow_prob.shape != (1,) or not np.isfinite(shadow_prob).all():
-            return Check("model", False, f"the shadow model returned {shadow_prob!r} for one crop")
+        if (wrong := _scores_one_crop(moderator.shadow.engine)) is not None:
+            return Check("model", False, f"the shadow model returned {wrong!r} for one crop, not one probability")
         shadow = moderator.shadow.engine.describe()
         detail += f", shadow {shadow['name']} {shadow['version']} (sha256 {shadow['sha256'][:12]})"
     return Check("model", True, detail, warning)

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import structlog
 from botocore.exceptions import ClientError
 
-from worker.s3 import CHANGED_CODES, NOT_FOUND_CODES, S3Location
+from worker.s3 import CHANGED_CODES, NOT_FOUND_CODES, S3Location, make_client
 
 if TYPE_CHECKING:
     from worker.decision import DecisionPolicy
+    from worker.settings import Settings
 
 
 log = structlog.get_logger("worker.verdict_store")
@@ -54,6 +55,13 @@ class VerdictStore:
                  secret: str | None = None) -> None:
         self.client, self.prefix, self.bucket = client, prefix, bucket
         self.secret = secret
+
+    @classmethod
+    def for_settings(cls, settings: Settings, client: Any = None) -> "VerdictStore":
+        """The store at the settings' verdict bucket and prefix, without checking signatures (for the
+        commands that list, erase or annotate verdicts; the worker passes its secret itself)."""
+        client = client or make_client(settings.s3_endpoint_url, settings.s3_region)
+        return cls(client, prefix=settings.verdict_prefix, bucket=settings.verdict_bucket)
 
     def _path(self, upload: S3Location) -> str:
         """`<prefix><key>` beside the upload; in a separate verdict bucket `<prefix><bucket>/<key>`, since

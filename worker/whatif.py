@@ -17,17 +17,9 @@ from typing import Any, Callable
 from worker.decision import DecisionPolicy
 from worker.feedback import ACTIONS, LABELS, model_label
 from worker.feedback import SUFFIX as FEEDBACK_SUFFIX
-from worker.s3 import S3Location, make_client
+from worker.s3 import S3Location
 from worker.settings import Settings
 from worker.verdict_store import VerdictStore
-
-POLICY_FIELDS = ("rule", "threshold", "review_threshold", "track_score", "min_track_frames")
-
-
-def proposed_policy(stored: dict, changes: dict[str, Any]) -> DecisionPolicy:
-    """The stored verdict's own policy (`decision.policy`) with `changes` put over it."""
-    return DecisionPolicy(**{**{k: stored[k] for k in POLICY_FIELDS}, **changes})
-
 
 def _tally() -> dict[str, Any]:
     return {"scored": 0, "actions": {"current": dict.fromkeys(ACTIONS, 0), "proposed": dict.fromkeys(ACTIONS, 0)},
@@ -40,17 +32,16 @@ def what_if(bucket: str, prefix: str = "", changes: dict[str, Any] | None = None
             settings: Settings | None = None, s3_client: Any = None, since: dt.datetime | None = None,
             on_listed: Callable[[int], None] | None = None) -> dict[str, Any]:
     """The actions the stored scored verdicts under s3://bucket/prefix have and would have with
-    `changes` (any of POLICY_FIELDS) put over each one's own policy; `skipped` counts the other
+    `changes` (any of DecisionPolicy.KEY_FIELDS) put over each one's own policy; `skipped` counts the other
     verdicts (no_face and error ones, which no threshold decides, and any from before verdicts
     recorded their policy). `since`: only verdicts (and feedback) written at or after it. A change
     that makes no valid policy (a review threshold above the threshold) raises ValueError."""
     changes = dict(changes or {})
-    unknown = set(changes) - set(POLICY_FIELDS)
+    unknown = set(changes) - set(DecisionPolicy.KEY_FIELDS)
     if unknown:
-        raise ValueError(f"unknown policy fields {sorted(unknown)}; expected some of {POLICY_FIELDS}")
+        raise ValueError(f"unknown policy fields {sorted(unknown)}; expected some of {DecisionPolicy.KEY_FIELDS}")
     settings = settings or Settings()
-    store = VerdictStore(s3_client or make_client(settings.s3_endpoint_url, settings.s3_region),
-                         prefix=settings.verdict_prefix, bucket=settings.verdict_bucket)
+    store = VerdictStore.for_settings(settings, s3_client)
     models: dict[str, dict[str, Any]] = defaultdict(_tally)
     reviewer_labels: dict[str, str] = {}  # verdict key → label; a feedback object lists just before its verdict
     skipped = 0
@@ -63,10 +54,10 @@ def what_if(bucket: str, prefix: str = "", changes: dict[str, Any] | None = None
             continue
         label = reviewer_labels.pop(key, None)
         policy_now = (body.get("decision") or {}).get("policy") or {}
-        if body.get("status") != "ok" or body.get("action") not in ACTIONS or set(POLICY_FIELDS) - set(policy_now):
+        if body.get("status") != "ok" or body.get("action") not in ACTIONS or set(DecisionPolicy.KEY_FIELDS) - set(policy_now):
             skipped += 1  # not scored (no_face, error: no threshold decides it), or from before policies
             continue
-        _, proposed, _ = proposed_policy(policy_now, changes).redecide(body)
+        _, proposed, _ = DecisionPolicy.from_key(policy_now, **changes).redecide(body)
         model = body.get("model") or {}
         tally = models[model_label(model)]
         current = body["action"]
