@@ -106,6 +106,30 @@ def truncate(src: Path, dst: Path, fraction: float) -> Path:
     return dst
 
 
+def damage_packet(path: Path, at_s: float, seed: int = 0) -> float:
+    """Overwrite, in place, the bytes of the first video packet at or after `at_s` with random ones, as
+    a damaged upload (or an uploader) would; returns that packet's time. The container's index stays
+    intact, so the packets after it still demux."""
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        packet = next(p for p in c.demux(stream) if p.pts is not None and float(p.pts * p.time_base) >= at_s)
+        pos, size, t = packet.pos, packet.size, float(packet.pts * packet.time_base)
+    data = bytearray(path.read_bytes())
+    data[pos:pos + size] = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return t
+
+
+def faces_after_damage(path: Path) -> Path:
+    """13 s at 8 fps: 12 s of scenery, then 1 s of the carphone face, with the last scenery packet
+    damaged. A decoder that stops at the damage has read over 75 % of the duration (what the worker
+    takes as a whole video) and seen no face, while players go on to show the face."""
+    faces = carphone_frames()[::4][:8]
+    encode(path, scenery_frames(96, size=faces[0].shape[:2]) + faces, rate=8)
+    damage_packet(path, at_s=11.875)
+    return path
+
+
 def build_corpus(directory: Path) -> dict[str, Path]:
     """The foundation's test corpus: good videos in several codecs and the bad files, by name."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -128,6 +152,7 @@ def build_corpus(directory: Path) -> dict[str, Path]:
     files["no_face_mp4"] = encode(directory / "noface.mp4", scenery_frames(24), rate=8)
     files["truncated_mp4"] = truncate(files["faststart_mp4"], directory / "truncated.mp4", 0.5)
     files["truncated_moov_end_mp4"] = truncate(files["h264_mp4"], directory / "truncated_moov_end.mp4", 0.6)
+    files["faces_after_damage_mp4"] = faces_after_damage(directory / "faces_after_damage.mp4")
     files["zero_bytes_mp4"] = directory / "zero.mp4"
     files["zero_bytes_mp4"].write_bytes(b"")
     files["text_mp4"] = directory / "text.mp4"

@@ -1,6 +1,7 @@
 """Decoding real and generated videos: even sampling, rotation, limits and typed errors."""
 from __future__ import annotations
 
+import av
 import numpy as np
 import pytest
 
@@ -77,6 +78,31 @@ def test_bad_files_raise_typed_errors(corpus, name, code):
     with pytest.raises(ModerationError) as err:
         sample(corpus[name], 8)
     assert err.value.code == code
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_a_damaged_packet_does_not_hide_what_follows(corpus, mode):
+    """One packet of garbage before the last second: PyAV's own decode loop stops there, having read
+    over 75 % of the duration, so the face after it went unseen; the reader skips the packet, as players
+    do, and samples to the end."""
+    path = corpus["faces_after_damage_mp4"]
+    seen = []
+    with pytest.raises(av.error.InvalidDataError), av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            seen.append(frame.time)
+    assert 0.75 * 13.0 < max(seen) < 12.0  # the file does what it is for
+    with VideoReader(str(path), LIMITS) as reader:
+        frames = list(reader.sample(40, mode=mode))
+    assert reader.info.decode_errors == 1 and reader.info.to_dict()["decode_errors"] == 1
+    assert len(frames) == reader.info.frames_sampled == 40
+    tail = carphone_frames()[::4][7]  # the last frame: the face, not scenery
+    assert frames[-1].t > 12.5 and np.abs(frames[-1].image.astype(int) - tail).mean() < 4.0
+
+
+def test_clean_files_have_no_decode_errors(corpus):
+    for name in ("carphone", "vp9_webm", "mjpeg_avi"):
+        info, frames = sample(corpus[name], 8)
+        assert info.decode_errors == 0 and len(frames) == 8
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,15 @@ def test_video_without_a_face(moderator, corpus):
     assert v["video"]["frames_sampled"] == 24
 
 
+def test_a_face_after_a_damaged_packet_is_scored(moderator, corpus):
+    """The face comes after a packet of garbage that made PyAV's decode loop stop (and the verdict
+    `no_face`): it is found and scored, and the verdict counts the skipped packet."""
+    v = moderator.moderate_path(corpus["faces_after_damage_mp4"])
+    assert v["status"] == "ok", v["error"]
+    assert v["video"]["decode_errors"] == 1 and v["video"]["frames_with_face"] >= 2
+    assert v["faces"] and all(f["t"] >= 12.0 for f in v["faces"])
+
+
 @pytest.mark.parametrize(
     "name,code",
     [

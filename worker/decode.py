@@ -147,27 +147,63 @@ class VideoReader:
             raise Timeout(f"decoding took longer than {self._limits.decode_timeout_s:.0f} s")
 
     def _frames(self) -> Iterator[av.VideoFrame]:
-        """Decoded frames in order; damage past the first frame ends the stream instead of raising."""
+        """Decoded frames in order, packet by packet as a player decodes them.
+
+        A packet the decoder refuses is skipped and counted (`info.decode_errors`), and decoding goes on
+        with the next: one damaged packet must not hide the rest of the video. `container.decode` would
+        stop at the first such packet, so 3 KB of garbage before the last quarter of an MP4 hid that
+        quarter from the model while players went on showing it. Damage in the container itself (the
+        demuxer fails) ends the stream there.
+        """
         decoded = 0
+        self.info.decode_errors = 0
+        first_error: Exception | None = None
         try:
-            for frame in self._container.decode(self._stream):
-                decoded += 1
-                self._check_deadline()
-                if frame.width * frame.height > self._limits.max_pixels:  # any frame, not just the first
-                    raise TooLarge(
-                        f"frame size {frame.width}x{frame.height} exceeds the limit of {self._limits.max_pixels} pixels"
-                    )
-                yield frame
+            for packet in self._container.demux(self._stream):
+                self._check_deadline()  # per packet: a stream of refused packets yields no frame to check at
+                try:
+                    frames = packet.decode()
+                except (av.error.FFmpegError, ValueError) as exc:
+                    self._raise_if_refused_as_too_large(exc)
+                    self.info.decode_errors += 1
+                    first_error = first_error or exc
+                    self.decode_error = str(first_error)
+                    continue
+                for frame in frames:
+                    decoded += 1
+                    yield self._checked(frame)
         except ModerationError:
             raise
-        except (av.error.FFmpegError, ValueError) as exc:
-            if self._refused_as_too_large(exc):
-                raise TooLarge(
-                    f"a frame larger than the limit of {self._limits.max_pixels} pixels was refused by the decoder"
-                ) from exc
-            if decoded == 0:
-                raise Corrupt(f"no frame could be decoded: {exc}") from exc
-            self.decode_error = str(exc)
+        except (av.error.FFmpegError, ValueError) as exc:  # the demuxer failed: the stream ends here
+            self._raise_if_refused_as_too_large(exc)
+            first_error = first_error or exc
+            self.decode_error = str(first_error)
+            for frame in self._drain():
+                decoded += 1
+                yield self._checked(frame)
+        if decoded == 0 and first_error is not None:
+            raise Corrupt(f"no frame could be decoded: {first_error}") from first_error
+
+    def _drain(self) -> list[av.VideoFrame]:
+        """The frames a threaded decoder still holds when the demuxer stopped without its flush packet."""
+        try:
+            return self._stream.codec_context.decode(None)
+        except (av.error.FFmpegError, ValueError):
+            return []
+
+    def _checked(self, frame: av.VideoFrame) -> av.VideoFrame:
+        self._check_deadline()
+        if frame.width * frame.height > self._limits.max_pixels:  # any frame, not just the first
+            raise TooLarge(
+                f"frame size {frame.width}x{frame.height} exceeds the limit of {self._limits.max_pixels} pixels"
+            )
+        return frame
+
+    def _raise_if_refused_as_too_large(self, exc: Exception) -> None:
+        if self._refused_as_too_large(exc):
+            raise TooLarge(
+                f"a frame larger than the limit of {self._limits.max_pixels} pixels was refused by the decoder"
+            ) from exc
 
     def _refused_as_too_large(self, exc: Exception) -> bool:
         """FFmpeg's max_pixels refusal: EINVAL from the decoder, which then holds a 0×0 (or oversized) size."""

@@ -25,6 +25,7 @@ class VideoInfo:
     rotation: int  # degrees counter-clockwise applied to the stored frames for display
     frames_sampled: int = 0
     sampling: str = "exact"  # how the frames were picked: exact | fast (reference frames only)
+    decode_errors: int = 0  # packets the decoder refused and skipped, in the pass that gave the samples
 
     def to_dict(self) -> dict:
         return {
@@ -37,6 +38,7 @@ class VideoInfo:
             "rotation": self.rotation,
             "frames_sampled": self.frames_sampled,
             "sampling": self.sampling,
+            "decode_errors": self.decode_errors,
         }
 
 
