@@ -166,6 +166,23 @@ def b_cover_art(path: Path, a: Assets) -> None:
             out.mux(p)
 
 
+def b_two_video_streams(path: Path, a: Assets) -> None:
+    """Scenery in the first (default) video track, the face in a second: players differ in which they
+    show, and a viewer can switch."""
+    scenery = scenery_frames(len(a.faces), size=a.faces[0].shape[:2])
+    with av.open(str(path), "w") as out:
+        first, second = (out.add_stream("libx264", rate=4) for _ in range(2))
+        for s in (first, second):
+            s.width, s.height, s.pix_fmt = 176, 144, "yuv420p"
+        for image, face in zip(scenery, a.faces):
+            for s, frame in ((first, image), (second, face)):
+                for p in s.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    out.mux(p)
+        for s in (first, second):
+            for p in s.encode():
+                out.mux(p)
+
+
 def b_mp4_no_tracks(path: Path, a: Assets) -> None:
     """A well-formed MP4 (ftyp + moov with a movie header) that holds no track at all."""
     mvhd = box(b"mvhd", bytes(4) + struct.pack(">IIII", 0, 0, 1000, 5000) + struct.pack(">IH", 0x00010000, 0x0100)

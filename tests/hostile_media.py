@@ -20,8 +20,8 @@ from hostile_builders import (
     b_jpeg, b_late_start, b_long_declared, b_long_undeclared, b_looping_ts, b_many_faces, b_mjpeg_header_lies,
     b_mjpeg_later_frames_lie, b_mkv_unseekable, b_mp4_no_tracks, b_mpeg2_bad_colour_matrix, b_mpeg2_ps, b_no_face,
     b_one_frame, b_png, b_ps_pack_header_only, b_random, b_random_ebml, b_random_ftyp, b_raw_header_claims,
-    b_rotated, b_sized, b_text, b_truncated, b_ts_data_only, b_ts_resolution_change, b_unknown_fourcc, b_vfr,
-    b_vp9_keyframes_lie, b_zero,
+    b_rotated, b_sized, b_text, b_truncated, b_ts_data_only, b_ts_resolution_change, b_two_video_streams, b_unknown_fourcc,
+    b_vfr, b_vp9_keyframes_lie, b_zero,
 )
 
 # The settings every case below is judged under (tests pass these to Settings / the CLI's environment).
@@ -71,6 +71,7 @@ CASES: list[Case] = [
     Case("mp4_without_tracks", "empty_moov.mp4", b_mp4_no_tracks, frozenset({"no_video_stream"})),
     Case("ts_data_stream_only", "klv.ts", b_ts_data_only, frozenset({"no_video_stream"})),
     Case("unknown_fourcc", "zqx9.avi", b_unknown_fourcc, frozenset({"unsupported"})),
+    Case("two_video_streams", "two_tracks.mp4", b_two_video_streams, frozenset({"unsupported"})),
     # damaged real video
     Case("truncated_faststart_10", "trunc10.mp4", b_truncated(0.10, "faststart.mp4"), frozenset({"corrupt"})),
     Case("truncated_faststart_50", "trunc50.mp4", b_truncated(0.50, "faststart.mp4"), frozenset({"corrupt"})),

@@ -99,6 +99,20 @@ def test_a_damaged_packet_does_not_hide_what_follows(corpus, mode):
     assert frames[-1].t > 12.5 and np.abs(frames[-1].image.astype(int) - tail).mean() < 4.0
 
 
+def test_a_second_video_stream_is_refused_not_ignored(tmp_path):
+    """The face is in the second track: scoring the first alone would find none (and allow it)."""
+    from hostile_builders import Assets, b_two_video_streams
+
+    path = tmp_path / "two.mp4"
+    b_two_video_streams(path, Assets())
+    with av.open(str(path)) as container:
+        second = next(container.decode(video=1)).to_ndarray(format="rgb24")
+    assert np.abs(second.astype(int) - carphone_frames()[0]).mean() < 4.0
+    with pytest.raises(ModerationError) as err:
+        sample(path, 4)
+    assert err.value.code == ErrorCode.UNSUPPORTED and "2 video streams" in err.value.message
+
+
 def test_clean_files_have_no_decode_errors(corpus):
     for name in ("carphone", "vp9_webm", "mjpeg_avi"):
         info, frames = sample(corpus[name], 8)

@@ -102,6 +102,10 @@ class VideoReader:
         if not videos:
             kinds = sorted({s.type for s in self._container.streams}) or ["none"]
             raise NoVideoStream(f"no video stream (streams: {', '.join(kinds)})")
+        if len(videos) > 1:
+            # Players differ in which they show (the first, the default-flagged one, the largest) and let
+            # viewers switch: scoring one would let a second stream carry an unseen face.
+            raise Unsupported(f"{len(videos)} video streams: a player may show any of them, and this worker scores one")
         stream = videos[0]
         if stream.codec_context is None:
             # (PyAV exposes no codec name for a stream FFmpeg has no decoder for.)

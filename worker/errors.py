@@ -14,7 +14,7 @@ class ErrorCode(str, Enum):
     NOT_A_VIDEO = "not_a_video"  # empty, text, image, or bytes no demuxer recognises
     NO_VIDEO_STREAM = "no_video_stream"  # a media container without a video stream (audio only, empty)
     CORRUPT = "corrupt"  # a recognisable video container whose data cannot be decoded
-    UNSUPPORTED = "unsupported"  # a video stream whose codec this build cannot decode
+    UNSUPPORTED = "unsupported"  # a codec this build cannot decode, or more than one video stream
     TOO_LARGE = "too_large"  # over the byte limit or the pixels-per-frame limit
     TOO_LONG = "too_long"  # over the duration limit
     TIMEOUT = "timeout"  # decoding or processing ran past its time limit
