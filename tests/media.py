@@ -130,6 +130,15 @@ def faces_after_damage(path: Path) -> Path:
     return path
 
 
+def spliced_face(path: Path) -> Path:
+    """40 s at 4 fps of scenery with 2 s of the carphone face spliced in at 10–12 s: between the
+    samples of 8 frames evenly spread (at 2.5, 7.5, 12.5 s, ...)."""
+    faces = carphone_frames()[::4][:8]
+    scenery = scenery_frames(152, size=faces[0].shape[:2])
+    encode(path, scenery[:40] + faces + scenery[40:], rate=4)
+    return path
+
+
 def build_corpus(directory: Path) -> dict[str, Path]:
     """The foundation's test corpus: good videos in several codecs and the bad files, by name."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -153,6 +162,7 @@ def build_corpus(directory: Path) -> dict[str, Path]:
     files["truncated_mp4"] = truncate(files["faststart_mp4"], directory / "truncated.mp4", 0.5)
     files["truncated_moov_end_mp4"] = truncate(files["h264_mp4"], directory / "truncated_moov_end.mp4", 0.6)
     files["faces_after_damage_mp4"] = faces_after_damage(directory / "faces_after_damage.mp4")
+    files["spliced_face_mp4"] = spliced_face(directory / "spliced_face.mp4")
     files["zero_bytes_mp4"] = directory / "zero.mp4"
     files["zero_bytes_mp4"].write_bytes(b"")
     files["text_mp4"] = directory / "text.mp4"

@@ -137,6 +137,10 @@ def test_a_stored_verdict_is_reused_only_under_the_policy_that_made_it():
     blocking = DecisionPolicy(threshold=0.5, error_actions=parse_error_actions("corrupt=block"))
     assert not reusable(corrupt, **same, policy=blocking) and reusable({**corrupt, "action": BLOCK}, **same, policy=blocking)
     assert not reusable({**corrupt, "action": None}, **same, policy=policy)  # written before errors had actions
+    # Sampled with another gap (or, written before the setting, with none): sampled anew.
+    assert not reusable(scored, **same, max_sample_gap_s=5.0, policy=policy)
+    gapped = {**scored, "input": {**scored["input"], "max_sample_gap_s": 5.0}}
+    assert reusable(gapped, **same, max_sample_gap_s=5.0, policy=policy) and not reusable(gapped, **same, policy=policy)
     # Enqueuers match duplicates on the error actions too; a scored verdict records the scoring key only.
     assert blocking.key() == policy.key() and blocking.published() != policy.published()
 

@@ -7,6 +7,7 @@ import pytest
 
 from media import carphone_frames
 from worker.decode import Limits, VideoReader, looks_like_video_container, sample_times
+from worker.video import MAX_SAMPLED_FRAMES, frames_to_sample
 from worker.errors import ErrorCode, ModerationError
 
 LIMITS = Limits(max_duration_s=1200, max_pixels=4096 * 2304, decode_timeout_s=60)
@@ -111,6 +112,28 @@ def test_a_second_video_stream_is_refused_not_ignored(tmp_path):
     with pytest.raises(ModerationError) as err:
         sample(path, 4)
     assert err.value.code == ErrorCode.UNSUPPORTED and "2 video streams" in err.value.message
+
+
+def test_long_videos_get_samples_at_most_the_gap_apart():
+    assert frames_to_sample(60.0, 32, 5.0) == 32  # 1.9 s apart already
+    assert frames_to_sample(1200.0, 32, 5.0) == 240 and frames_to_sample(1200.0, 32, 0.0) == 32
+    assert frames_to_sample(10.0, 1, 5.0) == 2 and frames_to_sample(10.01, 1, 5.0) == 3
+    assert frames_to_sample(3600.0, 32, 0.5) == MAX_SAMPLED_FRAMES
+
+
+def test_a_spliced_in_face_between_samples_is_sampled_with_a_gap(corpus):
+    """2 s of face at 10–12 s of a 40 s clip: 8 frames spread evenly miss it; samples at most 0.5 s
+    apart (80 of them) land on it."""
+    path = corpus["spliced_face_mp4"]
+    with VideoReader(str(path), LIMITS) as reader:
+        sparse = list(reader.sample(8))
+    assert len(sparse) == 8 and not any(10.0 <= f.t < 12.0 for f in sparse)
+    with VideoReader(str(path), LIMITS) as reader:
+        dense = list(reader.sample(8, max_gap_s=0.5))
+    assert len(dense) == reader.info.frames_sampled == 80 and max(np.diff([f.t for f in dense])) <= 0.5
+    spliced = [f for f in dense if 10.0 <= f.t < 12.0]
+    assert len(spliced) == 4
+    assert np.abs(spliced[0].image.astype(int) - carphone_frames()[::4][round((spliced[0].t - 10.0) * 4)]).mean() < 4.0
 
 
 def test_clean_files_have_no_decode_errors(corpus):

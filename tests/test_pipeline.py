@@ -69,6 +69,21 @@ def test_a_face_after_a_damaged_packet_is_scored(moderator, corpus):
     assert v["faces"] and all(f["t"] >= 12.0 for f in v["faces"])
 
 
+def test_a_spliced_in_face_is_scored_with_the_sampling_gap(settings, moderator, corpus):
+    """A face shown for 2 s of a 40 s clip, between the samples of 8 evenly spread frames: with no gap
+    the verdict is `no_face` (allowed); with samples at most 0.5 s apart it is found and scored."""
+    def verdict(gap):
+        m = Moderator(settings.model_copy(update={"frames": 8, "max_sample_gap_s": gap}), detector=moderator.detector,
+                      engine=moderator.engine)
+        return m.moderate_path(corpus["spliced_face_mp4"])
+
+    assert verdict(0.0)["status"] == "no_face"
+    v = verdict(0.5)
+    assert v["status"] == "ok" and v["video"]["frames_sampled"] == 80 and v["video"]["frames_with_face"] >= 3
+    assert all(10.0 <= f["t"] < 12.0 for f in v["faces"])
+    assert settings.max_sample_gap_s == 5.0  # on by default
+
+
 @pytest.mark.parametrize(
     "name,code",
     [

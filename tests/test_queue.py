@@ -102,6 +102,7 @@ def test_end_to_end_verdicts_in_redis_and_s3(s3, redis, qsettings, moderator):
         assert stored["created_at"] == verdict["created_at"] and stored["status"] == status
         if name != "zero_bytes_mp4":
             assert stored["input"]["etag"] and stored["input"]["frames"] == 8
+            assert stored["input"]["max_sample_gap_s"] == qsettings.max_sample_gap_s == 5.0
     carphone = job_state(ids["carphone"], settings=qsettings, connection=redis).result
     assert carphone["video"]["frames_with_face"] == 8 and carphone["video"]["frames_sampled"] == 8
     status = queue_status(settings=qsettings, connection=redis)
@@ -183,6 +184,27 @@ def test_a_changed_decision_policy_rescores_the_upload(s3, redis, qsettings, mod
     assert fresh["created_at"] != original["created_at"] and fresh["decision"]["policy"]["review_threshold"] == 0.3
     assert stored_verdict(s3, qsettings, key)["created_at"] == fresh["created_at"]  # replaced in S3
     assert enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3) == again  # same policy: same job
+
+
+def test_a_changed_sampling_gap_rescores_the_upload(s3, redis, qsettings, moderator):
+    """Workers restarted with another DEEPFAKE_MAX_SAMPLE_GAP_S sample anew: the duplicate record and
+    the stored verdict were made under the old gap."""
+    key = UPLOADS["vp9_webm"]
+    burst(redis, qsettings, moderator)
+    first = enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3)
+    burst(redis, qsettings, moderator)
+    original = job_state(first, settings=qsettings, connection=redis).result
+    assert original["video"]["frames_sampled"] == 8  # 3.75 s: 8 frames lie well within 5 s
+    denser = qsettings.model_copy(update={"max_sample_gap_s": 0.25})
+    resampler = Moderator(denser, detector=moderator.detector, engine=moderator.engine)
+    burst(redis, denser, resampler)  # publishes the new gap
+    again = enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3)
+    assert again != first
+    burst(redis, denser, resampler)
+    fresh = job_state(again, settings=qsettings, connection=redis).result
+    assert fresh["video"]["frames_sampled"] == 15 and fresh["input"]["max_sample_gap_s"] == 0.25
+    assert stored_verdict(s3, qsettings, key)["created_at"] == fresh["created_at"]  # replaced in S3
+    assert enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3) == again
 
 
 def test_a_non_python_client_can_enqueue_with_plain_redis_commands(s3, redis, qsettings, moderator):

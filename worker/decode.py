@@ -17,6 +17,7 @@ from worker.video import (  # noqa: F401 - the decoder's vocabulary, importable 
     Limits,
     SampledFrame,
     VideoInfo,
+    frames_to_sample,
     looks_like_video_container,
     rotate_upright,
     sample_times,
@@ -217,8 +218,9 @@ class VideoReader:
         pixels = ctx.width * ctx.height
         return pixels == 0 or pixels > self._limits.max_pixels
 
-    def sample(self, n: int, mode: str = "exact") -> Iterator[SampledFrame]:
-        """Yield up to n frames spread evenly over the duration, each at most once, in time order.
+    def sample(self, n: int, mode: str = "exact", max_gap_s: float = 0.0) -> Iterator[SampledFrame]:
+        """Yield up to n frames spread evenly over the duration, each at most once, in time order; more
+        than n on a long video when `max_gap_s` asks for samples at most that far apart.
 
         mode "exact" decodes every frame and takes the first at or after each slice centre. "fast"
         first decodes only the frames FFmpeg's skip_frame lets it skip least (B-frames are never
@@ -230,7 +232,7 @@ class VideoReader:
         duration = self.info.duration_s
         if duration is None:
             duration = self._measure_duration()
-        targets = sample_times(start, duration, n)
+        targets = sample_times(start, duration, frames_to_sample(duration, n, max_gap_s))
         fps = self.info.fps or 25.0
         if mode == "fast":
             picked = self._pick_reference_frames(targets, start, duration, fps)

@@ -298,7 +298,8 @@ class Moderator:
             chunk.clear()
             return crops, shadow_crops, indices
 
-        for frame in timer.timed("decode", reader.sample(n_frames, mode=self.settings.sampling)):
+        for frame in timer.timed("decode", reader.sample(
+                n_frames, mode=self.settings.sampling, max_gap_s=self.settings.max_sample_gap_s)):
             chunk.append(frame)
             if len(chunk) >= self.settings.detect_batch:
                 yield flush()

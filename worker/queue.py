@@ -43,10 +43,10 @@ def get_queue(connection: Redis, name: str) -> Queue:
 
 
 def dedupe_key(queue: str, bucket: str, key: str, etag: str, frames: int, model_sha256: str,
-               policy: dict | None = None) -> str:
+               policy: dict | None = None, max_sample_gap_s: float | None = None) -> str:
     """The duplicate record's name: one per queue (two deployments may share a Redis database), upload
-    bytes, sampling, model and decision policy."""
-    raw = json.dumps([queue, bucket, key, etag, frames, model_sha256, policy], sort_keys=True).encode()
+    bytes, sampling (frames and the workers' sampling gap), model and decision policy."""
+    raw = json.dumps([queue, bucket, key, etag, frames, model_sha256, policy, max_sample_gap_s], sort_keys=True).encode()
     return DEDUPE_PREFIX + hashlib.sha256(raw).hexdigest()
 
 
@@ -74,8 +74,8 @@ def enqueue(
         s3 = s3_client or make_client(settings.s3_endpoint_url, settings.s3_region)
         etag = object_etag(s3, bucket, key)
     model = json.loads(connection.get(model_key(settings.queue)) or "{}")
-    dkey = (dedupe_key(settings.queue, bucket, key, etag, frames, model.get("sha256", ""), model.get("decision_policy"))
-            if etag else None)
+    dkey = (dedupe_key(settings.queue, bucket, key, etag, frames, model.get("sha256", ""), model.get("decision_policy"),
+                       model.get("max_sample_gap_s")) if etag else None)
     if dkey:
         existing = connection.get(dkey)
         if existing:

@@ -20,10 +20,11 @@ from worker.s3 import S3Location, S3Source, make_client, validate_location
 from worker.settings import Settings
 from worker.verdict import error_verdict
 from worker.verdict_store import VerdictStore, reusable
+from worker.video import MAX_SAMPLED_FRAMES
 
 log = structlog.get_logger("worker.runtime")
 
-MAX_JOB_FRAMES = 1024  # the bound Settings.frames has; a job's own `frames` is held to it too
+MAX_JOB_FRAMES = MAX_SAMPLED_FRAMES  # the bound Settings.frames has; a job's own `frames` is held to it too
 
 
 def check_job_arguments(bucket: object, key: object, frames: object) -> None:
@@ -57,10 +58,11 @@ class WorkerRuntime:
         return self.moderator.model_block
 
     def published(self) -> dict:
-        """What the worker publishes in Redis for enqueuers and `deepfake status`: the model block and
-        the decision policy (duplicates are matched on both)."""
+        """What the worker publishes in Redis for enqueuers and `deepfake status`: the model block, the
+        decision policy and the sampling gap (duplicates are matched on all three)."""
         shadow = self.moderator.shadow
         return {**self.model, "decision_policy": self.moderator.policy.published(),
+                "max_sample_gap_s": self.settings.max_sample_gap_s,
                 **({"shadow_model": shadow.engine.describe()} if shadow is not None else {})}
 
     def moderate_s3(self, bucket: str, key: str, *, frames: int | None = None, job_id: str | None = None,
@@ -92,7 +94,7 @@ class WorkerRuntime:
             return self._store(upload, verdict, None, bound)
         stored, stored_etag = self.store.get(upload)
         if reusable(stored, etag=source.etag, model_sha256=self.model["sha256"], frames=frames,
-                    policy=self.moderator.policy):
+                    max_sample_gap_s=self.settings.max_sample_gap_s, policy=self.moderator.policy):
             bound.info("verdict_reused", etag=source.etag)
             self.metrics.jobs.labels(status="reused").inc()
             return {**stored, "stored_at": self.store.location_for(upload).uri}  # type: ignore[dict-item]
@@ -111,7 +113,8 @@ class WorkerRuntime:
             raise failure  # the storage failed, not the upload: RQ retries, nothing is written
         if failure is not None:  # deleted (not_found) or replaced (corrupt) while it was read
             verdict = self._error(uri, failure, threshold=self.moderator.threshold, timings_ms=verdict.get("timings_ms"))
-        verdict["input"] = {"bucket": bucket, "key": key, "etag": source.etag, "size": source.size, "frames": frames}
+        verdict["input"] = {"bucket": bucket, "key": key, "etag": source.etag, "size": source.size, "frames": frames,
+                            "max_sample_gap_s": self.settings.max_sample_gap_s}
         return self._store(upload, verdict, stored_etag, bound)
 
     def timeout_verdict(self, bucket: str, key: str, seconds: int) -> dict:

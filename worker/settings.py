@@ -13,13 +13,18 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.decision import parse_error_actions
+from worker.video import MAX_SAMPLED_FRAMES, frames_to_sample
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEEPFAKE_", extra="ignore", protected_namespaces=(), populate_by_name=True)
 
     # What to score
-    frames: int = Field(32, ge=1, le=1024, description="Frames sampled evenly over each video's duration.")
+    frames: int = Field(32, ge=1, le=MAX_SAMPLED_FRAMES, description="Frames sampled evenly over each video's duration.")
+    max_sample_gap_s: float = Field(
+        5.0, ge=0.0, description="On long videos, more frames than `frames`, so that samples lie at most this many "
+        "seconds apart (a spliced-in deepfake cannot fall between them); at most 1024; 0 = off.",
+    )
     sampling: Literal["fast", "exact"] = Field(
         "fast", description="fast: pick among reference frames (B-frames never decoded), exact when that is uneven."
     )
@@ -150,8 +155,9 @@ class Settings(BaseSettings):
         return frozenset(b.strip() for b in self.allowed_buckets.split(",") if b.strip())
 
     def job_timeout_s(self, frames: int | None = None) -> int:
-        """A job's RQ timeout, derived from the limits: decoding, then detection and the model per frame."""
-        n = frames or self.frames
+        """A job's RQ timeout, derived from the limits: decoding, then detection and the model per frame
+        (as many frames as the longest video accepted gets)."""
+        n = frames_to_sample(self.max_duration_s, frames or self.frames, self.max_sample_gap_s)
         return int(math.ceil(self.decode_timeout_s + 60 + n * self.model_s_per_frame))
 
     def model_batch_size(self) -> int:

@@ -204,9 +204,10 @@ class VerdictStore:
 DETERMINISTIC_ERRORS = frozenset({"not_a_video", "no_video_stream", "corrupt", "unsupported", "too_large", "too_long"})
 
 
-def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int,
+def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int, max_sample_gap_s: float = 0.0,
              policy: DecisionPolicy | None = None) -> bool:
-    """A stored verdict answers a new job for the same upload bytes, model weights and sampling, and
+    """A stored verdict answers a new job for the same upload bytes, model weights and sampling
+    (`frames` and the sampling gap; a verdict without a gap was sampled without one), and
     the same decision policy (`DecisionPolicy.answers`): a changed threshold, rule or error action
     decides the upload anew."""
     if not isinstance(stored, dict) or not stored:
@@ -220,4 +221,5 @@ def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int,
         return False  # written before verdicts carried an action
     if policy is not None and not policy.answers(stored):
         return False
-    return inp.get("etag") == etag and model.get("sha256") == model_sha256 and inp.get("frames") == frames
+    return (inp.get("etag") == etag and model.get("sha256") == model_sha256 and inp.get("frames") == frames
+            and inp.get("max_sample_gap_s", 0.0) == max_sample_gap_s)
