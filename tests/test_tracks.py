@@ -92,3 +92,58 @@ def test_early_exit_stops_sampling_when_the_first_frames_are_decisive(settings, 
     assert decisive["label"] == base["label"]
     undecided = run(0.1)
     assert undecided["video"]["early_exit"] is False and undecided["video"]["frames_sampled"] == 32
+
+
+@pytest.fixture(scope="module")
+def grid_clip(tmp_path_factory):
+    """The real carphone clip tiled 3×3, as a recorded video call's grid shows nine people."""
+    frames = [np.ascontiguousarray(np.tile(f, (3, 3, 1))) for f in carphone_frames()[::8]]
+    return encode(tmp_path_factory.mktemp("grid") / "grid.mp4", frames, rate=4)
+
+
+def test_every_face_of_a_crowded_frame_gets_scored_frames(settings, moderator, grid_clip):
+    """Nine faces, four scored per frame: the largest always, the others in turn, so every face's track
+    can flag the video (scoring the four largest every time left five faces never scored)."""
+    v = Moderator(settings.model_copy(update={"frames": 16}), detector=moderator.detector,
+                  engine=moderator.engine).moderate_path(grid_clip)
+    assert v["status"] == "ok"
+    per_frame = {}
+    for f in v["faces"]:
+        per_frame.setdefault(f["frame"], []).append(f)
+    assert all(len(fs) == 9 for fs in per_frame.values()) and len(per_frame) == 15
+    for fs in per_frame.values():
+        assert sum(f["fake_score"] is not None for f in fs) == 4
+        assert next(f for f in fs if f["largest"])["fake_score"] is not None  # the paper's score reads it
+    tracks = [t for t in v["tracks"] if len(t["frames"]) == 15]
+    assert len(tracks) == 9, [len(t["frames"]) for t in v["tracks"]]
+    assert all(t["long_enough"] and len(t["frame_scores"]) >= 5 for t in tracks), [len(t["frame_scores"]) for t in tracks]
+
+
+def test_a_deepfaked_participant_in_a_crowded_grid_flags_the_video(moderator, tmp_path):
+    """A 3×3 call grid whose smallest face (bottom right) is self-blended, the packaged demo model's
+    kind of fake: it is never among the four largest, yet its track is scored, fake, and decides."""
+    import cv2
+
+    from training.data.sbi import self_blend
+    from worker.pipeline import DEFAULT_MODEL_DIR
+    from worker.settings import Settings
+
+    demo = Moderator(Settings(model_dir=DEFAULT_MODEL_DIR, frames=16, log_format="json"), detector=moderator.detector)
+    rng = np.random.default_rng(5)
+    source = carphone_frames()[::8]
+    frames = []
+    for frame, found in zip(source, moderator.detector.detect(np.stack(source))):
+        fake = self_blend(frame, max(found, key=lambda f: f.area), rng)[0]
+        tile = np.full_like(frame, 40)
+        tile[11:133, 13:163] = cv2.resize(fake, (150, 122), interpolation=cv2.INTER_AREA)  # a smaller face
+        grid = np.tile(frame, (3, 3, 1))
+        grid[288:, 352:] = tile
+        frames.append(np.ascontiguousarray(grid))
+    v = demo.moderate_path(encode(tmp_path / "call.mp4", frames, rate=4))
+    assert v["status"] == "ok" and len(v["tracks"]) == 9
+    corner = next(t for t in v["tracks"] if t["boxes"][0][0] > 352 and t["boxes"][0][1] > 288)
+    assert all(not f["largest"] for f in v["faces"] if f["track"] == corner["id"])
+    assert corner["long_enough"] and corner["fake"] and corner["score"] > 0.8
+    assert not any(t["fake"] for t in v["tracks"] if t["id"] != corner["id"])  # the real faces stay real
+    assert (v["label"], v["action"], v["decision"]["rule"]) == ("fake", "block", "tracks")
+    assert v["score"] < v["threshold"]  # the paper's largest-face mean alone would have allowed it

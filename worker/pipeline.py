@@ -27,6 +27,7 @@ from worker.preprocess import crop_face
 from worker.settings import Settings
 from worker.shadow import ShadowModel
 from worker.source import LocalSource, Source
+from worker.tracks import faces_to_score
 from worker.verdict import aggregate_mean, error_verdict, no_face_verdict, ok_verdict
 
 log = structlog.get_logger("worker.pipeline")
@@ -270,8 +271,8 @@ class Moderator:
         """Decode → detect → crop, `detect_batch` frames at a time: (crops, the shadow model's crops
         when its input size differs (else none), their face indices).
 
-        Up to `max_faces_scored` faces per frame are cropped, largest first, so every track gets
-        scores; the largest face is the one the paper's video score uses.
+        Up to `max_faces_scored` faces per frame are cropped: the largest (the one the paper's video
+        score uses) and, in a frame with more faces than that, the others in turn (`faces_to_score`).
         """
         chunk: list[SampledFrame] = []
         limit = self.settings.max_faces_scored
@@ -288,9 +289,10 @@ class Moderator:
                         continue
                     counts["frames_with_face"] += 1
                     by_area = sorted(range(len(found)), key=lambda i: -found[i].area)
+                    scored = set(faces_to_score([f.box for f in found], frame.index, limit))
                     for rank, i in enumerate(by_area):
                         faces.append(face_record(frame.t, frame.index, found[i], rank == 0))
-                        if rank < limit:
+                        if i in scored:
                             indices.append(len(faces) - 1)
                             crops.append(crop_face(frame.image, found[i].box, size=self.crop_size))
                             if shadow_size != self.crop_size:  # cut again from the frame, not resized

@@ -41,7 +41,9 @@ class Settings(BaseSettings):
     )
     detector_score_threshold: float = Field(0.6, ge=0.0, le=1.0, description="Minimum face confidence.")
     detector_max_size: int = Field(640, ge=64, description="Frames are shrunk so their long side is at most this for detection.")
-    max_faces_scored: int = Field(4, ge=1, description="Faces per frame cropped and scored, largest first.")
+    max_faces_scored: int = Field(
+        4, ge=1, description="Faces per frame cropped and scored: the largest, the others in turn when a frame has more."
+    )
     decision: Literal["tracks", "mean"] = Field(
         "tracks", description="tracks: fake when any long enough face track is fake; mean: the paper's mean of largest faces."
     )
