@@ -108,8 +108,13 @@ def test_verdicts_are_counted_by_action(moderator, corpus):
     upper = next(b for b in (0.05 * i for i in range(1, 21)) if score <= round(b, 2) + 1e-12)
     assert sample(metrics, "deepfake_decision_score_bucket", le=str(round(upper, 2))) == 1
     assert sample(metrics, "deepfake_decision_score_bucket", le=str(round(upper - 0.05, 2))) in (0, None)
+    # what videos cost (frames sampled) and how many damaged packets were skipped, decoded videos only
+    assert sample(metrics, "deepfake_frames_per_video_count") == 2 and sample(metrics, "deepfake_frames_per_video_sum") == 32 + 24
+    assert sample(metrics, "deepfake_damaged_packets_total") == 0
+    metrics.observe_verdict(moderator.moderate_path(corpus["faces_after_damage_mp4"]))
+    assert sample(metrics, "deepfake_damaged_packets_total") == 1
     metrics.observe_verdict(moderator.moderate_path(corpus["carphone"].parent / "missing.mp4"))
-    assert sample(metrics, "deepfake_verdict_actions_total", action="block") == 1  # the random model calls it fake
+    assert sample(metrics, "deepfake_verdict_actions_total", action="block") == 2  # the random model calls it fake
     assert sample(metrics, "deepfake_verdict_actions_total", action="allow") == 1  # no face
     assert sample(metrics, "deepfake_verdict_actions_total", action="review") == 1  # corrupt
     assert sample(metrics, "deepfake_jobs_total", status="error") == 2

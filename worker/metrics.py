@@ -47,6 +47,11 @@ class Metrics:
                                buckets=STAGE_BUCKETS, registry=self.registry)
         self.faces = Histogram("deepfake_faces_per_video", "Faces detected per video.",
                                buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.frames = Histogram("deepfake_frames_per_video", "Frames sampled per decoded video (more on long "
+                                "videos: DEEPFAKE_MAX_SAMPLE_GAP_S), what a video costs.",
+                                buckets=(8, 16, 32, 64, 128, 256, 512, 1024), registry=self.registry)
+        self.damaged_packets = Counter("deepfake_damaged_packets_total", "Damaged packets the decoder skipped "
+                                       "(video.decode_errors) in the videos it decoded.", registry=self.registry)
         self.queue_wait = Histogram("deepfake_queue_wait_seconds", "Time from enqueue to start.",
                                     buckets=STAGE_BUCKETS + (600, 1800, 3600), registry=self.registry)
         self.webhooks = Counter("deepfake_webhooks_total", "Webhook POSTs by outcome (sent, refused, failed).",
@@ -73,6 +78,9 @@ class Metrics:
             self.stage.labels(stage=stage).observe(ms / 1000.0)
         if verdict["status"] in ("ok", "no_face"):
             self.faces.observe(len(verdict.get("faces") or []))
+            video = verdict.get("video") or {}
+            self.frames.observe(video.get("frames_sampled", 0))
+            self.damaged_packets.inc(video.get("decode_errors", 0))
         if verdict["status"] == "ok" and isinstance((verdict.get("decision") or {}).get("score"), (int, float)):
             self.scores.observe(verdict["decision"]["score"])
 
