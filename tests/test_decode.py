@@ -136,6 +136,31 @@ def test_a_spliced_in_face_between_samples_is_sampled_with_a_gap(corpus):
     assert np.abs(spliced[0].image.astype(int) - carphone_frames()[::4][round((spliced[0].t - 10.0) * 4)]).mean() < 4.0
 
 
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_frames_past_an_understated_duration_are_sampled(corpus, mode):
+    """The header says 1 s, the data runs 8 s (the face from 5 s on): sampling goes on past the
+    declared end, spaced as for a video ending at each frame, and the reported duration is what decoded."""
+    path = corpus["understated_duration_mkv"]
+    with av.open(str(path)) as container:
+        assert container.duration / av.time_base == pytest.approx(1.0)  # what FFmpeg believes
+        assert sum(1 for _ in container.decode(video=0)) == 64  # what a player shows
+    with VideoReader(str(path), LIMITS) as reader:
+        frames = list(reader.sample(8, mode=mode))
+        info = reader.info
+    assert (info.duration_s, info.declared_duration_s, info.sampling) == (8.0, 1.0, "exact")
+    assert info.to_dict()["declared_duration_s"] == 1.0 and info.frames_sampled == len(frames)
+    times = [f.t for f in frames]
+    assert times == sorted(times) and len(set(times)) == len(times) and times[-1] >= 7.5
+    assert sum(t >= 5.0 for t in times) >= 4  # the face
+    # Past the declared end (and the 0.5 s allowed over it), spaced as an honest video as long as the
+    # data so far: never wider than its own 1/8, give or take a frame (8 fps).
+    spacing = [(gap, t) for gap, t in zip(np.diff(times), times[1:]) if t > 1.5]
+    assert len(spacing) >= 10 and all(gap <= t / 8 + 0.125 + 1e-6 for gap, t in spacing)
+    with VideoReader(str(corpus["carphone"]), LIMITS) as reader:  # an honest header adds nothing
+        assert len(list(reader.sample(8))) == 8 and reader.info.declared_duration_s is None
+        assert "declared_duration_s" not in reader.info.to_dict()
+
+
 def test_clean_files_have_no_decode_errors(corpus):
     for name in ("carphone", "vp9_webm", "mjpeg_avi"):
         info, frames = sample(corpus[name], 8)

@@ -84,6 +84,14 @@ def test_a_spliced_in_face_is_scored_with_the_sampling_gap(settings, moderator, 
     assert settings.max_sample_gap_s == 5.0  # on by default
 
 
+def test_a_face_past_an_understated_duration_is_scored(moderator, corpus):
+    """A header that says 1 s of an 8 s video hid its last 7 s (the face) from the samples: `no_face`."""
+    v = moderator.moderate_path(corpus["understated_duration_mkv"])
+    assert v["status"] == "ok", v["error"]
+    assert (v["video"]["duration_s"], v["video"]["declared_duration_s"]) == (8.0, 1.0)
+    assert v["faces"] and all(f["t"] >= 5.0 for f in v["faces"])
+
+
 @pytest.mark.parametrize(
     "name,code",
     [

@@ -1,7 +1,8 @@
-"""Open a video with PyAV, check it against the limits, and sample frames evenly over its duration.
+"""Open a video with PyAV, check it against the limits, and decode it packet by packet.
 
-Frames are decoded in order with threaded decoding and only the sampled ones are converted to
-RGB and handed on, one at a time: the decoded video is never held in memory.
+Frames are decoded in order with threaded decoding and only the sampled ones (worker/sampling.py
+picks them) are converted to RGB and handed on, one at a time: the decoded video is never held in
+memory.
 """
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import av
 import av.error
 
 from worker.errors import Corrupt, ModerationError, NotAVideo, NoVideoStream, Timeout, TooLarge, TooLong, Unsupported
+from worker.sampling import Sampling
 from worker.video import (  # noqa: F401 - the decoder's vocabulary, importable from here too
     Limits,
     SampledFrame,
     VideoInfo,
-    frames_to_sample,
     looks_like_video_container,
     rotate_upright,
     sample_times,
@@ -29,19 +30,15 @@ IMAGE_DEMUXERS = frozenset(
      "ppm_pipe", "pgm_pipe", "pam_pipe", "psd_pipe", "svg_pipe", "j2k_pipe", "jpegls_pipe", "qoi_pipe",
      "dpx_pipe", "exr_pipe", "sgi_pipe", "xpm_pipe", "pcx_pipe", "tga", "pictor_pipe"}
 )
-# A decode that stops before this share of the declared duration means the data is cut short.
-MIN_COVERAGE = 0.75
 # FFmpeg's own per-frame pixel cap (`max_pixels`) is set to this multiple of the limit: it refuses a
 # bigger picture before allocating it (a stream can declare 16×16 and then send 12000×12000 frames),
 # with headroom for the stride alignment FFmpeg adds; the exact limit is checked on each frame.
 DECODER_PIXEL_CAP_FACTOR = 2
 
 
-class VideoReader:
-    """One opened video. Use as a context manager; `info` is ready after construction."""
-
-    # Threading of the fast pass's decoder (see _pick_reference_frames); the exact pass uses AUTO.
-    FAST_PASS_THREADING = "SLICE"
+class VideoReader(Sampling):
+    """One opened video. Use as a context manager; `info` is ready after construction, frames come
+    from `sample` (worker/sampling.py)."""
 
     def __init__(self, media: str | BinaryIO, limits: Limits, *, threads: int = 0) -> None:
         self._media = media
@@ -218,92 +215,6 @@ class VideoReader:
         pixels = ctx.width * ctx.height
         return pixels == 0 or pixels > self._limits.max_pixels
 
-    def sample(self, n: int, mode: str = "exact", max_gap_s: float = 0.0) -> Iterator[SampledFrame]:
-        """Yield up to n frames spread evenly over the duration, each at most once, in time order; more
-        than n on a long video when `max_gap_s` asks for samples at most that far apart.
-
-        mode "exact" decodes every frame and takes the first at or after each slice centre. "fast"
-        first decodes only the frames FFmpeg's skip_frame lets it skip least (B-frames are never
-        decoded) and takes the nearest one to each centre; when some slice holds no such frame the
-        sampling would not be even, so it rewinds and decodes exactly.
-        """
-        self.decode_error: str | None = None
-        start = self._start_time()
-        duration = self.info.duration_s
-        if duration is None:
-            duration = self._measure_duration()
-        targets = sample_times(start, duration, frames_to_sample(duration, n, max_gap_s))
-        fps = self.info.fps or 25.0
-        if mode == "fast":
-            picked = self._pick_reference_frames(targets, start, duration, fps)
-            if picked is not None:
-                self.info.sampling = "fast"
-                for index, (frame, t) in enumerate(picked):
-                    yield self._to_sample(frame, index, t - start)
-                self.info.frames_sampled = len(picked)
-                return
-            self._rewind()
-        self.info.sampling = "exact"
-        yield from self._sample_exact(targets, start, duration, fps)
-
-    def _sample_exact(self, targets: list[float], start: float, duration: float, fps: float) -> Iterator[SampledFrame]:
-        j = 0
-        index = 0
-        last: tuple[av.VideoFrame, float] | None = None
-        last_yielded = False
-        for count, frame in enumerate(self._frames()):
-            t = self._frame_time(frame, count, start, fps)
-            last, last_yielded = (frame, t), False
-            if j < len(targets) and t + 0.5 / fps >= targets[j]:
-                while j < len(targets) and targets[j] <= t + 0.5 / fps:
-                    j += 1
-                yield self._to_sample(frame, index, t - start)
-                index += 1
-                last_yielded = True
-        self._check_coverage(last, start, duration, fps)
-        if j < len(targets) and not last_yielded:
-            yield self._to_sample(last[0], index, last[1] - start)
-            index += 1
-        self.info.frames_sampled = index
-
-    def _pick_reference_frames(
-        self, targets: list[float], start: float, duration: float, fps: float
-    ) -> list[tuple[av.VideoFrame, float]] | None:
-        """The decoded reference frame nearest each target, or None when one lies outside its slice.
-
-        With slices of 8 frames or more all B-frames are skipped (BIDIR: about one frame in four
-        decoded with x264's defaults); with shorter slices only those no other frame refers to.
-        """
-        half_slice = duration / len(targets) / 2.0
-        if not self._stream.codec_context.is_open:
-            # With B-frames skipped, what is left is a chain of frames that each refer to the last, which
-            # frame threading cannot spread but still pays for (a pipeline of thread_count frames, context
-            # copies): slice threads decoded the same frames 1.2–1.7× faster on 2 cores, and a one-slice
-            # stream decodes as fast as single-threaded (bench/bench_decode.py, README).
-            self._stream.thread_type = self.FAST_PASS_THREADING
-            self._reopen_for_exact = self.FAST_PASS_THREADING != "AUTO"
-        self._stream.codec_context.skip_frame = "BIDIR" if 2 * half_slice * fps >= 8 else "NONREF"
-        picked: list[tuple[av.VideoFrame, float]] = []
-        prev: tuple[av.VideoFrame, float] | None = None
-        last: tuple[av.VideoFrame, float] | None = None
-        j = 0
-        for count, frame in enumerate(self._frames()):
-            current = (frame, self._frame_time(frame, count, start, fps))
-            last = current
-            while j < len(targets) and current[1] >= targets[j]:
-                best = current if prev is None or current[1] - targets[j] <= targets[j] - prev[1] else prev
-                if abs(best[1] - targets[j]) > half_slice or (picked and picked[-1][0] is best[0]):
-                    return None
-                picked.append(best)
-                j += 1
-            prev = current
-        self._check_coverage(last, start, duration, fps)
-        for target in targets[j:]:  # slices after the last decoded frame
-            if last is None or abs(last[1] - target) > half_slice or (picked and picked[-1][0] is last[0]):
-                return None
-            picked.append(last)
-        return picked
-
     def _rewind(self) -> None:
         """Back to the start for an exact pass: reopened when the fast pass chose slice threads, since a
         decoder's threading is fixed once it is open and exact decoding wants frame threads."""
@@ -342,17 +253,6 @@ class VideoReader:
         if t > start + self._limits.max_duration_s:
             raise TooLong(f"video runs past the limit of {self._limits.max_duration_s:.0f} s")
         return t
-
-    def _check_coverage(self, last: tuple[av.VideoFrame, float] | None, start: float, duration: float,
-                        fps: float) -> None:
-        if last is None:
-            raise Corrupt("the video stream holds no decodable frame")
-        end_t = last[1] + 1.0 / fps
-        if end_t - start < MIN_COVERAGE * duration:
-            detail = f" ({self.decode_error})" if self.decode_error else ""
-            raise Corrupt(
-                f"video data ends at {end_t - start:.2f} s of a declared {duration:.2f} s: truncated or damaged{detail}"
-            )
 
     def _read_rotation(self, frame: av.VideoFrame) -> None:
         """The display rotation lives in each frame's side data: read it (and the upright size) once.

@@ -29,6 +29,7 @@ class VideoInfo:
     frames_sampled: int = 0
     sampling: str = "exact"  # how the frames were picked: exact | fast (reference frames only)
     decode_errors: int = 0  # packets the decoder refused and skipped, in the pass that gave the samples
+    declared_duration_s: float | None = None  # set when the data ran past it (duration_s is then what decoded)
 
     def to_dict(self) -> dict:
         return {
@@ -42,6 +43,7 @@ class VideoInfo:
             "frames_sampled": self.frames_sampled,
             "sampling": self.sampling,
             "decode_errors": self.decode_errors,
+            **({"declared_duration_s": round(self.declared_duration_s, 3)} if self.declared_duration_s is not None else {}),
         }
 
 

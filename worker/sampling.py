@@ -1,0 +1,146 @@
+"""How a VideoReader picks its frames: evenly over the duration, exactly or among reference frames,
+on past a duration the container understates, and never from a video cut well short of it.
+
+The decoding itself (opening, limits, packets, rewinding, conversion) is worker/decode.py's.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import av
+
+from worker.errors import Corrupt
+from worker.video import MAX_SAMPLED_FRAMES, SampledFrame, frames_to_sample, sample_times
+
+# A decode that stops before this share of the declared duration means the data is cut short.
+MIN_COVERAGE = 0.75
+# Frames this far past the declared end mean the declaration understates the video: sampling goes on.
+OVERRUN_TOLERANCE_S = 0.5
+
+
+class Sampling:
+    """The sampling half of VideoReader (which provides `info`, `_stream`, `_frames`, `_frame_time`,
+    `_to_sample`, `_start_time`, `_measure_duration` and `_rewind`)."""
+
+    # Threading of the fast pass's decoder (see _pick_reference_frames); the exact pass uses AUTO.
+    FAST_PASS_THREADING = "SLICE"
+
+    def sample(self, n: int, mode: str = "exact", max_gap_s: float = 0.0) -> Iterator[SampledFrame]:
+        """Yield up to n frames spread evenly over the duration, each at most once, in time order; more
+        than n on a long video when `max_gap_s` asks for samples at most that far apart.
+
+        mode "exact" decodes every frame and takes the first at or after each slice centre. "fast"
+        first decodes only the frames FFmpeg's skip_frame lets it skip least (B-frames are never
+        decoded) and takes the nearest one to each centre; when some slice holds no such frame the
+        sampling would not be even, so it rewinds and decodes exactly.
+
+        The duration is the container's word, which can understate the video: frames found past it are
+        sampled on (exact mode), spaced as for a video ending at each, and `info.duration_s` becomes
+        what decoded (`info.declared_duration_s` keeps the claim).
+        """
+        self.decode_error: str | None = None
+        start = self._start_time()
+        duration = self.info.duration_s
+        if duration is None:
+            duration = self._measure_duration()
+        targets = sample_times(start, duration, frames_to_sample(duration, n, max_gap_s))
+        fps = self.info.fps or 25.0
+        self._asked = (n, max_gap_s)
+        if mode == "fast":
+            picked = self._pick_reference_frames(targets, start, duration, fps)
+            if picked is not None:
+                self.info.sampling = "fast"
+                for index, (frame, t) in enumerate(picked):
+                    yield self._to_sample(frame, index, t - start)
+                self.info.frames_sampled = len(picked)
+                return
+            self._rewind()
+        self.info.sampling = "exact"
+        yield from self._sample_exact(targets, start, duration, fps)
+
+    def _sample_exact(self, targets: list[float], start: float, duration: float, fps: float) -> Iterator[SampledFrame]:
+        j = 0
+        index = 0
+        last: tuple[av.VideoFrame, float] | None = None
+        last_yielded = False
+        for count, frame in enumerate(self._frames()):
+            t = self._frame_time(frame, count, start, fps)
+            last, last_yielded = (frame, t), False
+            if j == len(targets) and self._overruns(t, start, duration) and len(targets) < MAX_SAMPLED_FRAMES:
+                # The data goes on past the declared duration (a container can state any): sample on,
+                # spaced as the samples of a video that ended here would be.
+                targets.append(targets[-1] + self._spacing(t - start))
+            if j < len(targets) and t + 0.5 / fps >= targets[j]:
+                while j < len(targets) and targets[j] <= t + 0.5 / fps:
+                    j += 1
+                yield self._to_sample(frame, index, t - start)
+                index += 1
+                last_yielded = True
+        self._check_coverage(last, start, duration, fps)
+        if self._overruns(last[1], start, duration):
+            self.info.declared_duration_s = duration
+            self.info.duration_s = last[1] + 1.0 / fps - start
+        if j < len(targets) and not last_yielded:
+            yield self._to_sample(last[0], index, last[1] - start)
+            index += 1
+        self.info.frames_sampled = index
+
+    @staticmethod
+    def _overruns(t: float, start: float, duration: float) -> bool:
+        return t >= start + duration + OVERRUN_TOLERANCE_S
+
+    def _spacing(self, elapsed: float) -> float:
+        """How far apart the samples of a video `elapsed` seconds long lie, under what sample() was asked."""
+        n, max_gap_s = self._asked
+        return elapsed / frames_to_sample(elapsed, n, max_gap_s)
+
+    def _pick_reference_frames(
+        self, targets: list[float], start: float, duration: float, fps: float
+    ) -> list[tuple[av.VideoFrame, float]] | None:
+        """The decoded reference frame nearest each target, or None when one lies outside its slice.
+
+        With slices of 8 frames or more all B-frames are skipped (BIDIR: about one frame in four
+        decoded with x264's defaults); with shorter slices only those no other frame refers to.
+        """
+        half_slice = duration / len(targets) / 2.0
+        if not self._stream.codec_context.is_open:
+            # With B-frames skipped, what is left is a chain of frames that each refer to the last, which
+            # frame threading cannot spread but still pays for (a pipeline of thread_count frames, context
+            # copies): slice threads decoded the same frames 1.2–1.7× faster on 2 cores, and a one-slice
+            # stream decodes as fast as single-threaded (bench/bench_decode.py, README).
+            self._stream.thread_type = self.FAST_PASS_THREADING
+            self._reopen_for_exact = self.FAST_PASS_THREADING != "AUTO"
+        self._stream.codec_context.skip_frame = "BIDIR" if 2 * half_slice * fps >= 8 else "NONREF"
+        picked: list[tuple[av.VideoFrame, float]] = []
+        prev: tuple[av.VideoFrame, float] | None = None
+        last: tuple[av.VideoFrame, float] | None = None
+        j = 0
+        for count, frame in enumerate(self._frames()):
+            current = (frame, self._frame_time(frame, count, start, fps))
+            if self._overruns(current[1], start, duration):
+                return None  # the exact pass samples past the declared end
+            last = current
+            while j < len(targets) and current[1] >= targets[j]:
+                best = current if prev is None or current[1] - targets[j] <= targets[j] - prev[1] else prev
+                if abs(best[1] - targets[j]) > half_slice or (picked and picked[-1][0] is best[0]):
+                    return None
+                picked.append(best)
+                j += 1
+            prev = current
+        self._check_coverage(last, start, duration, fps)
+        for target in targets[j:]:  # slices after the last decoded frame
+            if last is None or abs(last[1] - target) > half_slice or (picked and picked[-1][0] is last[0]):
+                return None
+            picked.append(last)
+        return picked
+
+    def _check_coverage(self, last: tuple[av.VideoFrame, float] | None, start: float, duration: float,
+                        fps: float) -> None:
+        if last is None:
+            raise Corrupt("the video stream holds no decodable frame")
+        end_t = last[1] + 1.0 / fps
+        if end_t - start < MIN_COVERAGE * duration:
+            detail = f" ({self.decode_error})" if self.decode_error else ""
+            raise Corrupt(
+                f"video data ends at {end_t - start:.2f} s of a declared {duration:.2f} s: truncated or damaged{detail}"
+            )
