@@ -153,6 +153,18 @@ def understated_duration(path: Path) -> Path:
     return path
 
 
+def face_in_b_frames(path: Path) -> Path:
+    """10 s at 30 fps with a fixed GOP (x264: 7 B-frames between P-frames, no scene cuts): scenery in
+    every I/P-frame, the carphone face in every B-frame, so a viewer sees the face 7/8 of the time
+    and a sampler of reference frames never does."""
+    faces = carphone_frames()
+    faces = faces + faces[::-1] + faces
+    scenery = scenery_frames(300, size=faces[0].shape[:2])
+    frames = [scenery[i] if i % 8 == 0 else faces[i] for i in range(300)]
+    return encode(path, frames, rate=30,
+                  options={"x264-params": "bframes=7:b-adapt=0:b-pyramid=none:scenecut=0:keyint=300"})
+
+
 def build_corpus(directory: Path) -> dict[str, Path]:
     """The foundation's test corpus: good videos in several codecs and the bad files, by name."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -178,6 +190,7 @@ def build_corpus(directory: Path) -> dict[str, Path]:
     files["faces_after_damage_mp4"] = faces_after_damage(directory / "faces_after_damage.mp4")
     files["spliced_face_mp4"] = spliced_face(directory / "spliced_face.mp4")
     files["understated_duration_mkv"] = understated_duration(directory / "understated.mkv")
+    files["face_in_b_frames_mp4"] = face_in_b_frames(directory / "face_in_b_frames.mp4")
     files["zero_bytes_mp4"] = directory / "zero.mp4"
     files["zero_bytes_mp4"].write_bytes(b"")
     files["text_mp4"] = directory / "text.mp4"

@@ -161,6 +161,28 @@ def test_frames_past_an_understated_duration_are_sampled(corpus, mode):
         assert "declared_duration_s" not in reader.info.to_dict()
 
 
+def test_fast_sampling_decodes_the_frames_shown_at_the_sample_times(corpus):
+    """The face is in every B-frame only: sampling reference frames alone saw none of it. The fast
+    pass decodes the frame at each sample time whatever its type, and picks what exact decoding picks."""
+    path = corpus["face_in_b_frames_mp4"]
+    with av.open(str(path)) as container:
+        kinds = [av.video.frame.PictureType(frame.pict_type).name for frame in container.decode(video=0)]
+    assert kinds.count("B") >= 255 and all(k != "B" for k in kinds[::8])  # the file is what it says
+    picked = {}
+    for mode in ("fast", "exact"):
+        with VideoReader(str(path), LIMITS) as reader:
+            picked[mode] = list(reader.sample(32, mode=mode))
+            assert reader.info.sampling == mode  # fast did not fall back
+    assert [f.t for f in picked["fast"]] == [f.t for f in picked["exact"]]
+    on_b_frames = [f for f in picked["fast"] if round(f.t * 30) % 8]
+    assert len(on_b_frames) >= 24
+    originals = carphone_frames()
+    for f in on_b_frames[:4]:
+        i = round(f.t * 30)
+        face = (originals + originals[::-1] + originals)[i]
+        assert np.abs(f.image.astype(int) - face).mean() < 6.0
+
+
 def test_clean_files_have_no_decode_errors(corpus):
     for name in ("carphone", "vp9_webm", "mjpeg_avi"):
         info, frames = sample(corpus[name], 8)

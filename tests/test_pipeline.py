@@ -92,6 +92,14 @@ def test_a_face_past_an_understated_duration_is_scored(moderator, corpus):
     assert v["faces"] and all(f["t"] >= 5.0 for f in v["faces"])
 
 
+def test_a_face_shown_in_b_frames_only_is_scored_by_default(moderator, corpus):
+    """Scenery in the reference frames, the face in the B-frames between (7/8 of what plays): the
+    default fast sampling decoded reference frames only and said `no_face`."""
+    v = moderator.moderate_path(corpus["face_in_b_frames_mp4"])
+    assert moderator.settings.sampling == "fast" and v["video"]["sampling"] == "fast"
+    assert v["status"] == "ok" and v["video"]["frames_with_face"] >= 24
+
+
 @pytest.mark.parametrize(
     "name,code",
     [

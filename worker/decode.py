@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import time
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import av
 import av.error
@@ -148,21 +148,25 @@ class VideoReader(Sampling):
         if time.monotonic() - self._started > self._limits.decode_timeout_s:
             raise Timeout(f"decoding took longer than {self._limits.decode_timeout_s:.0f} s")
 
-    def _frames(self) -> Iterator[av.VideoFrame]:
+    def _frames(self, skip_for: Callable[[av.Packet], str] | None = None) -> Iterator[av.VideoFrame]:
         """Decoded frames in order, packet by packet as a player decodes them.
 
         A packet the decoder refuses is skipped and counted (`info.decode_errors`), and decoding goes on
         with the next: one damaged packet must not hide the rest of the video. `container.decode` would
         stop at the first such packet, so 3 KB of garbage before the last quarter of an MP4 hid that
         quarter from the model while players went on showing it. Damage in the container itself (the
-        demuxer fails) ends the stream there.
+        demuxer fails) ends the stream there. `skip_for(packet)` names the decoder's `skip_frame` for
+        each packet (the fast pass decodes the frames it samples in full, the others only as needed).
         """
         decoded = 0
         self.info.decode_errors = 0
         first_error: Exception | None = None
+        ctx = self._stream.codec_context
         try:
             for packet in self._container.demux(self._stream):
                 self._check_deadline()  # per packet: a stream of refused packets yields no frame to check at
+                if skip_for is not None and (skip := skip_for(packet)) != ctx.skip_frame:
+                    ctx.skip_frame = skip
                 try:
                     frames = packet.decode()
                 except (av.error.FFmpegError, ValueError) as exc:

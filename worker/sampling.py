@@ -5,6 +5,7 @@ The decoding itself (opening, limits, packets, rewinding, conversion) is worker/
 """
 from __future__ import annotations
 
+import bisect
 from typing import Iterator
 
 import av
@@ -97,10 +98,13 @@ class Sampling:
     def _pick_reference_frames(
         self, targets: list[float], start: float, duration: float, fps: float
     ) -> list[tuple[av.VideoFrame, float]] | None:
-        """The decoded reference frame nearest each target, or None when one lies outside its slice.
+        """The decoded frame nearest each target, or None when one lies outside its slice.
 
         With slices of 8 frames or more all B-frames are skipped (BIDIR: about one frame in four
-        decoded with x264's defaults); with shorter slices only those no other frame refers to.
+        decoded with x264's defaults); with shorter slices only those no other frame refers to. The
+        frame shown at each target is decoded whatever its type: B-frames are most of what a viewer
+        sees, and an encoder can be told to put the real face in the reference frames only (a P-frame
+        every 8th) and a fake in the B-frames between, which sampling reference frames alone never saw.
         """
         half_slice = duration / len(targets) / 2.0
         if not self._stream.codec_context.is_open:
@@ -110,12 +114,23 @@ class Sampling:
             # stream decodes as fast as single-threaded (bench/bench_decode.py, README).
             self._stream.thread_type = self.FAST_PASS_THREADING
             self._reopen_for_exact = self.FAST_PASS_THREADING != "AUTO"
-        self._stream.codec_context.skip_frame = "BIDIR" if 2 * half_slice * fps >= 8 else "NONREF"
+        skip = "BIDIR" if 2 * half_slice * fps >= 8 else "NONREF"
+        self._stream.codec_context.skip_frame = skip
+        half_frame = 0.5 / fps
+
+        def skip_for(packet: av.Packet) -> str:
+            """Decode the packet shown at a target in full; of the others only what is referred to."""
+            if packet.pts is None or packet.time_base is None:
+                return skip
+            t = float(packet.pts * packet.time_base)
+            k = bisect.bisect_left(targets, t - half_frame)
+            return "DEFAULT" if k < len(targets) and targets[k] <= t + half_frame else skip
+
         picked: list[tuple[av.VideoFrame, float]] = []
         prev: tuple[av.VideoFrame, float] | None = None
         last: tuple[av.VideoFrame, float] | None = None
         j = 0
-        for count, frame in enumerate(self._frames()):
+        for count, frame in enumerate(self._frames(skip_for)):
             current = (frame, self._frame_time(frame, count, start, fps))
             if self._overruns(current[1], start, duration):
                 return None  # the exact pass samples past the declared end
