@@ -211,7 +211,7 @@ def test_container_sniffing(corpus):
     assert not looks_like_video_container(b"")
 
 
-def test_fast_sampling_decodes_reference_frames_only_and_stays_even(tmp_path):
+def test_fast_sampling_stays_even(tmp_path):
     from media import encode, scenery_frames
 
     clip = encode(tmp_path / "gop.mp4", scenery_frames(300, size=(72, 96)), rate=30)  # x264 defaults: B-frames
@@ -227,18 +227,33 @@ def test_fast_sampling_decodes_reference_frames_only_and_stays_even(tmp_path):
     assert len({f.t for f in fast}) == 32
 
 
-def test_fast_sampling_falls_back_when_slices_are_too_short(corpus):
+def test_fast_sampling_picks_what_exact_picks_on_short_slices(corpus):
+    """100 samples of 120 frames: slices under a frame and a half, most samples on non-reference
+    frames, each decoded because it is shown at a sample time (it used to fall back to exact)."""
     with VideoReader(str(corpus["carphone"]), LIMITS) as reader:
-        frames = list(reader.sample(100, mode="fast"))
-        assert reader.info.sampling == "exact" and reader.info.frames_sampled == 100
-    assert len({f.t for f in frames}) == 100
-    assert frames[0].t < 0.1 and frames[-1].t > 3.8
-    # the fallback reopens the decoder (the fast pass ran it with slice threads), from a file object
-    # too, and gives exactly what an exact pass gives
-    with open(corpus["carphone"], "rb") as fh, VideoReader(fh, LIMITS) as reader:
-        from_stream = list(reader.sample(100, mode="fast"))
+        fast = list(reader.sample(100, mode="fast"))
+        assert reader.info.sampling == "fast" and reader.info.frames_sampled == 100
     with VideoReader(str(corpus["carphone"]), LIMITS) as reader:
         exact = list(reader.sample(100, mode="exact"))
+    assert len({f.t for f in fast}) == 100 and fast[0].t < 0.1 and fast[-1].t > 3.8
+    for a, b in zip(fast, exact, strict=True):
+        assert a.t == b.t and np.array_equal(a.image, b.image)
+
+
+def test_fast_sampling_falls_back_to_exact(corpus):
+    """Frames past the declared duration send the fast pass back to an exact one, which reopens the
+    decoder (the fast pass ran it with slice threads), from a file object too, and gives exactly what
+    an exact pass gives."""
+    path = corpus["understated_duration_mkv"]
+    with VideoReader(str(path), LIMITS) as reader:
+        frames = list(reader.sample(8, mode="fast"))
+        assert reader.info.sampling == "exact"
+    with open(path, "rb") as fh, VideoReader(fh, LIMITS) as reader:
+        from_stream = list(reader.sample(8, mode="fast"))
+        assert reader.info.sampling == "exact"
+    with VideoReader(str(path), LIMITS) as reader:
+        exact = list(reader.sample(8, mode="exact"))
+    assert len(exact) > 8
     for a, b, c in zip(frames, from_stream, exact, strict=True):
         assert a.t == b.t == c.t
         assert np.array_equal(a.image, c.image) and np.array_equal(b.image, c.image)
