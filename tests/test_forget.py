@@ -138,3 +138,14 @@ def test_scan_finds_jobs_from_before_the_index(s3, redis, fsettings, moderator):
     assert missed.jobs_deleted == [] and Job.exists(job_id, connection=redis)  # S3 is erased all the same
     found = forget(BUCKET, ALICE, scan=True, settings=fsettings, connection=redis, s3_client=s3)
     assert found.jobs_deleted == [job_id] and not Job.exists(job_id, connection=redis)
+
+
+def test_forget_waits_longer_than_any_job_can_run():
+    """The default wait follows the job time limit the settings derive (a longer sampling gap or
+    duration limit lengthens both); a fixed 420 s fell short once long videos got more frames."""
+    from worker.forget import default_wait_s
+    from worker.settings import Settings
+
+    assert default_wait_s(Settings()) == Settings().job_timeout_s() + 28 == 628
+    longer = Settings(max_duration_s=3600)
+    assert default_wait_s(longer) > longer.job_timeout_s() > Settings().job_timeout_s()

@@ -30,8 +30,9 @@ def add_data_commands(sub) -> None:  # type: ignore[no-untyped-def]
                                    "from Redis, waits for a job running on it, then deletes its stored verdict "
                                    "and report from S3. Exit 1 when a job was still running (run it again).")
     g.add_argument("uris", nargs="+", metavar="s3://BUCKET/KEY")
-    g.add_argument("--wait", type=float, default=420.0, metavar="S",
-                   help="how long to wait for a running job (default: %(default)s, the default job time limit + 28 s)")
+    g.add_argument("--wait", type=float, default=None, metavar="S",
+                   help="how long to wait for a running job (default: the job time limit the settings derive "
+                        "+ 28 s, 628 s with the default settings)")
     g.add_argument("--scan", action="store_true",
                    help="also read every finished and failed job (slow): for jobs from before the upload index")
     g.set_defaults(func=cmd_forget)

@@ -83,14 +83,20 @@ def _fetch_all(connection: Redis, job_ids: list[str], chunk: int = 1000) -> list
     return jobs
 
 
+def default_wait_s(settings: Settings) -> float:
+    """Long enough for any job the settings allow to end: its RQ time limit, and a margin."""
+    return settings.job_timeout_s() + 28.0
+
+
 def forget(
-    bucket: str, key: str, *, wait_s: float = 420.0, scan: bool = False, settings: Settings | None = None,
+    bucket: str, key: str, *, wait_s: float | None = None, scan: bool = False, settings: Settings | None = None,
     connection: Redis | None = None, s3_client: Any = None, sleep: Callable[[float], None] = time.sleep,
 ) -> Forgotten:
     """Delete the Redis records and stored S3 verdict and report of s3://bucket/key (see module doc).
 
-    A job running on the upload is waited for, at most `wait_s` (default: the default job time
-    limit plus a margin); if it is still running then, S3 is left alone and `still_running` says so.
+    A job running on the upload is waited for, at most `wait_s` (default: the job time limit the
+    settings derive plus a margin, `default_wait_s`); if it is still running then, S3 is left alone and
+    `still_running` says so.
     `scan` reads every finished and failed job too (once), for jobs enqueued before the index existed.
     """
     validate_location(bucket, key)
@@ -99,7 +105,7 @@ def forget(
     s3 = s3_client or make_client(settings.s3_endpoint_url, settings.s3_region)
     out = Forgotten(f"s3://{bucket}/{key}")
     started = StartedJobRegistry(queue=get_queue(connection, settings.queue))
-    deadline = time.monotonic() + wait_s
+    deadline = time.monotonic() + (default_wait_s(settings) if wait_s is None else wait_s)
     while True:
         jobs = jobs_for(connection, settings.queue, bucket, key, scan=scan)
         scan = False  # what finishes while this waits is indexed by the worker that ran it
