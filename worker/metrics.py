@@ -1,8 +1,8 @@
 """Prometheus metrics and the health endpoint, served on one port by a daemon thread.
 
 `/metrics`: jobs by status and action, decision scores, the shadow model's actions and failures, stage
-latency, faces and frames per video, damaged packets skipped, queue wait, job attempts that raised, webhooks, and the queue as Redis
-holds it at scrape time (waiting, running and failed jobs, the age
+latency, faces and frames per video, damaged packets skipped, queue wait, job attempts that raised,
+webhooks, and the queue as Redis holds it at scrape time (waiting, running and failed jobs, the age
 of the oldest waiting one). `/healthz`: 200 while the model is loaded and the worker's heartbeat is
 fresh, 503 otherwise (the Kubernetes probe). deploy/components/monitoring alerts on these.
 """

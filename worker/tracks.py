@@ -37,7 +37,10 @@ def faces_to_score(boxes: list, frame_index: int, limit: int) -> list[int]:
     The others are taken in a fixed order of place (column, then height), so the same face keeps its
     turn while people sit still.
     """
-    by_area = sorted(range(len(boxes)), key=lambda i: -max(0.0, boxes[i][2] - boxes[i][0]) * max(0.0, boxes[i][3] - boxes[i][1]))
+    def area(b) -> float:  # as Face.area, so the largest is the one the pipeline records as largest
+        return max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
+
+    by_area = sorted(range(len(boxes)), key=lambda i: -area(boxes[i]))
     if len(boxes) <= limit:
         return by_area
     width = float(np.median([b[2] - b[0] for b in boxes])) or 1.0

@@ -43,7 +43,7 @@ class VideoInfo:
             "frames_sampled": self.frames_sampled,
             "sampling": self.sampling,
             "decode_errors": self.decode_errors,
-            **({"declared_duration_s": round(self.declared_duration_s, 3)} if self.declared_duration_s is not None else {}),
+            **({} if self.declared_duration_s is None else {"declared_duration_s": round(self.declared_duration_s, 3)}),
         }
 
 
