@@ -11,7 +11,7 @@ from typing import Callable
 
 import av
 import numpy as np
-from media import carphone_frames, encode, encode_audio_only, scenery_frames
+from media import carphone_frames, encode, encode_audio_only, face_in_b_frames, scenery_frames, understated_duration
 
 
 def has_encoder(name: str) -> bool:
@@ -181,6 +181,14 @@ def b_two_video_streams(path: Path, a: Assets) -> None:
         for s in (first, second):
             for p in s.encode():
                 out.mux(p)
+
+
+def b_face_in_b_frames(path: Path, a: Assets) -> None:
+    face_in_b_frames(path)
+
+
+def b_understated_duration(path: Path, a: Assets) -> None:
+    understated_duration(path)
 
 
 def b_mp4_no_tracks(path: Path, a: Assets) -> None:

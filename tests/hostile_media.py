@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Callable
 
 from hostile_builders import (
-    Assets, AV1_ENCODERS, has_encoder, X265, b_audio, b_av1, b_bitflip, b_codec, b_container, b_cover_art, b_gif,
+    Assets, AV1_ENCODERS, has_encoder, X265, b_audio, b_av1, b_bitflip, b_codec, b_container, b_cover_art,
+    b_face_in_b_frames, b_gif,
     b_jpeg, b_late_start, b_long_declared, b_long_undeclared, b_looping_ts, b_many_faces, b_mjpeg_header_lies,
     b_mjpeg_later_frames_lie, b_mkv_unseekable, b_mp4_no_tracks, b_mpeg2_bad_colour_matrix, b_mpeg2_ps, b_no_face,
     b_one_frame, b_png, b_ps_pack_header_only, b_random, b_random_ebml, b_random_ftyp, b_raw_header_claims,
     b_rotated, b_sized, b_text, b_truncated, b_ts_data_only, b_ts_resolution_change, b_two_video_streams, b_unknown_fourcc,
-    b_vfr, b_vp9_keyframes_lie, b_zero,
+    b_understated_duration, b_vfr, b_vp9_keyframes_lie, b_zero,
 )
 
 # The settings every case below is judged under (tests pass these to Settings / the CLI's environment).
@@ -126,6 +127,9 @@ CASES: list[Case] = [
     Case("mkv_unseekable", "unseekable.mkv", b_mkv_unseekable, frozenset({"corrupt"})),
     # faces
     Case("many_faces_3x3", "crowd.mp4", b_many_faces, frozenset({"ok"}), min_faces=12),
+    # a face hidden from a sampler that believes the header or decodes reference frames only
+    Case("face_in_b_frames_only", "b_frames.mp4", b_face_in_b_frames, frozenset({"ok"}), min_faces=2),
+    Case("duration_understated", "understated.mkv", b_understated_duration, frozenset({"ok"}), min_faces=2),
     Case("no_face", "scenery.mp4", b_no_face, frozenset({"no_face"})),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
