@@ -45,7 +45,7 @@ class VideoReader(Sampling):
         self._first_frame_checked = False  # the rotation is read from the first decoded frame
         self._limits = limits
         self._threads = threads
-        self._reopen_for_exact = False  # the fast pass's decoder (see _pick_reference_frames)
+        self._reopen_for_exact = False  # the fast pass's decoder (see Sampling._pick_fast)
         self._started = time.monotonic()
         head = self._read_head(media)
         self._decoder_options = {"max_pixels": str(limits.max_pixels * DECODER_PIXEL_CAP_FACTOR)}

@@ -1,5 +1,6 @@
-"""How a VideoReader picks its frames: evenly over the duration, exactly or among reference frames,
-on past a duration the container understates, and never from a video cut well short of it.
+"""How a VideoReader picks its frames: evenly over the duration, decoding every frame or only the
+sampled ones and what they refer to, on past a duration the container understates, and never from a
+video cut well short of it.
 
 The decoding itself (opening, limits, packets, rewinding, conversion) is worker/decode.py's.
 """
@@ -23,7 +24,7 @@ class Sampling:
     """The sampling half of VideoReader (which provides `info`, `_stream`, `_frames`, `_frame_time`,
     `_to_sample`, `_start_time`, `_measure_duration` and `_rewind`)."""
 
-    # Threading of the fast pass's decoder (see _pick_reference_frames); the exact pass uses AUTO.
+    # Threading of the fast pass's decoder (see _pick_fast); the exact pass uses AUTO.
     FAST_PASS_THREADING = "SLICE"
 
     def sample(self, n: int, mode: str = "exact", max_gap_s: float = 0.0) -> Iterator[SampledFrame]:
@@ -31,9 +32,10 @@ class Sampling:
         than n on a long video when `max_gap_s` asks for samples at most that far apart.
 
         mode "exact" decodes every frame and takes the first at or after each slice centre. "fast"
-        first decodes only the frames FFmpeg's skip_frame lets it skip least (B-frames are never
-        decoded) and takes the nearest one to each centre; when some slice holds no such frame the
-        sampling would not be even, so it rewinds and decodes exactly.
+        decodes the frame at each slice centre whatever its type, and of the others only what FFmpeg's
+        skip_frame must keep (B-frames are skipped), and takes the nearest decoded frame to each
+        centre; when some slice holds none, or the frames run past the declared duration, it rewinds
+        and decodes exactly.
 
         The duration is the container's word, which can understate the video: frames found past it are
         sampled on (exact mode), spaced as for a video ending at each, and `info.duration_s` becomes
@@ -48,7 +50,7 @@ class Sampling:
         fps = self.info.fps or 25.0
         self._asked = (n, max_gap_s)
         if mode == "fast":
-            picked = self._pick_reference_frames(targets, start, duration, fps)
+            picked = self._pick_fast(targets, start, duration, fps)
             if picked is not None:
                 self.info.sampling = "fast"
                 for index, (frame, t) in enumerate(picked):
@@ -95,7 +97,7 @@ class Sampling:
         n, max_gap_s = self._asked
         return elapsed / frames_to_sample(elapsed, n, max_gap_s)
 
-    def _pick_reference_frames(
+    def _pick_fast(
         self, targets: list[float], start: float, duration: float, fps: float
     ) -> list[tuple[av.VideoFrame, float]] | None:
         """The decoded frame nearest each target, or None when one lies outside its slice.
