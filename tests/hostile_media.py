@@ -1,8 +1,8 @@
 """A generated corpus of hostile and odd inputs, each with the outcome the worker must give.
 
 Everything is made with PyAV (or by editing bytes PyAV wrote, with seeded randomness; the builders
-are in hostile_builders.py), so no binary is committed. `build_hostile_corpus(dir)` writes every case
-and returns them by name; the tests run each through the real `Moderator`, a `deepfake moderate`
+are in hostile_builders.py and hostile_lies.py), so no binary is committed. `build_hostile_corpus(dir)`
+writes every case and returns them by name; the tests run each through the real `Moderator`, a `deepfake moderate`
 subprocess and the fuzz seeds.
 
 An outcome is a verdict's `status` ("ok", "no_face") or, for error verdicts, its error code. The
@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Callable
 
 from hostile_builders import (
-    Assets, AV1_ENCODERS, has_encoder, X265, b_audio, b_av1, b_bitflip, b_codec, b_container, b_cover_art,
-    b_face_in_b_frames, b_gif,
-    b_jpeg, b_late_start, b_long_declared, b_long_undeclared, b_looping_ts, b_many_faces, b_mjpeg_header_lies,
-    b_mjpeg_later_frames_lie, b_mkv_unseekable, b_mp4_no_tracks, b_mpeg2_bad_colour_matrix, b_mpeg2_ps, b_no_face,
-    b_one_frame, b_png, b_ps_pack_header_only, b_random, b_random_ebml, b_random_ftyp, b_raw_header_claims,
-    b_rotated, b_sized, b_text, b_truncated, b_ts_data_only, b_ts_resolution_change, b_two_video_streams, b_unknown_fourcc,
-    b_understated_duration, b_vfr, b_vp9_keyframes_lie, b_zero,
+    Assets, AV1_ENCODERS, has_encoder, X265, b_audio, b_av1, b_bitflip, b_codec, b_container, b_cover_art, b_gif,
+    b_jpeg, b_late_start, b_many_faces, b_mkv_unseekable, b_mp4_no_tracks, b_mpeg2_bad_colour_matrix, b_mpeg2_ps,
+    b_no_face, b_one_frame, b_png, b_ps_pack_header_only, b_random, b_random_ebml, b_random_ftyp, b_rotated, b_sized,
+    b_text, b_truncated, b_ts_data_only, b_ts_resolution_change, b_unknown_fourcc, b_vfr, b_zero,
+)
+from hostile_lies import (
+    b_face_in_b_frames, b_long_declared, b_long_undeclared, b_looping_ts, b_mjpeg_header_lies,
+    b_mjpeg_later_frames_lie, b_raw_header_claims, b_two_video_streams, b_understated_duration, b_vp9_keyframes_lie,
 )
 
 # The settings every case below is judged under (tests pass these to Settings / the CLI's environment).

@@ -102,7 +102,8 @@ def test_a_damaged_packet_does_not_hide_what_follows(corpus, mode):
 
 def test_a_second_video_stream_is_refused_not_ignored(tmp_path):
     """The face is in the second track: scoring the first alone would find none (and allow it)."""
-    from hostile_builders import Assets, b_two_video_streams
+    from hostile_builders import Assets
+    from hostile_lies import b_two_video_streams
 
     path = tmp_path / "two.mp4"
     b_two_video_streams(path, Assets())
