@@ -137,10 +137,17 @@ def test_a_stored_verdict_is_reused_only_under_the_policy_that_made_it():
     blocking = DecisionPolicy(threshold=0.5, error_actions=parse_error_actions("corrupt=block"))
     assert not reusable(corrupt, **same, policy=blocking) and reusable({**corrupt, "action": BLOCK}, **same, policy=blocking)
     assert not reusable({**corrupt, "action": None}, **same, policy=policy)  # written before errors had actions
-    # Sampled with another gap (or, written before the setting, with none): sampled anew.
-    assert not reusable(scored, **same, max_sample_gap_s=5.0, policy=policy)
-    gapped = {**scored, "input": {**scored["input"], "max_sample_gap_s": 5.0}}
+    # Sampled with another gap (or, written before the setting, with none): reused where both gaps give
+    # the same frames (8 frames of 30 s lie 3.75 s apart, within 5 s), sampled anew where they do not.
+    short, long = ({**scored, "video": {"duration_s": d}} for d in (30.0, 60.0))
+    assert reusable(short, **same, max_sample_gap_s=5.0, policy=policy)
+    assert not reusable(long, **same, max_sample_gap_s=5.0, policy=policy)  # 12 frames with a 5 s gap
+    assert not reusable(scored, **same, max_sample_gap_s=5.0, policy=policy)  # no duration to tell by
+    assert not reusable({**short, "video": {"duration_s": 30.0, "declared_duration_s": 1.0}}, **same,
+                        max_sample_gap_s=5.0, policy=policy)  # sampled past a declared end
+    gapped = {**long, "input": {**scored["input"], "max_sample_gap_s": 5.0}}
     assert reusable(gapped, **same, max_sample_gap_s=5.0, policy=policy) and not reusable(gapped, **same, policy=policy)
+    assert reusable({**corrupt, "action": REVIEW}, **same, max_sample_gap_s=5.0, policy=policy)  # errors: any gap
     # Enqueuers match duplicates on the error actions too; a scored verdict records the scoring key only.
     assert blocking.key() == policy.key() and blocking.published() != policy.published()
 

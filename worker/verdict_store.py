@@ -24,6 +24,7 @@ import structlog
 from botocore.exceptions import ClientError
 
 from worker.s3 import CHANGED_CODES, NOT_FOUND_CODES, S3Location, make_client
+from worker.video import frames_to_sample
 
 if TYPE_CHECKING:
     from worker.decision import DecisionPolicy
@@ -207,9 +208,8 @@ DETERMINISTIC_ERRORS = frozenset({"not_a_video", "no_video_stream", "corrupt", "
 def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int, max_sample_gap_s: float = 0.0,
              policy: DecisionPolicy | None = None) -> bool:
     """A stored verdict answers a new job for the same upload bytes, model weights and sampling
-    (`frames` and the sampling gap; a verdict without a gap was sampled without one), and
-    the same decision policy (`DecisionPolicy.answers`): a changed threshold, rule or error action
-    decides the upload anew."""
+    (`same_sampling`), and the same decision policy (`DecisionPolicy.answers`): a changed threshold,
+    rule or error action decides the upload anew."""
     if not isinstance(stored, dict) or not stored:
         return False
     inp, model, error = stored.get("input"), stored.get("model"), stored.get("error")
@@ -222,4 +222,19 @@ def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int, 
     if policy is not None and not policy.answers(stored):
         return False
     return (inp.get("etag") == etag and model.get("sha256") == model_sha256 and inp.get("frames") == frames
-            and inp.get("max_sample_gap_s", 0.0) == max_sample_gap_s)
+            and same_sampling(stored, frames, max_sample_gap_s))
+
+
+def same_sampling(stored: dict, frames: int, max_sample_gap_s: float) -> bool:
+    """Whether the stored verdict's frames are those a job with this gap would sample: the same gap
+    (a verdict written before the setting had none), or a video short enough that neither gap adds a
+    frame, so a worker upgraded to a gap does not score every short upload again. An error verdict's
+    outcome does not depend on the sampling."""
+    stored_gap = stored["input"].get("max_sample_gap_s", 0.0)
+    if stored_gap == max_sample_gap_s or stored.get("status") == "error":
+        return True
+    video = stored.get("video") or {}
+    duration = video.get("duration_s")
+    if not isinstance(duration, (int, float)) or "declared_duration_s" in video:
+        return False  # sampled on past a declared end: only the same gap gives the same frames
+    return frames_to_sample(duration, frames, stored_gap) == frames_to_sample(duration, frames, max_sample_gap_s)
