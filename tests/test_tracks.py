@@ -116,7 +116,8 @@ def test_every_face_of_a_crowded_frame_gets_scored_frames(settings, moderator, g
         assert next(f for f in fs if f["largest"])["fake_score"] is not None  # the paper's score reads it
     tracks = [t for t in v["tracks"] if len(t["frames"]) == 15]
     assert len(tracks) == 9, [len(t["frames"]) for t in v["tracks"]]
-    assert all(t["long_enough"] and len(t["frame_scores"]) >= 5 for t in tracks), [len(t["frame_scores"]) for t in tracks]
+    scored = [len(t["frame_scores"]) for t in tracks]
+    assert all(t["long_enough"] for t in tracks) and min(scored) >= 5, scored
 
 
 def test_a_deepfaked_participant_in_a_crowded_grid_flags_the_video(moderator, tmp_path):

@@ -46,7 +46,8 @@ def dedupe_key(queue: str, bucket: str, key: str, etag: str, frames: int, model_
                policy: dict | None = None, max_sample_gap_s: float | None = None) -> str:
     """The duplicate record's name: one per queue (two deployments may share a Redis database), upload
     bytes, sampling (frames and the workers' sampling gap), model and decision policy."""
-    raw = json.dumps([queue, bucket, key, etag, frames, model_sha256, policy, max_sample_gap_s], sort_keys=True).encode()
+    parts = [queue, bucket, key, etag, frames, model_sha256, policy, max_sample_gap_s]
+    raw = json.dumps(parts, sort_keys=True).encode()
     return DEDUPE_PREFIX + hashlib.sha256(raw).hexdigest()
 
 

@@ -20,7 +20,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEEPFAKE_", extra="ignore", protected_namespaces=(), populate_by_name=True)
 
     # What to score
-    frames: int = Field(32, ge=1, le=MAX_SAMPLED_FRAMES, description="Frames sampled evenly over each video's duration.")
+    frames: int = Field(
+        32, ge=1, le=MAX_SAMPLED_FRAMES, description="Frames sampled evenly over each video's duration."
+    )
     max_sample_gap_s: float = Field(
         5.0, ge=0.0, description="On long videos, more frames than `frames`, so that samples lie at most this many "
         "seconds apart (a spliced-in deepfake cannot fall between them); at most 1024; 0 = off.",
@@ -42,7 +44,8 @@ class Settings(BaseSettings):
     detector_score_threshold: float = Field(0.6, ge=0.0, le=1.0, description="Minimum face confidence.")
     detector_max_size: int = Field(640, ge=64, description="Frames are shrunk so their long side is at most this for detection.")
     max_faces_scored: int = Field(
-        4, ge=1, description="Faces per frame cropped and scored: the largest, the others in turn when a frame has more."
+        4, ge=1,
+        description="Faces per frame cropped and scored: the largest, the others in turn when a frame has more.",
     )
     decision: Literal["tracks", "mean"] = Field(
         "tracks", description="tracks: fake when any long enough face track is fake; mean: the paper's mean of largest faces."
