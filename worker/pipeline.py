@@ -288,15 +288,15 @@ class Moderator:
                     if not found:
                         continue
                     counts["frames_with_face"] += 1
-                    by_area = sorted(range(len(found)), key=lambda i: -found[i].area)
-                    scored = set(faces_to_score([f.box for f in found], frame.index, limit))
-                    for rank, i in enumerate(by_area):
-                        faces.append(face_record(frame.t, frame.index, found[i], rank == 0))
-                        if i in scored:
+                    by_area = sorted(found, key=lambda f: -f.area)
+                    scored = set(faces_to_score([f.box for f in by_area], frame.index, limit))
+                    for rank, face in enumerate(by_area):
+                        faces.append(face_record(frame.t, frame.index, face, rank == 0))
+                        if rank in scored:
                             indices.append(len(faces) - 1)
-                            crops.append(crop_face(frame.image, found[i].box, size=self.crop_size))
+                            crops.append(crop_face(frame.image, face.box, size=self.crop_size))
                             if shadow_size != self.crop_size:  # cut again from the frame, not resized
-                                shadow_crops.append(crop_face(frame.image, found[i].box, size=shadow_size))
+                                shadow_crops.append(crop_face(frame.image, face.box, size=shadow_size))
             chunk.clear()
             return crops, shadow_crops, indices
 

@@ -28,27 +28,23 @@ class Track:
 
 
 def faces_to_score(boxes: list, frame_index: int, limit: int) -> list[int]:
-    """Which of a frame's faces (their boxes) are scored, at most `limit`: the largest always (the
-    paper's video score reads it) and, when more faces are seen than fit, the others in turn from one
-    sampled frame to the next, so every face of a crowded frame (a recorded video call's grid) gets
-    scored frames. Scoring the largest few each time left the others never scored: a deepfaked
-    participant of a nine-person call could not flag the video.
+    """Which of a frame's faces (their boxes, largest first) are scored, at most `limit`, as indices
+    into `boxes`: the largest always (the paper's video score reads it) and, when more faces are seen
+    than fit, the others in turn from one sampled frame to the next, so every face of a crowded frame
+    (a recorded video call's grid) gets scored frames. Scoring the largest few each time left the
+    others never scored: a deepfaked participant of a nine-person call could not flag the video.
 
     The others are taken in a fixed order of place (column, then height), so the same face keeps its
     turn while people sit still.
     """
-    def area(b) -> float:  # as Face.area, so the largest is the one the pipeline records as largest
-        return max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
-
-    by_area = sorted(range(len(boxes)), key=lambda i: -area(boxes[i]))
     if len(boxes) <= limit:
-        return by_area
+        return list(range(len(boxes)))
     width = float(np.median([b[2] - b[0] for b in boxes])) or 1.0
-    rest = sorted(by_area[1:], key=lambda i: (round((boxes[i][0] + boxes[i][2]) / 2 / width),
-                                              (boxes[i][1] + boxes[i][3]) / 2))
+    rest = sorted(range(1, len(boxes)), key=lambda i: (round((boxes[i][0] + boxes[i][2]) / 2 / width),
+                                                       (boxes[i][1] + boxes[i][3]) / 2))
     turn = limit - 1
     start = frame_index * turn % len(rest)
-    return [by_area[0]] + [rest[(start + j) % len(rest)] for j in range(turn)]
+    return [0] + [rest[(start + j) % len(rest)] for j in range(turn)]
 
 
 def iou(a: list[float], b: list[float]) -> float:
