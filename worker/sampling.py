@@ -7,7 +7,7 @@ The decoding itself (opening, limits, packets, rewinding, conversion) is worker/
 from __future__ import annotations
 
 import bisect
-from typing import Iterator
+from typing import Callable, Iterator
 
 import av
 
@@ -48,7 +48,6 @@ class Sampling:
             duration = self._measure_duration()
         targets = sample_times(start, duration, frames_to_sample(duration, n, max_gap_s))
         fps = self.info.fps or 25.0
-        self._asked = (n, max_gap_s)
         if mode == "fast":
             picked = self._pick_fast(targets, start, duration, fps)
             if picked is not None:
@@ -59,9 +58,13 @@ class Sampling:
                 return
             self._rewind()
         self.info.sampling = "exact"
-        yield from self._sample_exact(targets, start, duration, fps)
+        yield from self._sample_exact(targets, start, duration, fps,
+                                      spacing=lambda elapsed: elapsed / frames_to_sample(elapsed, n, max_gap_s))
 
-    def _sample_exact(self, targets: list[float], start: float, duration: float, fps: float) -> Iterator[SampledFrame]:
+    def _sample_exact(self, targets: list[float], start: float, duration: float, fps: float, *,
+                      spacing: Callable[[float], float]) -> Iterator[SampledFrame]:
+        """Frames at the targets; past an understated duration, targets `spacing(elapsed)` apart (how far
+        apart the samples of a video `elapsed` seconds long lie)."""
         j = 0
         index = 0
         last: tuple[av.VideoFrame, float] | None = None
@@ -72,7 +75,7 @@ class Sampling:
             if j == len(targets) and self._overruns(t, start, duration) and len(targets) < MAX_SAMPLED_FRAMES:
                 # The data goes on past the declared duration (a container can state any): sample on,
                 # spaced as the samples of a video that ended here would be.
-                targets.append(targets[-1] + self._spacing(t - start))
+                targets.append(targets[-1] + spacing(t - start))
             if j < len(targets) and t + 0.5 / fps >= targets[j]:
                 while j < len(targets) and targets[j] <= t + 0.5 / fps:
                     j += 1
@@ -91,11 +94,6 @@ class Sampling:
     @staticmethod
     def _overruns(t: float, start: float, duration: float) -> bool:
         return t >= start + duration + OVERRUN_TOLERANCE_S
-
-    def _spacing(self, elapsed: float) -> float:
-        """How far apart the samples of a video `elapsed` seconds long lie, under what sample() was asked."""
-        n, max_gap_s = self._asked
-        return elapsed / frames_to_sample(elapsed, n, max_gap_s)
 
     def _pick_fast(
         self, targets: list[float], start: float, duration: float, fps: float
