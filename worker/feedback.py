@@ -74,6 +74,11 @@ def record(bucket: str, key: str, label: str, *, reviewer: str | None = None, no
     return feedback
 
 
+def labels_by_action() -> dict[str, dict[str, int]]:
+    """Reviewer label counts per action, all zero: action → label → n."""
+    return {a: dict.fromkeys(LABELS, 0) for a in ACTIONS}
+
+
 def _model_id(model: dict) -> dict:
     return {k: model.get(k) for k in ("name", "version", "sha256")}
 
@@ -100,9 +105,8 @@ def summarize(bucket: str, prefix: str = "", *, settings: Settings | None = None
     keeps the feedback recorded at or after it."""
     settings = settings or Settings()
     store = VerdictStore.for_settings(settings, s3_client)
-    counts: dict[str, dict[str, dict[str, int]]] = defaultdict(lambda: {a: dict.fromkeys(LABELS, 0) for a in ACTIONS})
-    shadow_counts: dict[str, dict[str, dict[str, int]]] = defaultdict(
-        lambda: {a: dict.fromkeys(LABELS, 0) for a in ACTIONS})
+    counts: dict[str, dict[str, dict[str, int]]] = defaultdict(labels_by_action)
+    shadow_counts: dict[str, dict[str, dict[str, int]]] = defaultdict(labels_by_action)
     unscored: dict[str, dict[str, dict[str, dict[str, int]]]] = defaultdict(dict)  # model → code → action → label
     n = 0
     for _, fb in store.scan(S3Location(bucket, prefix), suffixes=(SUFFIX,), since=since, on_listed=on_listed):

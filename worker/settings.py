@@ -28,7 +28,8 @@ class Settings(BaseSettings):
         "seconds apart (a spliced-in deepfake cannot fall between them); at most 1024; 0 = off.",
     )
     sampling: Literal["fast", "exact"] = Field(
-        "fast", description="fast: pick among reference frames (B-frames never decoded), exact when that is uneven."
+        "fast", description="fast: decode the frame at each sample time and only what it refers to (other B-frames "
+        "skipped), exact when a slice has no decoded frame; exact: decode every frame."
     )
     model_dir: Path | None = Field(
         None, description="Model directory (model.json + weights); unset = the packaged demo model."

@@ -15,17 +15,17 @@ from collections import defaultdict
 from typing import Any, Callable
 
 from worker.decision import DecisionPolicy
-from worker.feedback import ACTIONS, LABELS, model_label
+from worker.feedback import ACTIONS, LABELS, labels_by_action, model_label
 from worker.feedback import SUFFIX as FEEDBACK_SUFFIX
 from worker.s3 import S3Location
 from worker.settings import Settings
 from worker.verdict_store import VerdictStore
 
+
 def _tally() -> dict[str, Any]:
     return {"scored": 0, "actions": {"current": dict.fromkeys(ACTIONS, 0), "proposed": dict.fromkeys(ACTIONS, 0)},
             "moves": defaultdict(int),
-            "reviewed": {"current": {a: dict.fromkeys(LABELS, 0) for a in ACTIONS},
-                         "proposed": {a: dict.fromkeys(LABELS, 0) for a in ACTIONS}}}
+            "reviewed": {"current": labels_by_action(), "proposed": labels_by_action()}}
 
 
 def what_if(bucket: str, prefix: str = "", changes: dict[str, Any] | None = None, *,
@@ -54,7 +54,8 @@ def what_if(bucket: str, prefix: str = "", changes: dict[str, Any] | None = None
             continue
         label = reviewer_labels.pop(key, None)
         policy_now = (body.get("decision") or {}).get("policy") or {}
-        if body.get("status") != "ok" or body.get("action") not in ACTIONS or set(DecisionPolicy.KEY_FIELDS) - set(policy_now):
+        scored = body.get("status") == "ok" and body.get("action") in ACTIONS
+        if not scored or set(DecisionPolicy.KEY_FIELDS) - set(policy_now):
             skipped += 1  # not scored (no_face, error: no threshold decides it), or from before policies
             continue
         _, proposed, _ = DecisionPolicy.from_key(policy_now, **changes).redecide(body)
