@@ -6,7 +6,9 @@
 3. sampled decode vs decode-all on that clip (bench_decode.py);
 4. the RetinaFace network: the worker's channels-last PyTorch path vs NCHW input vs ONNX Runtime
    (bench_detect.py);
-5. what the sampling gap costs on a 10-minute video (bench_sample_gap.py).
+5. what the sampling gap costs on a 10-minute video (bench_sample_gap.py);
+6. what a finished job's result costs Redis, whole verdict vs summary (bench_result_size.py: starts
+   its own redis-server and SeaweedFS).
 Each runs in its own process so one's memory does not count against another's.
 """
 from __future__ import annotations
@@ -21,7 +23,8 @@ HERE = Path(__file__).resolve().parent
 def main() -> int:
     status = 0
     for script, args in (("bench_engines.py", ["--models", "mdcsd"]), ("bench_pipeline.py", []),
-                         ("bench_decode.py", []), ("bench_detect.py", []), ("bench_sample_gap.py", [])):
+                         ("bench_decode.py", []), ("bench_detect.py", []), ("bench_sample_gap.py", []),
+                         ("bench_result_size.py", [])):
         print(f"\n### {script} {' '.join(args)}", flush=True)
         status |= subprocess.call([sys.executable, str(HERE / script), *args])
     return status

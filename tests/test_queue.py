@@ -16,6 +16,7 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
+from verdict_schema import assert_valid_verdict
 from workers import burst
 
 from worker.decode import Limits, VideoReader
@@ -100,6 +101,11 @@ def test_end_to_end_verdicts_in_redis_and_s3(s3, redis, qsettings, moderator):
         assert verdict["source"] == f"s3://{BUCKET}/{UPLOADS[name]}"
         stored = stored_verdict(s3, qsettings, UPLOADS[name])
         assert stored["created_at"] == verdict["created_at"] and stored["status"] == status
+        # The job result is the stored verdict's summary: no face records, whatever the video.
+        assert "faces" not in assert_valid_verdict(verdict) and "faces" in assert_valid_verdict(stored)
+        assert verdict["detail"] == {"level": "summary", "faces": len(stored["faces"]), "tracks": len(stored["tracks"])}
+        assert {t["id"]: t["frames_seen"] for t in verdict["tracks"]} == {t["id"]: len(t["frames"]) for t in stored["tracks"]}
+        assert verdict["stored_at"] == f"s3://{BUCKET}/{qsettings.verdict_prefix}{UPLOADS[name]}.json"
         if name != "zero_bytes_mp4":
             assert stored["input"]["etag"] and stored["input"]["frames"] == 8
             assert stored["input"]["max_sample_gap_s"] == qsettings.max_sample_gap_s == 5.0
@@ -108,6 +114,17 @@ def test_end_to_end_verdicts_in_redis_and_s3(s3, redis, qsettings, moderator):
     status = queue_status(settings=qsettings, connection=redis)
     assert status["queued"] == 0 and status["finished"] == len(UPLOADS) and status["failed"] == 0
     assert status["oldest_waiting_s"] == 0
+
+
+def test_a_full_job_result_is_the_whole_stored_verdict(s3, redis, qsettings, moderator):
+    full = qsettings.model_copy(update={"result_detail": "full"})
+    job_id = enqueue(BUCKET, UPLOADS["carphone"], settings=full, connection=redis, s3_client=s3)
+    burst(redis, full, moderator)
+    result = assert_valid_verdict(job_state(job_id, settings=full, connection=redis).result)
+    stored = stored_verdict(s3, full, UPLOADS["carphone"])
+    assert "detail" not in result and len(result["faces"]) == 8
+    assert (result["faces"], result["tracks"], result["created_at"]) == (stored["faces"], stored["tracks"],
+                                                                          stored["created_at"])
 
 
 def test_missing_key_and_forbidden_bucket(s3, redis, qsettings, moderator):

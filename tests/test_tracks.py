@@ -1,12 +1,16 @@
 """Face tracks on real multi-face footage, the track decision rule, and early exit."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+from verdict_schema import assert_valid_verdict
 
 from media import carphone_frames, encode
 from worker.pipeline import Moderator
 from worker.tracks import build_tracks, decide_by_tracks, summarize, track_score
+from worker.verdict import summary_of
 
 
 def face(frame, box, score=0.5, largest=False):
@@ -148,3 +152,9 @@ def test_a_deepfaked_participant_in_a_crowded_grid_flags_the_video(moderator, tm
     assert not any(t["fake"] for t in v["tracks"] if t["id"] != corner["id"])  # the real faces stay real
     assert (v["label"], v["action"], v["decision"]["rule"]) == ("fake", "block", "tracks")
     assert v["score"] < v["threshold"]  # the paper's largest-face mean alone would have allowed it
+    # A job result's summary lists 8 of the 9 tracks: the deciding one is never the one cut.
+    summary = assert_valid_verdict(summary_of(v))
+    assert [t["id"] for t in summary["tracks"]][:1] == [corner["id"]] and len(summary["tracks"]) == 8
+    assert summary["detail"] == {"level": "summary", "faces": len(v["faces"]), "tracks": 9}
+    assert summary["tracks"][0]["frames_scored"] == len(corner["frame_scores"]) >= 5
+    assert len(json.dumps(summary)) < 4096 < len(json.dumps(v)) / 4, (len(json.dumps(summary)), len(json.dumps(v)))

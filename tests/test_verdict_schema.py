@@ -13,6 +13,7 @@ from verdict_schema import assert_valid_verdict, schema_errors
 
 from worker.runtime import WorkerRuntime
 from worker.s3 import S3Location
+from worker.verdict import summary_of
 
 BUCKET = "schema"
 
@@ -36,6 +37,7 @@ def test_queue_verdicts_and_what_is_stored_are_valid(settings, moderator, corpus
                        moderator=moderator, s3_client=s3)
     for key, status in (("ok.mp4", "ok"), ("none.mp4", "no_face"), ("cut.mp4", "error"), ("gone.mp4", "error")):
         v = assert_valid_verdict(rt.moderate_s3(BUCKET, key))
+        assert_valid_verdict(summary_of(v))  # the job result
         assert v["status"] == status and "store" in v["timings_ms"] and v["stored_at"].startswith("s3://")
         assert_valid_verdict(rt.store.read(S3Location(BUCKET, key))["verdict"])
         if key != "gone.mp4":  # a missing upload has no bytes to describe
@@ -63,12 +65,27 @@ def scored(moderator, corpus):
     (lambda v: v["model"].update(sha256="abc"), "does not match"),
     (lambda v: v.update(status="error", label=None, score=None, decision=None, tracks=[],
                         error={"code": "exploded", "message": "x"}), "'exploded' is not one of"),
+    (lambda v: v.pop("faces"), "'faces' is a required property"),  # only a summary leaves them out
 ])
 def test_verdicts_that_break_the_rules_are_invalid(scored, change, complaint):
     assert_valid_verdict(scored)
     broken = copy.deepcopy(scored)
     change(broken)
     errors = schema_errors(broken)
+    assert any(complaint in e for e in errors), errors
+
+
+@pytest.mark.parametrize("change, complaint", [
+    (lambda s, v: s.update(faces=v["faces"]), "should not be valid under {'required': ['faces']}"),
+    (lambda s, v: s.update(tracks=v["tracks"]), "'frames_seen' is a required property"),
+    (lambda s, v: s.update(tracks=s["tracks"] * 9), "is too long"),
+    (lambda s, v: s["detail"].update(level="full"), "'summary' was expected"),
+    (lambda s, v: s["detail"].update(faces=0), "0 is less than the minimum of 1"),  # scored, so it had faces
+])
+def test_summaries_that_break_the_rules_are_invalid(scored, change, complaint):
+    summary = assert_valid_verdict(summary_of(scored))
+    change(summary, scored)
+    errors = schema_errors(summary)
     assert any(complaint in e for e in errors), errors
 
 

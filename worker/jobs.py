@@ -9,6 +9,7 @@ from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from worker import runtime, upload_index
+from worker.verdict import summary_of
 
 MODERATE_FUNC = "worker.jobs.moderate_s3_object"
 
@@ -20,15 +21,17 @@ class JobTimedOut(BaseException):
 
 
 def moderate_s3_object(bucket: str, key: str, frames: int | None = None) -> dict:
-    """Moderate s3://bucket/key; the verdict is the job's result and is stored next to the upload."""
+    """Moderate s3://bucket/key; the verdict is stored next to the upload, and the job's result is its
+    summary (`worker.verdict.summary_of`) or, with DEEPFAKE_RESULT_DETAIL=full, the whole of it."""
     job = get_current_job()
     rt = runtime.current()
     if job is not None:  # whoever enqueued it, `deepfake forget` can find it
         upload_index.record(job.connection, bucket, key, job_id=job.id, ttl_s=rt.settings.result_ttl_s)
     enqueued_at = job.enqueued_at.timestamp() if job is not None and job.enqueued_at else None
     try:
-        return rt.moderate_s3(bucket, key, frames=frames, job_id=job.id if job else None, enqueued_at=enqueued_at)
+        verdict = rt.moderate_s3(bucket, key, frames=frames, job_id=job.id if job else None, enqueued_at=enqueued_at)
     except (JobTimedOut, JobTimeoutException):
         # The same bytes would time out again: a final verdict, not a retry.
         seconds = int(job.timeout) if job is not None and job.timeout else 0
-        return rt.timeout_verdict(bucket, key, seconds)
+        verdict = rt.timeout_verdict(bucket, key, seconds)
+    return summary_of(verdict) if rt.settings.result_detail == "summary" else verdict

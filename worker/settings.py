@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     )
     job_retries: int = Field(3, ge=0, description="Retries of a job that failed for a transient reason or lost its worker.")
     result_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="How long a job's verdict stays in Redis.")
+    result_detail: Literal["summary", "full"] = Field(
+        "summary", description="What a job's result in Redis holds: `summary` (the verdict without its face records, "
+        "at most 8 tracks, a few KB whatever the video) or `full` (the whole verdict, which grows with frames × faces); "
+        "the stored verdict in S3 is always whole.",
+    )
     metrics_port: int = Field(9100, ge=0, le=65535, description="Prometheus /metrics and /healthz port; 0 = off.")
     webhook_hosts: str = Field(
         "", description="Comma-separated webhook receivers (names, .domain suffixes, IPs, CIDRs); empty = any public address."

@@ -68,3 +68,28 @@ def error_verdict(
     v = _base(source, model, threshold)
     v.update(status="error", action=action, error=error.to_dict(), video=video, timings_ms=timings_ms or {})
     return v
+
+
+# A summary lists this many tracks at most: those that decided first (the fake ones, then by score).
+SUMMARY_TRACKS = 8
+
+
+def summary_of(verdict: dict[str, Any], max_tracks: int = SUMMARY_TRACKS) -> dict[str, Any]:
+    """The verdict without its per-face evidence, for the queue's job result (DEEPFAKE_RESULT_DETAIL).
+
+    Redis keeps every job's result for DEEPFAKE_RESULT_TTL_S, and the face records and track boxes
+    grow with frames × faces (10 KB for a 4 s clip of one face, megabytes for a crowd over 20
+    minutes): the summary stays a few kilobytes whatever the video. `detail` counts what was left
+    out; the whole verdict is the stored object (`stored_at`, `deepfake verdict`).
+    """
+    tracks = verdict.get("tracks") or []
+    deciding = sorted(tracks, key=lambda tr: (not tr["fake"], tr["score"] is None, -(tr["score"] or 0.0), tr["id"]))
+    summary = {k: v for k, v in verdict.items() if k not in ("faces", "tracks")}
+    summary["tracks"] = [
+        {"id": tr["id"], "start_t": tr["start_t"], "end_t": tr["end_t"], "frames_seen": len(tr["frames"]),
+         "frames_scored": len(tr["frame_scores"]), "score": tr["score"], "long_enough": tr["long_enough"],
+         "fake": tr["fake"]}
+        for tr in deciding[:max_tracks]
+    ]
+    summary["detail"] = {"level": "summary", "faces": len(verdict.get("faces") or []), "tracks": len(tracks)}
+    return summary

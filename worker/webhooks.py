@@ -132,7 +132,7 @@ def resolve(url: str, policy: HostPolicy,
 
 def summary(job_id: str, status: str, result: Any = None, error: str | None = None,
             enqueued_at: str | None = None, ended_at: str | None = None) -> dict[str, Any]:
-    """What a receiver needs to act on a job; the whole verdict is in the job result and in S3."""
+    """What a receiver needs to act on a job; the whole verdict is in S3 (`stored_at`)."""
     body: dict[str, Any] = {"job_id": job_id, "status": status, "enqueued_at": enqueued_at, "ended_at": ended_at}
     if isinstance(result, dict):
         body["verdict"] = {
