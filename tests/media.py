@@ -121,6 +121,20 @@ def damage_packet(path: Path, at_s: float, seed: int = 0) -> float:
     return t
 
 
+def damage_tail(src: Path, dst: Path, at_s: float, seed: int = 0) -> Path:
+    """A copy of `src` with every video packet from `at_s` on overwritten with random bytes: the data is
+    all there (not cut), but no decoder makes frames of it."""
+    with av.open(str(src)) as c:
+        stream = c.streams.video[0]
+        spans = [(p.pos, p.size) for p in c.demux(stream) if p.pts is not None and float(p.pts * p.time_base) >= at_s]
+    data = bytearray(src.read_bytes())
+    rng = np.random.default_rng(seed)
+    for pos, size in spans:
+        data[pos:pos + size] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    dst.write_bytes(bytes(data))
+    return dst
+
+
 def faces_after_damage(path: Path) -> Path:
     """13 s at 8 fps: 12 s of scenery, then 1 s of the carphone face, with the last scenery packet
     damaged. A decoder that stops at the damage has read over 75 % of the duration (what the worker
@@ -187,6 +201,7 @@ def build_corpus(directory: Path) -> dict[str, Path]:
     files["no_face_mp4"] = encode(directory / "noface.mp4", scenery_frames(24), rate=8)
     files["truncated_mp4"] = truncate(files["faststart_mp4"], directory / "truncated.mp4", 0.5)
     files["truncated_moov_end_mp4"] = truncate(files["h264_mp4"], directory / "truncated_moov_end.mp4", 0.6)
+    files["damaged_tail_mp4"] = damage_tail(files["faststart_mp4"], directory / "damaged_tail.mp4", 1.5)
     files["faces_after_damage_mp4"] = faces_after_damage(directory / "faces_after_damage.mp4")
     files["spliced_face_mp4"] = spliced_face(directory / "spliced_face.mp4")
     files["understated_duration_mkv"] = understated_duration(directory / "understated.mkv")

@@ -72,7 +72,7 @@ def test_an_unreachable_redis_or_a_missing_bucket_is_one_line_and_exit_1(redis_s
 
 
 def test_error_actions_come_from_the_environment(corpus, random_model_dir):
-    args = ("moderate", "--model", str(random_model_dir), "--frames", "4", str(corpus["truncated_mp4"]))
+    args = ("moderate", "--model", str(random_model_dir), "--frames", "4", str(corpus["damaged_tail_mp4"]))
     assert json.loads(run_cli(*args).stdout)["action"] == "review"  # the default for corrupt
     blocked = run_cli(*args, env_extra={"DEEPFAKE_ERROR_ACTIONS": "corrupt=block"})
     assert blocked.returncode == 0 and json.loads(blocked.stdout)["action"] == "block"

@@ -6,6 +6,7 @@ import shutil
 import pytest
 from pydantic import ValidationError
 
+from worker import __version__
 from worker.decision import ALLOW, BLOCK, DEFAULT_ERROR_ACTIONS, REVIEW, DecisionPolicy, parse_error_actions
 from worker.engine.model_card import ModelCard
 from worker.errors import ErrorCode
@@ -91,14 +92,14 @@ def test_the_review_band_on_real_footage(settings, moderator, corpus, random_mod
 
 def test_no_face_is_allowed_and_an_error_gets_its_codes_action(settings, moderator, corpus):
     assert moderator.moderate_path(corpus["no_face_mp4"])["action"] == ALLOW
-    bad = moderator.moderate_path(corpus["truncated_mp4"])  # plays up to the cut in a browser: a person looks
+    bad = moderator.moderate_path(corpus["damaged_tail_mp4"])  # a player's decoder may show the rest: a person looks
     assert (bad["status"], bad["error"]["code"], bad["action"]) == ("error", "corrupt", REVIEW)
     assert moderator.moderate_path(corpus["audio_only_mp4"])["action"] == ALLOW  # no video to show
     assert moderator.moderate_path(corpus["carphone"].parent / "missing.mp4")["action"] is None  # nothing to act on
     for configured, action in (("corrupt=block", BLOCK), ("corrupt=none", None), ("too_long=allow", REVIEW)):
         m = Moderator(settings.model_copy(update={"error_actions": configured}), detector=moderator.detector,
                       engine=moderator.engine)
-        assert m.moderate_path(corpus["truncated_mp4"])["action"] == action, configured
+        assert m.moderate_path(corpus["damaged_tail_mp4"])["action"] == action, configured
 
 
 def test_no_face_can_go_to_review_where_every_upload_should_show_one(settings, moderator, corpus):
@@ -132,8 +133,13 @@ def test_a_stored_verdict_is_reused_only_under_the_policy_that_made_it():
     no_face = {**scored, "status": "no_face", "decision": None}
     assert reusable(no_face, **same, policy=banded)  # nothing was decided: any policy allows it
     assert not reusable({k: v for k, v in no_face.items() if k != "action"}, **same, policy=policy)  # before actions
-    corrupt = {**no_face, "status": "error", "action": REVIEW, "error": {"code": "corrupt", "message": "cut"}}
+    corrupt = {**no_face, "status": "error", "action": REVIEW, "error": {"code": "corrupt", "message": "cut"},
+               "worker_version": __version__}
     assert reusable(corrupt, **same, policy=banded)  # the score's policy does not decide an error's action
+    # Another version's decoder may read it (0.2.0 scores files cut short that 0.1.0 called corrupt).
+    assert not reusable({**corrupt, "worker_version": "0.1.0"}, **same, policy=policy)
+    too_long = {**corrupt, "error": {"code": "too_long", "message": "x"}, "worker_version": "0.1.0"}
+    assert reusable(too_long, **same, policy=policy)  # a limit, not the decoder's reading
     blocking = DecisionPolicy(threshold=0.5, error_actions=parse_error_actions("corrupt=block"))
     assert not reusable(corrupt, **same, policy=blocking) and reusable({**corrupt, "action": BLOCK}, **same, policy=blocking)
     assert not reusable({**corrupt, "action": None}, **same, policy=policy)  # written before errors had actions
@@ -154,9 +160,9 @@ def test_a_stored_verdict_is_reused_only_under_the_policy_that_made_it():
 
 def test_a_stored_error_verdict_is_decided_anew_under_other_error_actions(settings, moderator, corpus, s3_server,
                                                                           tmp_path):
-    """Through the queue worker and the real S3 server: a truncated upload's corrupt verdict is stored
+    """Through the queue worker and the real S3 server: a damaged upload's corrupt verdict is stored
     with `review`, reused while the actions stay, and replaced once `corrupt=block` is configured."""
-    s3 = s3_server.bucket_with("errors", {"cut.mp4": corpus["truncated_mp4"].read_bytes()})
+    s3 = s3_server.bucket_with("errors", {"cut.mp4": corpus["damaged_tail_mp4"].read_bytes()})
     base = settings.model_copy(update={"s3_endpoint_url": s3_server.endpoint, "allowed_buckets": "errors",
                                        "frames": 4, "verdict_prefix": f"v-{tmp_path.name}/"})
     default = WorkerRuntime(base, moderator=moderator, s3_client=s3)

@@ -67,7 +67,7 @@ def test_codecs_and_containers_decode(corpus, name):
 @pytest.mark.parametrize(
     "name,code",
     [
-        ("truncated_mp4", ErrorCode.CORRUPT),
+        ("damaged_tail_mp4", ErrorCode.CORRUPT),
         ("truncated_moov_end_mp4", ErrorCode.CORRUPT),
         ("zero_bytes_mp4", ErrorCode.NOT_A_VIDEO),
         ("text_mp4", ErrorCode.NOT_A_VIDEO),
@@ -79,6 +79,31 @@ def test_bad_files_raise_typed_errors(corpus, name, code):
     with pytest.raises(ModerationError) as err:
         sample(corpus[name], 8)
     assert err.value.code == code
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_a_file_cut_short_is_sampled_over_the_part_that_plays(corpus, mode):
+    """Half the bytes of a faststart MP4: its index promises 3.75 s, its data ends at 1.6 s, and a player
+    shows that much. It used to be `corrupt`; now the fast pass samples the part that plays over its own
+    length (exact mode has sampled at the declared spacing as it decoded, so fewer)."""
+    with VideoReader(str(corpus["truncated_mp4"]), LIMITS) as reader:
+        frames = list(reader.sample(8, mode=mode))
+        info = reader.info
+    assert info.truncated and info.declared_duration_s == 3.75 and info.duration_s == pytest.approx(1.625)
+    assert info.to_dict()["truncated"] is True and info.to_dict()["duration_s"] == 1.625
+    times = [f.t for f in frames]
+    assert times == sorted(set(times)) and times[-1] >= 1.0
+    assert len(frames) >= (7 if mode == "fast" else 3), times
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_data_that_is_there_but_does_not_decode_is_corrupt_not_cut(corpus, mode):
+    """Every packet from 1.5 s on is garbage, the file whole: the data reaches the declared end, so this
+    is no cut file (a player's decoder may make more of it than FFmpeg does): corrupt, to review."""
+    with pytest.raises(ModerationError, match="data reaching 3.75 s of a declared 3.75 s") as err, \
+            VideoReader(str(corpus["damaged_tail_mp4"]), LIMITS) as reader:
+        list(reader.sample(8, mode=mode))
+    assert err.value.code == ErrorCode.CORRUPT
 
 
 @pytest.mark.parametrize("mode", ["exact", "fast"])

@@ -91,10 +91,10 @@ def test_feedback_needs_a_verdict_with_an_action(settings, moderator, s3, s3_ser
     with pytest.raises(ValueError, match="label must be one of"):
         record(BUCKET, KEYS["block"], "maybe", settings=rt.settings, s3_client=s3)
 
-    # Unscored uploads with an action take feedback, counted apart: a truncated upload sent to
+    # Unscored uploads with an action take feedback, counted apart: a damaged upload sent to
     # review and found fake twice, a text file allowed and reported, then found real.
-    s3.put_object(Bucket=BUCKET, Key="in/cut-1.mp4", Body=corpus["truncated_mp4"].read_bytes())
-    s3.put_object(Bucket=BUCKET, Key="in/cut-2.mp4", Body=corpus["truncated_mp4"].read_bytes())
+    s3.put_object(Bucket=BUCKET, Key="in/cut-1.mp4", Body=corpus["damaged_tail_mp4"].read_bytes())
+    s3.put_object(Bucket=BUCKET, Key="in/cut-2.mp4", Body=corpus["damaged_tail_mp4"].read_bytes())
     for key, label in (("in/cut-1.mp4", "fake"), ("in/cut-2.mp4", "fake"), ("in/notes.txt", "real")):
         rt.moderate_s3(BUCKET, key)
         fb = record(BUCKET, key, label, settings=rt.settings, s3_client=s3)

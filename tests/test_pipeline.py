@@ -100,10 +100,35 @@ def test_a_face_shown_in_b_frames_only_is_scored_by_default(moderator, corpus):
     assert v["status"] == "ok" and v["video"]["frames_with_face"] >= 24
 
 
+def test_a_deepfake_cut_short_is_scored_on_what_plays_and_blocked(moderator, tmp_path):
+    """Cutting a deepfake short made it `corrupt` (review, or whatever DEEPFAKE_ERROR_ACTIONS says), while
+    players still show it up to the cut. A self-blended carphone clip (the packaged demo model's kind of
+    fake), 8 s at 30 fps, cut at half its bytes, is now sampled over the 3.7 s that play, and blocked."""
+    import numpy as np
+    from media import carphone_frames, encode, truncate
+    from verdict_schema import assert_valid_verdict
+
+    from training.data.sbi import self_blend
+    from worker.pipeline import DEFAULT_MODEL_DIR
+    from worker.settings import Settings
+
+    demo = Moderator(Settings(model_dir=DEFAULT_MODEL_DIR, log_format="json"), detector=moderator.detector)
+    rng = np.random.default_rng(5)
+    source = carphone_frames()
+    fakes = [self_blend(frame, max(found, key=lambda f: f.area), rng)[0]
+             for frame, found in zip(source, moderator.detector.detect(np.stack(source)))]
+    whole = encode(tmp_path / "fake.mp4", fakes + fakes[::-1], rate=30, container_options={"movflags": "+faststart"})
+    v = assert_valid_verdict(demo.moderate_path(truncate(whole, tmp_path / "cut.mp4", 0.5)))
+    assert (v["status"], v["label"], v["action"]) == ("ok", "fake", "block"), (v["status"], v["error"], v["score"])
+    video = v["video"]
+    assert video["truncated"] and video["declared_duration_s"] == 8.0 and 3.0 < video["duration_s"] < 4.5
+    assert video["frames_sampled"] >= 28 and max(f["t"] for f in v["faces"]) > 3.0  # spread over what plays
+
+
 @pytest.mark.parametrize(
     "name,code",
     [
-        ("truncated_mp4", "corrupt"),
+        ("damaged_tail_mp4", "corrupt"),
         ("truncated_moov_end_mp4", "corrupt"),
         ("zero_bytes_mp4", "not_a_video"),
         ("text_mp4", "not_a_video"),
@@ -147,7 +172,7 @@ def test_overlapped_pipeline_gives_the_same_verdict(settings, moderator, corpus)
     b = overlapped.moderate_path(corpus["carphone"])
     assert a["score"] == pytest.approx(b["score"], abs=1e-5)
     assert [f["box"] for f in a["faces"]] == [f["box"] for f in b["faces"]]
-    for bad in ("truncated_mp4", "audio_only_mp4"):  # errors raised in the producer thread still type
+    for bad in ("damaged_tail_mp4", "audio_only_mp4"):  # errors raised in the producer thread still type
         assert overlapped.moderate_path(corpus[bad])["error"]["code"] == moderator.moderate_path(corpus[bad])["error"]["code"]
 
 

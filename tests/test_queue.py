@@ -31,14 +31,15 @@ UPLOADS = {
     "h264_mp4": "clips/moov-at-end.mp4",
     "vp9_webm": "clips/vp9.webm",
     "no_face_mp4": "clips/noface.mp4",
-    "truncated_mp4": "bad/truncated.mp4",
+    "truncated_mp4": "clips/cut-short.mp4",
+    "damaged_tail_mp4": "bad/damaged.mp4",
     "zero_bytes_mp4": "bad/zero.mp4",
     "text_mp4": "bad/text.mp4",
     "audio_only_mp4": "bad/audio.mp4",
 }
 EXPECTED = {
     "carphone": ("ok", None), "h264_mp4": ("ok", None), "vp9_webm": ("ok", None), "no_face_mp4": ("no_face", None),
-    "truncated_mp4": ("error", "corrupt"), "zero_bytes_mp4": ("error", "not_a_video"),
+    "truncated_mp4": ("ok", None), "damaged_tail_mp4": ("error", "corrupt"), "zero_bytes_mp4": ("error", "not_a_video"),
     "text_mp4": ("error", "not_a_video"), "audio_only_mp4": ("error", "no_video_stream"),
 }
 

@@ -50,10 +50,10 @@ def free_port_block(n: int) -> int:
 
 @pytest.mark.slow
 def test_the_demo_command_scores_the_sample_clip_and_any_video_given(corpus):
-    done = run(f"scripts/demo.sh {corpus['truncated_mp4']}", user_env())
+    done = run(f"scripts/demo.sh {corpus['damaged_tail_mp4']}", user_env())
     verdicts = {(v := json.loads(line))["source"].rsplit("/", 1)[-1]: v for line in done.stdout.splitlines()}
-    assert sorted(verdicts) == ["carphone_pristine.mp4", "truncated.mp4"]
-    sample, cut = verdicts["carphone_pristine.mp4"], verdicts["truncated.mp4"]
+    assert sorted(verdicts) == ["carphone_pristine.mp4", "damaged_tail.mp4"]
+    sample, cut = verdicts["carphone_pristine.mp4"], verdicts["damaged_tail.mp4"]
     assert sample["status"] == "ok" and sample["label"] in ("fake", "real") and sample["faces"]
     assert "not on deepfake data" in sample["model"]["warning"]  # the packaged demo model says what it is
     assert (cut["status"], cut["error"]["code"]) == ("error", "corrupt")  # a bad file does not stop the others

@@ -61,7 +61,7 @@ def test_a_shadow_model_is_recorded_beside_the_verdict_and_never_acts(settings, 
 
     # No face, no shadow block; an error verdict has none either.
     assert "shadow" not in m.moderate_path(corpus["no_face_mp4"])
-    assert "shadow" not in m.moderate_path(corpus["truncated_mp4"])
+    assert "shadow" not in m.moderate_path(corpus["damaged_tail_mp4"])
 
 
 def test_a_shadow_model_of_another_input_size_gets_its_own_crops(settings, moderator, corpus, production):

@@ -1,6 +1,6 @@
 """Soak: many small jobs through two real `rq worker deepfake` processes, with faults injected, on loopback.
 
-The mix: tiny clips with a face, tiny clips without one, bad files (text, truncated, audio only), keys
+The mix: tiny clips with a face, tiny clips without one, bad files (text, damaged, audio only), keys
 that were never uploaded, and a fault proxy in front of S3 answering ~5% of reads with 503 and
 resetting ~1% of connections. Every job must end finished with the verdict its file calls for, each
 key must have exactly one verdict object, no worker may die, and worker memory must not grow.
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from faultproxy import FaultProxy, Rule
-from media import carphone_frames, encode, encode_audio_only, scenery_frames
+from media import carphone_frames, damage_tail, encode, encode_audio_only, scenery_frames
 from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -37,7 +37,7 @@ KINDS = [  # (kind, share, expected outcome)
     ("face", 0.55, "ok"),
     ("scenery", 0.15, "no_face"),
     ("text", 0.06, "not_a_video"),
-    ("truncated", 0.06, "corrupt"),
+    ("damaged", 0.06, "corrupt"),
     ("audio", 0.04, "no_video_stream"),
     ("missing", 0.14, "not_found"),
 ]
@@ -52,8 +52,7 @@ def soak_media(directory: Path) -> dict[str, bytes]:
     clips["scenery"] = (directory / "scenery.mp4").read_bytes()
     clips["text"] = b"not a video\n" * 64
     encode(directory / "full.mp4", faces, rate=4, container_options={"movflags": "+faststart"})
-    full = (directory / "full.mp4").read_bytes()
-    clips["truncated"] = full[: len(full) // 3]
+    clips["damaged"] = damage_tail(directory / "full.mp4", directory / "damaged.mp4", 0.75).read_bytes()
     clips["audio"] = encode_audio_only(directory / "audio.mp4", seconds=0.5).read_bytes()
     return clips
 

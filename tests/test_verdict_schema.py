@@ -31,7 +31,7 @@ def test_every_verdict_from_the_corpus_is_valid(moderator, corpus, tmp_path):
 def test_queue_verdicts_and_what_is_stored_are_valid(settings, moderator, corpus, s3_server, tmp_path):
     s3 = s3_server.bucket_with(BUCKET, {"ok.mp4": corpus["carphone"].read_bytes(),
                                         "none.mp4": corpus["no_face_mp4"].read_bytes(),
-                                        "cut.mp4": corpus["truncated_mp4"].read_bytes()})
+                                        "cut.mp4": corpus["damaged_tail_mp4"].read_bytes()})
     rt = WorkerRuntime(settings.model_copy(update={"s3_endpoint_url": s3_server.endpoint, "allowed_buckets": BUCKET,
                                                    "frames": 4, "verdict_prefix": f"v-{tmp_path.name}/"}),
                        moderator=moderator, s3_client=s3)

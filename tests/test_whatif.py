@@ -59,7 +59,7 @@ def test_another_policy_decided_from_the_stored_verdict_is_what_the_worker_gives
 def test_what_if_over_a_prefix_counts_actions_moves_and_reviews(settings, moderator, corpus, s3_server, tmp_path):
     clip = corpus["carphone"].read_bytes()
     s3 = s3_server.bucket_with(BUCKET, {"in/a.mp4": clip, "in/b.mp4": clip, "in/c.mp4": corpus["no_face_mp4"].read_bytes(),
-                                        "in/d.mp4": corpus["truncated_mp4"].read_bytes()})
+                                        "in/d.mp4": corpus["damaged_tail_mp4"].read_bytes()})
     s = settings.model_copy(update={"s3_endpoint_url": s3_server.endpoint, "allowed_buckets": BUCKET, "frames": 8,
                                     "verdict_prefix": f"v-{tmp_path.name}/"})
     rt = WorkerRuntime(s, moderator=moderator, s3_client=s3)

@@ -96,10 +96,10 @@ def test_a_scrape_answers_without_the_queue_series_when_redis_is_down_or_frozen(
 
 
 def test_verdicts_are_counted_by_action(moderator, corpus):
-    """The review queue's inflow: verdicts count by action, error verdicts by their code's (a truncated
+    """The review queue's inflow: verdicts count by action, error verdicts by their code's (a damaged
     upload goes to review, an unreadable one has none)."""
     metrics = Metrics()
-    verdicts = [moderator.moderate_path(corpus[name]) for name in ("carphone", "no_face_mp4", "truncated_mp4")]
+    verdicts = [moderator.moderate_path(corpus[name]) for name in ("carphone", "no_face_mp4", "damaged_tail_mp4")]
     for verdict in verdicts:
         metrics.observe_verdict(verdict)
     # the decision score's distribution (drift): the one scored verdict, in its 0.05-wide bucket

@@ -6,8 +6,8 @@ moderation queue does with it: `block` a fake, `review` a real whose score lies 
 a stored verdict is reused only under the same policy, so changing a threshold or the rule re-scores.
 
 An upload that could not be judged gets its action from its error code (`DEEPFAKE_ERROR_ACTIONS`
-over `DEFAULT_ERROR_ACTIONS`): an uploader can make a file fail on purpose (truncate it, pad it past
-the duration limit, pick a codec the worker lacks), so by default those go to a person instead of
+over `DEFAULT_ERROR_ACTIONS`): an uploader can make a file fail on purpose (damage it past FFmpeg's
+decoder, pad it past the duration limit, pick a codec the worker lacks), so by default those go to a person instead of
 through unjudged. A video without a face is allowed unless DEEPFAKE_NO_FACE_ACTION says otherwise
 (where every upload should show a face, not finding one is itself suspect).
 """
@@ -26,7 +26,7 @@ NO_FACE_ACTION = ALLOW  # default: nothing to judge, the product decides about f
 NO_ACTION = "none"  # the settings' word for an error verdict without an action (null)
 
 # What to do with an upload the worker could not judge, by error code. Content the uploader controls
-# and that a player may still show (a truncated file plays up to the cut, a codec this build lacks
+# and that a player may still show (damage another decoder reads past, a codec this build lacks
 # plays elsewhere, a long or huge file or a decoding bomb) goes to review; what has no video to show
 # is allowed like an upload without faces; where the worker itself could not read the upload (gone,
 # or a deployment's permissions) nothing was judged and nothing is to be done with the upload.

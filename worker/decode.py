@@ -160,11 +160,14 @@ class VideoReader(Sampling):
         """
         decoded = 0
         self.info.decode_errors = 0
+        self.data_end: float | None = None  # where the stream's packets end (s), decodable or not
+        self.demux_failed = False
         first_error: Exception | None = None
         ctx = self._stream.codec_context
         try:
             for packet in self._container.demux(self._stream):
                 self._check_deadline()  # per packet: a stream of refused packets yields no frame to check at
+                self._note_data_end(packet)
                 if skip_for is not None and (skip := skip_for(packet)) != ctx.skip_frame:
                     ctx.skip_frame = skip
                 try:
@@ -182,6 +185,7 @@ class VideoReader(Sampling):
             raise
         except (av.error.FFmpegError, ValueError) as exc:  # the demuxer failed: the stream ends here
             self._raise_if_refused_as_too_large(exc)
+            self.demux_failed = True
             first_error = first_error or exc
             self.decode_error = str(first_error)
             for frame in self._drain():
@@ -189,6 +193,20 @@ class VideoReader(Sampling):
                 yield self._checked(frame)
         if decoded == 0 and first_error is not None:
             raise Corrupt(f"no frame could be decoded: {first_error}") from first_error
+
+    def _note_data_end(self, packet: av.Packet) -> None:
+        if packet.pts is not None and packet.time_base is not None:
+            end = float((packet.pts + (packet.duration or 0)) * packet.time_base)
+            self.data_end = end if self.data_end is None else max(self.data_end, end)
+
+    def _demux_rest(self) -> None:
+        """Read the packets a pass left unread, without decoding them: where the data ends."""
+        try:
+            for packet in self._container.demux(self._stream):
+                self._check_deadline()
+                self._note_data_end(packet)
+        except (av.error.FFmpegError, ValueError):
+            self.demux_failed = True
 
     def _drain(self) -> list[av.VideoFrame]:
         """The frames a threaded decoder still holds when the demuxer stopped without its flush packet."""
@@ -219,10 +237,11 @@ class VideoReader(Sampling):
         pixels = ctx.width * ctx.height
         return pixels == 0 or pixels > self._limits.max_pixels
 
-    def _rewind(self) -> None:
+    def _rewind(self, keep_threads: bool = False) -> None:
         """Back to the start for an exact pass: reopened when the fast pass chose slice threads, since a
-        decoder's threading is fixed once it is open and exact decoding wants frame threads."""
-        self._restart(reopen=self._reopen_for_exact)
+        decoder's threading is fixed once it is open and exact decoding wants frame threads (unless
+        `keep_threads`)."""
+        self._restart(reopen=self._reopen_for_exact and not keep_threads)
         self._stream.codec_context.skip_frame = "DEFAULT"
         self._first_frame_checked = False
 

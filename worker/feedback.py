@@ -7,7 +7,7 @@ of allowed uploads) are the only production ground truth. `record` stores one ne
 thresholds and model, so `summarize` can tell, per model, how often a blocked upload was really
 fake and what share of reviews found one. The uploads people look at are not a random sample (most
 come from the review band), so these are the precision of each action, not the model's error rates.
-Uploads the worker could not score but gave an action (a truncated file sent to review, a no-face
+Uploads the worker could not score but gave an action (a damaged file sent to review, a no-face
 upload a user reported) take feedback too, counted apart by status or error code: how often they
 turn out fake is what DEEPFAKE_ERROR_ACTIONS should follow.
 """

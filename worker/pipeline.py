@@ -252,7 +252,8 @@ class Moderator:
         video["frames_with_face"] = counts["frames_with_face"]
         video["early_exit"] = early_exit
         log.info("decoded", source=source.uri, **{k: video[k] for k in ("codec", "width", "height", "frames_sampled")},
-                 faces=len(faces), early_exit=early_exit)
+                 faces=len(faces), early_exit=early_exit, truncated=reader.info.truncated,
+                 decode_errors=reader.info.decode_errors)
         if not scored:
             return no_face_verdict(source.uri, threshold=self.threshold, action=self.policy.no_face_action, video=video,
                                    model=self.model_block, timings_ms=timer.as_dict())

@@ -1,6 +1,6 @@
 """How a VideoReader picks its frames: evenly over the duration, decoding every frame or only the
-sampled ones and what they refer to, on past a duration the container understates, and never from a
-video cut well short of it.
+sampled ones and what they refer to, on past a duration the container understates, and over the part
+that plays of a file cut short.
 
 The decoding itself (opening, limits, packets, rewinding, conversion) is worker/decode.py's.
 """
@@ -10,19 +10,31 @@ import bisect
 from typing import Callable, Iterator
 
 import av
+from av.codec.context import ThreadType
 
 from worker.errors import Corrupt
 from worker.video import MAX_SAMPLED_FRAMES, SampledFrame, frames_to_sample, sample_times
 
-# A decode that stops before this share of the declared duration means the data is cut short.
+# A decode that stops before this share of the declared duration means the data is cut short (then
+# sampled over what is there) or does not decode (corrupt).
 MIN_COVERAGE = 0.75
 # Frames this far past the declared end mean the declaration understates the video: sampling goes on.
 OVERRUN_TOLERANCE_S = 0.5
 
 
+class DataEndsEarly(Exception):
+    """The stream's packets end well before the declared duration, and what there is decodes: the file
+    was cut (an upload truncated by its client, or on purpose), and a player stops there too."""
+
+    def __init__(self, span_s: float) -> None:
+        super().__init__(f"the video data ends at {span_s:.2f} s")
+        self.span_s = span_s
+
+
 class Sampling:
     """The sampling half of VideoReader (which provides `info`, `_stream`, `_frames`, `_frame_time`,
-    `_to_sample`, `_start_time`, `_measure_duration` and `_rewind`)."""
+    `_to_sample`, `_start_time`, `_measure_duration`, `_rewind`, `_demux_rest`, and `data_end` and
+    `demux_failed` from the last pass over the packets)."""
 
     # Threading of the fast pass's decoder (see _pick_fast); the exact pass uses AUTO.
     FAST_PASS_THREADING = "SLICE"
@@ -39,7 +51,10 @@ class Sampling:
 
         The duration is the container's word, which can understate the video: frames found past it are
         sampled on (exact mode), spaced as for a video ending at each, and `info.duration_s` becomes
-        what decoded (`info.declared_duration_s` keeps the claim).
+        what decoded (`info.declared_duration_s` keeps the claim). It can overstate it too: a file cut
+        short is sampled over the part that plays (in fast mode; exact mode has sampled as it decoded,
+        so its samples stop at the cut) and marked `info.truncated`. Data that is there but does not
+        decode is Corrupt.
         """
         self.decode_error: str | None = None
         start = self._start_time()
@@ -49,14 +64,24 @@ class Sampling:
         targets = sample_times(start, duration, frames_to_sample(duration, n, max_gap_s))
         fps = self.info.fps or 25.0
         if mode == "fast":
-            picked = self._pick_fast(targets, start, duration, fps)
+            try:
+                picked = self._pick_fast(targets, start, duration, fps)
+            except DataEndsEarly as cut:
+                # Sample what plays, over its own length, decoding every frame of it. The fast pass's
+                # slice threads stay: frame threads drop the frames in flight when the cut last packet
+                # fails, a second or more of a short clip's end.
+                duration = self._cut_short(cut.span_s, duration)
+                targets = sample_times(start, duration, frames_to_sample(duration, n, max_gap_s))
+                self._rewind(keep_threads=True)
+                picked = None
             if picked is not None:
                 self.info.sampling = "fast"
                 for index, (frame, t) in enumerate(picked):
                     yield self._to_sample(frame, index, t - start)
                 self.info.frames_sampled = len(picked)
                 return
-            self._rewind()
+            if not self.info.truncated:
+                self._rewind()
         self.info.sampling = "exact"
         yield from self._sample_exact(targets, start, duration, fps,
                                       spacing=lambda elapsed: elapsed / frames_to_sample(elapsed, n, max_gap_s))
@@ -82,7 +107,15 @@ class Sampling:
                 yield self._to_sample(frame, index, t - start)
                 index += 1
                 last_yielded = True
-        self._check_coverage(last, start, duration, fps)
+        try:
+            self._check_coverage(last, start, duration, fps)
+        except DataEndsEarly as cut:  # sampled as it decoded: the samples stop at the cut
+            self._cut_short(cut.span_s, duration)
+            # Frame threads drop the frames in flight when the cut last packet fails: up to one per
+            # thread, lost from what decoded though the data was there.
+            ctx = self._stream.codec_context
+            in_flight = ctx.thread_count if ctx.thread_type & ThreadType.FRAME else 0
+            self._check_coverage(last, start, cut.span_s, fps, slack_s=in_flight / fps)
         if self._overruns(last[1], start, duration):
             self.info.declared_duration_s = duration
             self.info.duration_s = last[1] + 1.0 / fps - start
@@ -130,7 +163,8 @@ class Sampling:
         prev: tuple[av.VideoFrame, float] | None = None
         last: tuple[av.VideoFrame, float] | None = None
         j = 0
-        for count, frame in enumerate(self._frames(skip_for)):
+        frames = self._frames(skip_for)
+        for count, frame in enumerate(frames):
             current = (frame, self._frame_time(frame, count, start, fps))
             if self._overruns(current[1], start, duration):
                 return None  # the exact pass samples past the declared end
@@ -138,6 +172,11 @@ class Sampling:
             while j < len(targets) and current[1] >= targets[j]:
                 best = current if prev is None or current[1] - targets[j] <= targets[j] - prev[1] else prev
                 if abs(best[1] - targets[j]) > half_slice or (picked and picked[-1][0] is best[0]):
+                    # The exact pass follows. A cut file is told by its packets alone, read on without
+                    # decoding: the exact pass over it then keeps these slice threads (see sample()).
+                    frames.close()
+                    self._demux_rest()
+                    self._check_cut(start, duration)
                     return None
                 picked.append(best)
                 j += 1
@@ -150,12 +189,34 @@ class Sampling:
         return picked
 
     def _check_coverage(self, last: tuple[av.VideoFrame, float] | None, start: float, duration: float,
-                        fps: float) -> None:
+                        fps: float, slack_s: float = 0.0) -> None:
+        """Corrupt when what decoded falls short of the data; DataEndsEarly when the data itself falls
+        short of the declared duration (and decodes): then nothing past the cut exists to show."""
         if last is None:
             raise Corrupt("the video stream holds no decodable frame")
         end_t = last[1] + 1.0 / fps
-        if end_t - start < MIN_COVERAGE * duration:
-            detail = f" ({self.decode_error})" if self.decode_error else ""
-            raise Corrupt(
-                f"video data ends at {end_t - start:.2f} s of a declared {duration:.2f} s: truncated or damaged{detail}"
-            )
+        if end_t + slack_s - start >= MIN_COVERAGE * duration:
+            return
+        # Packets that are there but do not decode may still play in a player's decoder: corrupt.
+        self._check_cut(start, duration)
+        span = None if self.data_end is None else self.data_end - start
+        detail = f" ({self.decode_error})" if self.decode_error else ""
+        shown = f"video data ends at {end_t - start:.2f} s" if span is None or span <= end_t - start + 1.0 / fps \
+            else f"video decodes to {end_t - start:.2f} s of data reaching {span:.2f} s"
+        declared = self.info.declared_duration_s or duration
+        raise Corrupt(f"{shown} of a declared {declared:.2f} s: damaged{detail}")
+
+    def _check_cut(self, start: float, duration: float) -> None:
+        """DataEndsEarly when the packets end before MIN_COVERAGE of the duration: a cut file, whose
+        coverage is then judged against the data's own end. A demuxer that failed may have stopped at
+        damage a player reads past: that is not a cut."""
+        span = None if self.data_end is None else self.data_end - start
+        if not self.demux_failed and span is not None and 0 < span < MIN_COVERAGE * duration:
+            raise DataEndsEarly(span)
+
+    def _cut_short(self, span: float, declared: float) -> float:
+        """Record that the data ends at `span` s of a declared `declared` s; returns the span."""
+        self.info.truncated = True
+        self.info.declared_duration_s = declared
+        self.info.duration_s = span
+        return span

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import structlog
 from botocore.exceptions import ClientError
 
+from worker import __version__
 from worker.s3 import CHANGED_CODES, NOT_FOUND_CODES, S3Location, make_client
 from worker.video import frames_to_sample
 
@@ -203,6 +204,9 @@ class VerdictStore:
 
 # Outcomes that the same bytes always reproduce; timeouts and internal errors are worth a new try.
 DETERMINISTIC_ERRORS = frozenset({"not_a_video", "no_video_stream", "corrupt", "unsupported", "too_large", "too_long"})
+# Of those, the ones another version's decoder may get past: reused only from the version that wrote
+# them (0.2.0 scores files cut short that 0.1.0 called corrupt).
+DECODER_ERRORS = frozenset({"corrupt", "unsupported"})
 
 
 def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int, max_sample_gap_s: float = 0.0,
@@ -215,7 +219,10 @@ def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int, 
     inp, model, error = stored.get("input"), stored.get("model"), stored.get("error")
     if not isinstance(inp, dict) or not isinstance(model, dict) or not isinstance(error, (dict, type(None))):
         return False  # not a verdict this worker wrote: recomputed and replaced
-    if stored.get("status") == "error" and (error or {}).get("code") not in DETERMINISTIC_ERRORS:
+    code = (error or {}).get("code")
+    if stored.get("status") == "error" and code not in DETERMINISTIC_ERRORS:
+        return False
+    if code in DECODER_ERRORS and stored.get("worker_version") != __version__:
         return False
     if "action" not in stored:
         return False  # written before verdicts carried an action

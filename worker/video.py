@@ -29,7 +29,8 @@ class VideoInfo:
     frames_sampled: int = 0
     sampling: str = "exact"  # how the frames were picked: exact | fast (reference frames only)
     decode_errors: int = 0  # packets the decoder refused and skipped, in the pass that gave the samples
-    declared_duration_s: float | None = None  # set when the data ran past it (duration_s is then what decoded)
+    declared_duration_s: float | None = None  # set when the data ran past it or ended short (duration_s: the data's)
+    truncated: bool = False  # the data ends well before the declared duration: sampled over what is there
 
     def to_dict(self) -> dict:
         return {
@@ -44,6 +45,7 @@ class VideoInfo:
             "sampling": self.sampling,
             "decode_errors": self.decode_errors,
             **({} if self.declared_duration_s is None else {"declared_duration_s": round(self.declared_duration_s, 3)}),
+            **({"truncated": True} if self.truncated else {}),
         }
 
 
