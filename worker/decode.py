@@ -199,15 +199,6 @@ class VideoReader(Sampling):
             end = float((packet.pts + (packet.duration or 0)) * packet.time_base)
             self.data_end = end if self.data_end is None else max(self.data_end, end)
 
-    def _demux_rest(self) -> None:
-        """Read the packets a pass left unread, without decoding them: where the data ends."""
-        try:
-            for packet in self._container.demux(self._stream):
-                self._check_deadline()
-                self._note_data_end(packet)
-        except (av.error.FFmpegError, ValueError):
-            self.demux_failed = True
-
     def _drain(self) -> list[av.VideoFrame]:
         """The frames a threaded decoder still holds when the demuxer stopped without its flush packet."""
         try:

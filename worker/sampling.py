@@ -33,8 +33,8 @@ class DataEndsEarly(Exception):
 
 class Sampling:
     """The sampling half of VideoReader (which provides `info`, `_stream`, `_frames`, `_frame_time`,
-    `_to_sample`, `_start_time`, `_measure_duration`, `_rewind`, `_demux_rest`, and `data_end` and
-    `demux_failed` from the last pass over the packets)."""
+    `_to_sample`, `_start_time`, `_measure_duration`, `_rewind`, and `data_end` and `demux_failed` from
+    the last pass over the packets)."""
 
     # Threading of the fast pass's decoder (see _pick_fast); the exact pass uses AUTO.
     FAST_PASS_THREADING = "SLICE"
@@ -163,8 +163,7 @@ class Sampling:
         prev: tuple[av.VideoFrame, float] | None = None
         last: tuple[av.VideoFrame, float] | None = None
         j = 0
-        frames = self._frames(skip_for)
-        for count, frame in enumerate(frames):
+        for count, frame in enumerate(self._frames(skip_for)):
             current = (frame, self._frame_time(frame, count, start, fps))
             if self._overruns(current[1], start, duration):
                 return None  # the exact pass samples past the declared end
@@ -172,11 +171,6 @@ class Sampling:
             while j < len(targets) and current[1] >= targets[j]:
                 best = current if prev is None or current[1] - targets[j] <= targets[j] - prev[1] else prev
                 if abs(best[1] - targets[j]) > half_slice or (picked and picked[-1][0] is best[0]):
-                    # The exact pass follows. A cut file is told by its packets alone, read on without
-                    # decoding: the exact pass over it then keeps these slice threads (see sample()).
-                    frames.close()
-                    self._demux_rest()
-                    self._check_cut(start, duration)
                     return None
                 picked.append(best)
                 j += 1
