@@ -52,9 +52,9 @@ class Sampling:
         The duration is the container's word, which can understate the video: frames found past it are
         sampled on (exact mode), spaced as for a video ending at each, and `info.duration_s` becomes
         what decoded (`info.declared_duration_s` keeps the claim). It can overstate it too: a file cut
-        short is sampled over the part that plays (in fast mode; exact mode has sampled as it decoded,
-        so its samples stop at the cut) and marked `info.truncated`. Data that is there but does not
-        decode is Corrupt.
+        short is marked `info.truncated` and sampled over the part that plays, over its own length when
+        the fast pass finds the cut (an exact pass has sampled at the declared spacing as it decoded, so
+        its samples stop at the cut). Data that is there but does not decode is Corrupt.
         """
         self.decode_error: str | None = None
         start = self._start_time()
