@@ -167,6 +167,13 @@ def test_duplicate_enqueue_returns_the_existing_job_then_the_stored_verdict(s3, 
     burst(redis, qsettings, moderator)
     reused = job_state(again, settings=qsettings, connection=redis).result
     assert reused["created_at"] == original["created_at"] and reused["score"] == original["score"]
+    # A job finished by another worker version is no answer (its decoder may have read the upload
+    # otherwise): a new job, which reuses the verdict stored in S3 where that still answers.
+    published = json.loads(redis.get("deepfake:model:deepfake"))
+    redis.set("deepfake:model:deepfake", json.dumps({**published, "worker_version": "0.1.0"}))
+    older = enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3)
+    redis.set("deepfake:model:deepfake", json.dumps(published))
+    assert older not in (first, again) and enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3) == again
     # Other sampling is another question: computed anew.
     other = enqueue(BUCKET, key, frames=4, settings=qsettings, connection=redis, s3_client=s3)
     burst(redis, qsettings, moderator)

@@ -43,10 +43,13 @@ def get_queue(connection: Redis, name: str) -> Queue:
 
 
 def dedupe_key(queue: str, bucket: str, key: str, etag: str, frames: int, model_sha256: str,
-               policy: dict | None = None, max_sample_gap_s: float | None = None) -> str:
+               policy: dict | None = None, max_sample_gap_s: float | None = None,
+               worker_version: str | None = None) -> str:
     """The duplicate record's name: one per queue (two deployments may share a Redis database), upload
-    bytes, sampling (frames and the workers' sampling gap), model and decision policy."""
-    parts = [queue, bucket, key, etag, frames, model_sha256, policy, max_sample_gap_s]
+    bytes, sampling (frames and the workers' sampling gap), model, decision policy and worker version
+    (a finished job's answer is another version's: the new job reuses the stored verdict where it
+    can, `verdict_store.reusable`)."""
+    parts = [queue, bucket, key, etag, frames, model_sha256, policy, max_sample_gap_s, worker_version]
     raw = json.dumps(parts, sort_keys=True).encode()
     return DEDUPE_PREFIX + hashlib.sha256(raw).hexdigest()
 
@@ -76,7 +79,7 @@ def enqueue(
         etag = object_etag(s3, bucket, key)
     model = json.loads(connection.get(model_key(settings.queue)) or "{}")
     dkey = (dedupe_key(settings.queue, bucket, key, etag, frames, model.get("sha256", ""), model.get("decision_policy"),
-                       model.get("max_sample_gap_s")) if etag else None)
+                       model.get("max_sample_gap_s"), model.get("worker_version")) if etag else None)
     if dkey:
         existing = connection.get(dkey)
         if existing:

@@ -13,6 +13,7 @@ from typing import Any
 
 import structlog
 
+from worker import __version__
 from worker.errors import AccessDenied, ModerationError, Timeout, TransientError
 from worker.metrics import Metrics
 from worker.pipeline import Moderator
@@ -59,10 +60,10 @@ class WorkerRuntime:
 
     def published(self) -> dict:
         """What the worker publishes in Redis for enqueuers and `deepfake status`: the model block, the
-        decision policy and the sampling gap (duplicates are matched on all three)."""
+        decision policy, the sampling gap and the worker's version (duplicates are matched on all four)."""
         shadow = self.moderator.shadow
         return {**self.model, "decision_policy": self.moderator.policy.published(),
-                "max_sample_gap_s": self.settings.max_sample_gap_s,
+                "max_sample_gap_s": self.settings.max_sample_gap_s, "worker_version": __version__,
                 **({"shadow_model": shadow.engine.describe()} if shadow is not None else {})}
 
     def moderate_s3(self, bucket: str, key: str, *, frames: int | None = None, job_id: str | None = None,
