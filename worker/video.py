@@ -27,7 +27,7 @@ class VideoInfo:
     duration_s: float | None
     rotation: int  # degrees counter-clockwise applied to the stored frames for display
     frames_sampled: int = 0
-    sampling: str = "exact"  # how the frames were picked: exact | fast (reference frames only)
+    sampling: str = "exact"  # how the frames were picked: exact | fast (the frames at the sample times, and what they refer to)
     decode_errors: int = 0  # packets the decoder refused and skipped, in the pass that gave the samples
     declared_duration_s: float | None = None  # set when the data ran past it or ended short (duration_s: the data's)
     truncated: bool = False  # the data ends well before the declared duration: sampled over what is there
