@@ -71,6 +71,10 @@ def test_the_local_stack_runs_a_job_from_enqueue_to_stored_verdict(tmp_path):
         state = json.loads(run(f". {stack_env} && deepfake result {job_id}", env).stdout)
         assert state["status"] == "finished" and state["result"]["status"] == "ok"
         assert state["result"]["input"]["key"] == "carphone.mp4" and state["result"]["action"] in ("allow", "block")
+        assert "faces" not in state["result"] and state["result"]["detail"]["faces"] >= 1  # the summary
+        full = json.loads(run(f". {stack_env} && deepfake result --full {job_id}", env).stdout)
+        assert len(full["result"]["faces"]) == state["result"]["detail"]["faces"] and "detail" not in full["result"]
+        assert full["result"]["created_at"] == state["result"]["created_at"] and full["verified"] is None
         stored = json.loads(run(f". {stack_env} && deepfake verdict s3://uploads/carphone.mp4", env).stdout)
         assert stored["stored_at"] == "s3://uploads/verdicts/carphone.mp4.json"
         assert stored["verdict"]["created_at"] == state["result"]["created_at"]

@@ -52,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_commands(sub)
 
-    r = sub.add_parser("result", help="a job's status and verdict as JSON")
+    r = sub.add_parser("result", help="a job's status and verdict (its summary, as the job holds it) as JSON")
     r.add_argument("job_ids", nargs="+", metavar="JOB_ID")
+    r.add_argument("--full", action="store_true",
+                   help="the whole verdict, read from S3 (`stored_at`), with whether it verifies (`verified`)")
     r.set_defaults(func=cmd_result)
 
     s = sub.add_parser("status", help="queue length, registries, workers and the model they run, as JSON")
@@ -162,8 +164,23 @@ def cmd_result(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             missing = True
             print(json.dumps({"job_id": job_id, "status": "not_found", "result": None, "error": "no such job"}))
         else:
-            print(json.dumps(state.to_dict()))
+            print(json.dumps(_with_full_verdict(state.to_dict(), settings) if args.full else state.to_dict()))
     return EXIT_FAILURE if missing else EXIT_OK
+
+
+def _with_full_verdict(state: dict, settings) -> dict:  # type: ignore[no-untyped-def]
+    """A job's state with its result replaced by the whole verdict stored in S3, where there is one
+    (a summary result names it in `stored_at`); `verified` as `deepfake verdict` says it."""
+    from worker.s3 import S3Location
+    from worker.verdict_store import VerdictStore
+
+    result = state.get("result")
+    if not isinstance(result, dict) or not result.get("stored_at"):
+        return state  # not finished, or nothing stored (an upload the worker may not read)
+    found = VerdictStore.for_settings(settings, verify=True).read(S3Location.parse(result["source"]))
+    if found["verdict"] is None:
+        return {**state, "verified": None, "error": state["error"] or f"no verdict stored at {result['stored_at']}"}
+    return {**state, "result": {**found["verdict"], "stored_at": found["stored_at"]}, "verified": found["verified"]}
 
 
 def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

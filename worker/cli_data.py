@@ -149,15 +149,12 @@ def cmd_forget(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 def cmd_verdict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from worker import cli
     from worker.logging import configure_logging
-    from worker.s3 import make_client
     from worker.verdict_store import VerdictStore
 
     locations = cli._locations(parser, args.uris)
     settings = cli._settings(parser)
     configure_logging(settings.log_format, settings.log_level)  # a forged verdict's warning goes to stderr
-    secret = settings.verdict_secret.get_secret_value() if settings.verdict_secret else None
-    store = VerdictStore(make_client(settings.s3_endpoint_url, settings.s3_region), prefix=settings.verdict_prefix,
-                         bucket=settings.verdict_bucket, secret=secret)
+    store = VerdictStore.for_settings(settings, verify=True)
     ok = True
     for loc in locations:
         found = store.read(loc)

@@ -47,9 +47,7 @@ class WorkerRuntime:
         self.settings = settings
         self.moderator = moderator or Moderator(settings)
         self.s3 = s3_client or make_client(settings.s3_endpoint_url, settings.s3_region)
-        secret = settings.verdict_secret.get_secret_value() if settings.verdict_secret else None
-        self.store = VerdictStore(self.s3, prefix=settings.verdict_prefix, bucket=settings.verdict_bucket,
-                                  secret=secret)
+        self.store = VerdictStore.for_settings(settings, self.s3, verify=True)
         self.allowed = settings.bucket_allow_list()
         self.metrics = metrics or Metrics()
         self.loaded_at = time.time()

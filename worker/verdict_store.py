@@ -59,11 +59,13 @@ class VerdictStore:
         self.secret = secret
 
     @classmethod
-    def for_settings(cls, settings: Settings, client: Any = None) -> "VerdictStore":
-        """The store at the settings' verdict bucket and prefix, without checking signatures (for the
-        commands that list, erase or annotate verdicts; the worker passes its secret itself)."""
+    def for_settings(cls, settings: Settings, client: Any = None, *, verify: bool = False) -> "VerdictStore":
+        """The store at the settings' verdict bucket and prefix; with `verify`, checking signatures with
+        DEEPFAKE_VERDICT_SECRET (the worker, `deepfake verdict`, `deepfake result --full`), else not
+        (the commands that list, erase or annotate verdicts)."""
         client = client or make_client(settings.s3_endpoint_url, settings.s3_region)
-        return cls(client, prefix=settings.verdict_prefix, bucket=settings.verdict_bucket)
+        secret = settings.verdict_secret.get_secret_value() if verify and settings.verdict_secret else None
+        return cls(client, prefix=settings.verdict_prefix, bucket=settings.verdict_bucket, secret=secret)
 
     def _path(self, upload: S3Location) -> str:
         """`<prefix><key>` beside the upload; in a separate verdict bucket `<prefix><bucket>/<key>`, since
