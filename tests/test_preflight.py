@@ -9,6 +9,7 @@ import json
 import boto3
 import pytest
 import torch
+from redis import Redis
 from servers import free_ports, stop
 from workers import DurableRedis
 
@@ -49,8 +50,17 @@ def test_a_working_configuration_passes_every_check(env, capsys, tmp_path):
     env.setenv("DEEPFAKE_REDIS_URL", durable.url)
     try:
         code, results = check(capsys)
+        # A Redis that evicts keys when full would drop queued jobs and results silently.
+        redis = Redis.from_url(durable.url)
+        redis.config_set("maxmemory", 64 * 1024**2)
+        redis.config_set("maxmemory-policy", "allkeys-lru")
+        _, evicting = check(capsys, "--only", "redis")
+        redis.config_set("maxmemory-policy", "noeviction")
+        _, refusing = check(capsys, "--only", "redis")
     finally:
         stop(durable.proc)
+    assert evicting["redis"]["ok"] and "maxmemory-policy is allkeys-lru" in evicting["redis"]["warning"]
+    assert refusing["redis"]["warning"] is None  # a limit that refuses writes is the operator's choice
     assert code == 0 and list(results) == list(CHECKS)
     assert all(r["ok"] for r in results.values()), results
     # the only warning: this test model is random, and the check passes the verdict's warning on

@@ -75,13 +75,22 @@ def check_redis(settings: Settings) -> Check:
     connection.ping()
     version = connection.info("server").get("redis_version", "?")
     depths = queue_depths(connection, settings.queue)
-    warning = None
+    warnings = []
     try:
-        persistent = connection.config_get("appendonly").get("appendonly") == "yes"
-        if not persistent:
-            warning = "appendonly is off: a Redis restart loses the queued jobs (README, Reliability)"
+        config = connection.config_get("appendonly")
+        config.update(connection.config_get("maxmemory*"))
+        if config.get("appendonly") != "yes":
+            warnings.append("appendonly is off: a Redis restart loses the queued jobs (README, Reliability)")
+        policy, limit = config.get("maxmemory-policy", "noeviction"), int(config.get("maxmemory") or 0)
+        if limit and policy != "noeviction":
+            # A full Redis then deletes keys to make room: queued jobs, results and duplicate records
+            # vanish without an error. noeviction refuses writes instead, which enqueuers see.
+            warnings.append(f"maxmemory-policy is {policy} with maxmemory {limit} bytes: a full Redis evicts "
+                            "queued jobs and results; use noeviction (README, Job results in Redis)")
     except ResponseError:  # managed Redis often forbids CONFIG
-        warning = "cannot read the persistence setting (CONFIG is disabled): make sure the queue is persisted"
+        warnings.append("cannot read the persistence and eviction settings (CONFIG is disabled): make sure the "
+                        "queue is persisted and never evicted")
+    warning = "; ".join(warnings) or None
     return Check("redis", True, f"Redis {version}, queue {settings.queue!r}: {depths['queued']} waiting, "
                  f"{depths['started']} running, {depths['failed']} failed", warning)
 
