@@ -195,6 +195,7 @@ class VideoReader(Sampling):
             raise Corrupt(f"no frame could be decoded: {first_error}") from first_error
 
     def _note_data_end(self, packet: av.Packet) -> None:
+        """`data_end`: the latest packet end seen, decodable or not."""
         if packet.pts is not None and packet.time_base is not None:
             end = float((packet.pts + (packet.duration or 0)) * packet.time_base)
             self.data_end = end if self.data_end is None else max(self.data_end, end)
@@ -293,24 +294,20 @@ class VideoReader(Sampling):
 
     def _measure_duration(self) -> float:
         """Demux (not decode) the stream once to find its length, then rewind for decoding."""
-        s = self._stream
-        end = None
+        self.data_end = None
         try:
-            for packet in self._container.demux(s):
+            for packet in self._container.demux(self._stream):
                 self._check_deadline()
-                if packet.pts is None or packet.time_base is None:
-                    continue
-                t = float((packet.pts + (packet.duration or 0)) * packet.time_base)
-                end = t if end is None else max(end, t)
-                if end > self._limits.max_duration_s:
+                self._note_data_end(packet)
+                if self.data_end is not None and self.data_end > self._limits.max_duration_s:
                     raise TooLong(f"video runs past the limit of {self._limits.max_duration_s:.0f} s")
         except (av.error.FFmpegError, ValueError) as exc:  # damaged data: the stream ends here
-            if end is None:
+            if self.data_end is None:
                 raise Corrupt(f"the video stream could not be read: {exc}") from exc
-        if end is None:
+        if self.data_end is None:
             raise Corrupt("the video stream holds no timed packets")
         self._restart()
-        duration = max(end - self._start_time(), 1e-3)
+        duration = max(self.data_end - self._start_time(), 1e-3)
         self.info.duration_s = duration
         return duration
 
