@@ -66,13 +66,9 @@ class Sampling:
         if mode == "fast":
             try:
                 picked = self._pick_fast(targets, start, duration, fps)
-            except DataEndsEarly as cut:
-                # Sample what plays, over its own length, decoding every frame of it. The fast pass's
-                # slice threads stay: frame threads drop the frames in flight when the cut last packet
-                # fails, a second or more of a short clip's end.
+            except DataEndsEarly as cut:  # sample what plays, over its own length, decoding every frame
                 duration = self._cut_short(cut.span_s, duration)
                 targets = sample_times(start, duration, frames_to_sample(duration, n, max_gap_s))
-                self._rewind(keep_threads=True)
                 picked = None
             if picked is not None:
                 self.info.sampling = "fast"
@@ -80,8 +76,9 @@ class Sampling:
                     yield self._to_sample(frame, index, t - start)
                 self.info.frames_sampled = len(picked)
                 return
-            if not self.info.truncated:
-                self._rewind()
+            # Over a cut file the fast pass's slice threads stay: frame threads drop the frames in flight
+            # when the cut last packet fails, a second or more of a short clip's end.
+            self._rewind(keep_threads=self.info.truncated)
         self.info.sampling = "exact"
         yield from self._sample_exact(targets, start, duration, fps,
                                       spacing=lambda elapsed: elapsed / frames_to_sample(elapsed, n, max_gap_s))
@@ -185,28 +182,23 @@ class Sampling:
     def _check_coverage(self, last: tuple[av.VideoFrame, float] | None, start: float, duration: float,
                         fps: float, slack_s: float = 0.0) -> None:
         """Corrupt when what decoded falls short of the data; DataEndsEarly when the data itself falls
-        short of the declared duration (and decodes): then nothing past the cut exists to show."""
+        short of the declared duration: a cut file (nothing past the cut exists to show), whose coverage
+        the caller then judges against the data's own end. A demuxer that failed may have stopped at
+        damage a player reads past: that is not a cut."""
         if last is None:
             raise Corrupt("the video stream holds no decodable frame")
         end_t = last[1] + 1.0 / fps
         if end_t + slack_s - start >= MIN_COVERAGE * duration:
             return
-        # Packets that are there but do not decode may still play in a player's decoder: corrupt.
-        self._check_cut(start, duration)
         span = None if self.data_end is None else self.data_end - start
+        if not self.demux_failed and span is not None and 0 < span < MIN_COVERAGE * duration:
+            raise DataEndsEarly(span)
+        # Packets that are there but do not decode may still play in a player's decoder: corrupt.
         detail = f" ({self.decode_error})" if self.decode_error else ""
         shown = f"video data ends at {end_t - start:.2f} s" if span is None or span <= end_t - start + 1.0 / fps \
             else f"video decodes to {end_t - start:.2f} s of data reaching {span:.2f} s"
         declared = self.info.declared_duration_s or duration
         raise Corrupt(f"{shown} of a declared {declared:.2f} s: damaged{detail}")
-
-    def _check_cut(self, start: float, duration: float) -> None:
-        """DataEndsEarly when the packets end before MIN_COVERAGE of the duration: a cut file, whose
-        coverage is then judged against the data's own end. A demuxer that failed may have stopped at
-        damage a player reads past: that is not a cut."""
-        span = None if self.data_end is None else self.data_end - start
-        if not self.demux_failed and span is not None and 0 < span < MIN_COVERAGE * duration:
-            raise DataEndsEarly(span)
 
     def _cut_short(self, span: float, declared: float) -> float:
         """Record that the data ends at `span` s of a declared `declared` s; returns the span."""
