@@ -107,31 +107,35 @@ def truncate(src: Path, dst: Path, fraction: float) -> Path:
     return dst
 
 
+def _packets_from(path: Path, at_s: float) -> list[tuple[int, int, float]]:
+    """(byte position, size, time) of each video packet at or after `at_s`, in file order."""
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        return [(p.pos, p.size, float(p.pts * p.time_base)) for p in c.demux(stream)
+                if p.pts is not None and float(p.pts * p.time_base) >= at_s]
+
+
+def _overwritten(data: bytes, spans: list[tuple[int, int, float]], seed: int) -> bytes:
+    out = bytearray(data)
+    rng = np.random.default_rng(seed)
+    for pos, size, _ in spans:
+        out[pos:pos + size] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    return bytes(out)
+
+
 def damage_packet(path: Path, at_s: float, seed: int = 0) -> float:
     """Overwrite, in place, the bytes of the first video packet at or after `at_s` with random ones, as
     a damaged upload (or an uploader) would; returns that packet's time. The container's index stays
     intact, so the packets after it still demux."""
-    with av.open(str(path)) as c:
-        stream = c.streams.video[0]
-        packet = next(p for p in c.demux(stream) if p.pts is not None and float(p.pts * p.time_base) >= at_s)
-        pos, size, t = packet.pos, packet.size, float(packet.pts * packet.time_base)
-    data = bytearray(path.read_bytes())
-    data[pos:pos + size] = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
-    path.write_bytes(bytes(data))
-    return t
+    first = _packets_from(path, at_s)[0]
+    path.write_bytes(_overwritten(path.read_bytes(), [first], seed))
+    return first[2]
 
 
 def damage_tail(src: Path, dst: Path, at_s: float, seed: int = 0) -> Path:
     """A copy of `src` with every video packet from `at_s` on overwritten with random bytes: the data is
     all there (not cut), but no decoder makes frames of it."""
-    with av.open(str(src)) as c:
-        stream = c.streams.video[0]
-        spans = [(p.pos, p.size) for p in c.demux(stream) if p.pts is not None and float(p.pts * p.time_base) >= at_s]
-    data = bytearray(src.read_bytes())
-    rng = np.random.default_rng(seed)
-    for pos, size in spans:
-        data[pos:pos + size] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
-    dst.write_bytes(bytes(data))
+    dst.write_bytes(_overwritten(src.read_bytes(), _packets_from(src, at_s), seed))
     return dst
 
 
