@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 SCHEMAS = ROOT / "deploy" / "schemas"
 WORKER_CLASS = "worker.rq_worker.DeepfakeWorker"
+CONNECTION_CLASS = "worker.redis_full.WaitingRedis"
 DEPLOY = ROOT / "deploy"
 OVERLAYS_DIR = DEPLOY / "overlays"
 WORKER = "deepfake-worker"

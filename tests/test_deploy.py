@@ -8,8 +8,9 @@
 - The invariants that matter hold, read from the code rather than restated: the termination grace
   period covers the job timeout `Settings.job_timeout_s()` derives from the ConfigMap's settings,
   the probes and scrape annotations use the settings' metrics port, KEDA watches RQ's list for the
-  settings' queue, the container runs `rq worker <queue>` with DeepfakeWorker, nothing secret is
-  inlined, and the pod runs as non-root on a read-only root filesystem.
+  settings' queue, the container runs `rq worker <queue>` with DeepfakeWorker (and the connection
+  class that waits out a full Redis), nothing secret is inlined, the pod runs as non-root on a
+  read-only root filesystem, and the trial's Redis fills up below its memory limit.
 - The image tags the overlays use are Dockerfile targets (the Dockerfile itself: test_dockerfile.py).
 
 Needs: kubectl (v1.27+, for kustomize v5 components; deploy/ci/install-kubectl.sh provides one) or
@@ -24,11 +25,14 @@ import importlib
 import json
 import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from deploy_tools import (
+    CONNECTION_CLASS,
     DEPLOY,
     OVERLAYS_DIR,
     WORKER,
@@ -168,8 +172,10 @@ def test_worker_command_and_class(overlay, monkeypatch):
     assert all(a.startswith("-") for a in argv[3:]), f"only flags may follow the queue name: {argv}"
     env = {e["name"]: e for e in c.get("env", [])}
     assert env["RQ_WORKER_CLASS"].get("value") == WORKER_CLASS
-    module, _, cls = WORKER_CLASS.rpartition(".")
-    assert hasattr(importlib.import_module(module), cls)
+    assert env["RQ_CONNECTION_CLASS"].get("value") == CONNECTION_CLASS
+    for dotted in (WORKER_CLASS, CONNECTION_CLASS):
+        module, _, cls = dotted.rpartition(".")
+        assert hasattr(importlib.import_module(module), cls)
     # RQ reads its Redis URL from RQ_REDIS_URL: from a Secret, never inline.
     assert "secretKeyRef" in env["RQ_REDIS_URL"].get("valueFrom", {}), env["RQ_REDIS_URL"]
 
@@ -295,6 +301,31 @@ def _secret_refs(overlay: str) -> set[tuple[str, str | None]]:
         for r in auth["spec"].get("secretTargetRef", []):
             refs.add((r["name"], r["key"]))
     return refs
+
+
+def test_the_trial_redis_refuses_writes_when_full_instead_of_being_oom_killed(tmp_path):
+    """The trial's Redis keeps nothing on disk: grown to its memory limit and killed, it would lose every
+    queued job. Its own command line, run by a real redis-server, caps it below the limit with
+    noeviction, so a full Redis refuses writes (which the workers wait out: test_redis_full.py)."""
+    from redis import Redis
+    from servers import free_ports, stop, wait_for_port
+
+    [container] = one("trial", "Deployment", "deepfake-redis")["spec"]["template"]["spec"]["containers"]
+    argv = container["command"]
+    assert argv[0] == "redis-server"
+    port = free_ports(1)[0]
+    proc = subprocess.Popen([shutil.which("redis-server"), *argv[1:], "--port", str(port), "--bind", "127.0.0.1",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, 10, proc)
+        config = Redis(port=port).config_get("maxmemory*")
+    finally:
+        stop(proc)
+    limit = container["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi"), limit
+    assert config["maxmemory-policy"] == "noeviction"
+    # room under the limit for Redis' own overhead, fragmentation and client buffers
+    assert 0 < int(config["maxmemory"]) <= 0.8 * int(limit[:-2]) * 1024**2, (config, limit)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

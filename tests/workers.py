@@ -19,6 +19,7 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
+from deploy_tools import CONNECTION_CLASS
 from servers import wait_for_port
 
 from worker.settings import Settings
@@ -92,6 +93,7 @@ class Supervisor:
         self._gen += 1
         name = f"w{slot}-{self._gen}"
         env = {**os.environ, "RQ_REDIS_URL": self.redis_url, "RQ_WORKER_CLASS": "worker.rq_worker.DeepfakeWorker",
+               "RQ_CONNECTION_CLASS": CONNECTION_CLASS,
                "DEEPFAKE_MODEL_DIR": str(self.settings.model_dir), "DEEPFAKE_ALLOWED_BUCKETS": self.settings.allowed_buckets,
                "DEEPFAKE_S3_ENDPOINT_URL": self.settings.s3_endpoint_url, "DEEPFAKE_FRAMES": "4",
                "DEEPFAKE_VERDICT_PREFIX": self.settings.verdict_prefix, "DEEPFAKE_LOG_FORMAT": "json",

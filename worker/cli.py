@@ -257,6 +257,7 @@ def cmd_moderate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 def main(argv: list[str] | None = None) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
     from redis.exceptions import ConnectionError as RedisUnreachable
+    from redis.exceptions import OutOfMemoryError as RedisFull
     from redis.exceptions import TimeoutError as RedisTimeout
 
     parser = build_parser()
@@ -266,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RedisUnreachable, RedisTimeout) as exc:  # a down or misaddressed Redis is the operator's to fix
         print(f"deepfake {args.command}: Redis did not answer ({exc}); check DEEPFAKE_REDIS_URL or RQ_REDIS_URL",
               file=sys.stderr)
+    except RedisFull as exc:  # maxmemory reached under noeviction: what `deepfake check` asks for
+        print(f"deepfake {args.command}: Redis is full and refused the write ({exc}); free memory in Redis or raise "
+              "its maxmemory (docs/deploy.md, \"When Redis is full\")", file=sys.stderr)
     except (BotoCoreError, ClientError) as exc:  # unreachable endpoint, no credentials, a missing bucket
         print(f"deepfake {args.command}: S3 request failed ({exc}); check DEEPFAKE_S3_ENDPOINT_URL, the AWS_* "
               "credentials and the bucket", file=sys.stderr)

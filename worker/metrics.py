@@ -2,9 +2,10 @@
 
 `/metrics`: jobs by status and action, decision scores, the shadow model's actions and failures, stage
 latency, faces and frames per video, damaged packets skipped, queue wait, job attempts that raised,
-webhooks, and the queue as Redis holds it at scrape time (waiting, running and failed jobs, the age
-of the oldest waiting one). `/healthz`: 200 while the model is loaded and the worker's heartbeat is
-fresh, 503 otherwise (the Kubernetes probe). deploy/components/monitoring alerts on these.
+webhooks, how long the worker has waited for a full Redis, and the queue as Redis holds it at scrape
+time (waiting, running and failed jobs, the age of the oldest waiting one). `/healthz`: 200 while the
+model is loaded and the worker's heartbeat is fresh or it waits for a full Redis, 503 otherwise (the
+Kubernetes probe). deploy/components/monitoring alerts on these.
 """
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ class Metrics:
         self.webhooks = Counter("deepfake_webhooks_total", "Webhook POSTs by outcome (sent, refused, failed).",
                                 ["outcome"], registry=self.registry)
         self.model_loaded = Gauge("deepfake_model_loaded", "1 once the model is loaded.", registry=self.registry)
+        self.redis_full = Gauge("deepfake_redis_full_seconds", "How long the worker has been waiting for Redis to "
+                                "accept a write (0 when it is not): Redis is full (maxmemory with noeviction).",
+                                registry=self.registry)
         self.job_failures = Counter(
             "deepfake_job_failures_total", "Job attempts that raised instead of returning a verdict, by reason "
             "(storage: S3 failed, RQ retries; refused: a job naming other code; stopped: on request; internal: a "
@@ -94,8 +98,10 @@ class QueueCollector(Collector):
     def __init__(self, connection, queues: list[str]) -> None:
         # A connection of its own with timeouts: a Redis that stops answering must not hang scrapes.
         pool = connection.connection_pool
+        # Nor wait out a full Redis as the worker's own connection does (worker.redis_full): it only reads.
         kwargs = {**pool.connection_kwargs, "socket_timeout": SCRAPE_TIMEOUT_S,
                   "socket_connect_timeout": SCRAPE_TIMEOUT_S}
+        kwargs.pop("retry", None)
         self.connection = type(connection)(connection_pool=type(pool)(connection_class=pool.connection_class, **kwargs))
         self.queues = list(queues)
 

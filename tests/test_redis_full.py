@@ -1,0 +1,211 @@
+"""A full Redis, on a real redis-server: `maxmemory` set below what it holds (1 byte), policy
+`noeviction` (what `deepfake check` asks for), so every write is refused with an OOM error while reads
+go through.
+
+The worker's connection (worker/redis_full.py) waits it out: a refused command runs again, once,
+when there is room; a refused transaction under WATCH comes back as WatchError after a wait, so RQ
+starts that step over without spinning. A real `rq worker` filled up mid-job keeps its job, stays
+healthy and finishes it with its one verdict once Redis has room, with no restart and nothing left
+for RQ's maintenance; one started against a full Redis waits instead of exiting. Enqueuers get one
+line, not a traceback.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from redis import Redis
+from redis.exceptions import WatchError
+from rq.registry import FailedJobRegistry, StartedJobRegistry
+from servers import RedisServer, free_ports, stop
+from workers import Supervisor, stored, wait_until_final
+
+from worker.queue import enqueue, get_queue, job_state
+from worker.redis_full import FIRST_WAIT_S, WaitingRedis, wait_when_full, waiting_for
+from worker.settings import Settings
+
+BUCKET = "redis-full"
+REFUSED = '"event": "redis_full"'  # the worker's log event at each wait
+
+
+@pytest.fixture()
+def own_redis(tmp_path):
+    server = RedisServer.start(tmp_path)
+    yield server
+    stop(server.proc)
+
+
+def fill(admin: Redis) -> None:
+    admin.config_set("maxmemory", 1)  # below what any Redis holds: every write is refused from now on
+
+
+def free(admin: Redis) -> None:
+    admin.config_set("maxmemory", 0)
+
+
+def until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+# -- the connection ------------------------------------------------------------------------------
+def test_a_refused_command_waits_for_room_and_then_runs_once(own_redis):
+    admin = Redis.from_url(own_redis.url)
+    client = Redis.from_url(own_redis.url)
+    wait_when_full(client)
+    assert wait_when_full(client) is client.get_retry()  # idempotent
+    fill(admin)
+    results = {}
+
+    def write():
+        results["incr"] = client.incr("counter")
+        with client.pipeline() as pipe:  # a transaction: refused whole, then run whole
+            results["pipe"] = pipe.set("a", 1).incr("b").execute()
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    until(lambda: waiting_for(client) is not None, 10, "the client to be refused")
+    time.sleep(1.5)
+    assert writer.is_alive() and admin.get("counter") is None
+    assert waiting_for(client) >= 1.0
+    assert client.get("counter") is None  # reads go through meanwhile
+    free(admin)
+    writer.join(40)
+    assert not writer.is_alive()
+    assert results == {"incr": 1, "pipe": [True, 1]}
+    assert admin.mget("counter", "a", "b") == [b"1", b"1", b"1"]  # each ran once
+    assert waiting_for(client) is None
+
+
+def test_a_refused_transaction_under_watch_is_a_watcherror_after_a_wait(own_redis):
+    admin = Redis.from_url(own_redis.url)
+    client = WaitingRedis.from_url(own_redis.url)  # RQ_CONNECTION_CLASS: the retry comes with the client
+    fill(admin)
+    with client.pipeline() as pipe:
+        pipe.watch("k")
+        assert pipe.get("k") is None
+        pipe.multi()
+        pipe.set("k", "v")
+        t0 = time.monotonic()
+        with pytest.raises(WatchError):  # the WATCH is gone with the refused EXEC: the caller starts over
+            pipe.execute()
+        assert time.monotonic() - t0 >= FIRST_WAIT_S * 0.9  # after a wait, not at once
+    assert waiting_for(client) is not None and admin.get("k") is None
+    free(admin)
+
+
+def test_enqueue_into_a_full_redis_is_one_line_and_exit_1(own_redis, s3_server):
+    admin = Redis.from_url(own_redis.url)
+    fill(admin)
+    try:
+        env = {**os.environ, "DEEPFAKE_LOG_FORMAT": "json", "DEEPFAKE_REDIS_URL": own_redis.url,
+               "DEEPFAKE_S3_ENDPOINT_URL": s3_server.endpoint}
+        proc = subprocess.run([sys.executable, "-m", "worker", "enqueue", f"s3://{BUCKET}/a.mp4"], capture_output=True,
+                              text=True, timeout=120, env=env, check=False)
+    finally:
+        free(admin)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("deepfake enqueue: Redis is full and refused the write (")
+    assert "Traceback" not in proc.stderr and admin.llen("rq:queue:deepfake") == 0
+
+
+# -- a real worker ---------------------------------------------------------------------------------
+@pytest.fixture()
+def uploads(s3_server, corpus):
+    client = s3_server.client()
+    if BUCKET not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
+        client.create_bucket(Bucket=BUCKET)
+    return client
+
+
+def _settings(random_model_dir, s3_server, redis_url: str, tmp_path) -> Settings:
+    # No retries: a job whose worker gave up would end failed, not quietly run again.
+    return Settings(model_dir=random_model_dir, s3_endpoint_url=s3_server.endpoint, allowed_buckets=BUCKET,
+                    frames=24, metrics_port=0, log_format="json", job_retries=0, redis_url=redis_url,
+                    verdict_prefix=f"v-{tmp_path.name}/")
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _full_seconds(port: int) -> float:
+    _, text = _get(port, "/metrics")
+    [line] = [x for x in text.splitlines() if x.startswith("deepfake_redis_full_seconds ")]
+    return float(line.split()[1])
+
+
+def _finish(admin, url, job_ids, keys, supervisor, settings, uploads) -> None:
+    free(admin)
+    statuses = wait_until_final(lambda: Redis.from_url(url), job_ids, supervisor, timeout=180)
+    assert set(statuses.values()) == {"finished"}, (statuses, supervisor.logs())
+    for job_id, key in zip(job_ids, keys):
+        [verdict] = stored(uploads, settings, key)  # written once
+        assert job_state(job_id, settings=settings, connection=admin).result["created_at"] == verdict["created_at"]
+    assert supervisor.restarts == 0 and supervisor.recovered == 0, supervisor.logs()
+    assert FailedJobRegistry(queue=get_queue(admin, settings.queue)).count == 0
+    assert '"event": "redis_space_back"' in supervisor.logs(None)
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_filled_up_mid_job_keeps_it_and_finishes_it_once_there_is_room(
+        own_redis, uploads, s3_server, random_model_dir, corpus, tmp_path):
+    keys = [f"mid-job/clip-{i}.mp4" for i in range(3)]
+    for key in keys:
+        uploads.put_object(Bucket=BUCKET, Key=key, Body=corpus["h264_mp4"].read_bytes())
+    settings = _settings(random_model_dir, s3_server, own_redis.url, tmp_path)
+    port = free_ports(1)[0]
+    supervisor = Supervisor(settings, own_redis.url, tmp_path, count=1,
+                            env={"DEEPFAKE_FRAMES": "24", "DEEPFAKE_METRICS_PORT": str(port)})
+    admin = Redis.from_url(own_redis.url)
+    try:
+        job_ids = [enqueue(BUCKET, k, frames=24, settings=settings, connection=admin, s3_client=uploads) for k in keys]
+        supervisor.start()
+        started = StartedJobRegistry(queue=get_queue(admin, settings.queue))
+        until(lambda: started.get_job_ids(cleanup=False), 120, f"a job to start\n{supervisor.logs()}")
+        fill(admin)
+        until(lambda: REFUSED in supervisor.logs(None), 60, f"the worker to be refused\n{supervisor.logs()}")
+        time.sleep(3)
+        assert supervisor.alive() and supervisor.restarts == 0, supervisor.logs()
+        assert [job_state(j, settings=settings, connection=admin).status for j in job_ids].count("finished") < len(keys)
+        status, body = _get(port, "/healthz")
+        assert status == 200 and "Redis" in body and "full" in body, body  # a restart would not free it
+        assert _full_seconds(port) >= 1.0
+        _finish(admin, own_redis.url, job_ids, keys, supervisor, settings, uploads)
+        until(lambda: _full_seconds(port) == 0.0, 30, "the wait to end")
+    finally:
+        supervisor.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_started_against_a_full_redis_waits_instead_of_exiting(
+        own_redis, uploads, s3_server, random_model_dir, corpus, tmp_path):
+    keys = [f"at-start/clip-{i}.mp4" for i in range(2)]
+    for key in keys:
+        uploads.put_object(Bucket=BUCKET, Key=key, Body=corpus["h264_mp4"].read_bytes())
+    settings = _settings(random_model_dir, s3_server, own_redis.url, tmp_path)
+    supervisor = Supervisor(settings, own_redis.url, tmp_path, count=1, env={"DEEPFAKE_FRAMES": "24"})
+    admin = Redis.from_url(own_redis.url)
+    try:
+        job_ids = [enqueue(BUCKET, k, frames=24, settings=settings, connection=admin, s3_client=uploads) for k in keys]
+        fill(admin)
+        supervisor.start()
+        until(lambda: REFUSED in supervisor.logs(None), 60, f"the worker to be refused\n{supervisor.logs()}")
+        time.sleep(3)
+        assert supervisor.alive() and supervisor.restarts == 0, supervisor.logs()  # `rq worker` used to exit here
+        assert admin.llen(get_queue(admin, settings.queue).key) == len(keys)
+        _finish(admin, own_redis.url, job_ids, keys, supervisor, settings, uploads)
+    finally:
+        supervisor.stop()
