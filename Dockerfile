@@ -75,7 +75,7 @@ RUN if [ ! -f /opt/deepfake/model/model.json ]; then \
     && install -d -o 10001 -g 10001 -m 0750 /var/cache/deepfake
 # The worker: settings by environment (a Kubernetes ConfigMap overrides any of these).
 ENV RQ_WORKER_CLASS=worker.rq_worker.DeepfakeWorker \
-    RQ_CONNECTION_CLASS=worker.redis_full.WaitingRedis \
+    RQ_CONNECTION_CLASS=worker.redis_client.WaitingRedis \
     DEEPFAKE_MODEL_DIR=/opt/deepfake/model \
     DEEPFAKE_DEVICE=cuda \
     DEEPFAKE_PRECISION=fp16 \
@@ -143,7 +143,7 @@ RUN if [ ! -f /opt/deepfake/model/model.json ]; then \
     && install -d -o 10001 -g 10001 -m 0750 /var/cache/deepfake
 # The worker: settings by environment (a Kubernetes ConfigMap overrides any of these).
 ENV RQ_WORKER_CLASS=worker.rq_worker.DeepfakeWorker \
-    RQ_CONNECTION_CLASS=worker.redis_full.WaitingRedis \
+    RQ_CONNECTION_CLASS=worker.redis_client.WaitingRedis \
     DEEPFAKE_MODEL_DIR=/opt/deepfake/model \
     DEEPFAKE_DEVICE=cpu \
     DEEPFAKE_METRICS_PORT=9100 \

@@ -306,7 +306,7 @@ def _secret_refs(overlay: str) -> set[tuple[str, str | None]]:
 def test_the_trial_redis_refuses_writes_when_full_instead_of_being_oom_killed(tmp_path):
     """The trial's Redis keeps nothing on disk: grown to its memory limit and killed, it would lose every
     queued job. Its own command line, run by a real redis-server, caps it below the limit with
-    noeviction, so a full Redis refuses writes (which the workers wait out: test_redis_full.py)."""
+    noeviction, so a full Redis refuses writes (which the workers wait out: test_redis_client.py)."""
     from redis import Redis
     from servers import free_ports, stop, wait_for_port
 

@@ -49,18 +49,21 @@ def test_a_working_configuration_passes_every_check(env, capsys, tmp_path):
     durable = DurableRedis(free_ports(1)[0], tmp_path).start()  # appendonly yes, as the README asks
     env.setenv("DEEPFAKE_REDIS_URL", durable.url)
     try:
-        code, results = check(capsys)
-        # A Redis that evicts keys when full would drop queued jobs and results silently.
+        # ... and a maxmemory under noeviction: full, it refuses writes (docs/deploy.md, When Redis is full)
         redis = Redis.from_url(durable.url)
         redis.config_set("maxmemory", 64 * 1024**2)
+        code, results = check(capsys)
+        # A Redis that evicts keys when full would drop queued jobs and results silently.
         redis.config_set("maxmemory-policy", "allkeys-lru")
         _, evicting = check(capsys, "--only", "redis")
+        # One without a limit is killed when it outgrows its memory.
         redis.config_set("maxmemory-policy", "noeviction")
-        _, refusing = check(capsys, "--only", "redis")
+        redis.config_set("maxmemory", 0)
+        _, unlimited = check(capsys, "--only", "redis")
     finally:
         stop(durable.proc)
     assert evicting["redis"]["ok"] and "maxmemory-policy is allkeys-lru" in evicting["redis"]["warning"]
-    assert refusing["redis"]["warning"] is None  # a limit that refuses writes is the operator's choice
+    assert unlimited["redis"]["ok"] and unlimited["redis"]["warning"].startswith("no maxmemory: ")
     assert code == 0 and list(results) == list(CHECKS)
     assert all(r["ok"] for r in results.values()), results
     # the only warning: this test model is random, and the check passes the verdict's warning on

@@ -261,7 +261,7 @@ def test_a_pickled_job_is_never_run(s3, redis, qsettings, moderator, tmp_path):
 def _worker_env(settings: Settings, redis_url: str) -> dict:
     return {
         **os.environ, "RQ_REDIS_URL": redis_url, "RQ_WORKER_CLASS": "worker.rq_worker.DeepfakeWorker",
-        "RQ_CONNECTION_CLASS": "worker.redis_full.WaitingRedis",
+        "RQ_CONNECTION_CLASS": "worker.redis_client.WaitingRedis",
         "DEEPFAKE_MODEL_DIR": str(settings.model_dir), "DEEPFAKE_ALLOWED_BUCKETS": BUCKET,
         "DEEPFAKE_S3_ENDPOINT_URL": settings.s3_endpoint_url, "DEEPFAKE_VERDICT_PREFIX": settings.verdict_prefix,
         "DEEPFAKE_FRAMES": "32", "DEEPFAKE_LOG_FORMAT": "json",

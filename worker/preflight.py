@@ -82,7 +82,11 @@ def check_redis(settings: Settings) -> Check:
         if config.get("appendonly") != "yes":
             warnings.append("appendonly is off: a Redis restart loses the queued jobs (README, Reliability)")
         policy, limit = config.get("maxmemory-policy", "noeviction"), int(config.get("maxmemory") or 0)
-        if limit and policy != "noeviction":
+        if not limit:
+            # It grows until the host or its memory limit kills it: a crash, and without persistence a loss.
+            warnings.append("no maxmemory: a Redis that outgrows its memory is killed instead of refusing writes; "
+                            "set maxmemory below its memory limit, with noeviction (docs/deploy.md, When Redis is full)")
+        elif policy != "noeviction":
             # A full Redis then deletes keys to make room: queued jobs, results and duplicate records
             # vanish without an error. noeviction refuses writes instead, which enqueuers see.
             warnings.append(f"maxmemory-policy is {policy} with maxmemory {limit} bytes: a full Redis evicts "

@@ -7,7 +7,8 @@
   job `["os.system", null, ["..."], {}]` written to Redis would run. Callbacks named in a job are never
   imported, and a malformed job hash is skipped instead of stopping the worker. Webhooks go only to
   vetted receivers, with a verdict summary and no traceback (`worker.webhooks`).
-- Waits out a full Redis (`worker.redis_full`) instead of exiting with the job in hand.
+- Waits out a full Redis, and rides out a short Redis outage, with the job in hand instead of exiting
+  (`worker.redis_client`).
 - Serves /metrics and /healthz, and publishes the model and decision policy it runs so enqueuers can deduplicate.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from worker.errors import TransientError
 from worker.jobs import MODERATE_FUNC, JobTimedOut
 from worker.logging import configure_logging
 from worker.metrics import heartbeat_fresh, serve
-from worker.redis_full import wait_when_full, waiting_for
+from worker.redis_client import ride_out, waiting_for_space
 from worker.runtime import WorkerRuntime, current, install
 from worker.settings import Settings
 from worker.webhooks import HostPolicy, WebhookFailed, WebhookRefused, deliver, summary
@@ -132,7 +133,7 @@ class DeepfakeWorker(SimpleWorker):
         if kwargs.get("connection") is None and items and isinstance(items[0], Queue):
             kwargs["connection"] = items[0].connection
         super().__init__(names, *args, **kwargs)
-        wait_when_full(self.connection)
+        ride_out(self.connection)
         self.runtime: WorkerRuntime | None = None
         self._http = None
         self._job_started: float | None = None
@@ -156,6 +157,7 @@ class DeepfakeWorker(SimpleWorker):
         if self.runtime is None:
             settings = settings or Settings()
             configure_logging(settings.log_format, settings.log_level)
+            ride_out(self.connection, settings.redis_outage_s)
             t0 = time.perf_counter()
             self.runtime = WorkerRuntime(settings)
             install(self.runtime)
@@ -171,7 +173,7 @@ class DeepfakeWorker(SimpleWorker):
                 log.warning("no_bucket_allowed", reason="DEEPFAKE_ALLOWED_BUCKETS is empty: every job will be "
                             "refused as access_denied (`deepfake check` lists what else is missing)")
             self.runtime.metrics.model_loaded.set(1)
-            self.runtime.metrics.redis_full.set_function(lambda: waiting_for(self.connection) or 0.0)
+            self.runtime.metrics.redis_full.set_function(lambda: waiting_for_space(self.connection) or 0.0)
             self.runtime.metrics.watch_queues(self.connection, [q.name for q in self.queues])
             if settings.metrics_port and self._http is None:
                 self._http = serve(self.runtime.metrics, self.health, settings.metrics_port)
@@ -205,7 +207,7 @@ class DeepfakeWorker(SimpleWorker):
         """Model loaded, and either a fresh heartbeat or a job still inside its time limit."""
         if self.runtime is None:
             return False, "model not loaded"
-        full_for = waiting_for(self.connection)
+        full_for = waiting_for_space(self.connection)
         if full_for is not None:  # a restart cannot free Redis; the alert on deepfake_redis_full_seconds tells
             return True, f"waiting {full_for:.0f} s for space in Redis (it is full)"
         now = time.time()

@@ -105,6 +105,10 @@ class Settings(BaseSettings):
         description="Redis holding the RQ queue; RQ_REDIS_URL (what `rq worker` reads) is used when this is unset.",
     )
     queue: str = Field("deepfake", description="RQ queue name.")
+    redis_outage_s: float = Field(
+        120.0, ge=0, description="How long the worker rides out an unreachable Redis (a restart, a failover) with its "
+        "job in hand before giving up as RQ does; 0 = not at all.",
+    )
     allowed_buckets: str = Field(
         "", description="Comma-separated buckets the worker may read; empty denies all, * allows any."
     )

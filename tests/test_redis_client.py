@@ -1,13 +1,16 @@
-"""A full Redis, on a real redis-server: `maxmemory` set below what it holds (1 byte), policy
-`noeviction` (what `deepfake check` asks for), so every write is refused with an OOM error while reads
-go through.
+"""The worker's Redis client (worker/redis_client.py) against a real redis-server that is full or away.
 
-The worker's connection (worker/redis_full.py) waits it out: a refused command runs again, once,
-when there is room; a refused transaction under WATCH comes back as WatchError after a wait, so RQ
-starts that step over without spinning. A real `rq worker` filled up mid-job keeps its job, stays
-healthy and finishes it with its one verdict once Redis has room, with no restart and nothing left
-for RQ's maintenance; one started against a full Redis waits instead of exiting. Enqueuers get one
-line, not a traceback.
+Full: `maxmemory` set below what it holds (1 byte), policy `noeviction` (what `deepfake check` asks
+for), so every write is refused with an OOM error while reads go through. The client waits it out: a
+refused command runs again, once, when there is room; a refused transaction under WATCH comes back as
+WatchError after a wait, so RQ starts that step over without spinning. A real `rq worker` filled up
+mid-job keeps its job, stays healthy and finishes it with its one verdict once Redis has room, with no
+restart and nothing left for RQ's maintenance; one started against a full Redis waits instead of
+exiting. Enqueuers get one line, not a traceback.
+
+Away: killed and restarted on its port. The client reconnects and runs the command once, within
+DEEPFAKE_REDIS_OUTAGE_S; past it, or on a wrong password, it raises. (Workers riding out a restart
+mid-job, and giving up on a longer one: test_faults.py.)
 """
 from __future__ import annotations
 
@@ -21,13 +24,19 @@ import urllib.request
 
 import pytest
 from redis import Redis
-from redis.exceptions import WatchError
+from redis.exceptions import AuthenticationError, WatchError
+from redis.exceptions import ConnectionError as RedisUnreachable
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from servers import RedisServer, free_ports, stop
-from workers import Supervisor, stored, wait_until_final
+from workers import DurableRedis, Supervisor, stored, wait_until_final
 
 from worker.queue import enqueue, get_queue, job_state
-from worker.redis_full import FIRST_WAIT_S, WaitingRedis, wait_when_full, waiting_for
+from worker.redis_client import (
+    FULL_FIRST_WAIT_S,
+    WaitingRedis,
+    ride_out,
+    waiting_for_space,
+)
 from worker.settings import Settings
 
 BUCKET = "redis-full"
@@ -56,12 +65,12 @@ def until(predicate, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-# -- the connection ------------------------------------------------------------------------------
+# -- a full Redis: the client ----------------------------------------------------------------------
 def test_a_refused_command_waits_for_room_and_then_runs_once(own_redis):
     admin = Redis.from_url(own_redis.url)
     client = Redis.from_url(own_redis.url)
-    wait_when_full(client)
-    assert wait_when_full(client) is client.get_retry()  # idempotent
+    ride_out(client)
+    assert ride_out(client) is client.get_retry()  # idempotent
     fill(admin)
     results = {}
 
@@ -72,17 +81,17 @@ def test_a_refused_command_waits_for_room_and_then_runs_once(own_redis):
 
     writer = threading.Thread(target=write)
     writer.start()
-    until(lambda: waiting_for(client) is not None, 10, "the client to be refused")
+    until(lambda: waiting_for_space(client) is not None, 10, "the client to be refused")
     time.sleep(1.5)
     assert writer.is_alive() and admin.get("counter") is None
-    assert waiting_for(client) >= 1.0
+    assert waiting_for_space(client) >= 1.0
     assert client.get("counter") is None  # reads go through meanwhile
     free(admin)
     writer.join(40)
     assert not writer.is_alive()
     assert results == {"incr": 1, "pipe": [True, 1]}
     assert admin.mget("counter", "a", "b") == [b"1", b"1", b"1"]  # each ran once
-    assert waiting_for(client) is None
+    assert waiting_for_space(client) is None
 
 
 def test_a_refused_transaction_under_watch_is_a_watcherror_after_a_wait(own_redis):
@@ -97,8 +106,8 @@ def test_a_refused_transaction_under_watch_is_a_watcherror_after_a_wait(own_redi
         t0 = time.monotonic()
         with pytest.raises(WatchError):  # the WATCH is gone with the refused EXEC: the caller starts over
             pipe.execute()
-        assert time.monotonic() - t0 >= FIRST_WAIT_S * 0.9  # after a wait, not at once
-    assert waiting_for(client) is not None and admin.get("k") is None
+        assert time.monotonic() - t0 >= FULL_FIRST_WAIT_S * 0.9  # after a wait, not at once
+    assert waiting_for_space(client) is not None and admin.get("k") is None
     free(admin)
 
 
@@ -115,6 +124,57 @@ def test_enqueue_into_a_full_redis_is_one_line_and_exit_1(own_redis, s3_server):
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith("deepfake enqueue: Redis is full and refused the write (")
     assert "Traceback" not in proc.stderr and admin.llen("rq:queue:deepfake") == 0
+
+
+# -- Redis away: the client ------------------------------------------------------------------------
+def test_a_command_rides_out_a_restart_and_runs_once(tmp_path):
+    server = DurableRedis(free_ports(1)[0], tmp_path).start()  # what it was told survives the restart
+    client = Redis.from_url(server.url)
+    ride_out(client, 60)
+    try:
+        assert client.incr("counter") == 1
+        server.crash()
+        results = {}
+        writer = threading.Thread(target=lambda: results.setdefault("incr", client.incr("counter")))
+        writer.start()
+        time.sleep(2)
+        assert writer.is_alive()  # reconnecting, not failed
+        server.start()
+        writer.join(30)
+        assert results == {"incr": 2}  # the lost command ran once
+        assert Redis.from_url(server.url).get("counter") == b"2"
+    finally:
+        stop(server.proc)
+
+
+def test_an_outage_past_the_limit_or_a_wrong_password_is_raised(tmp_path):
+    port = free_ports(1)[0]  # nothing listens there
+    client = Redis(port=port)
+    ride_out(client, 1.5)
+    t0 = time.monotonic()
+    with pytest.raises(RedisUnreachable):
+        client.ping()
+    assert 1.5 <= time.monotonic() - t0 < 15
+    guarded = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--requirepass", "right"], stdout=subprocess.DEVNULL)
+    try:
+        until(lambda: _answers(port), 10, "redis-server to start")
+        wrong = Redis(port=port, password="wrong")
+        ride_out(wrong, 60)
+        t0 = time.monotonic()
+        with pytest.raises(AuthenticationError):  # the deployment's mistake: said at once
+            wrong.ping()
+        assert time.monotonic() - t0 < 5
+    finally:
+        stop(guarded)
+
+
+def _answers(port: int) -> bool:
+    try:
+        Redis(port=port, password="right").ping()
+        return True
+    except RedisUnreachable:
+        return False
 
 
 # -- a real worker ---------------------------------------------------------------------------------
