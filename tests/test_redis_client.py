@@ -219,26 +219,36 @@ def _finish(admin, url, job_ids, keys, supervisor, settings, uploads) -> None:
     assert '"event": "redis_space_back"' in supervisor.logs(None)
 
 
+def _queued(uploads, corpus, admin, settings, prefix: str, n: int) -> tuple[list[str], list[str]]:
+    """`n` uploads of one clip under `prefix`, each enqueued: their keys and job ids."""
+    keys = [f"{prefix}/clip-{i}.mp4" for i in range(n)]
+    for key in keys:
+        uploads.put_object(Bucket=BUCKET, Key=key, Body=corpus["h264_mp4"].read_bytes())
+    return keys, [enqueue(BUCKET, k, frames=24, settings=settings, connection=admin, s3_client=uploads) for k in keys]
+
+
+def _waits_alive(supervisor) -> None:
+    """The worker was refused, and is still there a few seconds later (RQ's own would have exited)."""
+    until(lambda: REFUSED in supervisor.logs(None), 60, f"the worker to be refused\n{supervisor.logs()}")
+    time.sleep(3)
+    assert supervisor.alive() and supervisor.restarts == 0, supervisor.logs()
+
+
 @pytest.mark.timeout(300)
 def test_a_worker_filled_up_mid_job_keeps_it_and_finishes_it_once_there_is_room(
         own_redis, uploads, s3_server, random_model_dir, corpus, tmp_path):
-    keys = [f"mid-job/clip-{i}.mp4" for i in range(3)]
-    for key in keys:
-        uploads.put_object(Bucket=BUCKET, Key=key, Body=corpus["h264_mp4"].read_bytes())
     settings = _settings(random_model_dir, s3_server, own_redis.url, tmp_path)
+    admin = Redis.from_url(own_redis.url)
+    keys, job_ids = _queued(uploads, corpus, admin, settings, "mid-job", 3)
     port = free_ports(1)[0]
     supervisor = Supervisor(settings, own_redis.url, tmp_path, count=1,
                             env={"DEEPFAKE_FRAMES": "24", "DEEPFAKE_METRICS_PORT": str(port)})
-    admin = Redis.from_url(own_redis.url)
     try:
-        job_ids = [enqueue(BUCKET, k, frames=24, settings=settings, connection=admin, s3_client=uploads) for k in keys]
         supervisor.start()
         started = StartedJobRegistry(queue=get_queue(admin, settings.queue))
         until(lambda: started.get_job_ids(cleanup=False), 120, f"a job to start\n{supervisor.logs()}")
         fill(admin)
-        until(lambda: REFUSED in supervisor.logs(None), 60, f"the worker to be refused\n{supervisor.logs()}")
-        time.sleep(3)
-        assert supervisor.alive() and supervisor.restarts == 0, supervisor.logs()
+        _waits_alive(supervisor)
         assert [job_state(j, settings=settings, connection=admin).status for j in job_ids].count("finished") < len(keys)
         status, body = _get(port, "/healthz")
         assert status == 200 and "Redis" in body and "full" in body, body  # a restart would not free it
@@ -252,19 +262,14 @@ def test_a_worker_filled_up_mid_job_keeps_it_and_finishes_it_once_there_is_room(
 @pytest.mark.timeout(300)
 def test_a_worker_started_against_a_full_redis_waits_instead_of_exiting(
         own_redis, uploads, s3_server, random_model_dir, corpus, tmp_path):
-    keys = [f"at-start/clip-{i}.mp4" for i in range(2)]
-    for key in keys:
-        uploads.put_object(Bucket=BUCKET, Key=key, Body=corpus["h264_mp4"].read_bytes())
     settings = _settings(random_model_dir, s3_server, own_redis.url, tmp_path)
-    supervisor = Supervisor(settings, own_redis.url, tmp_path, count=1, env={"DEEPFAKE_FRAMES": "24"})
     admin = Redis.from_url(own_redis.url)
+    keys, job_ids = _queued(uploads, corpus, admin, settings, "at-start", 2)
+    supervisor = Supervisor(settings, own_redis.url, tmp_path, count=1, env={"DEEPFAKE_FRAMES": "24"})
     try:
-        job_ids = [enqueue(BUCKET, k, frames=24, settings=settings, connection=admin, s3_client=uploads) for k in keys]
         fill(admin)
         supervisor.start()
-        until(lambda: REFUSED in supervisor.logs(None), 60, f"the worker to be refused\n{supervisor.logs()}")
-        time.sleep(3)
-        assert supervisor.alive() and supervisor.restarts == 0, supervisor.logs()  # `rq worker` used to exit here
+        _waits_alive(supervisor)  # `rq worker` used to exit at its first Redis call
         assert admin.llen(get_queue(admin, settings.queue).key) == len(keys)
         _finish(admin, own_redis.url, job_ids, keys, supervisor, settings, uploads)
     finally:

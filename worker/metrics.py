@@ -98,7 +98,7 @@ class QueueCollector(Collector):
     def __init__(self, connection, queues: list[str]) -> None:
         # A connection of its own with timeouts: a Redis that stops answering must not hang scrapes.
         pool = connection.connection_pool
-        # Nor wait out a full Redis as the worker's own connection does (worker.redis_client): it only reads.
+        # Nor wait out a full or unreachable Redis as the worker's own client does (worker.redis_client).
         kwargs = {**pool.connection_kwargs, "socket_timeout": SCRAPE_TIMEOUT_S,
                   "socket_connect_timeout": SCRAPE_TIMEOUT_S}
         kwargs.pop("retry", None)

@@ -204,7 +204,8 @@ class DeepfakeWorker(SimpleWorker):
         return super().handle_exception(job, *exc_info)
 
     def health(self) -> tuple[bool, str]:
-        """Model loaded, and either a fresh heartbeat or a job still inside its time limit."""
+        """Model loaded, and either a fresh heartbeat, a job still inside its time limit, or a wait for
+        space in a full Redis."""
         if self.runtime is None:
             return False, "model not loaded"
         full_for = waiting_for_space(self.connection)
