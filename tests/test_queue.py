@@ -115,6 +115,7 @@ def test_end_to_end_verdicts_in_redis_and_s3(s3, redis, qsettings, moderator):
     status = queue_status(settings=qsettings, connection=redis)
     assert status["queued"] == 0 and status["finished"] == len(UPLOADS) and status["failed"] == 0
     assert status["oldest_waiting_s"] == 0
+    assert status["redis_memory"]["used_bytes"] > 0 and status["redis_memory"]["maxmemory_bytes"] == 0  # none set
 
 
 def test_a_full_job_result_is_the_whole_stored_verdict(s3, redis, qsettings, moderator):

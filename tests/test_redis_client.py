@@ -201,10 +201,14 @@ def _get(port: int, path: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def _full_seconds(port: int) -> float:
+def _gauge(port: int, name: str) -> float:
     _, text = _get(port, "/metrics")
-    [line] = [x for x in text.splitlines() if x.startswith("deepfake_redis_full_seconds ")]
+    [line] = [x for x in text.splitlines() if x.startswith(f"{name} ")]
     return float(line.split()[1])
+
+
+def _full_seconds(port: int) -> float:
+    return _gauge(port, "deepfake_redis_full_seconds")
 
 
 def _finish(admin, url, job_ids, keys, supervisor, settings, uploads) -> None:
@@ -253,6 +257,8 @@ def test_a_worker_filled_up_mid_job_keeps_it_and_finishes_it_once_there_is_room(
         status, body = _get(port, "/healthz")
         assert status == 200 and "Redis" in body and "full" in body, body  # a restart would not free it
         assert _full_seconds(port) >= 1.0
+        # what DeepfakeRedisNearlyFull reads: used memory past maxmemory
+        assert _gauge(port, "deepfake_redis_maxmemory_bytes") == 1 < _gauge(port, "deepfake_redis_used_memory_bytes")
         _finish(admin, own_redis.url, job_ids, keys, supervisor, settings, uploads)
         until(lambda: _full_seconds(port) == 0.0, 30, "the wait to end")
     finally:

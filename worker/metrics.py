@@ -2,10 +2,10 @@
 
 `/metrics`: jobs by status and action, decision scores, the shadow model's actions and failures, stage
 latency, faces and frames per video, damaged packets skipped, queue wait, job attempts that raised,
-webhooks, how long the worker has waited for a full Redis, and the queue as Redis holds it at scrape
-time (waiting, running and failed jobs, the age of the oldest waiting one). `/healthz`: 200 while the
-model is loaded and the worker's heartbeat is fresh or it waits for a full Redis, 503 otherwise (the
-Kubernetes probe). deploy/components/monitoring alerts on these.
+webhooks, how long the worker has waited for a full Redis, and what Redis holds at scrape time
+(waiting, running and failed jobs, the age of the oldest waiting one, its memory against maxmemory).
+`/healthz`: 200 while the model is loaded and the worker's heartbeat is fresh or it waits for a full
+Redis, 503 otherwise (the Kubernetes probe). deploy/components/monitoring alerts on these.
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class Metrics:
 
 class QueueCollector(Collector):
     """The RQ queues as Redis holds them when Prometheus scrapes: jobs waiting, running and failed, and
-    how long the oldest waiting job has waited. Every worker exports the same values (alert on max).
+    how long the oldest waiting job has waited; and Redis' memory against its maxmemory. Every worker exports the same values (alert on max).
     Failed jobs include those whose worker died mid-job (RQ moves them there), which no worker counts.
     With Redis unreachable the scrape still answers, without these series."""
 
@@ -109,22 +109,30 @@ class QueueCollector(Collector):
         return []  # collected live: nothing to check at registration, no Redis call then
 
     def collect(self):
-        from worker.queue import queue_depths  # worker.queue imports this module (through rq_worker)
+        from worker.queue import queue_depths, redis_memory  # worker.queue imports this module (via rq_worker)
 
         jobs = GaugeMetricFamily("deepfake_queue_jobs", "Jobs in the RQ queue by state (queued: waiting; "
                                  "started: running; failed: in the failed registry).", labels=["queue", "state"])
         age = GaugeMetricFamily("deepfake_queue_oldest_job_age_seconds",
                                 "How long the oldest waiting job has waited (0 when none waits).", labels=["queue"])
+        used = GaugeMetricFamily("deepfake_redis_used_memory_bytes", "Memory Redis holds (INFO used_memory).")
+        limit = GaugeMetricFamily("deepfake_redis_maxmemory_bytes", "Redis' maxmemory (0: none); under noeviction, "
+                                  "writes are refused once used memory reaches it.")
         try:
             for name in self.queues:
                 depths = queue_depths(self.connection, name)
                 for state in ("queued", "started", "failed"):
                     jobs.add_metric([name, state], depths[state])
                 age.add_metric([name], depths["oldest_waiting_s"])
+            memory = redis_memory(self.connection)
+            used.add_metric([], memory["used_bytes"])
+            limit.add_metric([], memory["maxmemory_bytes"])
         except Exception:  # noqa: BLE001 - Redis down or a malformed job: /metrics still answers
             return
         yield jobs
         yield age
+        yield used
+        yield limit
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -144,6 +144,14 @@ def queue_depths(connection: Redis, name: str) -> dict:
     return {"queued": queued, "started": started, "failed": failed, "oldest_waiting_s": waited}
 
 
+def redis_memory(connection: Redis) -> dict:
+    """What Redis holds against its `maxmemory` (0: none), from INFO, which managed Redis allows where
+    CONFIG is disabled. Writes are refused once `used_bytes` reaches a noeviction maxmemory."""
+    info = connection.info("memory")
+    return {"used_bytes": int(info["used_memory"]), "maxmemory_bytes": int(info.get("maxmemory") or 0),
+            "policy": info.get("maxmemory_policy")}
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -163,6 +171,7 @@ def queue_status(*, settings: Settings | None = None, connection: Redis | None =
         "oldest_waiting_s": round(depths["oldest_waiting_s"], 1),
         "workers": len(Worker.all(queue=queue)),
         "model": json.loads(connection.get(model_key(settings.queue)) or "null"),
+        "redis_memory": redis_memory(connection),
     }
 
 
