@@ -100,13 +100,10 @@ def test_a_face_shown_in_b_frames_only_is_scored_by_default(moderator, corpus):
     assert v["status"] == "ok" and v["video"]["frames_with_face"] >= 24
 
 
-def test_a_deepfake_cut_short_is_scored_on_what_plays_and_blocked(moderator, tmp_path):
-    """Cutting a deepfake short made it `corrupt` (review, or whatever DEEPFAKE_ERROR_ACTIONS says), while
-    players still show it up to the cut. A self-blended carphone clip (the packaged demo model's kind of
-    fake), 8 s at 30 fps, cut at half its bytes, is now sampled over the 3.7 s that play, and blocked."""
+def _demo_and_fakes(moderator) -> tuple[Moderator, list]:
+    """The packaged demo model, and the carphone frames self-blended (the demo model's kind of fake)."""
     import numpy as np
-    from media import carphone_frames, encode, truncate
-    from verdict_schema import assert_valid_verdict
+    from media import carphone_frames
 
     from training.data.sbi import self_blend
     from worker.pipeline import DEFAULT_MODEL_DIR
@@ -117,12 +114,45 @@ def test_a_deepfake_cut_short_is_scored_on_what_plays_and_blocked(moderator, tmp
     source = carphone_frames()
     fakes = [self_blend(frame, max(found, key=lambda f: f.area), rng)[0]
              for frame, found in zip(source, moderator.detector.detect(np.stack(source)))]
+    return demo, fakes
+
+
+def test_a_deepfake_cut_short_is_scored_on_what_plays_and_blocked(moderator, tmp_path):
+    """Cutting a deepfake short made it `corrupt` (review, or whatever DEEPFAKE_ERROR_ACTIONS says), while
+    players still show it up to the cut. A self-blended carphone clip (the packaged demo model's kind of
+    fake), 8 s at 30 fps, cut at half its bytes, is now sampled over the 3.7 s that play, and blocked."""
+    from media import encode, truncate
+    from verdict_schema import assert_valid_verdict
+
+    demo, fakes = _demo_and_fakes(moderator)
     whole = encode(tmp_path / "fake.mp4", fakes + fakes[::-1], rate=30, container_options={"movflags": "+faststart"})
     v = assert_valid_verdict(demo.moderate_path(truncate(whole, tmp_path / "cut.mp4", 0.5)))
     assert (v["status"], v["label"], v["action"]) == ("ok", "fake", "block"), (v["status"], v["error"], v["score"])
     video = v["video"]
     assert video["truncated"] and video["declared_duration_s"] == 8.0 and 3.0 < video["duration_s"] < 4.5
     assert video["frames_sampled"] >= 28 and max(f["t"] for f in v["faces"]) > 3.0  # spread over what plays
+
+
+def test_a_deepfake_frame_held_on_screen_is_sampled_while_it_shows_and_blocked(moderator, tmp_path):
+    """A variable-rate file can show one frame for seconds. 4 s of the real carphone face at 30 fps, then
+    one self-blended (fake) frame held for 12 s, then 0.5 s of the real face: each sample time took the
+    first frame at or after it, so the held fake was never sampled (samples jumped from 3.8 s to the
+    real frame at 16 s) and the video was allowed. Each sample time now takes the frame on screen then."""
+    from fractions import Fraction
+
+    from media import carphone_frames, encode
+    from verdict_schema import assert_valid_verdict
+
+    demo, fakes = _demo_and_fakes(moderator)
+    real = carphone_frames()
+    frames = real[:120] + [fakes[60]] + real[:15]
+    ms = [33 * i for i in range(121)] + [33 * 120 + 12000 + 33 * i for i in range(15)]
+    v = assert_valid_verdict(demo.moderate_path(encode(tmp_path / "held.mp4", frames, rate=30, pts=ms,
+                                                       time_base=Fraction(1, 1000))))
+    assert (v["status"], v["label"], v["action"]) == ("ok", "fake", "block"), (v["score"], v["decision"])
+    held = [f for f in v["faces"] if 3.97 < f["t"] < 15.96]  # sample times while the held frame shows
+    assert len(held) >= 20 and v["video"]["frames_sampled"] == 32
+    assert min(f["fake_score"] for f in held) == max(f["fake_score"] for f in held)  # one frame, scored alike
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """How a VideoReader picks its frames: evenly over the duration, decoding every frame or only the
-sampled ones and what they refer to, on past a duration the container understates, and over the part
-that plays of a file cut short.
+sampled ones and what they refer to, on past a duration the container understates, over the part
+that plays of a file cut short, and a frame held on screen at each sample time it spans.
 
 The decoding itself (opening, limits, packets, rewinding, conversion) is worker/decode.py's.
 """
@@ -20,6 +20,8 @@ from worker.video import MAX_SAMPLED_FRAMES, SampledFrame, frames_to_sample, sam
 MIN_COVERAGE = 0.75
 # Frames this far past the declared end mean the declaration understates the video: sampling goes on.
 OVERRUN_TOLERANCE_S = 0.5
+# A frame shown for longer than this many frame intervals is held: each sample time it spans samples it.
+HELD_FRAMES = 1.5
 
 
 class DataEndsEarly(Exception):
@@ -40,10 +42,12 @@ class Sampling:
     FAST_PASS_THREADING = "SLICE"
 
     def sample(self, n: int, mode: str = "exact", max_gap_s: float = 0.0) -> Iterator[SampledFrame]:
-        """Yield up to n frames spread evenly over the duration, each at most once, in time order; more
-        than n on a long video when `max_gap_s` asks for samples at most that far apart.
+        """Yield up to n frames spread evenly over the duration, in time order; more than n on a long
+        video when `max_gap_s` asks for samples at most that far apart. A frame is sampled once, except
+        a frame held on screen across several sample times (a variable-rate file), sampled at each.
 
-        mode "exact" decodes every frame and takes the first at or after each slice centre. "fast"
+        mode "exact" decodes every frame and takes, for each slice centre, the first frame at or after
+        it, or the frame on screen then when that one is held. "fast"
         decodes the frame at each slice centre whatever its type, and of the others only what FFmpeg's
         skip_frame must keep (B-frames are skipped), and takes the nearest decoded frame to each
         centre; when some slice holds none, or the frames run past the declared duration, it rewinds
@@ -91,8 +95,17 @@ class Sampling:
         index = 0
         last: tuple[av.VideoFrame, float] | None = None
         last_yielded = False
+        held = HELD_FRAMES / fps  # a frame shown this long before the next is held (a variable rate)
         for count, frame in enumerate(self._frames()):
             t = self._frame_time(frame, count, start, fps)
+            # Targets well before this frame fell while the last one was on screen: a held frame (one
+            # frame shown for seconds, as a variable-rate file can) is what a viewer saw at each of them,
+            # so it is sampled at each; the next frame stood for them before, and a face shown only in
+            # the held frame could go unsampled.
+            while last is not None and j < len(targets) and targets[j] < t - held:
+                yield self._to_sample(last[0], index, targets[j] - start)
+                index += 1
+                j += 1
             last, last_yielded = (frame, t), False
             if j == len(targets) and self._overruns(t, start, duration) and len(targets) < MAX_SAMPLED_FRAMES:
                 # The data goes on past the declared duration (a container can state any): sample on,
@@ -147,6 +160,7 @@ class Sampling:
         skip = "BIDIR" if 2 * half_slice * fps >= 8 else "NONREF"
         self._stream.codec_context.skip_frame = skip
         half_frame = 0.5 / fps
+        held = HELD_FRAMES / fps
 
         def skip_for(packet: av.Packet) -> str:
             """Decode the packet shown at a target in full; of the others only what is referred to."""
@@ -166,6 +180,8 @@ class Sampling:
                 return None  # the exact pass samples past the declared end
             last = current
             while j < len(targets) and current[1] >= targets[j]:
+                if prev is not None and targets[j] < current[1] - held and targets[j] - prev[1] > half_frame:
+                    return None  # shown then: a held frame, or one skipped; the exact pass samples it
                 best = current if prev is None or current[1] - targets[j] <= targets[j] - prev[1] else prev
                 if abs(best[1] - targets[j]) > half_slice or (picked and picked[-1][0] is best[0]):
                     return None
