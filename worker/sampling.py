@@ -47,11 +47,11 @@ class Sampling:
         a frame held on screen across several sample times (a variable-rate file), sampled at each.
 
         mode "exact" decodes every frame and takes, for each slice centre, the first frame at or after
-        it, or the frame on screen then when that one is held. "fast"
-        decodes the frame at each slice centre whatever its type, and of the others only what FFmpeg's
-        skip_frame must keep (B-frames are skipped), and takes the nearest decoded frame to each
-        centre; when some slice holds none, or the frames run past the declared duration, it rewinds
-        and decodes exactly.
+        it, or the frame on screen then when that one is held. "fast" decodes the frame at each slice
+        centre whatever its type, and of the others only what FFmpeg's skip_frame must keep (B-frames
+        are skipped), and takes the nearest decoded frame to each centre; when some slice holds none, a
+        centre falls in a held frame, or the frames run past the declared duration, it rewinds and
+        decodes exactly.
 
         The duration is the container's word, which can understate the video: frames found past it are
         sampled on (exact mode), spaced as for a video ending at each, and `info.duration_s` becomes
