@@ -5,6 +5,7 @@ real S3 server, the real model loader and the real CLI entry point."""
 from __future__ import annotations
 
 import json
+import re
 
 import boto3
 import pytest
@@ -56,14 +57,20 @@ def test_a_working_configuration_passes_every_check(env, capsys, tmp_path):
         # A Redis that evicts keys when full would drop queued jobs and results silently.
         redis.config_set("maxmemory-policy", "allkeys-lru")
         _, evicting = check(capsys, "--only", "redis")
-        # One without a limit is killed when it outgrows its memory.
+        # One nearly full is about to refuse writes.
         redis.config_set("maxmemory-policy", "noeviction")
+        redis.config_set("maxmemory", int(redis.info("memory")["used_memory"] * 1.1))
+        _, nearly_full = check(capsys, "--only", "redis")
+        # One without a limit is killed when it outgrows its memory.
         redis.config_set("maxmemory", 0)
         _, unlimited = check(capsys, "--only", "redis")
     finally:
         stop(durable.proc)
     assert evicting["redis"]["ok"] and "maxmemory-policy is allkeys-lru" in evicting["redis"]["warning"]
+    held = re.match(r"Redis holds (\d+)% of its maxmemory: at 100% it refuses writes", nearly_full["redis"]["warning"])
+    assert nearly_full["redis"]["ok"] and held and 85 <= int(held[1]) <= 100, nearly_full["redis"]
     assert unlimited["redis"]["ok"] and unlimited["redis"]["warning"].startswith("no maxmemory: ")
+    assert "MiB of 64 MiB" in results["redis"]["detail"] and "no maxmemory" in unlimited["redis"]["detail"]
     assert code == 0 and list(results) == list(CHECKS)
     assert all(r["ok"] for r in results.values()), results
     # the only warning: this test model is random, and the check passes the verdict's warning on

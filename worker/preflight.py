@@ -18,6 +18,7 @@ from worker.settings import Settings
 
 CHECKS = ("model", "redis", "s3", "webhooks", "signing")
 NETWORK_TIMEOUT_S = 5.0
+NEARLY_FULL = 0.85  # of maxmemory: warned of, as DeepfakeRedisNearlyFull alerts
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 _HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
 
@@ -64,39 +65,44 @@ def check_model(settings: Settings) -> Check:
 
 
 def check_redis(settings: Settings) -> Check:
-    """Redis answers; warns when it does not persist the queue (a restart would lose waiting jobs)."""
+    """Redis answers; warns when it would lose or evict the queue, or is nearly full. Read from INFO,
+    which managed Redis allows where CONFIG is disabled."""
     from redis import Redis
     from redis.exceptions import ResponseError
 
-    from worker.queue import queue_depths
+    from worker.queue import queue_depths, redis_memory
 
     connection = Redis.from_url(settings.redis_url, socket_timeout=NETWORK_TIMEOUT_S,
                                 socket_connect_timeout=NETWORK_TIMEOUT_S)
     connection.ping()
     version = connection.info("server").get("redis_version", "?")
     depths = queue_depths(connection, settings.queue)
+    detail = (f"Redis {version}, queue {settings.queue!r}: {depths['queued']} waiting, {depths['started']} running, "
+              f"{depths['failed']} failed")
     warnings = []
     try:
-        config = connection.config_get("appendonly")
-        config.update(connection.config_get("maxmemory*"))
-        if config.get("appendonly") != "yes":
-            warnings.append("appendonly is off: a Redis restart loses the queued jobs (README, Reliability)")
-        policy, limit = config.get("maxmemory-policy", "noeviction"), int(config.get("maxmemory") or 0)
-        if not limit:
-            # It grows until the host or its memory limit kills it: a crash, and without persistence a loss.
-            warnings.append("no maxmemory: a Redis that outgrows its memory is killed instead of refusing writes; "
-                            "set maxmemory below its memory limit, with noeviction (docs/deploy.md, When Redis is full)")
-        elif policy != "noeviction":
-            # A full Redis then deletes keys to make room: queued jobs, results and duplicate records
-            # vanish without an error. noeviction refuses writes instead, which enqueuers see.
-            warnings.append(f"maxmemory-policy is {policy} with maxmemory {limit} bytes: a full Redis evicts "
-                            "queued jobs and results; use noeviction (README, Job results in Redis)")
-    except ResponseError:  # managed Redis often forbids CONFIG
-        warnings.append("cannot read the persistence and eviction settings (CONFIG is disabled): make sure the "
-                        "queue is persisted and never evicted")
-    warning = "; ".join(warnings) or None
-    return Check("redis", True, f"Redis {version}, queue {settings.queue!r}: {depths['queued']} waiting, "
-                 f"{depths['started']} running, {depths['failed']} failed", warning)
+        aof = int(connection.info("persistence").get("aof_enabled", 0))
+        memory = redis_memory(connection)
+    except ResponseError:  # INFO renamed away: nothing to judge by
+        return Check("redis", True, detail, "cannot read INFO: make sure the queue is persisted (appendonly), "
+                     "capped (maxmemory) and never evicted (noeviction)")
+    if not aof:
+        warnings.append("appendonly is off: a Redis restart loses the queued jobs (README, Reliability)")
+    used, limit, policy = memory["used_bytes"], memory["maxmemory_bytes"], memory["policy"]
+    if not limit:
+        # It grows until the host or its memory limit kills it: a crash, and without persistence a loss.
+        warnings.append("no maxmemory: a Redis that outgrows its memory is killed instead of refusing writes; "
+                        "set maxmemory below its memory limit, with noeviction (docs/deploy.md, When Redis is full)")
+    elif policy != "noeviction":
+        # A full Redis then deletes keys to make room: queued jobs, results and duplicate records
+        # vanish without an error. noeviction refuses writes instead, which enqueuers see.
+        warnings.append(f"maxmemory-policy is {policy} with maxmemory {limit} bytes: a full Redis evicts "
+                        "queued jobs and results; use noeviction (README, Job results in Redis)")
+    elif used >= NEARLY_FULL * limit:
+        warnings.append(f"Redis holds {used / limit:.0%} of its maxmemory: at 100% it refuses writes; raise "
+                        "maxmemory or keep results for less time (docs/deploy.md, When Redis is full)")
+    memory_detail = f"{used / 2**20:.1f} MiB" + (f" of {limit / 2**20:.0f} MiB" if limit else ", no maxmemory")
+    return Check("redis", True, f"{detail}; {memory_detail}", "; ".join(warnings) or None)
 
 
 def check_s3(settings: Settings) -> Check:
