@@ -65,14 +65,15 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     @classmethod
-    def start(cls, workdir: Path) -> "RedisServer":
+    def start(cls, workdir: Path, *options: str) -> "RedisServer":
+        """A redis-server on a free loopback port keeping nothing on disk; `options` follow (and win)."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (scripts/test.sh installs Debian's package)")
         port = free_ports(1)[0]
         proc = subprocess.Popen(
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(workdir)],
+             "--dir", str(workdir), *options],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
         )
         wait_for_port(port, 10, proc)

@@ -25,8 +25,6 @@ import importlib
 import json
 import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -308,19 +306,16 @@ def test_the_trial_redis_refuses_writes_when_full_instead_of_being_oom_killed(tm
     queued job. Its own command line, run by a real redis-server, caps it below the limit with
     noeviction, so a full Redis refuses writes (which the workers wait out: test_redis_client.py)."""
     from redis import Redis
-    from servers import free_ports, stop, wait_for_port
+    from servers import RedisServer, stop
 
     [container] = one("trial", "Deployment", "deepfake-redis")["spec"]["template"]["spec"]["containers"]
     argv = container["command"]
     assert argv[0] == "redis-server"
-    port = free_ports(1)[0]
-    proc = subprocess.Popen([shutil.which("redis-server"), *argv[1:], "--port", str(port), "--bind", "127.0.0.1",
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    server = RedisServer.start(tmp_path, *argv[1:])
     try:
-        wait_for_port(port, 10, proc)
-        config = Redis(port=port).config_get("maxmemory*")
+        config = Redis(port=server.port).config_get("maxmemory*")
     finally:
-        stop(proc)
+        stop(server.proc)
     limit = container["resources"]["limits"]["memory"]
     assert limit.endswith("Mi"), limit
     assert config["maxmemory-policy"] == "noeviction"

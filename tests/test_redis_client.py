@@ -155,26 +155,16 @@ def test_an_outage_past_the_limit_or_a_wrong_password_is_raised(tmp_path):
     with pytest.raises(RedisUnreachable):
         client.ping()
     assert 1.5 <= time.monotonic() - t0 < 15
-    guarded = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--requirepass", "right"], stdout=subprocess.DEVNULL)
+    guarded = RedisServer.start(tmp_path, "--requirepass", "right")
     try:
-        until(lambda: _answers(port), 10, "redis-server to start")
-        wrong = Redis(port=port, password="wrong")
+        wrong = Redis(port=guarded.port, password="wrong")
         ride_out(wrong, 60)
         t0 = time.monotonic()
         with pytest.raises(AuthenticationError):  # the deployment's mistake: said at once
             wrong.ping()
         assert time.monotonic() - t0 < 5
     finally:
-        stop(guarded)
-
-
-def _answers(port: int) -> bool:
-    try:
-        Redis(port=port, password="right").ping()
-        return True
-    except RedisUnreachable:
-        return False
+        stop(guarded.proc)
 
 
 # -- a real worker ---------------------------------------------------------------------------------

@@ -91,7 +91,8 @@ class Metrics:
 
 class QueueCollector(Collector):
     """The RQ queues as Redis holds them when Prometheus scrapes: jobs waiting, running and failed, and
-    how long the oldest waiting job has waited; and Redis' memory against its maxmemory. Every worker exports the same values (alert on max).
+    how long the oldest waiting job has waited; and Redis' memory against its maxmemory. Every worker
+    exports the same values (alert on max).
     Failed jobs include those whose worker died mid-job (RQ moves them there), which no worker counts.
     With Redis unreachable the scrape still answers, without these series."""
 

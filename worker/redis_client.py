@@ -81,9 +81,9 @@ class FullClock:
             return None
         return now - self.since
 
-    def end(self) -> float | None:
-        """Close the episode; returns how long it lasted (None when there was none)."""
-        lasted = None if self.since is None else self.last + self.wait - self.since
+    def end(self) -> float:
+        """Close the episode (there is one: `since` is set); returns how long it lasted."""
+        lasted = self.last + self.wait - self.since
         self.since, self.refusals = None, 0
         return lasted
 
@@ -134,9 +134,7 @@ class RideOut(Retry):
             if outage_since is not None:
                 log.info("redis_reachable", waited_s=round(time.monotonic() - outage_since, 1))
             if self.clock.since is not None and (refused or self.clock.waited() is None):
-                lasted = self.clock.end()
-                if lasted is not None:
-                    log.info("redis_space_back", waited_s=round(lasted, 1))
+                log.info("redis_space_back", waited_s=round(self.clock.end(), 1))
             return result
 
     def _wait_for_space(self, error: Exception) -> None:
