@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from training.eval_report import markdown_report, plot_roc, results_json
+from training.eval_report import cross_dataset_table, markdown_report, plot_roc, results_json
 from training.evaluate import (
     accuracy,
     action_rates,
@@ -250,5 +250,18 @@ def test_group_tables_and_markdown(tmp_path):
     assert [g["compression"] for g in res["by_compression"]] == ["c23", "c40"]
     md = markdown_report(res, name="m")
     assert "Table I" in md and "Table II" in md and "Table III" in md and "| m |" in md
+    # Table III's FF++ column: the reals against the Deepfakes fakes alone ("only on the deepfake class")
+    (ffpp,) = res["by_source"]
+    dfc = ffpp["deepfakes_class"]
+    assert (dfc["video"]["n_real"], dfc["video"]["n_fake"]) == (8, 8) and ffpp["video"]["n_fake"] == 16
+    only = [i for i, m in enumerate(meta) if m["manipulation"] in ("", "Deepfakes")]
+    assert dfc["frame"]["auc"] == pytest.approx(roc_auc([labels[i] for i in only], [scores[i] for i in only]))
+    assert "| ffpp (Deepfakes) |" in md and f"| {dfc['frame']['auc']:.4f} |" in md
+    celeb = evaluate_scores([0.2, 0.7], [0, 1], ["r", "f"], meta=[{"source": "celebdf"}] * 2)
+    table = cross_dataset_table({"ffpp_c23": res, "celebdf": celeb}, name="m")
+    assert "| method | ffpp_c23 (Deepfakes) | celebdf |" in table
+    assert f"| m | {dfc['frame']['auc']:.4f} | 1.0000 |" in table
+    one = evaluate_scores(scores[:24], labels[:24], vids[:24], meta=meta[:24])  # c23 reals and Deepfakes only
+    assert "deepfakes_class" not in one["by_source"][0] and "(Deepfakes)" not in cross_dataset_table({"a": one})
     png = plot_roc({"frame": (labels, scores)}, tmp_path / "roc.png")
     assert png.stat().st_size > 1000

@@ -28,6 +28,7 @@ from training.models import (
     list_models,
     load_imagenet_weights,
     param_groups,
+    spectrum_stats,
     stitch_parameters,
 )
 from worker.preprocess import SPECTRUM_EPS, log_dct_spectrum
@@ -341,6 +342,37 @@ def test_overrides_and_rebuild_from_config() -> None:
     with pytest.raises(ValueError):
         create_model("mdcsd_tiny_rgb_only", stitches=(0,))
     assert model.default_cfg["class_names"] == ["real", "fake"]
+
+
+def test_spectrum_stats_over_batches_equal_one_pass(real_crops: np.ndarray) -> None:
+    x = torch.from_numpy(real_crops)
+    y = LogDCT(299)(x).double()
+    mean, std = spectrum_stats(x)
+    assert mean == pytest.approx(y.mean(dim=(0, 2, 3)).tolist(), abs=1e-9)
+    assert std == pytest.approx(y.std(dim=(0, 2, 3)).tolist(), rel=1e-9)
+    batched = spectrum_stats(iter([x[:1], x[1:]]))  # a generator, as training feeds it
+    assert batched[0] == pytest.approx(mean, abs=1e-9) and batched[1] == pytest.approx(std, rel=1e-9)
+    with pytest.raises(ValueError, match="at least two"):
+        spectrum_stats(iter([]))
+
+
+def test_fitted_freq_norm_rides_in_model_config(real_crops: np.ndarray) -> None:
+    """Constants set after construction (training fits them) are what a rebuild from model_config gets,
+    and they do normalise: the branch input then has mean 0 and std 1 per channel on those crops."""
+    model = create_model("mdcsd_tiny").eval()
+    x = torch.from_numpy(real_crops)
+    mean, std = spectrum_stats(x)
+    model.set_freq_norm(mean, std)
+    _, xd = model._inputs(x)
+    assert xd.mean(dim=(0, 2, 3)).abs().max() < 1e-4 and (xd.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-4
+    cfg = model.model_config
+    assert cfg["kwargs"]["freq_mean"] == pytest.approx(mean, rel=1e-6)
+    clone = create_model(cfg["architecture"], **cfg["kwargs"])  # no state dict: the config alone
+    assert torch.equal(clone.freq_mean, model.freq_mean) and torch.equal(clone.freq_std, model.freq_std)
+    with pytest.raises(ValueError, match="positive"):
+        model.set_freq_norm(mean, [1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="no frequency branch"):
+        create_model("mdcsd_tiny_rgb_only").set_freq_norm(mean, std)
 
 
 def test_rgb_branch_loads_imagenet_file(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import csv
 import os
 import socket
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 import training.train as train_mod
-from training.models import create_model
+from training.models import FREQ_NORM_DEFAULTS, create_model, spectrum_stats
 from training.models.cross_stitch import stitch_parameters
 from training.train import Augment, EpochCycle, TrainConfig, build_optimizer, build_scheduler, train
 
@@ -184,6 +185,28 @@ def test_resume_continues_exactly(tmp_path):
     assert last_b["scheduler"] == last_a["scheduler"]
 
 
+def test_frequency_normalisation_is_fitted_on_training_crops(tmp_path):
+    """Paper II-B, each branch normalised: the freq branch's constants are the training crops' own, kept
+    in the checkpoint's config; 0 crops keeps the model's built-in ones, explicit ones are respected."""
+    ds = Synthetic(24)
+    cfg = dict(epochs=1, max_steps_per_epoch=1)
+    res = train(cfg_for(tmp_path / "fit", **cfg), ds, Synthetic(8, seed=1))
+    mean, std = spectrum_stats(torch.stack([ds[i][0] for i in range(len(ds))]))
+    assert res.model.freq_mean.flatten().tolist() == pytest.approx(mean, rel=1e-5)
+    assert res.model.freq_std.flatten().tolist() == pytest.approx(std, rel=1e-5)
+    assert mean != pytest.approx(FREQ_NORM_DEFAULTS["dct"][0], abs=0.05)  # these crops are not faces
+    best = torch.load(tmp_path / "fit" / "run" / "best.pt", weights_only=True)
+    assert best["model_config"]["kwargs"]["freq_mean"] == pytest.approx(mean, rel=1e-5)
+
+    kept = train(cfg_for(tmp_path / "off", freq_norm_crops=0, **cfg), ds, Synthetic(8, seed=1))
+    assert kept.model.freq_mean.flatten().tolist() == pytest.approx(FREQ_NORM_DEFAULTS["dct"][0], rel=1e-6)
+    given = train(cfg_for(tmp_path / "given", model_kwargs={"input_size": SIZE, "freq_mean": [1.0, 2.0, 3.0]},
+                          **cfg), ds, Synthetic(8, seed=1))
+    assert given.model.freq_mean.flatten().tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match="freq_norm_crops"):
+        TrainConfig(freq_norm_crops=-1)
+
+
 def test_augment_and_epoch_cycle():
     torch.manual_seed(0)
     x = torch.rand(3, SIZE, SIZE)
@@ -204,7 +227,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     res = train(TrainConfig(model="mdcsd_tiny", model_kwargs={"input_size": SIZE}, epochs=2, batch_size=8,
-                            out_dir=out, progress=False, tensorboard=False, device="cpu"),
+                            max_steps_per_epoch=2, out_dir=out, progress=False, tensorboard=False, device="cpu"),
                 Synthetic(32), Synthetic(12, seed=1))
     torch.save({k: v for k, v in res.model.state_dict().items()}, f"{out}/rank{rank}.pt")
 
@@ -216,11 +239,13 @@ def test_ddp_two_processes_gloo(tmp_path):
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    for k in r0:  # DDP keeps replicas identical (BatchNorm running stats are per replica)
+    for k in r0:  # DDP keeps replicas identical (BatchNorm running stats are per replica), freq norm included
         if "running_" not in k and "num_batches" not in k:
             torch.testing.assert_close(r0[k], r1[k])
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert len(rows) == 2  # rank 0 alone writes; validation covers all 12 items across both ranks
+    # batch_size is the step's: 2 steps of 4 crops on each of 2 processes (the paper's 32 over its GPUs)
+    assert [int(r["train_crops"]) for r in rows] == [16, 16]
 
 
 # -- the real thing: SBI demo data from real footage ------------------------------------------------------
@@ -233,7 +258,7 @@ def test_demo_training_reaches_video_auc(tmp_path):
 
     The held-out carphone clips (frames 100-119, never trained on) must reach video AUC >= 0.95. The
     whole test split adds 20 LFW faces of people never seen in training (grey 25 px photos, 5 per
-    pseudo-video) and is harder; measured with these settings for --seed 0..3 (2 cores, ~105 s each):
+    pseudo-video) and is harder; measured with these settings for --seed 0..3 (2 cores, 105-200 s each):
     carphone clips frame AUC 0.96-1.00, video AUC 1.0; whole split frame AUC 0.84-0.94, video AUC
     0.89-1.0. Seed 0 (this test, deterministic on a given CPU) gives 0.96 / 1.0 and 0.876 / 0.889.
     """
@@ -331,8 +356,8 @@ def test_cli_extract_ffpp_layout(tmp_path):
     for split, pairs in (("train", [["000", "001"]]), ("val", []), ("test", [])):
         (root / "splits" / f"{split}.json").write_text(json.dumps(pairs))
     real = root / "original_sequences" / "youtube" / "c23" / "videos"
-    fake = root / "manipulated_sequences" / "Deepfakes" / "c23" / "videos"
-    for d, names in ((real, ["000", "001"]), (fake, ["000_001", "001_000"])):
+    fakes = [root / "manipulated_sequences" / m / "c23" / "videos" for m in ("Deepfakes", "Face2Face")]
+    for d, names in ((real, ["000", "001"]), *((f, ["000_001", "001_000"]) for f in fakes)):
         d.mkdir(parents=True)
         for n in names:
             (d / f"{n}.mp4").symlink_to(carphone_path())
@@ -342,3 +367,10 @@ def test_cli_extract_ffpp_layout(tmp_path):
     recs = read_index(out, "train")
     assert len(recs) == 8 and sorted({r.label for r in recs}) == [0, 1]
     assert {r.manipulation for r in recs} == {"", "Deepfakes"} and {r.compression for r in recs} == {"c23"}
+    # Two manipulations: 4 fake videos to 2 real, so (paper III-A) each fake gives half the frames.
+    for name, extra, fake_frames in (("balanced", [], 2), ("unbalanced", ["--no-balance"], 4)):
+        assert main(["extract", "--dataset", "ffpp", "--root", str(root), "--out", str(tmp_path / name),
+                     "--manipulations", "Deepfakes", "Face2Face", "--splits", "train", "--frames", "4",
+                     "--size", "64", *extra]) == 0
+        per_video = Counter(r.video_id for r in read_index(tmp_path / name, "train"))
+        assert sorted(per_video.values()) == sorted([4, 4] + [fake_frames] * 4), (name, per_video)

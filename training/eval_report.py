@@ -73,20 +73,35 @@ def markdown_report(results: dict[str, Any], *, name: str = "model", level: str 
                   f"| {name} | " + " | ".join(f"{_fmt(g[level]['acc'], True)} | {_fmt(g[level]['auc'], False)}"
                                             for g in results["by_compression"]) + " |"]
     if results.get("by_source"):
-        heads = [g["source"] or "?" for g in results["by_source"]]
+        cells = [_table3_cell(results, g, "frame") for g in results["by_source"]]
         lines += ["", "### Per data set (frame-level AUC, Table III/IV layout)", "",
-                  "| method | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|",
-                  f"| {name} | " + " | ".join(_fmt(g["frame"]["auc"], False) for g in results["by_source"]) + " |"]
+                  "| method | " + " | ".join(f"{g['source'] or '?'}{suffix}" for g, (suffix, _) in
+                                            zip(results["by_source"], cells)) + " |",
+                  "|---" * (len(cells) + 1) + "|",
+                  f"| {name} | " + " | ".join(_fmt(auc, False) for _, auc in cells) + " |"]
     return "\n".join(lines) + "\n"
+
+
+def _table3_cell(results: dict[str, Any], part: dict[str, Any], level: str) -> tuple[str, float | None]:
+    """(header suffix, AUC) of one data set's column: `part` is a by_source entry, or a whole result
+    of one data set. Table III scores FF++ "only on the deepfake class": its ``deepfakes_class``."""
+    if "source" not in part:
+        sources = results.get("by_source", [])
+        part = sources[0] if len(sources) == 1 else part
+    if "deepfakes_class" in part:
+        return " (Deepfakes)", part["deepfakes_class"][level]["auc"]
+    return "", part[level]["auc"]
 
 
 def cross_dataset_table(results_by_dataset: dict[str, dict[str, Any]], *, name: str = "model",
                         level: str = "frame") -> str:
-    """Table III/IV: one AUC column per test data set, each from its own :func:`evaluate_scores` result."""
-    heads = list(results_by_dataset)
+    """Table III/IV: one AUC column per test data set, each from its own :func:`evaluate_scores` result
+    (an FF++ cache of several manipulations: its Deepfakes class, as the paper's Table III)."""
+    cells = {h: _table3_cell(res, res, level) for h, res in results_by_dataset.items()}
     return "\n".join([
-        "| method | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|",
-        f"| {name} | " + " | ".join(_fmt(results_by_dataset[h][level]["auc"], False) for h in heads) + " |",
+        "| method | " + " | ".join(f"{h}{suffix}" for h, (suffix, _) in cells.items()) + " |",
+        "|---" * (len(cells) + 1) + "|",
+        f"| {name} | " + " | ".join(_fmt(auc, False) for _, auc in cells.values()) + " |",
     ]) + "\n"
 
 

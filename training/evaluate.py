@@ -243,7 +243,8 @@ def evaluate_scores(
     Groups (the paper's tables): ``groups`` = one per (source, manipulation, compression) of the
     fakes, each evaluated against the reals of the same source and compression (Table I);
     ``by_compression`` = all manipulations per compression (Table II); ``by_source`` = everything
-    of one data set (cross-dataset AUC, Tables III/IV).
+    of one data set (cross-dataset AUC, Tables III/IV), FF++ also as ``deepfakes_class`` (its reals
+    against its Deepfakes fakes only, Table III's FF++ column) when it holds several manipulations.
     """
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
@@ -271,6 +272,10 @@ def evaluate_scores(
     out["by_compression"] = [subset((src == a) & (comp == c), source=a, compression=c)
                              for a, c in sorted(set(zip(src.tolist(), comp.tolist())))]
     out["by_source"] = [subset(src == a, source=a) for a in sorted(set(src.tolist()))]
+    ffpp_fakes = set(man[(src == "ffpp") & (y == 1)].tolist())
+    if "Deepfakes" in ffpp_fakes and len(ffpp_fakes) > 1:  # Table III scores FF++ "only on the deepfake class"
+        entry = next(e for e in out["by_source"] if e["source"] == "ffpp")
+        entry["deepfakes_class"] = subset((src == "ffpp") & ((y == 0) | (man == "Deepfakes")))
     return out
 
 

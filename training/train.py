@@ -4,6 +4,9 @@ Defaults are the paper's: Adam (β 0.9/0.999, ε 1e-8), lr 2e-4 and 1e-3 for the
 batch 32, cross-entropy, the learning rate ×0.2 whenever the validation loss has not decreased for
 three consecutive epochs, and the checkpoint with the highest validation accuracy kept for testing
 (ties: the lower validation loss). What the paper leaves open (epochs, augmentation) is a setting.
+Before the first step a fresh model's frequency branch gets its input normalisation from the
+training crops (paper II-B, ``training.normalise``); a full-width RGB branch without ImageNet
+weights (``imagenet_path``, paper II-C) starts random, with a warning.
 
 Files under ``out_dir`` (rank 0 only): ``best.pt`` (weights of the best epoch + its metrics),
 ``last.pt`` (model, optimizer, scheduler, epoch, best and history: resume from it),
@@ -11,14 +14,15 @@ Files under ``out_dir`` (rank 0 only): ``best.pt`` (weights of the best epoch + 
 installed. Validation metrics are frame-level unless named ``video``.
 
 Multi-GPU: ``torchrun --nproc_per_node=N -m training train ...`` sets WORLD_SIZE>1; each process
-then trains on its DistributedSampler shard under DistributedDataParallel (NCCL on CUDA, gloo on
+then trains batch_size // N crops a step (the step's batch stays the paper's 32, as when it trained
+on three GPUs) on its DistributedSampler shard under DistributedDataParallel (NCCL on CUDA, gloo on
 CPU) and validates on a 1/N slice whose predictions are gathered, so every rank takes the same
 scheduler and checkpoint decisions.
 """
 from __future__ import annotations
 
-import csv
 import json
+import logging
 import math
 import os
 import random
@@ -40,14 +44,15 @@ from tqdm import tqdm
 from training.evaluate import accuracy, roc_auc, video_level
 from training.models import create_model
 from training.models.cross_stitch import param_groups
+from training.normalise import fit_frequency_norm
+from training.run_files import save_atomic, tensorboard_writer, write_csv
 from training.sampling import Augment, EpochCycle, PairedBatchSampler, labels_of, sbi_pair_key
 
 __all__ = ["Augment", "EpochCycle", "PairedBatchSampler", "TrainConfig", "TrainResult", "build_optimizer",
            "build_scheduler", "is_better", "sbi_pair_key", "seed_everything", "train"]
 
+log = logging.getLogger(__name__)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-CSV_FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "val_video_acc",
-              "val_video_auc", "lr", "stitch_lr", "seconds", "best"]
 
 
 @dataclass
@@ -58,7 +63,7 @@ class TrainConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # create_model overrides, e.g. input_size
     imagenet_path: str | None = None  # classic Xception weights for the RGB branch (paper II-C), if you have them
     epochs: int = 20  # the paper does not say; the best-validation checkpoint makes extra epochs safe
-    batch_size: int = 32
+    batch_size: int = 32  # the whole step's batch: torchrun's processes take batch_size // N each
     lr: float = 2e-4
     stitch_lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
@@ -67,6 +72,7 @@ class TrainConfig:
     plateau_factor: float = 0.2
     plateau_patience: int = 3  # epochs in a row without a val-loss decrease before the LR drops (paper)
     seed: int = 0
+    freq_norm_crops: int = 256  # training crops whose log-spectrum stats normalise the freq branch (0: model defaults)
     num_workers: int = 0
     amp: str = "none"  # "bf16" | "fp16" | "none"; autocast on CUDA only (CPU always runs fp32)
     device: str = "auto"  # "auto" = cuda when available, else cpu
@@ -86,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         if self.plateau_patience < 1:
             raise ValueError("plateau_patience must be >= 1")
+        if self.freq_norm_crops < 0:
+            raise ValueError("freq_norm_crops must be >= 0 (0: keep the model's constants)")
 
 
 @dataclass
@@ -203,32 +211,6 @@ def _validate(model: nn.Module, loader: DataLoader, device: torch.device, amp: s
     return out
 
 
-def _write_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        for row in history:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    tmp.replace(path)
-
-
-def _save(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)  # a kill mid-save never leaves a torn checkpoint
-
-
-def _tensorboard(out_dir: Path, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(out_dir / "tensorboard"))
-
-
 # -- training ------------------------------------------------------------------------------------
 
 
@@ -250,6 +232,17 @@ def train(
     seed_everything(cfg.seed)
     if model is None:
         model = create_model(cfg.model, imagenet_path=cfg.imagenet_path, **cfg.model_kwargs)
+        full_width = getattr(model, "init_kwargs", {}).get("width") == 1.0  # ImageNet weights fit only this
+        if cfg.imagenet_path is None and "rgb" in getattr(model, "branches", ()) and full_width and not cfg.resume \
+                and rank == 0:
+            log.warning("the RGB branch starts from random weights: the paper starts it from ImageNet Xception "
+                        "weights (--imagenet PATH, a local legacy_xception file)")
+        if cfg.freq_norm_crops > 0 and not cfg.resume and "freq_mean" not in cfg.model_kwargs:
+            # Every rank draws the same crops with the same seed, so all fit the same constants.
+            stats = fit_frequency_norm(model, train_ds, cfg.freq_norm_crops, progress=cfg.progress and rank == 0)
+            if stats is not None and cfg.progress and rank == 0:
+                tqdm.write("frequency-branch normalisation from the training crops: mean "
+                           f"{[round(v, 4) for v in stats[0]]} std {[round(v, 4) for v in stats[1]]}")
     model.to(device)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
@@ -271,6 +264,12 @@ def train(
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
+    batch = cfg.batch_size // world  # the paper's batch is the whole step's, however many GPUs share it
+    if batch < 1:
+        raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {world} processes sharing it")
+    if cfg.batch_size % world and rank == 0:
+        log.warning("batch_size %d does not split over %d processes: each takes %d, %d a step",
+                    cfg.batch_size, world, batch, batch * world)
     gen = torch.Generator()
     if world > 1:
         if cfg.balance:
@@ -286,15 +285,15 @@ def train(
     if cfg.paired:
         if world > 1 or cfg.balance:
             raise ValueError("paired=True works in a single process and without balance")
-        loader = DataLoader(train_ds, batch_sampler=PairedBatchSampler(train_ds, cfg.batch_size, gen),
+        loader = DataLoader(train_ds, batch_sampler=PairedBatchSampler(train_ds, batch, gen),
                             num_workers=cfg.num_workers, pin_memory=pin, worker_init_fn=_seed_worker)
     else:
-        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+        loader = DataLoader(train_ds, batch_size=batch, shuffle=sampler is None, sampler=sampler,
                             generator=gen, num_workers=cfg.num_workers, pin_memory=pin, worker_init_fn=_seed_worker)
     val_part = Subset(val_ds, range(rank, len(val_ds), world)) if world > 1 else val_ds  # type: ignore[arg-type]
     val_loader = DataLoader(val_part, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers,
                             pin_memory=pin)
-    tb = _tensorboard(out_dir, cfg.tensorboard) if rank == 0 else None
+    tb = tensorboard_writer(out_dir, cfg.tensorboard) if rank == 0 else None
     loss_fn = nn.CrossEntropyLoss()
     step = start_epoch * len(loader)
 
@@ -341,7 +340,7 @@ def train(
         scheduler.step(val["val_loss"])
         row: dict[str, Any] = {
             "epoch": epoch + 1, "train_loss": float(loss_sum / seen.clamp(min=1)),
-            "train_acc": float(correct / seen.clamp(min=1)), **val,
+            "train_acc": float(correct / seen.clamp(min=1)), "train_crops": int(seen), **val,
             "lr": optimizer.param_groups[0]["lr"],
             "stitch_lr": optimizer.param_groups[1]["lr"] if len(optimizer.param_groups) > 1 else math.nan,
             "seconds": time.perf_counter() - e_start,
@@ -355,11 +354,11 @@ def train(
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
             meta = {"model_config": getattr(model, "model_config", None), "config": asdict(cfg)}
             if improved:
-                _save({"model": state, "epoch": epoch + 1, "metrics": best, **meta}, best_path)
-            _save({"model": state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                save_atomic({"model": state, "epoch": epoch + 1, "metrics": best, **meta}, best_path)
+            save_atomic({"model": state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                    "scaler": scaler.state_dict(), "epoch": epoch + 1, "best": best, "history": history, **meta},
                   last_path)
-            _write_csv(out_dir / "metrics.csv", history)
+            write_csv(out_dir / "metrics.csv", history)
             if tb is not None:
                 for k, v in row.items():
                     if k not in ("epoch", "best") and isinstance(v, float) and math.isfinite(v):

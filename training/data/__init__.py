@@ -17,12 +17,12 @@ from .datasets import (
     read_ffpp_split,
 )
 from .demo import DemoStats, build_demo_crops
-from .extract import ExtractStats, VideoItem, extract_videos, iter_frames, largest_face
+from .extract import ExtractStats, VideoItem, assign_frames, extract_videos, iter_frames, largest_face
 from .sbi import self_blend
 
 __all__ = [
     "CropCache", "CropDataset", "CropRecord", "DatasetLayoutError", "DemoStats", "ExtractStats",
-    "FFPP_MANIPULATIONS", "VideoItem", "build_demo_crops", "celebdf_videos", "count_items", "dfd_videos",
-    "extract_videos", "ffpp_videos", "iter_frames", "largest_face", "load_crop", "read_celebdf_list",
+    "FFPP_MANIPULATIONS", "VideoItem", "assign_frames", "build_demo_crops", "celebdf_videos", "count_items",
+    "dfd_videos", "extract_videos", "ffpp_videos", "iter_frames", "largest_face", "load_crop", "read_celebdf_list",
     "read_ffpp_split", "read_index", "self_blend", "video_labels",
 ]

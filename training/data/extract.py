@@ -11,7 +11,9 @@ but only the frames not yet cached go through the detector.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import math
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
@@ -44,6 +46,24 @@ class VideoItem:
     compression: str = ""  # "raw" | "c23" | "c40" | ...
     source: str = ""  # data set name: "ffpp", "celebdf", "dfd", ...
     frames: int | None = None  # per-video override of frames_per_video (e.g. to balance real/fake)
+
+
+def assign_frames(items: Sequence[VideoItem], frames: dict[str, int],
+                  balance: Sequence[str] = ("train", "val")) -> list[VideoItem]:
+    """Each item's frame count: its own, else `frames[split]`; in the `balance` splits the more
+    numerous class takes proportionally fewer frames per video (at least one), so that real and fake
+    give about as many crops (paper III-A: "for training with all the manipulation types, we balance
+    the number of frames for real and fake videos accordingly"; FF++'s four manipulations are 4
+    fakes per real). Validation is balanced too: the checkpoint is picked on its accuracy."""
+    counts = Counter((i.split, i.label) for i in items)
+    out = []
+    for item in items:
+        n = item.frames or frames.get(item.split, max(frames.values()))
+        mine, other = counts[(item.split, item.label)], counts[(item.split, 1 - item.label)]
+        if item.frames is None and item.split in balance and other and mine > other:
+            n = max(1, math.ceil(n * other / mine))
+        out.append(replace(item, frames=n))
+    return out
 
 
 @dataclass

@@ -5,11 +5,14 @@ channel, using only matrix products against constant buffers so that the graph e
 (``torch.fft`` does not). Paper section II-B-2 uses the DCT; Table VI compares DWT and FFT, which
 is why all three exist here. The DCT matrix comes from :func:`worker.preprocess.dct_matrix` so the
 in-graph spectrum is the numpy reference :func:`worker.preprocess.log_dct_spectrum` to float32
-rounding of the result (the products run in float64 by default, see :class:`_FixedTransform`).
+summation error (the products run in float32 by default, what TensorRT runs; ``precision="float64"``
+gives the reference to float32 rounding, see :class:`_FixedTransform`).
 
 Buffers are non-persistent: they are rebuilt from the input size, not stored in checkpoints.
 """
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -166,16 +169,29 @@ FREQUENCY_TRANSFORMS: dict[str, type[_FixedTransform]] = {"dct": LogDCT, "fft": 
 
 @torch.no_grad()
 def spectrum_stats(
-    crops: torch.Tensor, transform: str = "dct", eps: float = SPECTRUM_EPS, precision: str = "float32"
+    crops: torch.Tensor | Iterable[torch.Tensor], transform: str = "dct", eps: float = SPECTRUM_EPS,
+    precision: str = "float32",
 ) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of a transform's output over crops (N,3,S,S) in [0,1].
+    """Per-channel mean and std of a transform's output over crops (N,3,S,S) in [0,1], given as one
+    tensor or as batches of them (sums in float64, so a large set never sits in memory at once).
 
-    How the MD-CSDNetwork's frequency-branch normalisation constants are made; run it on training
-    crops to replace the defaults (``freq_mean=..., freq_std=...``).
+    How the MD-CSDNetwork's frequency-branch normalisation constants are made: training computes
+    them on its training crops (``training.normalise``); pass them as ``freq_mean=..., freq_std=...``.
     """
-    y = create_transform(transform, crops.shape[-1], eps, precision)(crops.float()).double()  # (N,3,S,S)
-    mean = y.mean(dim=(0, 2, 3))
-    std = y.std(dim=(0, 2, 3))
+    layer: _FixedTransform | None = None
+    total = squares = None
+    count = 0
+    for batch in [crops] if isinstance(crops, torch.Tensor) else crops:
+        if layer is None:
+            layer = create_transform(transform, batch.shape[-1], eps, precision)
+        y = layer(batch.float()).double()  # (N,3,S,S)
+        part, part_sq = y.sum(dim=(0, 2, 3)), (y * y).sum(dim=(0, 2, 3))
+        total, squares = (part, part_sq) if total is None else (total + part, squares + part_sq)
+        count += y.numel() // y.shape[1]
+    if total is None or count < 2:
+        raise ValueError("spectrum_stats needs at least two pixels of crops")
+    mean = total / count
+    std = ((squares - count * mean * mean).clamp(min=0) / (count - 1)).sqrt()  # unbiased, as Tensor.std
     return mean.tolist(), std.tolist()
 
 

@@ -40,7 +40,8 @@ CLASS_NAMES = ("real", "fake")
 # put through the layers in frequency.py; mean/std over all pixels of each channel, the astronaut
 # crop and the carphone crops weighted equally. The two sources' means differ by ~0.9 (the upsampled
 # carphone faces have weaker high frequencies), so these are a rough centring, not a data-set
-# statistic; compute freq_mean/freq_std on training crops (frequency.spectrum_stats) to override.
+# statistic: `python -m training train` replaces them with its training crops' statistics
+# (training.normalise.fit_frequency_norm, TrainConfig.freq_norm_crops).
 FREQ_NORM_DEFAULTS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     "dct": ((-5.4782, -5.4595, -5.4298), (1.2732, 1.2840, 1.3042)),
     "fft": ((-5.1467, -5.1320, -5.1045), (1.3424, 1.3481, 1.3522)),
@@ -174,8 +175,28 @@ class MDCSDNetwork(nn.Module):
     # -- configuration -------------------------------------------------------------------------
     @property
     def model_config(self) -> dict[str, Any]:
-        """{"architecture", "kwargs"}: ``create_model(**...)`` / ``MDCSDNetwork(**kwargs)`` rebuilds it."""
-        return {"architecture": self.architecture, "kwargs": dict(self.init_kwargs)}
+        """{"architecture", "kwargs"}: ``create_model(**...)`` / ``MDCSDNetwork(**kwargs)`` rebuilds it.
+
+        The normalisation constants are read from the buffers, so ones fitted after construction
+        (:meth:`set_freq_norm`) or loaded from a checkpoint are what the rebuilt model gets.
+        """
+        kwargs = dict(self.init_kwargs)
+        for name in ("rgb_mean", "rgb_std", "freq_mean", "freq_std"):
+            buf = getattr(self, name, None)  # an absent branch has no buffers
+            if isinstance(buf, torch.Tensor):
+                kwargs[name] = [float(str(v)) for v in buf.flatten().numpy()]  # float32's shortest repr
+        return {"architecture": self.architecture, "kwargs": kwargs}
+
+    def set_freq_norm(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Replace the frequency branch's per-channel input normalisation (e.g. with statistics of the
+        training crops, paper II-B: "both the branches are separately normalized")."""
+        if "freq" not in self.branches:
+            raise ValueError("this model has no frequency branch")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"need 3 means and 3 positive stds, got {list(mean)} / {list(std)}")
+        with torch.no_grad():
+            self.freq_mean.copy_(torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
+            self.freq_std.copy_(torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
 
     @property
     def default_cfg(self) -> dict[str, Any]:
