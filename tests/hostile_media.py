@@ -21,6 +21,10 @@ from hostile_builders import (
     b_no_face, b_one_frame, b_png, b_ps_pack_header_only, b_random, b_random_ebml, b_random_ftyp, b_rotated, b_sized,
     b_text, b_truncated, b_ts_data_only, b_ts_resolution_change, b_unknown_fourcc, b_vfr, b_zero,
 )
+from hostile_display import (
+    b_animated_webp, b_anamorphic, b_face_in_alpha, b_frame_rate_claims_1000_s, b_hls_playlist, b_opaque_rgba,
+    b_png_sequence, b_vp9_alpha,
+)
 from hostile_lies import (
     b_face_in_b_frames, b_long_declared, b_long_undeclared, b_looping_ts, b_mjpeg_header_lies,
     b_mjpeg_later_frames_lie, b_raw_header_claims, b_two_video_streams, b_understated_duration, b_vp9_keyframes_lie,
@@ -135,6 +139,20 @@ CASES: list[Case] = [
     Case("face_in_b_frames_only", "b_frames.mp4", b_face_in_b_frames, frozenset({"ok"}), min_faces=2),
     Case("duration_understated", "understated.mkv", b_understated_duration, frozenset({"ok"}), min_faces=2),
     Case("no_face", "scenery.mp4", b_no_face, frozenset({"no_face"})),
+    # what a player shows, not what is stored (hostile_display.py)
+    Case("anamorphic_3_to_1", "anamorphic.mp4", b_anamorphic, frozenset({"ok"}), min_faces=3,
+         note="stored 58x144 with 3:1 pixels: stretched to 174x144 as players show it"),
+    Case("face_in_alpha", "alpha_face.mov", b_face_in_alpha, frozenset({"unsupported"}),
+         note="what shows depends on the page behind it: review"),
+    Case("opaque_rgba", "opaque_rgba.mov", b_opaque_rgba, frozenset({"ok"}), min_faces=3),
+    Case("vp9_alpha", "alpha.webm", b_vp9_alpha, frozenset({"unsupported"}), needs=(("libvpx-vp9",),)),
+    Case("png_sequence", "pngs.mp4", b_png_sequence, frozenset({"ok"}), min_faces=3,
+         note="PNG after PNG in one file is a video to a player (png_pipe); one PNG alone stays not_a_video"),
+    Case("animated_webp", "anim.webp", b_animated_webp, frozenset({"unsupported"}), needs=(("libwebp_anim",),)),
+    Case("hls_playlist", "playlist.m3u8", b_hls_playlist, frozenset({"unsupported"}),
+         note="a playlist names other files and URLs for FFmpeg to open: never followed"),
+    Case("frame_rate_claims_1000_s", "slow_claim.mkv", b_frame_rate_claims_1000_s, frozenset({"ok"}), min_faces=2,
+         note="DefaultDuration claims 0.001 fps: sampling windows sized for at least 1 fps"),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}
 

@@ -5,7 +5,7 @@ import av
 import numpy as np
 import pytest
 
-from media import carphone_frames
+from media import carphone_frames, carphone_path
 from worker.decode import Limits, VideoReader, looks_like_video_container, sample_times
 from worker.video import MAX_SAMPLED_FRAMES, frames_to_sample
 from worker.errors import ErrorCode, ModerationError
@@ -42,6 +42,50 @@ def test_more_samples_than_frames_gives_each_frame_once(corpus):
     info, frames = sample(corpus["carphone"], 500)
     assert len(frames) == info.frames_sampled == 120
     assert len({f.t for f in frames}) == 120
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_a_frame_rate_claiming_a_frame_every_1000_s_is_not_believed(tmp_path, mode):
+    """Matroska's DefaultDuration said 0.001 fps while frames came every 40 ms: the first frame took every
+    sample time within 500 s of it, and 8 samples of a 24 s video were one frame at 0 s."""
+    from hostile_builders import Assets
+    from hostile_display import b_frame_rate_claims_1000_s
+
+    path = tmp_path / "slow_claim.mkv"
+    b_frame_rate_claims_1000_s(path, Assets())
+    info, frames = sample(path, 8) if mode == "exact" else sample_fast(path, 8)
+    assert info.fps == pytest.approx(0.001)  # reported as declared
+    times = [f.t for f in frames]
+    assert len(frames) == 8 and len(set(times)) == 8, times
+    for t, target in zip(times, sample_times(0.0, 24.0, 8)):
+        assert abs(t - target) <= 1.5, (times, target)  # each near its slice centre (1 fps windows; held 11-17 s)
+
+
+def sample_fast(path, n):
+    with VideoReader(str(path), LIMITS) as reader:
+        return reader.info, list(reader.sample(n, mode="fast"))
+
+
+def test_anamorphic_pixels_are_stretched_as_players_show_them(tmp_path):
+    from hostile_builders import Assets
+    from hostile_display import b_anamorphic
+
+    path = tmp_path / "anamorphic.mp4"
+    b_anamorphic(path, Assets())
+    info, frames = sample(path, 4)
+    assert (info.width, info.height) == (174, 144) and frames[0].image.shape == (144, 174, 3)
+    # Mild anamorphism is left as stored: the carphone clip's 128:117 pixels.
+    info, frames = sample(carphone_path(), 2)
+    assert (info.width, info.height) == (176, 144) and frames[0].image.shape == (144, 176, 3)
+
+
+def test_the_first_frames_in_order_as_displayed(corpus):
+    """Training's consecutive-frame extraction reads through the same reader (rotation included)."""
+    with VideoReader(str(corpus["rotated_mp4"]), LIMITS) as reader:
+        frames = list(reader.first(5))
+    assert [f.index for f in frames] == [0, 1, 2, 3, 4] and frames[0].image.shape == (144, 176, 3)
+    times = [f.t for f in frames]
+    assert times == sorted(times) and len(set(times)) == 5
 
 
 def test_rotation_metadata_is_honoured(corpus):

@@ -12,6 +12,8 @@ from typing import BinaryIO, Callable, Iterator
 
 import av
 import av.error
+import cv2
+import numpy as np
 
 from worker.errors import Corrupt, ModerationError, NotAVideo, NoVideoStream, Timeout, TooLarge, TooLong, Unsupported
 from worker.sampling import Sampling
@@ -19,7 +21,10 @@ from worker.video import (  # noqa: F401 - the decoder's vocabulary, importable 
     Limits,
     SampledFrame,
     VideoInfo,
+    animated_webp,
+    display_size,
     looks_like_video_container,
+    playlist_kind,
     rotate_upright,
     sample_times,
 )
@@ -34,6 +39,9 @@ IMAGE_DEMUXERS = frozenset(
 # bigger picture before allocating it (a stream can declare 16×16 and then send 12000×12000 frames),
 # with headroom for the stride alignment FFmpeg adds; the exact limit is checked on each frame.
 DECODER_PIXEL_CAP_FACTOR = 2
+# A frame with more than this share of its pixels not fully opaque is refused as transparent (a few
+# edge pixels of a GIF's palette are not a picture hidden in the alpha channel).
+TRANSPARENT_SHARE = 0.01
 
 
 class VideoReader(Sampling):
@@ -48,6 +56,10 @@ class VideoReader(Sampling):
         self._reopen_for_exact = False  # the fast pass's decoder (see Sampling._pick_fast)
         self._started = time.monotonic()
         head = self._read_head(media)
+        if kind := playlist_kind(head):
+            raise Unsupported(f"{kind}, which names other files or streams for a player to fetch: this worker "
+                              "scores the upload itself, not what it points at")
+        self._sar: float | None = None  # the pixels' aspect ratio, read with the rotation from the first frame
         self._decoder_options = {"max_pixels": str(limits.max_pixels * DECODER_PIXEL_CAP_FACTOR)}
         try:
             self._container = self._open(media)
@@ -56,7 +68,7 @@ class VideoReader(Sampling):
         except (UnicodeDecodeError, ValueError, IndexError) as exc:
             self._raise_open_error(head, exc)
         try:
-            self._stream = self._pick_stream()
+            self._stream = self._pick_stream(head)
             self._stream.thread_type = "AUTO"
             self._stream.codec_context.thread_count = threads
             self.info = self._probe()
@@ -72,7 +84,9 @@ class VideoReader(Sampling):
         Where a container declares its streams before probing (MP4, Matroska, AVI) the cap reaches
         them; a refused probe picture leaves a 0×0 size, and the capped decoder refuses it again as
         too_large."""
-        return av.open(media, mode="r", metadata_errors="ignore", options=dict(self._decoder_options))
+        # No protocol beyond the upload's own: a demuxer that opens what a file names gets nothing.
+        whitelist = {"protocol_whitelist": "file" if isinstance(media, str) else "none"}
+        return av.open(media, mode="r", metadata_errors="ignore", options={**self._decoder_options, **whitelist})
 
     @staticmethod
     def _read_head(media: str | BinaryIO) -> bytes:
@@ -92,10 +106,14 @@ class VideoReader(Sampling):
             raise Corrupt(f"video container could not be read: {exc}") from exc
         raise NotAVideo(f"not a recognised video format: {exc}") from exc
 
-    def _pick_stream(self) -> av.video.stream.VideoStream:
+    def _pick_stream(self, head: bytes) -> av.video.stream.VideoStream:
         fmt = self._container.format.name
         if set(fmt.split(",")) & IMAGE_DEMUXERS:
-            raise NotAVideo(f"a still image ({fmt}), not a video")
+            if animated_webp(head):  # the webp decoder takes only stills: one packet, one frame
+                raise Unsupported("an animated WebP, which this build cannot decode frame by frame")
+            if self._container.streams.video and not self._several_pictures(self._container.streams.video[0]):
+                raise NotAVideo(f"a still image ({fmt}), not a video")
+            # Pictures one after another (PNGs, JPEGs in a row): a player shows them as a video.
         videos = [s for s in self._container.streams.video if not (s.disposition & av.stream.Disposition.attached_pic)]
         if not videos:
             kinds = sorted({s.type for s in self._container.streams}) or ["none"]
@@ -105,11 +123,30 @@ class VideoReader(Sampling):
             # viewers switch: scoring one would let a second stream carry an unseen face.
             raise Unsupported(f"{len(videos)} video streams: a player may show any of them, and this worker scores one")
         stream = videos[0]
+        if any(k.lower() == "alpha_mode" and v == "1" for k, v in stream.metadata.items()):
+            # WebM's VP8/VP9 alpha rides beside the picture, and FFmpeg's own decoders drop it.
+            raise Unsupported("a video with an alpha channel this build does not decode: what shows depends on "
+                              "the page behind it")
         if stream.codec_context is None:
             # (PyAV exposes no codec name for a stream FFmpeg has no decoder for.)
             raise Unsupported("no decoder in this build for the video stream's codec")
         stream.codec_context.options = dict(self._decoder_options)
         return stream
+
+    def _several_pictures(self, stream: av.video.stream.VideoStream) -> bool:
+        """Whether an image demuxer holds more than one picture (then reopened at the first)."""
+        packets = 0
+        try:
+            for packet in self._container.demux(stream):
+                packets += packet.size > 0
+                if packets > 1:
+                    break
+        except (av.error.FFmpegError, ValueError):
+            pass
+        if packets > 1:
+            self._stream = stream
+            self._restart(reopen=True)
+        return packets > 1
 
     def _probe(self) -> VideoInfo:
         s, ctx = self._stream, self._stream.codec_context
@@ -262,25 +299,47 @@ class VideoReader(Sampling):
 
     def _frame_time(self, frame: av.VideoFrame, count: int, start: float, fps: float) -> float:
         if not self._first_frame_checked:
-            self._read_rotation(frame)
+            self._read_display(frame)
             self._first_frame_checked = True
         t = frame.time if frame.time is not None else start + count / fps
         if t > start + self._limits.max_duration_s:
             raise TooLong(f"video runs past the limit of {self._limits.max_duration_s:.0f} s")
         return t
 
-    def _read_rotation(self, frame: av.VideoFrame) -> None:
-        """The display rotation lives in each frame's side data: read it (and the upright size) once.
+    def _read_display(self, frame: av.VideoFrame) -> None:
+        """How the frames are shown, read once from the first: the rotation in its side data, the pixels'
+        aspect ratio from the decoder (or the container), and so the displayed size.
 
         Frame sizes are checked for every frame in `_frames`.
         """
-        rotation = int(getattr(frame, "rotation", 0) or 0)
-        if rotation != self.info.rotation:
-            self.info.rotation = rotation
-            w, h = frame.width, frame.height
-            self.info.width, self.info.height = (h, w) if rotation % 180 else (w, h)
+        self.info.rotation = int(getattr(frame, "rotation", 0) or 0)
+        sar = self._stream.codec_context.sample_aspect_ratio or self._stream.sample_aspect_ratio
+        self._sar = float(sar) if sar else None
+        w, h = display_size(frame.width, frame.height, self._sar, self._limits.max_pixels)
+        self.info.width, self.info.height = (h, w) if self.info.rotation % 180 else (w, h)
 
     def _to_sample(self, frame: av.VideoFrame, index: int, t: float) -> SampledFrame:
+        image = self._rgb(frame)
+        size = display_size(frame.width, frame.height, self._sar, self._limits.max_pixels)
+        if size != (frame.width, frame.height):  # anamorphic: stretched as a player shows it
+            shrink = size[0] * size[1] < frame.width * frame.height
+            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        return SampledFrame(index=index, t=max(0.0, float(t)), image=rotate_upright(image, self.info.rotation))
+
+    @staticmethod
+    def _rgb(frame: av.VideoFrame) -> np.ndarray:
+        """H×W×3 RGB. A frame that is partly transparent shows whatever lies behind it on the page, so
+        what a viewer sees cannot be known here: refused (a face drawn in the alpha channel alone is
+        seen over a white page and invisible over a black one)."""
+        fmt = frame.format
+        if fmt.has_palette or any(c.is_alpha for c in fmt.components):
+            try:
+                rgba = frame.to_ndarray(format="rgba")
+            except (av.error.FFmpegError, ValueError) as exc:
+                raise Corrupt(f"a decoded frame could not be converted to RGB: {exc}") from exc
+            if np.count_nonzero(rgba[..., 3] < 255) > TRANSPARENT_SHARE * rgba.shape[0] * rgba.shape[1]:
+                raise Unsupported("the video is partly transparent: what shows depends on the page behind it")
+            return np.ascontiguousarray(rgba[..., :3])
         try:
             image = frame.to_ndarray(format="rgb24")
         except (av.error.FFmpegError, ValueError):
@@ -290,7 +349,7 @@ class VideoReader(Sampling):
                 image = frame.to_ndarray(format="rgb24", src_colorspace="ITU601")
             except (av.error.FFmpegError, ValueError) as exc:
                 raise Corrupt(f"a decoded frame could not be converted to RGB: {exc}") from exc
-        return SampledFrame(index=index, t=max(0.0, float(t)), image=rotate_upright(image, self.info.rotation))
+        return image
 
     def _measure_duration(self) -> float:
         """Demux (not decode) the stream once to find its length, then rewind for decoding."""

@@ -22,6 +22,12 @@ MIN_COVERAGE = 0.75
 OVERRUN_TOLERANCE_S = 0.5
 # A frame shown for longer than this many frame intervals is held: each sample time it spans samples it.
 HELD_FRAMES = 1.5
+# A declared frame rate below this is not taken at its word (Matroska's DefaultDuration, for one, can
+# claim a frame every 1000 s while frames come every 40 ms): the windows that match frames to sample
+# times, and the gap after which a frame counts as held, are sized as if frames came at least this
+# often. Otherwise one frame took every sample time within half a claimed interval of it, and a face
+# video was judged on its first frame. An honest slower video has its frames taken as held.
+MIN_SAMPLING_FPS = 1.0
 
 
 class DataEndsEarly(Exception):
@@ -66,7 +72,7 @@ class Sampling:
         if duration is None:
             duration = self._measure_duration()
         targets = sample_times(start, duration, frames_to_sample(duration, n, max_gap_s))
-        fps = self.info.fps or 25.0
+        fps = max(self.info.fps or 25.0, MIN_SAMPLING_FPS)
         if mode == "fast":
             try:
                 picked = self._pick_fast(targets, start, duration, fps)
@@ -86,6 +92,18 @@ class Sampling:
         self.info.sampling = "exact"
         yield from self._sample_exact(targets, start, duration, fps,
                                       spacing=lambda elapsed: elapsed / frames_to_sample(elapsed, n, max_gap_s))
+
+    def first(self, n: int) -> Iterator[SampledFrame]:
+        """The first n frames in order, as displayed (training's "consecutive frames" extraction)."""
+        start = self._start_time()
+        fps = self.info.fps or 25.0
+        self.info.frames_sampled = 0
+        for count, frame in enumerate(self._frames()):
+            if count >= n:
+                break
+            t = self._frame_time(frame, count, start, fps)
+            yield self._to_sample(frame, count, t - start)
+            self.info.frames_sampled = count + 1
 
     def _sample_exact(self, targets: list[float], start: float, duration: float, fps: float, *,
                       spacing: Callable[[float], float]) -> Iterator[SampledFrame]:

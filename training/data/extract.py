@@ -22,7 +22,7 @@ import av.error
 import numpy as np
 from tqdm import tqdm
 
-from worker.decode import Limits, VideoReader, rotate_upright
+from worker.decode import Limits, VideoReader
 from worker.errors import ModerationError
 from worker.faces import Face, FaceDetector, create_detector
 from worker.preprocess import CROP_SCALE, DEFAULT_CROP_SIZE, crop_face
@@ -92,14 +92,9 @@ def iter_frames(path: str | Path, n: int, mode: Mode = "even") -> Iterator[tuple
                 last = number
                 yield number, s.image
     elif mode == "consecutive":
-        with av.open(str(path), metadata_errors="ignore") as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for number, frame in enumerate(container.decode(stream)):
-                if number >= n:
-                    break
-                rotation = int(getattr(frame, "rotation", 0) or 0)
-                yield number, rotate_upright(frame.to_ndarray(format="rgb24"), rotation)
+        with VideoReader(str(path), EXTRACT_LIMITS) as reader:
+            for s in reader.first(n):
+                yield s.index, s.image
     else:
         raise ValueError(f"mode must be 'even' or 'consecutive', got {mode!r}")
 
