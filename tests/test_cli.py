@@ -59,7 +59,8 @@ def test_an_unreachable_redis_or_a_missing_bucket_is_one_line_and_exit_1(redis_s
     closed = free_ports(1)[0]  # nothing listens there
     for args in (("status",), ("enqueue", "s3://uploads/a.mp4"), ("failed",)):
         proc = run_cli(*args, env_extra={"DEEPFAKE_REDIS_URL": f"redis://127.0.0.1:{closed}/0",
-                                         "DEEPFAKE_S3_ENDPOINT_URL": s3_server.endpoint})
+                                         "DEEPFAKE_S3_ENDPOINT_URL": s3_server.endpoint,
+                                         "DEEPFAKE_ALLOWED_BUCKETS": "uploads"})
         assert proc.returncode == 1, (args, proc.stderr)
         assert proc.stderr.startswith(f"deepfake {args[0]}: Redis did not answer (") and "Traceback" not in proc.stderr
         assert f"127.0.0.1:{closed}" in proc.stderr and "DEEPFAKE_REDIS_URL" in proc.stderr
@@ -78,3 +79,42 @@ def test_error_actions_come_from_the_environment(corpus, random_model_dir):
     assert blocked.returncode == 0 and json.loads(blocked.stdout)["action"] == "block"
     bad = run_cli(*args, env_extra={"DEEPFAKE_ERROR_ACTIONS": "corrupt=bloc"})
     assert bad.returncode == 2 and "invalid setting: error_actions" in bad.stderr and "'corrupt=bloc'" in bad.stderr
+
+
+def test_configuration_mistakes_are_one_line(tmp_path, random_model_dir, redis_server):
+    """A bad setting or file is said in one line with exit 2 (Redis refusing the database: exit 1), never a
+    traceback; an empty variable counts as unset."""
+    import torch
+
+    text = tmp_path / "weights.pth"
+    text.write_text("not weights\n")
+    (tmp_path / "file").write_text("")
+    model = ("--model", str(random_model_dir))
+    cases = [
+        (("moderate", *model, "--detector-weights", str(text), "x.mp4"), {}, 2, "not a PyTorch checkpoint"),
+        (("moderate", *model, "--report", str(tmp_path / "file" / "sub"), "x.mp4"), {}, 2, "--report"),
+        (("moderate", *model, "x.mp4"), {"DEEPFAKE_LOG_LEVEL": "LOUD"}, 2, "log_level"),
+        (("status",), {"DEEPFAKE_REDIS_URL": "foo://bar"}, 2, "must start with redis://"),
+        (("verdict", "s3://uploads/a.mp4"), {"DEEPFAKE_S3_ENDPOINT_URL": "notaurl"}, 2, "http:// or https://"),
+        (("status",), {"DEEPFAKE_REDIS_URL": redis_server.url.rsplit("/", 1)[0] + "/99"}, 1, "Redis refused"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((("moderate", *model, "--device", "cuda", "x.mp4"), {}, 2, "this PyTorch was built without CUDA"))
+    for args, env, code, said in cases:
+        proc = run_cli(*args, env_extra=env)
+        assert proc.returncode == code and said in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+    empty = run_cli("moderate", "--example", "--frames", "2", env_extra={"DEEPFAKE_MODEL_DIR": "", "DEEPFAKE_CACHE_DIR": ""})
+    assert empty.returncode == 0 and json.loads(empty.stdout)["model"]["name"], empty.stderr
+
+
+def test_enqueue_says_what_the_workers_will_refuse(redis_server, s3_server):
+    """A key in the verdict prefix is a usage error; a bucket the workers refuse and an upload S3 cannot
+    show here are queued with a warning (the workers' settings and view of S3 may differ)."""
+    env = {"DEEPFAKE_REDIS_URL": redis_server.url, "DEEPFAKE_S3_ENDPOINT_URL": s3_server.endpoint,
+           "DEEPFAKE_QUEUE": "cli-enqueue", "DEEPFAKE_ALLOWED_BUCKETS": "uploads"}
+    own = run_cli("enqueue", "s3://uploads/verdicts/a.mp4.json", env_extra=env)
+    assert own.returncode == 2 and "inside the verdict prefix" in own.stderr
+    for uri, said in (("s3://elsewhere/a.mp4", "elsewhere is not in DEEPFAKE_ALLOWED_BUCKETS"),
+                      ("s3://uploads/missing.mp4", "could not be read here")):
+        proc = run_cli("enqueue", uri, env_extra=env)
+        assert proc.returncode == 0 and len(proc.stdout.split()) == 1 and said in proc.stderr, proc.stderr

@@ -182,6 +182,20 @@ def test_duplicate_enqueue_returns_the_existing_job_then_the_stored_verdict(s3, 
     assert fresh["video"]["frames_sampled"] == 4 and fresh["created_at"] != original["created_at"]
 
 
+def test_a_duplicate_keeps_its_callers_webhook_and_priority(s3, redis, qsettings, moderator):
+    """The duplicate's answer is the live job only where that job will tell this caller: another receiver
+    gets a job of its own (which reuses the stored verdict); `--front` moves a waiting duplicate ahead."""
+    burst(redis, qsettings, moderator)
+    kw = dict(settings=qsettings, connection=redis, s3_client=s3)
+    first, second = (enqueue(BUCKET, UPLOADS[n], webhook_url="http://a.example/", **kw) for n in ("carphone", "h264_mp4"))
+    assert enqueue(BUCKET, UPLOADS["carphone"], webhook_url="http://a.example/", **kw) == first
+    assert enqueue(BUCKET, UPLOADS["carphone"], **kw) == first  # no receiver of its own: the live job answers
+    other = enqueue(BUCKET, UPLOADS["carphone"], webhook_url="http://b.example/", **kw)
+    assert other != first and get_queue(redis, "deepfake").job_ids == [first, second, other]
+    assert enqueue(BUCKET, UPLOADS["h264_mp4"], at_front=True, **kw) == second
+    assert get_queue(redis, "deepfake").job_ids == [second, first, other]
+
+
 def test_queues_sharing_one_redis_keep_their_own_duplicates(s3, redis, qsettings, moderator):
     key = UPLOADS["carphone"]
     other = qsettings.model_copy(update={"queue": "deepfake-other"})

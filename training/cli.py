@@ -250,11 +250,12 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def load_checkpoint_model(path: Path):  # -> nn.Module
     """Rebuild the architecture recorded in a train checkpoint and load its weights."""
-    import torch
-
     from training.models import create_model
+    from worker.torch_files import load_tensors
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    ckpt = load_tensors(path)
     cfg = ckpt.get("model_config") if isinstance(ckpt, dict) else None
     if not cfg:
         raise ValueError(f"{path} has no model_config: not a checkpoint written by `python -m training train`")

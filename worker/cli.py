@@ -110,20 +110,43 @@ def _prefix(parser: argparse.ArgumentParser, uri: str) -> tuple[str, str]:
 
 
 def cmd_enqueue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from botocore.exceptions import BotoCoreError, ClientError
+
     from worker.queue import connect, enqueue
     from worker.s3 import make_client
 
     settings = _settings(parser, frames=args.frames)
     locations = _locations(parser, args.uris)
+    for loc in locations:
+        if loc.key.startswith(settings.verdict_prefix) and settings.verdict_bucket in (None, loc.bucket):
+            parser.error(f"s3://{loc.bucket}/{loc.key} is inside the verdict prefix {settings.verdict_prefix!r}: "
+                         "workers do not moderate their own output")
+    for bucket in sorted({loc.bucket for loc in locations}):
+        warn_unless_allowed(settings, bucket)
     if args.webhook:
         _check_webhook(args.webhook, settings, parser)
     connection = connect(settings)
+    connection.ping()  # Redis first: without it nothing is queued, whatever S3 says
     s3 = make_client(settings.s3_endpoint_url, settings.s3_region)
     for loc in locations:
+        try:
+            etag = s3.head_object(Bucket=loc.bucket, Key=loc.key)["ETag"]
+        except (ClientError, BotoCoreError) as exc:  # queued all the same: the job's verdict says why
+            etag = ""  # no duplicate check without it
+            print(f"warning: s3://{loc.bucket}/{loc.key} could not be read here ({exc}): queued all the same, "
+                  "and its verdict will say why", file=sys.stderr)
         job_id = enqueue(loc.bucket, loc.key, frames=args.frames, at_front=args.front, webhook_url=args.webhook,
-                         settings=settings, connection=connection, s3_client=s3)
+                         etag=etag, settings=settings, connection=connection, s3_client=s3)
         print(job_id, flush=True)
     return EXIT_OK
+
+
+def warn_unless_allowed(settings, bucket: str) -> None:  # type: ignore[no-untyped-def]
+    """Queueing from a bucket the workers refuse is allowed (their settings may differ), but said."""
+    allowed = settings.bucket_allow_list()
+    if "*" not in allowed and bucket not in allowed:
+        print(f"warning: {bucket} is not in DEEPFAKE_ALLOWED_BUCKETS here: workers with these settings will "
+              "refuse its jobs (access_denied)", file=sys.stderr)
 
 
 
@@ -236,6 +259,11 @@ def cmd_moderate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             parser.error(str(exc))
     if not videos:
         parser.error("moderate: give at least one VIDEO (or --example)")
+    if args.report:
+        try:  # a report directory that cannot be made is said now, not logged per video later
+            args.report.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            parser.error(f"--report {args.report}: {exc.strerror or exc}")
     settings = _settings(
         parser, frames=args.frames, model_dir=args.model, detector=args.detector,
         detector_weights=args.detector_weights, device=args.device, engine=args.engine,
@@ -258,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
     from redis.exceptions import ConnectionError as RedisUnreachable
     from redis.exceptions import OutOfMemoryError as RedisFull
+    from redis.exceptions import ResponseError as RedisRefused
     from redis.exceptions import TimeoutError as RedisTimeout
 
     parser = build_parser()
@@ -270,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     except RedisFull as exc:  # maxmemory reached under noeviction: what `deepfake check` asks for
         print(f"deepfake {args.command}: Redis is full and refused the write ({exc}); free memory in Redis or raise "
               "its maxmemory (docs/deploy.md, \"When Redis is full\")", file=sys.stderr)
+    except RedisRefused as exc:  # a database index the server lacks, a command ACLs forbid
+        print(f"deepfake {args.command}: Redis refused the command ({exc}); check DEEPFAKE_REDIS_URL or "
+              "RQ_REDIS_URL and the user's permissions", file=sys.stderr)
     except (BotoCoreError, ClientError) as exc:  # unreachable endpoint, no credentials, a missing bucket
         print(f"deepfake {args.command}: S3 request failed ({exc}); check DEEPFAKE_S3_ENDPOINT_URL, the AWS_* "
               "credentials and the bucket", file=sys.stderr)

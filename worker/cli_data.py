@@ -98,10 +98,7 @@ def cmd_backfill(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     if (args.limit is not None and args.limit < 1) or args.max_queued < 0:
         parser.error("--limit must be at least 1 and --max-queued at least 0")
     settings = cli._settings(parser, frames=args.frames)
-    allowed = settings.bucket_allow_list()
-    if "*" not in allowed and bucket not in allowed:
-        print(f"warning: {bucket} is not in DEEPFAKE_ALLOWED_BUCKETS here: workers with these settings will "
-              "refuse its jobs (access_denied)", file=sys.stderr)
+    cli.warn_unless_allowed(settings, bucket)
     bar = tqdm(desc="backfill", unit="upload", file=sys.stderr, disable=None)
     last: list[str] = []
 

@@ -39,6 +39,14 @@ class ConfigurationError(RuntimeError):
     """The worker itself is misconfigured (not the input): it must not start."""
 
 
+def check_device(device: str) -> None:
+    """A CUDA device where this PyTorch has none is a configuration error, said in one line (torch's own
+    is an AssertionError from deep inside the first `.to()`)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        why = "was built without CUDA" if torch.version.cuda is None else "sees no CUDA GPU"
+        raise ConfigurationError(f"device {device!r} (DEEPFAKE_DEVICE / --device): this PyTorch {why}")
+
+
 def resolve_model_dir(model_dir: Path | None) -> Path:
     """The configured model directory, or the packaged demo model when none is set."""
     path = Path(model_dir) if model_dir is not None else DEFAULT_MODEL_DIR
@@ -95,6 +103,7 @@ class Moderator:
     def __init__(self, settings: Settings, *, detector: FaceDetector | None = None, engine: Engine | None = None,
                  shadow_engine: Engine | None = None) -> None:
         self.settings = settings
+        check_device(settings.device)
         self.limits = Limits(settings.max_duration_s, settings.max_pixels, settings.decode_timeout_s)
         self.decode_threads = settings.decode_threads or available_cpus()
         self.engine = engine or self._load_engine(resolve_model_dir(settings.model_dir))
@@ -120,12 +129,17 @@ class Moderator:
         self._report_model = None
 
     def _load_engine(self, model_dir: Path) -> Engine:
+        from worker.engine.tensorrt_engine import TensorRTUnavailable  # does not import tensorrt itself
+
         s = self.settings
-        return load_engine(
-            model_dir, backend=s.engine, device=s.device, batch_size=s.model_batch_size(), precision=s.precision,
-            channels_last=s.channels_last, compile=s.torch_compile or False, cuda_graphs=s.cuda_graphs,
-            threads=s.engine_threads, cache_dir=s.cache_dir, calibration=s.int8_calibration,
-        )
+        try:
+            return load_engine(
+                model_dir, backend=s.engine, device=s.device, batch_size=s.model_batch_size(), precision=s.precision,
+                channels_last=s.channels_last, compile=s.torch_compile or False, cuda_graphs=s.cuda_graphs,
+                threads=s.engine_threads, cache_dir=s.cache_dir, calibration=s.int8_calibration,
+            )
+        except TensorRTUnavailable as exc:
+            raise ConfigurationError(str(exc)) from exc
 
     @property
     def threshold(self) -> float:

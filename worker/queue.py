@@ -66,9 +66,12 @@ def enqueue(
     bucket: str, key: str, *, frames: int | None = None, at_front: bool = False, webhook_url: str | None = None,
     etag: str | None = None, settings: Settings | None = None, connection: Redis | None = None, s3_client: Any = None,
 ) -> str:
-    """Queue s3://bucket/key for moderation and return the job id (an existing one for a duplicate).
+    """Queue s3://bucket/key for moderation and return the job id (an existing one for a duplicate:
+    moved to the front of the queue when `at_front` asks and it is still waiting; a duplicate with a
+    webhook the existing job does not call gets a job of its own).
 
-    `etag`: the object's ETag when the caller has it already (a listing), which saves a HEAD."""
+    `etag`: the object's ETag when the caller has it already (a listing), which saves a HEAD; "" when
+    it could not be read (queued without a duplicate check)."""
     settings = settings or Settings()
     validate_location(bucket, key)
     frames = frames or settings.frames
@@ -85,7 +88,12 @@ def enqueue(
         if existing:
             try:
                 job = Job.fetch(existing.decode(), connection=connection, serializer=JSONSerializer)
-                if job.get_status() in LIVE_STATUSES:
+                # A duplicate is answered by the live job, unless it would not tell this caller's receiver:
+                # then a new job (which reuses the stored verdict) calls it.
+                if job.get_status() in LIVE_STATUSES and (
+                        webhook_url is None or webhook_url in {w.url for w in job.webhooks}):
+                    if at_front and connection.lrem(queue.key, 1, job.id):  # still waiting: to the front
+                        connection.lpush(queue.key, job.id)
                     return job.id
             except NoSuchJobError:
                 pass

@@ -17,7 +17,9 @@ from worker.video import MAX_SAMPLED_FRAMES, frames_to_sample
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="DEEPFAKE_", extra="ignore", protected_namespaces=(), populate_by_name=True)
+    # An empty variable counts as unset (`DEEPFAKE_MODEL_DIR=` is the packaged model, not ".").
+    model_config = SettingsConfigDict(env_prefix="DEEPFAKE_", extra="ignore", protected_namespaces=(),
+                                      populate_by_name=True, env_ignore_empty=True)
 
     # What to score
     frames: int = Field(
@@ -101,7 +103,7 @@ class Settings(BaseSettings):
 
     # Queue and storage (the RQ worker)
     redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", validation_alias=AliasChoices("DEEPFAKE_REDIS_URL", "RQ_REDIS_URL", "redis_url"),
+        "redis://127.0.0.1:6379/0", validation_alias=AliasChoices("DEEPFAKE_REDIS_URL", "RQ_REDIS_URL"),
         description="Redis holding the RQ queue; RQ_REDIS_URL (what `rq worker` reads) is used when this is unset.",
     )
     queue: str = Field("deepfake", description="RQ queue name.")
@@ -147,7 +149,34 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto = console on a terminal, JSON otherwise."
     )
-    log_level: str = Field("INFO", description="Python logging level name.")
+    log_level: str = Field("INFO", description="Python logging level name: DEBUG, INFO, WARNING, ERROR or CRITICAL.")
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level_known(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {value!r}")
+        return value.upper()
+
+    @field_validator("verdict_secret", "webhook_secret")
+    @classmethod
+    def _empty_secret_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        """An empty key signs nothing: it is no key (the store and `deepfake check` then agree)."""
+        return value if value is not None and value.get_secret_value() else None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"must start with redis://, rediss:// or unix://, not {value!r}")
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _s3_endpoint_is_a_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, not {value!r}")
+        return value
 
     @field_validator("error_actions")
     @classmethod

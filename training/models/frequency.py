@@ -110,7 +110,9 @@ class _FixedTransform(nn.Module):
         if torch.jit.is_tracing():  # static shapes in an export; the check would only warn
             return
         if x.dim() != 4 or x.shape[-2] != self.size or x.shape[-1] != self.size:
-            raise ValueError(f"{type(self).__name__} built for (B,C,{self.size},{self.size}), got {tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__} built for (B,C,{self.size},{self.size}), got {tuple(x.shape)}: "
+                             f"crops of side {x.shape[-1]} need a model built with input_size={x.shape[-1]} "
+                             f"(python -m training train: --model-arg input_size={x.shape[-1]})")
 
     def extra_repr(self) -> str:
         return f"size={self.size}, eps={self.eps}, precision={self.precision}"

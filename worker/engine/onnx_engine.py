@@ -86,8 +86,9 @@ class OnnxRuntimeEngine:
         if precision == "int8" and device != "cpu":
             raise ValueError("onnxruntime int8 runs on the CPU (on a GPU, use tensorrt for int8)")
         if precision == "int8" and calibration is None:
-            raise ValueError("precision 'int8' needs calibration crops: set DEEPFAKE_INT8_CALIBRATION to a "
-                             "directory of face-crop images or a .npy of N×S×S×3 uint8 crops")
+            raise ValueError("precision 'int8' needs calibration crops: set DEEPFAKE_INT8_CALIBRATION (training "
+                             "evaluate: --int8-calibration) to a directory of face-crop images or a .npy of "
+                             "N×S×S×3 uint8 crops")
         self.precision = precision
         self.int8_max_abs_diff: float | None = None
 

@@ -31,6 +31,7 @@ import torch
 from worker.engine.base import describe_engine
 from worker.engine.model_card import ModelCard, sha256_file
 from worker.preprocess import crops_to_tensor_layout
+from worker.torch_files import load_tensors
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -93,7 +94,7 @@ class TorchEngine:
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         model = create_model(self.card.architecture, **self.card.architecture_kwargs)
-        state = torch.load(weights, map_location="cpu", weights_only=True)  # never unpickle code
+        state = load_tensors(weights)  # never unpickle code
         model.load_state_dict(state)
         self.model = model.eval().to(self.device)
         if channels_last:

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from worker.torch_files import load_tensors
+
 from .retinaface import RetinaFace
 
 BN_EPS = 1e-5  # nn.BatchNorm2d's default, the eps the folded BN runs with
@@ -132,7 +134,7 @@ def load_pth_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"RetinaFace weights not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_tensors(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
