@@ -204,6 +204,21 @@ def test_max_size_downscale_returns_source_pixels(carphone: np.ndarray, detector
         assert len(b) == 1 and _iou(b[0].box, tuple(np.array(s[0].box) * 4)) > 0.8
 
 
+def test_a_face_filling_a_panoramas_height_is_found(carphone: np.ndarray, detector: RetinaFaceDetector) -> None:
+    """Shrunk by its long side alone a 15360×560 strip ran at 640×23 and its face was lost; frames up to
+    16:9 run as before."""
+    import cv2
+
+    strip = np.full((1, 560, 15360, 3), 90, np.uint8)
+    strip[0, :, 7000:7684] = cv2.resize(carphone[10], (684, 560))
+    assert detector._network_size(560, 15360) == (244, 6704)
+    (faces,) = detector.detect(strip)
+    assert len(faces) == 1 and faces[0].box[0] > 6900 and faces[0].box[2] < 7800
+    for shape, network in (((1080, 1920), (360, 640)), ((1920, 1080), (640, 360)), ((1080, 1440), (480, 640)),
+                           ((2, 16384), (2, 16384)), ((480, 640), (480, 640))):
+        assert detector._network_size(*shape) == network
+
+
 def test_preprocess_hands_the_network_channels_last_memory(carphone: np.ndarray, detector: RetinaFaceDetector) -> None:
     """The CPU convolutions run about 2× faster on channels-last input: keep the layout the frames have."""
     images = detector.preprocess(carphone[:2])

@@ -45,7 +45,8 @@ class Settings(BaseSettings):
         None, description="Local RetinaFace .pth; unset = the embedded MobileNet-0.25 weights (resnet50 needs one)."
     )
     detector_score_threshold: float = Field(0.6, ge=0.0, le=1.0, description="Minimum face confidence.")
-    detector_max_size: int = Field(640, ge=64, description="Frames are shrunk so their long side is at most this for detection.")
+    detector_max_size: int = Field(640, ge=64, description="Frames are shrunk so their long side is at most this for detection "
+                                   "(panoramas keep a short side of up to 9/16 of it, within 4x its square).")
     max_faces_scored: int = Field(
         4, ge=1,
         description="Faces per frame cropped and scored: the largest, the others in turn when a frame has more.",

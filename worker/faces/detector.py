@@ -1,6 +1,7 @@
 """`RetinaFaceDetector`: the project's `FaceDetector` on biubug6's RetinaFace, one forward pass per batch."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +14,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .base import Face
 from .box_utils import decode_boxes, decode_landmarks, nms, prior_boxes
 from .weights import load_retinaface
+
+# A panorama's network input may hold up to this many times max_size² pixels (see _network_size).
+PANORAMA_AREA = 4
 
 BGR_MEAN = (104.0, 117.0, 123.0)  # biubug6's training mean, subtracted in BGR order
 PRE_NMS_TOP_K = 5000  # biubug6 detect.py's top_k: bounds NMS cost when the threshold is low
@@ -100,10 +104,16 @@ class RetinaFaceDetector:
         return f"RetinaFaceDetector(backbone={self.backbone!r}, device={str(self.device)!r}, max_size={self.max_size})"
 
     def _network_size(self, height: int, width: int) -> tuple[int, int]:
-        """The H, W fed to the network: the frame's, or shrunk so the long side is `max_size`."""
+        """The H, W fed to the network: the frame's, or shrunk so the long side is `max_size`; a frame
+        wider (or taller) than 16:9 keeps its short side at up to 9/16 of `max_size`, within
+        PANORAMA_AREA × max_size² pixels. Shrunk by its long side alone, a face filling the height of a
+        15360×560 strip came out 25 px tall and was not found."""
         if self.max_size is None or max(height, width) <= self.max_size:
             return height, width
-        scale = self.max_size / max(height, width)
+        by_long = self.max_size / max(height, width)
+        by_short = min(1.0, self.max_size * 9 / 16 / min(height, width))
+        by_area = math.sqrt(PANORAMA_AREA * self.max_size**2 / (height * width))
+        scale = max(by_long, min(by_short, by_area))
         return max(1, round(height * scale)), max(1, round(width * scale))
 
     def preprocess(self, batch: np.ndarray) -> torch.Tensor:
