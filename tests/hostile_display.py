@@ -4,6 +4,7 @@ another in an image file, an animated WebP, a playlist naming another file, and 
 claims a frame every 1000 s."""
 from __future__ import annotations
 
+import struct
 from fractions import Fraction
 from pathlib import Path
 
@@ -97,4 +98,17 @@ def b_frame_rate_claims_1000_s(path: Path, a: Assets) -> None:
     edits = [(at, 8, b"\x23\xe3\x83\x88" + (1000 * 10**9).to_bytes(8, "big")), (lang, 7, b"\xec\x81\x00")]
     for pos, length, new in sorted(edits, reverse=True):
         data[pos:pos + length] = new
+    path.write_bytes(bytes(data))
+
+
+
+def b_container_says_anamorphic(path: Path, a: Assets) -> None:
+    """The faces of b_anamorphic with square pixels in the H.264 bitstream (VUI 1:1) and 3:1 in the MP4's
+    `pasp` box: FFmpeg (and so ffplay) takes the container's ratio, and so must the worker."""
+    write(path, [cv2.resize(f, (58, 144), interpolation=cv2.INTER_AREA) for f in a.faces], codec="libx264",
+          pix_fmt="yuv420p", sar=Fraction(1, 1))
+    data = bytearray(path.read_bytes())
+    at = data.find(struct.pack(">I4sII", 16, b"pasp", 1, 1))
+    assert at > 0, "the muxer no longer writes a pasp box for square pixels"
+    data[at + 8:at + 12] = struct.pack(">I", 3)  # hSpacing 3, vSpacing 1
     path.write_bytes(bytes(data))

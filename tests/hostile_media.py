@@ -22,7 +22,7 @@ from hostile_builders import (
     b_text, b_truncated, b_ts_data_only, b_ts_resolution_change, b_unknown_fourcc, b_vfr, b_zero,
 )
 from hostile_display import (
-    b_animated_webp, b_anamorphic, b_face_in_alpha, b_frame_rate_claims_1000_s, b_hls_playlist, b_opaque_rgba,
+    b_animated_webp, b_anamorphic, b_container_says_anamorphic, b_face_in_alpha, b_frame_rate_claims_1000_s, b_hls_playlist, b_opaque_rgba,
     b_png_sequence, b_vp9_alpha,
 )
 from hostile_lies import (
@@ -142,6 +142,8 @@ CASES: list[Case] = [
     # what a player shows, not what is stored (hostile_display.py)
     Case("anamorphic_3_to_1", "anamorphic.mp4", b_anamorphic, frozenset({"ok"}), min_faces=3,
          note="stored 58x144 with 3:1 pixels: stretched to 174x144 as players show it"),
+    Case("anamorphic_in_container_only", "pasp_3_to_1.mp4", b_container_says_anamorphic, frozenset({"ok"}),
+         min_faces=3, note="bitstream says 1:1, the MP4 3:1: players take the container's word"),
     Case("face_in_alpha", "alpha_face.mov", b_face_in_alpha, frozenset({"unsupported"}),
          note="what shows depends on the page behind it: review"),
     Case("opaque_rgba", "opaque_rgba.mov", b_opaque_rgba, frozenset({"ok"}), min_faces=3),

@@ -126,7 +126,7 @@ def test_every_error_code_has_a_default_action_and_the_setting_is_checked():
 def test_a_stored_verdict_is_reused_only_under_the_policy_that_made_it():
     policy, banded = DecisionPolicy(threshold=0.5), DecisionPolicy(threshold=0.5, review_threshold=0.3)
     scored = {"status": "ok", "action": "allow", "error": None, "input": {"etag": "e", "frames": 8},
-              "model": {"sha256": "m"}, "decision": {"policy": policy.key()}}
+              "model": {"sha256": "m"}, "decision": {"policy": policy.key()}, "worker_version": __version__}
     same = {"etag": "e", "model_sha256": "m", "frames": 8}
     assert reusable(scored, **same, policy=policy) and not reusable(scored, **same, policy=banded)
     assert not reusable({**scored, "decision": {"threshold": 0.5}}, **same, policy=policy)  # before policies
@@ -140,6 +140,10 @@ def test_a_stored_verdict_is_reused_only_under_the_policy_that_made_it():
     assert not reusable({**corrupt, "worker_version": "0.1.0"}, **same, policy=policy)
     too_long = {**corrupt, "error": {"code": "too_long", "message": "x"}, "worker_version": "0.1.0"}
     assert reusable(too_long, **same, policy=policy)  # a limit, not the decoder's reading
+    # 0.3.0 sees faces 0.2.0 could not (anamorphic pixels, a claimed 0.001 fps...): its allows are no answer.
+    unversioned = {k: v for k, v in no_face.items() if k != "worker_version"}
+    for old in ({**scored, "worker_version": "0.2.0"}, {**no_face, "worker_version": "0.2.0"}, unversioned):
+        assert not reusable(old, **same, policy=banded if old["status"] == "no_face" else policy)
     blocking = DecisionPolicy(threshold=0.5, error_actions=parse_error_actions("corrupt=block"))
     assert not reusable(corrupt, **same, policy=blocking) and reusable({**corrupt, "action": BLOCK}, **same, policy=blocking)
     assert not reusable({**corrupt, "action": None}, **same, policy=policy)  # written before errors had actions

@@ -61,5 +61,7 @@ def test_the_verdict_prefix_must_be_a_folder(prefix):
 def test_a_nested_verdict_prefix_is_accepted_and_a_bad_one_stops_the_cli(monkeypatch):
     assert Settings(verdict_prefix="moderation/verdicts/").verdict_prefix == "moderation/verdicts/"
     proc = subprocess.run([sys.executable, "-m", "worker", "status"], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "DEEPFAKE_VERDICT_PREFIX": ""})
+                          env={**os.environ, "DEEPFAKE_VERDICT_PREFIX": "verdicts"})
     assert proc.returncode == 2 and "verdict_prefix" in proc.stderr and "must be a folder" in proc.stderr
+    monkeypatch.setenv("DEEPFAKE_VERDICT_PREFIX", "")  # an empty variable is unset: the default folder
+    assert Settings().verdict_prefix == "verdicts/"

@@ -308,12 +308,13 @@ class VideoReader(Sampling):
 
     def _read_display(self, frame: av.VideoFrame) -> None:
         """How the frames are shown, read once from the first: the rotation in its side data, the pixels'
-        aspect ratio from the decoder (or the container), and so the displayed size.
+        aspect ratio from the container (or the decoder), and so the displayed size.
 
         Frame sizes are checked for every frame in `_frames`.
         """
         self.info.rotation = int(getattr(frame, "rotation", 0) or 0)
-        sar = self._stream.codec_context.sample_aspect_ratio or self._stream.sample_aspect_ratio
+        # The container's ratio first, as FFmpeg's av_guess_sample_aspect_ratio (and so ffplay) takes it.
+        sar = self._stream.sample_aspect_ratio or self._stream.codec_context.sample_aspect_ratio
         self._sar = float(sar) if sar else None
         w, h = display_size(frame.width, frame.height, self._sar, self._limits.max_pixels)
         self.info.width, self.info.height = (h, w) if self.info.rotation % 180 else (w, h)

@@ -31,6 +31,9 @@ from worker.s3 import make_client, validate_location
 from worker.settings import Settings
 
 DEDUPE_PREFIX = "deepfake:dedupe:"
+# A waiting job to the front of its queue in one step (a job a worker already took is left alone, and
+# none is lost between the two writes): RQ's queue is a list whose left end is popped first.
+TO_FRONT = "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then return redis.call('LPUSH', KEYS[1], ARGV[1]) end return 0"
 LIVE_STATUSES = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.FINISHED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
 
 
@@ -92,8 +95,8 @@ def enqueue(
                 # then a new job (which reuses the stored verdict) calls it.
                 if job.get_status() in LIVE_STATUSES and (
                         webhook_url is None or webhook_url in {w.url for w in job.webhooks}):
-                    if at_front and connection.lrem(queue.key, 1, job.id):  # still waiting: to the front
-                        connection.lpush(queue.key, job.id)
+                    if at_front:
+                        connection.eval(TO_FRONT, 1, queue.key, job.id)
                     return job.id
             except NoSuchJobError:
                 pass

@@ -7,6 +7,7 @@ The decoding itself (opening, limits, packets, rewinding, conversion) is worker/
 from __future__ import annotations
 
 import bisect
+import math
 from typing import Callable, Iterator
 
 import av
@@ -114,6 +115,9 @@ class Sampling:
         last: tuple[av.VideoFrame, float] | None = None
         last_yielded = False
         held = HELD_FRAMES / fps  # a frame shown this long before the next is held (a variable rate)
+        # A frame takes the sample times up to half a frame interval after it, and never more than the
+        # spacing of the samples: under a slow claimed rate a sample is not taken further ahead than that.
+        window = min(0.5 / fps, targets[1] - targets[0] if len(targets) > 1 else math.inf)
         for count, frame in enumerate(self._frames()):
             t = self._frame_time(frame, count, start, fps)
             # Targets well before this frame fell while the last one was on screen: a held frame (one
@@ -129,8 +133,8 @@ class Sampling:
                 # The data goes on past the declared duration (a container can state any): sample on,
                 # spaced as the samples of a video that ended here would be.
                 targets.append(targets[-1] + spacing(t - start))
-            if j < len(targets) and t + 0.5 / fps >= targets[j]:
-                while j < len(targets) and targets[j] <= t + 0.5 / fps:
+            if j < len(targets) and t + window >= targets[j]:
+                while j < len(targets) and targets[j] <= t + window:
                     j += 1
                 yield self._to_sample(frame, index, t - start)
                 index += 1

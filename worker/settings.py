@@ -5,6 +5,7 @@ down explicitly (no module-level global).
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Literal
@@ -155,7 +156,7 @@ class Settings(BaseSettings):
     @field_validator("log_level")
     @classmethod
     def _log_level_known(cls, value: str) -> str:
-        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        if value.upper() not in logging.getLevelNamesMapping():  # WARN, FATAL and NOTSET too
             raise ValueError(f"must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {value!r}")
         return value.upper()
 

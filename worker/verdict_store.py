@@ -209,6 +209,18 @@ DETERMINISTIC_ERRORS = frozenset({"not_a_video", "no_video_stream", "corrupt", "
 # Of those, the ones another version's decoder may get past: reused only from the version that wrote
 # them (0.2.0 scores files cut short that 0.1.0 called corrupt).
 DECODER_ERRORS = frozenset({"corrupt", "unsupported"})
+# What decoding sees changed in 0.3.0 (display aspect ratios, transparency, image sequences, playlists,
+# frame rates claiming under 1 fps): an older verdict that depended on it (any but a limit's) is no
+# answer, or a face 0.2.0 could not see would stay allowed.
+DECODING_SINCE = (0, 3, 0)
+LIMIT_ERRORS = frozenset({"too_large", "too_long"})
+
+
+def _version(text: object) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in str(text).split("."))
+    except ValueError:
+        return (0,)  # not a version this worker wrote
 
 
 def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int, max_sample_gap_s: float = 0.0,
@@ -225,6 +237,8 @@ def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int, 
     if stored.get("status") == "error" and code not in DETERMINISTIC_ERRORS:
         return False
     if code in DECODER_ERRORS and stored.get("worker_version") != __version__:
+        return False
+    if code not in LIMIT_ERRORS and _version(stored.get("worker_version")) < DECODING_SINCE:
         return False
     if "action" not in stored:
         return False  # written before verdicts carried an action

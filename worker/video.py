@@ -125,7 +125,7 @@ def playlist_kind(head: bytes) -> str | None:
         return "an ffconcat list"
     if text.startswith((b"<?xml", b"<MPD")) and b"<MPD" in head:
         return "a DASH manifest"
-    if text.startswith(b"v=0") and b"\nm=" in text:
+    if (text.startswith(b"v=0") and b"\nm=" in text) or b"\nc=IN IP" in b"\n" + text:  # as FFmpeg's SDP probe
         return "an SDP session description"
     return None
 

@@ -184,7 +184,8 @@ class MDCSDNetwork(nn.Module):
         for name in ("rgb_mean", "rgb_std", "freq_mean", "freq_std"):
             buf = getattr(self, name, None)  # an absent branch has no buffers
             if isinstance(buf, torch.Tensor):
-                kwargs[name] = [float(str(v)) for v in buf.flatten().numpy()]  # float32's shortest repr
+                # float32's shortest repr; read on the CPU, wherever the model lives (train reads it on CUDA)
+                kwargs[name] = [float(str(v)) for v in buf.detach().cpu().flatten().numpy()]
         return {"architecture": self.architecture, "kwargs": kwargs}
 
     def set_freq_norm(self, mean: Sequence[float], std: Sequence[float]) -> None:
