@@ -258,7 +258,7 @@ def cmd_moderate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         except FileNotFoundError as exc:
             parser.error(str(exc))
     if not videos:
-        parser.error("moderate: give at least one VIDEO (or --example)")
+        parser.error("give at least one VIDEO (or --example)")
     if args.report:
         try:  # a report directory that cannot be made is said now, not logged per video later
             args.report.mkdir(parents=True, exist_ok=True)
@@ -291,8 +291,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Handlers report usage errors through their own subcommand's parser: its usage line, its name.
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
     try:
-        return args.func(args, parser)
+        return args.func(args, commands.choices[args.command])
     except (RedisUnreachable, RedisTimeout) as exc:  # a down or misaddressed Redis is the operator's to fix
         print(f"deepfake {args.command}: Redis did not answer ({exc}); check DEEPFAKE_REDIS_URL or RQ_REDIS_URL",
               file=sys.stderr)
