@@ -110,15 +110,16 @@ def _prefix(parser: argparse.ArgumentParser, uri: str) -> tuple[str, str]:
 
 
 def cmd_enqueue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from worker.queue import connect, enqueue
+    from worker.queue import connect, enqueue, object_etag
     from worker.s3 import make_client
+    from worker.verdict_store import VerdictStore
 
     settings = _settings(parser, frames=args.frames)
     locations = _locations(parser, args.uris)
+    s3 = make_client(settings.s3_endpoint_url, settings.s3_region)
+    store = VerdictStore.for_settings(settings, s3)
     for loc in locations:
-        if loc.key.startswith(settings.verdict_prefix) and settings.verdict_bucket in (None, loc.bucket):
+        if store.is_verdict_key(loc):
             parser.error(f"s3://{loc.bucket}/{loc.key} is inside the verdict prefix {settings.verdict_prefix!r}: "
                          "workers do not moderate their own output")
     for bucket in sorted({loc.bucket for loc in locations}):
@@ -127,14 +128,10 @@ def cmd_enqueue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         _check_webhook(args.webhook, settings, parser)
     connection = connect(settings)
     connection.ping()  # Redis first: without it nothing is queued, whatever S3 says
-    s3 = make_client(settings.s3_endpoint_url, settings.s3_region)
     for loc in locations:
-        try:
-            etag = s3.head_object(Bucket=loc.bucket, Key=loc.key)["ETag"]
-        except (ClientError, BotoCoreError) as exc:  # queued all the same: the job's verdict says why
-            etag = ""  # no duplicate check without it
-            print(f"warning: s3://{loc.bucket}/{loc.key} could not be read here ({exc}): queued all the same, "
-                  "and its verdict will say why", file=sys.stderr)
+        etag = object_etag(s3, loc.bucket, loc.key, on_error=lambda exc: print(  # queued all the same
+            f"warning: s3://{loc.bucket}/{loc.key} could not be read here ({exc}): queued all the same, and its "
+            "verdict will say why", file=sys.stderr)) or ""  # "": no duplicate check without it
         job_id = enqueue(loc.bucket, loc.key, frames=args.frames, at_front=args.front, webhook_url=args.webhook,
                          etag=etag, settings=settings, connection=connection, s3_client=s3)
         print(job_id, flush=True)

@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from botocore.exceptions import BotoCoreError, ClientError
 from redis import Redis
@@ -57,11 +57,14 @@ def dedupe_key(queue: str, bucket: str, key: str, etag: str, frames: int, model_
     return DEDUPE_PREFIX + hashlib.sha256(raw).hexdigest()
 
 
-def object_etag(s3: Any, bucket: str, key: str) -> str | None:
-    """The upload's ETag, or None when it cannot be read now (the job then reports why)."""
+def object_etag(s3: Any, bucket: str, key: str, on_error: Callable[[Exception], None] | None = None) -> str | None:
+    """The upload's ETag, or None when it cannot be read now (the job then reports why; `on_error` is
+    told what failed)."""
     try:
         return s3.head_object(Bucket=bucket, Key=key)["ETag"]
-    except (ClientError, BotoCoreError):
+    except (ClientError, BotoCoreError) as exc:
+        if on_error is not None:
+            on_error(exc)
         return None
 
 

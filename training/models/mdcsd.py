@@ -52,6 +52,11 @@ RGB_MEAN = (0.5, 0.5, 0.5)
 RGB_STD = (0.5, 0.5, 0.5)
 
 
+def _channel_stats(values: Sequence[float]) -> torch.Tensor:
+    """Per-channel constants as the (1,3,1,1) float32 buffer the input normalisation broadcasts."""
+    return torch.tensor(list(values), dtype=torch.float32).view(1, 3, 1, 1)
+
+
 def _stitch_indices(stitches: Sequence[int | str] | None) -> tuple[int, ...]:
     """Normalise stitch points given as indices 0..3 or names from STITCH_POINTS."""
     out: set[int] = set()
@@ -143,20 +148,17 @@ class MDCSDNetwork(nn.Module):
             "spectrum_precision": spectrum_precision,
         }
 
-        def stats(v: Sequence[float]) -> torch.Tensor:
-            return torch.tensor(list(v), dtype=torch.float32).view(1, 3, 1, 1)
-
         feat_dim = 0
         if "rgb" in branches:
-            self.register_buffer("rgb_mean", stats(rgb_mean))
-            self.register_buffer("rgb_std", stats(rgb_std))
+            self.register_buffer("rgb_mean", _channel_stats(rgb_mean))
+            self.register_buffer("rgb_std", _channel_stats(rgb_std))
             self.rgb_backbone = Xception(0, width, middle_blocks)
             self.rgb_fc = nn.Linear(self.rgb_backbone.num_features, branch_dim)
             feat_dim += branch_dim
         if "freq" in branches:
             self.freq_transform = create_transform(transform, self.input_size, eps, spectrum_precision)
-            self.register_buffer("freq_mean", stats(freq_mean))
-            self.register_buffer("freq_std", stats(freq_std))
+            self.register_buffer("freq_mean", _channel_stats(freq_mean))
+            self.register_buffer("freq_std", _channel_stats(freq_std))
             self.freq_backbone = Xception(0, width, middle_blocks)
             self.freq_fc = nn.Linear(self.freq_backbone.num_features, branch_dim)
             feat_dim += branch_dim
@@ -196,8 +198,8 @@ class MDCSDNetwork(nn.Module):
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"need 3 means and 3 positive stds, got {list(mean)} / {list(std)}")
         with torch.no_grad():
-            self.freq_mean.copy_(torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
-            self.freq_std.copy_(torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
+            self.freq_mean.copy_(_channel_stats(mean))
+            self.freq_std.copy_(_channel_stats(std))
 
     @property
     def default_cfg(self) -> dict[str, Any]:

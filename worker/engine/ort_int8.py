@@ -21,6 +21,7 @@ import logging
 import platform
 import tempfile
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,7 @@ def load_or_quantize(onnx_path: Path, onnx_sha256: str, crops: np.ndarray, input
     return data, built, cache.path_for(key)
 
 
+@lru_cache(maxsize=1)
 def weights_7bit() -> bool:
     """Whether to quantise weights to 7 bits (ONNX Runtime's reduce_range): on an x86 CPU without VNNI
     its U8S8 kernels add pairs of products in int16 (VPMADDUBSW), which saturates with 8-bit weights.
