@@ -266,8 +266,12 @@ def test_redis_killed_and_restarted_while_jobs_run_loses_nothing(outage_s, s3, f
             result = job_state(job_id, settings=settings, connection=redis).result
             [only] = stored(s3, settings, key)  # exactly one verdict object, whole (it parsed)
             assert result["status"] == "ok" and only["created_at"] == result["created_at"], key
-        print(f"worker restarts: {supervisor.restarts}, jobs recovered by maintenance: {supervisor.recovered}")
+        print(f"worker restarts: {supervisor.restarts}, jobs recovered by maintenance: {supervisor.recovered}, "
+              f"dequeues whose reply was lost: {supervisor.unclaimed}")
         if outage_s > 4:
+            # No worker gave up a job it held. A job whose BLMOVE ran just before the crash, its reply
+            # lost, waits in RQ's intermediate list for maintenance (docs/operations.md): that is
+            # Redis's at-most-once reply, not a worker losing work, so it is counted apart.
             assert supervisor.restarts == 0 and supervisor.recovered == 0, supervisor.logs()
             assert '"event": "redis_reachable"' in supervisor.logs(None)
         else:

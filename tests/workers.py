@@ -85,7 +85,8 @@ class Supervisor:
     env: dict = field(default_factory=dict)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     restarts: int = 0
-    recovered: int = 0
+    recovered: int = 0  # started jobs whose worker died or lost them, requeued
+    unclaimed: int = 0  # jobs left in the intermediate list by a dequeue whose reply was lost, requeued
     _gen: int = 0
     _seen: dict = field(default_factory=dict)
 
@@ -168,7 +169,7 @@ class Supervisor:
             redis.lrem(key, 1, job_id)
             queue.enqueue_job(job)
             self._seen.pop(job_id)
-            self.recovered += 1
+            self.unclaimed += 1
 
     def stop(self) -> None:
         for p in self.procs.values():
