@@ -1,7 +1,7 @@
 """Hostile-corpus builders (hostile_media.py) for files whose face a player shows but stored pixels
-or headers hide from a sampler: anamorphic pixels, a face in the alpha channel, pictures one after
-another in an image file, an animated WebP, a playlist naming another file, and a frame rate that
-claims a frame every 1000 s."""
+or headers hide from a sampler: anamorphic pixels, a face in the alpha channel, an alpha plane under
+a reserved colour matrix, pictures one after another in an image file, an animated WebP, a playlist
+naming another file, and a frame rate that claims a frame every 1000 s."""
 from __future__ import annotations
 
 import struct
@@ -53,6 +53,19 @@ def b_opaque_rgba(path: Path, a: Assets) -> None:
     """An alpha channel that is fully opaque: nothing hides, the faces are scored."""
     opaque = [np.dstack([f, np.full(f.shape[:2], 255, np.uint8)]) for f in a.faces[:8]]
     write(path, opaque, codec="png", pix_fmt="rgba", in_fmt="rgba")
+
+
+def b_prores_alpha_bad_colour_matrix(path: Path, a: Assets) -> None:
+    """Opaque ProRes 4444 (alpha plane) whose frame headers name matrix_coefficients 255, a reserved
+    code: swscale refuses to convert such frames (ENOTSUP), with or without alpha."""
+    opaque = [np.dstack([f, np.full(f.shape[:2], 255, np.uint8)]) for f in a.faces[:8]]
+    write(path, opaque, codec="prores_ks", pix_fmt="yuva444p10le", in_fmt="rgba", fmt="mov")
+    data = bytearray(path.read_bytes())
+    i = data.find(b"icpf")
+    while i >= 0:  # "icpf", header size, version, creator, width, height, flags, reserved, primaries, transfer
+        data[i + 4 + 2 + 2 + 4 + 2 + 2 + 1 + 1 + 1 + 1] = 0xFF  # matrix
+        i = data.find(b"icpf", i + 4)
+    path.write_bytes(bytes(data))
 
 
 def b_vp9_alpha(path: Path, a: Assets) -> None:

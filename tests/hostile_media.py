@@ -23,7 +23,7 @@ from hostile_builders import (
 )
 from hostile_display import (
     b_animated_webp, b_anamorphic, b_container_says_anamorphic, b_face_in_alpha, b_frame_rate_claims_1000_s, b_hls_playlist, b_opaque_rgba,
-    b_png_sequence, b_vp9_alpha,
+    b_png_sequence, b_prores_alpha_bad_colour_matrix, b_vp9_alpha,
 )
 from hostile_lies import (
     b_face_in_b_frames, b_long_declared, b_long_undeclared, b_looping_ts, b_mjpeg_header_lies,
@@ -147,6 +147,8 @@ CASES: list[Case] = [
     Case("face_in_alpha", "alpha_face.mov", b_face_in_alpha, frozenset({"unsupported"}),
          note="what shows depends on the page behind it: review"),
     Case("opaque_rgba", "opaque_rgba.mov", b_opaque_rgba, frozenset({"ok"}), min_faces=3),
+    Case("prores_alpha_bad_colour_matrix", "prores_matrix255.mov", b_prores_alpha_bad_colour_matrix,
+         frozenset({"ok"}), min_faces=3, needs=(("prores_ks",),), note="converted as BT.601, as FFmpeg assumes"),
     Case("vp9_alpha", "alpha.webm", b_vp9_alpha, frozenset({"unsupported"}), needs=(("libvpx-vp9",),)),
     Case("png_sequence", "pngs.mp4", b_png_sequence, frozenset({"ok"}), min_faces=3,
          note="PNG after PNG in one file is a video to a player (png_pipe); one PNG alone stays not_a_video"),

@@ -334,23 +334,11 @@ class VideoReader(Sampling):
         seen over a white page and invisible over a black one)."""
         fmt = frame.format
         if fmt.has_palette or any(c.is_alpha for c in fmt.components):
-            try:
-                rgba = frame.to_ndarray(format="rgba")
-            except (av.error.FFmpegError, ValueError) as exc:
-                raise Corrupt(f"a decoded frame could not be converted to RGB: {exc}") from exc
+            rgba = _to_ndarray(frame, "rgba")
             if np.count_nonzero(rgba[..., 3] < 255) > TRANSPARENT_SHARE * rgba.shape[0] * rgba.shape[1]:
                 raise Unsupported("the video is partly transparent: what shows depends on the page behind it")
             return np.ascontiguousarray(rgba[..., :3])
-        try:
-            image = frame.to_ndarray(format="rgb24")
-        except (av.error.FFmpegError, ValueError):
-            # A damaged header can carry a colour-matrix code swscale refuses (ENOTSUP): convert with
-            # BT.601, what FFmpeg assumes when none is given.
-            try:
-                image = frame.to_ndarray(format="rgb24", src_colorspace="ITU601")
-            except (av.error.FFmpegError, ValueError) as exc:
-                raise Corrupt(f"a decoded frame could not be converted to RGB: {exc}") from exc
-        return image
+        return _to_ndarray(frame, "rgb24")
 
     def _measure_duration(self) -> float:
         """Demux (not decode) the stream once to find its length, then rewind for decoding."""
@@ -380,3 +368,15 @@ class VideoReader(Sampling):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _to_ndarray(frame: av.VideoFrame, format: str) -> np.ndarray:
+    """The frame converted by swscale. A damaged header can carry a colour-matrix code swscale refuses
+    (ENOTSUP): then convert with BT.601, what FFmpeg assumes when none is given."""
+    try:
+        return frame.to_ndarray(format=format)
+    except (av.error.FFmpegError, ValueError):
+        try:
+            return frame.to_ndarray(format=format, src_colorspace="ITU601")
+        except (av.error.FFmpegError, ValueError) as exc:
+            raise Corrupt(f"a decoded frame could not be converted to RGB: {exc}") from exc
