@@ -5,12 +5,18 @@ real S3 server, the real model loader and the real CLI entry point."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import boto3
 import pytest
 import torch
 from redis import Redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
 from servers import free_ports, stop
 from workers import DurableRedis
 
@@ -33,9 +39,11 @@ def env(bucket, s3_server, redis_server, random_model_dir, monkeypatch):
     values = {"DEEPFAKE_MODEL_DIR": str(random_model_dir), "DEEPFAKE_REDIS_URL": redis_server.url,
               "DEEPFAKE_S3_ENDPOINT_URL": s3_server.endpoint, "DEEPFAKE_ALLOWED_BUCKETS": BUCKET,
               "DEEPFAKE_VERDICT_SECRET": "a-long-random-key", "DEEPFAKE_WEBHOOK_HOSTS": "hooks.example.com,10.0.0.0/8",
-              "DEEPFAKE_LOG_FORMAT": "json"}
+              "DEEPFAKE_LOG_FORMAT": "json", "RQ_REDIS_URL": redis_server.url,
+              "RQ_WORKER_CLASS": "worker.rq_worker.DeepfakeWorker", "RQ_CONNECTION_CLASS": "worker.redis_client.WaitingRedis"}
     for name, value in values.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.delenv("RQ_CONFIG", raising=False)
     return monkeypatch
 
 
@@ -49,6 +57,7 @@ def check(capsys, *argv: str) -> tuple[int, dict[str, dict]]:
 def test_a_working_configuration_passes_every_check(env, capsys, tmp_path):
     durable = DurableRedis(free_ports(1)[0], tmp_path).start()  # appendonly yes, as the README asks
     env.setenv("DEEPFAKE_REDIS_URL", durable.url)
+    env.setenv("RQ_REDIS_URL", durable.url)
     try:
         # ... and a maxmemory under noeviction: full, it refuses writes (docs/deploy.md, When Redis is full)
         redis = Redis.from_url(durable.url)
@@ -78,6 +87,50 @@ def test_a_working_configuration_passes_every_check(env, capsys, tmp_path):
     assert "carry no information" in results["model"]["warning"] and "on pytorch-cpu" in results["model"]["detail"]
     assert f"{BUCKET} reachable" in results["s3"]["detail"]
     assert "0 waiting" in results["redis"]["detail"]
+    assert results["rq"]["detail"] == f"rq worker runs worker.rq_worker.DeepfakeWorker on {durable.url}"
+
+
+def test_the_rq_check_fails_where_rq_worker_would_fail_or_miss_every_job(env, capsys, redis, redis_server):
+    # What it guards against, for real: RQ's own worker fails the JSON job, with no verdict.
+    job_id = enqueue_raw(redis)
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("RQ_")}
+    rq = str(Path(sys.executable).parent / "rq")
+    subprocess.run([rq, "worker", "deepfake", "--burst", "--url", redis_server.url], env=plain, timeout=60,
+                   capture_output=True, check=True)
+    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    assert job.get_status() == "failed" and "DeserializationError" in job.latest_result().exc_string
+
+    env.delenv("RQ_WORKER_CLASS")
+    code, results = check(capsys, "--only", "rq")
+    assert code == 1 and results["rq"]["detail"].startswith("RQ_WORKER_CLASS is unset: ")
+    env.setenv("RQ_WORKER_CLASS", "rq.worker.SimpleWorker")
+    code, results = check(capsys, "--only", "rq")
+    assert code == 1 and "is not worker.rq_worker.DeepfakeWorker" in results["rq"]["detail"]
+    env.setenv("RQ_WORKER_CLASS", "worker.rq_worker.NoSuchWorker")
+    code, results = check(capsys, "--only", "rq")
+    assert code == 1 and "does not import: AttributeError" in results["rq"]["detail"]
+    env.setenv("RQ_WORKER_CLASS", "worker.rq_worker.DeepfakeWorker")
+    # the worker on another database, with a password that must not be printed
+    other = redis_server.url.rsplit("/", 1)[0].replace("redis://", "redis://:s3cret@") + "/5"
+    env.setenv("RQ_REDIS_URL", other)
+    code, results = check(capsys, "--only", "rq")
+    assert code == 1 and "the worker would listen where no job is queued" in results["rq"]["detail"]
+    assert "s3cret" not in results["rq"]["detail"] and ":***@" in results["rq"]["detail"]
+    env.delenv("RQ_REDIS_URL")  # RQ's default, localhost:6379/0, is not the test's server either
+    code, results = check(capsys, "--only", "rq")
+    assert code == 1 and "RQ_REDIS_URL is unset, so RQ's default redis://localhost:6379/0" in results["rq"]["detail"]
+    # right class and Redis, plain connection: it works, with a warning
+    env.setenv("RQ_REDIS_URL", redis_server.url)
+    env.delenv("RQ_CONNECTION_CLASS")
+    code, results = check(capsys, "--only", "rq")
+    assert code == 0 and "RQ_CONNECTION_CLASS is unset" in results["rq"]["warning"]
+
+
+def enqueue_raw(redis: Redis) -> str:
+    from worker.jobs import MODERATE_FUNC
+    from worker.queue import get_queue
+
+    return get_queue(redis, "deepfake").enqueue(MODERATE_FUNC, args=(BUCKET, "clip.mp4"), kwargs={"frames": 4}).id
 
 
 def test_each_misconfiguration_fails_its_own_check_and_says_why(env, capsys, tmp_path):
@@ -143,3 +196,20 @@ def test_a_worker_started_with_no_bucket_allowed_says_so_at_start(redis, setting
     warning = next(e for e in events if e["event"] == "no_bucket_allowed")
     assert warning["level"] == "warning" and "every job will be refused" in warning["reason"]
     assert next(e for e in events if e["event"] == "worker_ready")["allowed_buckets"] == []
+
+
+def test_a_worker_whose_settings_name_another_redis_says_so_at_start(redis, redis_server, settings, capsys):
+    from worker.rq_worker import DeepfakeWorker
+
+    other = redis_server.url.rsplit("/", 1)[0].replace("redis://", "redis://:s3cret@") + "/7"
+    worker = DeepfakeWorker(["deepfake"], connection=redis)
+    worker.load_runtime(settings.model_copy(update={"redis_url": other, "metrics_port": 0, "log_format": "json"}))
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    warning = next(e for e in events if e["event"] == "redis_url_mismatch")
+    assert warning["level"] == "warning" and warning["worker"] == redis_server.url.rsplit("/", 1)[0] + "/0"
+    assert warning["settings"].endswith("/7") and "s3cret" not in json.dumps(warning)
+
+    same = DeepfakeWorker(["deepfake"], connection=redis)
+    same.load_runtime(settings.model_copy(update={"redis_url": redis_server.url, "metrics_port": 0,
+                                                  "log_format": "json"}))
+    assert "redis_url_mismatch" not in capsys.readouterr().err

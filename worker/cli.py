@@ -61,9 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="queue length, registries, workers and the model they run, as JSON")
     s.set_defaults(func=cmd_status)
 
-    c = sub.add_parser("check", help="check what a worker needs (model, Redis, S3, webhooks, signing): "
+    c = sub.add_parser("check", help="check what a worker needs (model, Redis, rq environment, S3, webhooks, signing): "
                                      "one JSON line each; exit 1 when any fails")
-    c.add_argument("--only", metavar="NAMES", help="comma-separated subset of: model, redis, s3, webhooks, signing")
+    c.add_argument("--only", metavar="NAMES", help="comma-separated subset of: model, redis, rq, s3, webhooks, signing")
     c.set_defaults(func=cmd_check)
 
     f = sub.add_parser("failed", help="jobs that failed without a verdict: one JSON line each, with the error")

@@ -7,6 +7,8 @@ raises; `ok` False means a worker with these settings would not do its job.
 """
 from __future__ import annotations
 
+import importlib
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -16,9 +18,10 @@ import numpy as np
 
 from worker.settings import Settings
 
-CHECKS = ("model", "redis", "s3", "webhooks", "signing")
+CHECKS = ("model", "redis", "rq", "s3", "webhooks", "signing")
 NETWORK_TIMEOUT_S = 5.0
 NEARLY_FULL = 0.85  # of maxmemory: warned of, as DeepfakeRedisNearlyFull alerts
+RQ_DEFAULT_URL = "redis://localhost:6379/0"  # what `rq worker` connects to when RQ_REDIS_URL is unset
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 _HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
 
@@ -105,6 +108,55 @@ def check_redis(settings: Settings) -> Check:
     return Check("redis", True, f"{detail}; {memory_detail}", "; ".join(warnings) or None)
 
 
+def _import_class(dotted: str) -> type:
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def check_rq(settings: Settings) -> Check:
+    """The environment `rq worker deepfake` reads (not its command-line flags) starts this worker on
+    the Redis the enqueuers use. Without RQ_WORKER_CLASS, RQ's own Worker cannot read the JSON jobs
+    (every one fails with DeserializationError) and would call any function a job names."""
+    from redis import Redis
+
+    from worker.redis_client import WaitingRedis, database_address, without_password
+    from worker.rq_worker import DeepfakeWorker
+
+    wanted = f"{DeepfakeWorker.__module__}.{DeepfakeWorker.__name__}"
+    dotted = os.environ.get("RQ_WORKER_CLASS", "")
+    if not dotted:
+        return Check("rq", False, f"RQ_WORKER_CLASS is unset: `rq worker` would run RQ's own Worker, which fails "
+                     f"every job (it cannot read their JSON) and runs any function a job names; set it to {wanted}")
+    try:
+        worker_class = _import_class(dotted)
+    except (ImportError, AttributeError, ValueError) as exc:
+        return Check("rq", False, f"RQ_WORKER_CLASS={dotted} does not import: {type(exc).__name__}: {exc}")
+    if not (isinstance(worker_class, type) and issubclass(worker_class, DeepfakeWorker)):
+        return Check("rq", False, f"RQ_WORKER_CLASS={dotted} is not {wanted} (nor a subclass): "
+                     "it cannot read these JSON jobs safely")
+    rq_url = os.environ.get("RQ_REDIS_URL") or RQ_DEFAULT_URL
+    try:
+        same = database_address(Redis.from_url(rq_url)) == database_address(Redis.from_url(settings.redis_url))
+    except ValueError as exc:
+        return Check("rq", False, f"RQ_REDIS_URL: {exc}")
+    if not same:
+        told = "RQ_REDIS_URL" if os.environ.get("RQ_REDIS_URL") else "RQ_REDIS_URL is unset, so RQ's default"
+        return Check("rq", False, f"{told} {without_password(rq_url)} is not DEEPFAKE_REDIS_URL "
+                     f"{without_password(settings.redis_url)}: the worker would listen where no job is queued")
+    warnings = []
+    connection = os.environ.get("RQ_CONNECTION_CLASS", "")
+    try:
+        waits = bool(connection) and issubclass(_import_class(connection), WaitingRedis)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        waits = False
+    if not waits:
+        warnings.append(f"RQ_CONNECTION_CLASS is {connection or 'unset'}, not worker.redis_client.WaitingRedis: a "
+                        "full or restarting Redis makes the worker exit with its job in hand")
+    if os.environ.get("RQ_CONFIG"):
+        warnings.append("RQ_CONFIG is set: Redis settings in that module were not compared")
+    return Check("rq", True, f"rq worker runs {dotted} on {without_password(rq_url)}", "; ".join(warnings) or None)
+
+
 def check_s3(settings: Settings) -> Check:
     """The credentials reach every allowed bucket (and the verdict bucket); an empty allow-list is an error."""
     from botocore.exceptions import BotoCoreError, ClientError
@@ -158,7 +210,7 @@ def check_signing(settings: Settings) -> Check:
 
 
 _RUNNERS: dict[str, Callable[[Settings], Check]] = {
-    "model": check_model, "redis": check_redis, "s3": check_s3, "webhooks": check_webhooks, "signing": check_signing,
+    "model": check_model, "redis": check_redis, "rq": check_rq, "s3": check_s3, "webhooks": check_webhooks, "signing": check_signing,
 }
 
 

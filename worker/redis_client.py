@@ -26,6 +26,7 @@ and `deepfake_redis_full_seconds` says how long it has waited.
 """
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -158,6 +159,20 @@ def ride_out(connection: Redis, outage_s: float | None = None) -> RideOut:
     if outage_s is not None:
         retry.outage_s = outage_s  # shared with the pooled connections' copies
     return retry
+
+
+def database_address(connection: Redis) -> tuple:
+    """What decides which database a client reaches (not timeouts or pool sizes), to compare two."""
+    kw = dict(connection.connection_pool.connection_kwargs)
+    if kw.get("host") == "localhost":
+        kw["host"] = "127.0.0.1"  # RQ's default names it, the settings' default the address
+    kw["db"] = int(kw.get("db") or 0)
+    return tuple(kw.get(k) for k in ("host", "port", "path", "db", "username", "password"))
+
+
+def without_password(url: str) -> str:
+    """A Redis URL fit for a log line or an error message."""
+    return re.sub(r"(//[^:/@]*:)[^/]*@", r"\1***@", url)
 
 
 def waiting_for_space(connection: Redis) -> float | None:

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
+from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
@@ -29,7 +30,7 @@ from worker.errors import TransientError
 from worker.jobs import MODERATE_FUNC, JobTimedOut
 from worker.logging import configure_logging
 from worker.metrics import heartbeat_fresh, serve
-from worker.redis_client import ride_out, waiting_for_space
+from worker.redis_client import database_address, ride_out, waiting_for_space, without_password
 from worker.runtime import WorkerRuntime, current, install
 from worker.settings import Settings
 from worker.webhooks import HostPolicy, WebhookFailed, WebhookRefused, deliver, summary
@@ -169,6 +170,11 @@ class DeepfakeWorker(SimpleWorker):
                      allowed_buckets=sorted(self.runtime.allowed), load_s=round(time.perf_counter() - t0, 2))
             if model.get("warning"):
                 log.warning("model_warning", model=model["name"], reason=model["warning"])
+            if database_address(Redis.from_url(settings.redis_url)) != database_address(self.connection):
+                log.warning("redis_url_mismatch", worker=without_password(self._redis_url()),
+                            settings=without_password(settings.redis_url),
+                            reason="DEEPFAKE_REDIS_URL is not the Redis this worker listens on (RQ_REDIS_URL): "
+                            "jobs queued with these settings never reach it (`deepfake check --only rq`)")
             if not self.runtime.allowed:
                 log.warning("no_bucket_allowed", reason="DEEPFAKE_ALLOWED_BUCKETS is empty: every job will be "
                             "refused as access_denied (`deepfake check` lists what else is missing)")
@@ -178,6 +184,13 @@ class DeepfakeWorker(SimpleWorker):
             if settings.metrics_port and self._http is None:
                 self._http = serve(self.runtime.metrics, self.health, settings.metrics_port)
         return self.runtime
+
+    def _redis_url(self) -> str:
+        kw = self.connection.connection_pool.connection_kwargs
+        if kw.get("path"):
+            return f"unix://{kw['path']}?db={kw.get('db') or 0}"
+        auth = f"{kw.get('username') or ''}:***@" if kw.get("password") else ""
+        return f"redis://{auth}{kw.get('host')}:{kw.get('port')}/{kw.get('db') or 0}"
 
     # -- health ----------------------------------------------------------------------------------
     def heartbeat(self, *args: Any, **kwargs: Any) -> Any:
