@@ -240,10 +240,11 @@ def b_rotated(degrees: int) -> Callable[[Path, Assets], None]:
     return build
 
 
-def b_container(container_options: dict | None = None, fmt: str | None = None,
-                codec: str = "libx264", pix_fmt: str = "yuv420p") -> Callable[[Path, Assets], None]:
+def b_container(container_options: dict | None = None, fmt: str | None = None, codec: str = "libx264",
+                pix_fmt: str = "yuv420p", options: dict | None = None) -> Callable[[Path, Assets], None]:
     def build(path: Path, a: Assets) -> None:
-        encode(path, a.faces, codec=codec, pix_fmt=pix_fmt, fmt=fmt, container_options=container_options, rate=4)
+        encode(path, a.faces, codec=codec, pix_fmt=pix_fmt, fmt=fmt, container_options=container_options, rate=4,
+               options=options)
     return build
 
 

@@ -132,6 +132,10 @@ CASES: list[Case] = [
     Case("fragmented_mp4", "fragmented.mp4", b_container({"movflags": "frag_keyframe+empty_moov"}), frozenset({"ok"}),
          min_faces=3),
     Case("live_mkv_no_index", "live.mkv", b_container({"live": "1"}), frozenset({"ok"}), min_faces=3),
+    Case("raw_h264_annex_b", "camera.h264", b_container(fmt="h264"), frozenset({"ok"}), min_faces=3,
+         note="an elementary stream, no timestamps: frames timed at the demuxer's 25 fps, as players show it"),
+    Case("raw_hevc_annex_b", "camera.hevc", b_container(fmt="hevc", codec="libx265", options=X265), frozenset({"ok"}),
+         min_faces=3, needs=(("libx265",),)),
     Case("mkv_unseekable", "unseekable.mkv", b_mkv_unseekable, frozenset({"corrupt"})),
     # faces
     Case("many_faces_3x3", "crowd.mp4", b_many_faces, frozenset({"ok"}), min_faces=12),

@@ -54,6 +54,7 @@ class VideoReader(Sampling):
         self._limits = limits
         self._threads = threads
         self._reopen_for_exact = False  # the fast pass's decoder (see Sampling._pick_fast)
+        self.untimed, self._untimed_packets = False, 0  # set by a pass over packets without timestamps
         self._started = time.monotonic()
         head = self._read_head(media)
         if kind := playlist_kind(head):
@@ -198,6 +199,8 @@ class VideoReader(Sampling):
         decoded = 0
         self.info.decode_errors = 0
         self.data_end: float | None = None  # where the stream's packets end (s), decodable or not
+        self.untimed = False  # packets without timestamps, laid end to end (a raw elementary stream)
+        self._untimed_packets = 0
         self.demux_failed = False
         first_error: Exception | None = None
         ctx = self._stream.codec_context
@@ -232,10 +235,21 @@ class VideoReader(Sampling):
             raise Corrupt(f"no frame could be decoded: {first_error}") from first_error
 
     def _note_data_end(self, packet: av.Packet) -> None:
-        """`data_end`: the latest packet end seen, decodable or not."""
-        if packet.pts is not None and packet.time_base is not None:
+        """`data_end`: the latest packet end seen, decodable or not. A raw elementary stream (Annex-B
+        H.264 or HEVC, as cameras export it) has no timestamps, only the duration its demuxer gives each
+        packet from the frame rate (25 fps unless the stream says otherwise, as players assume): those
+        packets are laid end to end."""
+        if packet.time_base is None:
+            return
+        if packet.pts is not None:
             end = float((packet.pts + (packet.duration or 0)) * packet.time_base)
-            self.data_end = end if self.data_end is None else max(self.data_end, end)
+        elif packet.dts is None and packet.duration:
+            end = (self.data_end if self.data_end is not None else 0.0) + float(packet.duration * packet.time_base)
+            self.untimed = True
+            self._untimed_packets += 1
+        else:
+            return
+        self.data_end = end if self.data_end is None else max(self.data_end, end)
 
     def _drain(self) -> list[av.VideoFrame]:
         """The frames a threaded decoder still holds when the demuxer stopped without its flush packet."""
@@ -343,6 +357,7 @@ class VideoReader(Sampling):
     def _measure_duration(self) -> float:
         """Demux (not decode) the stream once to find its length, then rewind for decoding."""
         self.data_end = None
+        self.untimed, self._untimed_packets = False, 0
         try:
             for packet in self._container.demux(self._stream):
                 self._check_deadline()
@@ -357,6 +372,8 @@ class VideoReader(Sampling):
         self._restart()
         duration = max(self.data_end - self._start_time(), 1e-3)
         self.info.duration_s = duration
+        if self.untimed:  # frames are timed by count: at the rate the packets' durations give
+            self.info.fps = self._untimed_packets / duration
         return duration
 
     # -- lifecycle -----------------------------------------------------------------------------

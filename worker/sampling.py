@@ -42,8 +42,8 @@ class DataEndsEarly(Exception):
 
 class Sampling:
     """The sampling half of VideoReader (which provides `info`, `_stream`, `_frames`, `_frame_time`,
-    `_to_sample`, `_start_time`, `_measure_duration`, `_rewind`, and `data_end` and `demux_failed` from
-    the last pass over the packets)."""
+    `_to_sample`, `_start_time`, `_measure_duration`, `_rewind`, and `data_end`, `untimed` and
+    `demux_failed` from the last pass over the packets)."""
 
     # Threading of the fast pass's decoder (see _pick_fast); the exact pass uses AUTO.
     FAST_PASS_THREADING = "SLICE"
@@ -74,7 +74,9 @@ class Sampling:
             duration = self._measure_duration()
         targets = sample_times(start, duration, frames_to_sample(duration, n, max_gap_s))
         fps = max(self.info.fps or 25.0, MIN_SAMPLING_FPS)
-        if mode == "fast":
+        # Untimed packets (a raw elementary stream) give frames their times by count alone, which only
+        # an exact pass, decoding every frame, keeps right.
+        if mode == "fast" and not self.untimed:
             try:
                 picked = self._pick_fast(targets, start, duration, fps)
             except DataEndsEarly as cut:  # sample what plays, over its own length, decoding every frame
