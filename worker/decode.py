@@ -1,8 +1,8 @@
 """Open a video with PyAV, check it against the limits, and decode it packet by packet.
 
 Frames are decoded in order with threaded decoding and only the sampled ones (worker/sampling.py
-picks them) are converted to RGB and handed on, one at a time: the decoded video is never held in
-memory.
+picks them) are converted to RGB as a player shows them (worker/frames.py) and handed on, one at a
+time: the decoded video is never held in memory.
 """
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ from typing import BinaryIO, Callable, Iterator
 
 import av
 import av.error
-import cv2
-import numpy as np
 
 from worker.errors import Corrupt, ModerationError, NotAVideo, NoVideoStream, Timeout, TooLarge, TooLong, Unsupported
+from worker.frames import displayed
 from worker.sampling import Sampling
 from worker.video import (  # noqa: F401 - the decoder's vocabulary, importable from here too
     Limits,
@@ -39,9 +38,6 @@ IMAGE_DEMUXERS = frozenset(
 # bigger picture before allocating it (a stream can declare 16×16 and then send 12000×12000 frames),
 # with headroom for the stride alignment FFmpeg adds; the exact limit is checked on each frame.
 DECODER_PIXEL_CAP_FACTOR = 2
-# A frame with more than this share of its pixels not fully opaque is refused as transparent (a few
-# edge pixels of a GIF's palette are not a picture hidden in the alpha channel).
-TRANSPARENT_SHARE = 0.01
 
 
 class VideoReader(Sampling):
@@ -334,25 +330,8 @@ class VideoReader(Sampling):
         self.info.width, self.info.height = (h, w) if self.info.rotation % 180 else (w, h)
 
     def _to_sample(self, frame: av.VideoFrame, index: int, t: float) -> SampledFrame:
-        image = self._rgb(frame)
-        size = display_size(frame.width, frame.height, self._sar, self._limits.max_pixels)
-        if size != (frame.width, frame.height):  # anamorphic: stretched as a player shows it
-            shrink = size[0] * size[1] < frame.width * frame.height
-            image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        return SampledFrame(index=index, t=max(0.0, float(t)), image=rotate_upright(image, self.info.rotation))
-
-    @staticmethod
-    def _rgb(frame: av.VideoFrame) -> np.ndarray:
-        """H×W×3 RGB. A frame that is partly transparent shows whatever lies behind it on the page, so
-        what a viewer sees cannot be known here: refused (a face drawn in the alpha channel alone is
-        seen over a white page and invisible over a black one)."""
-        fmt = frame.format
-        if fmt.has_palette or any(c.is_alpha for c in fmt.components):
-            rgba = _to_ndarray(frame, "rgba")
-            if np.count_nonzero(rgba[..., 3] < 255) > TRANSPARENT_SHARE * rgba.shape[0] * rgba.shape[1]:
-                raise Unsupported("the video is partly transparent: what shows depends on the page behind it")
-            return np.ascontiguousarray(rgba[..., :3])
-        return _to_ndarray(frame, "rgb24")
+        image = displayed(frame, self._sar, self.info.rotation, self._limits.max_pixels)
+        return SampledFrame(index=index, t=max(0.0, float(t)), image=image)
 
     def _measure_duration(self) -> float:
         """Demux (not decode) the stream once to find its length, then rewind for decoding."""
@@ -385,15 +364,3 @@ class VideoReader(Sampling):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _to_ndarray(frame: av.VideoFrame, format: str) -> np.ndarray:
-    """The frame converted by swscale. A damaged header can carry a colour-matrix code swscale refuses
-    (ENOTSUP): then convert with BT.601, what FFmpeg assumes when none is given."""
-    try:
-        return frame.to_ndarray(format=format)
-    except (av.error.FFmpegError, ValueError):
-        try:
-            return frame.to_ndarray(format=format, src_colorspace="ITU601")
-        except (av.error.FFmpegError, ValueError) as exc:
-            raise Corrupt(f"a decoded frame could not be converted to RGB: {exc}") from exc

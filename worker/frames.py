@@ -1,0 +1,54 @@
+"""What a decoded frame shows a viewer, as an H×W×3 RGB array: converted by swscale (BT.601 where the
+stream names a colour matrix it refuses), refused when partly transparent, stretched when its pixels
+are not square, turned upright.
+
+The decoder (worker/decode.py) calls `displayed` for the sampled frames only.
+"""
+from __future__ import annotations
+
+import av
+import av.error
+import cv2
+import numpy as np
+
+from worker.errors import Corrupt, Unsupported
+from worker.video import display_size, rotate_upright
+
+# A frame with more than this share of its pixels not fully opaque is refused as transparent (a few
+# edge pixels of a GIF's palette are not a picture hidden in the alpha channel).
+TRANSPARENT_SHARE = 0.01
+
+
+def displayed(frame: av.VideoFrame, sar: float | None, rotation: int, max_pixels: int) -> np.ndarray:
+    """The frame as a player shows it: anamorphic pixels stretched to the display size, rotation undone."""
+    image = to_rgb(frame)
+    size = display_size(frame.width, frame.height, sar, max_pixels)
+    if size != (frame.width, frame.height):
+        shrink = size[0] * size[1] < frame.width * frame.height
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return rotate_upright(image, rotation)
+
+
+def to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """H×W×3 RGB. A frame that is partly transparent shows whatever lies behind it on the page, so
+    what a viewer sees cannot be known here: refused (a face drawn in the alpha channel alone is
+    seen over a white page and invisible over a black one)."""
+    fmt = frame.format
+    if fmt.has_palette or any(c.is_alpha for c in fmt.components):
+        rgba = _to_ndarray(frame, "rgba")
+        if np.count_nonzero(rgba[..., 3] < 255) > TRANSPARENT_SHARE * rgba.shape[0] * rgba.shape[1]:
+            raise Unsupported("the video is partly transparent: what shows depends on the page behind it")
+        return np.ascontiguousarray(rgba[..., :3])
+    return _to_ndarray(frame, "rgb24")
+
+
+def _to_ndarray(frame: av.VideoFrame, format: str) -> np.ndarray:
+    """The frame converted by swscale. A damaged header can carry a colour-matrix code swscale refuses
+    (ENOTSUP): then convert with BT.601, what FFmpeg assumes when none is given."""
+    try:
+        return frame.to_ndarray(format=format)
+    except (av.error.FFmpegError, ValueError):
+        try:
+            return frame.to_ndarray(format=format, src_colorspace="ITU601")
+        except (av.error.FFmpegError, ValueError) as exc:
+            raise Corrupt(f"a decoded frame could not be converted to RGB: {exc}") from exc
