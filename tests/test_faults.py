@@ -3,7 +3,7 @@
 dedicated redis-server with an always-fsynced append-only file), and two workers racing on one object.
 
 After each: every job has exactly one final verdict, nothing is lost, no verdict is written twice or
-half. (SIGTERM and SIGKILL of a worker mid-job are in test_queue.py.)
+half. (SIGTERM and SIGKILL of a worker mid-job are in test_worker_process.py.)
 """
 from __future__ import annotations
 

@@ -2,19 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 import zlib
 from pathlib import Path
 
 import pytest
 from rq import Queue
 from rq.job import Job
-from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from verdict_schema import assert_valid_verdict
 from workers import burst
@@ -271,124 +265,6 @@ def test_a_pickled_job_is_never_run(s3, redis, qsettings, moderator, tmp_path):
     burst(redis, qsettings, moderator)
     assert not marker.exists()
     assert Job.fetch(job.id, connection=redis, serializer=JSONSerializer).get_status() != "finished"
-
-
-def _worker_env(settings: Settings, redis_url: str) -> dict:
-    return {
-        **os.environ, "RQ_REDIS_URL": redis_url, "RQ_WORKER_CLASS": "worker.rq_worker.DeepfakeWorker",
-        "RQ_CONNECTION_CLASS": "worker.redis_client.WaitingRedis",
-        "DEEPFAKE_MODEL_DIR": str(settings.model_dir), "DEEPFAKE_ALLOWED_BUCKETS": BUCKET,
-        "DEEPFAKE_S3_ENDPOINT_URL": settings.s3_endpoint_url, "DEEPFAKE_VERDICT_PREFIX": settings.verdict_prefix,
-        "DEEPFAKE_FRAMES": "32", "DEEPFAKE_LOG_FORMAT": "json",
-    }
-
-
-def start_rq_worker(settings: Settings, redis_url: str, log: Path, *extra: str, metrics_port: int = 0):
-    """The real `rq worker deepfake` command, as users and the manifests run it."""
-    env = {**_worker_env(settings, redis_url), "DEEPFAKE_METRICS_PORT": str(metrics_port)}
-    rq = str(Path(sys.executable).parent / "rq")
-    return subprocess.Popen([rq, "worker", "deepfake", *extra], env=env, stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_status(job_id, redis, status, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        current = Job.fetch(job_id, connection=redis, serializer=JSONSerializer).get_status()
-        if current == status:
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"job {job_id} never reached {status} (now {current})")
-
-
-def test_killed_worker_job_is_retried_to_completion(s3, redis, redis_server, qsettings, moderator, tmp_path):
-    job_id = enqueue(BUCKET, UPLOADS["carphone"], frames=120, settings=qsettings, connection=redis, s3_client=s3)
-    proc = start_rq_worker(qsettings, redis_server.url, tmp_path / "worker.log")
-    try:
-        wait_status(job_id, redis, "started")
-        os.killpg(proc.pid, signal.SIGKILL)  # the pod is gone mid-job
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    registry = StartedJobRegistry("deepfake", connection=redis, serializer=JSONSerializer)
-    assert job_id in registry.get_job_ids(cleanup=False)
-    # RQ's own abandoned-job handling, run as a worker's maintenance does once the heartbeat expires.
-    registry.cleanup(timestamp=time.time() + qsettings.job_timeout_s(120) + 120)
-    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
-    assert job.get_status() == "queued" and job.retries_left == qsettings.job_retries - 1
-    with pytest.raises(s3.exceptions.NoSuchKey):  # nothing half-written by the killed worker
-        stored_verdict(s3, qsettings, UPLOADS["carphone"])
-    burst(redis, qsettings, moderator)
-    state = job_state(job_id, settings=qsettings, connection=redis)
-    assert state.status == "finished" and state.result["video"]["frames_sampled"] == 120
-    assert stored_verdict(s3, qsettings, UPLOADS["carphone"])["created_at"] == state.result["created_at"]
-
-
-def test_sigterm_finishes_the_job_in_hand_then_exits(s3, redis, redis_server, qsettings, tmp_path):
-    from servers import free_ports
-
-    port = free_ports(1)[0]
-    job_id = enqueue(BUCKET, UPLOADS["carphone"], frames=120, settings=qsettings, connection=redis, s3_client=s3)
-    queued_after = enqueue(BUCKET, UPLOADS["vp9_webm"], settings=qsettings, connection=redis, s3_client=s3)
-    proc = start_rq_worker(qsettings, redis_server.url, tmp_path / "worker.log", metrics_port=port)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # the model is loaded before the first job
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
-                    assert resp.status == 200
-                    break
-            except OSError:
-                time.sleep(0.1)
-        wait_status(job_id, redis, "started")
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(120) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    state = job_state(job_id, settings=qsettings, connection=redis)
-    assert state.status == "finished" and state.result["status"] == "ok"
-    assert Job.fetch(queued_after, connection=redis, serializer=JSONSerializer).get_status() == "queued"
-    log = (tmp_path / "worker.log").read_text()
-    assert "job_done" in log
-    ready = next(json.loads(line) for line in log.splitlines() if '"worker_ready"' in line)
-    assert ready["allowed_buckets"] == [BUCKET] and ready["queues"] == ["deepfake"] and ready["load_s"] > 0
-    assert ready["shadow_model"] is None
-    assert "no_bucket_allowed" not in log
-
-
-def test_metrics_and_health_endpoint(s3, redis, redis_server, qsettings, tmp_path):
-    from servers import free_ports
-
-    port = free_ports(1)[0]
-    enqueue(BUCKET, UPLOADS["text_mp4"], settings=qsettings, connection=redis, s3_client=s3)
-    proc = start_rq_worker(qsettings, redis_server.url, tmp_path / "worker.log", metrics_port=port)
-    body, health = "", None
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and "deepfake_jobs_total{" not in body:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-                    body = resp.read().decode()
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "worker.log").read_text()[-2000:]
-                time.sleep(0.05)
-        while time.monotonic() < deadline and health != (200, "idle"):  # "busy" until the job returns
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
-                health = (resp.status, resp.read().decode())
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGTERM)
-        assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert 'deepfake_errors_total{code="not_a_video"} 1.0' in body
-    assert "deepfake_model_loaded 1.0" in body and "deepfake_queue_wait_seconds_count 1.0" in body
-    # the queue's state, read from Redis by the worker process's exporter
-    assert 'deepfake_queue_jobs{queue="deepfake",state="failed"} 0.0' in body
-    assert 'deepfake_queue_oldest_job_age_seconds{queue="deepfake"} 0.0' in body
-    assert health == (200, "idle")
 
 
 def test_worker_uploads_the_report_next_to_the_verdict(s3, redis, qsettings, moderator):

@@ -1,7 +1,7 @@
 """The worker's own metrics behind the alerts (worker/metrics.py): the queue's state read from a real
 redis-server at scrape time, job attempts that raised counted by reason and retry, and a scrape that
 still answers, quickly, when Redis is gone or frozen. (A real `rq worker` process serves them:
-tests/test_queue.py::test_metrics_and_health_endpoint.)"""
+tests/test_worker_process.py::test_metrics_and_health_endpoint.)"""
 from __future__ import annotations
 
 import os

@@ -46,6 +46,25 @@ def stored(s3, settings: Settings, key: str) -> list[dict]:
     return [json.loads(s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()) for o in listed if o["Key"] == vkey]
 
 
+def worker_env(settings: Settings, redis_url: str, **overrides: str) -> dict[str, str]:
+    """The environment of `rq worker deepfake` as the image and the manifests set it, on `settings`."""
+    return {
+        **os.environ, "RQ_REDIS_URL": redis_url, "RQ_WORKER_CLASS": "worker.rq_worker.DeepfakeWorker",
+        "RQ_CONNECTION_CLASS": CONNECTION_CLASS,
+        "DEEPFAKE_MODEL_DIR": str(settings.model_dir), "DEEPFAKE_ALLOWED_BUCKETS": settings.allowed_buckets,
+        "DEEPFAKE_S3_ENDPOINT_URL": settings.s3_endpoint_url, "DEEPFAKE_VERDICT_PREFIX": settings.verdict_prefix,
+        "DEEPFAKE_JOB_RETRIES": str(settings.job_retries), "DEEPFAKE_LOG_FORMAT": "json", "DEEPFAKE_METRICS_PORT": "0",
+        **overrides,
+    }
+
+
+def start_rq_worker(env: dict[str, str], log: Path, queue: str = "deepfake", *extra: str) -> subprocess.Popen:
+    """The real `rq worker` command, as users and the manifests run it, in its own process group."""
+    rq = str(Path(sys.executable).parent / "rq")
+    return subprocess.Popen([rq, "worker", queue, *extra], env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
 @dataclass
 class DurableRedis:
     """A redis-server whose every write is fsynced to an append-only file, so a restart is a real
@@ -93,17 +112,8 @@ class Supervisor:
     def _spawn(self, slot: int) -> None:
         self._gen += 1
         name = f"w{slot}-{self._gen}"
-        env = {**os.environ, "RQ_REDIS_URL": self.redis_url, "RQ_WORKER_CLASS": "worker.rq_worker.DeepfakeWorker",
-               "RQ_CONNECTION_CLASS": CONNECTION_CLASS,
-               "DEEPFAKE_MODEL_DIR": str(self.settings.model_dir), "DEEPFAKE_ALLOWED_BUCKETS": self.settings.allowed_buckets,
-               "DEEPFAKE_S3_ENDPOINT_URL": self.settings.s3_endpoint_url, "DEEPFAKE_FRAMES": "4",
-               "DEEPFAKE_VERDICT_PREFIX": self.settings.verdict_prefix, "DEEPFAKE_LOG_FORMAT": "json",
-               "DEEPFAKE_METRICS_PORT": "0", "DEEPFAKE_JOB_RETRIES": str(self.settings.job_retries),
-               "OMP_NUM_THREADS": "1", **self.env}
-        rq = str(Path(sys.executable).parent / "rq")
-        self.procs[name] = subprocess.Popen([rq, "worker", self.settings.queue, "--name", name], env=env,
-                                            stdout=open(self.logdir / f"{name}.log", "wb"), stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+        env = worker_env(self.settings, self.redis_url, **{"DEEPFAKE_FRAMES": "4", "OMP_NUM_THREADS": "1", **self.env})
+        self.procs[name] = start_rq_worker(env, self.logdir / f"{name}.log", self.settings.queue, "--name", name)
 
     def start(self) -> "Supervisor":
         for slot in range(self.count):

@@ -1,0 +1,144 @@
+"""`rq worker deepfake` as a process, as the image and the manifests run it, against a real
+redis-server and S3 server: SIGKILL mid-job (the job is retried to completion, nothing half-written),
+SIGTERM mid-job (the job in hand finishes, then the worker exits), and its /metrics and /healthz."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+
+import pytest
+from rq.job import Job
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
+from servers import free_ports
+from workers import burst, start_rq_worker, worker_env
+
+from worker.queue import enqueue, job_state
+from worker.settings import Settings
+
+BUCKET = "lifecycle"
+UPLOADS = {"carphone": "clips/carphone.mp4", "vp9_webm": "clips/vp9.webm", "text_mp4": "bad/text.mp4"}
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server, corpus):
+    client = s3_server.client()
+    client.create_bucket(Bucket=BUCKET)
+    for name, key in UPLOADS.items():
+        client.put_object(Bucket=BUCKET, Key=key, Body=corpus[name].read_bytes(), ContentType="video/mp4")
+    return client
+
+
+@pytest.fixture()
+def qsettings(random_model_dir, redis_server, s3_server, tmp_path):
+    return Settings(
+        model_dir=random_model_dir, redis_url=redis_server.url, s3_endpoint_url=s3_server.endpoint,
+        allowed_buckets=BUCKET, frames=8, metrics_port=0, log_format="json", job_retries=2,
+        verdict_prefix=f"verdicts-{tmp_path.name}/",
+    )
+
+
+def stored_verdict(s3, settings, key):
+    body = s3.get_object(Bucket=BUCKET, Key=f"{settings.verdict_prefix}{key}.json")["Body"].read()
+    return json.loads(body)
+
+
+def wait_status(job_id, redis, status, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        current = Job.fetch(job_id, connection=redis, serializer=JSONSerializer).get_status()
+        if current == status:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job_id} never reached {status} (now {current})")
+
+
+def test_killed_worker_job_is_retried_to_completion(s3, redis, redis_server, qsettings, moderator, tmp_path):
+    job_id = enqueue(BUCKET, UPLOADS["carphone"], frames=120, settings=qsettings, connection=redis, s3_client=s3)
+    proc = start_rq_worker(worker_env(qsettings, redis_server.url, DEEPFAKE_FRAMES="32"), tmp_path / "worker.log")
+    try:
+        wait_status(job_id, redis, "started")
+        os.killpg(proc.pid, signal.SIGKILL)  # the pod is gone mid-job
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    registry = StartedJobRegistry("deepfake", connection=redis, serializer=JSONSerializer)
+    assert job_id in registry.get_job_ids(cleanup=False)
+    # RQ's own abandoned-job handling, run as a worker's maintenance does once the heartbeat expires.
+    registry.cleanup(timestamp=time.time() + qsettings.job_timeout_s(120) + 120)
+    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    assert job.get_status() == "queued" and job.retries_left == qsettings.job_retries - 1
+    with pytest.raises(s3.exceptions.NoSuchKey):  # nothing half-written by the killed worker
+        stored_verdict(s3, qsettings, UPLOADS["carphone"])
+    burst(redis, qsettings, moderator)
+    state = job_state(job_id, settings=qsettings, connection=redis)
+    assert state.status == "finished" and state.result["video"]["frames_sampled"] == 120
+    assert stored_verdict(s3, qsettings, UPLOADS["carphone"])["created_at"] == state.result["created_at"]
+
+
+def test_sigterm_finishes_the_job_in_hand_then_exits(s3, redis, redis_server, qsettings, tmp_path):
+    port = free_ports(1)[0]
+    job_id = enqueue(BUCKET, UPLOADS["carphone"], frames=120, settings=qsettings, connection=redis, s3_client=s3)
+    queued_after = enqueue(BUCKET, UPLOADS["vp9_webm"], settings=qsettings, connection=redis, s3_client=s3)
+    env = worker_env(qsettings, redis_server.url, DEEPFAKE_FRAMES="32", DEEPFAKE_METRICS_PORT=str(port))
+    proc = start_rq_worker(env, tmp_path / "worker.log")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the model is loaded before the first job
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                    assert resp.status == 200
+                    break
+            except OSError:
+                time.sleep(0.1)
+        wait_status(job_id, redis, "started")
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    state = job_state(job_id, settings=qsettings, connection=redis)
+    assert state.status == "finished" and state.result["status"] == "ok"
+    assert Job.fetch(queued_after, connection=redis, serializer=JSONSerializer).get_status() == "queued"
+    log = (tmp_path / "worker.log").read_text()
+    assert "job_done" in log
+    ready = next(json.loads(line) for line in log.splitlines() if '"worker_ready"' in line)
+    assert ready["allowed_buckets"] == [BUCKET] and ready["queues"] == ["deepfake"] and ready["load_s"] > 0
+    assert ready["shadow_model"] is None
+    assert "no_bucket_allowed" not in log
+
+
+def test_metrics_and_health_endpoint(s3, redis, redis_server, qsettings, tmp_path):
+    port = free_ports(1)[0]
+    enqueue(BUCKET, UPLOADS["text_mp4"], settings=qsettings, connection=redis, s3_client=s3)
+    env = worker_env(qsettings, redis_server.url, DEEPFAKE_FRAMES="32", DEEPFAKE_METRICS_PORT=str(port))
+    proc = start_rq_worker(env, tmp_path / "worker.log")
+    body, health = "", None
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "deepfake_jobs_total{" not in body:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+                    body = resp.read().decode()
+            except OSError:
+                assert proc.poll() is None, (tmp_path / "worker.log").read_text()[-2000:]
+                time.sleep(0.05)
+        while time.monotonic() < deadline and health != (200, "idle"):  # "busy" until the job returns
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                health = (resp.status, resp.read().decode())
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert 'deepfake_errors_total{code="not_a_video"} 1.0' in body
+    assert "deepfake_model_loaded 1.0" in body and "deepfake_queue_wait_seconds_count 1.0" in body
+    # the queue's state, read from Redis by the worker process's exporter
+    assert 'deepfake_queue_jobs{queue="deepfake",state="failed"} 0.0' in body
+    assert 'deepfake_queue_oldest_job_age_seconds{queue="deepfake"} 0.0' in body
+    assert health == (200, "idle")
