@@ -3,6 +3,7 @@ the slow test trains the reduced-width model on the real-footage SBI demo data."
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import socket
 import time
@@ -183,6 +184,22 @@ def test_resume_continues_exactly(tmp_path):
         assert int(pa[i]["step"]) == int(pb[i]["step"]) == 6
         torch.testing.assert_close(pb[i]["exp_avg_sq"], pa[i]["exp_avg_sq"], rtol=1e-4, atol=1e-9)
     assert last_b["scheduler"] == last_a["scheduler"]
+
+
+def test_resuming_with_other_settings_says_what_each_change_does(tmp_path, caplog):
+    ds, val = Synthetic(32), Synthetic(8, seed=1)
+    train(cfg_for(tmp_path, epochs=1, max_steps_per_epoch=1, lr=1e-3), ds, val)
+    last = str(tmp_path / "run" / "last.pt")
+    with caplog.at_level(logging.WARNING, logger="training.train"):
+        resumed = train(cfg_for(tmp_path, epochs=2, max_steps_per_epoch=1, lr=5e-4, batch_size=8, resume=last), ds, val)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming ")]
+    assert len(said) == 2, said
+    assert "lr 0.001 -> 0.0005: ignored" in said[0] and "batch_size 16 -> 8: applies from the next epoch" in said[1]
+    assert resumed.history[-1]["lr"] == pytest.approx(1e-3)  # what the warning says: the saved state won
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="training.train"):  # the same settings: nothing to say
+        train(cfg_for(tmp_path, epochs=3, max_steps_per_epoch=1, lr=5e-4, batch_size=8, resume=last), ds, val)
+    assert not [r for r in caplog.records if r.getMessage().startswith("resuming ")]
 
 
 def test_frequency_normalisation_is_fitted_on_training_crops(tmp_path):

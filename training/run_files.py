@@ -1,5 +1,6 @@
 """What a training run writes into its directory: checkpoints replaced atomically, the per-epoch
-metrics CSV and (when the tensorboard package is installed) TensorBoard events."""
+metrics CSV and (when the tensorboard package is installed) TensorBoard events; and what a resumed
+run does with settings that differ from the checkpoint's."""
 from __future__ import annotations
 
 import csv
@@ -36,3 +37,26 @@ def tensorboard_writer(out_dir: Path, enabled: bool):
     except ImportError:  # tensorboard is optional
         return None
     return SummaryWriter(str(out_dir / "tensorboard"))
+
+
+# Settings a resumed run takes from the checkpoint whatever it is told: the optimizer's and the
+# scheduler's saved state hold them (a plateau may have lowered the learning rate since).
+KEPT_ON_RESUME = ("lr", "stitch_lr", "betas", "eps", "weight_decay", "plateau_factor", "plateau_patience")
+# Settings a resumed run applies from its next epoch, so that it no longer draws the batches an
+# unbroken run would have drawn.
+CHANGED_ON_RESUME = ("batch_size", "seed", "processes", "amp", "balance", "paired", "max_steps_per_epoch")
+
+
+def resume_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """One line per setting of `now` that differs from the `saved` run's config, saying what happens."""
+    lines = []
+    for name in (*KEPT_ON_RESUME, *CHANGED_ON_RESUME):
+        if name in saved and name in now and _norm(saved[name]) != _norm(now[name]):
+            effect = ("ignored: the optimizer and scheduler resume with their saved state" if name in KEPT_ON_RESUME
+                      else "applies from the next epoch: the run no longer matches an unbroken one")
+            lines.append(f"{name} {saved[name]!r} -> {now[name]!r}: {effect}")
+    return lines
+
+
+def _norm(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value

@@ -45,7 +45,7 @@ from training.evaluate import accuracy, roc_auc, video_level
 from training.models import create_model
 from training.models.cross_stitch import param_groups
 from training.normalise import fit_frequency_norm
-from training.run_files import save_atomic, tensorboard_writer, write_csv
+from training.run_files import resume_changes, save_atomic, tensorboard_writer, write_csv
 from training.sampling import Augment, EpochCycle, PairedBatchSampler, labels_of, sbi_pair_key
 
 __all__ = ["Augment", "EpochCycle", "PairedBatchSampler", "TrainConfig", "TrainResult", "build_optimizer",
@@ -257,6 +257,8 @@ def train(
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best, history = int(ckpt["epoch"]), ckpt.get("best"), list(ckpt.get("history", []))
+        for change in resume_changes(ckpt.get("config") or {}, {**asdict(cfg), "processes": world}) if rank == 0 else ():
+            log.warning("resuming %s with %s", cfg.resume, change)
         src = Path(cfg.resume).with_name("best.pt")  # resuming into another directory: bring the best along
         if rank == 0 and not best_path.exists() and src.exists():
             shutil.copy2(src, best_path)
@@ -352,7 +354,7 @@ def train(
         history.append(row)
         if rank == 0:
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            meta = {"model_config": getattr(model, "model_config", None), "config": asdict(cfg)}
+            meta = {"model_config": getattr(model, "model_config", None), "config": {**asdict(cfg), "processes": world}}
             if improved:
                 save_atomic({"model": state, "epoch": epoch + 1, "metrics": best, **meta}, best_path)
             save_atomic({"model": state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
