@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cycle", nargs="*", type=Path, default=[], help="extra training caches shown one per epoch "
                    "(e.g. SBI variants from make-demo-data --variants)")
     p.add_argument("--out", required=True, type=Path, help="run directory")
-    p.add_argument("--resume", type=Path, help="continue from this last.pt (its optimizer and scheduler state keep their learning rates; changed settings are named in a warning)")
+    p.add_argument("--resume", type=Path, help="continue from this last.pt (its optimizer and scheduler state "
+                   "keep their learning rates; changed settings are named in a warning)")
     p.add_argument("--augment", action="store_true",
                    help="random zoom/shift/greyscale/brightness/contrast (training.sampling.Augment)")
     p.add_argument("--hflip", action="store_true", help="flip half the training crops left-right")
