@@ -75,6 +75,7 @@ RUN if [ ! -f /opt/deepfake/model/model.json ]; then \
     && install -d -o 10001 -g 10001 -m 0750 /var/cache/deepfake
 # The worker: settings by environment (a Kubernetes ConfigMap overrides any of these).
 ENV RQ_WORKER_CLASS=worker.rq_worker.DeepfakeWorker \
+    RQ_JOB_CLASS=worker.rq_worker.DeepfakeJob \
     RQ_CONNECTION_CLASS=worker.redis_client.WaitingRedis \
     DEEPFAKE_MODEL_DIR=/opt/deepfake/model \
     DEEPFAKE_DEVICE=cuda \
@@ -143,6 +144,7 @@ RUN if [ ! -f /opt/deepfake/model/model.json ]; then \
     && install -d -o 10001 -g 10001 -m 0750 /var/cache/deepfake
 # The worker: settings by environment (a Kubernetes ConfigMap overrides any of these).
 ENV RQ_WORKER_CLASS=worker.rq_worker.DeepfakeWorker \
+    RQ_JOB_CLASS=worker.rq_worker.DeepfakeJob \
     RQ_CONNECTION_CLASS=worker.redis_client.WaitingRedis \
     DEEPFAKE_MODEL_DIR=/opt/deepfake/model \
     DEEPFAKE_DEVICE=cpu \

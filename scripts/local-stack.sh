@@ -45,7 +45,7 @@ fi
 cat >"$ENV_FILE" <<ENV
 export AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY
 export RQ_REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0
-export RQ_WORKER_CLASS=worker.rq_worker.DeepfakeWorker RQ_CONNECTION_CLASS=worker.redis_client.WaitingRedis
+export RQ_WORKER_CLASS=worker.rq_worker.DeepfakeWorker RQ_JOB_CLASS=worker.rq_worker.DeepfakeJob RQ_CONNECTION_CLASS=worker.redis_client.WaitingRedis
 export DEEPFAKE_S3_ENDPOINT_URL=http://127.0.0.1:$S3_PORT
 export DEEPFAKE_ALLOWED_BUCKETS=uploads
 export PATH="$PWD/.venv/bin:\$PATH"

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import generate_latest
 from workers import burst
 
-from worker.queue import enqueue, job_state
+from worker.queue import enqueue, get_queue, job_state, queue_status
 from worker.settings import Settings
 from worker.webhooks import (
     SIGNATURE_HEADER, HostPolicy, WebhookFailed, WebhookRefused, deliver, resolve, sign, summary, verify_signature,
@@ -247,3 +247,43 @@ def test_a_failed_job_posts_the_error_line_only(s3, redis, redis_server, s3_serv
     assert body["error"].startswith("ValueError: frames must be an integer from 1 to 1024")
     assert "Traceback" not in req["body"].decode() and "File \"" not in req["body"].decode()
     assert webhook_counts(worker) == {"sent": 1.0}
+
+
+def _abandon(redis, job_id: str) -> None:
+    """What a worker killed mid-job leaves behind: the job started, in the started registry, its
+    heartbeat long expired, and no worker left to finish it."""
+    from rq.job import Job, JobStatus
+    from rq.registry import StartedJobRegistry
+    from rq.serializers import JSONSerializer
+
+    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    get_queue(redis, "deepfake").remove(job.id)
+    job.set_status(JobStatus.STARTED)
+    key = StartedJobRegistry("deepfake", connection=redis).key
+    redis.zadd(key, {f"{job.id}:gone-worker-execution": time.time() - 60})  # its heartbeat ran out a minute ago
+
+
+@pytest.mark.parametrize("hosts", ["", "127.0.0.1"], ids=["unlisted", "listed"])
+def test_counting_the_started_registry_outside_a_worker_sends_only_vetted_signed_webhooks(
+        hosts, s3, redis, redis_server, s3_server, random_model_dir, receiver, tmp_path, monkeypatch):
+    """`deepfake status` counts RQ's started registry, which moves an abandoned job on and sends its
+    webhooks: through the job's own class, never RQ's (unsigned, to any address, RQ's body)."""
+    import worker.runtime
+
+    settings = worker_settings(random_model_dir, redis_server, s3_server, tmp_path, job_retries=0)
+    job_id = enqueue(BUCKET, KEY, webhook_url=receiver.url(), settings=settings, connection=redis, s3_client=s3)
+    _abandon(redis, job_id)
+    monkeypatch.setattr(worker.runtime, "_runtime", None)  # a CLI process: no worker runtime, no model
+    monkeypatch.setenv("DEEPFAKE_WEBHOOK_HOSTS", hosts)
+    monkeypatch.setenv("DEEPFAKE_WEBHOOK_SECRET", "hook-key")
+    status = queue_status(settings=settings, connection=redis)
+    assert status["started"] == 0 and status["failed"] == 1  # the abandoned job was failed, as RQ does
+    assert worker.runtime._runtime is None  # and no model was loaded to send its webhook
+    if not hosts:
+        assert receiver.requests == []  # loopback is not a public address
+        return
+    [req] = receiver.requests
+    assert verify_signature("hook-key", req["headers"][SIGNATURE_HEADER], req["body"])
+    body = json.loads(req["body"])
+    assert body["job_id"] == job_id and body["status"] == "failed" and "AbandonedJobError" in body["error"]
+    assert "func_name" not in body and "exc_info" not in body  # not RQ's own body

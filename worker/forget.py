@@ -16,12 +16,12 @@ from typing import Any, Callable
 
 from redis import Redis
 from rq.job import Job
-from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
 
 from worker import upload_index
 from worker.jobs import MODERATE_FUNC
-from worker.queue import connect, get_queue
+from worker.queue import connect, get_queue, started_registry
 from worker.s3 import S3Location, make_client, validate_location
 from worker.settings import Settings
 from worker.verdict_store import VerdictStore
@@ -57,7 +57,7 @@ def jobs_for(connection: Redis, queue_name: str, bucket: str, key: str, *, scan:
     every finished and failed job, for jobs older than the index."""
     queue = get_queue(connection, queue_name)
     indexed, _ = upload_index.recorded(connection, bucket, key)
-    candidates = indexed | set(queue.get_job_ids()) | set(StartedJobRegistry(queue=queue).get_job_ids())
+    candidates = indexed | set(queue.get_job_ids()) | set(started_registry(queue).get_job_ids())
     if scan:
         for registry in (FinishedJobRegistry(queue=queue), FailedJobRegistry(queue=queue)):
             candidates |= set(registry.get_job_ids())
@@ -104,7 +104,7 @@ def forget(
     connection = connection or connect(settings)
     s3 = s3_client or make_client(settings.s3_endpoint_url, settings.s3_region)
     out = Forgotten(f"s3://{bucket}/{key}")
-    started = StartedJobRegistry(queue=get_queue(connection, settings.queue))
+    started = started_registry(get_queue(connection, settings.queue))
     deadline = time.monotonic() + (default_wait_s(settings) if wait_s is None else wait_s)
     while True:
         jobs = jobs_for(connection, settings.queue, bucket, key, scan=scan)

@@ -26,7 +26,7 @@ from rq.webhook import Webhook
 from worker import upload_index
 from worker.errors import last_line
 from worker.jobs import MODERATE_FUNC
-from worker.rq_worker import model_key
+from worker.rq_worker import DeepfakeJob, model_key
 from worker.s3 import make_client, validate_location
 from worker.settings import Settings
 
@@ -42,7 +42,16 @@ def connect(settings: Settings) -> Redis:
 
 
 def get_queue(connection: Redis, name: str) -> Queue:
-    return Queue(name, connection=connection, serializer=JSONSerializer)
+    """The queue with the workers' job class: RQ's registry cleanup, which counting a registry runs,
+    retries or fails abandoned jobs and sends their webhooks, and RQ's own Job would send them
+    unsigned, unvetted and with its own body (worker.rq_worker.DeepfakeJob.send_webhooks)."""
+    return Queue(name, connection=connection, serializer=JSONSerializer, job_class=DeepfakeJob)
+
+
+def started_registry(queue: Queue) -> StartedJobRegistry:
+    """The queue's started registry with the queue's job class, which RQ's registries do not take from
+    the queue: its cleanup (run by counting or listing it) handles abandoned jobs and their webhooks."""
+    return StartedJobRegistry(queue=queue, job_class=queue.job_class)
 
 
 def dedupe_key(queue: str, bucket: str, key: str, etag: str, frames: int, model_sha256: str,
@@ -179,7 +188,7 @@ def queue_status(*, settings: Settings | None = None, connection: Redis | None =
         "queue": settings.queue,
         "queued": depths["queued"],  # the list's length, as queue.count reads it
         # the registries' own counts: they drop expired entries first, which /metrics does not
-        "started": StartedJobRegistry(queue=queue).count,
+        "started": started_registry(queue).count,
         "finished": FinishedJobRegistry(queue=queue).count,
         "failed": FailedJobRegistry(queue=queue).count,
         "oldest_waiting_s": round(depths["oldest_waiting_s"], 1),

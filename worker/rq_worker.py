@@ -31,7 +31,7 @@ from worker.jobs import MODERATE_FUNC, JobTimedOut
 from worker.logging import configure_logging
 from worker.metrics import heartbeat_fresh, serve
 from worker.redis_client import database_address, ride_out, waiting_for_space, without_password
-from worker.runtime import WorkerRuntime, current, install
+from worker.runtime import WorkerRuntime, install, installed
 from worker.settings import Settings
 from worker.webhooks import HostPolicy, WebhookFailed, WebhookRefused, deliver, summary
 
@@ -75,12 +75,15 @@ class DeepfakeJob(Job):
         return super().func
 
     def send_webhooks(self, status: Any, *, exc_string: str | None = None) -> None:
-        """RQ's webhooks, sent through `worker.webhooks.deliver`: vetted receiver, summary, signature."""
+        """RQ's webhooks, sent through `worker.webhooks.deliver`: vetted receiver, summary, signature.
+        Outside a worker (`deepfake status`, or `rq info` with RQ_JOB_CLASS set to this class, whose
+        registry counts move an abandoned job on and send its webhooks) the settings come from the
+        environment, and no model is loaded for it."""
         hooks = [w for w in self.webhooks if w.job_status == status]
         if not hooks:
             return
-        rt = current()
-        s = rt.settings
+        rt = installed()
+        s = rt.settings if rt is not None else Settings()
         status = JobStatus(status).value
         policy = HostPolicy.parse(s.webhook_hosts)
         secret = s.webhook_secret.get_secret_value() if s.webhook_secret else None
@@ -99,7 +102,8 @@ class DeepfakeJob(Job):
             except WebhookFailed as exc:
                 outcome = "failed"
                 log.warning("webhook_failed", job_id=self.id, host=host, reason=str(exc))
-            rt.metrics.webhooks.labels(outcome=outcome).inc()
+            if rt is not None:
+                rt.metrics.webhooks.labels(outcome=outcome).inc()
 
     # Callbacks are dotted paths in the job's hash too: never imported or called.
     @property

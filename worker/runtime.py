@@ -168,6 +168,11 @@ def install(runtime: WorkerRuntime) -> None:
     _runtime = runtime
 
 
+def installed() -> WorkerRuntime | None:
+    """The runtime a worker installed, if this process is one (never built on demand)."""
+    return _runtime
+
+
 def current() -> WorkerRuntime:
     """The installed runtime, or one built from the environment on first use."""
     global _runtime
