@@ -344,3 +344,70 @@ def test_torch_engine_cuda_autocast(model_and_dir, face_crops, reference, precis
     err = float(np.abs(engine.predict(face_crops) - reference).max())
     # autocast is not a parity mode; H200 measured 2.5e-3 (bf16) and 2.8e-4 (fp16)
     assert err <= (1e-2 if precision == "bf16" else 2e-3), err
+
+
+def test_tensorrt_fp32_pinning_covers_the_spectrum_and_stops_at_its_convolution() -> None:
+    """What TensorRTEngine._pin_spectrum_fp32 pins, run over the packaged model's real ONNX graph laid
+    out as TensorRT's parser lays it out (one layer per node, a constant layer per tensor initializer).
+    TensorRT itself cannot run here (no GPU, no package): its layer API is stood in for by the few
+    attributes the method reads, and the engine is checked on a GPU with TensorRT (bench/gpu_verify.py)."""
+    import types
+
+    import onnx
+
+    from worker.engine.tensorrt_engine import TensorRTEngine
+    from worker.pipeline import DEFAULT_MODEL_DIR
+
+    kinds = {"MatMul": "MATRIX_MULTIPLY", "Gemm": "MATRIX_MULTIPLY", "Abs": "UNARY", "Log": "UNARY",
+             "Add": "ELEMENTWISE", "Sub": "ELEMENTWISE", "Mul": "ELEMENTWISE", "Div": "ELEMENTWISE",
+             "Softmax": "SOFTMAX", "Conv": "CONVOLUTION", "Relu": "ACTIVATION", "MaxPool": "POOLING",
+             "ReduceMean": "REDUCE", "Concat": "CONCATENATION", "Gather": "GATHER", "Reshape": "SHUFFLE"}
+    trt = types.SimpleNamespace(LayerType=types.SimpleNamespace(**{k: k for k in {*kinds.values(), "CONSTANT"}}),
+                                float32="float32", float16="float16")
+
+    class Tensor:
+        def __init__(self, name: str) -> None:
+            self.name, self.dtype = name, "float32"
+
+    class Layer:
+        def __init__(self, kind: str, inputs: list[str], outputs: list[str]) -> None:
+            self.type, self.precision, self.output_types = kind, None, {}
+            self._in, self._out = [Tensor(n) for n in inputs], [Tensor(n) for n in outputs]
+            self.num_inputs, self.num_outputs = len(inputs), len(outputs)
+
+        def get_input(self, j: int) -> Tensor:
+            return self._in[j]
+
+        def get_output(self, j: int) -> Tensor:
+            return self._out[j]
+
+        def set_output_type(self, j: int, dtype: str) -> None:
+            self.output_types[j] = dtype
+
+    graph = onnx.load(str(DEFAULT_MODEL_DIR / "model.onnx")).graph
+    weights = {i.name for i in graph.initializer}
+    layers: list[Layer] = []
+    for node in graph.node:
+        tensor_inputs = list(node.input) if node.op_type != "Conv" else node.input[:1]  # a conv's are its weights
+        layers += [Layer("CONSTANT", [], [name]) for name in tensor_inputs if name in weights]
+        layers.append(Layer(kinds[node.op_type], tensor_inputs, list(node.output)))
+    network = types.SimpleNamespace(num_layers=len(layers), get_layer=layers.__getitem__)
+    engine = TensorRTEngine.__new__(TensorRTEngine)
+    engine.trt = trt
+    count = engine._pin_spectrum_fp32(network)
+
+    pinned = {layer.get_output(0).name for layer in layers if layer.precision == "float32"}
+    assert count == len(pinned)
+    spectrum = {"matmul", "matmul_1", "abs_1", "add_25", "log", "sub_8", "div_1"}  # DCT · DCTᵀ → |·|+ε → log → norm
+    assert spectrum <= pinned
+    assert {"model.freq_transform.dct", "model.freq_transform.dct_t", "val_0", "model.freq_mean",
+            "model.freq_std"} <= pinned  # the matrices and constants they read, never stored in FP16
+    assert all(layer.output_types == {0: "float32"} for layer in layers if layer.precision == "float32")
+    # It stops at the convolution reading the spectrum: no convolution, no cross-stitch, no residual
+    # sum and not the RGB branch's own normalisation (sub, div on the crops) runs in FP32.
+    assert not any(layer.type in ("CONVOLUTION", "POOLING", "ACTIVATION") for layer in layers
+                   if layer.precision == "float32")
+    elementwise = {layer.get_output(0).name for layer in layers if layer.type == "ELEMENTWISE"}
+    assert elementwise & pinned == {"add_25", "sub_8", "div_1"}
+    # The classifier's matrix products and the softmax are pinned too (small, and the probabilities' last step).
+    assert {"linear", "linear_1", "logits", "softmax"} <= pinned

@@ -32,3 +32,21 @@ def test_the_gpu_check_dry_runs_every_section_without_an_error(tmp_path):
     assert results["parity"]["crops"] == 32 and all(
         r["fp32"] < 1e-6 for name, r in results["parity"].items() if isinstance(r, dict))
     assert results["pipeline"]["clip1080p_pipeline_1w"]["per_worker"][0]["status"] == "ok"
+
+
+def test_a_misspelt_section_or_mode_stops_the_check_before_any_device_time(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/gpu_verify.py", "--out", str(tmp_path), "--sections",
+                           "decode,pipline", "--modes", "fp16,fp61"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "unknown section or mode: pipline, fp61" in proc.stderr
+    assert not (tmp_path / "gpu_verify.json").exists()  # nothing ran, not even the environment probe
+
+
+def test_each_section_gets_its_share_of_the_budget_in_whatever_order_they_run():
+    sys.path.insert(0, str(ROOT))
+    from bench.gpu_verify import deadlines
+
+    # Throughput last (as the README's command runs it) still gets its share, not a deadline long past.
+    assert deadlines(["decode", "detect", "pipeline", "throughput"], 0.0, 450.0) == pytest.approx(
+        {"decode": 50.0, "detect": 100.0, "pipeline": 250.0, "throughput": 450.0})
+    assert deadlines(["throughput"], 10.0, 100.0) == {"throughput": 110.0}

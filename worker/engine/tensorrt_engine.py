@@ -1,6 +1,7 @@
 """The TensorRT engine: builds a plan from the model directory's ONNX file, caches it, runs it on CUDA.
 
-Needs the ``tensorrt`` Python package (TensorRT 8.6 or 10.x; written against the 10.x API) and a CUDA
+Needs the ``tensorrt`` Python package (TensorRT 10.x: its builder flags FP16 and INT8 and the INT8
+calibrator, used here, are deprecated in 10.12 and gone in 11, which is refused with a clear error) and a CUDA
 GPU with PyTorch's CUDA build — device buffers are torch CUDA tensors and the stream is a torch
 stream, so there is no pycuda dependency. ``import tensorrt`` happens only when this engine is
 constructed: ``worker.engine`` imports without it, and constructing the engine without it raises
@@ -12,8 +13,9 @@ real wheels from NVIDIA's index at install time, so an offline or PyPI-only buil
 * base the GPU image on NVIDIA's ``nvcr.io/nvidia/tensorrt:<yy.mm>-py3`` (TensorRT, CUDA, cuDNN and
   the ``tensorrt`` Python bindings preinstalled; pick the release whose CUDA matches the torch
   wheel), or
-* in the image build, ``pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu12==10.*``
-  (``tensorrt-cu12-libs`` and ``tensorrt-cu12-bindings`` come along) next to a CUDA 12 torch.
+* in the image build, ``pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13==10.*``
+  (``tensorrt-cu13-libs`` and ``tensorrt-cu13-bindings`` come along) next to the CUDA 13 torch
+  (``tensorrt-cu12`` beside a CUDA 12 torch).
 
 Precision: ``fp16`` (default), ``fp32``, or ``int8`` (implicit quantisation with an entropy
 calibrator over real face crops: a directory of images, a ``.npy`` file of N×S×S×3 uint8 crops, or
@@ -21,16 +23,20 @@ such an array; FP16 is also enabled so layers INT8 cannot run fall back to FP16,
 fp16/int8 builds the frequency branch's log-spectrum (the DCT matrix products, |·|, log and the
 elementwise ops right after) is pinned to FP32: small DCT coefficients are differences of large
 sums, and fp16 rounding there moves log|·| by whole units (PyTorch's layer disables autocast for
-the same reason).
+the same reason). TF32, which TensorRT allows for FP32 layers by default, is turned off in every
+build: it rounds products to 10-bit mantissas, and on the H200 TF32 moved PyTorch's probabilities by
+up to 0.109 (README).
 
 Batch profile: min 1, opt = max = ``batch_size``; ``predict`` cuts its input into chunks of at most
 ``batch_size`` and sets the actual shape per chunk. Built plans are cached (``worker.engine.cache``)
-under a key of GPU, compute capability, TensorRT version, ONNX sha256, precision and profile.
+under a key of GPU, compute capability, TensorRT version, ONNX sha256, precision, profile and
+``BUILD_RECIPE``, bumped whenever the build settings change so that no plan built otherwise is reused.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +51,9 @@ from worker.engine.onnx_engine import onnx_path_of
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
+# The build settings' version, in the plan cache key: 2 = TF32 off, the whole elementwise chain after
+# the spectrum pinned to FP32.
+BUILD_RECIPE = 2
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -59,7 +68,7 @@ def import_tensorrt() -> Any:
         raise TensorRTUnavailable(
             "the 'tensorrt' engine needs NVIDIA TensorRT's Python package 'tensorrt', which is not installed "
             f"({exc}). Use an image based on nvcr.io/nvidia/tensorrt, or install it with "
-            "`pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu12`; "
+            "`pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13`; "
             "or choose engine 'onnxruntime' / 'pytorch' (or 'auto')."
         ) from exc
     return trt
@@ -113,7 +122,10 @@ def _make_calibrator(trt: Any, crops: np.ndarray, batch_size: int, device: Any, 
         def get_batch(self, names: list[str]) -> list[int] | None:
             if self.pos + self.batch > len(self.crops):  # whole batches only (the profile's opt shape)
                 return None
+            import torch
+
             self.current = _to_device_nchw(self.crops[self.pos : self.pos + self.batch], device)
+            torch.cuda.current_stream(device).synchronize()  # TensorRT reads it on its own stream
             self.pos += self.batch
             return [int(self.current.data_ptr())]
 
@@ -123,9 +135,13 @@ def _make_calibrator(trt: Any, crops: np.ndarray, batch_size: int, device: Any, 
             return None
 
         def write_calibration_cache(self, cache: Any) -> None:
-            if cache_file is not None:
+            if cache_file is None:
+                return
+            try:  # raising inside TensorRT's callback could abort the process; a read-only cache is allowed
                 cache_file.parent.mkdir(parents=True, exist_ok=True)
                 cache_file.write_bytes(bytes(cache))
+            except OSError as exc:
+                log.warning("could not keep the INT8 calibration cache at %s: %s", cache_file, exc)
 
     return CropCalibrator()
 
@@ -153,6 +169,10 @@ class TensorRTEngine:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        major = int(trt.__version__.split(".")[0])
+        if major != 10:
+            raise TensorRTUnavailable(f"the 'tensorrt' engine is written for TensorRT 10.x; this is {trt.__version__} "
+                                      "(choose engine 'onnxruntime' or 'pytorch')")
         self.trt = trt
         self.model_dir = Path(model_dir)
         self.card = ModelCard.load(self.model_dir)
@@ -169,7 +189,7 @@ class TensorRTEngine:
         self.logger = _logger(trt)
 
         calib_crops = None
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"recipe": BUILD_RECIPE}
         if precision == "int8":
             if calibration is None:
                 raise ValueError("precision 'int8' needs calibration crops (a directory of images, a .npy or an array)")
@@ -204,6 +224,7 @@ class TensorRTEngine:
             self.stream = torch.cuda.Stream(device=self.device)
         self._bind_names()
         self.backend = f"tensorrt-{precision}"
+        self._lock = threading.Lock()  # one execution context: one batch at a time
 
     # -- build ----------------------------------------------------------------------------------------
 
@@ -212,9 +233,7 @@ class TensorRTEngine:
         log.info("building a TensorRT %s engine from %s (batch 1..%d); this takes minutes",
                  self.precision, self.onnx_path, self.batch_size)
         builder = trt.Builder(self.logger)
-        major = int(trt.__version__.split(".")[0])
-        flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-        network = builder.create_network(flags)
+        network = builder.create_network(0)  # explicit batch, the only kind TensorRT 10 has
         parser = trt.OnnxParser(network, self.logger)
         if not parser.parse_from_file(str(self.onnx_path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -222,6 +241,7 @@ class TensorRTEngine:
 
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_bytes)
+        config.clear_flag(trt.BuilderFlag.TF32)  # on by default for FP32 layers: see the module doc
         inp = network.get_input(0)
         profile = builder.create_optimization_profile()
         shape = lambda b: (b, 3, self.size, self.size)  # noqa: E731
@@ -245,25 +265,41 @@ class TensorRTEngine:
 
     def _pin_spectrum_fp32(self, network: Any) -> int:
         """Keep the log-spectrum in FP32: matrix products, unary ops (abs, log, …), softmax, and the
-        elementwise layers that consume their outputs (the +eps and the normalisation after the log)."""
+        chains of elementwise layers that consume their outputs (the +eps, the normalisation's
+        subtraction and division), up to the first layer of another kind (the convolution); and the
+        constants (the DCT matrices) and reshapes that feed them, so that no weight is stored in FP16
+        on its way in."""
         trt = self.trt
         pinned_types = {trt.LayerType.MATRIX_MULTIPLY, trt.LayerType.UNARY, trt.LayerType.SOFTMAX}
-        pinned_outputs: set[str] = set()
-        count = 0
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            feeds = {layer.get_input(j).name for j in range(layer.num_inputs) if layer.get_input(j) is not None}
-            pin = layer.type in pinned_types or (layer.type == trt.LayerType.ELEMENTWISE and feeds & pinned_outputs)
-            if not pin:
-                continue
+        feeder_types = {trt.LayerType.CONSTANT, trt.LayerType.SHUFFLE}
+        layers = [network.get_layer(i) for i in range(network.num_layers)]
+
+        def inputs(layer: Any) -> set[str]:
+            return {layer.get_input(j).name for j in range(layer.num_inputs) if layer.get_input(j) is not None}
+
+        def pin(layer: Any) -> set[str]:
             layer.precision = trt.float32
+            names = set()
             for j in range(layer.num_outputs):
                 out = layer.get_output(j)
                 if out.dtype in (trt.float32, trt.float16):
                     layer.set_output_type(j, trt.float32)
-                if layer.type != trt.LayerType.ELEMENTWISE:
-                    pinned_outputs.add(out.name)
-            count += 1
+                names.add(out.name)
+            return names
+
+        pinned_outputs: set[str] = set()
+        pinned_inputs: set[str] = set()
+        count = 0
+        for layer in layers:
+            if layer.type in pinned_types or (layer.type == trt.LayerType.ELEMENTWISE and inputs(layer) & pinned_outputs):
+                pinned_outputs |= pin(layer)
+                pinned_inputs |= inputs(layer)
+                count += 1
+        for layer in reversed(layers):  # feeders, back from the pinned layers (a constant through a reshape)
+            if layer.type in feeder_types and {layer.get_output(j).name for j in range(layer.num_outputs)} & pinned_inputs:
+                pin(layer)
+                pinned_inputs |= inputs(layer)
+                count += 1
         log.debug("pinned %d layers to FP32", count)
         return count
 
@@ -298,14 +334,15 @@ class TensorRTEngine:
 
         if len(crops) == 0:
             return np.zeros((0,), dtype=np.float32)
-        if crops.ndim != 4 or crops.shape[-1] != 3:
-            raise ValueError(f"expected N×H×W×3 crops, got shape {crops.shape}")
+        if crops.ndim != 4 or crops.shape[1:] != (self.size, self.size, 3):
+            raise ValueError(f"expected N×{self.size}×{self.size}×3 crops, got shape {crops.shape}")
         out: list[np.ndarray] = []
-        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+        with self._lock, torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             for i in range(0, len(crops), self.batch_size):
                 x = _to_device_nchw(crops[i : i + self.batch_size], self.device)
                 b = x.shape[0]
-                self.context.set_input_shape(self.input_name, tuple(x.shape))
+                if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
+                    raise RuntimeError(f"TensorRT refused input shape {tuple(x.shape)} (profile 1..{self.batch_size})")
                 self.context.set_tensor_address(self.input_name, int(x.data_ptr()))
                 buffers = {}
                 for name in self.output_names:  # every output needs an address, even unused ones
