@@ -36,6 +36,20 @@ def test_actions_by_band():
         DecisionPolicy(threshold=0.5, review_threshold=0.6)
 
 
+def test_label_and_action_follow_the_scores_the_verdict_publishes():
+    """Scores are published to 6 decimals: within 1e-6 of a threshold, the label and action an
+    integrator recomputes from the JSON must be the verdict's."""
+    face = {"t": 0.0, "frame": 0, "box": [0, 0, 10, 10], "largest": True}
+    for rule in ("mean", "tracks"):
+        policy = DecisionPolicy(threshold=0.5, review_threshold=0.25, rule=rule, min_track_frames=1)
+        faces = [{**face, "fake_score": 0.4999996, "track": 0}]
+        label, action, decision = policy.decide(faces, mean_score=0.4999996)
+        assert decision["score"] == 0.5 and label == label_for(decision["score"], 0.5) == "fake", rule
+        assert action == BLOCK
+        label, action, decision = policy.decide([{**face, "fake_score": 0.2499994, "track": 0}], mean_score=0.2499994)
+        assert decision["score"] == 0.249999 and (label, action) == ("real", ALLOW), rule
+
+
 def test_a_card_keeps_its_review_band_below_its_threshold(random_model_dir):
     card = ModelCard.load(random_model_dir).model_dump(by_alias=True)
     assert ModelCard.model_validate({**card, "threshold": 0.7, "review_threshold": 0.7}).review_threshold == 0.7

@@ -16,6 +16,7 @@ from workers import burst
 from worker.decode import Limits, VideoReader
 from worker.pipeline import Moderator
 from worker.queue import enqueue, get_queue, job_state, queue_status
+from worker.runtime import WorkerRuntime
 from worker.s3 import S3Location, S3Source
 from worker.settings import Settings
 
@@ -134,6 +135,9 @@ def test_missing_key_and_forbidden_bucket(s3, redis, qsettings, moderator):
     assert v["error"]["code"] == "access_denied" and "allow-list" in v["error"]["message"]
     with pytest.raises(s3.exceptions.NoSuchKey):  # nothing written where the worker may not read
         s3.get_object(Bucket="private", Key=f"{qsettings.verdict_prefix}clips/carphone.mp4.json")
+    # Every refusal carries the card's threshold, as every other verdict does (an integrator reads it).
+    inside = WorkerRuntime(qsettings, moderator=moderator).moderate_s3(BUCKET, f"{qsettings.verdict_prefix}a.mp4.json")
+    assert inside["error"]["code"] == "access_denied" and v["threshold"] == inside["threshold"] == moderator.threshold
 
 
 def test_wrong_credentials_are_access_denied(s3_server, s3):

@@ -120,8 +120,11 @@ class DecisionPolicy:
         """(label, action, the verdict's `decision` block with its `tracks`) for scored faces.
 
         `mean_score` is the paper's video score. Under the `tracks` rule the highest score of a long
-        enough track decides; with no such track the paper's rule applies.
+        enough track decides; with no such track the paper's rule applies. Scores are compared with the
+        thresholds as the verdict publishes them, rounded to 6 decimals, so that whoever reads the
+        verdict can recompute its label and action.
         """
+        mean_score = round(float(mean_score), 6)
         summaries = summarize(build_tracks(faces), threshold=self.threshold, strategy=self.track_score,
                               min_frames=self.min_track_frames)
         decision: dict[str, Any] = {
@@ -133,7 +136,7 @@ class DecisionPolicy:
         label, score, decision["rule"] = self._label(summaries, mean_score)
         if decision["rule"] == "tracks":
             decision["track_score_max"] = score
-        decision["score"] = round(float(score), 6)
+        decision["score"] = score
         return label, self.action(label, score), decision
 
     def _label(self, summaries: list[dict], mean_score: float) -> tuple[str, float, str]:
@@ -149,8 +152,8 @@ class DecisionPolicy:
         scores its tracks keep, without scoring it again: what a threshold, band or rule would change."""
         summaries = [judge(t["frame_scores"], threshold=self.threshold, strategy=self.track_score,
                            min_frames=self.min_track_frames) for t in verdict["tracks"]]
-        label, score, _ = self._label(summaries, verdict["score"])
-        return label, self.action(label, score), round(float(score), 6)
+        label, score, _ = self._label(summaries, round(float(verdict["score"]), 6))
+        return label, self.action(label, score), score
 
     def decisive(self, largest_scores: list[float], *, frames: int, margin: float) -> bool:
         """Early exit: the first `frames` scores all lie `margin` above the threshold, or all `margin`

@@ -79,15 +79,15 @@ class WorkerRuntime:
         try:
             validate_location(bucket, key)
         except ValueError as exc:
-            return self._finish(self._error(uri, AccessDenied(str(exc)), threshold=None), bound)
+            return self._finish(self._error(uri, AccessDenied(str(exc))), bound)
         upload = S3Location(bucket, key)
         if self.store.is_verdict_key(upload):
             err = AccessDenied(f"{uri} is inside the verdict prefix {self.settings.verdict_prefix!r}")
-            return self._finish(self._error(uri, err, threshold=None), bound)
+            return self._finish(self._error(uri, err), bound)
         try:
             source = S3Source.resolve(self.s3, upload, max_bytes=self.settings.max_bytes, allowed_buckets=self.allowed)
         except ModerationError as exc:
-            verdict = self._error(uri, exc, threshold=self.moderator.threshold)
+            verdict = self._error(uri, exc)
             if exc.code.value == "access_denied":
                 return self._finish(verdict, bound)  # never write where the worker may not read
             return self._store(upload, verdict, None, bound)
@@ -111,7 +111,7 @@ class WorkerRuntime:
         if isinstance(failure, TransientError):
             raise failure  # the storage failed, not the upload: RQ retries, nothing is written
         if failure is not None:  # deleted (not_found) or replaced (corrupt) while it was read
-            verdict = self._error(uri, failure, threshold=self.moderator.threshold, timings_ms=verdict.get("timings_ms"))
+            verdict = self._error(uri, failure, timings_ms=verdict.get("timings_ms"))
         verdict["input"] = {"bucket": bucket, "key": key, "etag": source.etag, "size": source.size, "frames": frames,
                             "max_sample_gap_s": self.settings.max_sample_gap_s}
         return self._store(upload, verdict, stored_etag, bound)
@@ -121,7 +121,7 @@ class WorkerRuntime:
         used to be the job's result only, leaving no verdict in S3). A timeout is never reused: the
         next job for the key tries again."""
         uri = f"s3://{bucket}/{key}"
-        verdict = self._error(uri, Timeout(f"the job ran past its {seconds} s limit"), threshold=None)
+        verdict = self._error(uri, Timeout(f"the job ran past its {seconds} s limit"))
         bound = log.bind(source=uri)
         try:
             validate_location(bucket, key)
@@ -134,10 +134,11 @@ class WorkerRuntime:
             bound.exception("timeout_verdict_not_stored")
             return self._finish(verdict, bound)
 
-    def _error(self, uri: str, exc: ModerationError, *, threshold: float | None, timings_ms: dict | None = None) -> dict:
-        """An error verdict with the decision policy's action for its code."""
-        return error_verdict(uri, exc, action=self.moderator.policy.error_action(exc.code.value), threshold=threshold,
-                             model=self.model, timings_ms=timings_ms)
+    def _error(self, uri: str, exc: ModerationError, *, timings_ms: dict | None = None) -> dict:
+        """An error verdict with the decision policy's action for its code, and the card's threshold
+        (as every verdict of this model carries it, labelled or not)."""
+        return error_verdict(uri, exc, action=self.moderator.policy.error_action(exc.code.value),
+                             threshold=self.moderator.threshold, model=self.model, timings_ms=timings_ms)
 
     def _store(self, upload: S3Location, verdict: dict, stored_etag: str | None, bound) -> dict:
         t0 = time.perf_counter()

@@ -123,10 +123,9 @@ def track_score(scores: list[float], strategy: str = "mean") -> float:
 def judge(frame_scores: list[float], *, threshold: float, strategy: str, min_frames: int) -> dict:
     """A track's `score`, whether it is `long_enough` to count, and whether it is `fake`: from its frame
     scores alone, so a stored verdict's tracks can be judged again under other settings."""
-    score = track_score(frame_scores, strategy) if frame_scores else None
+    score = round(track_score(frame_scores, strategy), 6) if frame_scores else None  # compared as published
     counts = len(frame_scores) >= min_frames
-    return {"score": None if score is None else round(score, 6), "long_enough": counts,
-            "fake": bool(counts and score is not None and score >= threshold)}
+    return {"score": score, "long_enough": counts, "fake": bool(counts and score is not None and score >= threshold)}
 
 
 def summarize(tracks: list[Track], *, threshold: float, strategy: str, min_frames: int) -> list[dict]:
