@@ -11,14 +11,13 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 from verdict_schema import assert_valid_verdict
-from workers import burst
+from workers import burst, queue_settings
 
 from worker.decode import Limits, VideoReader
 from worker.pipeline import Moderator
 from worker.queue import enqueue, get_queue, job_state, queue_status
 from worker.runtime import WorkerRuntime
 from worker.s3 import S3Location, S3Source
-from worker.settings import Settings
 
 BUCKET = "uploads"
 UPLOADS = {
@@ -52,11 +51,7 @@ def s3(s3_server, corpus):
 
 @pytest.fixture()
 def qsettings(random_model_dir, redis_server, s3_server, tmp_path):
-    return Settings(
-        model_dir=random_model_dir, redis_url=redis_server.url, s3_endpoint_url=s3_server.endpoint,
-        allowed_buckets=BUCKET, frames=8, metrics_port=0, log_format="json", job_retries=2,
-        verdict_prefix=f"verdicts-{tmp_path.name}/",
-    )
+    return queue_settings(random_model_dir, redis_server, s3_server, tmp_path, BUCKET, job_retries=2)
 
 
 def stored_verdict(s3, settings, key):

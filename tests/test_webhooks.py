@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from prometheus_client import generate_latest
-from workers import burst
+from workers import burst, queue_settings
 
 from worker.queue import enqueue, get_queue, job_state, queue_status
 from worker.settings import Settings
@@ -188,9 +188,7 @@ def s3(s3_server, corpus):
 
 
 def worker_settings(random_model_dir, redis_server, s3_server, tmp_path, **extra) -> Settings:
-    return Settings(model_dir=random_model_dir, redis_url=redis_server.url, s3_endpoint_url=s3_server.endpoint,
-                    allowed_buckets=BUCKET, frames=8, metrics_port=0, log_format="json",
-                    verdict_prefix=f"verdicts-{tmp_path.name}/", **extra)
+    return queue_settings(random_model_dir, redis_server, s3_server, tmp_path, BUCKET, **extra)
 
 
 def webhook_counts(worker) -> dict[str, float]:

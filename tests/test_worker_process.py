@@ -14,10 +14,9 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 from servers import free_ports
-from workers import burst, start_rq_worker, worker_env
+from workers import burst, queue_settings, start_rq_worker, stored, worker_env
 
 from worker.queue import enqueue, job_state
-from worker.settings import Settings
 
 BUCKET = "lifecycle"
 UPLOADS = {"carphone": "clips/carphone.mp4", "vp9_webm": "clips/vp9.webm", "text_mp4": "bad/text.mp4"}
@@ -25,25 +24,12 @@ UPLOADS = {"carphone": "clips/carphone.mp4", "vp9_webm": "clips/vp9.webm", "text
 
 @pytest.fixture(scope="module")
 def s3(s3_server, corpus):
-    client = s3_server.client()
-    client.create_bucket(Bucket=BUCKET)
-    for name, key in UPLOADS.items():
-        client.put_object(Bucket=BUCKET, Key=key, Body=corpus[name].read_bytes(), ContentType="video/mp4")
-    return client
+    return s3_server.bucket_with(BUCKET, {key: corpus[name].read_bytes() for name, key in UPLOADS.items()})
 
 
 @pytest.fixture()
 def qsettings(random_model_dir, redis_server, s3_server, tmp_path):
-    return Settings(
-        model_dir=random_model_dir, redis_url=redis_server.url, s3_endpoint_url=s3_server.endpoint,
-        allowed_buckets=BUCKET, frames=8, metrics_port=0, log_format="json", job_retries=2,
-        verdict_prefix=f"verdicts-{tmp_path.name}/",
-    )
-
-
-def stored_verdict(s3, settings, key):
-    body = s3.get_object(Bucket=BUCKET, Key=f"{settings.verdict_prefix}{key}.json")["Body"].read()
-    return json.loads(body)
+    return queue_settings(random_model_dir, redis_server, s3_server, tmp_path, BUCKET, job_retries=2)
 
 
 def wait_status(job_id, redis, status, timeout=120):
@@ -72,12 +58,12 @@ def test_killed_worker_job_is_retried_to_completion(s3, redis, redis_server, qse
     registry.cleanup(timestamp=time.time() + qsettings.job_timeout_s(120) + 120)
     job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
     assert job.get_status() == "queued" and job.retries_left == qsettings.job_retries - 1
-    with pytest.raises(s3.exceptions.NoSuchKey):  # nothing half-written by the killed worker
-        stored_verdict(s3, qsettings, UPLOADS["carphone"])
+    assert stored(s3, qsettings, UPLOADS["carphone"]) == []  # nothing half-written by the killed worker
     burst(redis, qsettings, moderator)
     state = job_state(job_id, settings=qsettings, connection=redis)
     assert state.status == "finished" and state.result["video"]["frames_sampled"] == 120
-    assert stored_verdict(s3, qsettings, UPLOADS["carphone"])["created_at"] == state.result["created_at"]
+    [only] = stored(s3, qsettings, UPLOADS["carphone"])
+    assert only["created_at"] == state.result["created_at"]
 
 
 def test_sigterm_finishes_the_job_in_hand_then_exits(s3, redis, redis_server, qsettings, tmp_path):

@@ -46,6 +46,15 @@ def stored(s3, settings: Settings, key: str) -> list[dict]:
     return [json.loads(s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()) for o in listed if o["Key"] == vkey]
 
 
+def queue_settings(model_dir: Path, redis_server: Any, s3_server: Any, tmp_path: Path, bucket: str,
+                   **extra: Any) -> Settings:
+    """A worker's settings on the test's servers: one allowed bucket, 8 frames, verdicts under a
+    prefix of the test's own, no metrics port, JSON logs."""
+    return Settings(model_dir=model_dir, redis_url=redis_server.url, s3_endpoint_url=s3_server.endpoint,
+                    allowed_buckets=bucket, frames=8, metrics_port=0, log_format="json",
+                    verdict_prefix=f"verdicts-{tmp_path.name}/", **extra)
+
+
 def worker_env(settings: Settings, redis_url: str, **overrides: str) -> dict[str, str]:
     """The environment of `rq worker deepfake` as the image and the manifests set it, on `settings`."""
     return {
