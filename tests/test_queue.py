@@ -1,6 +1,7 @@
 """The queue worker end to end against a real redis-server and a real S3 server (SeaweedFS) on loopback."""
 from __future__ import annotations
 
+import base64
 import json
 import time
 import zlib
@@ -248,13 +249,18 @@ def test_a_non_python_client_can_enqueue_with_plain_redis_commands(s3, redis, qs
     redis.hset(f"rq:job:{job_id}", mapping={
         "data": zlib.compress(payload.encode()), "created_at": now, "enqueued_at": now, "status": "queued",
         "origin": "deepfake", "description": "from another language", "timeout": 600, "result_ttl": 3600,
+        "failure_ttl": 3600, "retries_left": 3, "retry_intervals": "[0]",
     })
     redis.sadd("rq:queues", "rq:queue:deepfake")
     redis.rpush("rq:queue:deepfake", job_id)
     burst(redis, qsettings, moderator)
-    state = job_state(job_id, settings=qsettings, connection=redis)
-    assert state.status == "finished" and state.result["status"] == "ok"
-    assert state.result["video"]["codec"] == "vp9" and state.result["video"]["frames_sampled"] == 4
+    # ... and the result read back as the README says, with plain commands.
+    assert redis.hget(f"rq:job:{job_id}", "status") == b"finished"
+    [(_, entry)] = redis.xrevrange(f"rq:results:{job_id}", count=1)
+    assert entry[b"type"] == b"1"
+    result = json.loads(base64.b64decode(entry[b"return_value"]))
+    assert result["status"] == "ok" and result["video"]["codec"] == "vp9" and result["video"]["frames_sampled"] == 4
+    assert result == job_state(job_id, settings=qsettings, connection=redis).result
 
 
 def test_a_pickled_job_is_never_run(s3, redis, qsettings, moderator, tmp_path):
