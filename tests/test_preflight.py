@@ -40,7 +40,8 @@ def env(bucket, s3_server, redis_server, random_model_dir, monkeypatch):
               "DEEPFAKE_S3_ENDPOINT_URL": s3_server.endpoint, "DEEPFAKE_ALLOWED_BUCKETS": BUCKET,
               "DEEPFAKE_VERDICT_SECRET": "a-long-random-key", "DEEPFAKE_WEBHOOK_HOSTS": "hooks.example.com,10.0.0.0/8",
               "DEEPFAKE_LOG_FORMAT": "json", "RQ_REDIS_URL": redis_server.url,
-              "RQ_WORKER_CLASS": "worker.rq_worker.DeepfakeWorker", "RQ_CONNECTION_CLASS": "worker.redis_client.WaitingRedis"}
+              "RQ_WORKER_CLASS": "worker.rq_worker.DeepfakeWorker", "RQ_CONNECTION_CLASS": "worker.redis_client.WaitingRedis",
+              "RQ_JOB_CLASS": "worker.rq_worker.DeepfakeJob"}
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("RQ_CONFIG", raising=False)
@@ -122,8 +123,10 @@ def test_the_rq_check_fails_where_rq_worker_would_fail_or_miss_every_job(env, ca
     # right class and Redis, plain connection: it works, with a warning
     env.setenv("RQ_REDIS_URL", redis_server.url)
     env.delenv("RQ_CONNECTION_CLASS")
+    env.delenv("RQ_JOB_CLASS")
     code, results = check(capsys, "--only", "rq")
     assert code == 0 and "RQ_CONNECTION_CLASS is unset" in results["rq"]["warning"]
+    assert "RQ_JOB_CLASS is unset, not worker.rq_worker.DeepfakeJob" in results["rq"]["warning"]
 
 
 def enqueue_raw(redis: Redis) -> str:

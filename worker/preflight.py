@@ -120,7 +120,7 @@ def check_rq(settings: Settings) -> Check:
     from redis import Redis
 
     from worker.redis_client import WaitingRedis, database_address, without_password
-    from worker.rq_worker import DeepfakeWorker
+    from worker.rq_worker import DeepfakeJob, DeepfakeWorker
 
     wanted = f"{DeepfakeWorker.__module__}.{DeepfakeWorker.__name__}"
     dotted = os.environ.get("RQ_WORKER_CLASS", "")
@@ -152,6 +152,14 @@ def check_rq(settings: Settings) -> Check:
     if not waits:
         warnings.append(f"RQ_CONNECTION_CLASS is {connection or 'unset'}, not worker.redis_client.WaitingRedis: a "
                         "full or restarting Redis makes the worker exit with its job in hand")
+    job_class = os.environ.get("RQ_JOB_CLASS", "")
+    try:
+        vetted = bool(job_class) and issubclass(_import_class(job_class), DeepfakeJob)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        vetted = False
+    if not vetted:
+        warnings.append(f"RQ_JOB_CLASS is {job_class or 'unset'}, not worker.rq_worker.DeepfakeJob: `rq info` run "
+                        "here would fail abandoned jobs through RQ's own Job and POST their webhooks unvetted, unsigned")
     if os.environ.get("RQ_CONFIG"):
         warnings.append("RQ_CONFIG is set: Redis settings in that module were not compared")
     return Check("rq", True, f"rq worker runs {dotted} on {without_password(rq_url)}", "; ".join(warnings) or None)
