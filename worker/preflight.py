@@ -113,12 +113,19 @@ def _import_class(dotted: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def _names_subclass(variable: str, base: type) -> tuple[str, bool]:
+    """(the variable's value, whether it names `base` or a subclass of it); unset or not importable: False."""
+    dotted = os.environ.get(variable, "")
+    try:
+        return dotted, bool(dotted) and issubclass(_import_class(dotted), base)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return dotted, False
+
+
 def check_rq(settings: Settings) -> Check:
     """The environment `rq worker deepfake` reads (not its command-line flags) starts this worker on
     the Redis the enqueuers use. Without RQ_WORKER_CLASS, RQ's own Worker cannot read the JSON jobs
     (every one fails with DeserializationError) and would call any function a job names."""
-    from redis import Redis
-
     from worker.redis_client import WaitingRedis, database_address, without_password
     from worker.rq_worker import DeepfakeJob, DeepfakeWorker
 
@@ -136,7 +143,7 @@ def check_rq(settings: Settings) -> Check:
                      "it cannot read these JSON jobs safely")
     rq_url = os.environ.get("RQ_REDIS_URL") or RQ_DEFAULT_URL
     try:
-        same = database_address(Redis.from_url(rq_url)) == database_address(Redis.from_url(settings.redis_url))
+        same = database_address(rq_url) == database_address(settings.redis_url)
     except ValueError as exc:
         return Check("rq", False, f"RQ_REDIS_URL: {exc}")
     if not same:
@@ -144,19 +151,11 @@ def check_rq(settings: Settings) -> Check:
         return Check("rq", False, f"{told} {without_password(rq_url)} is not DEEPFAKE_REDIS_URL "
                      f"{without_password(settings.redis_url)}: the worker would listen where no job is queued")
     warnings = []
-    connection = os.environ.get("RQ_CONNECTION_CLASS", "")
-    try:
-        waits = bool(connection) and issubclass(_import_class(connection), WaitingRedis)
-    except (ImportError, AttributeError, ValueError, TypeError):
-        waits = False
+    connection, waits = _names_subclass("RQ_CONNECTION_CLASS", WaitingRedis)
     if not waits:
         warnings.append(f"RQ_CONNECTION_CLASS is {connection or 'unset'}, not worker.redis_client.WaitingRedis: a "
                         "full or restarting Redis makes the worker exit with its job in hand")
-    job_class = os.environ.get("RQ_JOB_CLASS", "")
-    try:
-        vetted = bool(job_class) and issubclass(_import_class(job_class), DeepfakeJob)
-    except (ImportError, AttributeError, ValueError, TypeError):
-        vetted = False
+    job_class, vetted = _names_subclass("RQ_JOB_CLASS", DeepfakeJob)
     if not vetted:
         warnings.append(f"RQ_JOB_CLASS is {job_class or 'unset'}, not worker.rq_worker.DeepfakeJob: `rq info` run "
                         "here would fail abandoned jobs through RQ's own Job and POST their webhooks unvetted, unsigned")

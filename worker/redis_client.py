@@ -161,8 +161,10 @@ def ride_out(connection: Redis, outage_s: float | None = None) -> RideOut:
     return retry
 
 
-def database_address(connection: Redis) -> tuple:
-    """What decides which database a client reaches (not timeouts or pool sizes), to compare two."""
+def database_address(connection: Redis | str) -> tuple:
+    """What decides which database a client (or a URL) reaches, not timeouts or pool sizes: to compare two."""
+    if isinstance(connection, str):
+        connection = Redis.from_url(connection)
     kw = dict(connection.connection_pool.connection_kwargs)
     if kw.get("host") == "localhost":
         kw["host"] = "127.0.0.1"  # RQ's default names it, the settings' default the address

@@ -19,7 +19,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
-from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
@@ -174,8 +173,8 @@ class DeepfakeWorker(SimpleWorker):
                      allowed_buckets=sorted(self.runtime.allowed), load_s=round(time.perf_counter() - t0, 2))
             if model.get("warning"):
                 log.warning("model_warning", model=model["name"], reason=model["warning"])
-            if database_address(Redis.from_url(settings.redis_url)) != database_address(self.connection):
-                log.warning("redis_url_mismatch", worker=without_password(self._redis_url()),
+            if database_address(settings.redis_url) != database_address(self.connection):
+                log.warning("redis_url_mismatch", worker=self._redis_url(),
                             settings=without_password(settings.redis_url),
                             reason="DEEPFAKE_REDIS_URL is not the Redis this worker listens on (RQ_REDIS_URL): "
                             "jobs queued with these settings never reach it (`deepfake check --only rq`)")
@@ -190,6 +189,7 @@ class DeepfakeWorker(SimpleWorker):
         return self.runtime
 
     def _redis_url(self) -> str:
+        """The URL of the Redis this worker listens on, for a log line: its password masked."""
         kw = self.connection.connection_pool.connection_kwargs
         if kw.get("path"):
             return f"unix://{kw['path']}?db={kw.get('db') or 0}"

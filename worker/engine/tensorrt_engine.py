@@ -277,15 +277,15 @@ class TensorRTEngine:
         def inputs(layer: Any) -> set[str]:
             return {layer.get_input(j).name for j in range(layer.num_inputs) if layer.get_input(j) is not None}
 
+        def outputs(layer: Any) -> set[str]:
+            return {layer.get_output(j).name for j in range(layer.num_outputs)}
+
         def pin(layer: Any) -> set[str]:
             layer.precision = trt.float32
-            names = set()
             for j in range(layer.num_outputs):
-                out = layer.get_output(j)
-                if out.dtype in (trt.float32, trt.float16):
+                if layer.get_output(j).dtype in (trt.float32, trt.float16):
                     layer.set_output_type(j, trt.float32)
-                names.add(out.name)
-            return names
+            return outputs(layer)
 
         pinned_outputs: set[str] = set()
         pinned_inputs: set[str] = set()
@@ -296,7 +296,7 @@ class TensorRTEngine:
                 pinned_inputs |= inputs(layer)
                 count += 1
         for layer in reversed(layers):  # feeders, back from the pinned layers (a constant through a reshape)
-            if layer.type in feeder_types and {layer.get_output(j).name for j in range(layer.num_outputs)} & pinned_inputs:
+            if layer.type in feeder_types and outputs(layer) & pinned_inputs:
                 pin(layer)
                 pinned_inputs |= inputs(layer)
                 count += 1
