@@ -19,7 +19,7 @@ from rq import Queue
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
-from deploy_tools import CONNECTION_CLASS
+from deploy_tools import CONNECTION_CLASS, WORKER_CLASS
 from servers import wait_for_port
 
 from worker.settings import Settings
@@ -58,8 +58,8 @@ def queue_settings(model_dir: Path, redis_server: Any, s3_server: Any, tmp_path:
 def worker_env(settings: Settings, redis_url: str, **overrides: str) -> dict[str, str]:
     """The environment of `rq worker deepfake` as the image and the manifests set it, on `settings`."""
     return {
-        **os.environ, "RQ_REDIS_URL": redis_url, "RQ_WORKER_CLASS": "worker.rq_worker.DeepfakeWorker",
-        "RQ_CONNECTION_CLASS": CONNECTION_CLASS,
+        **os.environ, "RQ_REDIS_URL": redis_url, "RQ_WORKER_CLASS": WORKER_CLASS,
+        "RQ_JOB_CLASS": "worker.rq_worker.DeepfakeJob", "RQ_CONNECTION_CLASS": CONNECTION_CLASS,
         "DEEPFAKE_MODEL_DIR": str(settings.model_dir), "DEEPFAKE_ALLOWED_BUCKETS": settings.allowed_buckets,
         "DEEPFAKE_S3_ENDPOINT_URL": settings.s3_endpoint_url, "DEEPFAKE_VERDICT_PREFIX": settings.verdict_prefix,
         "DEEPFAKE_JOB_RETRIES": str(settings.job_retries), "DEEPFAKE_LOG_FORMAT": "json", "DEEPFAKE_METRICS_PORT": "0",
