@@ -14,6 +14,24 @@ from media import build_corpus  # noqa: E402
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 
+# Knobs of the tests themselves (read by test_soak, test_hostile, test_report), not worker settings.
+TEST_KNOBS = frozenset({"DEEPFAKE_SOAK_JOBS", "DEEPFAKE_SOAK_REPORT", "DEEPFAKE_FUZZ_SECONDS", "DEEPFAKE_FUZZ_SEED",
+                        "DEEPFAKE_REPORT_SCREENSHOT"})
+_shell_settings: dict[str, str] = {}
+
+
+def pytest_configure(config):
+    """The worker's settings come from the tests alone: DEEPFAKE_* and RQ_* exported in the shell that
+    runs pytest (DEEPFAKE_MAX_DURATION_S=3600, RQ_REDIS_URL, ...) would reach every Settings() and every
+    worker process the tests start. Removed before any fixture or test module runs; put back after."""
+    for name in [n for n in os.environ if n.startswith(("DEEPFAKE_", "RQ_")) and n not in TEST_KNOBS]:
+        _shell_settings[name] = os.environ.pop(name)
+
+
+def pytest_unconfigure(config):
+    os.environ.update(_shell_settings)
+    _shell_settings.clear()
+
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> dict[str, Path]:

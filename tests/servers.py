@@ -33,6 +33,23 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def ensure_bucket(client, bucket: str) -> None:
+    """Make `bucket`, or keep it where it already exists: one S3 server serves the whole session, so a
+    fixture that runs again (or another module using the same name) finds its bucket already made."""
+    try:
+        client.create_bucket(Bucket=bucket)
+    except (client.exceptions.BucketAlreadyOwnedByYou, client.exceptions.BucketAlreadyExists):
+        pass
+
+
+def empty_bucket(client, bucket: str) -> None:
+    """Delete every object in `bucket`."""
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+
+
 def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -101,9 +118,10 @@ class S3Server:
         )
 
     def bucket_with(self, bucket: str, objects: dict[str, bytes], content_type: str = "video/mp4"):
-        """A client, after making `bucket` and uploading `objects` (key → bytes) into it."""
+        """A client, after making (or emptying) `bucket` and uploading `objects` (key → bytes) into it."""
         client = self.client()
-        client.create_bucket(Bucket=bucket)
+        ensure_bucket(client, bucket)
+        empty_bucket(client, bucket)  # the one server outlives each fixture: start from exactly `objects`
         for key, body in objects.items():
             client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
         return client
@@ -140,9 +158,12 @@ class S3Server:
         client = self.client()
         deadline = time.monotonic() + timeout
         last: Exception | None = None
+        made = False
         while time.monotonic() < deadline:
             try:
-                client.create_bucket(Bucket="readiness-probe")
+                if not made:  # a bucket made by an earlier try (whose put then failed) is not made again
+                    ensure_bucket(client, "readiness-probe")
+                    made = True
                 client.put_object(Bucket="readiness-probe", Key="probe", Body=b"ok")
                 return
             except Exception as exc:  # noqa: BLE001 - retried until the deadline

@@ -91,7 +91,7 @@ def test_the_throttle_keeps_the_queue_short_while_workers_drain_it(s3, redis, bs
     while not done.is_set() and time.monotonic() < deadline:
         longest[0] = max(longest[0], get_queue(redis, bsettings.queue).count)
         if get_queue(redis, bsettings.queue).count >= 2:
-            assert thread.is_alive()  # waiting for room, not finished
+            # backfill waits for room meanwhile (it may also have just finished: stats.waited_s shows the wait)
             burst(redis, bsettings, moderator)  # a worker drains what is there
         time.sleep(0.02)
     thread.join(10)

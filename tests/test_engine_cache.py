@@ -99,12 +99,12 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch) -> None:
 
 def test_cache_concurrent_builders_build_once_and_agree(tmp_path) -> None:
     """Eight workers start at once on one key: one builds (the others wait on the lock), all get its bytes,
-    and a reader polling meanwhile only ever sees no file or the whole file."""
+    and a reader polling meanwhile only ever sees no file or the whole file (an empty or short one is torn)."""
     key = make_key()
     calls = []
     payload = b"E" * (1 << 20)
     results: list[bytes] = []
-    seen: set[int] = set()
+    torn: list[int] = []
     stop = threading.Event()
 
     def build() -> bytes:
@@ -119,9 +119,11 @@ def test_cache_concurrent_builders_build_once_and_agree(tmp_path) -> None:
         path = EngineCache(tmp_path).path_for(key)
         while not stop.is_set():
             try:
-                seen.add(len(path.read_bytes()))
+                data = path.read_bytes()
             except FileNotFoundError:
-                seen.add(0)
+                continue  # not built yet
+            if data != payload:
+                torn.append(len(data))
 
     r = threading.Thread(target=reader)
     r.start()
@@ -133,14 +135,20 @@ def test_cache_concurrent_builders_build_once_and_agree(tmp_path) -> None:
     stop.set()
     r.join()
     assert len(calls) == 1 and results == [payload] * 8
-    assert seen <= {0, len(payload)}
+    assert torn == []
 
 
 def test_cache_without_lock_still_never_tears(tmp_path) -> None:
-    """Without the lock (filesystems that refuse flock) builders may race; the renames keep the file whole."""
+    """Without the lock (filesystems that refuse flock) builders may race; the renames keep the file whole.
+    They rebuild over a stale engine (its record disagrees) that a pod is still reading: each build lands
+    in a new file, so that pod reads the whole old engine, never bytes of the new one."""
     key = make_key()
     payloads = [bytes([i]) * 200_000 for i in range(4)]
     barrier = threading.Barrier(4)
+    path = EngineCache(tmp_path).store(key, b"S" * 200_000)
+    path.with_suffix(".json").write_text(json.dumps({"key": key.as_dict(), "engine_sha256": "0" * 64}))
+    held = open(path, "rb")  # noqa: SIM115 - open across the rebuild
+    inode = os.fstat(held.fileno()).st_ino
 
     def worker(i: int) -> None:
         def build() -> bytes:
@@ -156,3 +164,6 @@ def test_cache_without_lock_still_never_tears(tmp_path) -> None:
         t.join()
     data = EngineCache(tmp_path).path_for(key).read_bytes()
     assert data in payloads
+    with held:
+        assert held.read() == b"S" * 200_000  # the old engine, whole: not rewritten in place
+    assert path.stat().st_ino != inode

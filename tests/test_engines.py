@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort  # a dependency: a broken install fails here, never skips
 import pytest
 import torch
 from calibrated import calibrate
@@ -29,7 +30,6 @@ TOL = 1e-4
 N_CROPS = 12
 BATCH_SIZES = (1, 5, 8, 32)  # 12 crops: 5 → 5+5+2 and 8 → 8+4 end on a ragged batch; 32 > N
 
-ort = pytest.importorskip("onnxruntime")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

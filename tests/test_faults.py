@@ -21,7 +21,8 @@ from rq import Retry
 from rq.job import Job
 from rq.registry import FailedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
-from servers import free_ports, stop
+from servers import ensure_bucket, free_ports, stop
+from structlog.testing import capture_logs
 from workers import DurableRedis, Supervisor, burst, stored, wait_until_final
 
 from worker.errors import TransientError
@@ -69,7 +70,7 @@ def media(corpus, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def s3(s3_server, media):
     client = s3_server.client()
-    client.create_bucket(Bucket=BUCKET)
+    ensure_bucket(client, BUCKET)  # test_soak.py uses this bucket too, under its own prefix
     for name, key in KEYS.items():
         client.put_object(Bucket=BUCKET, Key=key, Body=media[name].read_bytes(),
                           ContentType="text/plain" if name == "text" else "video/mp4")
@@ -288,6 +289,7 @@ def test_two_runtimes_racing_write_one_verdict_and_both_return_it(s3, fsettings,
     a = runtime(fsettings, moderator, s3_server.endpoint)
     b = runtime(fsettings, moderator, s3_server.endpoint)
     inner = b.moderator.moderate
+    raced: dict[str, dict] = {}
 
     class Interleaved:
         def __getattr__(self, name):
@@ -295,13 +297,21 @@ def test_two_runtimes_racing_write_one_verdict_and_both_return_it(s3, fsettings,
 
         def moderate(self, source, frames=None, **kwargs):
             verdict = inner(source, frames=frames, **kwargs)
-            a.moderate_s3(BUCKET, KEYS["carphone"])  # A wins the race while B is still scoring
+            raced["b"] = dict(verdict)  # what B computed, before A's verdict lands
+            raced["a"] = a.moderate_s3(BUCKET, KEYS["carphone"])  # A wins the race while B is still scoring
             return verdict
 
     b.moderator = Interleaved()
-    theirs = b.moderate_s3(BUCKET, KEYS["carphone"])
+    with capture_logs() as logs:
+        theirs = b.moderate_s3(BUCKET, KEYS["carphone"])
+    mine, won = raced["b"], raced["a"]
+    assert won["status"] == "ok" and mine["created_at"] != won["created_at"]  # two verdicts to tell apart
     [only] = stored(s3, fsettings, KEYS["carphone"])
-    assert theirs["created_at"] == only["created_at"] and theirs["score"] == only["score"]
+    # B's write lost: both the stored verdict and the one B returns are A's, not the one B computed.
+    assert only["created_at"] == won["created_at"] != mine["created_at"]
+    assert theirs["created_at"] == won["created_at"] and theirs["score"] == only["score"] == won["score"]
+    events = [e["event"] for e in logs]
+    assert events.count("verdict_race_lost") == 1, events  # B's, alone: A's write was the first
 
 
 @pytest.mark.timeout(300)

@@ -29,8 +29,17 @@ def test_the_gpu_check_dry_runs_every_section_without_an_error(tmp_path):
     assert {"environment", "parity", "decode", "detect", "pipeline"} <= results.keys(), results.keys()
     failed = {name: r.get("error") for name, r in results.items() if isinstance(r, dict) and "error" in r}
     assert not failed, failed
-    assert results["parity"]["crops"] == 32 and all(
-        r["fp32"] < 1e-6 for name, r in results["parity"].items() if isinstance(r, dict))
+    # On the CPU the "device" run is the reference model itself (fp32 differs by 0 by construction), so
+    # what a dry run can show is that every model and mode is scored, on crops the model tells apart,
+    # and that bf16 autocast really ran (it differs from fp32) without wrecking the probabilities.
+    parity = {name: r for name, r in results["parity"].items() if isinstance(r, dict)}
+    demo = json.loads((ROOT / "worker" / "default_model" / "model.json").read_text())["name"]
+    assert results["parity"]["crops"] == 32 and sorted(parity) == sorted([f"demo_{demo}", "mdcsd_tiny_calibrated"])
+    for name, r in parity.items():
+        assert set(r) == {"cpu_prob_range", "fp32", "fp32_tf32", "bf16"}, (name, r)  # fp16: not on the CPU
+        low, high = r["cpu_prob_range"]
+        assert 0 <= low < high <= 1, (name, r)
+        assert 0 < r["bf16"] < 0.1, (name, r)
     assert results["pipeline"]["clip1080p_pipeline_1w"]["per_worker"][0]["status"] == "ok"
 
 

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 from pydantic import ValidationError
+from servers import empty_bucket, ensure_bucket, free_ports
 
 from worker.feedback import record, summarize
 from worker.forget import forget
@@ -24,7 +25,8 @@ KEY = "clips/same-name.mp4"
 def test_uploads_with_one_key_in_two_buckets_keep_their_own_verdicts(s3_server, corpus, settings, moderator, redis):
     s3 = s3_server.bucket_with("tenant-a", {KEY: corpus["carphone"].read_bytes()})
     s3_server.bucket_with("tenant-b", {KEY: corpus["vp9_webm"].read_bytes()})
-    s3.create_bucket(Bucket="verdicts-central")
+    ensure_bucket(s3, "verdicts-central")
+    empty_bucket(s3, "verdicts-central")  # none reused from an earlier run in this session
     s = settings.model_copy(update={"s3_endpoint_url": s3_server.endpoint, "allowed_buckets": "tenant-a,tenant-b",
                                     "verdict_bucket": "verdicts-central", "frames": 4, "upload_reports": True})
     rt = WorkerRuntime(s, moderator=moderator, s3_client=s3)
@@ -60,8 +62,9 @@ def test_the_verdict_prefix_must_be_a_folder(prefix):
 
 def test_a_nested_verdict_prefix_is_accepted_and_a_bad_one_stops_the_cli(monkeypatch):
     assert Settings(verdict_prefix="moderation/verdicts/").verdict_prefix == "moderation/verdicts/"
+    closed = f"redis://127.0.0.1:{free_ports(1)[0]}/0"  # nothing listens: never a real Redis, should it connect
     proc = subprocess.run([sys.executable, "-m", "worker", "status"], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "DEEPFAKE_VERDICT_PREFIX": "verdicts"})
+                          env={**os.environ, "DEEPFAKE_VERDICT_PREFIX": "verdicts", "DEEPFAKE_REDIS_URL": closed})
     assert proc.returncode == 2 and "verdict_prefix" in proc.stderr and "must be a folder" in proc.stderr
     monkeypatch.setenv("DEEPFAKE_VERDICT_PREFIX", "")  # an empty variable is unset: the default folder
     assert Settings().verdict_prefix == "verdicts/"
