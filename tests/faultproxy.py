@@ -9,18 +9,26 @@ what the worker asked for (a HEAD and no GET for an oversized upload).
     with FaultProxy(s3_server.port) as proxy:
         proxy.add(Rule(method="GET", action="status", status=503, times=2))
         client = make_client(proxy.endpoint)
+
+With `tls_dir` it serves HTTPS (a self-signed certificate for 127.0.0.1, made with the openssl
+command; clients trust it through AWS_CA_BUNDLE=proxy.ca_bundle), and `bad_record_mid_body` sends
+half the body, then a TLS record that fails to decrypt: what a middlebox mangling a stream does.
 """
 from __future__ import annotations
 
 import http.client
 import random
 import re
+import os
 import socket
+import ssl
 import struct
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Callable
 from urllib.parse import unquote, urlsplit
 
@@ -57,7 +65,7 @@ class Record:
 class Rule:
     """Which requests to hit and how. `times` bounds how often it fires; `probability` (seeded) thins it."""
 
-    action: str  # "delay" | "status" | "reset" | "reset_mid_body" | "hook"
+    action: str  # "delay" | "status" | "reset" | "reset_mid_body" | "bad_record_mid_body" | "hook"
     method: str | None = None
     path: str | None = None  # regex searched in the decoded path
     when: Callable[[Request], bool] | None = None
@@ -158,9 +166,25 @@ class _Handler(BaseHTTPRequestHandler):
             proxy._record(req, status, fault)
             self._reset()
             return
+        if rule is not None and rule.action == "bad_record_mid_body" and self.command != "HEAD" and data:
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            proxy._record(req, status, fault)
+            self._bad_record()
+            return
         if self.command != "HEAD":
             self.wfile.write(data)
         proxy._record(req, status, fault)
+
+    def _bad_record(self) -> None:
+        """Past the TLS layer, on the raw socket: an application-data record whose MAC cannot verify."""
+        raw = socket.socket(fileno=os.dup(self.connection.fileno()))
+        try:
+            raw.sendall(bytes([23, 3, 3, 0, 64]) + os.urandom(64))
+        finally:
+            raw.close()
+        time.sleep(0.5)  # let the client read it before the connection closes
+        self.close_connection = True
 
     def _safe(self) -> None:
         try:
@@ -178,7 +202,8 @@ class _Server(ThreadingHTTPServer):
 
 
 class FaultProxy:
-    def __init__(self, upstream_port: int, *, seed: int = 0, upstream_host: str = "127.0.0.1") -> None:
+    def __init__(self, upstream_port: int, *, seed: int = 0, upstream_host: str = "127.0.0.1",
+                 tls_dir: Path | None = None) -> None:
         self.upstream = (upstream_host, upstream_port)
         self.rules: list[Rule] = []
         self.log: list[Record] = []
@@ -186,6 +211,12 @@ class FaultProxy:
         self._rng = random.Random(seed)
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.proxy = self
+        self.ca_bundle: Path | None = None
+        if tls_dir is not None:
+            self.ca_bundle = self_signed(tls_dir)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.ca_bundle, tls_dir / "key.pem")
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
         self._thread: threading.Thread | None = None
 
     # -- control ---------------------------------------------------------------------------------
@@ -195,7 +226,7 @@ class FaultProxy:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ca_bundle else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> "FaultProxy":
         self._thread = threading.Thread(target=self._server.serve_forever, name="fault-proxy", daemon=True)
@@ -257,3 +288,13 @@ class FaultProxy:
             return resp.status, resp.getheaders(), data
         finally:
             conn.close()
+
+
+def self_signed(directory: Path) -> Path:
+    """cert.pem (also the CA bundle that trusts it) and key.pem for 127.0.0.1 in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert = directory / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(directory / "key.pem"), "-out", str(cert)], check=True, capture_output=True)
+    return cert

@@ -271,3 +271,27 @@ def test_a_worker_started_against_a_full_redis_waits_instead_of_exiting(
         _finish(admin, own_redis.url, job_ids, keys, supervisor, settings, uploads)
     finally:
         supervisor.stop()
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("redis://:hunter2@cache:6379/0", "redis://:***@cache:6379/0"),
+    ("rediss://app:p/w@rd@cache:6380/1", "rediss://app:***@cache:6380/1"),  # '/' and '@' in the password
+    ("redis://cache:6379/0?password=hunter2&db=1", "redis://cache:6379/0?password=***&db=1"),
+    ("unix:///run/redis.sock?password=hunter2", "unix:///run/redis.sock?password=***"),
+    ("redis://cache:6379/0", "redis://cache:6379/0"),
+])
+def test_urls_in_logs_never_show_a_password(url, shown):
+    from worker.redis_client import without_password
+
+    assert without_password(url) == shown
+
+
+def test_a_refused_redis_url_is_not_echoed_in_the_error(monkeypatch):
+    from pydantic import ValidationError
+
+    from worker.settings import Settings
+
+    monkeypatch.setenv("DEEPFAKE_REDIS_URL", "valkey://:hunter2@cache:6379/0")
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert "hunter2" not in str(caught.value) and "valkey" in str(caught.value)

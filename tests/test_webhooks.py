@@ -1,25 +1,30 @@
 """Webhooks: which receivers a job may name, what they get, and delivery by a real worker.
 
 Receivers are real HTTP servers on loopback; the end-to-end tests run DeepfakeWorker against the real
-redis-server and S3 server. Only the round-robin DNS case injects a lookup: no real resolver here can
-be made to answer one name with a public and a private address.
+redis-server and S3 server. Only the round-robin and slow DNS cases inject a lookup (no real resolver
+here answers one name with a public and a private address, or stalls), and one worker test makes
+`deliver` raise what no input known to reach it still does, to show the worker survives it.
 """
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import socket
 import threading
 import time
+from urllib.parse import unquote
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from prometheus_client import generate_latest
-from workers import burst, queue_settings
+from workers import abandon, burst, queue_settings
 
-from worker.queue import enqueue, get_queue, job_state, queue_status
+from worker.queue import enqueue, job_state, queue_status
 from worker.settings import Settings
 from worker.webhooks import (
-    SIGNATURE_HEADER, HostPolicy, WebhookFailed, WebhookRefused, deliver, resolve, sign, summary, verify_signature,
+    MAX_WEBHOOKS, SIGNATURE_HEADER, HostPolicy, WebhookFailed, WebhookRefused, check_webhooks, deliver, is_public,
+    resolve, sign, summary, verify_signature,
 )
 
 BUCKET = "hooks"
@@ -114,6 +119,20 @@ def test_a_receiver_list_allows_exactly_its_hosts_private_ones_included():
         resolve("http://hooks.example.attacker.test/", policy, lookup)
 
 
+@pytest.mark.parametrize("address, public", [
+    ("64:ff9b::a9fe:a9fe", False), ("64:ff9b:1::a00:1", False), ("2002:a9fe:a9fe::1", False),
+    ("::a9fe:a9fe", False), ("::ffff:10.0.0.1", False), ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),
+    ("2001:0:4136:e378:8000:63bf:7f00:1", False), ("64:ff9b::808:808", True), ("64:ff9b:1::808:808", True),
+    ("2002:808:808::1", True), ("2606:4700::1111", True),
+])
+def test_ipv6_forms_embedding_an_ipv4_address_need_it_public(address, public):
+    """NAT64, 6to4, IPv4-compatible, mapped and Teredo addresses lead to the IPv4 address inside."""
+    assert is_public(ipaddress.ip_address(address)) is public
+    if not public:
+        with pytest.raises(WebhookRefused, match="not a public address"):
+            resolve(f"http://[{address}]/", OPEN)
+
+
 def test_a_name_with_one_private_address_among_public_ones_is_refused():
     def round_robin(host, port, type):  # noqa: A002
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port)),
@@ -150,6 +169,75 @@ def test_delivery_is_signed_and_carries_the_verdict_summary_only(receiver):
     assert not verify_signature("s3cret", signature, body.replace(b"fake", b"real"))
     assert not verify_signature("s3cret", sign("s3cret", body, timestamp=int(time.time()) - 3600), body)
     assert not verify_signature("s3cret", "garbage", body)
+
+
+def test_non_ascii_paths_are_encoded_and_headers_http_cannot_carry_are_dropped(receiver):
+    headers = {"Authorization": "Bearer café✓", "X:Bad": "v", "Bad Name": "v", "X-Ctl": "a\x01b", "X-Ok": "café"}
+    assert deliver(receiver.url("/hooks/café?q=✓ x"), {"a": 1}, policy=HostPolicy.parse("127.0.0.1"),
+                   headers=headers) == "sent"
+    [req] = receiver.requests
+    assert req["path"] == "/hooks/caf%C3%A9?q=%E2%9C%93%20x" and unquote(req["path"]) == "/hooks/café?q=✓ x"
+    assert req["headers"]["X-Ok"] == "café"  # Latin-1 goes as it is
+    assert not {"Authorization", "X:Bad", "Bad Name", "X-Ctl"} & set(req["headers"])
+
+
+def test_enqueuers_can_refuse_webhooks_a_worker_would_not_send_as_given():
+    from rq.webhook import Webhook
+
+    def hook(url="http://hooks.example/x", **headers):
+        return Webhook(url, "finished", method="POST", headers=headers or None)
+
+    check_webhooks([hook("https://hooks.example/café", Authorization="Bearer t")] * MAX_WEBHOOKS)
+    for hooks, why in [([hook()] * (MAX_WEBHOOKS + 1), "at most 4 webhooks"),
+                       ([hook(**{"Authorization": "Bearer café✓"})], "not Latin-1"),
+                       ([hook(**{"X:Y": "v"})], "not an RFC 7230 token"), ([hook(Host="x")], "sets this header"),
+                       ([hook(**{"X-A": "a\r\nB: c"})], "line break"), ([hook("http://u:p@hooks.example/")], "credentials")]:
+        with pytest.raises(WebhookRefused, match=why):
+            check_webhooks(hooks)
+
+
+def dripping_receiver(in_body: bool) -> tuple[socket.socket, threading.Event]:
+    """A loopback server answering a status line, then a header line or body byte every 0.5 s for 30 s:
+    each read gets data, so only a deadline over the whole response stops the client."""
+    server, stop = socket.create_server(("127.0.0.1", 0)), threading.Event()
+    head = b"HTTP/1.1 200 OK\r\n" + (b"Content-Length: 1000\r\n\r\n" if in_body else b"")
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn, contextlib.suppress(OSError):
+            conn.recv(65536)
+            conn.sendall(head)
+            end = time.monotonic() + 30
+            while time.monotonic() < end and not stop.wait(0.5):
+                conn.sendall(b"x" if in_body else b"X-D: 1\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, stop
+
+
+@pytest.mark.parametrize("in_body", [False, True], ids=["headers", "body"])
+def test_a_receiver_that_drips_its_response_is_cut_off_at_the_deadline(in_body):
+    server, stop = dripping_receiver(in_body)
+    t0 = time.monotonic()
+    with server, pytest.raises(WebhookFailed, match="timed out"):
+        deliver(f"http://127.0.0.1:{server.getsockname()[1]}/", {"a": 1}, policy=HostPolicy.parse("127.0.0.1"),
+                timeout_s=1.0)
+    stop.set()
+    assert time.monotonic() - t0 < 1.0 + 1.5  # it would drip for 30 s
+
+
+def test_a_slow_name_lookup_counts_against_the_deadline():
+    release = threading.Event()
+
+    def stalled(host, port, type):  # noqa: A002 - a resolver that does not answer for 30 s
+        release.wait(30)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
+
+    t0 = time.monotonic()
+    with pytest.raises(WebhookFailed, match="timed out"):
+        resolve("http://hooks.example/", OPEN, stalled, timeout_s=0.5)
+    assert time.monotonic() - t0 < 0.5 + 1.5
+    release.set()
 
 
 def test_a_failed_job_sends_the_error_line_not_the_traceback():
@@ -247,18 +335,43 @@ def test_a_failed_job_posts_the_error_line_only(s3, redis, redis_server, s3_serv
     assert webhook_counts(worker) == {"sent": 1.0}
 
 
-def _abandon(redis, job_id: str) -> None:
-    """What a worker killed mid-job leaves behind: the job started, in the started registry, its
-    heartbeat long expired, and no worker left to finish it."""
-    from rq.job import Job, JobStatus
-    from rq.registry import StartedJobRegistry
+def _raw_hooks(redis, job_id: str, hooks: list[tuple[str, dict | None]]) -> None:
+    """Give a queued job these `finished` webhooks as a Redis writer can (the Python enqueue sets no headers)."""
+    redis.hset(f"rq:job:{job_id}", "webhooks", json.dumps(
+        [{"url": url, "job_status": "finished", "method": "POST", "headers": h, "timeout": 10} for url, h in hooks]))
+
+
+def test_no_hook_fails_or_reruns_a_job_with_its_verdict(s3, redis, redis_server, s3_server, random_model_dir,
+                                                       moderator, receiver, tmp_path, monkeypatch):
+    """A non-ASCII path, a header value outside Latin-1 and an illegal header name once raised out of
+    send_webhooks after the verdict was saved: RQ failed the job and ran it again, 4 times. Now each is
+    sent as HTTP allows, and even an exception no known input raises (`/boom`) costs one hook only."""
+    import worker.rq_worker
+    from rq.job import Job
+    from rq.results import Result
     from rq.serializers import JSONSerializer
 
+    real = worker.rq_worker.deliver
+
+    def deliver_or_raise(url, *args, **kwargs):
+        if url.endswith("/boom"):
+            "é".encode("ascii")  # UnicodeEncodeError, as http.client raised for the cases below
+        return real(url, *args, **kwargs)
+
+    monkeypatch.setattr(worker.rq_worker, "deliver", deliver_or_raise)
+    settings = worker_settings(random_model_dir, redis_server, s3_server, tmp_path, webhook_hosts="127.0.0.1")
+    job_id = enqueue(BUCKET, KEY, settings=settings, connection=redis, s3_client=s3)
+    _raw_hooks(redis, job_id, [(receiver.url("/boom"), None), (receiver.url("/café"), None),
+                               (receiver.url("/latin"), {"Authorization": "Bearer café✓"}),
+                               (receiver.url("/name"), {"X:Y": "v", "X-Ok": "1"}),
+                               (receiver.url("/fifth"), None)])  # over MAX_WEBHOOKS: skipped
+    worker = burst(redis, settings, moderator)
     job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
-    get_queue(redis, "deepfake").remove(job.id)
-    job.set_status(JobStatus.STARTED)
-    key = StartedJobRegistry("deepfake", connection=redis).key
-    redis.zadd(key, {f"{job.id}:gone-worker-execution": time.time() - 60})  # its heartbeat ran out a minute ago
+    assert job.get_status() == "finished"
+    assert [r.type for r in job.results()] == [Result.Type.SUCCESSFUL]  # ran once: no failed or retried attempt
+    assert [r["path"] for r in receiver.requests] == ["/caf%C3%A9", "/latin", "/name"]
+    assert "Authorization" not in receiver.requests[1]["headers"] and receiver.requests[2]["headers"]["X-Ok"] == "1"
+    assert webhook_counts(worker) == {"failed": 1.0, "sent": 3.0, "refused": 1.0}
 
 
 @pytest.mark.parametrize("hosts", ["", "127.0.0.1"], ids=["unlisted", "listed"])
@@ -270,7 +383,7 @@ def test_counting_the_started_registry_outside_a_worker_sends_only_vetted_signed
 
     settings = worker_settings(random_model_dir, redis_server, s3_server, tmp_path, job_retries=0)
     job_id = enqueue(BUCKET, KEY, webhook_url=receiver.url(), settings=settings, connection=redis, s3_client=s3)
-    _abandon(redis, job_id)
+    abandon(redis, job_id)
     monkeypatch.setattr(worker.runtime, "_runtime", None)  # a CLI process: no worker runtime, no model
     monkeypatch.setenv("DEEPFAKE_WEBHOOK_HOSTS", hosts)
     monkeypatch.setenv("DEEPFAKE_WEBHOOK_SECRET", "hook-key")

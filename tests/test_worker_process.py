@@ -128,3 +128,39 @@ def test_metrics_and_health_endpoint(s3, redis, redis_server, qsettings, tmp_pat
     assert 'deepfake_queue_jobs{queue="deepfake",state="failed"} 0.0' in body
     assert 'deepfake_queue_oldest_job_age_seconds{queue="deepfake"} 0.0' in body
     assert health == (200, "idle")
+
+
+def pid_namespaces() -> bool:
+    import shutil
+    import subprocess
+
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "--pid", "--fork", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not pid_namespaces(), reason="needs `unshare --pid` (root) to run the worker as PID 1")
+def test_sigterm_while_starting_ends_the_worker_even_as_pid_1(qsettings, tmp_path):
+    """In a container `rq worker` is PID 1, which the kernel sends no signal it has no handler for,
+    and RQ's handlers come only with work(): a pod deleted while its worker waits for Redis (or loads
+    its model) must still stop, not sit out its grace period."""
+    import subprocess
+    from pathlib import Path
+    import sys
+
+    closed = f"redis://127.0.0.1:{free_ports(1)[0]}/0"  # nothing listens: the start-up rides out an outage
+    env = worker_env(qsettings, closed, DEEPFAKE_REDIS_URL=closed, DEEPFAKE_REDIS_OUTAGE_S="120")
+    log = tmp_path / "worker.log"
+    rq = str(Path(sys.executable).parent / "rq")
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", rq, "worker", "deepfake"], env=env,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "redis_unreachable" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "redis_unreachable" in log.read_text(), log.read_text()
+        [child] = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()  # PID 1 inside
+        os.kill(int(child), signal.SIGTERM)
+        assert proc.wait(20) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -46,6 +46,18 @@ def stored(s3, settings: Settings, key: str) -> list[dict]:
     return [json.loads(s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()) for o in listed if o["Key"] == vkey]
 
 
+def abandon(redis: Redis, job_id: str, queue: str = "deepfake") -> None:
+    """What a worker killed mid-job leaves behind: the job started, in the started registry, its
+    heartbeat long expired, and no worker left to finish it."""
+    from rq.job import JobStatus
+
+    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    Queue(queue, connection=redis, serializer=JSONSerializer).remove(job.id)
+    job.set_status(JobStatus.STARTED)
+    key = StartedJobRegistry(queue, connection=redis).key
+    redis.zadd(key, {f"{job.id}:gone-worker-execution": time.time() - 60})  # its heartbeat ran out a minute ago
+
+
 def queue_settings(model_dir: Path, redis_server: Any, s3_server: Any, tmp_path: Path, bucket: str,
                    **extra: Any) -> Settings:
     """A worker's settings on the test's servers: one allowed bucket, 8 frames, verdicts under a

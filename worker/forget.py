@@ -57,10 +57,11 @@ def jobs_for(connection: Redis, queue_name: str, bucket: str, key: str, *, scan:
     every finished and failed job, for jobs older than the index."""
     queue = get_queue(connection, queue_name)
     indexed, _ = upload_index.recorded(connection, bucket, key)
-    candidates = indexed | set(queue.get_job_ids()) | set(started_registry(queue).get_job_ids())
+    # Listed without RQ's cleanup, which would requeue abandoned jobs outside the workers' lock.
+    candidates = indexed | set(queue.get_job_ids()) | set(started_registry(queue).get_job_ids(cleanup=False))
     if scan:
         for registry in (FinishedJobRegistry(queue=queue), FailedJobRegistry(queue=queue)):
-            candidates |= set(registry.get_job_ids())
+            candidates |= set(registry.get_job_ids(cleanup=False))
     return [job for job in _fetch_all(connection, sorted(candidates)) if _is_for(job, bucket, key)]
 
 

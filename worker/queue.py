@@ -27,8 +27,10 @@ from worker import upload_index
 from worker.errors import last_line
 from worker.jobs import MODERATE_FUNC
 from worker.rq_worker import DeepfakeJob, model_key
-from worker.s3 import make_client, validate_location
+from worker.s3 import MAX_KEY_BYTES, S3Location, make_client, validate_location
 from worker.settings import Settings
+from worker.verdict_store import DETERMINISTIC_ERRORS, VerdictStore
+from worker.webhooks import check_webhooks
 
 DEDUPE_PREFIX = "deepfake:dedupe:"
 # A waiting job to the front of its queue in one step (a job a worker already took is left alone, and
@@ -37,8 +39,13 @@ TO_FRONT = "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then return redis.ca
 LIVE_STATUSES = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.FINISHED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
 
 
+# An enqueuer's client fails instead of hanging when Redis stops answering (no command here blocks).
+CLIENT_SOCKET_TIMEOUT_S, CLIENT_CONNECT_TIMEOUT_S = 30.0, 10.0
+
+
 def connect(settings: Settings) -> Redis:
-    return Redis.from_url(settings.redis_url)
+    return Redis.from_url(settings.redis_url, socket_timeout=CLIENT_SOCKET_TIMEOUT_S,
+                          socket_connect_timeout=CLIENT_CONNECT_TIMEOUT_S)
 
 
 def get_queue(connection: Redis, name: str) -> Queue:
@@ -52,6 +59,32 @@ def started_registry(queue: Queue) -> StartedJobRegistry:
     """The queue's started registry with the queue's job class, which RQ's registries do not take from
     the queue: its cleanup (run by counting or listing it) handles abandoned jobs and their webhooks."""
     return StartedJobRegistry(queue=queue, job_class=queue.job_class)
+
+
+def clean_abandoned(queue: Queue) -> bool:
+    """Move the started registry's abandoned jobs on (retried, or failed with their webhooks) under
+    the queue's maintenance lock, the one RQ's workers take for the same cleanup: unlocked, two
+    processes cleaning at once would each requeue the same job, and it would run twice. False when
+    another process holds the lock (it is cleaning)."""
+    if not queue.acquire_maintenance_lock():
+        return False
+    try:
+        started_registry(queue).cleanup()
+    finally:
+        queue.release_maintenance_lock()
+    return True
+
+
+def answers(job: Job) -> bool:
+    """Whether a job found by its duplicate record answers a new request for the same upload: one
+    waiting, running or done, unless what it found is worth a new try (a timeout or an internal
+    error, as `verdict_store.reusable` judges a stored verdict)."""
+    if job.get_status() not in LIVE_STATUSES:
+        return False
+    result = job.return_value() if job.get_status() == JobStatus.FINISHED else None
+    if isinstance(result, dict) and result.get("status") == "error":
+        return (result.get("error") or {}).get("code") in DETERMINISTIC_ERRORS
+    return True
 
 
 def dedupe_key(queue: str, bucket: str, key: str, etag: str, frames: int, model_sha256: str,
@@ -89,6 +122,8 @@ def enqueue(
     it could not be read (queued without a duplicate check)."""
     settings = settings or Settings()
     validate_location(bucket, key)
+    if not VerdictStore(None, prefix=settings.verdict_prefix, bucket=settings.verdict_bucket).fits(S3Location(bucket, key)):
+        raise ValueError(f"the key is too long: its verdict path would pass S3's {MAX_KEY_BYTES}-byte key limit")
     frames = frames or settings.frames
     connection = connection or connect(settings)
     queue = get_queue(connection, settings.queue)
@@ -105,7 +140,7 @@ def enqueue(
                 job = Job.fetch(existing.decode(), connection=connection, serializer=JSONSerializer)
                 # A duplicate is answered by the live job, unless it would not tell this caller's receiver:
                 # then a new job (which reuses the stored verdict) calls it.
-                if job.get_status() in LIVE_STATUSES and (
+                if answers(job) and (
                         webhook_url is None or webhook_url in {w.url for w in job.webhooks}):
                     if at_front:
                         connection.eval(TO_FRONT, 1, queue.key, job.id)
@@ -113,6 +148,7 @@ def enqueue(
             except NoSuchJobError:
                 pass
     webhooks = [Webhook(webhook_url, status, method="POST") for status in ("finished", "failed")] if webhook_url else None
+    check_webhooks(webhooks or [])  # what a worker would refuse to send is refused here, saying why
     job = queue.enqueue(
         MODERATE_FUNC, args=(bucket, key), kwargs={"frames": frames},
         job_timeout=settings.job_timeout_s(frames), result_ttl=settings.result_ttl_s,
@@ -183,12 +219,14 @@ def queue_status(*, settings: Settings | None = None, connection: Redis | None =
     settings = settings or Settings()
     connection = connection or connect(settings)
     queue = get_queue(connection, settings.queue)
+    clean_abandoned(queue)
     depths = queue_depths(connection, settings.queue)
     return {
         "queue": settings.queue,
         "queued": depths["queued"],  # the list's length, as queue.count reads it
-        # the registries' own counts: they drop expired entries first, which /metrics does not
-        "started": started_registry(queue).count,
+        # the registries' own counts: they drop expired entries first, which /metrics does not; the
+        # started registry's abandoned jobs are moved on under the workers' lock first
+        "started": started_registry(queue).get_job_count(cleanup=False),
         "finished": FinishedJobRegistry(queue=queue).count,
         "failed": FailedJobRegistry(queue=queue).count,
         "oldest_waiting_s": round(depths["oldest_waiting_s"], 1),

@@ -41,6 +41,7 @@ from redis.retry import Retry
 
 from worker.logging import configure_logging
 from worker.settings import Settings
+from worker.signals import exit_on_sigterm_until_work
 
 log = structlog.get_logger("worker.redis_client")
 
@@ -173,8 +174,18 @@ def database_address(connection: Redis | str) -> tuple:
 
 
 def without_password(url: str) -> str:
-    """A Redis URL fit for a log line or an error message."""
-    return re.sub(r"(//[^:/@]*:)[^/]*@", r"\1***@", url)
+    """A Redis URL fit for a log line or an error message: the password masked wherever redis-py
+    reads one (`user:password@`, which may hold `/` or `@`, and a `password=` query parameter)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    rest, qmark, query = rest.partition("?")
+    if "@" in rest:
+        userinfo, _, hostpart = rest.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        rest = f"{user}:***@{hostpart}" if colon else f"{userinfo}@{hostpart}"
+    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", query)
+    return f"{scheme}://{rest}{qmark}{query}"
 
 
 def waiting_for_space(connection: Redis) -> float | None:
@@ -190,6 +201,7 @@ class WaitingRedis(Redis):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        exit_on_sigterm_until_work()  # as PID 1, `rq worker` would otherwise ignore SIGTERM until then
         try:
             settings = Settings()
         except ValidationError:

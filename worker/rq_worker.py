@@ -30,9 +30,10 @@ from worker.jobs import MODERATE_FUNC, JobTimedOut
 from worker.logging import configure_logging
 from worker.metrics import heartbeat_fresh, serve
 from worker.redis_client import database_address, ride_out, waiting_for_space, without_password
-from worker.runtime import WorkerRuntime, install, installed
+from worker.runtime import MAX_JOB_FRAMES, WorkerRuntime, install, installed
 from worker.settings import Settings
-from worker.webhooks import HostPolicy, WebhookFailed, WebhookRefused, deliver, summary
+from worker.signals import exit_on_sigterm_until_work
+from worker.webhooks import MAX_WEBHOOKS, HostPolicy, WebhookFailed, WebhookRefused, deliver, summary
 
 
 log = structlog.get_logger("worker.rq_worker")
@@ -77,21 +78,36 @@ class DeepfakeJob(Job):
         """RQ's webhooks, sent through `worker.webhooks.deliver`: vetted receiver, summary, signature.
         Outside a worker (`deepfake status`, or `rq info` with RQ_JOB_CLASS set to this class, whose
         registry counts move an abandoned job on and send its webhooks) the settings come from the
-        environment, and no model is loaded for it."""
-        hooks = [w for w in self.webhooks if w.job_status == status]
+        environment, and no model is loaded for it.
+        RQ calls this after saving the result, inside the try that fails and retries the job: nothing
+        may escape it, or a job with its verdict runs again. Each hook costs up to the webhook timeout
+        between jobs, so only a job's first `MAX_WEBHOOKS` are sent."""
+        hooks = [w for w in self.webhooks[:MAX_WEBHOOKS] if w.job_status == status]
+        extra = sum(w.job_status == status for w in self.webhooks[MAX_WEBHOOKS:])
         if not hooks:
             return
         rt = installed()
-        s = rt.settings if rt is not None else Settings()
-        status = JobStatus(status).value
-        policy = HostPolicy.parse(s.webhook_hosts)
-        secret = s.webhook_secret.get_secret_value() if s.webhook_secret else None
-        payload = summary(self.id, status, self._result if status == "finished" else None, exc_string,
-                          self.enqueued_at.isoformat() if self.enqueued_at else None,
-                          self.ended_at.isoformat() if self.ended_at else None)
+        if extra:  # only a raw enqueue can attach more (the Python one attaches two)
+            log.warning("webhooks_skipped", job_id=self.id, skipped=extra, limit=MAX_WEBHOOKS)
+            if rt is not None:
+                rt.metrics.webhooks.labels(outcome="refused").inc(extra)
+        try:
+            s = rt.settings if rt is not None else Settings()
+            status = JobStatus(status).value
+            policy = HostPolicy.parse(s.webhook_hosts)
+            secret = s.webhook_secret.get_secret_value() if s.webhook_secret else None
+            payload = summary(self.id, status, self._result if status == "finished" else None, exc_string,
+                              self.enqueued_at.isoformat() if self.enqueued_at else None,
+                              self.ended_at.isoformat() if self.ended_at else None)
+        except Exception as exc:  # noqa: BLE001 - settings or a result nobody can send
+            log.warning("webhook_failed", job_id=self.id, error_type=type(exc).__name__, reason="no payload")
+            if rt is not None:
+                rt.metrics.webhooks.labels(outcome="failed").inc(len(hooks))
+            return
         for hook in hooks:
-            host = urlsplit(hook.url).hostname  # never the path or query: they may hold a token
+            host = None
             try:
+                host = urlsplit(hook.url).hostname  # never the path or query: they may hold a token
                 outcome = deliver(hook.url, payload, policy=policy, secret=secret, headers=hook.headers,
                                   timeout_s=min(float(hook.timeout), s.webhook_timeout_s))
                 log.info("webhook_sent", job_id=self.id, host=host, status=status)
@@ -101,6 +117,10 @@ class DeepfakeJob(Job):
             except WebhookFailed as exc:
                 outcome = "failed"
                 log.warning("webhook_failed", job_id=self.id, host=host, reason=str(exc))
+            except Exception as exc:  # noqa: BLE001 - whatever one hook's URL or headers provoke; its message may quote them
+                outcome = "failed"
+                log.warning("webhook_failed", job_id=self.id, host=host, error_type=type(exc).__name__,
+                            reason=f"unexpected {type(exc).__name__}")
             if rt is not None:
                 rt.metrics.webhooks.labels(outcome=outcome).inc()
 
@@ -137,6 +157,7 @@ class DeepfakeWorker(SimpleWorker):
         if kwargs.get("connection") is None and items and isinstance(items[0], Queue):
             kwargs["connection"] = items[0].connection
         super().__init__(names, *args, **kwargs)
+        exit_on_sigterm_until_work()  # RQ's handlers come with work(), after the model loads
         ride_out(self.connection)
         self.runtime: WorkerRuntime | None = None
         self._http = None
@@ -202,12 +223,26 @@ class DeepfakeWorker(SimpleWorker):
         return super().heartbeat(*args, **kwargs)
 
     def execute_job(self, job: Any, queue: Any) -> Any:
-        self._job_started, self._job_timeout = time.time(), float(job.timeout or 0)
+        job.timeout = self.job_limit_s(job)
+        self._job_started, self._job_timeout = time.time(), float(job.timeout)
         try:
             return super().execute_job(job, queue)
         finally:
             self._job_started = None
             self._beat = time.time()
+
+    def job_limit_s(self, job: Job) -> int:
+        """The job's time limit, decided here from the settings and the job's frames, not taken from
+        the job: whoever wrote it to Redis could give none (-1) or a day, past the pod's grace period
+        and the liveness window, and an enqueuer's settings may be older than the workers'."""
+        settings = self.runtime.settings if self.runtime is not None else Settings()
+        try:
+            frames = (job.kwargs or {}).get("frames")
+        except Exception:  # noqa: BLE001 - malformed data: the job is refused when it runs
+            frames = None
+        if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= MAX_JOB_FRAMES:
+            frames = None  # the job refuses it itself; the limit is the settings' own
+        return settings.job_timeout_s(frames)
 
     def handle_exception(self, job: Job, *exc_info: Any) -> Any:
         """Count a job attempt that raised (RQ calls this just before it retries or fails the job)."""

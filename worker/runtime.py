@@ -14,10 +14,12 @@ from typing import Any
 import structlog
 
 from worker import __version__
-from worker.errors import AccessDenied, ModerationError, Timeout, TransientError
+from botocore.exceptions import BotoCoreError, ClientError
+
+from worker.errors import AccessDenied, ModerationError, Timeout, TransientError, Unsupported
 from worker.metrics import Metrics
 from worker.pipeline import Moderator
-from worker.s3 import S3Location, S3Source, make_client, validate_location
+from worker.s3 import NOT_FOUND_CODES, S3Location, S3Source, make_client, validate_location
 from worker.settings import Settings
 from worker.verdict import error_verdict
 from worker.verdict_store import VerdictStore, reusable
@@ -84,13 +86,18 @@ class WorkerRuntime:
         if self.store.is_verdict_key(upload):
             err = AccessDenied(f"{uri} is inside the verdict prefix {self.settings.verdict_prefix!r}")
             return self._finish(self._error(uri, err), bound)
+        if not self.store.fits(upload):  # its verdict could never be written: reviewed, not retried
+            err = Unsupported(f"{uri}: the key is too long for its verdict path within S3's 1024-byte limit")
+            return self._finish(self._error(uri, err), bound)
         try:
             source = S3Source.resolve(self.s3, upload, max_bytes=self.settings.max_bytes, allowed_buckets=self.allowed)
         except ModerationError as exc:
             verdict = self._error(uri, exc)
             if exc.code.value == "access_denied":
                 return self._finish(verdict, bound)  # never write where the worker may not read
-            return self._store(upload, verdict, None, bound)
+            # What is there now is refused: a verdict stored for earlier bytes at this key is replaced.
+            _, stored_etag = self.store.get(upload)
+            return self._store(upload, verdict, stored_etag, bound)
         stored, stored_etag = self.store.get(upload)
         if reusable(stored, etag=source.etag, model_sha256=self.model["sha256"], frames=frames,
                     max_sample_gap_s=self.settings.max_sample_gap_s, policy=self.moderator.policy):
@@ -110,11 +117,13 @@ class WorkerRuntime:
         failure = source.read_error
         if isinstance(failure, TransientError):
             raise failure  # the storage failed, not the upload: RQ retries, nothing is written
+        if isinstance(failure, AccessDenied):
+            return self._finish(self._error(uri, failure), bound)  # never write where the worker may not read
         if failure is not None:  # deleted (not_found) or replaced (corrupt) while it was read
             verdict = self._error(uri, failure, timings_ms=verdict.get("timings_ms"))
         verdict["input"] = {"bucket": bucket, "key": key, "etag": source.etag, "size": source.size, "frames": frames,
                             "max_sample_gap_s": self.settings.max_sample_gap_s}
-        return self._store(upload, verdict, stored_etag, bound)
+        return self._store(upload, verdict, stored_etag, bound, etag=source.etag)
 
     def timeout_verdict(self, bucket: str, key: str, seconds: int) -> dict:
         """The verdict for a job RQ stopped at its time limit, stored like any other final verdict (it
@@ -128,7 +137,14 @@ class WorkerRuntime:
             upload = S3Location(bucket, key)
             if self.store.is_verdict_key(upload) or ("*" not in self.allowed and bucket not in self.allowed):
                 return self._finish(verdict, bound)
-            _, stored_etag = self.store.get(upload)
+            stored, stored_etag = self.store.get(upload)
+            current = self._current_etag(upload)
+            if stored is not None and current is not None and reusable(
+                    stored, etag=current, model_sha256=self.model["sha256"],
+                    frames=(stored.get("input") or {}).get("frames"),
+                    max_sample_gap_s=self.settings.max_sample_gap_s, policy=self.moderator.policy):
+                bound.info("timeout_verdict_not_needed", etag=current)  # another job judged these bytes
+                return self._finish({**stored, "stored_at": self.store.location_for(upload).uri}, bound)
             return self._store(upload, verdict, stored_etag, bound)
         except Exception:  # noqa: BLE001 - the verdict is still the job's result
             bound.exception("timeout_verdict_not_stored")
@@ -140,14 +156,34 @@ class WorkerRuntime:
         return error_verdict(uri, exc, action=self.moderator.policy.error_action(exc.code.value),
                              threshold=self.moderator.threshold, model=self.model, timings_ms=timings_ms)
 
-    def _store(self, upload: S3Location, verdict: dict, stored_etag: str | None, bound) -> dict:
+    def _current_etag(self, upload: S3Location) -> str | None:
+        """The ETag of what is at the key now (None: nothing is); a failed HEAD raises for RQ to retry."""
+        try:
+            return self.s3.head_object(Bucket=upload.bucket, Key=upload.key)["ETag"]
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in NOT_FOUND_CODES:
+                return None
+            raise TransientError(f"HEAD {upload.uri} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise TransientError(f"HEAD {upload.uri} failed: {exc}") from exc
+
+    def _store(self, upload: S3Location, verdict: dict, stored_etag: str | None, bound, *,
+               etag: str | None = None) -> dict:
+        """Write the verdict for the bytes with `etag` (None: a refusal at HEAD, about no bytes)."""
         t0 = time.perf_counter()
         written = self.store.put(upload, verdict, replaces=stored_etag)
         if not written:
-            # Another worker wrote first: its verdict stands, and this job returns that one. One that
-            # does not verify (written by someone else) is replaced, on the ETag just read.
+            # Another worker wrote first: its verdict stands, and this job returns that one, if it is
+            # about the bytes at the key now. One about earlier bytes (the upload was replaced, and a
+            # job for the old bytes wrote last) is replaced, as is one that does not verify (written by
+            # someone else), on the ETag just read: a replaced video never keeps an old clearance.
             theirs, their_etag = self.store.get(upload)
             bound.info("verdict_race_lost")
+            if theirs is not None and _input_etag(theirs) != etag:
+                current = self._current_etag(upload)
+                if _input_etag(theirs) != current and (etag is None or current == etag):
+                    bound.info("verdict_for_earlier_bytes_replaced", theirs=_input_etag(theirs), ours=current)
+                    theirs = None
             if theirs is None and their_etag is not None and self.store.put(upload, verdict, replaces=their_etag):
                 theirs = verdict
             verdict = theirs or verdict
@@ -159,6 +195,12 @@ class WorkerRuntime:
         self.metrics.observe_verdict(verdict)
         bound.info("job_done", status=verdict["status"], code=(verdict.get("error") or {}).get("code"))
         return verdict
+
+
+def _input_etag(verdict: dict) -> str | None:
+    """The ETag of the bytes a stored verdict judged (None: a refusal made before any byte was read)."""
+    inp = verdict.get("input")
+    return inp.get("etag") if isinstance(inp, dict) else None
 
 
 _runtime: WorkerRuntime | None = None

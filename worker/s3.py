@@ -15,13 +15,18 @@ from typing import Any
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from urllib3.exceptions import HTTPError as Urllib3Error
 
 from worker.errors import AccessDenied, Corrupt, ModerationError, NotAVideo, NotFound, NoVideoStream, TransientError
 from worker.source import check_size
 
 MAX_KEY_BYTES = 1024
 NOT_FOUND_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
-DENIED_CODES = {"403", "AccessDenied", "SignatureDoesNotMatch", "InvalidAccessKeyId", "AllAccessDisabled"}
+DENIED_CODES = {"403", "AccessDenied", "AllAccessDisabled"}
+# The worker's own credentials or clock refused (rotated or expired keys, a skewed node clock): no
+# property of the upload, so the job fails for RQ to retry and the failed-jobs alert tells.
+CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "RequestTimeTooSkewed", "ExpiredToken",
+                    "InvalidToken", "TokenRefreshRequired", "InvalidClientTokenId"}
 CHANGED_CODES = {"412", "PreconditionFailed"}
 # botocore retries a request until its response starts; a body cut off after that (a reset or a
 # read timeout mid-stream) is retried here, this many times in all, before the job fails transiently.
@@ -70,13 +75,18 @@ def make_client(endpoint_url: str | None = None, region: str | None = None, max_
         connect_timeout=10,
         read_timeout=60,
     )
-    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region or "us-east-1", config=config)
+    # Unset: boto3's own chain (AWS_REGION, which IRSA and EKS pod identity set, then the config file),
+    # so requests go to the bucket's regional endpoint instead of us-east-1 and a redirect.
+    region = region or boto3.session.Session().region_name or "us-east-1"
+    return boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
 
 def translate_error(exc: Exception, uri: str) -> ModerationError | None:
     """The verdict error for an S3 failure, or None when it is not the input's fault (retry the job)."""
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in CREDENTIAL_CODES:
+            return None
         if code in NOT_FOUND_CODES:
             return NotFound(f"{uri} does not exist")
         if code in DENIED_CODES:
@@ -94,6 +104,26 @@ def content_type_error(content_type: str | None, uri: str) -> ModerationError | 
     if kind.startswith("audio/"):
         return NoVideoStream(f"{uri} has content type {kind}: audio only")
     return None
+
+
+def _described(exc: Exception) -> str:
+    """An S3 failure for an error message; for refused credentials, what the operator should check."""
+    code = str(exc.response.get("Error", {}).get("Code", "")) if isinstance(exc, ClientError) else ""
+    if code in CREDENTIAL_CODES:
+        return f"{exc} (the worker's S3 credentials or its clock were refused: check its keys, token and time)"
+    return str(exc)
+
+
+def _with_error_code(client: Any, location: S3Location, exc: Exception) -> Exception:
+    """A HEAD response has no body, so a refusal arrives as a bare 403 whether the object's policy
+    denies the worker or the worker's own keys are wrong: a one-byte GET reads S3's error code."""
+    if not (isinstance(exc, ClientError) and str(exc.response.get("Error", {}).get("Code")) == "403"):
+        return exc
+    try:
+        client.get_object(Bucket=location.bucket, Key=location.key, Range="bytes=0-0")
+    except (ClientError, BotoCoreError) as detailed:
+        return detailed
+    return exc  # HEAD denied, GET allowed: a policy that denies the worker HEAD, not its keys
 
 
 class S3RangeReader(io.RawIOBase):
@@ -128,7 +158,7 @@ class S3RangeReader(io.RawIOBase):
         return self._pos
 
     def _fail(self, exc: Exception, uri: str) -> Exception:
-        self.error = translate_error(exc, uri) or TransientError(f"reading {uri} failed: {exc}")
+        self.error = translate_error(exc, uri) or TransientError(f"reading {uri} failed: {_described(exc)}")
         return self.error
 
     def _block(self, index: int) -> bytes:
@@ -149,7 +179,9 @@ class S3RangeReader(io.RawIOBase):
                 raise self._fail(exc, uri) from exc
             try:
                 data = resp["Body"].read()
-            except BotoCoreError as exc:  # the body broke off mid-stream
+            # The body broke off mid-stream: botocore wraps a reset or a read timeout, but a TLS
+            # failure comes through as urllib3's own error, and a socket error as OSError.
+            except (BotoCoreError, Urllib3Error, OSError) as exc:
                 if attempt + 1 == BODY_ATTEMPTS:
                     raise self._fail(exc, uri) from exc
                 time.sleep(0.1 * 2**attempt)
@@ -207,7 +239,9 @@ class S3Source:
         try:
             head = client.head_object(Bucket=location.bucket, Key=location.key)
         except (ClientError, BotoCoreError) as exc:
-            raise translate_error(exc, location.uri) or TransientError(f"HEAD {location.uri} failed: {exc}") from exc
+            exc = _with_error_code(client, location, exc)
+            raise translate_error(exc, location.uri) or TransientError(
+                f"HEAD {location.uri} failed: {_described(exc)}") from exc
         size = int(head["ContentLength"])
         check_size(location.uri, size, max_bytes)
         error = content_type_error(head.get("ContentType"), location.uri)

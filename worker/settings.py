@@ -20,7 +20,8 @@ from worker.video import MAX_SAMPLED_FRAMES, frames_to_sample
 class Settings(BaseSettings):
     # An empty variable counts as unset (`DEEPFAKE_MODEL_DIR=` is the packaged model, not ".").
     model_config = SettingsConfigDict(env_prefix="DEEPFAKE_", extra="ignore", protected_namespaces=(),
-                                      populate_by_name=True, env_ignore_empty=True)
+                                      populate_by_name=True, env_ignore_empty=True,
+                                      hide_input_in_errors=True)  # a refused URL or key may hold a secret
 
     # What to score
     frames: int = Field(
@@ -117,7 +118,9 @@ class Settings(BaseSettings):
         "", description="Comma-separated buckets the worker may read; empty denies all, * allows any."
     )
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (unset = AWS); credentials come from the AWS_* environment.")
-    s3_region: str | None = Field(None, description="S3 region.")
+    s3_region: str | None = Field(
+        None, description="S3 region; unset = boto3's (AWS_REGION, AWS_DEFAULT_REGION, the AWS config file), else us-east-1."
+    )
     verdict_bucket: str | None = Field(
         None, description="Bucket for verdicts, under <verdict_prefix><upload bucket>/<key>.json; unset = the upload's own bucket."
     )
@@ -142,7 +145,7 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = Field(
         None, description="HMAC-SHA256 key signing each webhook body (X-Deepfake-Signature); unset = unsigned."
     )
-    webhook_timeout_s: float = Field(5.0, gt=0, le=60, description="Time limit for one webhook POST.")
+    webhook_timeout_s: float = Field(5.0, gt=0, le=60, description="Time limit for one webhook, all of it: name lookup, connect, POST and the whole response.")
     model_s_per_frame: float = Field(
         1.0, gt=0, description="Model time budgeted per sampled frame when deriving a job's timeout."
     )
@@ -170,7 +173,8 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_url_scheme(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"must start with redis://, rediss:// or unix://, not {value!r}")
+            # never the value: a mistyped scheme still carries the password
+            raise ValueError(f"must start with redis://, rediss:// or unix://, not {value.partition(':')[0]!r}://...")
         return value
 
     @field_validator("s3_endpoint_url")

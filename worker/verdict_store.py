@@ -24,7 +24,7 @@ import structlog
 from botocore.exceptions import ClientError
 
 from worker import __version__
-from worker.s3 import CHANGED_CODES, NOT_FOUND_CODES, S3Location, make_client
+from worker.s3 import CHANGED_CODES, MAX_KEY_BYTES, NOT_FOUND_CODES, S3Location, make_client
 from worker.video import frames_to_sample
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ log = structlog.get_logger("worker.verdict_store")
 
 SCAN_THREADS = 8  # parallel GETs when reading many verdicts (botocore's connection pool holds 10)
 REPORT_TYPES = {".html": "text/html; charset=utf-8", ".png": "image/png", ".json": "application/json"}
+REPORT_NAME_ROOM = 32  # the longest file name a report holds (worker.report), with room to spare
 SIGNATURE_METADATA = "deepfake-signature"  # S3 user metadata: the x-amz-meta-deepfake-signature header
 
 
@@ -137,6 +138,12 @@ class VerdictStore:
         for key in keys:
             self.client.delete_object(Bucket=verdict.bucket, Key=key)
         return [f"s3://{verdict.bucket}/{key}" for key in keys]
+
+    def fits(self, upload: S3Location) -> bool:
+        """Whether every object this store writes for the upload keeps within S3's key limit: the
+        verdict path adds the prefix, `.feedback.json` or `.report/<file>` to the upload's key."""
+        room = max(len(".feedback.json"), len(".report/") + REPORT_NAME_ROOM)
+        return len(self._path(upload).encode()) + room <= MAX_KEY_BYTES
 
     def is_verdict_key(self, upload: S3Location) -> bool:
         """Uploads inside the verdict prefix are refused: the worker must not moderate its own output."""

@@ -6,10 +6,13 @@ cluster it reaches internal services and the cloud metadata endpoint (SSRF). `De
 through `deliver` instead, which:
 
 - resolves the host once and connects to the vetted address (no second lookup to rebind);
-- allows only public addresses, unless `DEEPFAKE_WEBHOOK_HOSTS` lists receivers, in which case it
-  allows only those (host names, `.suffix` domains, IPs or CIDRs; private addresses included);
-- never follows a redirect, and sends one attempt with a short timeout (a slow receiver delays the
-  worker's next job by at most `DEEPFAKE_WEBHOOK_TIMEOUT_S`);
+- allows only public addresses (and IPv6 forms embedding an IPv4 one only if that one is public too),
+  unless `DEEPFAKE_WEBHOOK_HOSTS` lists receivers, in which case it allows only those (host names,
+  `.suffix` domains, IPs or CIDRs; private addresses included);
+- never follows a redirect, and sends one attempt under one deadline for DNS, connect, TLS, request
+  and the whole response (a slow or dripping receiver delays the worker's next job by at most
+  `DEEPFAKE_WEBHOOK_TIMEOUT_S` per webhook, and a job has at most `MAX_WEBHOOKS`);
+- percent-encodes a non-ASCII path and drops headers HTTP cannot carry (`job_headers`);
 - POSTs a small summary (job id, status, label, score, where the verdict is stored), never a
   traceback, signed with HMAC-SHA256 when `DEEPFAKE_WEBHOOK_SECRET` is set (`verify_signature`).
 """
@@ -20,13 +23,20 @@ import hmac
 import http.client
 import ipaddress
 import json
+import re
 import socket
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
+
+import structlog
 
 from worker.errors import last_line
+
+log = structlog.get_logger("worker.webhooks")
 
 SIGNATURE_HEADER = "X-Deepfake-Signature"
 # Headers a job may not set: they would change where or what is sent, or forge the signature.
@@ -34,6 +44,16 @@ _RESERVED_HEADERS = {"host", "content-length", "content-type", "transfer-encodin
                      SIGNATURE_HEADER.lower()}
 _MAX_JOB_HEADERS = 16
 _MAX_ERROR_CHARS = 500
+# Each webhook may take DEEPFAKE_WEBHOOK_TIMEOUT_S of the worker's time between jobs: a job's are capped.
+MAX_WEBHOOKS = 4
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 7230 header name
+_CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab: CR, LF and NUL among them
+# What a request target keeps as it is (reserved characters, %-escapes); the rest, non-ASCII and spaces
+# included, is percent-encoded.
+_PATH_SAFE = "!$%&'()*+,/:;=?@[]~"
+# IPv6 ranges that carry an IPv4 address in their low 32 bits (NAT64, RFC 6052 and 8215; IPv4-compatible).
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_IPV4_IN_LOW_BITS = (*_NAT64, ipaddress.ip_network("::/96"))
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -92,29 +112,73 @@ class HostPolicy:
         return any(address.version == n.version and address in n for n in self.networks)
 
 
+def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 one leads to (mapped, NAT64, 6to4, Teredo server and client,
+    IPv4-compatible): a gateway on the path would take `64:ff9b::a9fe:a9fe` to 169.254.169.254."""
+    found = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+    if any(address in net for net in _IPV4_IN_LOW_BITS):
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return [a for a in found if a is not None]
+
+
 def is_public(address: Address) -> bool:
-    """Globally routable unicast: not loopback, private, link-local (cloud metadata), shared, reserved."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Globally routable unicast: not loopback, private, link-local (cloud metadata), shared, reserved;
+    for IPv6, every IPv4 address it embeds too."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:  # an IPv4 address in IPv6 notation: only it counts
+            return is_public(address.ipv4_mapped)
+        if not all(is_public(a) for a in embedded_ipv4(address)):
+            return False
+        if any(address in net for net in _NAT64):
+            return True  # to a public address (newer Pythons call 64:ff9b:1::/48 not global)
     return address.is_global and not address.is_multicast
 
 
-def resolve(url: str, policy: HostPolicy,
-            lookup=socket.getaddrinfo) -> Destination:  # noqa: ANN001 - socket.getaddrinfo's signature
-    """The destination to connect to for `url`, or WebhookRefused saying why not."""
+def _split(url: str) -> tuple[SplitResult, int]:
+    """`url`'s parts and port, or WebhookRefused when no worker would call it whatever its address."""
     try:
         parts = urlsplit(url)
         port = parts.port
-    except ValueError as exc:
+    except (ValueError, TypeError, AttributeError) as exc:
         raise WebhookRefused(f"malformed URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise WebhookRefused("only http:// and https:// URLs with a host are called")
     if parts.username or parts.password:
         raise WebhookRefused("URLs with credentials are not called")
-    port = port or (443 if parts.scheme == "https" else 80)
+    return parts, port or (443 if parts.scheme == "https" else 80)
+
+
+def _lookup(lookup, host: str, port: int, timeout_s: float | None) -> list:  # noqa: ANN001
+    """getaddrinfo, which takes no timeout, in a daemon thread given `timeout_s`: a slow resolver
+    must not hold the worker past the webhook's deadline (the thread ends when the resolver gives up)."""
+    if timeout_s is None:
+        return lookup(host, port, type=socket.SOCK_STREAM)
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["infos"] = lookup(host, port, type=socket.SOCK_STREAM)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="webhook-dns", daemon=True)
+    thread.start()
+    thread.join(max(timeout_s, 0.0))
+    if thread.is_alive():
+        raise WebhookFailed(f"resolving {host!r} timed out after {timeout_s:.3g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["infos"]
+
+
+def resolve(url: str, policy: HostPolicy, lookup=socket.getaddrinfo,  # noqa: ANN001 - getaddrinfo's signature
+            timeout_s: float | None = None) -> Destination:
+    """The destination to connect to for `url`, or WebhookRefused saying why not (WebhookFailed when
+    the lookup takes longer than `timeout_s`)."""
+    parts, port = _split(url)
     host = parts.hostname
     try:
-        infos = lookup(host, port, type=socket.SOCK_STREAM)
+        infos = _lookup(lookup, host, port, timeout_s)
     except (socket.gaierror, UnicodeError, OSError) as exc:
         raise WebhookRefused(f"cannot resolve {host!r}: {exc}") from None
     addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
@@ -127,6 +191,8 @@ def resolve(url: str, policy: HostPolicy,
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
+    # http.client sends the request line as ASCII: a non-ASCII path would raise, not be sent
+    path = quote(path, safe=_PATH_SAFE)
     return Destination(parts.scheme, host, port, path, str(addresses[0]))
 
 
@@ -169,46 +235,143 @@ def verify_signature(secret: str, header: str, body: bytes, tolerance_s: float =
     return hmac.compare_digest(expected, given)
 
 
+def header_problem(name: Any, value: Any) -> str | None:
+    """Why a job's header is not sent (None: it is): HTTP/1.1 carries token names and Latin-1 values
+    without line breaks, and some headers would steer or sign the request."""
+    if not isinstance(name, str) or not isinstance(value, str):
+        return "name and value must be strings"
+    if not _TOKEN.fullmatch(name):
+        return "the name is not an RFC 7230 token"
+    if name.lower() in _RESERVED_HEADERS:
+        return "the worker sets this header itself"
+    if _CTL.search(value):
+        return "the value holds a line break or control character"
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return "the value is not Latin-1"
+    return None
+
+
 def job_headers(headers: dict | None) -> dict[str, str]:
-    """The headers a job asked for (a receiver's token, say), less those that steer or sign the request."""
+    """The headers a job asked for (a receiver's token, say), less those HTTP cannot carry or that
+    steer or sign the request (logged by name: a value may be a token)."""
     out: dict[str, str] = {}
-    for name, value in list((headers or {}).items())[:_MAX_JOB_HEADERS]:
-        if not isinstance(name, str) or not isinstance(value, str) or name.lower() in _RESERVED_HEADERS:
-            continue
-        if any(c in name + value for c in "\r\n\0"):
-            continue
-        out[name] = value
+    items = list(headers.items()) if isinstance(headers, dict) else []
+    for name, value in items[:_MAX_JOB_HEADERS]:
+        why = header_problem(name, value)
+        if why is None:
+            out[name] = value
+        else:
+            log.warning("webhook_header_dropped", header=ascii(name)[:64], reason=why)
     return out
 
 
+def check_webhooks(hooks: Sequence[Any]) -> None:
+    """For enqueuers: WebhookRefused, saying why, for webhooks a worker would not send as given (more
+    than MAX_WEBHOOKS, a URL no worker calls, a header it would drop). Addresses are the workers'
+    DEEPFAKE_WEBHOOK_HOSTS to judge (`resolve`)."""
+    if len(hooks) > MAX_WEBHOOKS:
+        raise WebhookRefused(f"a job may have at most {MAX_WEBHOOKS} webhooks, not {len(hooks)}")
+    for hook in hooks:
+        _split(hook.url)
+        headers = hook.headers or {}
+        for name, value in (headers.items() if isinstance(headers, dict) else [("headers", None)]):
+            why = header_problem(name, value)
+            if why is not None:
+                raise WebhookRefused(f"webhook header {ascii(name)[:64]}: {why}")
+
+
+class _Cutoff:
+    """Shuts a connection down at its deadline. A socket timeout bounds each read, not the request: a
+    receiver sending a byte every half second would otherwise hold the worker for ever. The shutdown
+    wakes whatever blocks (TLS handshake, send, a read of headers or body)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.deadline = time.monotonic() + timeout_s
+        self.fired = False
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._timer: threading.Timer | None = None
+
+    def left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        return left
+
+    def connect(self, dest: Destination, source: Any = None) -> socket.socket:
+        sock = socket.create_connection((dest.address, dest.port), self.left(), source)
+        with self._lock:
+            # a descriptor of our own for the same connection: TLS wrapping detaches `sock`'s
+            self._sock = sock.dup()
+            self._timer = threading.Timer(max(self.deadline - time.monotonic(), 0.0), self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+        return sock
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self.fired = True
+                try:
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def disarm(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+
 def post(dest: Destination, body: bytes, headers: dict[str, str], timeout_s: float) -> int:
-    """One POST to the vetted address (TLS still checks the certificate against the host name)."""
+    """One POST to the vetted address (TLS still checks the certificate against the host name), done
+    within `timeout_s` in all, connect to the end of the response, or WebhookFailed."""
+    cutoff = _Cutoff(timeout_s)
     cls = http.client.HTTPSConnection if dest.scheme == "https" else http.client.HTTPConnection
     conn = cls(dest.host, dest.port, timeout=timeout_s)
     # http.client dials (host, port) through this attribute; HTTPS wraps the socket afterwards with
     # server_hostname=host, so the certificate is still verified for the name in the URL.
-    conn._create_connection = lambda _addr, timeout, source=None: socket.create_connection(  # type: ignore[attr-defined]
-        (dest.address, dest.port), timeout, source)
+    conn._create_connection = lambda _addr, timeout, source=None: cutoff.connect(dest, source)  # type: ignore[attr-defined]
+    timed_out = WebhookFailed(f"timed out: no complete response within {timeout_s:.3g} s")
     try:
         conn.request("POST", dest.path, body=body, headers={"Content-Type": "application/json", **headers})
         response = conn.getresponse()
         response.read(65536)
+    except (OSError, http.client.HTTPException, ValueError):
+        if cutoff.fired or time.monotonic() >= cutoff.deadline:
+            raise timed_out from None
+        raise
+    else:
+        if cutoff.fired:  # the shutdown ended what looked like a response: half a header, say
+            raise timed_out
         return response.status
     finally:
+        cutoff.disarm()
         conn.close()
 
 
 def deliver(url: str, payload: dict[str, Any], *, policy: HostPolicy, secret: str | None = None,
             headers: dict | None = None, timeout_s: float = 5.0) -> str:
-    """Send `payload` to `url`: 'sent' (2xx), or raises WebhookRefused / WebhookFailed."""
-    dest = resolve(url, policy)
+    """Send `payload` to `url` within `timeout_s` in all (DNS included): 'sent' (2xx), or raises
+    WebhookRefused / WebhookFailed."""
+    deadline = time.monotonic() + timeout_s
+    dest = resolve(url, policy, timeout_s=timeout_s)
     body = json.dumps(payload, separators=(",", ":")).encode()
     extra = job_headers(headers)
     if secret:
         extra[SIGNATURE_HEADER] = sign(secret, body)
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise WebhookFailed(f"timed out: resolving took all of {timeout_s:.3g} s")
     try:
-        status = post(dest, body, extra, timeout_s)
-    except (OSError, http.client.HTTPException) as exc:
+        status = post(dest, body, extra, left)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        # ValueError: a header or URL http.client refuses that the checks above did not foresee
         raise WebhookFailed(f"{type(exc).__name__}: {exc}") from None
     if not 200 <= status < 300:
         hint = " (redirects are not followed)" if 300 <= status < 400 else ""

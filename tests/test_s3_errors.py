@@ -1,0 +1,78 @@
+"""S3 failures that are not the upload's fault never become its verdict, and keys whose verdict
+could never be written are refused up front. Against the real S3 server, through the fault proxy
+serving HTTPS where a TLS failure is wanted."""
+from __future__ import annotations
+
+import boto3
+import numpy as np
+import pytest
+from botocore.config import Config
+from faultproxy import FaultProxy, Rule
+from media import encode
+from servers import ensure_bucket
+from workers import stored
+
+from worker.errors import TransientError
+from worker.queue import enqueue
+from worker.runtime import WorkerRuntime
+from worker.s3 import S3Location, S3Source
+from worker.settings import Settings
+
+BUCKET = "s3errors"
+BIG = "big/noise.avi"  # > 4 MiB: a fault can strike the second ranged GET
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server, tmp_path_factory):
+    client = s3_server.client()
+    ensure_bucket(client, BUCKET)
+    rng = np.random.default_rng(11)
+    path = encode(tmp_path_factory.mktemp("s3errors") / "noise.avi",
+                  [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range(18)],
+                  codec="mjpeg", pix_fmt="yuvj420p", rate=10, options={"qmin": "1", "qmax": "1"})
+    assert path.stat().st_size > 4 << 20
+    client.put_object(Bucket=BUCKET, Key=BIG, Body=path.read_bytes(), ContentType="video/x-msvideo")
+    return client
+
+
+@pytest.fixture()
+def esettings(random_model_dir, s3_server, tmp_path) -> Settings:
+    return Settings(model_dir=random_model_dir, s3_endpoint_url=s3_server.endpoint, allowed_buckets=BUCKET, frames=4,
+                    metrics_port=0, log_format="json", verdict_prefix=f"v-{tmp_path.name}/")
+
+
+def test_a_tls_failure_mid_read_fails_the_job_and_writes_nothing(s3, s3_server, esettings, moderator, tmp_path):
+    """botocore wraps a reset body, not a TLS record that fails to decrypt (urllib3's own error): that
+    one must not end as an `internal` verdict about the upload."""
+    with FaultProxy(s3_server.port, tls_dir=tmp_path / "tls") as proxy:
+        client = boto3.client("s3", endpoint_url=proxy.endpoint, region_name="us-east-1",
+                              verify=str(proxy.ca_bundle), config=Config(
+                                  s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 2}))
+        rule = proxy.add(Rule("bad_record_mid_body", method="GET", path="noise.avi$",
+                              when=lambda req: (req.range_start or 0) > 0))
+        rt = WorkerRuntime(esettings, moderator=moderator, s3_client=client)
+        with pytest.raises(TransientError, match="reading s3://"):
+            rt.moderate_s3(BUCKET, BIG)
+        assert rule.hits >= 2  # the reader tried the block again before it gave up
+    assert stored(s3, esettings, BIG) == []
+
+
+def test_the_workers_refused_credentials_fail_the_job_for_a_retry(s3, s3_server, esettings, moderator):
+    """HEAD answers a bare 403 whether the object's policy or the worker's own key is at fault; the
+    one-byte GET's error code tells: a wrong key is no verdict about the upload."""
+    bad = s3_server.client(secret="not-the-secret")
+    with pytest.raises(TransientError, match="SignatureDoesNotMatch.*credentials"):
+        S3Source.resolve(bad, S3Location(BUCKET, BIG), max_bytes=10**9, allowed_buckets=frozenset({BUCKET}))
+    with pytest.raises(TransientError):
+        WorkerRuntime(esettings, moderator=moderator, s3_client=bad).moderate_s3(BUCKET, BIG)
+    assert stored(s3, esettings, BIG) == []
+
+
+def test_keys_too_long_for_their_verdict_path_are_refused_before_any_write(s3, esettings, moderator):
+    key = "/".join(["x" * 199] * 5)  # 999 bytes: within S3's 1024 bytes, but its verdict and report paths are not
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b"\0" * 64, ContentType="video/mp4")
+    with pytest.raises(ValueError, match="too long"):
+        enqueue(BUCKET, key, settings=esettings, connection=object(), s3_client=s3)
+    v = WorkerRuntime(esettings, moderator=moderator, s3_client=s3).moderate_s3(BUCKET, key)
+    assert v["status"] == "error" and v["error"]["code"] == "unsupported" and v["action"] == "review", v
+    assert "stored_at" not in v
