@@ -1,7 +1,7 @@
-"""What the deployment tests (test_deploy.py, test_dockerfile.py, test_monitoring.py) share: the worker
-class the image and the manifests name, how a command-line tool they need is found, the overlays
-rendered by kustomize, the Kubernetes versions and hand-written schemas manifests are validated
-against, and the Dockerfile read as stages."""
+"""What the deployment tests (test_deploy.py, test_dockerfile.py, test_monitoring.py) share: the worker,
+job and connection classes the image and the manifests name, how a command-line tool they need is
+found, the overlays rendered by kustomize, the Kubernetes versions and hand-written schemas manifests
+are validated against, and the Dockerfile read as stages."""
 from __future__ import annotations
 
 import json
@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 SCHEMAS = ROOT / "deploy" / "schemas"
 WORKER_CLASS = "worker.rq_worker.DeepfakeWorker"
+JOB_CLASS = "worker.rq_worker.DeepfakeJob"
 CONNECTION_CLASS = "worker.redis_client.WaitingRedis"
 DEPLOY = ROOT / "deploy"
 OVERLAYS_DIR = DEPLOY / "overlays"

@@ -6,11 +6,14 @@
   newest it bundles; KEDA's ScaledObject/TriggerAuthentication validate against the hand-written
   JSON Schemas in deploy/schemas (see its README: a documented subset, not KEDA's own CRD).
 - The invariants that matter hold, read from the code rather than restated: the termination grace
-  period covers the job timeout `Settings.job_timeout_s()` derives from the ConfigMap's settings,
-  the probes and scrape annotations use the settings' metrics port, KEDA watches RQ's list for the
-  settings' queue, the container runs `rq worker <queue>` with DeepfakeWorker (and the connection
-  class that waits out a full Redis), nothing secret is inlined, the pod runs as non-root on a
-  read-only root filesystem, and the trial's Redis fills up below its memory limit.
+  period covers the longest job timeout `Settings.job_timeout_s()` derives from the ConfigMap's
+  settings (a job with the most frames a job may ask for), a rollout step fits its deadline, a drain
+  may take half the workers at once, the probes and scrape annotations use the settings' metrics
+  port, KEDA watches RQ's list for the settings' queue in the database the workers' RQ_REDIS_URL
+  names (over TLS when it does), the container runs `rq worker <queue>` with DeepfakeWorker (and its job
+  class, and the connection class that waits out a full Redis), the GPU overlay runs the engine
+  measured on a GPU, nothing secret is inlined, the pod runs as non-root on a read-only root
+  filesystem, and the trial's Redis fills up below its memory limit.
 - The image tags the overlays use are Dockerfile targets (the Dockerfile itself: test_dockerfile.py).
 
 Needs: kubectl (v1.27+, for kustomize v5 components; deploy/ci/install-kubectl.sh provides one) or
@@ -25,6 +28,7 @@ import importlib
 import json
 import os
 import re
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -32,6 +36,7 @@ import yaml
 from deploy_tools import (
     CONNECTION_CLASS,
     DEPLOY,
+    JOB_CLASS,
     OVERLAYS_DIR,
     WORKER,
     WORKER_CLASS,
@@ -51,8 +56,10 @@ ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_OVERLAYS = {"gpu", "cpu", "trial"}
 OVERLAYS = sorted(p.parent.name for p in OVERLAYS_DIR.glob("*/kustomization.yaml"))
 SECRET_WORDS = ("KEY", "SECRET", "PASSWORD", "TOKEN")
-# Margin past the job timeout for RQ to record the result and the process to exit.
-GRACE_MARGIN_S = 30
+# Margin past the job timeout for storing the verdict, RQ recording the result and the process exiting.
+GRACE_MARGIN_S = 60
+# Kubernetes' rollout deadline covers scheduling and pulling the image besides the pod's own start.
+PULL_MARGIN_S = 600
 
 
 
@@ -153,6 +160,10 @@ def test_keda_schemas_are_strict():
     bad_key = json.loads(json.dumps(so))
     bad_key["spec"]["triggers"][0]["metadata"]["listname"] = "rq:queue:deepfake"
     assert list(keda_validator("ScaledObject").iter_errors(bad_key))
+    # what docs/deploy.md says to set for a TLS Redis and another database passes
+    tls = json.loads(json.dumps(so))
+    tls["spec"]["triggers"][0]["metadata"].update(enableTLS="true", databaseIndex="3")
+    assert not list(keda_validator("ScaledObject").iter_errors(tls))
     ta = json.loads(json.dumps(one("cpu", "TriggerAuthentication", "deepfake-redis")))
     ta["spec"]["secretTargetRef"][0].pop("key")
     assert list(keda_validator("TriggerAuthentication").iter_errors(ta))
@@ -170,12 +181,22 @@ def test_worker_command_and_class(overlay, monkeypatch):
     assert all(a.startswith("-") for a in argv[3:]), f"only flags may follow the queue name: {argv}"
     env = {e["name"]: e for e in c.get("env", [])}
     assert env["RQ_WORKER_CLASS"].get("value") == WORKER_CLASS
+    # for `rq info` and other RQ tools run in the pod: they move abandoned jobs on with the worker's job class
+    assert env["RQ_JOB_CLASS"].get("value") == JOB_CLASS
     assert env["RQ_CONNECTION_CLASS"].get("value") == CONNECTION_CLASS
-    for dotted in (WORKER_CLASS, CONNECTION_CLASS):
+    for dotted in (WORKER_CLASS, JOB_CLASS, CONNECTION_CLASS):
         module, _, cls = dotted.rpartition(".")
         assert hasattr(importlib.import_module(module), cls)
     # RQ reads its Redis URL from RQ_REDIS_URL: from a Secret, never inline.
     assert "secretKeyRef" in env["RQ_REDIS_URL"].get("valueFrom", {}), env["RQ_REDIS_URL"]
+
+
+def longest_job_timeout_s(settings) -> int:
+    """The longest RQ timeout a job may have under these settings: one enqueued with the most frames a
+    job may ask for (the worker holds each job to settings.job_timeout_s(its frames))."""
+    from worker.runtime import MAX_JOB_FRAMES
+
+    return max(settings.job_timeout_s(), settings.job_timeout_s(MAX_JOB_FRAMES))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -183,11 +204,28 @@ def test_grace_period_covers_job_timeout(overlay, monkeypatch):
     settings, _ = settings_from_configmap(overlay, monkeypatch)
     spec = worker_deployment(overlay)["spec"]["template"]["spec"]
     grace = spec["terminationGracePeriodSeconds"]
-    timeout = settings.job_timeout_s()
+    timeout = longest_job_timeout_s(settings)
     assert grace >= timeout + GRACE_MARGIN_S, (
-        f"{overlay}: terminationGracePeriodSeconds={grace} < job timeout {timeout} s + {GRACE_MARGIN_S} s: "
+        f"{overlay}: terminationGracePeriodSeconds={grace} < the longest job timeout {timeout} s + {GRACE_MARGIN_S} s: "
         "a worker stopped mid-job would be killed before its warm shutdown ends"
     )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rollout_deadline_covers_a_rollout_step(overlay):
+    """A step of a rollout waits for the new pod's start (the startup probe's budget) plus its image pull,
+    and, where no pod surges, first for the old worker's warm shutdown: Kubernetes' default 600 s
+    would report a slow but healthy rollout as failed."""
+    d = worker_deployment(overlay)
+    spec = d["spec"]["template"]["spec"]
+    probe = worker_container(overlay)["startupProbe"]
+    start = probe.get("initialDelaySeconds", 0) + probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
+    surge = d["spec"].get("strategy", {}).get("rollingUpdate", {}).get("maxSurge", "25%")
+    wait_old = spec["terminationGracePeriodSeconds"] if surge in (0, "0", "0%") else 0
+    needed = wait_old + start + PULL_MARGIN_S
+    assert d["spec"].get("progressDeadlineSeconds", 600) >= needed, (
+        f"{overlay}: progressDeadlineSeconds {d['spec'].get('progressDeadlineSeconds', 600)} < {needed} "
+        f"({wait_old} s warm shutdown + {start} s startup probe + {PULL_MARGIN_S} s image pull)")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -226,6 +264,24 @@ def test_keda_scales_the_rq_queue(overlay, monkeypatch):
     auth = one(overlay, "TriggerAuthentication", trigger["authenticationRef"]["name"])
     params = {r["parameter"] for r in auth["spec"]["secretTargetRef"]}
     assert "address" in params, params
+    # KEDA reads the database the workers' RQ_REDIS_URL names, over TLS when that URL does: another
+    # database holds an empty list, and no worker would ever start.
+    url = urllib.parse.urlsplit(rq_redis_url(overlay))
+    assert trigger["metadata"].get("databaseIndex", "0") == (url.path.strip("/") or "0"), (trigger, url.path)
+    assert (trigger["metadata"].get("enableTLS", "false") == "true") == (url.scheme == "rediss"), trigger
+
+
+def rq_redis_url(overlay: str) -> str:
+    """RQ_REDIS_URL as the overlay renders it (the trial's Secret) or as deploy/secret.example.yaml shows it."""
+    [ref] = [e["valueFrom"]["secretKeyRef"] for e in worker_container(overlay)["env"] if e["name"] == "RQ_REDIS_URL"]
+    for s in objects(overlay, "Secret"):
+        if s["metadata"]["name"] == ref["name"]:
+            if ref["key"] in (s.get("stringData") or {}):
+                return s["stringData"][ref["key"]]
+            return base64.b64decode(s["data"][ref["key"]]).decode()
+    [example] = [d for d in yaml.safe_load_all((DEPLOY / "secret.example.yaml").read_text())
+                 if d and d["metadata"]["name"] == ref["name"]]
+    return example["stringData"][ref["key"]]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -261,13 +317,42 @@ def test_pod_security(overlay, monkeypatch):
 def test_pdb_selects_the_workers(overlay):
     pdb = one(overlay, "PodDisruptionBudget", WORKER)
     assert "maxUnavailable" in pdb["spec"], "minAvailable would block drains once KEDA scaled to zero"
+    # Warm shutdown protects the jobs; one worker at a time would make a drain take one grace period per
+    # worker (a Terminating pod does not count as healthy). Half the workers at once, rounded up.
+    budget = str(pdb["spec"]["maxUnavailable"])
+    assert budget.endswith("%") and int(budget[:-1]) >= 50, budget
     labels = worker_deployment(overlay)["spec"]["template"]["metadata"]["labels"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_abandoned_jobs_are_moved_on_with_no_worker_running(overlay, monkeypatch):
+    """With KEDA at zero no worker's maintenance runs: a CronJob's `deepfake status` moves abandoned
+    jobs on (worker.queue.clean_abandoned), on the workers' Redis and queue, as the workers' user,
+    and its pods are none the workers' PodDisruptionBudget or scaler count."""
+    job = one(overlay, "CronJob", "deepfake-maintenance")
+    assert job["spec"]["concurrencyPolicy"] == "Forbid"
+    minutes = job["spec"]["schedule"].split()[0]
+    assert minutes.startswith("*/") and int(minutes[2:]) <= 10, job["spec"]["schedule"]
+    pod = job["spec"]["jobTemplate"]["spec"]["template"]
+    [c] = pod["spec"]["containers"]
+    assert c["command"] == ["deepfake", "status"]
+    worker = worker_container(overlay)
+    assert c["image"] == worker["image"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["RQ_REDIS_URL"] == {e["name"]: e for e in worker["env"]}["RQ_REDIS_URL"]
+    assert [r["configMapRef"]["name"] for r in c["envFrom"]] == [
+        r["configMapRef"]["name"] for r in worker["envFrom"] if "configMapRef" in r]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True and pod["spec"]["securityContext"]["runAsNonRoot"]
+    pdb = one(overlay, "PodDisruptionBudget", WORKER)
+    assert not pdb["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
 
 
 def test_gpu_and_cpu_overlays(monkeypatch):
     gpu, _ = settings_from_configmap("gpu", monkeypatch)
     assert gpu.device.startswith("cuda")
+    # `auto` would pick TensorRT, never measured on a GPU: opt-in (docs/deploy.md), not the default.
+    assert gpu.engine == "pytorch"
     res = worker_container("gpu")["resources"]
     assert str(res["limits"]["nvidia.com/gpu"]) == "1"
     assert worker_container("gpu")["image"].endswith(":gpu")
@@ -388,9 +473,12 @@ def test_docs_state_the_derived_timeout():
     from worker.settings import Settings
 
     defaults = {name: f.default for name, f in Settings.model_fields.items()}
-    timeout = Settings.model_construct(**defaults).job_timeout_s()
+    settings = Settings.model_construct(**defaults)
+    timeout = settings.job_timeout_s()
     text = (ROOT / "docs" / "deploy.md").read_text()
     assert f"{timeout} s" in text, f"docs/deploy.md should state the default job timeout ({timeout} s)"
+    longest = longest_job_timeout_s(settings)
+    assert f"{longest} s" in text, f"docs/deploy.md should state the longest job timeout ({longest} s)"
     grace = worker_deployment("cpu")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert f"{grace} s" in text
     for target in ("gpu", "cpu"):

@@ -11,7 +11,17 @@ import subprocess
 from functools import lru_cache
 
 import pytest
-from deploy_tools import CONNECTION_CLASS, DOCKERFILE, MISSING_TOOL, ROOT, WORKER_CLASS, dockerfile_instructions, dockerfile_stages, tool
+from deploy_tools import (
+    CONNECTION_CLASS,
+    DOCKERFILE,
+    JOB_CLASS,
+    MISSING_TOOL,
+    ROOT,
+    WORKER_CLASS,
+    dockerfile_instructions,
+    dockerfile_stages,
+    tool,
+)
 
 try:
     import tomllib
@@ -71,6 +81,8 @@ def test_dockerfile_target(target):
         "a numeric non-root USER, so Kubernetes' runAsNonRoot can check it")
     env = env_of(stage)
     assert env["RQ_WORKER_CLASS"] == WORKER_CLASS
+    # `rq info` and other RQ tools run in the container move abandoned jobs on with the worker's job class
+    assert env["RQ_JOB_CLASS"] == JOB_CLASS
     assert env["RQ_CONNECTION_CLASS"] == CONNECTION_CLASS
     port = str(Settings.model_fields["metrics_port"].default)
     assert env["DEEPFAKE_METRICS_PORT"] == port

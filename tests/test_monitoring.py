@@ -111,13 +111,20 @@ def test_the_component_renders_and_scrapes_the_workers(tmp_path):
     [endpoint] = monitor["spec"]["podMetricsEndpoints"]
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert endpoint["port"] in ports and endpoint["path"] == annotations["prometheus.io/path"]
-    # The kube-state-metrics alerts name the Deployment and container as the base does.
+    # One scrape path: an annotation-based job scraping the workers too would double every counter.
+    assert annotations["prometheus.io/scrape"] == "false", annotations
+    # The kube-state-metrics alerts name the Deployment and container as the base does, the KEDA
+    # alert the ScaledObject.
     container_names = {c["name"] for c in deployment["spec"]["template"]["spec"]["containers"]}
+    [scaled_object] = [d["metadata"]["name"] for d in docs if d["kind"] == "ScaledObject"]
     for alert in alerts():
         for name in re.findall(r'deployment="([^"]+)"', alert["expr"]):
             assert name == deployment["metadata"]["name"], alert["alert"]
         for name in re.findall(r'container="([^"]+)"', alert["expr"]):
             assert name in container_names, alert["alert"]
+        for name in re.findall(r'scaledObject="([^"]+)"', alert["expr"]):
+            assert name == scaled_object, alert["alert"]
+    assert any("scaledObject=" in a["expr"] for a in alerts()), "no alert watches KEDA"
     # The dashboard ships as the file, for Grafana's sidecar to find by its label.
     [board] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "deepfake-worker-dashboard"]
     assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
