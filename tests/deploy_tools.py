@@ -5,6 +5,7 @@ are validated against, and the Dockerfile read as stages."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -142,3 +143,19 @@ def worker_container(overlay: str) -> dict:
     containers = worker_deployment(overlay)["spec"]["template"]["spec"]["containers"]
     assert [c["name"] for c in containers] == ["worker"]
     return containers[0]
+
+
+def settings_from_configmap(overlay: str, monkeypatch: pytest.MonkeyPatch):
+    """The worker's Settings as the pod builds them: the ConfigMap its envFrom names, nothing else."""
+    from worker.settings import Settings
+
+    refs = [e["configMapRef"]["name"] for e in worker_container(overlay).get("envFrom", []) if "configMapRef" in e]
+    assert len(refs) == 1, f"{overlay}: the worker should take its settings from one ConfigMap, got {refs}"
+    data = one(overlay, "ConfigMap", refs[0]).get("data", {})
+    assert data and all(k.startswith("DEEPFAKE_") for k in data), data
+    for name in list(os.environ):
+        if name.startswith(("DEEPFAKE_", "RQ_")):
+            monkeypatch.delenv(name)
+    for name, value in data.items():
+        monkeypatch.setenv(name, value)
+    return Settings(), data

@@ -5,10 +5,8 @@
   (PyPI `kubernetes-validate`: unknown fields fail), for every Kubernetes minor from 1.30 to the
   newest it bundles; KEDA's ScaledObject/TriggerAuthentication validate against the hand-written
   JSON Schemas in deploy/schemas (see its README: a documented subset, not KEDA's own CRD).
-- The invariants that matter hold, read from the code rather than restated: the termination grace
-  period covers the longest job timeout `Settings.job_timeout_s()` derives from the ConfigMap's
-  settings (a job with the most frames a job may ask for), a rollout step fits its deadline, a drain
-  may take half the workers at once, the probes and scrape annotations use the settings' metrics
+- The invariants that matter hold, read from the code rather than restated (how workers stop, roll
+  out and keep their jobs: test_deploy_lifecycle.py): the probes and scrape annotations use the settings' metrics
   port, KEDA watches RQ's list for the settings' queue in the database the workers' RQ_REDIS_URL
   names (over TLS when it does), the container runs `rq worker <queue>` with DeepfakeWorker (and its job
   class, and the connection class that waits out a full Redis), the GPU overlay runs the engine
@@ -26,7 +24,6 @@ from __future__ import annotations
 import base64
 import importlib
 import json
-import os
 import re
 import urllib.parse
 from pathlib import Path
@@ -47,6 +44,7 @@ from deploy_tools import (
     render,
     schema_errors,
     schema_validator,
+    settings_from_configmap,
     worker_container,
     worker_deployment,
 )
@@ -56,11 +54,6 @@ ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_OVERLAYS = {"gpu", "cpu", "trial"}
 OVERLAYS = sorted(p.parent.name for p in OVERLAYS_DIR.glob("*/kustomization.yaml"))
 SECRET_WORDS = ("KEY", "SECRET", "PASSWORD", "TOKEN")
-# Margin past the job timeout for storing the verdict, RQ recording the result and the process exiting.
-GRACE_MARGIN_S = 60
-# Kubernetes' rollout deadline covers scheduling and pulling the image besides the pod's own start.
-PULL_MARGIN_S = 600
-
 
 
 def pod_templates(overlay: str) -> list[tuple[str, dict]]:
@@ -74,22 +67,6 @@ def pod_templates(overlay: str) -> list[tuple[str, dict]]:
         elif d["kind"] == "Pod":
             out.append((f"Pod/{d['metadata']['name']}", spec))
     return out
-
-
-def settings_from_configmap(overlay: str, monkeypatch: pytest.MonkeyPatch):
-    """The worker's Settings as the pod builds them: the ConfigMap its envFrom names, nothing else."""
-    from worker.settings import Settings
-
-    refs = [e["configMapRef"]["name"] for e in worker_container(overlay).get("envFrom", []) if "configMapRef" in e]
-    assert len(refs) == 1, f"{overlay}: the worker should take its settings from one ConfigMap, got {refs}"
-    data = one(overlay, "ConfigMap", refs[0]).get("data", {})
-    assert data and all(k.startswith("DEEPFAKE_") for k in data), data
-    for name in list(os.environ):
-        if name.startswith(("DEEPFAKE_", "RQ_")):
-            monkeypatch.delenv(name)
-    for name, value in data.items():
-        monkeypatch.setenv(name, value)
-    return Settings(), data
 
 
 # -- the renders ------------------------------------------------------------------------------------
@@ -191,43 +168,6 @@ def test_worker_command_and_class(overlay, monkeypatch):
     assert "secretKeyRef" in env["RQ_REDIS_URL"].get("valueFrom", {}), env["RQ_REDIS_URL"]
 
 
-def longest_job_timeout_s(settings) -> int:
-    """The longest RQ timeout a job may have under these settings: one enqueued with the most frames a
-    job may ask for (the worker holds each job to settings.job_timeout_s(its frames))."""
-    from worker.runtime import MAX_JOB_FRAMES
-
-    return max(settings.job_timeout_s(), settings.job_timeout_s(MAX_JOB_FRAMES))
-
-
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_grace_period_covers_job_timeout(overlay, monkeypatch):
-    settings, _ = settings_from_configmap(overlay, monkeypatch)
-    spec = worker_deployment(overlay)["spec"]["template"]["spec"]
-    grace = spec["terminationGracePeriodSeconds"]
-    timeout = longest_job_timeout_s(settings)
-    assert grace >= timeout + GRACE_MARGIN_S, (
-        f"{overlay}: terminationGracePeriodSeconds={grace} < the longest job timeout {timeout} s + {GRACE_MARGIN_S} s: "
-        "a worker stopped mid-job would be killed before its warm shutdown ends"
-    )
-
-
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_rollout_deadline_covers_a_rollout_step(overlay):
-    """A step of a rollout waits for the new pod's start (the startup probe's budget) plus its image pull,
-    and, where no pod surges, first for the old worker's warm shutdown: Kubernetes' default 600 s
-    would report a slow but healthy rollout as failed."""
-    d = worker_deployment(overlay)
-    spec = d["spec"]["template"]["spec"]
-    probe = worker_container(overlay)["startupProbe"]
-    start = probe.get("initialDelaySeconds", 0) + probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
-    surge = d["spec"].get("strategy", {}).get("rollingUpdate", {}).get("maxSurge", "25%")
-    wait_old = spec["terminationGracePeriodSeconds"] if surge in (0, "0", "0%") else 0
-    needed = wait_old + start + PULL_MARGIN_S
-    assert d["spec"].get("progressDeadlineSeconds", 600) >= needed, (
-        f"{overlay}: progressDeadlineSeconds {d['spec'].get('progressDeadlineSeconds', 600)} < {needed} "
-        f"({wait_old} s warm shutdown + {start} s startup probe + {PULL_MARGIN_S} s image pull)")
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_probes_and_metrics_port(overlay, monkeypatch):
     settings, _ = settings_from_configmap(overlay, monkeypatch)
@@ -311,41 +251,6 @@ def test_pod_security(overlay, monkeypatch):
             assert m.get("readOnly") is True, f"only the emptyDirs are writable: {m}"
     res = c["resources"]
     assert res["requests"]["cpu"] and res["requests"]["memory"] and res["limits"]["memory"]
-
-
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_pdb_selects_the_workers(overlay):
-    pdb = one(overlay, "PodDisruptionBudget", WORKER)
-    assert "maxUnavailable" in pdb["spec"], "minAvailable would block drains once KEDA scaled to zero"
-    # Warm shutdown protects the jobs; one worker at a time would make a drain take one grace period per
-    # worker (a Terminating pod does not count as healthy). Half the workers at once, rounded up.
-    budget = str(pdb["spec"]["maxUnavailable"])
-    assert budget.endswith("%") and int(budget[:-1]) >= 50, budget
-    labels = worker_deployment(overlay)["spec"]["template"]["metadata"]["labels"]
-    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
-
-
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_abandoned_jobs_are_moved_on_with_no_worker_running(overlay, monkeypatch):
-    """With KEDA at zero no worker's maintenance runs: a CronJob's `deepfake status` moves abandoned
-    jobs on (worker.queue.clean_abandoned), on the workers' Redis and queue, as the workers' user,
-    and its pods are none the workers' PodDisruptionBudget or scaler count."""
-    job = one(overlay, "CronJob", "deepfake-maintenance")
-    assert job["spec"]["concurrencyPolicy"] == "Forbid"
-    minutes = job["spec"]["schedule"].split()[0]
-    assert minutes.startswith("*/") and int(minutes[2:]) <= 10, job["spec"]["schedule"]
-    pod = job["spec"]["jobTemplate"]["spec"]["template"]
-    [c] = pod["spec"]["containers"]
-    assert c["command"] == ["deepfake", "status"]
-    worker = worker_container(overlay)
-    assert c["image"] == worker["image"]
-    env = {e["name"]: e for e in c["env"]}
-    assert env["RQ_REDIS_URL"] == {e["name"]: e for e in worker["env"]}["RQ_REDIS_URL"]
-    assert [r["configMapRef"]["name"] for r in c["envFrom"]] == [
-        r["configMapRef"]["name"] for r in worker["envFrom"] if "configMapRef" in r]
-    assert c["securityContext"]["readOnlyRootFilesystem"] is True and pod["spec"]["securityContext"]["runAsNonRoot"]
-    pdb = one(overlay, "PodDisruptionBudget", WORKER)
-    assert not pdb["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
 
 
 def test_gpu_and_cpu_overlays(monkeypatch):
@@ -464,23 +369,6 @@ def test_secret_example_not_in_any_kustomization():
         assert not any("CHANGE-ME" in s for d in render(overlay) for s in _strings(d)), overlay
 
 
-
-
 # -- docs -------------------------------------------------------------------------------------------
 
-
-def test_docs_state_the_derived_timeout():
-    from worker.settings import Settings
-
-    defaults = {name: f.default for name, f in Settings.model_fields.items()}
-    settings = Settings.model_construct(**defaults)
-    timeout = settings.job_timeout_s()
-    text = (ROOT / "docs" / "deploy.md").read_text()
-    assert f"{timeout} s" in text, f"docs/deploy.md should state the default job timeout ({timeout} s)"
-    longest = longest_job_timeout_s(settings)
-    assert f"{longest} s" in text, f"docs/deploy.md should state the longest job timeout ({longest} s)"
-    grace = worker_deployment("cpu")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert f"{grace} s" in text
-    for target in ("gpu", "cpu"):
-        assert f"--target {target}" in text
 
