@@ -19,8 +19,10 @@ from worker.settings import Settings
 
 BUCKET = "backlog"
 CLIPS = ["2026/11/a.mp4", "2026/11/b.mp4", "2026/11/c.webm", "2026/12/d.mp4", "2026/12/e.mp4"]
-# a folder marker, a verdict, and a key with a control character (the worker refuses it)
-NOT_UPLOADS = {"2026/11/": b"", "2026/verdicts/2026/11/a.mp4.json": b"{}", "2026/11/ctl\x01.mp4": b"x"}
+# a folder marker, a verdict, a key with a control character (the worker refuses it), and one whose
+# verdict path would pass S3's 1024-byte key limit
+NOT_UPLOADS = {"2026/11/": b"", "2026/verdicts/2026/11/a.mp4.json": b"{}", "2026/11/ctl\x01.mp4": b"x",
+               "2026/11/" + "/".join(["x" * 199] * 5): b"x"}
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +48,8 @@ def test_every_upload_under_the_prefix_is_queued_once(s3, redis, bsettings):
     stats = backfill(BUCKET, "2026/", settings=bsettings, connection=redis, s3_client=s3,
                      on_enqueued=lambda key, job_id: seen.append((key, job_id)))
     assert [k for k, _ in seen] == CLIPS and queued(redis, bsettings) == [(BUCKET, k) for k in CLIPS]
-    assert stats.enqueued == 5 and stats.listed == 8 and stats.last_key == CLIPS[-1]
-    assert stats.skipped == {"folder": 1, "verdict": 1, "invalid_key": 1} and stats.waited_s == 0
+    assert stats.enqueued == 5 and stats.listed == 9 and stats.last_key == CLIPS[-1]
+    assert stats.skipped == {"folder": 1, "verdict": 1, "invalid_key": 1, "key_too_long": 1} and stats.waited_s == 0
     # a rerun (or a key queued by hand before) is answered by the jobs already there: nothing new is queued
     assert enqueue(BUCKET, CLIPS[0], settings=bsettings, connection=redis, s3_client=s3) == seen[0][1]
     again: list[str] = []

@@ -53,6 +53,15 @@ def test_enqueue_checks_the_webhook_url(redis_server, s3_server):
     assert listed.returncode == 0 and "will not call" not in listed.stderr
 
 
+def test_enqueue_refuses_a_key_too_long_for_its_verdict_path_before_queueing_anything(redis_server, s3_server):
+    env = {"DEEPFAKE_REDIS_URL": redis_server.url, "DEEPFAKE_S3_ENDPOINT_URL": s3_server.endpoint,
+           "DEEPFAKE_QUEUE": "cli-long-keys"}
+    long_key = "/".join(["x" * 199] * 5)  # 999 bytes: a valid S3 key, but not with `verdicts/` and `.json`
+    proc = run_cli("enqueue", "s3://uploads/a.mp4", f"s3://uploads/{long_key}", env_extra=env)
+    assert proc.returncode == 2 and "too long for its verdict path" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""  # not even the first one was queued
+
+
 def test_an_unreachable_redis_or_a_missing_bucket_is_one_line_and_exit_1(redis_server, s3_server):
     """The operator's mistakes (Redis down or misaddressed, a bucket that does not exist) are said in
     one line naming what to check, not a traceback."""

@@ -14,7 +14,7 @@ import pytest
 from faultproxy import FaultProxy, Rule
 from rq.job import Job
 from rq.registry import StartedJobRegistry
-from workers import burst
+from workers import abandon, burst
 
 from worker.forget import forget
 from worker.jobs import MODERATE_FUNC
@@ -110,6 +110,16 @@ def test_a_running_job_is_waited_for_before_s3_is_erased(s3_server, s3, redis, f
     assert gone.complete and gone.jobs_deleted == [job_id] and not Job.exists(job_id, connection=redis)
     assert f"s3://{BUCKET}/{slow.verdict_prefix}{ALICE}.json" in gone.s3_deleted  # written while it waited
     assert stored_keys(s3, slow, ALICE) == []
+
+
+def test_a_job_whose_worker_died_is_not_waited_for(s3, redis, fsettings):
+    """A job abandoned by a killed worker stays in the started registry until something moves it on:
+    forget does, under the workers' maintenance lock, instead of waiting its whole limit for it."""
+    job_id = enqueue(BUCKET, BOB, settings=fsettings, connection=redis, s3_client=s3)
+    abandon(redis, job_id, fsettings.queue)
+    gone = forget(BUCKET, BOB, wait_s=5, settings=fsettings, connection=redis, s3_client=s3)
+    assert gone.complete and gone.still_running == [] and job_id in gone.jobs_deleted  # not waited for
+    assert not Job.exists(job_id, connection=redis) and get_queue(redis, fsettings.queue).count == 0
 
 
 def test_the_command_prints_one_line_per_upload(s3, redis, redis_server, s3_server, fsettings, moderator):

@@ -326,10 +326,10 @@ def test_abandoned_jobs_are_moved_on_once_under_the_workers_maintenance_lock(red
 
 
 @pytest.mark.parametrize("carried", [-1, 86_400], ids=["none", "a-day"])
-def test_the_worker_not_the_job_decides_its_time_limit(s3, redis, qsettings, moderator, carried):
+def test_no_job_runs_past_the_limit_the_workers_settings_derive(s3, redis, qsettings, moderator, carried):
     """A job hash can carry any timeout (whoever writes to Redis chooses it): the worker runs it
-    under the limit its own settings derive for the job's frames, which the pod's grace period and
-    the liveness window are sized for."""
+    under at most the limit its own settings derive for the job's frames, which the pod's grace
+    period and the liveness window are sized for (a shorter one stands: test_faults' timeout test)."""
     from rq.registry import StartedJobRegistry
 
     job_id = enqueue(BUCKET, UPLOADS["vp9_webm"], frames=12, etag="", settings=qsettings, connection=redis)

@@ -278,6 +278,7 @@ def test_a_worker_started_against_a_full_redis_waits_instead_of_exiting(
     ("rediss://app:p/w@rd@cache:6380/1", "rediss://app:***@cache:6380/1"),  # '/' and '@' in the password
     ("redis://cache:6379/0?password=hunter2&db=1", "redis://cache:6379/0?password=***&db=1"),
     ("unix:///run/redis.sock?password=hunter2", "unix:///run/redis.sock?password=***"),
+    ("redis://:pa?ss@cache", "redis://:***@cache"),  # '?' in the password
     ("redis://cache:6379/0", "redis://cache:6379/0"),
 ])
 def test_urls_in_logs_never_show_a_password(url, shown):
@@ -286,12 +287,16 @@ def test_urls_in_logs_never_show_a_password(url, shown):
     assert without_password(url) == shown
 
 
-def test_a_refused_redis_url_is_not_echoed_in_the_error(monkeypatch):
+def test_refused_urls_are_not_echoed_in_errors(monkeypatch):
     from pydantic import ValidationError
 
     from worker.settings import Settings
 
-    monkeypatch.setenv("DEEPFAKE_REDIS_URL", "valkey://:hunter2@cache:6379/0")
-    with pytest.raises(ValidationError) as caught:
-        Settings()
-    assert "hunter2" not in str(caught.value) and "valkey" in str(caught.value)
+    for name, value in (("DEEPFAKE_REDIS_URL", "valkey://:hunter2@cache:6379/0"),
+                        ("DEEPFAKE_REDIS_URL", "hunter2@cache:6379/0"),
+                        ("DEEPFAKE_S3_ENDPOINT_URL", "ftp://user:hunter2@minio:9000")):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValidationError) as caught:
+            Settings()
+        assert "hunter2" not in str(caught.value), caught.value
+        monkeypatch.delenv(name)

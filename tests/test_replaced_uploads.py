@@ -100,3 +100,23 @@ def test_a_timeout_leaves_a_verdict_another_job_wrote_for_the_same_bytes(s3, rse
     assert timed_out["error"]["code"] == "timeout"
     [only] = stored(s3, rsettings, key)
     assert only["error"]["code"] == "timeout" and only["created_at"] == timed_out["created_at"]
+
+
+def test_the_same_bytes_refused_at_head_keep_their_verdict(s3, rsettings, moderator, corpus):
+    """A refusal replaces only a verdict about other bytes: the same video re-labelled as text, or
+    judged under a lowered size limit, keeps its verdict, and a deleted upload keeps its last one
+    (the record of what was decided)."""
+    key = "clips/relabelled.mp4"
+    body = corpus["carphone"].read_bytes()
+    put(s3, key, body)
+    rt = WorkerRuntime(rsettings, moderator=moderator, s3_client=s3)
+    judged = rt.moderate_s3(BUCKET, key)
+    put(s3, key, body, content_type="text/plain")  # same bytes, same ETag
+    assert rt.moderate_s3(BUCKET, key)["created_at"] == judged["created_at"]
+    small = WorkerRuntime(rsettings.model_copy(update={"max_bytes": 1024}), moderator=moderator, s3_client=s3)
+    assert small.moderate_s3(BUCKET, key)["created_at"] == judged["created_at"]
+    s3.delete_object(Bucket=BUCKET, Key=key)
+    rt.moderate_s3(BUCKET, key)
+    rt.timeout_verdict(BUCKET, key, 600)
+    [only] = stored(s3, rsettings, key)
+    assert only["created_at"] == judged["created_at"]

@@ -121,12 +121,13 @@ def test_a_receiver_list_allows_exactly_its_hosts_private_ones_included():
 
 @pytest.mark.parametrize("address, public", [
     ("64:ff9b::a9fe:a9fe", False), ("64:ff9b:1::a00:1", False), ("2002:a9fe:a9fe::1", False),
-    ("::a9fe:a9fe", False), ("::ffff:10.0.0.1", False), ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),
-    ("2001:0:4136:e378:8000:63bf:7f00:1", False), ("64:ff9b::808:808", True), ("64:ff9b:1::808:808", True),
-    ("2002:808:808::1", True), ("2606:4700::1111", True),
+    ("::a9fe:a9fe", False), ("::ffff:10.0.0.1", False), ("::ffff:0:a9fe:a9fe", False),
+    ("64:ff9b:1::808:808", False),  # local-use NAT64: where its IPv4 sits is the operator's choice
+    ("64:ff9b::808:808", True), ("2002:808:808::1", True), ("2606:4700::1111", True),
 ])
 def test_ipv6_forms_embedding_an_ipv4_address_need_it_public(address, public):
-    """NAT64, 6to4, IPv4-compatible, mapped and Teredo addresses lead to the IPv4 address inside."""
+    """NAT64, 6to4, IPv4-compatible, mapped and translated (SIIT) addresses lead to the IPv4 address
+    inside."""
     assert is_public(ipaddress.ip_address(address)) is public
     if not public:
         with pytest.raises(WebhookRefused, match="not a public address"):
@@ -223,7 +224,7 @@ def test_a_receiver_that_drips_its_response_is_cut_off_at_the_deadline(in_body):
         deliver(f"http://127.0.0.1:{server.getsockname()[1]}/", {"a": 1}, policy=HostPolicy.parse("127.0.0.1"),
                 timeout_s=1.0)
     stop.set()
-    assert time.monotonic() - t0 < 1.0 + 1.5  # it would drip for 30 s
+    assert time.monotonic() - t0 < 1.0 + 5  # it would drip for 30 s (slack for a loaded machine)
 
 
 def test_a_slow_name_lookup_counts_against_the_deadline():
@@ -236,7 +237,7 @@ def test_a_slow_name_lookup_counts_against_the_deadline():
     t0 = time.monotonic()
     with pytest.raises(WebhookFailed, match="timed out"):
         resolve("http://hooks.example/", OPEN, stalled, timeout_s=0.5)
-    assert time.monotonic() - t0 < 0.5 + 1.5
+    assert time.monotonic() - t0 < 0.5 + 5  # the lookup would stall for 30 s
     release.set()
 
 

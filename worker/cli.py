@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from worker.cli_data import add_data_commands
+from worker.signals import exit_on_sigterm
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -122,6 +123,9 @@ def cmd_enqueue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         if store.is_verdict_key(loc):
             parser.error(f"s3://{loc.bucket}/{loc.key} is inside the verdict prefix {settings.verdict_prefix!r}: "
                          "workers do not moderate their own output")
+        if not store.fits(loc):
+            parser.error(f"s3://{loc.bucket}/{loc.key}: the key is too long for its verdict path "
+                         "(S3 keys are at most 1024 bytes)")
     for bucket in sorted({loc.bucket for loc in locations}):
         warn_unless_allowed(settings, bucket)
     if args.webhook:
@@ -288,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    exit_on_sigterm()  # a stopped command still runs its `finally` blocks (locks released)
     # Handlers report usage errors through their own subcommand's parser: its usage line, its name.
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
     try:

@@ -21,7 +21,7 @@ from rq.serializers import JSONSerializer
 
 from worker import upload_index
 from worker.jobs import MODERATE_FUNC
-from worker.queue import connect, get_queue, started_registry
+from worker.queue import clean_abandoned, connect, get_queue, started_registry
 from worker.s3 import S3Location, make_client, validate_location
 from worker.settings import Settings
 from worker.verdict_store import VerdictStore
@@ -105,9 +105,11 @@ def forget(
     connection = connection or connect(settings)
     s3 = s3_client or make_client(settings.s3_endpoint_url, settings.s3_region)
     out = Forgotten(f"s3://{bucket}/{key}")
-    started = started_registry(get_queue(connection, settings.queue))
+    queue = get_queue(connection, settings.queue)
+    started = started_registry(queue)
     deadline = time.monotonic() + (default_wait_s(settings) if wait_s is None else wait_s)
     while True:
+        clean_abandoned(queue)  # a job whose worker died is not waited for: it is moved on, then deleted
         jobs = jobs_for(connection, settings.queue, bucket, key, scan=scan)
         scan = False  # what finishes while this waits is indexed by the worker that ran it
         running = [j.id for j in jobs if j.id in started]

@@ -31,7 +31,8 @@ def moderate_s3_object(bucket: str, key: str, frames: int | None = None) -> dict
     try:
         verdict = rt.moderate_s3(bucket, key, frames=frames, job_id=job.id if job else None, enqueued_at=enqueued_at)
     except (JobTimedOut, JobTimeoutException):
-        # The same bytes would time out again: a final verdict, not a retry.
+        # The same bytes would time out again: a final verdict, not an RQ retry (enqueueing the
+        # upload again starts a new job: a timeout does not answer duplicates).
         seconds = int(job.timeout) if job is not None and job.timeout else 0
         verdict = rt.timeout_verdict(bucket, key, seconds)
     return summary_of(verdict) if rt.settings.result_detail == "summary" else verdict

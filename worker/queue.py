@@ -77,8 +77,9 @@ def clean_abandoned(queue: Queue) -> bool:
 
 def answers(job: Job) -> bool:
     """Whether a job found by its duplicate record answers a new request for the same upload: one
-    waiting, running or done, unless what it found is worth a new try (a timeout or an internal
-    error, as `verdict_store.reusable` judges a stored verdict)."""
+    waiting, running or done, unless it ended in an error the same bytes may not give again (a
+    timeout, an internal error, not found, access denied: `verdict_store.DETERMINISTIC_ERRORS` are
+    the others), as `verdict_store.reusable` judges a stored verdict."""
     if job.get_status() not in LIVE_STATUSES:
         return False
     result = job.return_value() if job.get_status() == JobStatus.FINISHED else None

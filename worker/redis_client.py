@@ -41,7 +41,7 @@ from redis.retry import Retry
 
 from worker.logging import configure_logging
 from worker.settings import Settings
-from worker.signals import exit_on_sigterm_until_work
+from worker.signals import exit_on_sigterm
 
 log = structlog.get_logger("worker.redis_client")
 
@@ -179,13 +179,15 @@ def without_password(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url
-    rest, qmark, query = rest.partition("?")
-    if "@" in rest:
-        userinfo, _, hostpart = rest.rpartition("@")
+    if "@" in rest:  # the last one: a password may hold '@', '/' or '?' (a query's '@' masks more, not less)
+        userinfo, _, rest = rest.rpartition("@")
         user, colon, _ = userinfo.partition(":")
-        rest = f"{user}:***@{hostpart}" if colon else f"{userinfo}@{hostpart}"
+        userinfo = f"{user}:***" if colon else userinfo
+    else:
+        userinfo = None
+    rest, qmark, query = rest.partition("?")
     query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", query)
-    return f"{scheme}://{rest}{qmark}{query}"
+    return f"{scheme}://{'' if userinfo is None else userinfo + '@'}{rest}{qmark}{query}"
 
 
 def waiting_for_space(connection: Redis) -> float | None:
@@ -201,7 +203,7 @@ class WaitingRedis(Redis):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        exit_on_sigterm_until_work()  # as PID 1, `rq worker` would otherwise ignore SIGTERM until then
+        exit_on_sigterm()  # as PID 1, `rq worker` would otherwise ignore SIGTERM until then
         try:
             settings = Settings()
         except ValidationError:

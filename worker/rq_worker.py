@@ -32,7 +32,7 @@ from worker.metrics import heartbeat_fresh, serve
 from worker.redis_client import database_address, ride_out, waiting_for_space, without_password
 from worker.runtime import MAX_JOB_FRAMES, WorkerRuntime, install, installed
 from worker.settings import Settings
-from worker.signals import exit_on_sigterm_until_work
+from worker.signals import exit_on_sigterm
 from worker.webhooks import MAX_WEBHOOKS, HostPolicy, WebhookFailed, WebhookRefused, deliver, summary
 
 
@@ -157,7 +157,7 @@ class DeepfakeWorker(SimpleWorker):
         if kwargs.get("connection") is None and items and isinstance(items[0], Queue):
             kwargs["connection"] = items[0].connection
         super().__init__(names, *args, **kwargs)
-        exit_on_sigterm_until_work()  # RQ's handlers come with work(), after the model loads
+        exit_on_sigterm()  # RQ's handlers come with work(), after the model loads
         ride_out(self.connection)
         self.runtime: WorkerRuntime | None = None
         self._http = None
@@ -232,9 +232,9 @@ class DeepfakeWorker(SimpleWorker):
             self._beat = time.time()
 
     def job_limit_s(self, job: Job) -> int:
-        """The job's time limit, decided here from the settings and the job's frames, not taken from
-        the job: whoever wrote it to Redis could give none (-1) or a day, past the pod's grace period
-        and the liveness window, and an enqueuer's settings may be older than the workers'."""
+        """The job's time limit: at most what the settings derive for the job's frames. A job may ask
+        for less, never for more or for none (-1): whoever wrote it to Redis could ask for a day, past
+        the pod's grace period and the liveness window, and an enqueuer's settings may be older."""
         settings = self.runtime.settings if self.runtime is not None else Settings()
         try:
             frames = (job.kwargs or {}).get("frames")
@@ -242,7 +242,9 @@ class DeepfakeWorker(SimpleWorker):
             frames = None
         if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= MAX_JOB_FRAMES:
             frames = None  # the job refuses it itself; the limit is the settings' own
-        return settings.job_timeout_s(frames)
+        limit = settings.job_timeout_s(frames)
+        asked = job.timeout if isinstance(job.timeout, (int, float)) and not isinstance(job.timeout, bool) else 0
+        return int(asked) if 0 < asked < limit else limit
 
     def handle_exception(self, job: Job, *exc_info: Any) -> Any:
         """Count a job attempt that raised (RQ calls this just before it retries or fails the job)."""

@@ -86,7 +86,7 @@ class WorkerRuntime:
         if self.store.is_verdict_key(upload):
             err = AccessDenied(f"{uri} is inside the verdict prefix {self.settings.verdict_prefix!r}")
             return self._finish(self._error(uri, err), bound)
-        if not self.store.fits(upload):  # its verdict could never be written: reviewed, not retried
+        if self.allows(bucket) and not self.store.fits(upload):  # never writable: reviewed, not retried
             err = Unsupported(f"{uri}: the key is too long for its verdict path within S3's 1024-byte limit")
             return self._finish(self._error(uri, err), bound)
         try:
@@ -95,9 +95,13 @@ class WorkerRuntime:
             verdict = self._error(uri, exc)
             if exc.code.value == "access_denied":
                 return self._finish(verdict, bound)  # never write where the worker may not read
-            # What is there now is refused: a verdict stored for earlier bytes at this key is replaced.
-            _, stored_etag = self.store.get(upload)
-            return self._store(upload, verdict, stored_etag, bound)
+            # Refused bytes (too large, not a video) replace a verdict stored for other bytes at this
+            # key, never one for these same bytes (a new content type, a lowered size limit); a
+            # missing upload keeps its last verdict (write-once).
+            refused = getattr(exc, "etag", None)
+            stored, stored_etag = self.store.get(upload)
+            replaces = stored_etag if refused is not None and _input_etag(stored or {}) not in (None, refused) else None
+            return self._store(upload, verdict, replaces, bound, etag=refused)
         stored, stored_etag = self.store.get(upload)
         if reusable(stored, etag=source.etag, model_sha256=self.model["sha256"], frames=frames,
                     max_sample_gap_s=self.settings.max_sample_gap_s, policy=self.moderator.policy):
@@ -135,7 +139,7 @@ class WorkerRuntime:
         try:
             validate_location(bucket, key)
             upload = S3Location(bucket, key)
-            if self.store.is_verdict_key(upload) or ("*" not in self.allowed and bucket not in self.allowed):
+            if self.store.is_verdict_key(upload) or not self.allows(bucket):
                 return self._finish(verdict, bound)
             stored, stored_etag = self.store.get(upload)
             current = self._current_etag(upload)
@@ -145,10 +149,15 @@ class WorkerRuntime:
                     max_sample_gap_s=self.settings.max_sample_gap_s, policy=self.moderator.policy):
                 bound.info("timeout_verdict_not_needed", etag=current)  # another job judged these bytes
                 return self._finish({**stored, "stored_at": self.store.location_for(upload).uri}, bound)
-            return self._store(upload, verdict, stored_etag, bound)
+            # A stale verdict (other bytes, model or policy) is replaced; a deleted upload's is kept.
+            return self._store(upload, verdict, stored_etag if current is not None else None, bound, etag=current)
         except Exception:  # noqa: BLE001 - the verdict is still the job's result
             bound.exception("timeout_verdict_not_stored")
             return self._finish(verdict, bound)
+
+    def allows(self, bucket: str) -> bool:
+        """Whether the bucket is in the worker's allow-list (DEEPFAKE_ALLOWED_BUCKETS)."""
+        return "*" in self.allowed or bucket in self.allowed
 
     def _error(self, uri: str, exc: ModerationError, *, timings_ms: dict | None = None) -> dict:
         """An error verdict with the decision policy's action for its code, and the card's threshold
@@ -169,7 +178,8 @@ class WorkerRuntime:
 
     def _store(self, upload: S3Location, verdict: dict, stored_etag: str | None, bound, *,
                etag: str | None = None) -> dict:
-        """Write the verdict for the bytes with `etag` (None: a refusal at HEAD, about no bytes)."""
+        """Write the verdict for the bytes with `etag` (None: about no bytes, a missing upload's: it
+        never replaces another's verdict, so a deleted upload keeps its last one)."""
         t0 = time.perf_counter()
         written = self.store.put(upload, verdict, replaces=stored_etag)
         if not written:
@@ -179,11 +189,10 @@ class WorkerRuntime:
             # someone else), on the ETag just read: a replaced video never keeps an old clearance.
             theirs, their_etag = self.store.get(upload)
             bound.info("verdict_race_lost")
-            if theirs is not None and _input_etag(theirs) != etag:
-                current = self._current_etag(upload)
-                if _input_etag(theirs) != current and (etag is None or current == etag):
-                    bound.info("verdict_for_earlier_bytes_replaced", theirs=_input_etag(theirs), ours=current)
-                    theirs = None
+            if theirs is not None and etag is not None and _input_etag(theirs) != etag \
+                    and self._current_etag(upload) == etag:
+                bound.info("verdict_for_earlier_bytes_replaced", theirs=_input_etag(theirs), ours=etag)
+                theirs = None
             if theirs is None and their_etag is not None and self.store.put(upload, verdict, replaces=their_etag):
                 theirs = verdict
             verdict = theirs or verdict

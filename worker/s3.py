@@ -120,7 +120,7 @@ def _with_error_code(client: Any, location: S3Location, exc: Exception) -> Excep
     if not (isinstance(exc, ClientError) and str(exc.response.get("Error", {}).get("Code")) == "403"):
         return exc
     try:
-        client.get_object(Bucket=location.bucket, Key=location.key, Range="bytes=0-0")
+        client.get_object(Bucket=location.bucket, Key=location.key, Range="bytes=0-0")["Body"].close()
     except (ClientError, BotoCoreError) as detailed:
         return detailed
     return exc  # HEAD denied, GET allowed: a policy that denies the worker HEAD, not its keys
@@ -243,9 +243,13 @@ class S3Source:
             raise translate_error(exc, location.uri) or TransientError(
                 f"HEAD {location.uri} failed: {_described(exc)}") from exc
         size = int(head["ContentLength"])
-        check_size(location.uri, size, max_bytes)
-        error = content_type_error(head.get("ContentType"), location.uri)
+        try:
+            check_size(location.uri, size, max_bytes)
+            error = content_type_error(head.get("ContentType"), location.uri)
+        except ModerationError as exc:
+            error = exc
         if error is not None:
+            error.etag = head["ETag"]  # the bytes refused: a verdict stored for them is not replaced
             raise error
         return cls(client, location, size, head["ETag"], head.get("ContentType"))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -173,15 +174,14 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_url_scheme(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
-            # never the value: a mistyped scheme still carries the password
-            raise ValueError(f"must start with redis://, rediss:// or unix://, not {value.partition(':')[0]!r}://...")
+            raise ValueError(f"must start with redis://, rediss:// or unix://, not {_scheme_of(value)}")
         return value
 
     @field_validator("s3_endpoint_url")
     @classmethod
     def _s3_endpoint_is_a_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError(f"must be an http:// or https:// URL, not {value!r}")
+            raise ValueError(f"must be an http:// or https:// URL, not {_scheme_of(value)}")
         return value
 
     @field_validator("error_actions")
@@ -214,3 +214,9 @@ class Settings(BaseSettings):
         if self.batch_size is not None:
             return self.batch_size
         return 8 if self.device.startswith("cpu") else 32
+
+
+def _scheme_of(url: str) -> str:
+    """A refused URL's scheme for an error message, never the rest: it may carry a password."""
+    scheme = url.partition("://")[0] if "://" in url else ""
+    return f"{scheme}://..." if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,15}", scheme) else "a URL without a known scheme"

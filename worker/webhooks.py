@@ -52,8 +52,12 @@ _CTL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters but tab: CR
 # included, is percent-encoded.
 _PATH_SAFE = "!$%&'()*+,/:;=?@[]~"
 # IPv6 ranges that carry an IPv4 address in their low 32 bits (NAT64, RFC 6052 and 8215; IPv4-compatible).
-_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
-_IPV4_IN_LOW_BITS = (*_NAT64, ipaddress.ip_network("::/96"))
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# Local-use NAT64: where its IPv4 address sits is the operator's choice, so it is refused outright
+# (Python before 3.12 calls it global).
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+_IPV4_IN_LOW_BITS = tuple(ipaddress.ip_network(n) for n in (
+    "64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96"))  # NAT64, IPv4-compatible, SIIT
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -127,10 +131,10 @@ def is_public(address: Address) -> bool:
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:  # an IPv4 address in IPv6 notation: only it counts
             return is_public(address.ipv4_mapped)
-        if not all(is_public(a) for a in embedded_ipv4(address)):
+        if address in _LOCAL_NAT64 or not all(is_public(a) for a in embedded_ipv4(address)):
             return False
-        if any(address in net for net in _NAT64):
-            return True  # to a public address (newer Pythons call 64:ff9b:1::/48 not global)
+        if address in _NAT64:
+            return True  # to a public address (Python 3.12 and later call the NAT64 prefix not global)
     return address.is_global and not address.is_multicast
 
 
