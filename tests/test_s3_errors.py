@@ -20,6 +20,7 @@ from worker.settings import Settings
 
 BUCKET = "s3errors"
 BIG = "big/noise.avi"  # > 4 MiB: a fault can strike the second ranged GET
+LONGER = "big/longer-noise.avi"  # six 4 MiB blocks: decoding reads the middle ones after the open
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +28,12 @@ def s3(s3_server, tmp_path_factory):
     client = s3_server.client()
     ensure_bucket(client, BUCKET)
     rng = np.random.default_rng(11)
-    path = encode(tmp_path_factory.mktemp("s3errors") / "noise.avi",
-                  [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range(18)],
-                  codec="mjpeg", pix_fmt="yuvj420p", rate=10, options={"qmin": "1", "qmax": "1"})
-    assert path.stat().st_size > 4 << 20
-    client.put_object(Bucket=BUCKET, Key=BIG, Body=path.read_bytes(), ContentType="video/x-msvideo")
+    for key, frames in ((BIG, 18), (LONGER, 60)):
+        path = encode(tmp_path_factory.mktemp("s3errors") / "noise.avi",
+                      [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range(frames)],
+                      codec="mjpeg", pix_fmt="yuvj420p", rate=10, options={"qmin": "1", "qmax": "1"})
+        assert path.stat().st_size > 4 << 20
+        client.put_object(Bucket=BUCKET, Key=key, Body=path.read_bytes(), ContentType="video/x-msvideo")
     return client
 
 
@@ -76,3 +78,20 @@ def test_keys_too_long_for_their_verdict_path_are_refused_before_any_write(s3, e
     v = WorkerRuntime(esettings, moderator=moderator, s3_client=s3).moderate_s3(BUCKET, key)
     assert v["status"] == "error" and v["error"]["code"] == "unsupported" and v["action"] == "review", v
     assert "stored_at" not in v
+
+
+def test_a_decode_timed_out_on_a_slow_store_fails_the_job_instead_of_a_timeout_verdict(s3, s3_server, esettings):
+    """Decoding's wall-clock limit counts S3's time too: a store answering slowly must not turn
+    uploads into final `timeout` verdicts: spent mostly waiting on S3, it is a storage failure (a
+    decode too slow on its own stays a verdict: test_decode)."""
+    from worker.pipeline import Moderator
+
+    tight = esettings.model_copy(update={"decode_timeout_s": 2.0})
+    with FaultProxy(s3_server.port) as proxy:
+        rule = proxy.add(Rule("delay", method="GET", path="longer-noise.avi$", delay_s=1.5))
+        client = boto3.client("s3", endpoint_url=proxy.endpoint, region_name="us-east-1", config=Config(
+            s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 2}))
+        with pytest.raises(TransientError, match="waiting .* on S3"):
+            WorkerRuntime(tight, moderator=Moderator(tight), s3_client=client).moderate_s3(BUCKET, LONGER)
+        assert rule.hits >= 2
+    assert stored(s3, tight, LONGER) == []

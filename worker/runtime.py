@@ -27,6 +27,9 @@ from worker.video import MAX_SAMPLED_FRAMES
 
 log = structlog.get_logger("worker.runtime")
 
+# A decode that timed out having spent more than this share of its limit waiting on S3 is a storage
+# problem, retried by RQ, not a `timeout` verdict about the upload.
+STORAGE_SHARE_OF_TIMEOUT = 0.5
 MAX_JOB_FRAMES = MAX_SAMPLED_FRAMES  # the bound Settings.frames has; a job's own `frames` is held to it too
 
 
@@ -119,6 +122,11 @@ class WorkerRuntime:
             if report_dir is not None:
                 shutil.rmtree(report_dir, ignore_errors=True)
         failure = source.read_error
+        waited, limit = source.io_s, self.moderator.limits.decode_timeout_s
+        if failure is None and (verdict.get("error") or {}).get("code") == "timeout" \
+                and waited > STORAGE_SHARE_OF_TIMEOUT * limit:
+            failure = TransientError(f"decoding {uri} ran out of time waiting {waited:.0f} s on S3 "
+                                     f"(limit {limit:.0f} s): a slow store, not the upload")
         if isinstance(failure, TransientError):
             raise failure  # the storage failed, not the upload: RQ retries, nothing is written
         if isinstance(failure, AccessDenied):

@@ -138,6 +138,7 @@ class S3RangeReader(io.RawIOBase):
         self._blocks: OrderedDict[int, bytes] = OrderedDict()
         self._pos = 0
         self.requests = 0  # ranged GETs issued, for tests and metrics
+        self.io_s = 0.0  # time spent waiting on S3 (a decode that timed out on it is S3's fault)
         # The first failed read, raised again by every later one. FFmpeg may swallow an exception
         # raised in its read callback (and treat it as the end of the data), so the caller checks
         # this after decoding: a failed read must never end as a verdict about the upload's bytes.
@@ -170,6 +171,18 @@ class S3RangeReader(io.RawIOBase):
         start = index * self._block_size
         end = min(start + self._block_size, self._size) - 1
         uri = f"s3://{self._bucket}/{self._key}"
+        t0 = time.monotonic()
+        try:
+            data = self._fetch(start, end, uri)
+        finally:
+            self.io_s += time.monotonic() - t0
+        self._blocks[index] = data
+        while len(self._blocks) > self._cache_blocks:
+            self._blocks.popitem(last=False)
+        return data
+
+    def _fetch(self, start: int, end: int, uri: str) -> bytes:
+        """Bytes start..end (inclusive), pinned to the ETag, a body cut off mid-stream read again."""
         for attempt in range(BODY_ATTEMPTS):
             self.requests += 1
             try:
@@ -186,11 +199,8 @@ class S3RangeReader(io.RawIOBase):
                     raise self._fail(exc, uri) from exc
                 time.sleep(0.1 * 2**attempt)
                 continue
-            break
-        self._blocks[index] = data
-        while len(self._blocks) > self._cache_blocks:
-            self._blocks.popitem(last=False)
-        return data
+            return data
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def readinto(self, buffer: Any) -> int:
         if self._pos >= self._size:
@@ -256,6 +266,12 @@ class S3Source:
     def open(self) -> S3RangeReader:
         self.reader = S3RangeReader(self.client, self.location.bucket, self.location.key, self.size, self.etag)
         return self.reader
+
+    @property
+    def io_s(self) -> float:
+        """Seconds the object opened last spent waiting on S3."""
+        reader = getattr(self, "reader", None)
+        return reader.io_s if reader is not None else 0.0
 
     @property
     def read_error(self) -> Exception | None:
