@@ -159,3 +159,21 @@ def settings_from_configmap(overlay: str, monkeypatch: pytest.MonkeyPatch):
     for name, value in data.items():
         monkeypatch.setenv(name, value)
     return Settings(), data
+
+
+def render_with_component(tmp_path: Path, overlay: str, component: str) -> list[dict]:
+    """The overlay, copied with the deploy tree, with deploy/components/<component> added to its
+    `components`, as the component's comment tells a user to add it."""
+    deploy = tmp_path / "deploy"
+    shutil.copytree(ROOT / "deploy", deploy)
+    path = deploy / "overlays" / overlay / "kustomization.yaml"
+    kustomization = yaml.safe_load(path.read_text())
+    kustomization.setdefault("components", []).append(f"../../components/{component}")
+    path.write_text(yaml.safe_dump(kustomization))
+    kubectl = tool("kubectl")
+    if not kubectl:
+        pytest.fail(MISSING_TOOL.format(tool="kubectl", how="bash deploy/ci/install-kubectl.sh"))
+    proc = subprocess.run([kubectl, "kustomize", str(path.parent)], check=False, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]

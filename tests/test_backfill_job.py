@@ -3,31 +3,14 @@ component's comment says, runs the workers' image with their settings and secret
 strict Kubernetes schemas, and the trial Redis lets it in."""
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import pytest
-import yaml
-from deploy_tools import MISSING_TOOL, ROOT, k8s_versions, tool
+from deploy_tools import k8s_versions, render_with_component
 
 OVERLAYS = ["cpu", "gpu", "trial"]
 
 
 def render_with_backfill(tmp_path, overlay: str) -> list[dict]:
-    """The overlay, copied with the deploy tree, with the component added to its `components`."""
-    deploy = tmp_path / "deploy"
-    shutil.copytree(ROOT / "deploy", deploy)
-    path = deploy / "overlays" / overlay / "kustomization.yaml"
-    kustomization = yaml.safe_load(path.read_text())
-    kustomization.setdefault("components", []).append("../../components/backfill")
-    path.write_text(yaml.safe_dump(kustomization))
-    kubectl = tool("kubectl")
-    if not kubectl:
-        pytest.fail(MISSING_TOOL.format(tool="kubectl", how="bash deploy/ci/install-kubectl.sh"))
-    proc = subprocess.run([kubectl, "kustomize", str(path.parent)], check=False, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return render_with_component(tmp_path, overlay, "backfill")
 
 
 def the(docs: list[dict], kind: str, name: str | None = None) -> dict:

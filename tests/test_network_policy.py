@@ -1,0 +1,78 @@
+"""deploy/components/network-policy: added to an overlay, it selects the workers and the maintenance
+CronJob's pods, lets them reach DNS, Redis and HTTP(S) but not the cloud metadata endpoint, lets
+only the monitoring namespace scrape them, and passes the strict Kubernetes schemas."""
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from deploy_tools import k8s_versions, render_with_component
+
+OVERLAYS = ["cpu", "gpu", "trial"]
+METADATA = ipaddress.ip_address("169.254.169.254")
+
+
+def policy_of(docs: list[dict]) -> dict:
+    [found] = [d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "deepfake-worker"]
+    return found
+
+
+def selects(policy: dict, labels: dict) -> bool:
+    selector = policy["spec"]["podSelector"]
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    return all(labels.get(e["key"]) in e["values"] for e in selector.get("matchExpressions", [])
+               if e["operator"] == "In")
+
+
+def egress_allows(policy: dict, address: str, port: int) -> bool:
+    """Whether an egress rule lets a pod reach address:port (TCP), by NetworkPolicy's semantics:
+    a rule without `to` reaches everywhere, without `ports` every port."""
+    ip = ipaddress.ip_address(address)
+    for rule in policy["spec"]["egress"]:
+        ports = rule.get("ports")
+        if ports is not None and not any(p["port"] == port and p.get("protocol", "TCP") == "TCP" for p in ports):
+            continue
+        peers = rule.get("to")
+        if peers is None:
+            return True
+        for peer in peers:
+            block = peer.get("ipBlock")
+            if block is None:
+                continue
+            net = ipaddress.ip_network(block["cidr"])
+            if ip.version == net.version and ip in net and not any(
+                    ip.version == ipaddress.ip_network(e).version and ip in ipaddress.ip_network(e)
+                    for e in block.get("except", [])):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_policy_confines_workers_and_maintenance_pods(tmp_path, overlay):
+    import kubernetes_validate
+
+    docs = render_with_component(tmp_path, overlay, "network-policy")
+    policy = policy_of(docs)
+    assert policy["metadata"]["namespace"] == "deepfake"
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    workers = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "deepfake-worker")
+    cron = next(d for d in docs if d["kind"] == "CronJob" and d["metadata"]["name"] == "deepfake-maintenance")
+    assert selects(policy, workers["spec"]["template"]["metadata"]["labels"])
+    assert selects(policy, cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"])
+    assert not selects(policy, {"app.kubernetes.io/name": "deepfake-redis"})
+    # S3, Redis and webhook receivers are reachable; the metadata endpoint is not, on any port
+    for address, port in (("52.216.8.1", 443), ("10.0.3.7", 6379), ("203.0.113.9", 80), ("2600:1f18::1", 443)):
+        assert egress_allows(policy, address, port), (address, port)
+    assert not any(egress_allows(policy, str(METADATA), port) for port in (80, 443, 6379))
+    assert not egress_allows(policy, "fd00:ec2::254", 80)  # the metadata endpoint over IPv6 (Nitro)
+    assert not egress_allows(policy, "10.0.3.7", 22)
+    # only the metrics port takes connections, from the monitoring namespace
+    [rule] = policy["spec"]["ingress"]
+    [metrics] = [p["containerPort"] for p in workers["spec"]["template"]["spec"]["containers"][0]["ports"]
+                 if p["name"] == "metrics"]
+    assert [p["port"] for p in rule["ports"]] == [metrics]
+    assert [peer["namespaceSelector"]["matchLabels"] for peer in rule["from"]] == [
+        {"kubernetes.io/metadata.name": "monitoring"}]
+    for version in k8s_versions():
+        kubernetes_validate.validate(policy, version, strict=True)
