@@ -19,7 +19,8 @@ from workers import abandon, burst
 from worker.forget import forget
 from worker.jobs import MODERATE_FUNC
 from worker.queue import enqueue, get_queue, job_state
-from worker.s3 import make_client
+from worker.runtime import WorkerRuntime
+from worker.s3 import S3Location, make_client
 from worker.settings import Settings
 from worker.upload_index import index_key
 
@@ -110,6 +111,38 @@ def test_a_running_job_is_waited_for_before_s3_is_erased(s3_server, s3, redis, f
     assert gone.complete and gone.jobs_deleted == [job_id] and not Job.exists(job_id, connection=redis)
     assert f"s3://{BUCKET}/{slow.verdict_prefix}{ALICE}.json" in gone.s3_deleted  # written while it waited
     assert stored_keys(s3, slow, ALICE) == []
+
+
+def test_in_a_versioned_bucket_every_version_is_erased(s3_server, redis, fsettings, moderator, corpus):
+    """A plain DELETE in a versioned bucket leaves the verdict (face boxes) and report (face crops)
+    behind a delete marker: forget removes every version."""
+    bucket = "erasable-versioned"
+    client = s3_server.bucket_with(bucket, {ALICE: corpus["carphone"].read_bytes()})
+    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    settings = fsettings.model_copy(update={"allowed_buckets": bucket})
+    rt = WorkerRuntime(settings, moderator=moderator, s3_client=client)
+    rt.moderate_s3(bucket, ALICE)
+    rt.store.put(S3Location(bucket, ALICE), {"overwritten": True},  # a second version of the verdict
+                 replaces=rt.store.get(S3Location(bucket, ALICE))[1])
+
+    def versions() -> list[str]:
+        listed = client.list_object_versions(Bucket=bucket, Prefix=settings.verdict_prefix)
+        return [v["Key"] for v in listed.get("Versions", []) + listed.get("DeleteMarkers", [])]
+
+    assert versions().count(f"{settings.verdict_prefix}{ALICE}.json") == 2 and len(versions()) > 3  # + report
+    gone = forget(bucket, ALICE, settings=settings, connection=redis, s3_client=client)
+    assert gone.complete and versions() == []
+    assert all("?versionId=" in uri for uri in gone.s3_deleted) and len(gone.s3_deleted) > 3
+
+
+def test_another_deployments_jobs_in_the_same_redis_are_left_alone(s3, redis, fsettings):
+    """Deployments may share a Redis database on their own queues: forget erases its own queue's jobs."""
+    other = fsettings.model_copy(update={"queue": "other-deployment"})
+    theirs = enqueue(BUCKET, ALICE, etag="", settings=other, connection=redis)
+    mine = enqueue(BUCKET, ALICE, etag="", settings=fsettings, connection=redis)
+    gone = forget(BUCKET, ALICE, wait_s=0, settings=fsettings, connection=redis, s3_client=s3)
+    assert gone.jobs_deleted == [mine] and Job.exists(theirs, connection=redis)
+    assert get_queue(redis, other.queue).get_job_ids() == [theirs]
 
 
 def test_a_job_whose_worker_died_is_not_waited_for(s3, redis, fsettings):

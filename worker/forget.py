@@ -44,9 +44,11 @@ class Forgotten:
         return {**asdict(self), "complete": self.complete}
 
 
-def _is_for(job: Job, bucket: str, key: str) -> bool:
+def _is_for(job: Job, queue_name: str, bucket: str, key: str) -> bool:
+    """A moderation job of this queue for the upload (another deployment sharing the Redis database,
+    on its own queue, erases its own jobs)."""
     try:
-        return job.func_name == MODERATE_FUNC and list(job.args[:2]) == [bucket, key]
+        return job.origin == queue_name and job.func_name == MODERATE_FUNC and list(job.args[:2]) == [bucket, key]
     except Exception:  # noqa: BLE001 - a job hash anyone could have written
         return False
 
@@ -62,7 +64,7 @@ def jobs_for(connection: Redis, queue_name: str, bucket: str, key: str, *, scan:
     if scan:
         for registry in (FinishedJobRegistry(queue=queue), FailedJobRegistry(queue=queue)):
             candidates |= set(registry.get_job_ids(cleanup=False))
-    return [job for job in _fetch_all(connection, sorted(candidates)) if _is_for(job, bucket, key)]
+    return [job for job in _fetch_all(connection, sorted(candidates)) if _is_for(job, queue_name, bucket, key)]
 
 
 def _fetch_all(connection: Redis, job_ids: list[str], chunk: int = 1000) -> list[Job]:

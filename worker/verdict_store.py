@@ -123,8 +123,13 @@ class VerdictStore:
         return f"s3://{prefix.bucket}/{prefix.key}index.html"
 
     def delete(self, upload: S3Location) -> list[str]:
-        """Delete the upload's verdict, feedback and report objects (`deepfake forget`); the s3:// URIs deleted."""
+        """Delete the upload's verdict, feedback and report objects (`deepfake forget`); the s3:// URIs
+        deleted. In a versioned bucket every version and delete marker goes (`?versionId=` URIs): a
+        plain DELETE there only hides the face boxes and crops behind a delete marker."""
         verdict, report = self.location_for(upload), self.report_location(upload)
+        status = self.client.get_bucket_versioning(Bucket=verdict.bucket).get("Status")
+        if status in ("Enabled", "Suspended"):
+            return self._delete_versions(verdict.bucket, [verdict.key, self.feedback_location(upload).key], report.key)
         keys = []
         for single in (verdict, self.feedback_location(upload)):
             try:
@@ -144,6 +149,17 @@ class VerdictStore:
         verdict path adds the prefix, `.feedback.json` or `.report/<file>` to the upload's key."""
         room = max(len(".feedback.json"), len(".report/") + REPORT_NAME_ROOM)
         return len(self._path(upload).encode()) + room <= MAX_KEY_BYTES
+
+    def _delete_versions(self, bucket: str, keys: list[str], prefix: str) -> list[str]:
+        deleted = []
+        for where, exact in [*((k, True) for k in keys), (prefix, False)]:
+            for page in self.client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=where):
+                for version in page.get("Versions", []) + page.get("DeleteMarkers", []):
+                    if exact and version["Key"] != where:
+                        continue
+                    self.client.delete_object(Bucket=bucket, Key=version["Key"], VersionId=version["VersionId"])
+                    deleted.append(f"s3://{bucket}/{version['Key']}?versionId={version['VersionId']}")
+        return deleted
 
     def is_verdict_key(self, upload: S3Location) -> bool:
         """Uploads inside the verdict prefix are refused: the worker must not moderate its own output."""
