@@ -49,7 +49,7 @@ def test_every_upload_under_the_prefix_is_queued_once(s3, redis, bsettings):
                      on_enqueued=lambda key, job_id: seen.append((key, job_id)))
     assert [k for k, _ in seen] == CLIPS and queued(redis, bsettings) == [(BUCKET, k) for k in CLIPS]
     assert stats.enqueued == 5 and stats.listed == 9 and stats.last_key == CLIPS[-1]
-    assert stats.skipped == {"folder": 1, "verdict": 1, "invalid_key": 1, "key_too_long": 1} and stats.waited_s == 0
+    assert stats.skipped == {"folder": 1, "verdict": 1, "invalid_key": 1, "unstorable_key": 1} and stats.waited_s == 0
     # a rerun (or a key queued by hand before) is answered by the jobs already there: nothing new is queued
     assert enqueue(BUCKET, CLIPS[0], settings=bsettings, connection=redis, s3_client=s3) == seen[0][1]
     again: list[str] = []

@@ -22,6 +22,7 @@ from worker.queue import enqueue, get_queue, job_state
 from worker.runtime import WorkerRuntime
 from worker.s3 import S3Location, make_client
 from worker.settings import Settings
+from worker import upload_index
 from worker.upload_index import index_key
 
 BUCKET = "erasable"
@@ -138,11 +139,15 @@ def test_in_a_versioned_bucket_every_version_is_erased(s3_server, redis, fsettin
 def test_another_deployments_jobs_in_the_same_redis_are_left_alone(s3, redis, fsettings):
     """Deployments may share a Redis database on their own queues: forget erases its own queue's jobs."""
     other = fsettings.model_copy(update={"queue": "other-deployment"})
-    theirs = enqueue(BUCKET, ALICE, etag="", settings=other, connection=redis)
-    mine = enqueue(BUCKET, ALICE, etag="", settings=fsettings, connection=redis)
+    theirs = enqueue(BUCKET, ALICE, settings=other, connection=redis, s3_client=s3)
+    mine = enqueue(BUCKET, ALICE, settings=fsettings, connection=redis, s3_client=s3)
     gone = forget(BUCKET, ALICE, wait_s=0, settings=fsettings, connection=redis, s3_client=s3)
     assert gone.jobs_deleted == [mine] and Job.exists(theirs, connection=redis)
     assert get_queue(redis, other.queue).get_job_ids() == [theirs]
+    # their index entry and duplicate record stay, so their own forget finds the job, and a duplicate
+    # enqueue there is still answered by it
+    assert upload_index.recorded(redis, BUCKET, ALICE)[0] == {theirs}
+    assert enqueue(BUCKET, ALICE, settings=other, connection=redis, s3_client=s3) == theirs
 
 
 def test_a_job_whose_worker_died_is_not_waited_for(s3, redis, fsettings):

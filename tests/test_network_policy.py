@@ -66,6 +66,9 @@ def test_the_policy_confines_workers_and_maintenance_pods(tmp_path, overlay):
         assert egress_allows(policy, address, port), (address, port)
     assert not any(egress_allows(policy, str(METADATA), port) for port in (80, 443, 6379))
     assert not egress_allows(policy, "fd00:ec2::254", 80)  # the metadata endpoint over IPv6 (Nitro)
+    assert not egress_allows(policy, "100.100.100.200", 80)  # Alibaba Cloud's metadata endpoint
+    # the pod's own credentials: EKS Pod Identity's agent (IRSA's STS is plain HTTPS)
+    assert egress_allows(policy, "169.254.170.23", 80) and egress_allows(policy, "fd00:ec2::23", 80)
     assert not egress_allows(policy, "10.0.3.7", 22)
     # only the metrics port takes connections, from the monitoring namespace
     [rule] = policy["spec"]["ingress"]

@@ -70,10 +70,14 @@ def test_the_workers_refused_credentials_fail_the_job_for_a_retry(s3, s3_server,
     assert stored(s3, esettings, BIG) == []
 
 
-def test_keys_too_long_for_their_verdict_path_are_refused_before_any_write(s3, esettings, moderator):
-    key = "/".join(["x" * 199] * 5)  # 999 bytes: within S3's 1024 bytes, but its verdict and report paths are not
+@pytest.mark.parametrize("key, why", [
+    ("/".join(["x" * 199] * 5), "too long"),  # 999 bytes: within S3's 1024, but not its verdict and report paths
+    ("clips/a.mp4.report/b.mp4", "report path"),  # its verdict would sit inside a.mp4's report (erased with it)
+    ("clips/a.mp4.feedback", "feedback"),  # its verdict would be a.mp4's reviewer feedback object
+], ids=["too-long", "inside-a-report", "a-feedback-object"])
+def test_keys_whose_verdict_cannot_stand_apart_are_refused_before_any_write(s3, esettings, moderator, key, why):
     s3.put_object(Bucket=BUCKET, Key=key, Body=b"\0" * 64, ContentType="video/mp4")
-    with pytest.raises(ValueError, match="too long"):
+    with pytest.raises(ValueError, match=why):
         enqueue(BUCKET, key, settings=esettings, connection=object(), s3_client=s3)
     v = WorkerRuntime(esettings, moderator=moderator, s3_client=s3).moderate_s3(BUCKET, key)
     assert v["status"] == "error" and v["error"]["code"] == "unsupported" and v["action"] == "review", v
@@ -82,8 +86,8 @@ def test_keys_too_long_for_their_verdict_path_are_refused_before_any_write(s3, e
 
 def test_a_decode_timed_out_on_a_slow_store_fails_the_job_instead_of_a_timeout_verdict(s3, s3_server, esettings):
     """Decoding's wall-clock limit counts S3's time too: a store answering slowly must not turn
-    uploads into final `timeout` verdicts: spent mostly waiting on S3, it is a storage failure (a
-    decode too slow on its own stays a verdict: test_decode)."""
+    uploads into final `timeout` verdicts: spent mostly waiting on slow GETs, it is a storage failure.
+    Spent on many quick ones, it stays a verdict (as a decode too slow on its own does: test_decode)."""
     from worker.pipeline import Moderator
 
     tight = esettings.model_copy(update={"decode_timeout_s": 2.0})
@@ -91,7 +95,42 @@ def test_a_decode_timed_out_on_a_slow_store_fails_the_job_instead_of_a_timeout_v
         rule = proxy.add(Rule("delay", method="GET", path="longer-noise.avi$", delay_s=1.5))
         client = boto3.client("s3", endpoint_url=proxy.endpoint, region_name="us-east-1", config=Config(
             s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 2}))
-        with pytest.raises(TransientError, match="waiting .* on S3"):
-            WorkerRuntime(tight, moderator=Moderator(tight), s3_client=client).moderate_s3(BUCKET, LONGER)
+        rt = WorkerRuntime(tight, moderator=Moderator(tight), s3_client=client)
+        with pytest.raises(TransientError, match="waiting on S3"):
+            rt.moderate_s3(BUCKET, LONGER)
         assert rule.hits >= 2
-    assert stored(s3, tight, LONGER) == []
+        assert stored(s3, tight, LONGER) == []
+        # RQ's last try: a verdict all the same (review), so no upload can be made to end without one
+        last = rt.moderate_s3(BUCKET, LONGER, final_attempt=True)
+    assert last["error"]["code"] == "timeout" and last["action"] == "review"
+    assert stored(s3, tight, LONGER)[0]["created_at"] == last["created_at"]
+    # Many quick GETs (what an upload built to seek all over would cost) are the upload's own doing.
+    quick = esettings.model_copy(update={"decode_timeout_s": 0.5})
+    with FaultProxy(s3_server.port) as proxy:
+        proxy.add(Rule("delay", method="GET", path="longer-noise.avi$", delay_s=0.2))
+        client = boto3.client("s3", endpoint_url=proxy.endpoint, region_name="us-east-1", config=Config(
+            s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 2}))
+        v = WorkerRuntime(quick, moderator=Moderator(quick), s3_client=client).moderate_s3(BUCKET, LONGER)
+    assert v["error"]["code"] == "timeout" and stored(s3, quick, LONGER)[0]["error"]["code"] == "timeout"
+
+
+def test_through_rq_a_slow_store_is_retried_then_the_last_try_gives_the_timeout_verdict(
+        s3, s3_server, redis, redis_server, esettings):
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+    from workers import burst
+
+    from worker.pipeline import Moderator
+    from worker.queue import job_state
+
+    settings = esettings.model_copy(update={"decode_timeout_s": 2.0, "redis_url": redis_server.url, "job_retries": 1})
+    with FaultProxy(s3_server.port) as proxy:
+        proxy.add(Rule("delay", method="GET", path="longer-noise.avi$", delay_s=1.5))
+        client = boto3.client("s3", endpoint_url=proxy.endpoint, region_name="us-east-1", config=Config(
+            s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 2}))
+        job_id = enqueue(BUCKET, LONGER, etag="", settings=settings, connection=redis)
+        burst(redis, settings, runtime=WorkerRuntime(settings, moderator=Moderator(settings), s3_client=client))
+    state = job_state(job_id, settings=settings, connection=redis)
+    assert state.status == "finished" and state.result["error"]["code"] == "timeout", state
+    assert Job.fetch(job_id, connection=redis, serializer=JSONSerializer).retries_left == 0  # retried once first
+    assert stored(s3, settings, LONGER)[0]["error"]["code"] == "timeout"

@@ -28,7 +28,7 @@ POLL_S = 1.0  # how often a throttled backfill looks at the queue again
 class Listed:
     key: str
     etag: str
-    skip: str | None  # why it is not queued: folder, verdict, older, invalid_key, key_too_long; None = an upload
+    skip: str | None  # why it is not queued: folder, verdict, older, invalid_key, unstorable_key; None = an upload
 
 
 @dataclass
@@ -70,8 +70,8 @@ def list_uploads(s3: Any, bucket: str, prefix: str, *, store: VerdictStore, star
             else:
                 try:
                     validate_location(bucket, key)
-                    if not store.fits(S3Location(bucket, key)):
-                        skip = "key_too_long"  # its verdict path would pass S3's key limit
+                    if store.unstorable(S3Location(bucket, key)):
+                        skip = "unstorable_key"  # too long, or shaped like another upload's report
                 except ValueError:
                     skip = "invalid_key"  # the worker would refuse it as access_denied
             yield Listed(key, obj.get("ETag", ""), skip)

@@ -123,9 +123,8 @@ def cmd_enqueue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         if store.is_verdict_key(loc):
             parser.error(f"s3://{loc.bucket}/{loc.key} is inside the verdict prefix {settings.verdict_prefix!r}: "
                          "workers do not moderate their own output")
-        if not store.fits(loc):
-            parser.error(f"s3://{loc.bucket}/{loc.key}: the key is too long for its verdict path "
-                         "(S3 keys are at most 1024 bytes)")
+        if unstorable := store.unstorable(loc):
+            parser.error(f"s3://{loc.bucket}/{loc.key}: {unstorable}")
     for bucket in sorted({loc.bucket for loc in locations}):
         warn_unless_allowed(settings, bucket)
     if args.webhook:

@@ -44,11 +44,9 @@ class Forgotten:
         return {**asdict(self), "complete": self.complete}
 
 
-def _is_for(job: Job, queue_name: str, bucket: str, key: str) -> bool:
-    """A moderation job of this queue for the upload (another deployment sharing the Redis database,
-    on its own queue, erases its own jobs)."""
+def _is_for(job: Job, bucket: str, key: str) -> bool:
     try:
-        return job.origin == queue_name and job.func_name == MODERATE_FUNC and list(job.args[:2]) == [bucket, key]
+        return job.func_name == MODERATE_FUNC and list(job.args[:2]) == [bucket, key]
     except Exception:  # noqa: BLE001 - a job hash anyone could have written
         return False
 
@@ -60,11 +58,15 @@ def jobs_for(connection: Redis, queue_name: str, bucket: str, key: str, *, scan:
     queue = get_queue(connection, queue_name)
     indexed, _ = upload_index.recorded(connection, bucket, key)
     # Listed without RQ's cleanup, which would requeue abandoned jobs outside the workers' lock.
-    candidates = indexed | set(queue.get_job_ids()) | set(started_registry(queue).get_job_ids(cleanup=False))
+    listed = set(queue.get_job_ids()) | set(started_registry(queue).get_job_ids(cleanup=False))
     if scan:
         for registry in (FinishedJobRegistry(queue=queue), FailedJobRegistry(queue=queue)):
-            candidates |= set(registry.get_job_ids(cleanup=False))
-    return [job for job in _fetch_all(connection, sorted(candidates)) if _is_for(job, queue_name, bucket, key)]
+            listed |= set(registry.get_job_ids(cleanup=False))
+    # The index is shared by every queue on this Redis: a job only it names is this queue's when its
+    # origin says so (another deployment erases its own); one in this queue's lists is, whatever a raw
+    # client wrote as its origin.
+    return [job for job in _fetch_all(connection, sorted(indexed | listed)) if _is_for(job, bucket, key)
+            and (job.id in listed or job.origin in (queue_name, ""))]
 
 
 def _fetch_all(connection: Redis, job_ids: list[str], chunk: int = 1000) -> list[Job]:
@@ -84,6 +86,10 @@ def _fetch_all(connection: Redis, job_ids: list[str], chunk: int = 1000) -> list
             except Exception:  # noqa: BLE001 - gone, or malformed: not one of ours to judge
                 continue
     return jobs
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def default_wait_s(settings: Settings) -> float:
@@ -123,11 +129,19 @@ def forget(
             break
         sleep(POLL_S)
     out.still_running = running
-    _, dedupe_keys = upload_index.recorded(connection, bucket, key)
-    if dedupe_keys:
-        connection.delete(*dedupe_keys)
+    indexed_jobs, dedupe_keys = upload_index.recorded(connection, bucket, key)
+    # Duplicate records that name this queue's jobs, or jobs gone: another queue's live ones stay.
+    ours = set(out.jobs_deleted) | set(running)
+    gone = set()
+    for dkey in dedupe_keys:
+        target = _text(connection.get(dkey))
+        if target is None or target in ours or not Job.exists(target, connection=connection):
+            gone.add(dkey)
+    if gone:
+        connection.delete(*gone)
+    forgotten_jobs = {j for j in indexed_jobs if j in out.jobs_deleted or not Job.exists(j, connection=connection)}
+    upload_index.remove(connection, bucket, key, job_ids=forgotten_jobs, dedupe_keys=gone)
     if not out.still_running:
-        connection.delete(upload_index.index_key(bucket, key))
         store = VerdictStore.for_settings(settings, s3)
         out.s3_deleted = store.delete(S3Location(bucket, key))
     return out

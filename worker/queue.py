@@ -27,7 +27,7 @@ from worker import upload_index
 from worker.errors import last_line
 from worker.jobs import MODERATE_FUNC
 from worker.rq_worker import DeepfakeJob, model_key
-from worker.s3 import MAX_KEY_BYTES, S3Location, make_client, validate_location
+from worker.s3 import S3Location, make_client, validate_location
 from worker.settings import Settings
 from worker.verdict_store import DETERMINISTIC_ERRORS, VerdictStore
 from worker.webhooks import check_webhooks
@@ -123,8 +123,10 @@ def enqueue(
     it could not be read (queued without a duplicate check)."""
     settings = settings or Settings()
     validate_location(bucket, key)
-    if not VerdictStore(None, prefix=settings.verdict_prefix, bucket=settings.verdict_bucket).fits(S3Location(bucket, key)):
-        raise ValueError(f"the key is too long: its verdict path would pass S3's {MAX_KEY_BYTES}-byte key limit")
+    unstorable = VerdictStore(None, prefix=settings.verdict_prefix, bucket=settings.verdict_bucket).unstorable(
+        S3Location(bucket, key))
+    if unstorable:
+        raise ValueError(unstorable)
     frames = frames or settings.frames
     connection = connection or connect(settings)
     queue = get_queue(connection, settings.queue)

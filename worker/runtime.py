@@ -27,9 +27,11 @@ from worker.video import MAX_SAMPLED_FRAMES
 
 log = structlog.get_logger("worker.runtime")
 
-# A decode that timed out having spent more than this share of its limit waiting on S3 is a storage
-# problem, retried by RQ, not a `timeout` verdict about the upload.
-STORAGE_SHARE_OF_TIMEOUT = 0.5
+# A decode that timed out having spent more than this share of its limit waiting on S3, with GETs
+# slower than this on average, is a storage problem, retried by RQ, not a `timeout` verdict about the
+# upload. The average keeps a file built to seek all over (many quick GETs) from dodging its verdict:
+# an uploader chooses the number of reads, not how long the store takes to answer one.
+STORAGE_SHARE_OF_TIMEOUT, SLOW_GET_S = 0.5, 1.0
 MAX_JOB_FRAMES = MAX_SAMPLED_FRAMES  # the bound Settings.frames has; a job's own `frames` is held to it too
 
 
@@ -70,11 +72,14 @@ class WorkerRuntime:
                 **({"shadow_model": shadow.engine.describe()} if shadow is not None else {})}
 
     def moderate_s3(self, bucket: str, key: str, *, frames: int | None = None, job_id: str | None = None,
-                    enqueued_at: float | None = None) -> dict:
+                    enqueued_at: float | None = None, final_attempt: bool = False) -> dict:
         """The verdict for s3://bucket/key: reused when stored for the same bytes and model, else computed.
 
         Input problems end in an error verdict; storage outages raise TransientError so RQ retries.
+        A timeout spent waiting on a slow store raises too, except on the job's `final_attempt`: then
+        it is the `timeout` verdict, so no upload ends without one (whatever reads it is built to cost).
         """
+        self.source = None  # the upload being read, for a job stopped at its time limit
         check_job_arguments(bucket, key, frames)
         frames = frames or self.settings.frames
         uri = f"s3://{bucket}/{key}"
@@ -89,11 +94,12 @@ class WorkerRuntime:
         if self.store.is_verdict_key(upload):
             err = AccessDenied(f"{uri} is inside the verdict prefix {self.settings.verdict_prefix!r}")
             return self._finish(self._error(uri, err), bound)
-        if self.allows(bucket) and not self.store.fits(upload):  # never writable: reviewed, not retried
-            err = Unsupported(f"{uri}: the key is too long for its verdict path within S3's 1024-byte limit")
-            return self._finish(self._error(uri, err), bound)
+        unstorable = self.store.unstorable(upload) if self.allows(bucket) else None
+        if unstorable:  # no verdict of its own could be written: reviewed, not retried
+            return self._finish(self._error(uri, Unsupported(f"{uri}: {unstorable}")), bound)
         try:
-            source = S3Source.resolve(self.s3, upload, max_bytes=self.settings.max_bytes, allowed_buckets=self.allowed)
+            source = self.source = S3Source.resolve(self.s3, upload, max_bytes=self.settings.max_bytes,
+                                                    allowed_buckets=self.allowed)
         except ModerationError as exc:
             verdict = self._error(uri, exc)
             if exc.code.value == "access_denied":
@@ -116,19 +122,16 @@ class WorkerRuntime:
             verdict = self.moderator.moderate(source, frames=frames, report_dir=report_dir)
             if self.moderator.shadow is not None and verdict["status"] == "ok" and "shadow" not in verdict:
                 self.metrics.shadow_failures.inc()  # the shadow model raised (logged): the verdict went on
-            if report_dir is not None and verdict.get("report"):
+            failure = source.read_error
+            if failure is None and (verdict.get("error") or {}).get("code") == "timeout" and not final_attempt:
+                failure = self.slow_store(self.moderator.limits.decode_timeout_s)
+            if isinstance(failure, TransientError):
+                raise failure  # the storage failed, not the upload: RQ retries, nothing is written
+            if report_dir is not None and verdict.get("report") and failure is None:
                 verdict["report"] = self.store.put_report(upload, report_dir)
         finally:
             if report_dir is not None:
                 shutil.rmtree(report_dir, ignore_errors=True)
-        failure = source.read_error
-        waited, limit = source.io_s, self.moderator.limits.decode_timeout_s
-        if failure is None and (verdict.get("error") or {}).get("code") == "timeout" \
-                and waited > STORAGE_SHARE_OF_TIMEOUT * limit:
-            failure = TransientError(f"decoding {uri} ran out of time waiting {waited:.0f} s on S3 "
-                                     f"(limit {limit:.0f} s): a slow store, not the upload")
-        if isinstance(failure, TransientError):
-            raise failure  # the storage failed, not the upload: RQ retries, nothing is written
         if isinstance(failure, AccessDenied):
             return self._finish(self._error(uri, failure), bound)  # never write where the worker may not read
         if failure is not None:  # deleted (not_found) or replaced (corrupt) while it was read
@@ -136,6 +139,18 @@ class WorkerRuntime:
         verdict["input"] = {"bucket": bucket, "key": key, "etag": source.etag, "size": source.size, "frames": frames,
                             "max_sample_gap_s": self.settings.max_sample_gap_s}
         return self._store(upload, verdict, stored_etag, bound, etag=source.etag)
+
+    def slow_store(self, limit_s: float) -> TransientError | None:
+        """The error to retry on when reading the upload took most of a time limit, in GETs slower than
+        a healthy store's (None: the time went elsewhere, or on many quick GETs the file asked for)."""
+        source = getattr(self, "source", None)
+        if source is None:
+            return None
+        waited = source.io_s
+        if waited > STORAGE_SHARE_OF_TIMEOUT * limit_s and waited > SLOW_GET_S * max(1, source.requests):
+            return TransientError(f"reading {source.uri} ran out of time: {waited:.0f} s of the {limit_s:.0f} s "
+                                  f"limit waiting on S3 in {source.requests} GETs, a slow store, not the upload")
+        return None
 
     def timeout_verdict(self, bucket: str, key: str, seconds: int) -> dict:
         """The verdict for a job RQ stopped at its time limit, stored like any other final verdict (it

@@ -274,6 +274,12 @@ class S3Source:
         return reader.io_s if reader is not None else 0.0
 
     @property
+    def requests(self) -> int:
+        """Ranged GETs issued for the object opened last."""
+        reader = getattr(self, "reader", None)
+        return reader.requests if reader is not None else 0
+
+    @property
     def read_error(self) -> Exception | None:
         """The failure of a read from the object opened last (see S3RangeReader.error), if any."""
         reader = getattr(self, "reader", None)

@@ -41,3 +41,14 @@ def recorded(connection: Redis, bucket: str, key: str) -> tuple[set[str], set[st
         elif member.startswith(DEDUPE):
             dedupes.add(member[len(DEDUPE):])
     return jobs, dedupes
+
+
+def remove(connection: Redis, bucket: str, key: str, *, job_ids: set[str], dedupe_keys: set[str]) -> None:
+    """Drop these jobs and duplicate records from the upload's set, and the set once it is empty
+    (another deployment on the same Redis may still have its own there)."""
+    name = index_key(bucket, key)
+    members = [JOB + j for j in job_ids] + [DEDUPE + d for d in dedupe_keys]
+    if members:
+        connection.srem(name, *members)
+    if connection.scard(name) == 0:
+        connection.delete(name)

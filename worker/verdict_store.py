@@ -127,7 +127,12 @@ class VerdictStore:
         deleted. In a versioned bucket every version and delete marker goes (`?versionId=` URIs): a
         plain DELETE there only hides the face boxes and crops behind a delete marker."""
         verdict, report = self.location_for(upload), self.report_location(upload)
-        status = self.client.get_bucket_versioning(Bucket=verdict.bucket).get("Status")
+        try:
+            status = self.client.get_bucket_versioning(Bucket=verdict.bucket).get("Status")
+        except ClientError as exc:  # not allowed (s3:GetBucketVersioning) or not implemented by the store
+            status = None
+            log.warning("versioning_unknown", bucket=verdict.bucket, error=str(exc),
+                        reason="deleting the current objects only: in a versioned bucket older versions remain")
         if status in ("Enabled", "Suspended"):
             return self._delete_versions(verdict.bucket, [verdict.key, self.feedback_location(upload).key], report.key)
         keys = []
@@ -144,11 +149,17 @@ class VerdictStore:
             self.client.delete_object(Bucket=verdict.bucket, Key=key)
         return [f"s3://{verdict.bucket}/{key}" for key in keys]
 
-    def fits(self, upload: S3Location) -> bool:
-        """Whether every object this store writes for the upload keeps within S3's key limit: the
-        verdict path adds the prefix, `.feedback.json` or `.report/<file>` to the upload's key."""
+    def unstorable(self, upload: S3Location) -> str | None:
+        """Why the upload's verdict objects could not be kept apart from every other upload's (None:
+        they can). The verdict path adds the prefix, `.feedback.json` or `.report/<file>` to the key,
+        which must stay within S3's key limit; and a key ending in `.feedback`, or with a `.report`
+        folder, would be another upload's feedback object or sit inside its report (erased with it)."""
         room = max(len(".feedback.json"), len(".report/") + REPORT_NAME_ROOM)
-        return len(self._path(upload).encode()) + room <= MAX_KEY_BYTES
+        if len(self._path(upload).encode()) + room > MAX_KEY_BYTES:
+            return f"the key is too long for its verdict path within S3's {MAX_KEY_BYTES}-byte key limit"
+        if upload.key.endswith(".feedback") or any(p.endswith(".report") for p in upload.key.split("/")[:-1]):
+            return "the key is shaped like another upload's feedback or report path"
+        return None
 
     def _delete_versions(self, bucket: str, keys: list[str], prefix: str) -> list[str]:
         deleted = []
