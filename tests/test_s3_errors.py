@@ -37,6 +37,14 @@ def s3(s3_server, tmp_path_factory):
     return client
 
 
+def through(proxy: FaultProxy):
+    """An S3 client reaching the server through the fault proxy (trusting its certificate when it
+    serves HTTPS), with botocore's standard retries cut to one."""
+    return boto3.client("s3", endpoint_url=proxy.endpoint, region_name="us-east-1",
+                        verify=str(proxy.ca_bundle) if proxy.ca_bundle else None, config=Config(
+                            s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 2}))
+
+
 @pytest.fixture()
 def esettings(random_model_dir, s3_server, tmp_path) -> Settings:
     return Settings(model_dir=random_model_dir, s3_endpoint_url=s3_server.endpoint, allowed_buckets=BUCKET, frames=4,
@@ -47,9 +55,7 @@ def test_a_tls_failure_mid_read_fails_the_job_and_writes_nothing(s3, s3_server, 
     """botocore wraps a reset body, not a TLS record that fails to decrypt (urllib3's own error): that
     one must not end as an `internal` verdict about the upload."""
     with FaultProxy(s3_server.port, tls_dir=tmp_path / "tls") as proxy:
-        client = boto3.client("s3", endpoint_url=proxy.endpoint, region_name="us-east-1",
-                              verify=str(proxy.ca_bundle), config=Config(
-                                  s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 2}))
+        client = through(proxy)
         rule = proxy.add(Rule("bad_record_mid_body", method="GET", path="noise.avi$",
                               when=lambda req: (req.range_start or 0) > 0))
         rt = WorkerRuntime(esettings, moderator=moderator, s3_client=client)
@@ -93,8 +99,7 @@ def test_a_decode_timed_out_on_a_slow_store_fails_the_job_instead_of_a_timeout_v
     tight = esettings.model_copy(update={"decode_timeout_s": 2.0})
     with FaultProxy(s3_server.port) as proxy:
         rule = proxy.add(Rule("delay", method="GET", path="longer-noise.avi$", delay_s=1.5))
-        client = boto3.client("s3", endpoint_url=proxy.endpoint, region_name="us-east-1", config=Config(
-            s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 2}))
+        client = through(proxy)
         rt = WorkerRuntime(tight, moderator=Moderator(tight), s3_client=client)
         with pytest.raises(TransientError, match="waiting on S3"):
             rt.moderate_s3(BUCKET, LONGER)
@@ -108,8 +113,7 @@ def test_a_decode_timed_out_on_a_slow_store_fails_the_job_instead_of_a_timeout_v
     quick = esettings.model_copy(update={"decode_timeout_s": 0.5})
     with FaultProxy(s3_server.port) as proxy:
         proxy.add(Rule("delay", method="GET", path="longer-noise.avi$", delay_s=0.2))
-        client = boto3.client("s3", endpoint_url=proxy.endpoint, region_name="us-east-1", config=Config(
-            s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 2}))
+        client = through(proxy)
         v = WorkerRuntime(quick, moderator=Moderator(quick), s3_client=client).moderate_s3(BUCKET, LONGER)
     assert v["error"]["code"] == "timeout" and stored(s3, quick, LONGER)[0]["error"]["code"] == "timeout"
 
@@ -126,8 +130,7 @@ def test_through_rq_a_slow_store_is_retried_then_the_last_try_gives_the_timeout_
     settings = esettings.model_copy(update={"decode_timeout_s": 2.0, "redis_url": redis_server.url, "job_retries": 1})
     with FaultProxy(s3_server.port) as proxy:
         proxy.add(Rule("delay", method="GET", path="longer-noise.avi$", delay_s=1.5))
-        client = boto3.client("s3", endpoint_url=proxy.endpoint, region_name="us-east-1", config=Config(
-            s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 2}))
+        client = through(proxy)
         job_id = enqueue(BUCKET, LONGER, etag="", settings=settings, connection=redis)
         burst(redis, settings, runtime=WorkerRuntime(settings, moderator=Moderator(settings), s3_client=client))
     state = job_state(job_id, settings=settings, connection=redis)

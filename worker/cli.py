@@ -143,8 +143,9 @@ def cmd_enqueue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 def warn_unless_allowed(settings, bucket: str) -> None:  # type: ignore[no-untyped-def]
     """Queueing from a bucket the workers refuse is allowed (their settings may differ), but said."""
-    allowed = settings.bucket_allow_list()
-    if "*" not in allowed and bucket not in allowed:
+    from worker.s3 import bucket_allowed
+
+    if not bucket_allowed(settings.bucket_allow_list(), bucket):
         print(f"warning: {bucket} is not in DEEPFAKE_ALLOWED_BUCKETS here: workers with these settings will "
               "refuse its jobs (access_denied)", file=sys.stderr)
 

@@ -18,6 +18,7 @@ from redis import Redis
 from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.utils import as_text
 
 from worker import upload_index
 from worker.jobs import MODERATE_FUNC
@@ -88,10 +89,6 @@ def _fetch_all(connection: Redis, job_ids: list[str], chunk: int = 1000) -> list
     return jobs
 
 
-def _text(value: bytes | str | None) -> str | None:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def default_wait_s(settings: Settings) -> float:
     """Long enough for any job the settings allow to end: its RQ time limit, and a margin."""
     return settings.job_timeout_s() + 28.0
@@ -134,7 +131,8 @@ def forget(
     ours = set(out.jobs_deleted) | set(running)
     gone = set()
     for dkey in dedupe_keys:
-        target = _text(connection.get(dkey))
+        raw = connection.get(dkey)
+        target = as_text(raw) if raw is not None else None
         if target is None or target in ours or not Job.exists(target, connection=connection):
             gone.add(dkey)
     if gone:

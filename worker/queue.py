@@ -20,7 +20,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
-from rq.utils import utcparse
+from rq.utils import as_text, utcparse
 from rq.webhook import Webhook
 
 from worker import upload_index
@@ -80,9 +80,10 @@ def answers(job: Job) -> bool:
     waiting, running or done, unless it ended in an error the same bytes may not give again (a
     timeout, an internal error, not found, access denied: `verdict_store.DETERMINISTIC_ERRORS` are
     the others), as `verdict_store.reusable` judges a stored verdict."""
-    if job.get_status() not in LIVE_STATUSES:
+    status = job.get_status()
+    if status not in LIVE_STATUSES:
         return False
-    result = job.return_value() if job.get_status() == JobStatus.FINISHED else None
+    result = job.return_value() if status == JobStatus.FINISHED else None
     if isinstance(result, dict) and result.get("status") == "error":
         return (result.get("error") or {}).get("code") in DETERMINISTIC_ERRORS
     return True
@@ -200,9 +201,9 @@ def queue_depths(connection: Redis, name: str) -> dict:
         pipe.zcard(FailedJobRegistry(queue=queue).key).lindex(queue.key, 0)
         queued, started, failed, head = pipe.execute()
     waited = 0.0
-    stamp = connection.hget(Job.key_for(_text(head)), "enqueued_at") if head is not None else None
+    stamp = connection.hget(Job.key_for(as_text(head)), "enqueued_at") if head is not None else None
     if stamp:
-        waited = max(0.0, time.time() - utcparse(_text(stamp)).timestamp())
+        waited = max(0.0, time.time() - utcparse(as_text(stamp)).timestamp())
     return {"queued": queued, "started": started, "failed": failed, "oldest_waiting_s": waited}
 
 
@@ -212,10 +213,6 @@ def redis_memory(connection: Redis) -> dict:
     info = connection.info("memory")
     return {"used_bytes": int(info["used_memory"]), "maxmemory_bytes": int(info.get("maxmemory") or 0),
             "policy": info.get("maxmemory_policy")}
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def queue_status(*, settings: Settings | None = None, connection: Redis | None = None) -> dict:

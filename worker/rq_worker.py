@@ -30,7 +30,7 @@ from worker.jobs import MODERATE_FUNC, JobTimedOut
 from worker.logging import configure_logging
 from worker.metrics import heartbeat_fresh, serve
 from worker.redis_client import database_address, ride_out, waiting_for_space, without_password
-from worker.runtime import MAX_JOB_FRAMES, WorkerRuntime, install, installed
+from worker.runtime import WorkerRuntime, install, installed, valid_frames
 from worker.settings import Settings
 from worker.signals import exit_on_sigterm
 from worker.webhooks import MAX_WEBHOOKS, HostPolicy, WebhookFailed, WebhookRefused, deliver, summary
@@ -240,7 +240,7 @@ class DeepfakeWorker(SimpleWorker):
             frames = (job.kwargs or {}).get("frames")
         except Exception:  # noqa: BLE001 - malformed data: the job is refused when it runs
             frames = None
-        if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= MAX_JOB_FRAMES:
+        if not valid_frames(frames):
             frames = None  # the job refuses it itself; the limit is the settings' own
         limit = settings.job_timeout_s(frames)
         asked = job.timeout if isinstance(job.timeout, (int, float)) and not isinstance(job.timeout, bool) else 0

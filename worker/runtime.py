@@ -13,13 +13,13 @@ from typing import Any
 
 import structlog
 
-from worker import __version__
 from botocore.exceptions import BotoCoreError, ClientError
 
+from worker import __version__
 from worker.errors import AccessDenied, ModerationError, Timeout, TransientError, Unsupported
 from worker.metrics import Metrics
 from worker.pipeline import Moderator
-from worker.s3 import NOT_FOUND_CODES, S3Location, S3Source, make_client, validate_location
+from worker.s3 import NOT_FOUND_CODES, S3Location, S3Source, bucket_allowed, error_code, make_client, validate_location
 from worker.settings import Settings
 from worker.verdict import error_verdict
 from worker.verdict_store import VerdictStore, reusable
@@ -35,6 +35,11 @@ STORAGE_SHARE_OF_TIMEOUT, SLOW_GET_S = 0.5, 1.0
 MAX_JOB_FRAMES = MAX_SAMPLED_FRAMES  # the bound Settings.frames has; a job's own `frames` is held to it too
 
 
+def valid_frames(frames: object) -> bool:
+    """Whether a job's `frames` is one the worker accepts: an integer from 1 to MAX_JOB_FRAMES."""
+    return not isinstance(frames, bool) and isinstance(frames, int) and 1 <= frames <= MAX_JOB_FRAMES
+
+
 def check_job_arguments(bucket: object, key: object, frames: object) -> None:
     """A job's arguments come from whoever wrote to Redis: refuse anything but the documented types.
 
@@ -43,8 +48,7 @@ def check_job_arguments(bucket: object, key: object, frames: object) -> None:
     """
     if not isinstance(bucket, str) or not isinstance(key, str):
         raise ValueError("bucket and key must be strings")
-    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int)
-                               or not 1 <= frames <= MAX_JOB_FRAMES):
+    if frames is not None and not valid_frames(frames):
         raise ValueError(f"frames must be an integer from 1 to {MAX_JOB_FRAMES}, not {frames!r}")
 
 
@@ -58,6 +62,7 @@ class WorkerRuntime:
         self.allowed = settings.bucket_allow_list()
         self.metrics = metrics or Metrics()
         self.loaded_at = time.time()
+        self.source: S3Source | None = None  # the upload being read, for a job stopped at its time limit
 
     @property
     def model(self) -> dict:
@@ -79,7 +84,7 @@ class WorkerRuntime:
         A timeout spent waiting on a slow store raises too, except on the job's `final_attempt`: then
         it is the `timeout` verdict, so no upload ends without one (whatever reads it is built to cost).
         """
-        self.source = None  # the upload being read, for a job stopped at its time limit
+        self.source = None
         check_job_arguments(bucket, key, frames)
         frames = frames or self.settings.frames
         uri = f"s3://{bucket}/{key}"
@@ -143,7 +148,7 @@ class WorkerRuntime:
     def slow_store(self, limit_s: float) -> TransientError | None:
         """The error to retry on when reading the upload took most of a time limit, in GETs slower than
         a healthy store's (None: the time went elsewhere, or on many quick GETs the file asked for)."""
-        source = getattr(self, "source", None)
+        source = self.source
         if source is None:
             return None
         waited = source.io_s
@@ -180,7 +185,7 @@ class WorkerRuntime:
 
     def allows(self, bucket: str) -> bool:
         """Whether the bucket is in the worker's allow-list (DEEPFAKE_ALLOWED_BUCKETS)."""
-        return "*" in self.allowed or bucket in self.allowed
+        return bucket_allowed(self.allowed, bucket)
 
     def _error(self, uri: str, exc: ModerationError, *, timings_ms: dict | None = None) -> dict:
         """An error verdict with the decision policy's action for its code, and the card's threshold
@@ -193,7 +198,7 @@ class WorkerRuntime:
         try:
             return self.s3.head_object(Bucket=upload.bucket, Key=upload.key)["ETag"]
         except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in NOT_FOUND_CODES:
+            if error_code(exc) in NOT_FOUND_CODES:
                 return None
             raise TransientError(f"HEAD {upload.uri} failed: {exc}") from exc
         except BotoCoreError as exc:

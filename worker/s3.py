@@ -81,10 +81,20 @@ def make_client(endpoint_url: str | None = None, region: str | None = None, max_
     return boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
 
+def error_code(exc: Exception) -> str:
+    """S3's error code ("NoSuchKey", "403", ...) of a ClientError; "" for any other failure."""
+    return str(exc.response.get("Error", {}).get("Code", "")) if isinstance(exc, ClientError) else ""
+
+
+def bucket_allowed(allowed: frozenset[str], bucket: str) -> bool:
+    """Whether `bucket` is in an allow-list (DEEPFAKE_ALLOWED_BUCKETS, where * allows any)."""
+    return "*" in allowed or bucket in allowed
+
+
 def translate_error(exc: Exception, uri: str) -> ModerationError | None:
     """The verdict error for an S3 failure, or None when it is not the input's fault (retry the job)."""
     if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
+        code = error_code(exc)
         if code in CREDENTIAL_CODES:
             return None
         if code in NOT_FOUND_CODES:
@@ -108,8 +118,7 @@ def content_type_error(content_type: str | None, uri: str) -> ModerationError | 
 
 def _described(exc: Exception) -> str:
     """An S3 failure for an error message; for refused credentials, what the operator should check."""
-    code = str(exc.response.get("Error", {}).get("Code", "")) if isinstance(exc, ClientError) else ""
-    if code in CREDENTIAL_CODES:
+    if error_code(exc) in CREDENTIAL_CODES:
         return f"{exc} (the worker's S3 credentials or its clock were refused: check its keys, token and time)"
     return str(exc)
 
@@ -117,7 +126,7 @@ def _described(exc: Exception) -> str:
 def _with_error_code(client: Any, location: S3Location, exc: Exception) -> Exception:
     """A HEAD response has no body, so a refusal arrives as a bare 403 whether the object's policy
     denies the worker or the worker's own keys are wrong: a one-byte GET reads S3's error code."""
-    if not (isinstance(exc, ClientError) and str(exc.response.get("Error", {}).get("Code")) == "403"):
+    if error_code(exc) != "403":
         return exc
     try:
         client.get_object(Bucket=location.bucket, Key=location.key, Range="bytes=0-0")["Body"].close()
@@ -244,7 +253,7 @@ class S3Source:
     @classmethod
     def resolve(cls, client: Any, location: S3Location, *, max_bytes: int,
                 allowed_buckets: frozenset[str]) -> "S3Source":
-        if "*" not in allowed_buckets and location.bucket not in allowed_buckets:
+        if not bucket_allowed(allowed_buckets, location.bucket):
             raise AccessDenied(f"bucket {location.bucket!r} is not in the worker's allow-list (DEEPFAKE_ALLOWED_BUCKETS)")
         try:
             head = client.head_object(Bucket=location.bucket, Key=location.key)

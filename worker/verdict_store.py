@@ -24,7 +24,7 @@ import structlog
 from botocore.exceptions import ClientError
 
 from worker import __version__
-from worker.s3 import CHANGED_CODES, MAX_KEY_BYTES, NOT_FOUND_CODES, S3Location, make_client
+from worker.s3 import CHANGED_CODES, MAX_KEY_BYTES, NOT_FOUND_CODES, S3Location, error_code, make_client
 from worker.video import frames_to_sample
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ class VerdictStore:
             try:
                 return json.loads(self.client.get_object(Bucket=where.bucket, Key=key)["Body"].read())
             except ClientError as exc:
-                if str(exc.response.get("Error", {}).get("Code")) in NOT_FOUND_CODES:
+                if error_code(exc) in NOT_FOUND_CODES:
                     return None
                 raise
             except ValueError:
@@ -141,7 +141,7 @@ class VerdictStore:
                 self.client.head_object(Bucket=single.bucket, Key=single.key)
                 keys.append(single.key)
             except ClientError as exc:
-                if str(exc.response.get("Error", {}).get("Code")) not in NOT_FOUND_CODES:
+                if error_code(exc) not in NOT_FOUND_CODES:
                     raise
         keys += [o["Key"] for page in self.client.get_paginator("list_objects_v2").paginate(
             Bucket=verdict.bucket, Prefix=report.key) for o in page.get("Contents", [])]
@@ -181,7 +181,7 @@ class VerdictStore:
         try:
             resp = self.client.get_object(Bucket=loc.bucket, Key=loc.key)
         except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in NOT_FOUND_CODES:
+            if error_code(exc) in NOT_FOUND_CODES:
                 return None
             raise
         body = resp["Body"].read()
@@ -232,7 +232,7 @@ class VerdictStore:
             self.client.put_object(Bucket=loc.bucket, Key=loc.key, Body=body, ContentType="application/json",
                                    Metadata=metadata, **condition)
         except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in CHANGED_CODES | {"ConditionalRequestConflict"}:
+            if error_code(exc) in CHANGED_CODES | {"ConditionalRequestConflict"}:
                 return False
             raise
         return True
