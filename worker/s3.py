@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
@@ -245,6 +245,7 @@ class S3Source:
     size: int
     etag: str
     content_type: str | None
+    reader: S3RangeReader | None = field(default=None, init=False, repr=False)  # the one opened last
 
     @property
     def uri(self) -> str:
@@ -279,17 +280,14 @@ class S3Source:
     @property
     def io_s(self) -> float:
         """Seconds the object opened last spent waiting on S3."""
-        reader = getattr(self, "reader", None)
-        return reader.io_s if reader is not None else 0.0
+        return self.reader.io_s if self.reader is not None else 0.0
 
     @property
     def requests(self) -> int:
         """Ranged GETs issued for the object opened last."""
-        reader = getattr(self, "reader", None)
-        return reader.requests if reader is not None else 0
+        return self.reader.requests if self.reader is not None else 0
 
     @property
     def read_error(self) -> Exception | None:
         """The failure of a read from the object opened last (see S3RangeReader.error), if any."""
-        reader = getattr(self, "reader", None)
-        return reader.error if reader is not None else None
+        return self.reader.error if self.reader is not None else None
