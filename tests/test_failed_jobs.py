@@ -35,7 +35,7 @@ def cli(capsys, *argv: str) -> tuple[int, list[str]]:
 def test_a_job_lost_to_an_s3_outage_is_listed_requeued_and_then_gets_its_one_verdict(
         s3, s3_server, redis, redis_server, settings, moderator, monkeypatch, capsys, tmp_path):
     s = settings.model_copy(update={"redis_url": redis_server.url, "allowed_buckets": BUCKET, "frames": 8,
-                                    "job_retries": 1, "s3_endpoint_url": s3_server.endpoint,
+                                    "job_retries": 1, "job_retry_backoff_s": "0", "s3_endpoint_url": s3_server.endpoint,
                                     "verdict_prefix": f"v-{tmp_path.name}/"})
     for name in ("redis_url", "allowed_buckets", "frames", "job_retries", "verdict_prefix"):
         monkeypatch.setenv(f"DEEPFAKE_{name.upper()}", str(getattr(s, name)))
@@ -44,7 +44,7 @@ def test_a_job_lost_to_an_s3_outage_is_listed_requeued_and_then_gets_its_one_ver
 
     dead = f"http://127.0.0.1:{free_ports(1)[0]}"  # the outage: nothing answers there
     burst(redis, s, runtime=WorkerRuntime(s, moderator=moderator, s3_client=make_client(dead, max_attempts=1)))
-    assert job_state(job_id, settings=s, connection=redis).status == "failed"  # both attempts failed
+    assert job_state(job_id, settings=s, connection=redis).status == "failed"  # both attempts failed (no backoff)
     assert stored(s3, s, KEY) == []
 
     code, lines = cli(capsys, "failed")

@@ -19,7 +19,7 @@ from media import encode, scenery_frames
 from redis import Redis
 from rq import Retry
 from rq.job import Job
-from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 from servers import ensure_bucket, free_ports, stop
 from structlog.testing import capture_logs
@@ -145,14 +145,23 @@ def test_a_storage_outage_is_never_written_down_as_a_verdict(s3, proxy, fsetting
 
 def test_an_outage_during_a_job_is_retried_by_rq_to_exactly_one_verdict(s3, proxy, fsettings, moderator,
                                                                         redis_server):
+    """The retry waits out its backoff in RQ's scheduled registry; the worker's scheduler puts it back."""
     redis = Redis.from_url(redis_server.url)
     redis.flushdb()
-    settings = fsettings.model_copy(update={"redis_url": redis_server.url})
+    settings = fsettings.model_copy(update={"redis_url": redis_server.url, "job_retry_backoff_s": "2"})
     # exactly one job attempt's worth: the first try and botocore's 2 retries of the second block
     passing = proxy.add(Rule("status", method="GET", path="scenery.avi$", status=503, when=beyond_first_block, times=3))
     job_id = enqueue(BUCKET, KEYS["big"], settings=settings, connection=redis, s3_client=s3)
     worker = burst(redis, settings, runtime=runtime(settings, moderator, proxy.endpoint, attempts=2))
     assert passing.hits == 3
+    failed_at = time.time()
+    scheduled = ScheduledJobRegistry(queue=get_queue(redis, settings.queue))
+    assert job_state(job_id, settings=settings, connection=redis).status == "scheduled"
+    assert 1 <= scheduled.get_scheduled_time(job_id).timestamp() - failed_at <= 3  # the backoff, not at once
+    worker.work(burst=True)  # nothing due: the job stays where it is
+    assert job_state(job_id, settings=settings, connection=redis).status == "scheduled"
+    time.sleep(max(0.0, scheduled.get_scheduled_time(job_id).timestamp() + 1 - time.time()))
+    worker.work(burst=True)  # its scheduler moves the due retry onto the queue, and the worker runs it
     state = job_state(job_id, settings=settings, connection=redis)
     assert state.status == "finished" and state.result["status"] == "no_face"
     job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
@@ -160,7 +169,8 @@ def test_an_outage_during_a_job_is_retried_by_rq_to_exactly_one_verdict(s3, prox
     [only] = stored(s3, settings, KEYS["big"])
     assert only["created_at"] == state.result["created_at"]
 
-    # An outage that outlasts every retry: the job fails, and still nothing is written.
+    # An outage that outlasts every retry (at once here): the job fails, and still nothing is written.
+    settings = settings.model_copy(update={"job_retry_backoff_s": "0"})
     proxy.clear()
     proxy.add(Rule("status", method="GET", path="carphone.mp4$", status=503))
     failing = enqueue(BUCKET, KEYS["carphone"], settings=settings, connection=redis, s3_client=s3)

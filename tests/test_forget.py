@@ -84,6 +84,22 @@ def test_an_upload_is_erased_and_the_others_are_not(s3, redis, fsettings, modera
     assert fresh["status"] == "ok" and fresh["created_at"] != original["created_at"]  # scored anew, not reused
 
 
+def test_a_retry_waiting_out_its_backoff_is_erased(s3, redis, fsettings):
+    """A retry sits in RQ's scheduled registry, neither queued nor running: left there, it would run
+    and write a verdict after the erasure. A raw client's job has no index entry to find it by."""
+    from datetime import datetime, timedelta, timezone
+
+    from rq.registry import ScheduledJobRegistry
+
+    queue = get_queue(redis, fsettings.queue)
+    raw = queue.enqueue(MODERATE_FUNC, args=(BUCKET, ALICE), kwargs={"frames": 3})
+    queue.remove(raw.id)
+    queue.schedule_job(raw, datetime.now(timezone.utc) + timedelta(minutes=10))  # as RQ's retry does
+    gone = forget(BUCKET, ALICE, settings=fsettings, connection=redis, s3_client=s3)
+    assert gone.jobs_deleted == [raw.id] and not Job.exists(raw.id, connection=redis)
+    assert ScheduledJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
+
+
 @pytest.mark.timeout(180)
 def test_a_running_job_is_waited_for_before_s3_is_erased(s3_server, s3, redis, fsettings, moderator):
     gate, results = threading.Event(), {}

@@ -181,6 +181,40 @@ def test_a_duplicate_keeps_its_callers_webhook_and_priority(s3, redis, qsettings
     assert get_queue(redis, "deepfake").job_ids == [second, first, other]
 
 
+def test_the_same_upload_enqueued_at_once_makes_one_job(s3, redis, redis_server, qsettings, moderator):
+    """S3 delivers an event more than once, sometimes together: enqueuers racing on one upload share
+    one job (its duplicate record is claimed atomically). A record whose job never came (its enqueuer
+    died in between) is waited for a moment, then taken over."""
+    import threading
+
+    from redis import Redis
+
+    from worker.queue import claim_duplicate
+
+    burst(redis, qsettings, moderator)  # the published model: duplicates are matched
+    etag = s3.head_object(Bucket=BUCKET, Key=UPLOADS["carphone"])["ETag"]
+    gate, ids = threading.Barrier(8), []
+
+    def enqueuer():
+        connection = Redis.from_url(redis_server.url)
+        gate.wait()
+        ids.append(enqueue(BUCKET, UPLOADS["carphone"], etag=etag, settings=qsettings, connection=connection))
+
+    threads = [threading.Thread(target=enqueuer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    queue = get_queue(redis, "deepfake")
+    assert len(set(ids)) == 1 and queue.job_ids == ids[:1], (ids, queue.job_ids)
+
+    [dkey] = [k.decode() for k in redis.scan_iter("deepfake:dedupe:*")]
+    redis.set(dkey, "never-made")  # a claim whose enqueuer died before making its job
+    started = time.monotonic()
+    assert claim_duplicate(redis, dkey, "mine", 60, accept=lambda job: True, wait_s=0.5) is None
+    assert 0.5 <= time.monotonic() - started < 5 and redis.get(dkey) == b"mine"
+
+
 def test_queues_sharing_one_redis_keep_their_own_duplicates(s3, redis, qsettings, moderator):
     key = UPLOADS["carphone"]
     other = qsettings.model_copy(update={"queue": "deepfake-other"})
@@ -298,11 +332,13 @@ def test_a_finished_job_that_timed_out_does_not_answer_its_duplicates(s3, redis,
 
 def test_abandoned_jobs_are_moved_on_once_under_the_workers_maintenance_lock(redis, redis_server, qsettings):
     """`deepfake status` moves abandoned jobs on as RQ's worker maintenance does, under its lock:
-    two processes cleaning at once would each requeue a job, and it would run twice."""
+    two processes cleaning at once would each requeue a job, and it would run twice (retried at once
+    here, so that a job requeued twice shows twice in the queue's list)."""
     import threading
 
     from redis import Redis
 
+    qsettings = qsettings.model_copy(update={"job_retry_backoff_s": "0"})
     queue = get_queue(redis, qsettings.queue)
     ids = [enqueue(BUCKET, f"clips/abandoned-{i}.mp4", etag="", settings=qsettings, connection=redis)
            for i in range(60)]

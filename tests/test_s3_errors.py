@@ -127,7 +127,8 @@ def test_through_rq_a_slow_store_is_retried_then_the_last_try_gives_the_timeout_
     from worker.pipeline import Moderator
     from worker.queue import job_state
 
-    settings = esettings.model_copy(update={"decode_timeout_s": 2.0, "redis_url": redis_server.url, "job_retries": 1})
+    settings = esettings.model_copy(update={"decode_timeout_s": 2.0, "redis_url": redis_server.url, "job_retries": 1,
+                                            "job_retry_backoff_s": "0"})  # retried at once, in one burst
     with FaultProxy(s3_server.port) as proxy:
         proxy.add(Rule("delay", method="GET", path="longer-noise.avi$", delay_s=1.5))
         client = through(proxy)

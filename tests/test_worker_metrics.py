@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from datetime import timedelta
 
 import pytest
 from prometheus_client import generate_latest
@@ -45,6 +46,12 @@ def test_the_queue_state_is_read_from_redis_at_each_scrape(redis, settings):
     first.cancel()  # leaves the list: the oldest waiting job is now the second
     assert sample(metrics, "deepfake_queue_jobs", queue=QUEUE, state="queued") == 1
     assert sample(metrics, "deepfake_queue_oldest_job_age_seconds", queue=QUEUE) < age
+    assert sample(metrics, "deepfake_queue_jobs", queue=QUEUE, state="scheduled") == 0
+    retry = queue.enqueue_in(timedelta(minutes=5), MODERATE_FUNC, args=("b", "three.mp4"))  # as a retry waits
+    assert sample(metrics, "deepfake_queue_jobs", queue=QUEUE, state="scheduled") == 1
+    assert sample(metrics, "deepfake_queue_jobs", queue=QUEUE, state="queued") == 1  # not waiting on the queue
+    assert queue_status(settings=settings.model_copy(update={"queue": QUEUE}), connection=redis)["scheduled"] == 1
+    assert retry.get_status() == "scheduled"  # not due: status leaves it
 
 
 def test_refused_and_storage_failures_are_counted_and_end_in_the_failed_registry(redis, settings, moderator):

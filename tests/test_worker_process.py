@@ -43,6 +43,7 @@ def wait_status(job_id, redis, status, timeout=120):
 
 
 def test_killed_worker_job_is_retried_to_completion(s3, redis, redis_server, qsettings, moderator, tmp_path):
+    qsettings = qsettings.model_copy(update={"job_retry_backoff_s": "0"})  # requeued at once by the cleanup
     job_id = enqueue(BUCKET, UPLOADS["carphone"], frames=120, settings=qsettings, connection=redis, s3_client=s3)
     proc = start_rq_worker(worker_env(qsettings, redis_server.url, DEEPFAKE_FRAMES="32"), tmp_path / "worker.log")
     try:

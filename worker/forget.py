@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from redis import Redis
 from rq.job import Job
-from rq.registry import FailedJobRegistry, FinishedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import as_text
 
@@ -53,13 +53,14 @@ def _is_for(job: Job, bucket: str, key: str) -> bool:
 
 
 def jobs_for(connection: Redis, queue_name: str, bucket: str, key: str, *, scan: bool = False) -> list[Job]:
-    """The upload's jobs: those the index recorded, and any waiting or running that it has not yet
+    """The upload's jobs: those the index recorded, and any waiting, running or waiting to retry that it has not yet
     (a job a non-Python client enqueued is recorded only when a worker starts it). `scan` also reads
     every finished and failed job, for jobs older than the index."""
     queue = get_queue(connection, queue_name)
     indexed, _ = upload_index.recorded(connection, bucket, key)
     # Listed without RQ's cleanup, which would requeue abandoned jobs outside the workers' lock.
     listed = set(queue.get_job_ids()) | set(started_registry(queue).get_job_ids(cleanup=False))
+    listed |= set(ScheduledJobRegistry(queue=queue).get_job_ids(cleanup=False))  # a retry would run again
     if scan:
         for registry in (FinishedJobRegistry(queue=queue), FailedJobRegistry(queue=queue)):
             listed |= set(registry.get_job_ids(cleanup=False))

@@ -113,7 +113,8 @@ class QueueCollector(Collector):
         from worker.queue import queue_depths, redis_memory  # worker.queue imports this module (via rq_worker)
 
         jobs = GaugeMetricFamily("deepfake_queue_jobs", "Jobs in the RQ queue by state (queued: waiting; "
-                                 "started: running; failed: in the failed registry).", labels=["queue", "state"])
+                                 "started: running; failed: in the failed registry; scheduled: retries waiting out their "
+                                 "backoff).", labels=["queue", "state"])
         age = GaugeMetricFamily("deepfake_queue_oldest_job_age_seconds",
                                 "How long the oldest waiting job has waited (0 when none waits).", labels=["queue"])
         used = GaugeMetricFamily("deepfake_redis_used_memory_bytes", "Memory Redis holds (INFO used_memory).")
@@ -122,7 +123,7 @@ class QueueCollector(Collector):
         try:
             for name in self.queues:
                 depths = queue_depths(self.connection, name)
-                for state in ("queued", "started", "failed"):
+                for state in ("queued", "started", "failed", "scheduled"):
                     jobs.add_metric([name, state], depths[state])
                 age.add_metric([name], depths["oldest_waiting_s"])
             memory = redis_memory(self.connection)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -18,9 +20,10 @@ from redis import Redis
 from rq import Queue, Retry, Worker
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
-from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
-from rq.utils import as_text, utcparse
+from rq.utils import as_text, current_timestamp, utcparse
 from rq.webhook import Webhook
 
 from worker import upload_index
@@ -36,6 +39,12 @@ DEDUPE_PREFIX = "deepfake:dedupe:"
 # A waiting job to the front of its queue in one step (a job a worker already took is left alone, and
 # none is lost between the two writes): RQ's queue is a list whose left end is popped first.
 TO_FRONT = "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then return redis.call('LPUSH', KEYS[1], ARGV[1]) end return 0"
+# A duplicate record changed only while it still names the job (ARGV[1]) read from it: deleted, or
+# set to name another (ARGV[2], for ARGV[3] seconds).
+RELEASE_CLAIM = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+REPLACE_CLAIM = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
+                 "return redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) and 1 end return 0")
+CLAIM_WAIT_S = 2.0  # how long an enqueue waits for the job another enqueue claimed a duplicate record for
 LIVE_STATUSES = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.FINISHED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
 
 
@@ -73,6 +82,29 @@ def clean_abandoned(queue: Queue) -> bool:
     finally:
         queue.release_maintenance_lock()
     return True
+
+
+def retry_policy(settings: Settings) -> Retry | None:
+    """RQ's retries for a job, each after its backoff wait: a retry that waits sits in the queue's
+    scheduled registry until a worker's scheduler (or `deepfake status`) moves it back onto the queue."""
+    return Retry(max=settings.job_retries, interval=settings.retry_intervals_s()) if settings.job_retries else None
+
+
+def release_due_retries(queue: Queue) -> int:
+    """Move the retries whose backoff is over from the scheduled registry onto the queue, where KEDA
+    sees them and a worker takes them; what a worker's RQ scheduler does every second, for a
+    deployment with no worker running (`deepfake status`, which the maintenance CronJob runs). Under
+    RQ's scheduler lock for the queue; 0 when a worker's scheduler holds it (it does the same)."""
+    scheduler = RQScheduler([queue.name], connection=queue.connection, serializer=JSONSerializer,
+                            logging_level=logging.WARNING)  # not a line on stderr per call
+    if not scheduler.acquire_locks():
+        return 0
+    try:
+        due = len(ScheduledJobRegistry(queue=queue).get_jobs_to_schedule(current_timestamp()))
+        scheduler.enqueue_scheduled_jobs()
+    finally:
+        scheduler.release_locks()
+    return due
 
 
 def answers(job: Job) -> bool:
@@ -137,32 +169,58 @@ def enqueue(
     model = json.loads(connection.get(model_key(settings.queue)) or "{}")
     dkey = (dedupe_key(settings.queue, bucket, key, etag, frames, model.get("sha256", ""), model.get("decision_policy"),
                        model.get("max_sample_gap_s"), model.get("worker_version")) if etag else None)
-    if dkey:
-        existing = connection.get(dkey)
-        if existing:
-            try:
-                job = Job.fetch(existing.decode(), connection=connection, serializer=JSONSerializer)
-                # A duplicate is answered by the live job, unless it would not tell this caller's receiver:
-                # then a new job (which reuses the stored verdict) calls it.
-                if answers(job) and (
-                        webhook_url is None or webhook_url in {w.url for w in job.webhooks}):
-                    if at_front:
-                        connection.eval(TO_FRONT, 1, queue.key, job.id)
-                    return job.id
-            except NoSuchJobError:
-                pass
     webhooks = [Webhook(webhook_url, status, method="POST") for status in ("finished", "failed")] if webhook_url else None
     check_webhooks(webhooks or [])  # what a worker would refuse to send is refused here, saying why
-    job = queue.enqueue(
-        MODERATE_FUNC, args=(bucket, key), kwargs={"frames": frames},
-        job_timeout=settings.job_timeout_s(frames), result_ttl=settings.result_ttl_s,
-        failure_ttl=settings.result_ttl_s, retry=Retry(max=settings.job_retries) if settings.job_retries else None,
-        at_front=at_front, description=f"moderate s3://{bucket}/{key}", webhooks=webhooks,
-    )
-    if dkey:
-        connection.set(dkey, job.id, ex=settings.result_ttl_s)
+    job_id = str(uuid.uuid4())
+    # A duplicate is answered by the live job, unless it would not tell this caller's receiver: then a
+    # new job (which reuses the stored verdict) calls it, and the duplicate record names that one.
+    existing = claim_duplicate(connection, dkey, job_id, settings.result_ttl_s, accept=lambda job: answers(job) and (
+        webhook_url is None or webhook_url in {w.url for w in job.webhooks})) if dkey else None
+    if existing is not None:
+        if at_front:
+            connection.eval(TO_FRONT, 1, queue.key, existing.id)
+        return existing.id
+    try:
+        job = queue.enqueue(
+            MODERATE_FUNC, args=(bucket, key), kwargs={"frames": frames}, job_id=job_id,
+            job_timeout=settings.job_timeout_s(frames), result_ttl=settings.result_ttl_s,
+            failure_ttl=settings.result_ttl_s, retry=retry_policy(settings),
+            at_front=at_front, description=f"moderate s3://{bucket}/{key}", webhooks=webhooks,
+        )
+    except BaseException:
+        if dkey:  # nobody waits on a job that was never made (a later enqueue would, a moment)
+            connection.eval(RELEASE_CLAIM, 1, dkey, job_id)
+        raise
     upload_index.record(connection, bucket, key, job_id=job.id, dedupe_key=dkey, ttl_s=settings.result_ttl_s)
     return job.id
+
+
+def claim_duplicate(connection: Redis, dkey: str, job_id: str, ttl_s: int, accept: Callable[[Job], bool],
+                    wait_s: float = CLAIM_WAIT_S) -> Job | None:
+    """The job the duplicate record `dkey` names, when `accept` takes it as the answer; otherwise None,
+    the record now naming `job_id`, which the caller makes. Each step is atomic, so that enqueuers of
+    the same upload at once (an S3 event delivered twice) make one job between them. A record whose
+    job does not exist yet is another enqueue's claim, its job on the way: waited for up to `wait_s`,
+    then taken over (that job was never made, or has expired)."""
+    deadline = time.monotonic() + wait_s
+    while not connection.set(dkey, job_id, nx=True, ex=ttl_s):
+        named = connection.get(dkey)
+        if named is None:
+            continue  # expired or erased just now: claim it
+        try:
+            job = Job.fetch(as_text(named), connection=connection, serializer=JSONSerializer)
+        except NoSuchJobError:
+            if time.monotonic() < deadline:
+                time.sleep(0.02)
+                continue
+            job = None
+        except Exception:  # noqa: BLE001 - a malformed job hash (anyone can write to Redis): no answer
+            job = None
+        if job is not None and accept(job):
+            return job
+        if connection.eval(REPLACE_CLAIM, 1, dkey, named, job_id, ttl_s):
+            return None
+    return None
 
 
 @dataclass
@@ -192,19 +250,22 @@ def job_state(job_id: str, *, settings: Settings | None = None, connection: Redi
 
 
 def queue_depths(connection: Redis, name: str) -> dict:
-    """Jobs `queued` (waiting), `started` and `failed` as Redis holds them (no registry cleanup), and
+    """Jobs `queued` (waiting), `started`, `failed` and `scheduled` (retries waiting out their backoff)
+    as Redis holds them (no registry cleanup), and
     `oldest_waiting_s`, the age of the job at the head of the queue (0 when none waits): one round
     trip, plus one for that job's enqueue time. What /metrics exports at each scrape."""
     queue = get_queue(connection, name)
     with connection.pipeline(transaction=False) as pipe:
         pipe.llen(queue.key).zcard(StartedJobRegistry(queue=queue).key)
-        pipe.zcard(FailedJobRegistry(queue=queue).key).lindex(queue.key, 0)
-        queued, started, failed, head = pipe.execute()
+        pipe.zcard(FailedJobRegistry(queue=queue).key).zcard(ScheduledJobRegistry(queue=queue).key)
+        pipe.lindex(queue.key, 0)
+        queued, started, failed, scheduled, head = pipe.execute()
     waited = 0.0
     stamp = connection.hget(Job.key_for(as_text(head)), "enqueued_at") if head is not None else None
     if stamp:
         waited = max(0.0, time.time() - utcparse(as_text(stamp)).timestamp())
-    return {"queued": queued, "started": started, "failed": failed, "oldest_waiting_s": waited}
+    return {"queued": queued, "started": started, "failed": failed, "scheduled": scheduled,
+            "oldest_waiting_s": waited}
 
 
 def redis_memory(connection: Redis) -> dict:
@@ -220,6 +281,7 @@ def queue_status(*, settings: Settings | None = None, connection: Redis | None =
     connection = connection or connect(settings)
     queue = get_queue(connection, settings.queue)
     clean_abandoned(queue)
+    release_due_retries(queue)
     depths = queue_depths(connection, settings.queue)
     return {
         "queue": settings.queue,
@@ -229,6 +291,7 @@ def queue_status(*, settings: Settings | None = None, connection: Redis | None =
         "started": started_registry(queue).get_job_count(cleanup=False),
         "finished": FinishedJobRegistry(queue=queue).count,
         "failed": FailedJobRegistry(queue=queue).count,
+        "scheduled": depths["scheduled"],  # retries waiting out their backoff
         "oldest_waiting_s": round(depths["oldest_waiting_s"], 1),
         "workers": len(Worker.all(queue=queue)),
         "model": json.loads(connection.get(model_key(settings.queue)) or "null"),

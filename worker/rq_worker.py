@@ -31,6 +31,7 @@ from worker.logging import configure_logging
 from worker.metrics import heartbeat_fresh, serve
 from worker.redis_client import database_address, ride_out, waiting_for_space, without_password
 from worker.runtime import WorkerRuntime, install, installed, valid_frames
+from worker.scheduler import RetryScheduler
 from worker.settings import Settings
 from worker.signals import exit_on_sigterm
 from worker.webhooks import MAX_WEBHOOKS, HostPolicy, WebhookFailed, WebhookRefused, deliver, summary
@@ -166,10 +167,37 @@ class DeepfakeWorker(SimpleWorker):
         self._beat: float | None = None
 
     # -- start-up --------------------------------------------------------------------------------
-    def work(self, *args: Any, **kwargs: Any) -> bool:
-        self.load_runtime()
-        self.publish_model()
-        return super().work(*args, **kwargs)
+    def work(self, burst: bool = False, *args: Any, **kwargs: Any) -> bool:
+        # Always with RQ's scheduler, which puts retries back on the queue once their backoff is
+        # over (`rq worker` starts none without --with-scheduler), started before the model loads.
+        kwargs.pop("with_scheduler", None)
+        self._start_scheduler(burst, kwargs.get("logging_level") or "INFO")
+        try:
+            self.load_runtime()
+            self.publish_model()
+        except BaseException:  # a model that does not load, a SIGTERM meanwhile: the scheduler goes too
+            if self.scheduler is not None:
+                self.stop_scheduler()
+            raise
+        return super().work(burst, *args, with_scheduler=False, **kwargs)
+
+    def _start_scheduler(self, burst: bool = False, logging_level: str | None = "INFO", *args: Any) -> None:
+        """RQ's `_start_scheduler` with `worker.scheduler.RetryScheduler`, started even when another
+        worker's scheduler holds the queue's lock: it tries for the lock every 2 minutes, so retries
+        go on soon after that worker dies (RQ's would wait for the worker's next maintenance, 10
+        minutes or more)."""
+        self.scheduler = RetryScheduler(self.queues, connection=self.connection, logging_level=logging_level,
+                                        serializer=self.serializer)
+        self.scheduler.acquire_locks()
+        if not burst:
+            self.scheduler.start()
+        elif self.scheduler.acquired_locks:  # move what is due once, now
+            try:
+                self.scheduler.register_birth()
+                self.scheduler.enqueue_scheduled_jobs()
+            finally:
+                self.scheduler.release_locks()
+                self.scheduler.register_death()
 
     def publish_model(self) -> None:
         """Tell enqueuers (duplicate matching) and `deepfake status` which model and decision policy

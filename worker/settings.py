@@ -133,6 +133,10 @@ class Settings(BaseSettings):
         False, description="Also upload an HTML report (worker.report) to <verdict_prefix><key>.report/ in S3."
     )
     job_retries: int = Field(3, ge=0, description="Retries of a job that failed for a transient reason or lost its worker.")
+    job_retry_backoff_s: str = Field(
+        "30,120,600", description="Seconds a failed job waits before each retry, comma-separated (the last repeats "
+        "for further retries; 0 = at once): a storage outage or throttling outlasts retries run back to back.",
+    )
     result_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="How long a job's verdict stays in Redis.")
     result_detail: Literal["summary", "full"] = Field(
         "summary", description="What a job's result in Redis holds: `summary` (the verdict without its face records, "
@@ -190,6 +194,12 @@ class Settings(BaseSettings):
         parse_error_actions(value)  # raises ValueError naming the codes and actions allowed
         return value
 
+    @field_validator("job_retry_backoff_s")
+    @classmethod
+    def _backoff_parses(cls, value: str) -> str:
+        _waits(value)  # raises ValueError saying what is wanted
+        return value
+
     @field_validator("verdict_prefix")
     @classmethod
     def _verdict_prefix_is_a_folder(cls, value: str) -> str:
@@ -204,6 +214,12 @@ class Settings(BaseSettings):
     def bucket_allow_list(self) -> frozenset[str]:
         return frozenset(b.strip() for b in self.allowed_buckets.split(",") if b.strip())
 
+    def retry_intervals_s(self) -> list[int]:
+        """The wait before each of the `job_retries` retries, as RQ's Retry takes them (it would repeat
+        the first wait, not the last, for retries past the list's end)."""
+        waits = _waits(self.job_retry_backoff_s)
+        return [waits[min(i, len(waits) - 1)] for i in range(self.job_retries)]
+
     def job_timeout_s(self, frames: int | None = None) -> int:
         """A job's RQ timeout, derived from the limits: decoding, then detection and the model per frame
         (as many frames as the longest video accepted gets)."""
@@ -214,6 +230,20 @@ class Settings(BaseSettings):
         if self.batch_size is not None:
             return self.batch_size
         return 8 if self.device.startswith("cpu") else 32
+
+
+MAX_RETRY_WAIT_S = 24 * 3600
+
+
+def _waits(value: str) -> list[int]:
+    try:
+        waits = [int(part) for part in value.split(",")]
+    except ValueError:
+        waits = []
+    if not waits or any(not 0 <= w <= MAX_RETRY_WAIT_S for w in waits):
+        raise ValueError(f"must be whole seconds from 0 to {MAX_RETRY_WAIT_S}, comma-separated (e.g. '30,120,600'), "
+                         f"not {value!r}")
+    return waits
 
 
 def _scheme_of(url: str) -> str:

@@ -1,0 +1,187 @@
+"""Retries wait out their backoff (`DEEPFAKE_JOB_RETRY_BACKOFF_S`) in RQ's scheduled registry, and
+come back onto the queue when it is over: by the scheduler every `rq worker deepfake` runs, or by
+`deepfake status` (the maintenance CronJob) when no worker runs. Real redis-server, S3 server,
+worker class, `rq worker` process and CLI entry point."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from rq.job import Job
+from rq.registry import ScheduledJobRegistry
+from rq.scheduler import RQScheduler
+from rq.serializers import JSONSerializer
+from redis import Redis
+from servers import free_ports, stop
+from workers import DurableRedis, burst, queue_settings, start_rq_worker, stored, worker_env
+
+from worker.cli import main
+from worker.queue import enqueue, get_queue, job_state, release_due_retries
+from worker.runtime import WorkerRuntime
+from worker.s3 import make_client
+from worker.settings import Settings
+
+BUCKET = "backoff"
+KEY = "clips/carphone.mp4"
+LOCK = "rq:scheduler-lock:deepfake"  # RQ's scheduler lock for the queue
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server, corpus):
+    return s3_server.bucket_with(BUCKET, {KEY: corpus["carphone"].read_bytes()})
+
+
+@pytest.fixture()
+def qsettings(random_model_dir, redis_server, s3_server, tmp_path):
+    return queue_settings(random_model_dir, redis_server, s3_server, tmp_path, BUCKET, job_retries=2,
+                          job_retry_backoff_s="1,2")
+
+
+def test_backoff_setting_gives_one_wait_per_retry_the_last_repeating():
+    assert Settings().retry_intervals_s() == [30, 120, 600]  # the documented default, 3 retries
+    assert Settings(job_retries=5, job_retry_backoff_s="5, 10").retry_intervals_s() == [5, 10, 10, 10, 10]
+    assert Settings(job_retries=1, job_retry_backoff_s="5,10").retry_intervals_s() == [5]
+    assert Settings(job_retries=0).retry_intervals_s() == []
+    for bad in ("", "-1", "1,,2", "1.5", "ten", str(24 * 3600 + 1)):
+        with pytest.raises(ValueError, match="whole seconds"):
+            Settings(job_retry_backoff_s=bad)
+
+
+def test_a_failed_attempt_waits_its_backoff_then_status_puts_it_back_with_no_worker_running(
+        s3, redis, qsettings, moderator, monkeypatch, capsys):
+    job_id = enqueue(BUCKET, KEY, settings=qsettings, connection=redis, s3_client=s3)
+    dead = f"http://127.0.0.1:{free_ports(1)[0]}"  # S3 down for the first attempt
+    burst(redis, qsettings, runtime=WorkerRuntime(qsettings, moderator=moderator, s3_client=make_client(dead, max_attempts=1)))
+    failed_at = time.time()
+    queue = get_queue(redis, qsettings.queue)
+    scheduled = ScheduledJobRegistry(queue=queue)
+    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    assert job.get_status() == "scheduled" and job.retries_left == 1 and queue.count == 0
+    due = scheduled.get_scheduled_time(job_id).timestamp()
+    assert 0 <= due - failed_at <= 2  # the first wait, 1 s (RQ keeps whole seconds)
+
+    for name in ("redis_url", "queue"):
+        monkeypatch.setenv(f"DEEPFAKE_{name.upper()}", str(getattr(qsettings, name)))
+    assert release_due_retries(queue) == 0  # not due yet
+    time.sleep(max(0.0, due + 1.1 - time.time()))
+    holder = RQScheduler([queue.name], connection=redis, serializer=JSONSerializer)
+    assert holder.acquire_locks() == {queue.name}  # a worker's scheduler has the queue: status leaves it to it
+    assert release_due_retries(queue) == 0 and job_id in scheduled
+    holder.release_locks()
+
+    capsys.readouterr()
+    assert main(["status"]) == 0  # what the maintenance CronJob runs every 5 minutes
+    status = json.loads(capsys.readouterr().out)
+    assert (status["queued"], status["scheduled"], status["workers"]) == (1, 0, 0)
+    assert job_id not in scheduled and queue.get_job_ids() == [job_id]
+
+    burst(redis, qsettings, moderator)  # S3 is back
+    state = job_state(job_id, settings=qsettings, connection=redis)
+    assert state.status == "finished" and state.result["status"] == "ok"
+    [only] = stored(s3, qsettings, KEY)
+    assert only["created_at"] == state.result["created_at"]
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`, from /proc."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise TimeoutError(what)
+
+
+def test_rq_worker_runs_a_scheduler_that_ends_with_it(s3, redis, redis_server, qsettings, tmp_path):
+    """`rq worker deepfake`, without --with-scheduler, runs a due retry; killed, its scheduler goes too."""
+    job_id = enqueue(BUCKET, KEY, settings=qsettings, connection=redis, s3_client=s3)
+    schedule(redis, qsettings, job_id, 3)  # a retry waiting 3 s
+    log = tmp_path / "worker.log"
+    proc = start_rq_worker(worker_env(qsettings, redis_server.url), log)
+    try:
+        wait_for(lambda: job_state(job_id, settings=qsettings, connection=redis).status == "finished", 120,
+                 f"the scheduled job never ran:\n{log.read_text()[-3000:]}")
+        assert job_state(job_id, settings=qsettings, connection=redis).result["status"] == "ok"
+        [scheduler] = wait_for(lambda: children(proc.pid), 10, "no scheduler process")
+        assert redis.get(LOCK) is not None  # it holds the queue's lock
+
+        os.kill(proc.pid, signal.SIGKILL)  # the worker alone, as the OOM killer would: its scheduler stays
+        proc.wait(10)
+        wait_for(lambda: not alive(scheduler), 15, "the orphaned scheduler kept running")
+        assert redis.get(LOCK) is None  # released on the way out: the next worker's scheduler takes over
+        assert "is gone, stopping" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of the group
+        except ProcessLookupError:
+            pass
+
+
+def schedule(redis, settings, job_id: str, in_s: float) -> None:
+    """Put a waiting job in the scheduled registry, due in `in_s` seconds, as RQ's retry does."""
+    queue = get_queue(redis, settings.queue)
+    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    queue.remove(job_id)
+    queue.schedule_job(job, datetime.now(timezone.utc) + timedelta(seconds=in_s))
+
+
+@pytest.mark.timeout(240)
+def test_the_scheduler_rides_out_a_redis_restart_with_its_worker(s3, qsettings, tmp_path):
+    """RQ's scheduler process died at the first refused connection, and its worker started another
+    only at its next maintenance (10 minutes): retries waited that long after a Redis restart."""
+    server = DurableRedis(free_ports(1)[0], tmp_path).start()
+    settings = qsettings.model_copy(update={"redis_url": server.url})
+    log = tmp_path / "worker.log"
+    # Its client gives up after 1 s: the idle worker retries its dequeue on its own, the scheduler
+    # meets the errors (with the default 120 s, its client rides shorter outages out unseen).
+    proc = start_rq_worker(worker_env(settings, server.url, DEEPFAKE_REDIS_OUTAGE_S="1"), log)
+    try:
+        redis = Redis.from_url(server.url)
+        [scheduler] = wait_for(lambda: children(proc.pid), 60, f"no scheduler process:\n{log.read_text()[-3000:]}")
+        wait_for(lambda: redis.get(LOCK) is not None, 60, "the scheduler never took the queue's lock")
+        wait_for(lambda: redis.scard("rq:workers:deepfake"), 60, "the worker never started listening")
+        time.sleep(1)  # waiting on the queue: RQ's loop retries a refused dequeue itself
+        server.crash()
+        time.sleep(3)  # the scheduler's heartbeats meet a refused connection
+        server.start()
+        wait_for(lambda: "Redis reachable again" in log.read_text(), 30, f"no reconnect:\n{log.read_text()[-3000:]}")
+        assert alive(scheduler) and children(proc.pid) == [scheduler]  # the same process, still at work
+        job_id = enqueue(BUCKET, KEY, settings=settings, connection=redis, s3_client=s3)
+        schedule(redis, settings, job_id, 1)
+        wait_for(lambda: job_state(job_id, settings=settings, connection=redis).status == "finished", 60,
+                 f"the retry never ran:\n{log.read_text()[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(60)
+        if server.proc and server.proc.poll() is None:
+            stop(server.proc)
