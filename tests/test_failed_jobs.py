@@ -57,10 +57,12 @@ def test_a_job_lost_to_an_s3_outage_is_listed_requeued_and_then_gets_its_one_ver
     assert foreign["error"].startswith("worker.rq_worker.RefusedJob:")
     assert len(cli(capsys, "failed", "--limit", "1")[1]) == 1
 
+    monkeypatch.setenv("DEEPFAKE_JOB_RETRY_BACKOFF_S", "7")  # the requeuer's settings
     code, lines = cli(capsys, "requeue", job_id, "no-such-job")
     assert code == 1 and json.loads(lines[0]) == {"requeued": [job_id], "not_failed": ["no-such-job"]}
     assert job_state(job_id, settings=s, connection=redis).status == "queued"
-    assert Job.fetch(job_id, connection=redis, serializer=JSONSerializer).retries_left == s.job_retries  # again
+    requeued = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    assert requeued.retries_left == s.job_retries and requeued.retry_intervals == [7]  # again, with the waits
     assert [json.loads(line)["job_id"] for line in cli(capsys, "failed")[1]] == [refused]
 
     burst(redis, s, moderator)  # S3 is back

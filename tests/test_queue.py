@@ -183,8 +183,9 @@ def test_a_duplicate_keeps_its_callers_webhook_and_priority(s3, redis, qsettings
 
 def test_the_same_upload_enqueued_at_once_makes_one_job(s3, redis, redis_server, qsettings, moderator):
     """S3 delivers an event more than once, sometimes together: enqueuers racing on one upload share
-    one job (its duplicate record is claimed atomically). A record whose job never came (its enqueuer
-    died in between) is waited for a moment, then taken over."""
+    one job (its duplicate record is claimed atomically). Another enqueue's claim is waited for until
+    it expires (that enqueue died before making its job); a record naming a job that is gone is taken
+    over at once."""
     import threading
 
     from redis import Redis
@@ -209,10 +210,18 @@ def test_the_same_upload_enqueued_at_once_makes_one_job(s3, redis, redis_server,
     assert len(set(ids)) == 1 and queue.job_ids == ids[:1], (ids, queue.job_ids)
 
     [dkey] = [k.decode() for k in redis.scan_iter("deepfake:dedupe:*")]
-    redis.set(dkey, "never-made")  # a claim whose enqueuer died before making its job
+    assert redis.get(dkey).decode() == ids[0] and 0 < redis.ttl(dkey) <= qsettings.result_ttl_s  # the job, for the TTL
+
+    redis.set(dkey, "pending:never-made", ex=1)  # the claim of an enqueue that died before making its job
     started = time.monotonic()
-    assert claim_duplicate(redis, dkey, "mine", 60, accept=lambda job: True, wait_s=0.5) is None
-    assert 0.5 <= time.monotonic() - started < 5 and redis.get(dkey) == b"mine"
+    assert claim_duplicate(redis, dkey, "mine", accept=lambda job: True) is None
+    assert 0.5 <= time.monotonic() - started < 5 and redis.get(dkey) == b"pending:mine"
+    redis.set(dkey, "gone")  # names a job that no longer exists (deleted by hand, say)
+    started = time.monotonic()
+    assert claim_duplicate(redis, dkey, "mine", accept=lambda job: True) is None
+    assert time.monotonic() - started < 0.5 and redis.get(dkey) == b"pending:mine"
+    redis.set(dkey, ids[0])
+    assert claim_duplicate(redis, dkey, "mine", accept=lambda job: True).id == ids[0]  # the live job answers
 
 
 def test_queues_sharing_one_redis_keep_their_own_duplicates(s3, redis, qsettings, moderator):

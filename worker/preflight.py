@@ -81,7 +81,7 @@ def check_redis(settings: Settings) -> Check:
     version = connection.info("server").get("redis_version", "?")
     depths = queue_depths(connection, settings.queue)
     detail = (f"Redis {version}, queue {settings.queue!r}: {depths['queued']} waiting, {depths['started']} running, "
-              f"{depths['failed']} failed")
+              f"{depths['scheduled']} retries waiting out their backoff, {depths['failed']} failed")
     warnings = []
     try:
         aof = int(connection.info("persistence").get("aof_enabled", 0))
@@ -168,7 +168,7 @@ def check_s3(settings: Settings) -> Check:
     """The credentials reach every allowed bucket (and the verdict bucket); an empty allow-list is an error."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from worker.s3 import make_client
+    from worker.s3 import error_code, make_client
 
     allowed = settings.bucket_allow_list()
     if not allowed:
@@ -182,7 +182,7 @@ def check_s3(settings: Settings) -> Check:
         try:
             client.head_bucket(Bucket=bucket)
         except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
+            code = error_code(exc)
             why = {"404": "does not exist", "NoSuchBucket": "does not exist", "403": "access denied"}.get(code, code)
             problems.append(f"{bucket}: {why}")
         except BotoCoreError as exc:

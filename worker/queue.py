@@ -21,9 +21,8 @@ from rq import Queue, Retry, Worker
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
-from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
-from rq.utils import as_text, current_timestamp, utcparse
+from rq.utils import as_text, utcparse
 from rq.webhook import Webhook
 
 from worker import upload_index
@@ -31,6 +30,7 @@ from worker.errors import last_line
 from worker.jobs import MODERATE_FUNC
 from worker.rq_worker import DeepfakeJob, model_key
 from worker.s3 import S3Location, make_client, validate_location
+from worker.scheduler import RetryScheduler
 from worker.settings import Settings
 from worker.verdict_store import DETERMINISTIC_ERRORS, VerdictStore
 from worker.webhooks import check_webhooks
@@ -44,7 +44,9 @@ TO_FRONT = "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then return redis.ca
 RELEASE_CLAIM = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 REPLACE_CLAIM = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
                  "return redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) and 1 end return 0")
-CLAIM_WAIT_S = 2.0  # how long an enqueue waits for the job another enqueue claimed a duplicate record for
+# A duplicate record claimed by an enqueue that has yet to make its job: `pending:<job id>`, for at
+# most CLAIM_TTL_S (past the client's socket timeout: a live enqueue has made its job or failed by then).
+PENDING, CLAIM_TTL_S = "pending:", 45
 LIVE_STATUSES = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.FINISHED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
 
 
@@ -95,16 +97,15 @@ def release_due_retries(queue: Queue) -> int:
     sees them and a worker takes them; what a worker's RQ scheduler does every second, for a
     deployment with no worker running (`deepfake status`, which the maintenance CronJob runs). Under
     RQ's scheduler lock for the queue; 0 when a worker's scheduler holds it (it does the same)."""
-    scheduler = RQScheduler([queue.name], connection=queue.connection, serializer=JSONSerializer,
-                            logging_level=logging.WARNING)  # not a line on stderr per call
+    scheduler = RetryScheduler([queue.name], connection=queue.connection, serializer=JSONSerializer,
+                               logging_level=logging.WARNING)  # not a line on stderr per call
+    scheduler.job_class = queue.job_class
     if not scheduler.acquire_locks():
         return 0
     try:
-        due = len(ScheduledJobRegistry(queue=queue).get_jobs_to_schedule(current_timestamp()))
-        scheduler.enqueue_scheduled_jobs()
+        return scheduler.enqueue_scheduled_jobs()
     finally:
         scheduler.release_locks()
-    return due
 
 
 def answers(job: Job) -> bool:
@@ -174,7 +175,7 @@ def enqueue(
     job_id = str(uuid.uuid4())
     # A duplicate is answered by the live job, unless it would not tell this caller's receiver: then a
     # new job (which reuses the stored verdict) calls it, and the duplicate record names that one.
-    existing = claim_duplicate(connection, dkey, job_id, settings.result_ttl_s, accept=lambda job: answers(job) and (
+    existing = claim_duplicate(connection, dkey, job_id, accept=lambda job: answers(job) and (
         webhook_url is None or webhook_url in {w.url for w in job.webhooks})) if dkey else None
     if existing is not None:
         if at_front:
@@ -188,37 +189,44 @@ def enqueue(
             at_front=at_front, description=f"moderate s3://{bucket}/{key}", webhooks=webhooks,
         )
     except BaseException:
-        if dkey:  # nobody waits on a job that was never made (a later enqueue would, a moment)
-            connection.eval(RELEASE_CLAIM, 1, dkey, job_id)
+        if dkey:  # nobody waits on a job that was never made
+            connection.eval(RELEASE_CLAIM, 1, dkey, PENDING + job_id)
         raise
+    if dkey:  # the claim becomes the duplicate record, unless another enqueue took it over meanwhile
+        connection.eval(REPLACE_CLAIM, 1, dkey, PENDING + job_id, job_id, settings.result_ttl_s)
     upload_index.record(connection, bucket, key, job_id=job.id, dedupe_key=dkey, ttl_s=settings.result_ttl_s)
     return job.id
 
 
-def claim_duplicate(connection: Redis, dkey: str, job_id: str, ttl_s: int, accept: Callable[[Job], bool],
-                    wait_s: float = CLAIM_WAIT_S) -> Job | None:
-    """The job the duplicate record `dkey` names, when `accept` takes it as the answer; otherwise None,
-    the record now naming `job_id`, which the caller makes. Each step is atomic, so that enqueuers of
-    the same upload at once (an S3 event delivered twice) make one job between them. A record whose
-    job does not exist yet is another enqueue's claim, its job on the way: waited for up to `wait_s`,
-    then taken over (that job was never made, or has expired)."""
+def claim_duplicate(connection: Redis, dkey: str, job_id: str, accept: Callable[[Job], bool],
+                    wait_s: float = CLAIM_TTL_S + 5) -> Job | None:
+    """The job the duplicate record `dkey` names, when `accept` takes it as the answer; otherwise
+    None, the record now holding this enqueue's claim (`pending:<job_id>`, for `CLAIM_TTL_S`), which
+    the caller turns into `job_id` once the job exists. Each step is atomic, so that enqueues of the
+    same upload at once (an S3 event delivered twice) make one job between them: another enqueue's
+    claim is waited for (its job is on the way), until it names the job or expires (that enqueue
+    died first); a record naming a job that no longer exists is taken over."""
+    mine = PENDING + job_id
     deadline = time.monotonic() + wait_s
-    while not connection.set(dkey, job_id, nx=True, ex=ttl_s):
+    while not connection.set(dkey, mine, nx=True, ex=CLAIM_TTL_S):
         named = connection.get(dkey)
         if named is None:
             continue  # expired or erased just now: claim it
-        try:
-            job = Job.fetch(as_text(named), connection=connection, serializer=JSONSerializer)
-        except NoSuchJobError:
+        named = as_text(named)
+        if named == mine:
+            return None  # this enqueue's own claim (its SET was retried after a lost reply)
+        if named.startswith(PENDING):
             if time.monotonic() < deadline:
                 time.sleep(0.02)
                 continue
-            job = None
-        except Exception:  # noqa: BLE001 - a malformed job hash (anyone can write to Redis): no answer
-            job = None
-        if job is not None and accept(job):
-            return job
-        if connection.eval(REPLACE_CLAIM, 1, dkey, named, job_id, ttl_s):
+        else:
+            try:
+                job = Job.fetch(named, connection=connection, serializer=JSONSerializer)
+                if accept(job):
+                    return job
+            except Exception:  # noqa: BLE001 - gone, expired meanwhile, or a hash anyone could have written: no answer
+                pass
+        if connection.eval(REPLACE_CLAIM, 1, dkey, named, mine, CLAIM_TTL_S):
             return None
     return None
 
@@ -351,8 +359,9 @@ def requeue_failed(job_ids: list[str] | None = None, *, settings: Settings | Non
     requeued, missing = [], []
     for job_id in registry.get_job_ids() if job_ids is None else job_ids:
         try:
-            if job_id in registry:  # its retries were spent: give it the configured ones again
-                connection.hset(Job.key_for(job_id), "retries_left", settings.job_retries)
+            if job_id in registry:  # its retries were spent: give it the configured ones again, and their waits
+                connection.hset(Job.key_for(job_id), mapping={
+                    "retries_left": settings.job_retries, "retry_intervals": json.dumps(settings.retry_intervals_s())})
             registry.requeue(job_id)
             requeued.append(job_id)
         except (InvalidJobOperation, NoSuchJobError):

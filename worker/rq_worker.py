@@ -175,11 +175,10 @@ class DeepfakeWorker(SimpleWorker):
         try:
             self.load_runtime()
             self.publish_model()
-        except BaseException:  # a model that does not load, a SIGTERM meanwhile: the scheduler goes too
+            return super().work(burst, *args, with_scheduler=False, **kwargs)
+        finally:  # RQ stops it in teardown, which a failure to load or to register never reaches
             if self.scheduler is not None:
                 self.stop_scheduler()
-            raise
-        return super().work(burst, *args, with_scheduler=False, **kwargs)
 
     def _start_scheduler(self, burst: bool = False, logging_level: str | None = "INFO", *args: Any) -> None:
         """RQ's `_start_scheduler` with `worker.scheduler.RetryScheduler`, started even when another
@@ -188,6 +187,7 @@ class DeepfakeWorker(SimpleWorker):
         minutes or more)."""
         self.scheduler = RetryScheduler(self.queues, connection=self.connection, logging_level=logging_level,
                                         serializer=self.serializer)
+        self.scheduler.job_class = self.job_class
         self.scheduler.acquire_locks()
         if not burst:
             self.scheduler.start()
@@ -198,6 +198,21 @@ class DeepfakeWorker(SimpleWorker):
             finally:
                 self.scheduler.release_locks()
                 self.scheduler.register_death()
+
+    def stop_scheduler(self) -> None:
+        """RQ's, with a bound: SIGTERM, then SIGKILL after 5 s. RQ waits without one, from the
+        SIGTERM handler, with the job in hand, for a scheduler that may be waiting on Redis (its
+        lock then expires by itself within a minute)."""
+        process = self.scheduler._process if self.scheduler is not None else None
+        if process is None or process.pid is None:
+            return
+        if process.is_alive():
+            process.terminate()
+            process.join(5)
+        if process.is_alive():
+            log.warning("scheduler_killed", pid=process.pid, reason="did not stop within 5 s of SIGTERM")
+            process.kill()
+        process.join()
 
     def publish_model(self) -> None:
         """Tell enqueuers (duplicate matching) and `deepfake status` which model and decision policy
