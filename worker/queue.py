@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from botocore.exceptions import BotoCoreError, ClientError
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue, Retry, Worker
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
@@ -193,7 +194,10 @@ def enqueue(
             connection.eval(RELEASE_CLAIM, 1, dkey, PENDING + job_id)
         raise
     if dkey:  # the claim becomes the duplicate record, unless another enqueue took it over meanwhile
-        connection.eval(REPLACE_CLAIM, 1, dkey, PENDING + job_id, job_id, settings.result_ttl_s)
+        try:
+            connection.eval(REPLACE_CLAIM, 1, dkey, PENDING + job_id, job_id, settings.result_ttl_s)
+        except RedisError:  # the job is queued all the same: its claim expires, a duplicate then gets a job
+            pass
     upload_index.record(connection, bucket, key, job_id=job.id, dedupe_key=dkey, ttl_s=settings.result_ttl_s)
     return job.id
 

@@ -199,6 +199,15 @@ class DeepfakeWorker(SimpleWorker):
                 self.scheduler.release_locks()
                 self.scheduler.register_death()
 
+    def run_maintenance_tasks(self) -> None:
+        """RQ's, which also restarts a scheduler that is not running: never once the worker is
+        stopping (its scheduler was stopped on purpose; a restart now would fork the loaded worker)."""
+        if self._stop_requested:
+            self.clean_registries()
+            self.clean_group_registries()
+        else:
+            super().run_maintenance_tasks()
+
     def stop_scheduler(self) -> None:
         """RQ's, with a bound: SIGTERM, then SIGKILL after 5 s. RQ waits without one, from the
         SIGTERM handler, with the job in hand, for a scheduler that may be waiting on Redis (its

@@ -27,7 +27,7 @@ import os
 import time
 from typing import Any
 
-from redis.exceptions import WatchError
+from redis.exceptions import RedisError, WatchError
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
@@ -41,6 +41,10 @@ class RetryScheduler(RQScheduler):
 
     _parent_pid: int | None = None
     job_class: type[Job] = Job
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._failing: set[str] = set()  # jobs whose move failed once, logged once
 
     def start(self) -> Any:
         """RQ's `start`, as a daemon process that knows its worker's pid."""
@@ -72,12 +76,12 @@ class RetryScheduler(RQScheduler):
                 self.heartbeat()
                 self.enqueue_scheduled_jobs()
                 if failing_since is not None:
-                    self.log.info("Scheduler: Redis reachable again after %.0f s", time.monotonic() - failing_since)
+                    self.log.info("Scheduler: working again after %.0f s", time.monotonic() - failing_since)
                     failing_since = None
             except Exception as exc:  # noqa: BLE001 - a Redis outage, a read-only replica: try again
                 if failing_since is None:
                     failing_since = time.monotonic()
-                    self.log.warning("Scheduler: Redis unreachable or refusing (%s: %s), retrying",
+                    self.log.warning("Scheduler: pass failed (%s: %s), retrying each second",
                                      type(exc).__name__, exc)
             time.sleep(self.interval)
         try:
@@ -95,8 +99,18 @@ class RetryScheduler(RQScheduler):
         for registry in self._scheduled_job_registries:
             queue = Queue(registry.name, connection=self.connection, serializer=self.serializer,
                           job_class=self.job_class)
-            moved += sum(self.move(registry, queue, job_id)
-                         for job_id in registry.get_jobs_to_schedule(current_timestamp()))
+            for job_id in registry.get_jobs_to_schedule(current_timestamp()):
+                if self._stop_requested:
+                    break  # a backlog can be long: stop between jobs, each moved whole or not at all
+                try:
+                    moved += self.move(registry, queue, job_id)
+                except RedisError:
+                    raise  # every job would meet it: the pass fails and the loop tries again
+                except Exception as exc:  # noqa: BLE001 - this job's own fault: the others still move
+                    if job_id not in self._failing:
+                        self._failing.add(job_id)
+                        self.log.error("Scheduler: job %s cannot be moved (%s: %s), left where it is",
+                                       job_id, type(exc).__name__, exc)
         self._status = self.Status.STARTED
         return moved
 
@@ -109,7 +123,8 @@ class RetryScheduler(RQScheduler):
                     return False  # moved or erased by someone else since the listing
                 try:
                     job = self.job_class.fetch(job_id, connection=self.connection, serializer=self.serializer)
-                except Exception as exc:  # noqa: BLE001 - gone, or a hash nobody can read: never runnable
+                    job.to_dict()  # what the move writes back: a field read but not writable (meta: 5) fails here
+                except Exception as exc:  # noqa: BLE001 - gone, or a hash nobody can read or write: never runnable
                     if not isinstance(exc, NoSuchJobError):
                         self.log.warning("Scheduler: job %s cannot be read (%s), dropped", job_id, exc)
                     job = None
