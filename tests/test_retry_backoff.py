@@ -90,17 +90,11 @@ def test_a_failed_attempt_waits_its_backoff_then_status_puts_it_back_with_no_wor
 
 
 def children(pid: int) -> list[int]:
-    """The processes whose parent is `pid`, from /proc."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry.name))
-    return out
+    """The child processes of live process `pid` (its main thread's, which forks the scheduler)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def alive(pid: int) -> bool:
@@ -209,8 +203,7 @@ def test_two_schedulers_at_once_move_each_due_job_onto_the_queue_once(redis, qse
     redis.hset(f"rq:job:{unwritable}", "meta", b"5")  # reads, but cannot be written back
     schedulers = []
     for _ in range(2):
-        scheduler = RetryScheduler([queue.name], connection=redis, serializer=JSONSerializer)
-        scheduler.job_class = DeepfakeJob
+        scheduler = RetryScheduler([queue.name], connection=redis, serializer=JSONSerializer, job_class=DeepfakeJob)
         scheduler._acquired_locks = {queue.name}  # both believe they hold the lock
         schedulers.append(scheduler)
     gate, moved = threading.Barrier(2), []

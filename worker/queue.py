@@ -99,8 +99,7 @@ def release_due_retries(queue: Queue) -> int:
     deployment with no worker running (`deepfake status`, which the maintenance CronJob runs). Under
     RQ's scheduler lock for the queue; 0 when a worker's scheduler holds it (it does the same)."""
     scheduler = RetryScheduler([queue.name], connection=queue.connection, serializer=JSONSerializer,
-                               logging_level=logging.WARNING)  # not a line on stderr per call
-    scheduler.job_class = queue.job_class
+                               job_class=queue.job_class, logging_level=logging.WARNING)  # quiet: one call per status
     if not scheduler.acquire_locks():
         return 0
     try:

@@ -186,8 +186,7 @@ class DeepfakeWorker(SimpleWorker):
         go on soon after that worker dies (RQ's would wait for the worker's next maintenance, 10
         minutes or more)."""
         self.scheduler = RetryScheduler(self.queues, connection=self.connection, logging_level=logging_level,
-                                        serializer=self.serializer)
-        self.scheduler.job_class = self.job_class
+                                        serializer=self.serializer, job_class=self.job_class)
         self.scheduler.acquire_locks()
         if not burst:
             self.scheduler.start()

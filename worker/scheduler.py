@@ -40,10 +40,10 @@ class RetryScheduler(RQScheduler):
     """RQ's scheduler with the changes the module describes; `job_class` reads the jobs it moves."""
 
     _parent_pid: int | None = None
-    job_class: type[Job] = Job
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, job_class: type[Job] = Job, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.job_class = job_class
         self._failing: set[str] = set()  # jobs whose move failed once, logged once
 
     def start(self) -> Any:
