@@ -31,6 +31,12 @@ KEY = "clips/carphone.mp4"
 LOCK = "rq:scheduler-lock:deepfake"  # RQ's scheduler lock for the queue
 
 
+def listening(redis: Redis) -> bool:
+    """A worker waits on the queue: RQ sets "idle" only after installing its signal handlers (a
+    worker registered but not yet idle exits on SIGTERM at once, with 143: worker/signals.py)."""
+    return any(redis.hget(key, "state") == b"idle" for key in redis.smembers("rq:workers:deepfake"))
+
+
 @pytest.fixture(scope="module")
 def s3(s3_server, corpus):
     return s3_server.bucket_with(BUCKET, {KEY: corpus["carphone"].read_bytes()})
@@ -164,7 +170,7 @@ def test_the_scheduler_rides_out_a_redis_restart_with_its_worker(s3, qsettings, 
         redis = Redis.from_url(server.url)
         [scheduler] = wait_for(lambda: children(proc.pid), 60, f"no scheduler process:\n{log.read_text()[-3000:]}")
         wait_for(lambda: redis.get(LOCK) is not None, 60, "the scheduler never took the queue's lock")
-        wait_for(lambda: redis.scard("rq:workers:deepfake"), 60, "the worker never started listening")
+        wait_for(lambda: listening(redis), 60, "the worker never started listening")
         time.sleep(1)  # waiting on the queue: RQ's loop retries a refused dequeue itself
         server.crash()
         time.sleep(3)  # the scheduler's heartbeats meet a refused connection
@@ -229,7 +235,7 @@ def test_sigterm_to_the_worker_alone_stops_its_scheduler_and_frees_the_lock(redi
     try:
         [scheduler] = wait_for(lambda: children(proc.pid), 60, f"no scheduler process:\n{log.read_text()[-3000:]}")
         wait_for(lambda: redis.get(LOCK) is not None, 60, "the scheduler never took the queue's lock")
-        wait_for(lambda: redis.scard("rq:workers:deepfake"), 60, "the worker never started listening")
+        wait_for(lambda: listening(redis), 60, "the worker never started listening")
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(30) == 0
         assert not alive(scheduler) and redis.get(LOCK) is None
