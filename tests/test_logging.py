@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import sys
 
 import structlog
@@ -27,3 +28,34 @@ def test_lines_go_to_the_current_stderr_and_a_broken_one_is_survived(monkeypatch
     monkeypatch.setattr(sys, "stderr", third := io.StringIO())
     log.info("back")
     assert [json.loads(line)["event"] for line in third.getvalue().splitlines()] == ["back"]
+
+
+def test_rq_lines_are_rendered_like_ours_on_stderr_even_after_rq_set_its_handlers(monkeypatch):
+    """`rq worker` gives its logger plain-text handlers before the worker class is made; the worker's
+    scheduler and RQ's bootstrap try again later. Every line must still be one JSON object."""
+    from rq.logutils import setup_loghandlers
+
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    setup_loghandlers("INFO", name="rq.worker")  # what the `rq worker` command does first
+    configure_logging("json", "INFO")
+    setup_loghandlers("INFO", name="rq.scheduler")  # RQScheduler() and Worker.bootstrap(), afterwards
+    worker, scheduler = logging.getLogger("rq.worker"), logging.getLogger("rq.scheduler")
+    worker.info("Worker %s: started with PID %d", "w1", 7)
+    scheduler.debug("below the level")
+    try:
+        raise ValueError("bad job")
+    except ValueError:
+        worker.error("Traceback follows", exc_info=True)
+    scheduler.info("Scheduler: working again")
+    lines = [json.loads(line) for line in err.getvalue().splitlines()]
+    assert out.getvalue() == ""
+    assert [(r["event"], r["level"], r["logger"]) for r in lines] == [
+        ("Worker w1: started with PID 7", "info", "rq.worker"), ("Traceback follows", "error", "rq.worker"),
+        ("Scheduler: working again", "info", "rq.scheduler")]
+    assert "ValueError: bad job" in lines[1]["exception"] and all("timestamp" in r for r in lines)
+    configure_logging("json", "WARNING")  # again, as each command does: still one handler, the new level
+    worker.info("quiet now")
+    worker.warning("loud")
+    assert [json.loads(line)["event"] for line in err.getvalue().splitlines()[3:]] == ["loud"]

@@ -93,6 +93,9 @@ def test_sigterm_finishes_the_job_in_hand_then_exits(s3, redis, redis_server, qs
     assert Job.fetch(queued_after, connection=redis, serializer=JSONSerializer).get_status() == "queued"
     log = (tmp_path / "worker.log").read_text()
     assert "job_done" in log
+    lines = [json.loads(line) for line in log.splitlines()]  # RQ's own lines too, its scheduler's among them
+    said = {(line.get("logger"), line["event"].split(" ")[0]) for line in lines}
+    assert {("rq.worker", "Worker"), ("rq.scheduler", "Scheduler")} <= said, said
     ready = next(json.loads(line) for line in log.splitlines() if '"worker_ready"' in line)
     assert ready["allowed_buckets"] == [BUCKET] and ready["queues"] == ["deepfake"] and ready["load_s"] > 0
     assert ready["shadow_model"] is None

@@ -1,8 +1,13 @@
-"""structlog set-up: JSON lines in production, readable console output on a terminal; always stderr."""
+"""structlog set-up: JSON lines in production, readable console output on a terminal; always stderr.
+
+RQ's own lines (a worker starting, its scheduler, a job's traceback) go the same way: RQ gives its
+loggers plain-text handlers, INFO on stdout and errors on stderr, a traceback spread over many
+lines, which a log collector reading JSON lines cannot parse."""
 from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
 
@@ -26,10 +31,41 @@ class _CurrentStderr:
             pass
 
 
+class _RQLogHandler(logging.StreamHandler):
+    """The one handler of RQ's loggers (the `rq` logger, which the others propagate to)."""
+
+
+def _route_rq_logs(renderer: Any, level: str) -> None:
+    """RQ's loggers through `renderer`, at `level` or above (it sets its own loggers' levels, from
+    `rq worker --logging-level`). RQ adds its plain-text handlers only to a logger that has no
+    handler above it, so a scheduler or worker set up after this adds none; those the `rq` command
+    added before are taken off."""
+    from rq.logutils import ColorizingStreamHandler
+
+    handler = _RQLogHandler(_CurrentStderr())  # type: ignore[arg-type]
+    handler.setLevel(logging.getLevelName(level.upper()))
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.processors.add_log_level,
+                           structlog.processors.TimeStamper(fmt="iso", utc=True)],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer]))
+    root = logging.getLogger("rq")
+    for old in [h for h in root.handlers if isinstance(h, _RQLogHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.propagate = False  # not again through whatever handlers the root logger has
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("rq.") and isinstance(logger, logging.Logger):
+            for old in [h for h in logger.handlers if isinstance(h, ColorizingStreamHandler)]:
+                logger.removeHandler(old)
+            logger.propagate = True
+
+
 def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "json"
     renderer = structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
+    _route_rq_logs(renderer, level)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

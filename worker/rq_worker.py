@@ -171,9 +171,11 @@ class DeepfakeWorker(SimpleWorker):
         # Always with RQ's scheduler, which puts retries back on the queue once their backoff is
         # over (`rq worker` starts none without --with-scheduler), started before the model loads.
         kwargs.pop("with_scheduler", None)
+        settings = self.runtime.settings if self.runtime is not None else Settings()
+        configure_logging(settings.log_format, settings.log_level)  # before the scheduler forks: its lines too
         self._start_scheduler(burst, kwargs.get("logging_level") or "INFO")
         try:
-            self.load_runtime()
+            self.load_runtime(settings)
             self.publish_model()
             return super().work(burst, *args, with_scheduler=False, **kwargs)
         finally:  # RQ stops it in teardown, which a failure to load or to register never reaches

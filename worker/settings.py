@@ -157,9 +157,11 @@ class Settings(BaseSettings):
 
     # Logging
     log_format: Literal["auto", "json", "console"] = Field(
-        "auto", description="auto = console on a terminal, JSON otherwise."
+        "auto", description="auto = console on a terminal, JSON otherwise; RQ's own lines too, all on stderr."
     )
-    log_level: str = Field("INFO", description="Python logging level name: DEBUG, INFO, WARNING, ERROR or CRITICAL.")
+    log_level: str = Field(
+        "INFO", description="Python logging level name: DEBUG, INFO, WARNING, ERROR or CRITICAL (RQ's lines too)."
+    )
 
     @field_validator("log_level")
     @classmethod
