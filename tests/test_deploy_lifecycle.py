@@ -79,7 +79,7 @@ def test_pdb_selects_the_workers(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_abandoned_jobs_are_moved_on_with_no_worker_running(overlay, monkeypatch):
     """With KEDA at zero no worker's maintenance runs: a CronJob's `deepfake status` moves abandoned
-    jobs on (worker.queue.clean_abandoned), on the workers' Redis and queue, as the workers' user,
+    jobs on (worker.maintenance.clean_abandoned), on the workers' Redis and queue, as the workers' user,
     and its pods are none the workers' PodDisruptionBudget or scaler count."""
     job = one(overlay, "CronJob", "deepfake-maintenance")
     assert job["spec"]["concurrencyPolicy"] == "Forbid"

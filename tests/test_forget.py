@@ -18,6 +18,7 @@ from workers import abandon, burst
 
 from worker.forget import forget
 from worker.jobs import MODERATE_FUNC
+from worker.maintenance import clean_abandoned
 from worker.queue import enqueue, get_queue, job_state
 from worker.runtime import WorkerRuntime
 from worker.s3 import S3Location, make_client
@@ -98,6 +99,17 @@ def test_a_retry_waiting_out_its_backoff_is_erased(s3, redis, fsettings):
     gone = forget(BUCKET, ALICE, settings=fsettings, connection=redis, s3_client=s3)
     assert gone.jobs_deleted == [raw.id] and not Job.exists(raw.id, connection=redis)
     assert ScheduledJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
+
+
+def test_a_job_stranded_by_a_lost_dequeue_reply_is_erased(s3, redis, fsettings):
+    """A dequeue whose reply was lost leaves its job in RQ's intermediate list, from which the
+    maintenance (worker.maintenance.recover_stranded) would retry it after the erasure."""
+    queue = get_queue(redis, fsettings.queue)
+    raw = queue.enqueue(MODERATE_FUNC, args=(BUCKET, ALICE), kwargs={"frames": 3})  # no index entry
+    assert redis.lmove(queue.key, queue.intermediate_queue.key).decode() == raw.id  # a worker's dequeue
+    gone = forget(BUCKET, ALICE, settings=fsettings, connection=redis, s3_client=s3)
+    assert gone.jobs_deleted == [raw.id] and not Job.exists(raw.id, connection=redis)
+    assert clean_abandoned(queue) and queue.intermediate_queue.get_job_ids() == []  # gone: dropped from the list
 
 
 @pytest.mark.timeout(180)

@@ -16,7 +16,8 @@ from workers import abandon, burst, queue_settings
 
 from worker.decode import Limits, VideoReader
 from worker.pipeline import Moderator
-from worker.queue import clean_abandoned, enqueue, get_queue, job_state, queue_status
+from worker.maintenance import clean_abandoned
+from worker.queue import enqueue, get_queue, job_state, queue_status
 from worker.runtime import WorkerRuntime
 from worker.s3 import S3Location, S3Source
 

@@ -13,15 +13,17 @@ from pathlib import Path
 
 import pytest
 from rq.job import Job
-from rq.registry import ScheduledJobRegistry
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry
 from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from redis import Redis
 from servers import free_ports, stop
+from structlog.testing import capture_logs
 from workers import DurableRedis, burst, queue_settings, start_rq_worker, stored, worker_env
 
 from worker.cli import main
-from worker.queue import enqueue, get_queue, job_state, release_due_retries
+from worker.maintenance import release_due_retries
+from worker.queue import enqueue, get_queue, job_state
 from worker.runtime import WorkerRuntime
 from worker.s3 import make_client
 from worker.settings import Settings
@@ -93,6 +95,51 @@ def test_a_failed_attempt_waits_its_backoff_then_status_puts_it_back_with_no_wor
     assert state.status == "finished" and state.result["status"] == "ok"
     [only] = stored(s3, qsettings, KEY)
     assert only["created_at"] == state.result["created_at"]
+
+
+def test_a_dequeue_whose_reply_was_lost_is_retried_by_status_with_no_worker_running(
+        s3, redis, qsettings, moderator, monkeypatch, capsys):
+    """A Redis failover can lose the reply to a worker's dequeue: its job sits in RQ's intermediate
+    list, which no worker takes from and KEDA does not count. The maintenance CronJob finds it."""
+    queue = get_queue(redis, qsettings.queue)
+    job_id = enqueue(BUCKET, KEY, settings=qsettings, connection=redis, s3_client=s3)
+    intermediate = queue.intermediate_queue
+    unwritable = enqueue(BUCKET, "clips/unwritable.mp4", etag="", settings=qsettings, connection=redis)
+    redis.hset(f"rq:job:{unwritable}", "meta", b"5")  # reads, but cannot be written back
+    for taken in (job_id, unwritable):  # the command a worker's dequeue sends
+        assert redis.lmove(queue.key, intermediate.key).decode() == taken
+    redis.hset("rq:job:malformed", mapping={"data": b"not a job", "origin": queue.name, "status": "queued"})
+    redis.rpush(intermediate.key, "malformed", "gone")  # what a forged entry or an erased job leaves
+    for name in ("redis_url", "queue"):
+        monkeypatch.setenv(f"DEEPFAKE_{name.upper()}", str(getattr(qsettings, name)))
+
+    def status() -> dict:
+        capsys.readouterr()
+        assert main(["status"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    stranded = [job_id, unwritable, "malformed"]
+    assert status()["queued"] == 0 and intermediate.get_job_ids() == stranded  # seen once: a worker may be mid-dequeue
+    assert Job.fetch(job_id, connection=redis, serializer=JSONSerializer).get_status() == "queued"
+    for seen in stranded:  # a minute on, the next CronJob run
+        redis.set(intermediate.get_first_seen_key(seen), time.time() - 61)
+    with capture_logs() as logs:
+        assert status()["scheduled"] == 1 and intermediate.get_job_ids() == []
+    assert [e["job_id"] for e in logs if e["event"] == "stranded_job_dropped"] == [unwritable]
+    assert FailedJobRegistry(queue=queue).get_job_ids() == ["malformed"]  # as any abandoned job with no retry
+    capsys.readouterr()
+    assert main(["failed"]) == 0
+    [listed] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert listed["job_id"] == "malformed" and "intermediate queue" in listed["error"], listed
+    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    assert job.get_status() == "scheduled" and job.retries_left == 1  # retried as a job whose worker died
+
+    time.sleep(2.1)  # its 1 s backoff, in RQ's whole seconds
+    assert status()["queued"] == 1 and queue.get_job_ids() == [job_id]  # where KEDA sees it
+    burst(redis, qsettings, moderator)
+    state = job_state(job_id, settings=qsettings, connection=redis)
+    assert state.status == "finished" and state.result["status"] == "ok"
+    assert len(stored(s3, qsettings, KEY)) == 1
 
 
 def children(pid: int) -> list[int]:

@@ -22,7 +22,8 @@ from rq.utils import as_text
 
 from worker import upload_index
 from worker.jobs import MODERATE_FUNC
-from worker.queue import clean_abandoned, connect, get_queue, started_registry
+from worker.maintenance import clean_abandoned, started_registry
+from worker.queue import connect, get_queue
 from worker.s3 import S3Location, make_client, validate_location
 from worker.settings import Settings
 from worker.verdict_store import VerdictStore
@@ -53,14 +54,16 @@ def _is_for(job: Job, bucket: str, key: str) -> bool:
 
 
 def jobs_for(connection: Redis, queue_name: str, bucket: str, key: str, *, scan: bool = False) -> list[Job]:
-    """The upload's jobs: those the index recorded, and any waiting, running or waiting to retry that it has not yet
-    (a job a non-Python client enqueued is recorded only when a worker starts it). `scan` also reads
-    every finished and failed job, for jobs older than the index."""
+    """The upload's jobs: those the index recorded, and any waiting (in RQ's intermediate list too),
+    running or waiting to retry that it has not yet (a job a non-Python client enqueued is recorded
+    only when a worker starts it). `scan` also reads every finished and failed job, for jobs older
+    than the index."""
     queue = get_queue(connection, queue_name)
     indexed, _ = upload_index.recorded(connection, bucket, key)
     # Listed without RQ's cleanup, which would requeue abandoned jobs outside the workers' lock.
     listed = set(queue.get_job_ids()) | set(started_registry(queue).get_job_ids(cleanup=False))
     listed |= set(ScheduledJobRegistry(queue=queue).get_job_ids(cleanup=False))  # a retry would run again
+    listed |= set(queue.intermediate_queue.get_job_ids())  # a lost dequeue's, which maintenance would retry
     if scan:
         for registry in (FinishedJobRegistry(queue=queue), FailedJobRegistry(queue=queue)):
             listed |= set(registry.get_job_ids(cleanup=False))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,9 +28,9 @@ from rq.webhook import Webhook
 from worker import upload_index
 from worker.errors import last_line
 from worker.jobs import MODERATE_FUNC
+from worker.maintenance import clean_abandoned, release_due_retries, started_registry
 from worker.rq_worker import DeepfakeJob, model_key
 from worker.s3 import S3Location, make_client, validate_location
-from worker.scheduler import RetryScheduler
 from worker.settings import Settings
 from worker.verdict_store import DETERMINISTIC_ERRORS, VerdictStore
 from worker.webhooks import check_webhooks
@@ -67,45 +66,10 @@ def get_queue(connection: Redis, name: str) -> Queue:
     return Queue(name, connection=connection, serializer=JSONSerializer, job_class=DeepfakeJob)
 
 
-def started_registry(queue: Queue) -> StartedJobRegistry:
-    """The queue's started registry with the queue's job class, which RQ's registries do not take from
-    the queue: its cleanup (run by counting or listing it) handles abandoned jobs and their webhooks."""
-    return StartedJobRegistry(queue=queue, job_class=queue.job_class)
-
-
-def clean_abandoned(queue: Queue) -> bool:
-    """Move the started registry's abandoned jobs on (retried, or failed with their webhooks) under
-    the queue's maintenance lock, the one RQ's workers take for the same cleanup: unlocked, two
-    processes cleaning at once would each requeue the same job, and it would run twice. False when
-    another process holds the lock (it is cleaning)."""
-    if not queue.acquire_maintenance_lock():
-        return False
-    try:
-        started_registry(queue).cleanup()
-    finally:
-        queue.release_maintenance_lock()
-    return True
-
-
 def retry_policy(settings: Settings) -> Retry | None:
     """RQ's retries for a job, each after its backoff wait: a retry that waits sits in the queue's
     scheduled registry until a worker's scheduler (or `deepfake status`) moves it back onto the queue."""
     return Retry(max=settings.job_retries, interval=settings.retry_intervals_s()) if settings.job_retries else None
-
-
-def release_due_retries(queue: Queue) -> int:
-    """Move the retries whose backoff is over from the scheduled registry onto the queue, where KEDA
-    sees them and a worker takes them; what a worker's RQ scheduler does every second, for a
-    deployment with no worker running (`deepfake status`, which the maintenance CronJob runs). Under
-    RQ's scheduler lock for the queue; 0 when a worker's scheduler holds it (it does the same)."""
-    scheduler = RetryScheduler([queue.name], connection=queue.connection, serializer=JSONSerializer,
-                               job_class=queue.job_class, logging_level=logging.WARNING)  # quiet: one call per status
-    if not scheduler.acquire_locks():
-        return 0
-    try:
-        return scheduler.enqueue_scheduled_jobs()
-    finally:
-        scheduler.release_locks()
 
 
 def answers(job: Job) -> bool:

@@ -19,7 +19,7 @@ differs from RQ's:
   heartbeating, when the worker was killed (SIGKILL, OOM) outside a container, and a worker that
   exits without stopping it would wait for it forever at interpreter exit.
 
-With no worker running (KEDA at zero), `deepfake status` does its work (`worker.queue.release_due_retries`).
+With no worker running (KEDA at zero), `deepfake status` does its work (`worker.maintenance.release_due_retries`).
 """
 from __future__ import annotations
 
