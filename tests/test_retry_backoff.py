@@ -10,6 +10,7 @@ import signal
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rq.job import Job
@@ -18,10 +19,10 @@ from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from redis import Redis
 from servers import free_ports, stop
-from structlog.testing import capture_logs
 from workers import DurableRedis, burst, queue_settings, start_rq_worker, stored, worker_env
 
 from worker.cli import main
+from worker import maintenance
 from worker.maintenance import release_due_retries
 from worker.queue import enqueue, get_queue, job_state
 from worker.runtime import WorkerRuntime
@@ -97,35 +98,43 @@ def test_a_failed_attempt_waits_its_backoff_then_status_puts_it_back_with_no_wor
     assert only["created_at"] == state.result["created_at"]
 
 
+def strand(redis: Redis, queue: Any, *job_ids: str) -> None:
+    """Take the queue's first jobs as a worker's dequeue does (its reply then lost: a Redis failover)."""
+    for job_id in job_ids:
+        assert redis.lmove(queue.key, queue.intermediate_queue.key).decode() == job_id  # RQ's dequeue command
+
+
 def test_a_dequeue_whose_reply_was_lost_is_retried_by_status_with_no_worker_running(
         s3, redis, qsettings, moderator, monkeypatch, capsys):
     """A Redis failover can lose the reply to a worker's dequeue: its job sits in RQ's intermediate
     list, which no worker takes from and KEDA does not count. The maintenance CronJob finds it."""
-    queue = get_queue(redis, qsettings.queue)
+    monkeypatch.setattr(maintenance, "STRANDED_AFTER_S", 1)  # RQ's minute, shortened
+    queue, intermediate = get_queue(redis, qsettings.queue), get_queue(redis, qsettings.queue).intermediate_queue
     job_id = enqueue(BUCKET, KEY, settings=qsettings, connection=redis, s3_client=s3)
-    intermediate = queue.intermediate_queue
     unwritable = enqueue(BUCKET, "clips/unwritable.mp4", etag="", settings=qsettings, connection=redis)
     redis.hset(f"rq:job:{unwritable}", "meta", b"5")  # reads, but cannot be written back
-    for taken in (job_id, unwritable):  # the command a worker's dequeue sends
-        assert redis.lmove(queue.key, intermediate.key).decode() == taken
+    strand(redis, queue, job_id, unwritable)
     redis.hset("rq:job:malformed", mapping={"data": b"not a job", "origin": queue.name, "status": "queued"})
-    redis.rpush(intermediate.key, "malformed", "gone")  # what a forged entry or an erased job leaves
+    redis.rpush(intermediate.key, "malformed", "gone", job_id)  # what a forged entry or an erased job leaves
+    redis.set(intermediate.get_first_seen_key(job_id), time.time() - 86000)  # a mark from an earlier stay
     for name in ("redis_url", "queue"):
         monkeypatch.setenv(f"DEEPFAKE_{name.upper()}", str(getattr(qsettings, name)))
 
-    def status() -> dict:
+    def status() -> tuple[dict, list[dict]]:
         capsys.readouterr()
         assert main(["status"]) == 0
-        return json.loads(capsys.readouterr().out)
+        out, err = capsys.readouterr()
+        return json.loads(out), [json.loads(line) for line in err.splitlines()]  # logs: JSON lines on stderr
 
-    stranded = [job_id, unwritable, "malformed"]
-    assert status()["queued"] == 0 and intermediate.get_job_ids() == stranded  # seen once: a worker may be mid-dequeue
+    stranded = [job_id, unwritable, "malformed", job_id]
+    assert status()[0]["queued"] == 0 and intermediate.get_job_ids() == stranded  # seen once: a worker may be mid-dequeue
     assert Job.fetch(job_id, connection=redis, serializer=JSONSerializer).get_status() == "queued"
-    for seen in stranded:  # a minute on, the next CronJob run
-        redis.set(intermediate.get_first_seen_key(seen), time.time() - 61)
-    with capture_logs() as logs:
-        assert status()["scheduled"] == 1 and intermediate.get_job_ids() == []
+    time.sleep(1.1)  # the next CronJob run
+    counts, logs = status()
+    assert counts["scheduled"] == 1 and intermediate.get_job_ids() == []
     assert [e["job_id"] for e in logs if e["event"] == "stranded_job_dropped"] == [unwritable]
+    assert sorted(e["job_id"] for e in logs if e["event"] == "stranded_job_recovered") == sorted([job_id, "malformed"])
+    assert not redis.keys(f"{intermediate.key}:first_seen:*") and not redis.keys("rq:worker:*")  # no marks, no stray worker hash
     assert FailedJobRegistry(queue=queue).get_job_ids() == ["malformed"]  # as any abandoned job with no retry
     capsys.readouterr()
     assert main(["failed"]) == 0
@@ -135,11 +144,28 @@ def test_a_dequeue_whose_reply_was_lost_is_retried_by_status_with_no_worker_runn
     assert job.get_status() == "scheduled" and job.retries_left == 1  # retried as a job whose worker died
 
     time.sleep(2.1)  # its 1 s backoff, in RQ's whole seconds
-    assert status()["queued"] == 1 and queue.get_job_ids() == [job_id]  # where KEDA sees it
+    assert status()[0]["queued"] == 1 and queue.get_job_ids() == [job_id]  # where KEDA sees it
     burst(redis, qsettings, moderator)
     state = job_state(job_id, settings=qsettings, connection=redis)
     assert state.status == "finished" and state.result["status"] == "ok"
     assert len(stored(s3, qsettings, KEY)) == 1
+
+
+def test_a_worker_retries_a_stranded_job_at_its_maintenance_and_runs_it(s3, redis, qsettings, moderator, monkeypatch):
+    """The workers' maintenance runs the same recovery (RQ's own failed a multi-queue worker's
+    finished jobs, and counted a sighting from a job's earlier stay)."""
+    monkeypatch.setattr(maintenance, "STRANDED_AFTER_S", 0)
+    qsettings = qsettings.model_copy(update={"job_retry_backoff_s": "0"})
+    queue = get_queue(redis, qsettings.queue)
+    job_id = enqueue(BUCKET, KEY, settings=qsettings, connection=redis, s3_client=s3)
+    strand(redis, queue, job_id)
+    burst(redis, qsettings, moderator)  # its maintenance sees it once; nothing else to do
+    assert queue.intermediate_queue.get_job_ids() == [job_id] and job_state(job_id, connection=redis,
+                                                                           settings=qsettings).status == "queued"
+    burst(redis, qsettings, moderator)  # the next: retried at once (no backoff here), and run
+    state = job_state(job_id, settings=qsettings, connection=redis)
+    assert state.status == "finished" and state.result["status"] == "ok" and queue.intermediate_queue.get_job_ids() == []
+    assert Job.fetch(job_id, connection=redis, serializer=JSONSerializer).retries_left == 1
 
 
 def children(pid: int) -> list[int]:

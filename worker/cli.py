@@ -90,6 +90,21 @@ def _settings(parser: argparse.ArgumentParser, **overrides):
         parser.error(f"invalid setting: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
 
 
+def _log_to_stderr() -> None:
+    """Every command's log lines (a webhook's failure, a job recovered, RQ's own) on stderr in the
+    environment's format, never among the JSON a command prints on stdout (structlog's default).
+    Settings that do not parse get the default format here; the command then says what is wrong."""
+    from worker.logging import configure_logging
+    from worker.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValueError:
+        configure_logging()
+        return
+    configure_logging(settings.log_format, settings.log_level)
+
+
 def _locations(parser: argparse.ArgumentParser, uris: list[str]):  # type: ignore[no-untyped-def]
     """s3://bucket/key arguments, or a usage error naming the first bad one."""
     from worker.s3 import S3Location
@@ -293,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     exit_on_sigterm()  # a stopped command still runs its `finally` blocks (locks released)
+    _log_to_stderr()
     # Handlers report usage errors through their own subcommand's parser: its usage line, its name.
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
     try:

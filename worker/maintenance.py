@@ -5,17 +5,22 @@ the lock RQ's workers take for the same work, so that nothing is done twice."""
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any
 
 import structlog
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
+from rq.exceptions import NoSuchJobError
+from rq.job import JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.utils import now
 
 from worker.scheduler import RetryScheduler
 
 log = structlog.get_logger("worker.maintenance")
+STRANDED_ERROR = "Job was stuck in intermediate queue."  # RQ's words, as its workers record them
 
 
 def started_registry(queue: Queue) -> StartedJobRegistry:
@@ -40,9 +45,24 @@ def clean_abandoned(queue: Queue) -> bool:
     return True
 
 
+# A job seen in the intermediate list, not started, this long after an earlier sighting (RQ's own
+# rule) is taken for one whose dequeue reply was lost. A worker cut off from Redis for longer between
+# its dequeue and its start may then run it too, as may the retry: the verdict store keeps one verdict.
+STRANDED_AFTER_S = 60
+FIRST_SEEN_TTL_S = 24 * 3600  # as RQ keeps its marks
+
+
 class _StandInWorker(SimpleWorker):
-    """The worker that RQ's failure handling needs, for a process that is none: never registered,
-    and it keeps no counts in a worker hash that nothing would ever expire."""
+    """The worker that RQ's failure handling needs, for a process that is none: never registered, it
+    leaves the caller's connection as it is (RQ's would rename it and raise its socket timeout to
+    415 s), and keeps no counts in a worker hash that nothing would ever expire."""
+
+    def __init__(self, queue: Queue) -> None:
+        super().__init__([queue], connection=queue.connection, job_class=queue.job_class,
+                         serializer=queue.serializer, prepare_for_work=False)
+
+    def _set_connection(self, connection: Any) -> Any:
+        return connection
 
     def increment_failed_job_count(self, pipeline: Any = None) -> None:
         pass
@@ -51,34 +71,60 @@ class _StandInWorker(SimpleWorker):
         pass
 
 
-def recover_stranded(queue: Queue) -> int:
-    """RQ's `IntermediateQueue.cleanup`, which only a worker's maintenance runs: a dequeue whose
+def recover_stranded(queue: Queue, worker: SimpleWorker | None = None) -> int:
+    """RQ's `IntermediateQueue.cleanup`, for `deepfake status` and the workers alike: a dequeue whose
     reply was lost (a Redis failover, a worker killed mid-dequeue) leaves its job in the queue's
-    intermediate list, where no worker takes it and KEDA does not look. Seen there on two calls a
-    minute or more apart, and not started, it is retried (or failed, with its webhooks) as a job
-    whose worker died. A job hash that cannot be written back (malformed) is dropped from the list
-    and logged, as the scheduler drops one: it would fail every run, and the others go on."""
-    intermediate, stand_in, recovered = queue.intermediate_queue, None, 0
+    intermediate list, where no worker takes it and KEDA does not look. A job still queued there,
+    not started, and seen there `STRANDED_AFTER_S` before (since it was last enqueued: RQ's marks
+    outlive their job's stay) is retried, or failed with its webhooks, through `worker`'s failure
+    handling (a stand-in's when None), as a job whose worker died. An entry whose job is gone or
+    was handled already is taken off the list; a job hash that cannot be written back (malformed) too,
+    logged, as the scheduler drops one. Returns how many jobs were recovered. Under the queue's
+    maintenance lock (its callers'), so one process at a time."""
+    intermediate, connection, recovered = queue.intermediate_queue, queue.connection, 0
     for job_id in intermediate.get_job_ids():
+        if job_id in queue.started_job_registry:
+            continue  # running: a worker on several queues leaves it listed
         try:
-            if job_id in queue.started_job_registry:
-                continue
-            job = queue.fetch_job(job_id)
-            if job is None:  # gone: nothing to recover
-                intermediate.remove(job_id)
-            elif not intermediate.set_first_seen(job_id) and intermediate.should_be_cleaned_up(job_id):
-                stand_in = stand_in or _StandInWorker([queue], connection=queue.connection,
-                                                      job_class=queue.job_class, serializer=queue.serializer)
-                stand_in.handle_job_failure(job, queue, exc_string="Job was stuck in intermediate queue.")
-                intermediate.remove(job_id)
-                recovered += 1
+            job = queue.job_class.fetch(job_id, connection=connection, serializer=queue.serializer)
+        except NoSuchJobError:  # gone, or malformed (worker.rq_worker.DeepfakeJob.restore)
+            _unlist(intermediate, job_id)
+            continue
+        if job.get_status(refresh=False) != JobStatus.QUEUED:  # retried, failed or run already
+            _unlist(intermediate, job_id)
+            continue
+        seen = intermediate.get_first_seen(job_id)
+        if seen is None or (job.enqueued_at is not None and seen < job.enqueued_at):
+            connection.set(intermediate.get_first_seen_key(job_id), now().timestamp(), ex=FIRST_SEEN_TTL_S)
+            continue
+        if now() - seen < timedelta(seconds=STRANDED_AFTER_S):
+            continue  # a worker may be between its dequeue and its start
+        try:
+            job.to_dict()
+        except Exception as exc:  # noqa: BLE001 - a job hash anyone could have written
+            _unlist(intermediate, job_id)
+            log.warning("stranded_job_dropped", job_id=job_id, error=f"{type(exc).__name__}: {exc}",
+                        reason="a malformed job hash: it can be neither retried nor failed")
+            continue
+        try:
+            (worker or _StandInWorker(queue)).handle_job_failure(job, queue, exc_string=STRANDED_ERROR)
         except RedisError:
             raise
-        except Exception as exc:  # noqa: BLE001 - a malformed job must not stop the queue's maintenance
-            intermediate.remove(job_id)
-            log.warning("stranded_job_dropped", job_id=job_id, error=f"{type(exc).__name__}: {exc}",
-                        reason="it cannot be retried or failed (a malformed job hash)")
+        except Exception as exc:  # noqa: BLE001 - one job must not stop the rest of the maintenance
+            log.warning("stranded_job_not_moved", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
+            continue
+        if job.get_status(refresh=True) == JobStatus.QUEUED and queue.get_job_position(job_id) is None:
+            log.warning("stranded_job_not_moved", job_id=job_id, error="its failure was not written")
+            continue  # RQ logged why (a failed write); the entry stays for the next round
+        _unlist(intermediate, job_id)
+        log.info("stranded_job_recovered", job_id=job_id, status=job.get_status(refresh=False))
+        recovered += 1
     return recovered
+
+
+def _unlist(intermediate: Any, job_id: str) -> None:
+    intermediate.remove(job_id)
+    intermediate.connection.delete(intermediate.get_first_seen_key(job_id))
 
 
 def release_due_retries(queue: Queue) -> int:

@@ -19,15 +19,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import structlog
-from rq import Queue, SimpleWorker
+from rq import Queue, SimpleWorker, worker_registration
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.registry import clean_registries
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
+from rq.utils import now as rq_now
 
 from worker.errors import TransientError
 from worker.jobs import MODERATE_FUNC, JobTimedOut
 from worker.logging import configure_logging
+from worker.maintenance import recover_stranded
 from worker.metrics import heartbeat_fresh, serve
 from worker.redis_client import database_address, ride_out, waiting_for_space, without_password
 from worker.runtime import WorkerRuntime, install, installed, valid_frames
@@ -173,7 +176,8 @@ class DeepfakeWorker(SimpleWorker):
         kwargs.pop("with_scheduler", None)
         settings = self.runtime.settings if self.runtime is not None else Settings()
         configure_logging(settings.log_format, settings.log_level)  # before the scheduler forks: its lines too
-        self._start_scheduler(burst, kwargs.get("logging_level") or "INFO")
+        kwargs["logging_level"] = kwargs.get("logging_level") or settings.log_level  # `rq worker --logging_level` or ours
+        self._start_scheduler(burst, kwargs["logging_level"])
         try:
             self.load_runtime(settings)
             self.publish_model()
@@ -208,6 +212,20 @@ class DeepfakeWorker(SimpleWorker):
             self.clean_group_registries()
         else:
             super().run_maintenance_tasks()
+
+    def clean_registries(self) -> None:
+        """RQ's, with `worker.maintenance.recover_stranded` for RQ's intermediate-list cleanup (the
+        maintenance CronJob runs the same), and its lock released whatever fails."""
+        for queue in self.queues:
+            if queue.acquire_maintenance_lock():
+                try:
+                    self.log.info("Worker %s: cleaning registries for queue: %s", self.name, queue.name)
+                    clean_registries(queue, self._exc_handlers)
+                    worker_registration.clean_worker_registry(queue)
+                    recover_stranded(queue, self)
+                finally:
+                    queue.release_maintenance_lock()
+        self.last_cleaned_at = rq_now()
 
     def stop_scheduler(self) -> None:
         """RQ's, with a bound: SIGTERM, then SIGKILL after 5 s. RQ waits without one, from the
