@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 
+import pytest
 import structlog
 
 from worker.logging import configure_logging
@@ -59,3 +60,23 @@ def test_rq_lines_are_rendered_like_ours_on_stderr_even_after_rq_set_its_handler
     worker.info("quiet now")
     worker.warning("loud")
     assert [json.loads(line)["event"] for line in err.getvalue().splitlines()[3:]] == ["loud"]
+
+
+@pytest.mark.parametrize("setting, flag, shown, hidden", [
+    ("WARNING", None, set(), {"debug", "info"}),  # DEEPFAKE_LOG_LEVEL quiets RQ's chatter too
+    ("WARNING", "DEBUG", {"debug", "info"}, set()),  # `rq worker --logging_level DEBUG` (or -v) wins
+])
+def test_the_worker_logs_rq_lines_at_the_level_it_is_given(redis, settings, moderator, capsys, setting, flag,
+                                                            shown, hidden):
+    from worker.rq_worker import DeepfakeWorker
+    from worker.runtime import WorkerRuntime, install
+
+    worker = DeepfakeWorker(["levels"], connection=redis)
+    worker.runtime = WorkerRuntime(settings.model_copy(update={"log_format": "json", "log_level": setting,
+                                                               "metrics_port": 0}), moderator=moderator)
+    install(worker.runtime)
+    capsys.readouterr()
+    worker.work(burst=True, **({"logging_level": flag} if flag else {}))
+    levels = {line["level"] for line in map(json.loads, capsys.readouterr().err.splitlines())
+              if line.get("logger", "").startswith("rq.")}
+    assert shown <= levels and not hidden & levels, levels

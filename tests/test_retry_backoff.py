@@ -151,6 +151,27 @@ def test_a_dequeue_whose_reply_was_lost_is_retried_by_status_with_no_worker_runn
     assert len(stored(s3, qsettings, KEY)) == 1
 
 
+def test_recovery_leaves_waiting_jobs_alone_and_mends_half_written_retries(redis, qsettings, monkeypatch):
+    """Entries of jobs that are elsewhere are only taken off the list; a job whose retry was set but
+    not written (RQ sets the status first) is retried again; a forged mark is not a sighting."""
+    monkeypatch.setattr(maintenance, "STRANDED_AFTER_S", 0)
+    queue = get_queue(redis, qsettings.queue)
+    intermediate = queue.intermediate_queue
+    waiting, half, forged = (enqueue(BUCKET, f"clips/{n}.mp4", etag="", settings=qsettings, connection=redis)
+                             for n in ("waiting", "half", "forged"))
+    strand(redis, queue, waiting, half, forged)
+    redis.lpush(queue.key, waiting)  # the first back on the queue, its entry left over (a worker on several queues)
+    redis.hset(f"rq:job:{half}", "status", "scheduled")  # in no registry: the write after it failed
+    redis.set(intermediate.get_first_seen_key(forged), "x")
+    assert maintenance.recover_stranded(queue) == 0  # first sightings; the waiting job's entry comes off
+    assert intermediate.get_job_ids() == [half, forged] and queue.get_job_ids() == [waiting]
+    assert maintenance.recover_stranded(queue) == 2 and intermediate.get_job_ids() == []
+    for job_id, retries_left in ((waiting, 2), (half, 1), (forged, 1)):
+        job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+        assert job.retries_left == retries_left, job_id
+    assert sorted(ScheduledJobRegistry(queue=queue).get_job_ids(cleanup=False)) == sorted([half, forged])
+
+
 def test_a_worker_retries_a_stranded_job_at_its_maintenance_and_runs_it(s3, redis, qsettings, moderator, monkeypatch):
     """The workers' maintenance runs the same recovery (RQ's own failed a multi-queue worker's
     finished jobs, and counted a sighting from a job's earlier stay)."""

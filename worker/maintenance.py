@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -74,26 +74,25 @@ class _StandInWorker(SimpleWorker):
 def recover_stranded(queue: Queue, worker: SimpleWorker | None = None) -> int:
     """RQ's `IntermediateQueue.cleanup`, for `deepfake status` and the workers alike: a dequeue whose
     reply was lost (a Redis failover, a worker killed mid-dequeue) leaves its job in the queue's
-    intermediate list, where no worker takes it and KEDA does not look. A job still queued there,
-    not started, and seen there `STRANDED_AFTER_S` before (since it was last enqueued: RQ's marks
-    outlive their job's stay) is retried, or failed with its webhooks, through `worker`'s failure
-    handling (a stand-in's when None), as a job whose worker died. An entry whose job is gone or
-    was handled already is taken off the list; a job hash that cannot be written back (malformed) too,
-    logged, as the scheduler drops one. Returns how many jobs were recovered. Under the queue's
-    maintenance lock (its callers'), so one process at a time."""
+    intermediate list, where no worker takes it and KEDA does not look. A job there that is nowhere
+    else (not on the queue, started, scheduled or failed: `_placed`), found so `STRANDED_AFTER_S`
+    before and since it was last enqueued (RQ's marks outlive a job's stay), is retried, or failed
+    with its webhooks, through `worker`'s failure handling (a stand-in's when None), as a job whose
+    worker died. Its entry comes off the list once that is written (RQ logs and swallows a failed
+    write), and so does an entry whose job is gone or placed elsewhere; a job hash that cannot be
+    written back (malformed) is dropped and logged, as the scheduler drops one. Returns how many
+    jobs were recovered. Under the queue's maintenance lock (its callers'): one process at a time."""
     intermediate, connection, recovered = queue.intermediate_queue, queue.connection, 0
     for job_id in intermediate.get_job_ids():
-        if job_id in queue.started_job_registry:
-            continue  # running: a worker on several queues leaves it listed
         try:
             job = queue.job_class.fetch(job_id, connection=connection, serializer=queue.serializer)
+            if _placed(queue, job):  # handled already, or a leftover entry (a worker on several queues leaves one)
+                _unlist(intermediate, job_id)
+                continue
         except NoSuchJobError:  # gone, or malformed (worker.rq_worker.DeepfakeJob.restore)
             _unlist(intermediate, job_id)
             continue
-        if job.get_status(refresh=False) != JobStatus.QUEUED:  # retried, failed or run already
-            _unlist(intermediate, job_id)
-            continue
-        seen = intermediate.get_first_seen(job_id)
+        seen = _first_seen(intermediate, job_id)
         if seen is None or (job.enqueued_at is not None and seen < job.enqueued_at):
             connection.set(intermediate.get_first_seen_key(job_id), now().timestamp(), ex=FIRST_SEEN_TTL_S)
             continue
@@ -108,18 +107,45 @@ def recover_stranded(queue: Queue, worker: SimpleWorker | None = None) -> int:
             continue
         try:
             (worker or _StandInWorker(queue)).handle_job_failure(job, queue, exc_string=STRANDED_ERROR)
+            moved = _placed(queue, job)
+        except NoSuchJobError:  # erased meanwhile (`deepfake forget`)
+            _unlist(intermediate, job_id)
+            continue
         except RedisError:
             raise
         except Exception as exc:  # noqa: BLE001 - one job must not stop the rest of the maintenance
             log.warning("stranded_job_not_moved", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
             continue
-        if job.get_status(refresh=True) == JobStatus.QUEUED and queue.get_job_position(job_id) is None:
-            log.warning("stranded_job_not_moved", job_id=job_id, error="its failure was not written")
-            continue  # RQ logged why (a failed write); the entry stays for the next round
+        if not moved:  # RQ logged why (a failed write): the entry stays for the next round
+            log.warning("stranded_job_not_moved", job_id=job_id, error="its retry or failure was not written")
+            continue
         _unlist(intermediate, job_id)
         log.info("stranded_job_recovered", job_id=job_id, status=job.get_status(refresh=False))
         recovered += 1
     return recovered
+
+
+def _placed(queue: Queue, job: Any) -> bool:
+    """Whether Redis holds the job where its status says: on the queue, or in the started, scheduled
+    or failed registry (RQ sets a retry's status before the write that schedules it, which can fail).
+    Refreshes the status; NoSuchJobError when the job is gone."""
+    try:
+        status = job.get_status(refresh=True)
+    except InvalidJobOperation as exc:
+        raise NoSuchJobError(job.id) from exc
+    if status == JobStatus.QUEUED:
+        return queue.get_job_position(job.id) is not None
+    registry = {JobStatus.STARTED: queue.started_job_registry, JobStatus.SCHEDULED: queue.scheduled_job_registry,
+                JobStatus.FAILED: queue.failed_job_registry}.get(status)
+    return registry is None or job.id in registry  # finished, stopped, canceled, deferred: not waiting here
+
+
+def _first_seen(intermediate: Any, job_id: str) -> Any:
+    """RQ's mark for a job in the list, None when there is none or it is not a timestamp (forged)."""
+    try:
+        return intermediate.get_first_seen(job_id)
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def _unlist(intermediate: Any, job_id: str) -> None:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -175,9 +176,13 @@ class DeepfakeWorker(SimpleWorker):
         # over (`rq worker` starts none without --with-scheduler), started before the model loads.
         kwargs.pop("with_scheduler", None)
         settings = self.runtime.settings if self.runtime is not None else Settings()
+        level = kwargs.get("logging_level")  # `rq worker --logging_level` (or -v, -q) over DEEPFAKE_LOG_LEVEL
+        if level:
+            level = logging.getLevelName(level) if isinstance(level, int) else str(level).upper()
+            settings = settings.model_copy(update={"log_level": level})
         configure_logging(settings.log_format, settings.log_level)  # before the scheduler forks: its lines too
-        kwargs["logging_level"] = kwargs.get("logging_level") or settings.log_level  # `rq worker --logging_level` or ours
-        self._start_scheduler(burst, kwargs["logging_level"])
+        kwargs["logging_level"] = settings.log_level
+        self._start_scheduler(burst, settings.log_level)
         try:
             self.load_runtime(settings)
             self.publish_model()
