@@ -160,7 +160,8 @@ class Settings(BaseSettings):
         "auto", description="auto = console on a terminal, JSON otherwise; RQ's own lines too, all on stderr."
     )
     log_level: str = Field(
-        "INFO", description="Python logging level name: DEBUG, INFO, WARNING, ERROR or CRITICAL (RQ's lines too)."
+        "INFO", description="Python logging level name: DEBUG, INFO, WARNING, ERROR or CRITICAL (RQ's lines "
+        "too; `rq worker --logging_level` overrides it)."
     )
 
     @field_validator("log_level")
