@@ -8,15 +8,17 @@ import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from media import carphone_frames, encode  # noqa: E402
+from media import carphone_frames, encode, encode_hdr  # noqa: E402
 
 
-def face_clip(path: Path, *, seconds: float = 10.0, height: int = 720, fps: int = 30, slices: int = 1) -> Path:
+def face_clip(path: Path, *, seconds: float = 10.0, height: int = 720, fps: int = 30, slices: int = 1,
+              transfer: str | None = None) -> Path:
     """`seconds` of the carphone clip (looped back and forth) scaled to `height`, centred on a 16:9 canvas.
 
     Encoded with x264's defaults (GOP 250, B-frames, one slice per frame, as x264 and ffmpeg write
     uploads). PyAV's encoder otherwise asks x264 for sliced threads, which cut each frame into as many
     slices as it has threads and let a decoder spread one frame over cores: `slices=2` makes such a clip.
+    With `transfer` (`sdr`, `hlg`, `pq`): 10-bit HEVC instead, as tests/media.py's `encode_hdr` stores it.
     """
     if path.exists():
         return path
@@ -32,6 +34,8 @@ def face_clip(path: Path, *, seconds: float = 10.0, height: int = 720, fps: int 
         canvas[:, x : x + scaled_w] = face
         frames.append(canvas)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if transfer is not None:
+        return encode_hdr(path, frames, transfer, rate=fps, x265_params="preset=ultrafast:crf=18")
     params = "sliced-threads=0" if slices == 1 else f"sliced-threads=1:threads={slices}:slices={slices}"
     return encode(path, frames, rate=fps, options={"x264-params": params})
 

@@ -70,6 +70,39 @@ def encode(
     return path
 
 
+def encode_hdr(path: Path, frames: Iterable[np.ndarray], transfer: str, rate: int = 25,
+               x265_params: str = "lossless=1") -> Path:
+    """RGB frames as a phone (`hlg`) or an HDR10 master (`pq`) stores them: each brought by swscale
+    from SDR BT.709 to the transfer curve and BT.2020 primaries, in 10-bit HEVC (x265, lossless unless
+    `x265_params` say otherwise), the stream tagged so; `sdr` keeps them BT.709, tagged so. What
+    the frames showed is what a viewer's SDR screen shows of the file."""
+    from av.video.reformatter import ColorPrimaries, ColorTrc, Colorspace, VideoReformatter
+
+    trc, primaries, matrix = {
+        "sdr": (ColorTrc.BT709, ColorPrimaries.BT709, Colorspace.ITU709),
+        "hlg": (ColorTrc.ARIB_STD_B67, ColorPrimaries.BT2020, Colorspace.BT2020),
+        "pq": (ColorTrc.SMPTE2084, ColorPrimaries.BT2020, Colorspace.BT2020),
+    }[transfer]
+    frames = list(frames)
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx265", rate=rate, options={"x265-params": f"log-level=error:{x265_params}"})
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p10le"
+        cc = stream.codec_context
+        cc.color_trc, cc.color_primaries, cc.colorspace = trc, primaries, matrix
+        reformatter = VideoReformatter()  # one for all frames: setting one up costs a second or so
+        for image in frames:
+            sdr = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            sdr.color_trc, sdr.color_primaries = ColorTrc.BT709, ColorPrimaries.BT709
+            stored = reformatter.reformat(sdr, format="yuv420p10le", dst_colorspace=matrix, dst_color_trc=trc,
+                                          dst_color_primaries=primaries)
+            for packet in stream.encode(stored):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
 def encode_audio_only(path: Path, seconds: float = 1.0, rate: int = 16000) -> Path:
     """A real AAC audio file in an MP4 container: a 440 Hz tone, no video stream."""
     with av.open(str(path), "w") as out:

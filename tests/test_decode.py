@@ -5,7 +5,7 @@ import av
 import numpy as np
 import pytest
 
-from media import carphone_frames, carphone_path
+from media import carphone_frames, carphone_path, encode, encode_hdr
 from worker.decode import Limits, VideoReader, looks_like_video_container, sample_times
 from worker.video import MAX_SAMPLED_FRAMES, frames_to_sample
 from worker.errors import ErrorCode, ModerationError
@@ -94,6 +94,35 @@ def test_rotation_metadata_is_honoured(corpus):
     upright = frames[0].image.astype(int)
     assert np.abs(upright - original).mean() < 4.0
     assert np.abs(upright - np.rot90(original, 2)).mean() > 20.0  # the other way round is clearly wrong
+
+
+@pytest.mark.parametrize("transfer", ["hlg", "pq"])
+def test_an_hdr_video_is_seen_as_its_sdr_picture(tmp_path, transfer):
+    """A phone's HLG video, an HDR10 (PQ) file: read as if SDR, the picture is flat (PQ) or pale
+    (BT.2020); the reader brings it to the SDR BT.709 picture a viewer's screen shows."""
+    originals = carphone_frames()[::8]
+    path = encode_hdr(tmp_path / f"{transfer}.mp4", originals, transfer)
+    with VideoReader(str(path), LIMITS) as reader:
+        frames = list(reader.first(len(originals)))
+    assert len(frames) == len(originals)
+    with av.open(str(path)) as container:  # what the reader would see without the conversion
+        naive = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    for frame, original, raw in zip(frames, originals, naive):
+        seen, expected = frame.image.astype(int), original.astype(int)
+        assert np.abs(seen - expected).mean() < 4.0, np.abs(seen - expected).mean()
+        assert np.abs(raw.astype(int) - expected).mean() > 12.0  # what it used to be
+
+
+def test_hdr_and_sdr_encodes_of_a_face_get_the_same_faces(tmp_path, moderator):
+    """Read as SDR, the PQ file's darker, flatter face moved the detector's boxes by up to 4.2 px."""
+    originals = carphone_frames()[::4]
+    sdr = moderator.moderate_path(str(encode(tmp_path / "sdr.mp4", originals, rate=8, options={"crf": "4"})))
+    hdr = moderator.moderate_path(str(encode_hdr(tmp_path / "pq.mp4", originals, "pq", rate=8)))
+    assert sdr["status"] == hdr["status"] == "ok"
+    assert hdr["video"]["frames_with_face"] == sdr["video"]["frames_with_face"] >= 0.9 * sdr["video"]["frames_sampled"]
+    for a, b in zip(sdr["faces"], hdr["faces"]):
+        assert np.abs(np.subtract(a["box"], b["box"])).max() <= 2.5, (a["box"], b["box"])  # 1.3 px at most here
+    assert abs(hdr["score"] - sdr["score"]) < 0.02
 
 
 @pytest.mark.parametrize("name", ["h264_mp4", "faststart_mp4", "vp9_webm", "mjpeg_avi", "odd_size_mp4"])

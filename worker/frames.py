@@ -1,15 +1,18 @@
 """What a decoded frame shows a viewer, as an H×W×3 RGB array: converted by swscale (BT.601 where the
-stream names a colour matrix it refuses), refused when partly transparent, stretched when its pixels
-are not square, turned upright.
+stream names a colour matrix it refuses), HDR (PQ, HLG) and BT.2020 pictures brought to SDR BT.709,
+refused when partly transparent, stretched when its pixels are not square, turned upright.
 
 The decoder (worker/decode.py) calls `displayed` for the sampled frames only.
 """
 from __future__ import annotations
 
+import queue
+
 import av
 import av.error
 import cv2
 import numpy as np
+from av.video.reformatter import ColorPrimaries, ColorTrc, VideoReformatter
 
 from worker.errors import Corrupt, Unsupported
 from worker.video import display_size, rotate_upright
@@ -42,9 +45,45 @@ def to_rgb(frame: av.VideoFrame) -> np.ndarray:
     return _to_ndarray(frame, "rgb24")
 
 
+# Transfer curves and primaries an SDR BT.709 picture does not have: a phone's HDR video (HLG), an
+# HDR10 master (PQ), wide-gamut BT.2020. Read as if they were SDR, PQ turns dark and flat and BT.2020
+# pale: not the picture a viewer sees, nor the kind the model learnt from.
+HDR_TRANSFERS = {ColorTrc.SMPTE2084, ColorTrc.ARIB_STD_B67}
+WIDE_PRIMARIES = {ColorPrimaries.BT2020}
+_idle_reformatters: queue.SimpleQueue = queue.SimpleQueue()  # kept for the process: see `_to_sdr`
+
+
+def needs_sdr_conversion(frame: av.VideoFrame) -> bool:
+    return frame.color_trc in HDR_TRANSFERS or frame.color_primaries in WIDE_PRIMARIES
+
+
+def _to_sdr(frame: av.VideoFrame, format: str) -> np.ndarray | None:
+    """The frame in SDR BT.709 by swscale's colour management (linear light; highlights past SDR
+    white clipped), or None where swscale cannot. Its reformatters are kept for the next frames and
+    videos, one per thread converting at once (each video decodes in a thread of its own,
+    worker/prefetch.py): setting one up for a frame size costs one to two seconds, each frame after
+    that tens of milliseconds (`bench/bench_hdr.py`), and it holds about 40 MB at 1080p."""
+    try:
+        reformatter = _idle_reformatters.get_nowait()
+    except queue.Empty:
+        reformatter = VideoReformatter()
+    try:
+        return reformatter.reformat(frame, format=format, dst_color_trc=ColorTrc.BT709,
+                                    dst_color_primaries=ColorPrimaries.BT709).to_ndarray()
+    except (av.error.FFmpegError, ValueError):
+        return None
+    finally:
+        _idle_reformatters.put(reformatter)
+
+
 def _to_ndarray(frame: av.VideoFrame, format: str) -> np.ndarray:
-    """The frame converted by swscale. A damaged header can carry a colour-matrix code swscale refuses
-    (ENOTSUP): then convert with BT.601, what FFmpeg assumes when none is given."""
+    """The frame converted by swscale (to SDR BT.709 first where it is HDR or wide-gamut). A damaged
+    header can carry a colour-matrix code swscale refuses (ENOTSUP): then convert with BT.601, what
+    FFmpeg assumes when none is given."""
+    if needs_sdr_conversion(frame):
+        image = _to_sdr(frame, format)
+        if image is not None:
+            return image
     try:
         return frame.to_ndarray(format=format)
     except (av.error.FFmpegError, ValueError):
