@@ -113,6 +113,46 @@ def test_an_hdr_video_is_seen_as_its_sdr_picture(tmp_path, transfer):
         assert np.abs(raw.astype(int) - expected).mean() > 12.0  # what it used to be
 
 
+def pq_code(nits: float) -> int:
+    """SMPTE ST 2084's inverse EOTF: the limited-range 10-bit code of a PQ signal of `nits` cd/m²."""
+    m1, m2, c1, c2, c3 = 2610 / 16384, 2523 / 32, 3424 / 4096, 2413 / 128, 2392 / 128
+    y = (nits / 10000) ** m1
+    return round(64 + 876 * ((c1 + c2 * y) / (1 + c3 * y)) ** m2)
+
+
+def flat_frame(code: int, transfer, primaries=None, size: int = 16) -> av.VideoFrame:
+    """A grey 10-bit frame (every luma sample `code`, chroma neutral), tagged with `transfer`."""
+    from av.video.reformatter import ColorPrimaries, Colorspace
+
+    frame = av.VideoFrame(size, size, "yuv420p10le")
+    for plane, value in zip(frame.planes, (code, 512, 512)):
+        np.frombuffer(plane, dtype=np.uint16)[:] = value
+    frame.color_trc, frame.colorspace = transfer, Colorspace.BT2020
+    frame.color_primaries = primaries or ColorPrimaries.BT2020
+    return frame
+
+
+def test_hdr_reference_levels_land_where_bt2408_puts_them():
+    """Independent of swscale: HDR reference white (203 cd/m² in PQ, 75 % HLG) is SDR white, a
+    quarter of it is a quarter of SDR white's light through BT.1886's 2.4 gamma, brighter clips."""
+    from av.video.reformatter import ColorTrc
+
+    from worker.frames import to_rgb
+
+    def grey(frame):
+        image = to_rgb(frame)
+        assert np.ptp(image) <= 1 and np.ptp(image.reshape(-1, 3).mean(0)) <= 1.5  # grey stays grey
+        return float(image.mean())
+
+    assert grey(flat_frame(pq_code(0), ColorTrc.SMPTE2084)) <= 1
+    assert grey(flat_frame(pq_code(203), ColorTrc.SMPTE2084)) >= 252
+    assert abs(grey(flat_frame(pq_code(203 / 4), ColorTrc.SMPTE2084)) - 255 * 0.25 ** (1 / 2.4)) <= 3
+    assert grey(flat_frame(pq_code(100), ColorTrc.SMPTE2084)) < 200  # 100 cd/m² is not white: 203 is
+    assert grey(flat_frame(pq_code(1000), ColorTrc.SMPTE2084)) >= 254
+    assert grey(flat_frame(round(64 + 876 * 0.75), ColorTrc.ARIB_STD_B67)) >= 252
+    assert grey(flat_frame(64, ColorTrc.ARIB_STD_B67)) <= 1
+
+
 def test_hdr_and_sdr_encodes_of_a_face_get_the_same_faces(tmp_path, moderator):
     """Read as SDR, the PQ file's darker, flatter face moved the detector's boxes by up to 4.2 px."""
     originals = carphone_frames()[::4]
@@ -120,6 +160,7 @@ def test_hdr_and_sdr_encodes_of_a_face_get_the_same_faces(tmp_path, moderator):
     hdr = moderator.moderate_path(str(encode_hdr(tmp_path / "pq.mp4", originals, "pq", rate=8)))
     assert sdr["status"] == hdr["status"] == "ok"
     assert hdr["video"]["frames_with_face"] == sdr["video"]["frames_with_face"] >= 0.9 * sdr["video"]["frames_sampled"]
+    assert len(hdr["faces"]) == len(sdr["faces"])
     for a, b in zip(sdr["faces"], hdr["faces"]):
         assert np.abs(np.subtract(a["box"], b["box"])).max() <= 2.5, (a["box"], b["box"])  # 1.3 px at most here
     assert abs(hdr["score"] - sdr["score"]) < 0.02

@@ -12,14 +12,17 @@ import av
 import av.error
 import cv2
 import numpy as np
+import structlog
 from av.video.reformatter import ColorPrimaries, ColorTrc, VideoReformatter
 
+from worker.cpus import available_cpus
 from worker.errors import Corrupt, Unsupported
 from worker.video import display_size, rotate_upright
 
 # A frame with more than this share of its pixels not fully opaque is refused as transparent (a few
 # edge pixels of a GIF's palette are not a picture hidden in the alpha channel).
 TRANSPARENT_SHARE = 0.01
+log = structlog.get_logger("worker.frames")
 
 
 def displayed(frame: av.VideoFrame, sar: float | None, rotation: int, max_pixels: int) -> np.ndarray:
@@ -49,8 +52,9 @@ def to_rgb(frame: av.VideoFrame) -> np.ndarray:
 # HDR10 master (PQ), wide-gamut BT.2020. Read as if they were SDR, PQ turns dark and flat and BT.2020
 # pale: not the picture a viewer sees, nor the kind the model learnt from.
 HDR_TRANSFERS = {ColorTrc.SMPTE2084, ColorTrc.ARIB_STD_B67}
-WIDE_PRIMARIES = {ColorPrimaries.BT2020}
+WIDE_PRIMARIES = {ColorPrimaries.BT2020, ColorPrimaries.SMPTE431, ColorPrimaries.SMPTE432}  # + DCI-P3, Display P3
 _idle_reformatters: queue.SimpleQueue = queue.SimpleQueue()  # kept for the process: see `_to_sdr`
+_unconvertible: set[tuple] = set()  # what swscale refused to bring to SDR, said once each
 
 
 def needs_sdr_conversion(frame: av.VideoFrame) -> bool:
@@ -58,19 +62,29 @@ def needs_sdr_conversion(frame: av.VideoFrame) -> bool:
 
 
 def _to_sdr(frame: av.VideoFrame, format: str) -> np.ndarray | None:
-    """The frame in SDR BT.709 by swscale's colour management (linear light; highlights past SDR
-    white clipped), or None where swscale cannot. Its reformatters are kept for the next frames and
-    videos, one per thread converting at once (each video decodes in a thread of its own,
-    worker/prefetch.py): setting one up for a frame size costs one to two seconds, each frame after
-    that tens of milliseconds (`bench/bench_hdr.py`), and it holds about 40 MB at 1080p."""
+    """The frame in SDR BT.709 by swscale's colour management (BT.2408: HDR reference white, 203
+    cd/m² or 75 % HLG, becomes SDR white, and what is brighter is clipped), or None where swscale
+    cannot (logged once per kind of frame; the plain conversion follows). Its reformatters are kept
+    for the next frames and videos, one per conversion running at once (one per worker: each video
+    decodes in a thread of its own, worker/prefetch.py, one at a time). One sets itself up again for
+    each new frame size, pixel format, transfer or primaries, one to two seconds on the 2-core CPU,
+    then converts a frame in tens of milliseconds (`bench/bench_hdr.py`); it holds about 40 MB at
+    1080p. Its threads are the CPUs this process may use, not the host's cores."""
+    kind = (frame.format.name, frame.color_trc, frame.color_primaries, frame.colorspace, format)
+    if kind in _unconvertible:
+        return None
     try:
         reformatter = _idle_reformatters.get_nowait()
     except queue.Empty:
         reformatter = VideoReformatter()
     try:
         return reformatter.reformat(frame, format=format, dst_color_trc=ColorTrc.BT709,
-                                    dst_color_primaries=ColorPrimaries.BT709).to_ndarray()
-    except (av.error.FFmpegError, ValueError):
+                                    dst_color_primaries=ColorPrimaries.BT709,
+                                    threads=available_cpus()).to_ndarray()
+    except (av.error.FFmpegError, ValueError) as exc:
+        _unconvertible.add(kind)
+        log.warning("hdr_not_converted", pixel_format=kind[0], transfer=int(kind[1]), primaries=int(kind[2]),
+                    error=f"{type(exc).__name__}: {exc}", reason="read as SDR BT.709 instead")
         return None
     finally:
         _idle_reformatters.put(reformatter)

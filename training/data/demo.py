@@ -31,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from worker.faces import FaceDetector, create_detector
+from worker.frames import to_rgb
 from worker.preprocess import crop_face
 
 from .crops import SPLITS, CropCache
@@ -71,7 +72,7 @@ def carphone_path() -> Path:
 
 def _carphone(clip_len: int) -> Iterator[DemoFrame]:
     with av.open(str(carphone_path())) as c:
-        images = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        images = [to_rgb(f) for f in c.decode(video=0)]  # as the worker converts frames
     n = len(images)
     train_end, val_end = round(n * 2 / 3), round(n * 5 / 6)  # 80 and 100 of 120
     for i, img in enumerate(images):
