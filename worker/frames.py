@@ -49,8 +49,8 @@ def to_rgb(frame: av.VideoFrame) -> np.ndarray:
 
 
 # Transfer curves and primaries an SDR BT.709 picture does not have: a phone's HDR video (HLG), an
-# HDR10 master (PQ), wide-gamut BT.2020. Read as if they were SDR, PQ turns dark and flat and BT.2020
-# pale: not the picture a viewer sees, nor the kind the model learnt from.
+# HDR10 master (PQ), wide gamuts (BT.2020, P3). Read as if they were SDR, PQ turns dark and flat and
+# BT.2020 pale: not the picture a viewer sees, nor the kind the model learnt from.
 HDR_TRANSFERS = {ColorTrc.SMPTE2084, ColorTrc.ARIB_STD_B67}
 WIDE_PRIMARIES = {ColorPrimaries.BT2020, ColorPrimaries.SMPTE431, ColorPrimaries.SMPTE432}  # + DCI-P3, Display P3
 _idle_reformatters: queue.SimpleQueue = queue.SimpleQueue()  # kept for the process: see `_to_sdr`
