@@ -91,8 +91,9 @@ def _settings(parser: argparse.ArgumentParser, **overrides):
 
 
 def _log_to_stderr() -> None:
-    """Every command's log lines (a webhook's failure, a job recovered, RQ's own) on stderr in the
-    environment's format, never among the JSON a command prints on stdout (structlog's default).
+    """Every command's log lines (a webhook's failure, a job recovered, a forged verdict, RQ's own) on
+    stderr in the environment's format, never among the JSON a command prints on stdout (structlog's
+    default). The one place the commands set logging up (their own settings read the same variables).
     Settings that do not parse get the default format here; the command then says what is wrong."""
     from worker.logging import configure_logging
     from worker.settings import Settings
@@ -230,16 +231,13 @@ def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def cmd_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from worker.logging import configure_logging
     from worker.preflight import CHECKS, run_checks
 
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
     unknown = sorted(set(only or ()) - set(CHECKS))
     if unknown:
         parser.error(f"check: unknown check {', '.join(unknown)}; choose from {', '.join(CHECKS)}")
-    settings = _settings(parser)
-    configure_logging(settings.log_format, settings.log_level)
-    results = run_checks(settings, only)
+    results = run_checks(_settings(parser), only)
     for result in results:
         print(json.dumps(result.to_dict()), flush=True)
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILURE
@@ -264,7 +262,6 @@ def cmd_requeue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 def cmd_moderate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from worker.logging import configure_logging
     from worker.pipeline import ConfigurationError, Moderator
 
     videos = [str(v) for v in args.videos]
@@ -284,7 +281,6 @@ def cmd_moderate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         parser, frames=args.frames, model_dir=args.model, detector=args.detector,
         detector_weights=args.detector_weights, device=args.device, engine=args.engine,
     )
-    configure_logging(settings.log_format, settings.log_level)
     try:
         moderator = Moderator(settings)
     except (ConfigurationError, ValueError, FileNotFoundError) as exc:

@@ -145,13 +145,10 @@ def cmd_forget(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 def cmd_verdict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from worker import cli
-    from worker.logging import configure_logging
     from worker.verdict_store import VerdictStore
 
     locations = cli._locations(parser, args.uris)
-    settings = cli._settings(parser)
-    configure_logging(settings.log_format, settings.log_level)  # a forged verdict's warning goes to stderr
-    store = VerdictStore.for_settings(settings, verify=True)
+    store = VerdictStore.for_settings(cli._settings(parser), verify=True)  # a forged verdict's warning: stderr (cli.main)
     ok = True
     for loc in locations:
         found = store.read(loc)
