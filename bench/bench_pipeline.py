@@ -66,7 +66,7 @@ def main() -> None:
     with VideoReader(str(clip), Limits(3600, 4096 * 4096, 600)) as reader:
         frames = [f.image for f in reader.sample(args.frames)]
     found = moderator.detector.detect(np.stack(frames))
-    batch = np.stack([crop_face(f, max(fs, key=lambda x: x.area).box, size=moderator.crop_size)
+    batch = np.stack([crop_face(f, max(fs, key=lambda x: x.area).box, moderator.recipe.size, moderator.recipe.scale)
                       for f, fs in zip(frames, found) if fs])
     model_times = []
     for _ in range(args.repeat):

@@ -11,10 +11,13 @@ import torch
 from media import carphone_frames, encode
 from training.data import (
     CropCache,
+    CropCacheMismatch,
     CropDataset,
     DatasetLayoutError,
     VideoItem,
     build_demo_crops,
+    cache_recipe,
+    caches_recipe,
     celebdf_videos,
     count_items,
     dfd_videos,
@@ -24,8 +27,9 @@ from training.data import (
     self_blend,
     video_labels,
 )
-from training.data.crops import INDEX, SPLITS
+from training.data.crops import INDEX, MANIFEST, SPLITS
 from worker.faces import Face, create_detector
+from worker.preprocess import PREPROCESSING_VERSION, CropRecipe
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +153,7 @@ def test_demo_build_resumes(demo_root, tmp_path, detector):
 
 
 def test_cache_rejects_bad_crops(tmp_path):
-    cache = CropCache(tmp_path)
+    cache = CropCache(tmp_path, CropRecipe(size=8))
     crop = np.zeros((8, 8, 3), np.uint8)
     assert cache.add("train", crop, label=1, video_id="a/b c", frame=3)
     assert not cache.add("train", crop, label=1, video_id="a/b c", frame=3)
@@ -157,7 +161,48 @@ def test_cache_rejects_bad_crops(tmp_path):
         cache.add("train", crop, label=2, video_id="x", frame=0)
     with pytest.raises(ValueError):
         cache.add("train", crop.astype(np.float32), label=0, video_id="x", frame=0)
-    assert CropCache(tmp_path).has("train", "a/b c", 3)
+    with pytest.raises(ValueError, match="expected a 8×8 crop"):
+        cache.add("train", np.zeros((9, 9, 3), np.uint8), label=0, video_id="x", frame=0)
+    assert CropCache(tmp_path, CropRecipe(size=8)).has("train", "a/b c", 3)
+
+
+def test_a_cache_records_how_its_crops_were_cut_and_refuses_crops_cut_otherwise(tmp_path, caplog):
+    crop = np.zeros((8, 8, 3), np.uint8)
+    recipe = CropRecipe(size=8)
+    assert cache_recipe(tmp_path) is None and not (tmp_path / MANIFEST).exists()  # nothing added, nothing written
+    CropCache(tmp_path, recipe).add("train", crop, label=0, video_id="v", frame=0)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest == {"schema": "deepfake-crop-cache/1", "recipe": recipe.to_dict(), "inferred": False}
+    assert cache_recipe(tmp_path) == recipe and recipe.version == PREPROCESSING_VERSION
+    for other, named in ((CropRecipe(size=16), "size 16, not 8"), (CropRecipe(size=8, scale=1.5), "scale 1.5, not 1.3"),
+                         (CropRecipe(size=8, detector="retinaface-resnet50"),
+                          "detector retinaface-resnet50, not retinaface-mobilenet")):
+        with pytest.raises(CropCacheMismatch, match=named):
+            CropCache(tmp_path, other)
+    assert read_index(tmp_path, "train")[0].video_id == "v"  # nothing was added
+
+    # A cache from before manifests: its recipe inferred (size from its crops, version 1) and written,
+    # with a warning, by the first run that adds to it; that run's crops do not make it newer.
+    (tmp_path / MANIFEST).unlink()
+    assert cache_recipe(tmp_path) == CropRecipe(size=8, version=1)
+    with caplog.at_level("WARNING", logger="training.data.crops"):
+        legacy = CropCache(tmp_path, recipe)
+    assert "made by preprocessing version 1" in caplog.text and "HDR" in caplog.text
+    legacy.add("val", crop, label=1, video_id="w", frame=0)
+    assert json.loads((tmp_path / MANIFEST).read_text())["inferred"] is True
+    assert cache_recipe(tmp_path) == CropRecipe(size=8, version=1)
+
+    # Several caches read together: one recipe, the oldest version; cut differently, refused.
+    newer = tmp_path / "newer"
+    CropCache(newer, recipe).add("train", crop, label=0, video_id="n", frame=0)
+    assert caches_recipe([newer, tmp_path]) == CropRecipe(size=8, version=1)
+    bigger = tmp_path / "bigger"
+    CropCache(bigger, CropRecipe(size=16)).add("train", np.zeros((16, 16, 3), np.uint8), label=0, video_id="b", frame=0)
+    with pytest.raises(CropCacheMismatch, match="were cut differently .*size 16, not 8"):
+        caches_recipe([tmp_path, bigger])
+    (bigger / MANIFEST).write_text("{}")
+    with pytest.raises(ValueError, match="not a readable crop-cache manifest"):
+        cache_recipe(bigger)
 
 
 # -- extraction ----------------------------------------------------------------------------------
@@ -180,6 +225,9 @@ def test_extract_videos(tmp_path, detector):
     assert CropDataset(out, "train")[0][0].shape == (3, 96, 96)
     again = extract_videos(items, out, frames_per_video=40, size=96, detector=detector, progress=False)
     assert again.skipped == 2 and again.crops == 0 and len(again.failed) == 1
+    assert cache_recipe(out) == CropRecipe(size=96, detector=detector.name)
+    with pytest.raises(CropCacheMismatch, match="size 128, not 96.*extract into a new directory"):
+        extract_videos(items, out, frames_per_video=40, size=128, detector=detector, progress=False)
 
 
 # -- data-set readers ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from worker import __version__
+from worker.preprocess import PREPROCESSING_VERSION
 from worker.decision import ALLOW, BLOCK, DEFAULT_ERROR_ACTIONS, REVIEW, DecisionPolicy, parse_error_actions
 from worker.engine.model_card import ModelCard
 from worker.errors import ErrorCode
@@ -140,7 +141,8 @@ def test_every_error_code_has_a_default_action_and_the_setting_is_checked():
 def test_a_stored_verdict_is_reused_only_under_the_policy_that_made_it():
     policy, banded = DecisionPolicy(threshold=0.5), DecisionPolicy(threshold=0.5, review_threshold=0.3)
     scored = {"status": "ok", "action": "allow", "error": None, "input": {"etag": "e", "frames": 8},
-              "model": {"sha256": "m"}, "decision": {"policy": policy.key()}, "worker_version": __version__}
+              "model": {"sha256": "m"}, "decision": {"policy": policy.key()}, "worker_version": __version__,
+              "preprocessing_version": PREPROCESSING_VERSION}
     same = {"etag": "e", "model_sha256": "m", "frames": 8}
     assert reusable(scored, **same, policy=policy) and not reusable(scored, **same, policy=banded)
     assert not reusable({**scored, "decision": {"threshold": 0.5}}, **same, policy=policy)  # before policies
@@ -158,6 +160,13 @@ def test_a_stored_verdict_is_reused_only_under_the_policy_that_made_it():
     unversioned = {k: v for k, v in no_face.items() if k != "worker_version"}
     for old in ({**scored, "worker_version": "0.2.0"}, {**no_face, "worker_version": "0.2.0"}, unversioned):
         assert not reusable(old, **same, policy=banded if old["status"] == "no_face" else policy)
+    # Frames read or faces cut otherwise (version 1 read HDR uploads as SDR: dark, faces missed): no answer,
+    # nor is a verdict written before verdicts carried the version; a limit's still is.
+    unprocessed = {k: v for k, v in scored.items() if k != "preprocessing_version"}
+    for old in (unprocessed, {**scored, "preprocessing_version": PREPROCESSING_VERSION - 1},
+                {**no_face, "preprocessing_version": 1}, {**scored, "preprocessing_version": "2"}):
+        assert not reusable(old, **same, policy=banded if old["status"] == "no_face" else policy)
+    assert reusable({k: v for k, v in too_long.items() if k != "preprocessing_version"}, **same, policy=policy)
     blocking = DecisionPolicy(threshold=0.5, error_actions=parse_error_actions("corrupt=block"))
     assert not reusable(corrupt, **same, policy=blocking) and reusable({**corrupt, "action": BLOCK}, **same, policy=blocking)
     assert not reusable({**corrupt, "action": None}, **same, policy=policy)  # written before errors had actions

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from structlog.testing import capture_logs
 from verdict_schema import assert_valid_verdict
@@ -75,6 +76,48 @@ def test_a_shadow_model_of_another_input_size_gets_its_own_crops(settings, moder
     assert v["shadow"]["score"] < 0.3 and v["shadow"]["action"] == ALLOW  # the demo model knows this clip as real
     shadow_crops, indices = _first_chunk(m, corpus["carphone"])
     assert len(shadow_crops) == len(indices) > 0 and {c.shape for c in shadow_crops} == {(128, 128, 3)}
+
+
+def test_crops_are_cut_as_each_model_card_says_its_training_crops_were(settings, moderator, corpus, production,
+                                                                     random_model_dir, tmp_path):
+    """A card's crop recipe decides the enlargement the worker cuts with, for the production model and
+    for a shadow of the same input size (cut again from the frame, not shared); a card without one
+    gets the paper's 1.3×."""
+    from worker.decode import VideoReader
+    from worker.pipeline import StageTimer
+    from worker.preprocess import CROP_SCALE, crop_face
+
+    assert moderator.recipe.scale == CROP_SCALE and ModelCard.load(random_model_dir).crop_recipe is None
+    wide_recipe = {"size": 299, "scale": 1.8, "detector": "retinaface-mobilenet", "version": 2}
+    wide = candidate(random_model_dir, tmp_path / "wide", name="wide", crop_recipe=wide_recipe)
+    m = Moderator(settings.model_copy(update={"model_dir": wide, "shadow_model_dir": random_model_dir}),
+                  detector=moderator.detector)
+    assert (m.recipe.scale, m.shadow.recipe.scale, m.shadow.crop_size) == (1.8, CROP_SCALE, 299)
+    with VideoReader(str(corpus["carphone"]), m.limits) as reader:
+        frames = [f.image for f in reader.sample(8, mode=settings.sampling, max_gap_s=settings.max_sample_gap_s)]
+    found = moderator.detector.detect(frames)
+    with VideoReader(str(corpus["carphone"]), m.limits) as reader:
+        chunks = m._crop_chunks(reader, 8, StageTimer(), [], {"frames": 0, "frames_with_face": 0})
+        crops, shadow_crops, indices = next(chunks)
+        chunks.close()
+    boxes = [max(fs, key=lambda f: f.area).box for fs in found if fs][:len(crops)]
+    assert len(crops) == len(shadow_crops) == len(indices) == len(boxes) > 0
+    for crop, shadow_crop, box, frame in zip(crops, shadow_crops, boxes, [f for f, fs in zip(frames, found) if fs]):
+        assert np.array_equal(crop, crop_face(frame, box, 299, 1.8))
+        assert np.array_equal(shadow_crop, crop_face(frame, box, 299, CROP_SCALE))
+    v = assert_valid_verdict(m.moderate_path(corpus["carphone"]))
+    assert v["shadow"]["score"] == production["score"] != v["score"]  # same weights: only the crops differ
+
+    other = candidate(random_model_dir, tmp_path / "resnet", name="resnet",
+                      crop_recipe={**wide_recipe, "detector": "retinaface-resnet50", "version": 1})
+    with capture_logs() as logs:
+        Moderator(settings.model_copy(update={"model_dir": other}), detector=moderator.detector)
+    [differ] = [e for e in logs if e["event"] == "model_crops_differ"]
+    assert (differ["trained_with"], differ["detector"]) == ("retinaface-resnet50", "retinaface-mobilenet")
+    [older] = [e for e in logs if e["event"] == "model_preprocessing_older"]
+    assert older["trained_with_version"] == 1 and "HDR" in older["changes_since"][0]
+    with pytest.raises(ValueError, match="crop_recipe size 128 is not input_size 299"):
+        candidate(random_model_dir, tmp_path / "bad", crop_recipe={**wide_recipe, "size": 128})
 
 
 def test_a_failing_shadow_model_never_costs_the_verdict(settings, moderator, corpus, production, random_model_dir,

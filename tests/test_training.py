@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import shutil
 import socket
 import time
 from collections import Counter
@@ -18,6 +19,7 @@ import training.train as train_mod
 from training.models import FREQ_NORM_DEFAULTS, create_model, spectrum_stats
 from training.models.cross_stitch import stitch_parameters
 from training.train import Augment, EpochCycle, TrainConfig, build_optimizer, build_scheduler, train
+from worker.preprocess import CropRecipe
 
 SIZE = 32  # the tiny model's smallest comfortable crop: fast enough for unit tests
 
@@ -202,6 +204,24 @@ def test_resuming_with_other_settings_says_what_each_change_does(tmp_path, caplo
     assert not [r for r in caplog.records if r.getMessage().startswith("resuming ")]
 
 
+def test_checkpoints_carry_how_the_crops_were_cut_and_misfit_crops_are_refused(tmp_path, caplog):
+    ds, val = Synthetic(16), Synthetic(8, seed=1)
+    old = CropRecipe(size=SIZE, version=1)
+    first = train(cfg_for(tmp_path, epochs=1, max_steps_per_epoch=1), ds, val, crop_recipe=old)
+    assert first.model.crop_recipe == old.to_dict()
+    for name in ("best.pt", "last.pt"):
+        assert torch.load(tmp_path / "run" / name, weights_only=True)["crop_recipe"] == old.to_dict()
+    # Resumed on crops cut otherwise: said, and the checkpoint keeps the older preprocessing version.
+    with caplog.at_level(logging.WARNING, logger="training.run_files"):
+        resumed = train(cfg_for(tmp_path, epochs=2, max_steps_per_epoch=1, resume=str(tmp_path / "run" / "last.pt")),
+                        ds, val, crop_recipe=CropRecipe(size=SIZE, scale=1.6))
+    assert "on crops cut differently from its earlier epochs': scale 1.6, not 1.3" in caplog.text
+    assert resumed.model.crop_recipe == CropRecipe(size=SIZE, scale=1.6, version=1).to_dict()
+    with pytest.raises(ValueError, match=f"the training crops are {SIZE}×{SIZE} px but mdcsd_tiny takes 48×48"):
+        train(cfg_for(tmp_path / "misfit", model_kwargs={"input_size": 48}), ds, val)
+    assert not (tmp_path / "misfit" / "run" / "last.pt").exists()
+
+
 def test_frequency_normalisation_is_fitted_on_training_crops(tmp_path):
     """Paper II-B, each branch normalised: the freq branch's constants are the training crops' own, kept
     in the checkpoint's config; 0 crops keeps the model's built-in ones, explicit ones are respected."""
@@ -298,6 +318,7 @@ def test_demo_training_reaches_video_auc(tmp_path):
     assert carphone["video"]["auc"] >= 0.95 and carphone["frame"]["auc"] >= 0.93, carphone
     assert test["video"]["auc"] >= 0.85 and test["frame"]["auc"] >= 0.83, test
     assert card.trained and "NOT trained on FaceForensics++" in card.training_data
+    assert card.recipe() == CropRecipe(size=128)  # the worker cuts its crops as the demo data's were
     assert card.onnx["parity"]["max_abs_diff_prob"] <= 1e-4
     crops = np.zeros((2, card.input_size, card.input_size, 3), np.uint8)
     assert load_engine(out).predict(crops).shape == (2,)
@@ -306,7 +327,7 @@ def test_demo_training_reaches_video_auc(tmp_path):
 # -- the command line ----------------------------------------------------------------------------------------
 
 
-def test_cli_train_evaluate_export(tmp_path, capsys, monkeypatch):
+def test_cli_train_evaluate_export(tmp_path, capsys, monkeypatch, caplog):
     """train -> evaluate -> export through ``python -m training`` on a small real-footage SBI cache."""
     import json
 
@@ -319,6 +340,12 @@ def test_cli_train_evaluate_export(tmp_path, capsys, monkeypatch):
                  "input_size=32", "--epochs", "1", "--paired", "--augment", "--hflip", "--in-memory",
                  "--no-progress"]) == 0
     assert (run / "best.pt").is_file() and (run / "metrics.csv").is_file()
+    capsys.readouterr()
+    # Crops of another side than the model takes: refused before training, saying what to pass.
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "misfit"), "--model", "mdcsd_tiny",
+                 "--epochs", "1", "--no-progress"]) == 1
+    assert "the training crops are 32×32 px but mdcsd_tiny takes 299×299: pass --model-arg input_size=32" \
+        in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(data), "--out", str(ev)]) == 0
     res = json.loads((ev / "results.json").read_text())
     assert res["n_crops"] == 80 and {"frame", "video", "groups", "by_source"} <= set(res)
@@ -331,6 +358,18 @@ def test_cli_train_evaluate_export(tmp_path, capsys, monkeypatch):
     assert card.review_threshold <= card.threshold and card.review_operating_point["target_fpr"] == 0.5
     assert 0.0 < card.review_operating_point["achieved_fpr"] <= 0.5  # a band that holds some calibration reals
     assert card.provenance["command"].startswith("python -m training")
+    # How the training crops were cut travels cache -> checkpoint -> card, for the worker to cut the same way.
+    assert card.crop_recipe == CropRecipe(size=32).to_dict() == json.loads((data / "cache.json").read_text())["recipe"]
+    # Scoring a cache cut otherwise is allowed, with a warning that the worker would not cut so.
+    wide = tmp_path / "wide"
+    shutil.copytree(data, wide)
+    manifest = json.loads((wide / "cache.json").read_text())
+    (wide / "cache.json").write_text(json.dumps({**manifest, "recipe": {**manifest["recipe"], "scale": 1.6}}))
+    with caplog.at_level("WARNING", logger="training.cli"):
+        assert main(["evaluate", "--model-dir", str(model), "--data", str(data), str(wide), "--out",
+                     str(tmp_path / "ev2")]) == 0
+    assert [r.getMessage().split(" holds")[0] for r in caplog.records if r.name == "training.cli"] == [str(wide)]
+    assert "holds crops cut with scale 1.6, not 1.3 as the model's training crops were" in caplog.text
     # the exported directory, scored as the worker would: its PyTorch model, ONNX Runtime, ONNX Runtime INT8
     from training.data import CropDataset
 
@@ -359,7 +398,7 @@ def test_cli_train_evaluate_export(tmp_path, capsys, monkeypatch):
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--data", str(data), "--out", str(ev)]) == 1
 
 
-def test_cli_extract_ffpp_layout(tmp_path):
+def test_cli_extract_ffpp_layout(tmp_path, capsys):
     """`extract` on a miniature FaceForensics++ layout (real footage standing in for every video)."""
     import json
 
@@ -383,6 +422,11 @@ def test_cli_extract_ffpp_layout(tmp_path):
                  "Deepfakes", "--splits", "train", "--frames", "2", "--size", "64"]) == 0
     recs = read_index(out, "train")
     assert len(recs) == 8 and sorted({r.label for r in recs}) == [0, 1]
+    # Crops of another side into the same cache: refused, nothing added.
+    assert main(["extract", "--dataset", "ffpp", "--root", str(root), "--out", str(out), "--manipulations",
+                 "Deepfakes", "--splits", "train", "--frames", "3", "--size", "32"]) == 1
+    assert "this run cuts size 32, not 64: extract into a new directory" in capsys.readouterr().err
+    assert len(read_index(out, "train")) == 8
     assert {r.manipulation for r in recs} == {"", "Deepfakes"} and {r.compression for r in recs} == {"c23"}
     # Two manipulations: 4 fake videos to 2 real, so (paper III-A) each fake gives half the frames.
     for name, extra, fake_frames in (("balanced", [], 2), ("unbalanced", ["--no-balance"], 4)):

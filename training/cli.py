@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shlex
 import sys
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import Any
 
 # main() dispatches by name to cmd_*: the demo commands live in their own module
 from training.demo_commands import cmd_demo_model, cmd_make_demo_data  # noqa: F401
+
+log = logging.getLogger(__name__)
 
 # The demo's settings, measured on the CPU (tests/test_training.py::test_demo_training_reaches_video_auc). They
 # depart from the paper's where a from-scratch network on ~300 crops needs it: no ImageNet start, so lr 1e-3
@@ -226,7 +229,7 @@ def _config(args: argparse.Namespace, out: Path, **kw: Any):  # -> TrainConfig
 def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from torch.utils.data import ConcatDataset
 
-    from training.data import CropDataset
+    from training.data import CropDataset, caches_recipe
     from training.train import Augment, EpochCycle, train
 
     if args.patience < 1 or args.epochs < 1:
@@ -243,7 +246,7 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         train_ds = EpochCycle([train_ds] + [split([c], "train", True) for c in args.cycle])
     cfg = _config(args, args.out, model=args.model, model_kwargs=dict(args.model_arg), imagenet_path=args.imagenet,
                   resume=str(args.resume) if args.resume else None, balance=args.balance, paired=args.paired)
-    result = train(cfg, train_ds, split(args.data, "val", False))
+    result = train(cfg, train_ds, split(args.data, "val", False), crop_recipe=caches_recipe([*args.data, *args.cycle]))
     print(json.dumps({"best_epoch": result.best_epoch, "best": result.best, "best_path": str(result.best_path),
                       "seconds": round(result.seconds, 1)}))
     return 0
@@ -262,15 +265,18 @@ def load_checkpoint_model(path: Path):  # -> nn.Module
         raise ValueError(f"{path} has no model_config: not a checkpoint written by `python -m training train`")
     model = create_model(cfg["architecture"], **cfg["kwargs"])
     model.load_state_dict(ckpt["model"])
+    model.crop_recipe = ckpt.get("crop_recipe")  # how its training crops were cut; export puts it in the card
     return model.eval()
 
 
 def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from training.data import CropDataset
+    from training.data import CropDataset, recipe_mismatch
     from training.eval_report import cross_dataset_table, markdown_report, write_report
     from training.evaluate import evaluate_model
+    from worker.preprocess import CropRecipe
 
     threshold = args.threshold
+    trained = None  # how the model's training crops were cut, where it records that
     if (args.engine or args.precision or args.int8_calibration) and not args.model_dir:
         parser.error("--engine, --precision and --int8-calibration need --model-dir")
     if args.model_dir:
@@ -288,14 +294,18 @@ def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         else:
             model = TorchEngine(args.model_dir).model
         card = ModelCard.load(args.model_dir)
+        trained = card.recipe() if card.crop_recipe is not None else None
         threshold = card.threshold if threshold is None else threshold
         if args.review_threshold is None:
             args.review_threshold = card.review_threshold
     else:
         model = load_checkpoint_model(args.checkpoint)
+        trained = CropRecipe.from_dict(model.crop_recipe) if model.crop_recipe else None
     threshold = 0.5 if threshold is None else threshold
     results = {}
     for root in args.data:
+        if warning := recipe_mismatch(root, trained):
+            log.warning(warning)
         res = evaluate_model(model, CropDataset(root, args.split), args.batch_size, threshold=threshold,
                              review_threshold=args.review_threshold, device=args.device)
         out = args.out if len(args.data) == 1 else args.out / Path(root).name

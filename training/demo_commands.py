@@ -43,7 +43,7 @@ def cmd_demo_model(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     """Data -> train -> evaluate -> calibrate -> export, the one command behind worker/default_model/."""
     import time
 
-    from training.data import CropDataset
+    from training.data import CropDataset, caches_recipe
     from training.eval_report import markdown_report, results_json, write_report
     from training.evaluate import evaluate_model
     from training.export import export_model_dir
@@ -60,7 +60,7 @@ def cmd_demo_model(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     val_ds, test_ds = (CropDataset(roots[0], s, in_memory=True) for s in ("val", "test"))
     cfg = _config(args, args.work / "run", model="mdcsd_tiny", paired=True,
                   model_kwargs={"input_size": args.size, **DEMO_MODEL_KWARGS})
-    result = train(cfg, train_ds, val_ds)
+    result = train(cfg, train_ds, val_ds, crop_recipe=caches_recipe(roots))
     model = result.model.cpu().eval()
     calibration = {"real_scores": _real_video_scores(model, roots[0], "val"), "target_fpr": args.target_fpr,
                    "level": "video (mean of a video's frame scores)", "data": "demo validation split (real videos)"}

@@ -157,7 +157,7 @@ def export_model_dir(
     calibration: dict[str, Any] | None = None, training_data: str = "", metrics: dict[str, Any] | None = None,
     onnx: bool = True, parity_crops: np.ndarray | torch.Tensor | None = None, parity_tol: float = PARITY_TOL,
     parity_batch_sizes: Sequence[int] = PARITY_BATCHES, opset: int = ONNX_OPSET,
-    reference_face: np.ndarray | None = None, **card_fields: Any,
+    reference_face: np.ndarray | None = None, crop_recipe: dict[str, Any] | None = None, **card_fields: Any,
 ) -> ModelCard:
     """weights.pt + model.onnx (parity-checked) + model.json with sha256 of every file.
 
@@ -170,7 +170,8 @@ def export_model_dir(
     the parity check (uint8 N×S×S×3 or float N×3×S×S); real crops are best, image-like synthetic
     ones are used without them. Raises :class:`OnnxParityError` above `parity_tol`.
     `reference_face`: a real training crop (S×S×3 uint8 RGB) the worker's report shows the spectrum of
-    beside a scored face's (the paper's Fig. 1).
+    beside a scored face's (the paper's Fig. 1). `crop_recipe`: how the training crops were cut
+    (default: the model's ``crop_recipe``, which training sets); the worker cuts its crops the same way.
     """
     cfg = getattr(model, "model_config", {"architecture": None, "kwargs": {}})
     architecture = architecture or cfg["architecture"]
@@ -227,7 +228,8 @@ def export_model_dir(
         input_size=input_size, normalization=_normalization(architecture_kwargs), threshold=threshold,
         operating_point=operating_point, review_threshold=review_threshold,
         review_operating_point=review_operating_point, trained=trained, training_data=training_data, metrics=metrics or {},
-        files=files, **extra, **card_fields,
+        files=files, crop_recipe=crop_recipe if crop_recipe is not None else getattr(model, "crop_recipe", None),
+        **extra, **card_fields,
     )
     card.save(out_dir)
     return card

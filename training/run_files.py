@@ -1,13 +1,20 @@
 """What a training run writes into its directory: checkpoints replaced atomically, the per-epoch
-metrics CSV and (when the tensorboard package is installed) TensorBoard events; and what a resumed
-run does with settings that differ from the checkpoint's."""
+metrics CSV and (when the tensorboard package is installed) TensorBoard events; what a resumed
+run does with settings that differ from the checkpoint's; and whether the crops fit the model."""
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from worker.preprocess import CropRecipe
+
+log = logging.getLogger(__name__)
 
 CSV_FIELDS = ["epoch", "train_loss", "train_acc", "train_crops", "val_loss", "val_acc", "val_auc", "val_video_acc",
               "val_video_auc", "lr", "stitch_lr", "seconds", "best"]
@@ -60,3 +67,27 @@ def resume_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 def _norm(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
+
+
+def check_crops_fit(model: nn.Module, train_ds: Dataset) -> None:
+    """Raise before training when the crops are not the side the model takes (its spectrum layer is
+    built for one side), rather than a shape error deep in the first forward pass."""
+    side = getattr(model, "input_size", None)
+    if side is None or len(train_ds) == 0:  # type: ignore[arg-type]
+        return
+    got = tuple(train_ds[0][0].shape[-2:])
+    if got != (side, side):
+        name = (getattr(model, "model_config", None) or {}).get("architecture", "the model")
+        raise ValueError(f"the training crops are {got[1]}×{got[0]} px but {name} takes {side}×{side}: pass "
+                         f"--model-arg input_size={got[0]}, or extract crops with --size {side}")
+
+
+def resumed_recipe(saved: dict[str, Any] | None, now: CropRecipe | None, path: Any, warn: bool = True) -> CropRecipe | None:
+    """The recipe a resumed run records: this run's, with the older preprocessing version of the two;
+    crops cut differently from the checkpoint's are named in a warning."""
+    if saved is None or now is None:
+        return now
+    before = CropRecipe.from_dict(saved)
+    if warn and (conflicts := before.conflicts(now)):
+        log.warning("resuming %s on crops cut differently from its earlier epochs': %s", path, ", ".join(conflicts))
+    return CropRecipe(**{**now.to_dict(), "version": min(before.version, now.version)})

@@ -41,11 +41,13 @@ from torch.utils.data import DataLoader, Dataset, Subset, WeightedRandomSampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from worker.preprocess import CropRecipe
+
 from training.evaluate import accuracy, roc_auc, video_level
 from training.models import create_model
 from training.models.cross_stitch import param_groups
 from training.normalise import fit_frequency_norm
-from training.run_files import resume_changes, save_atomic, tensorboard_writer, write_csv
+from training.run_files import check_crops_fit, resume_changes, resumed_recipe, save_atomic, tensorboard_writer, write_csv
 from training.sampling import Augment, EpochCycle, PairedBatchSampler, labels_of, sbi_pair_key
 
 __all__ = ["Augment", "EpochCycle", "PairedBatchSampler", "TrainConfig", "TrainResult", "build_optimizer",
@@ -216,11 +218,13 @@ def _validate(model: nn.Module, loader: DataLoader, device: torch.device, amp: s
 
 def train(
     cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, *, model: nn.Module | None = None,
-    callbacks: Sequence[Callable[[dict[str, Any], nn.Module], None]] = (),
+    callbacks: Sequence[Callable[[dict[str, Any], nn.Module], None]] = (), crop_recipe: CropRecipe | None = None,
 ) -> TrainResult:
     """Train `cfg.model` (or `model`) on (x, label, video_id) items; returns the best-val-accuracy model.
 
     `callbacks` run after every epoch with the epoch's metrics row and the unwrapped model.
+    `crop_recipe`: how the crops were cut (`training.data.caches_recipe`); checkpoints record it, the
+    returned model carries it as ``crop_recipe`` and export puts it in the model card.
     """
     t0 = time.perf_counter()
     rank, world, device, own_group = _dist_setup(cfg)
@@ -230,8 +234,11 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     seed_everything(cfg.seed)
+    fresh = model is None
     if model is None:
         model = create_model(cfg.model, imagenet_path=cfg.imagenet_path, **cfg.model_kwargs)
+    check_crops_fit(model, train_ds)  # before the frequency normalisation's first forward pass
+    if fresh:
         full_width = getattr(model, "init_kwargs", {}).get("width") == 1.0  # ImageNet weights fit only this
         if cfg.imagenet_path is None and "rgb" in getattr(model, "branches", ()) and full_width and not cfg.resume \
                 and rank == 0:
@@ -257,6 +264,7 @@ def train(
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best, history = int(ckpt["epoch"]), ckpt.get("best"), list(ckpt.get("history", []))
+        crop_recipe = resumed_recipe(ckpt.get("crop_recipe"), crop_recipe, cfg.resume, warn=rank == 0)
         for change in resume_changes(ckpt.get("config") or {}, {**asdict(cfg), "processes": world}) if rank == 0 else ():
             log.warning("resuming %s with %s", cfg.resume, change)
         src = Path(cfg.resume).with_name("best.pt")  # resuming into another directory: bring the best along
@@ -354,7 +362,8 @@ def train(
         history.append(row)
         if rank == 0:
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            meta = {"model_config": getattr(model, "model_config", None), "config": {**asdict(cfg), "processes": world}}
+            meta = {"model_config": getattr(model, "model_config", None), "config": {**asdict(cfg), "processes": world},
+                    "crop_recipe": crop_recipe.to_dict() if crop_recipe is not None else None}
             if improved:
                 save_atomic({"model": state, "epoch": epoch + 1, "metrics": best, **meta}, best_path)
             save_atomic({"model": state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -383,6 +392,7 @@ def train(
     model.load_state_dict(ckpt["model"])
     if own_group:
         dist.destroy_process_group()
+    model.crop_recipe = crop_recipe.to_dict() if crop_recipe is not None else None
     return TrainResult(model=model.eval(), best_epoch=int(best["epoch"]), best=best, history=history,
                        out_dir=out_dir, best_path=best_path, last_path=last_path,
                        seconds=time.perf_counter() - t0)

@@ -85,6 +85,18 @@ class StageTimer:
         return {k: round(v, 1) for k, v in self.ms.items()}
 
 
+def check_recipe(card, detector: str) -> None:  # card: ModelCard
+    """Log where the worker cuts a model's crops otherwise than its training crops were cut: with
+    another detector (boxes differ a little), or with a newer preprocessing version."""
+    recipe = card.recipe()
+    if card.crop_recipe is not None and recipe.detector != detector:
+        log.warning("model_crops_differ", model=card.name, trained_with=recipe.detector, detector=detector,
+                    note="faces are found with another detector than the model's training crops were")
+    if changes := recipe.changes_since():
+        log.info("model_preprocessing_older", model=card.name, trained_with_version=recipe.version,
+                 changes_since=changes)
+
+
 def face_record(t: float, frame_index: int, face, largest: bool) -> dict:
     return {
         "t": round(t, 3),
@@ -125,7 +137,11 @@ class Moderator:
             self.policy = DecisionPolicy.from_settings(self.engine.card, settings)
         except ValueError as exc:  # DEEPFAKE_REVIEW_THRESHOLD above the card's threshold
             raise ConfigurationError(f"DEEPFAKE_REVIEW_THRESHOLD: {exc}") from exc
-        self.crop_size = self.engine.card.input_size
+        self.recipe = self.engine.card.recipe()  # cut crops as the model's training crops were cut
+        self.crop_size = self.recipe.size
+        check_recipe(self.engine.card, settings.detector)
+        if self.shadow is not None:
+            check_recipe(self.shadow.engine.card, settings.detector)
         self._report_model = None
 
     def _load_engine(self, model_dir: Path) -> Engine:
@@ -229,7 +245,7 @@ class Moderator:
             chunks = prefetch(chunks, depth=2, name="decode-detect")
         scored: list[int] = []  # index into `faces` of each crop's face
         pending: list[np.ndarray] = []
-        shadow_pending: list[np.ndarray] = []  # the shadow model's own crops, when its input size differs
+        shadow_pending: list[np.ndarray] = []  # the shadow model's own crops, when they are cut differently
         shadow = self.shadow.start(source.uri) if self.shadow is not None else None
         early_exit = False
 
@@ -284,14 +300,15 @@ class Moderator:
         self, reader: VideoReader, n_frames: int, timer: StageTimer, faces: list[dict], counts: dict
     ) -> Iterator[tuple[list[np.ndarray], list[np.ndarray], list[int]]]:
         """Decode → detect → crop, `detect_batch` frames at a time: (crops, the shadow model's crops
-        when its input size differs (else none), their face indices).
+        when its recipe cuts them differently (else none), their face indices).
 
         Up to `max_faces_scored` faces per frame are cropped: the largest (the one the paper's video
         score uses) and, in a frame with more faces than that, the others in turn (`faces_to_score`).
         """
         chunk: list[SampledFrame] = []
         limit = self.settings.max_faces_scored
-        shadow_size = self.shadow.crop_size if self.shadow is not None else self.crop_size
+        own = (self.recipe.size, self.recipe.scale)
+        shadow = (self.shadow.recipe.size, self.shadow.recipe.scale) if self.shadow is not None else own
 
         def flush() -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
             with timer.stage("detect"):
@@ -309,9 +326,9 @@ class Moderator:
                         faces.append(face_record(frame.t, frame.index, face, rank == 0))
                         if rank in scored:
                             indices.append(len(faces) - 1)
-                            crops.append(crop_face(frame.image, face.box, size=self.crop_size))
-                            if shadow_size != self.crop_size:  # cut again from the frame, not resized
-                                shadow_crops.append(crop_face(frame.image, face.box, size=shadow_size))
+                            crops.append(crop_face(frame.image, face.box, *own))
+                            if shadow != own:  # cut again from the frame, not resized
+                                shadow_crops.append(crop_face(frame.image, face.box, *shadow))
             chunk.clear()
             return crops, shadow_crops, indices
 

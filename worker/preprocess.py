@@ -7,7 +7,9 @@ columns, per channel, and the spectrum is its log-scaled magnitude.
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from functools import lru_cache
+from typing import Any
 
 import cv2
 import numpy as np
@@ -18,6 +20,55 @@ DEFAULT_CROP_SIZE = 299  # Xception's input size
 # ≈ 1.1e-3 for crops in [0, 1]): below it a coefficient is noise, and a smaller eps lets float32
 # rounding in near-zero bins swing the log (fp32 ONNX/TensorRT vs PyTorch then disagree ~1e-4).
 SPECTRUM_EPS = 1e-3
+DEFAULT_DETECTOR = "retinaface-mobilenet"
+# Raised whenever the same video gives different crops: a model is best served crops made the way
+# its training crops were, so crop caches and model cards record the version they were made with.
+PREPROCESSING_VERSION = 2
+PREPROCESSING_CHANGES = {
+    1: "deepfake 0.3.0 and earlier: frames read as stored",
+    2: "HDR (PQ, HLG) and wide-gamut (BT.2020, P3) frames brought to SDR BT.709 before detection and cropping",
+}
+
+
+@dataclass(frozen=True)
+class CropRecipe:
+    """How face crops are made: crop side, enlargement, detector and preprocessing version.
+
+    A crop cache records the recipe of its crops and a model card the recipe of the crops it was
+    trained on, so that crops cut another way are never mixed into a cache and the worker cuts a
+    model's crops as its training crops were cut.
+    """
+
+    size: int = DEFAULT_CROP_SIZE
+    scale: float = CROP_SCALE
+    detector: str = DEFAULT_DETECTOR
+    version: int = PREPROCESSING_VERSION
+
+    def __post_init__(self) -> None:
+        if int(self.size) < 1 or not float(self.scale) > 0 or int(self.version) < 1 or not self.detector:
+            raise ValueError(f"not a crop recipe: {self}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CropRecipe":
+        try:
+            return cls(size=int(data["size"]), scale=float(data["scale"]), detector=str(data["detector"]),
+                       version=int(data["version"]))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a crop recipe (size, scale, detector, version): {data!r}") from exc
+
+    def conflicts(self, other: "CropRecipe") -> list[str]:
+        """What makes `other`'s crops differ in geometry from these ("size 299, not 128"); empty if none.
+
+        The version is left out: it changes only some videos' crops (see `changes_since`)."""
+        return [f"{name} {getattr(other, name)}, not {getattr(self, name)}"
+                for name in ("size", "scale", "detector") if getattr(other, name) != getattr(self, name)]
+
+    def changes_since(self) -> list[str]:
+        """What preprocessing has changed since this recipe's version, oldest first."""
+        return [PREPROCESSING_CHANGES[v] for v in range(self.version + 1, PREPROCESSING_VERSION + 1)]
 
 
 def square_crop_box(

@@ -18,6 +18,7 @@ import structlog
 
 from worker.decision import DecisionPolicy
 from worker.engine import Engine
+from worker.preprocess import CropRecipe
 from worker.verdict import aggregate_mean
 
 log = structlog.get_logger("worker.shadow")
@@ -38,6 +39,11 @@ class ShadowModel:
     @property
     def crop_size(self) -> int:
         return self.engine.card.input_size
+
+    @property
+    def recipe(self) -> CropRecipe:
+        """How the candidate's crops are cut: as its own training crops were."""
+        return self.engine.card.recipe()
 
     def start(self, source: str) -> "ShadowJob":
         return ShadowJob(self, source)

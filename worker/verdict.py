@@ -7,6 +7,7 @@ from typing import Any
 
 from worker import __version__
 from worker.errors import ModerationError
+from worker.preprocess import PREPROCESSING_VERSION
 
 SCHEMA = "deepfake-verdict/1"
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "verdict.schema.json"  # the JSON Schema integrators validate against
@@ -38,6 +39,7 @@ def _base(source: str, model: dict | None, threshold: float | None) -> dict[str,
         "model": model,
         "timings_ms": {},
         "worker_version": __version__,
+        "preprocessing_version": PREPROCESSING_VERSION,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
     }
 

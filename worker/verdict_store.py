@@ -24,6 +24,7 @@ import structlog
 from botocore.exceptions import ClientError
 
 from worker import __version__
+from worker.preprocess import PREPROCESSING_VERSION
 from worker.s3 import CHANGED_CODES, MAX_KEY_BYTES, NOT_FOUND_CODES, S3Location, error_code, make_client
 from worker.video import frames_to_sample
 
@@ -257,6 +258,12 @@ def _version(text: object) -> tuple[int, ...]:
         return (0,)  # not a version this worker wrote
 
 
+def _preprocessing_version(stored: dict) -> int:
+    """The stored verdict's preprocessing version; 1 for a verdict written before verdicts carried one."""
+    value = stored.get("preprocessing_version", 1)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int, max_sample_gap_s: float = 0.0,
              policy: DecisionPolicy | None = None) -> bool:
     """A stored verdict answers a new job for the same upload bytes, model weights and sampling
@@ -274,6 +281,8 @@ def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int, 
         return False
     if code not in LIMIT_ERRORS and _version(stored.get("worker_version")) < DECODING_SINCE:
         return False
+    if code not in LIMIT_ERRORS and _preprocessing_version(stored) < PREPROCESSING_VERSION:
+        return False  # faces were read or cut otherwise (e.g. an HDR upload read as SDR)
     if "action" not in stored:
         return False  # written before verdicts carried an action
     if policy is not None and not policy.answers(stored):

@@ -5,7 +5,18 @@
     extract_videos(ffpp_videos("/data/ffpp", compression="c23"), "data/ffpp_c23", frames_per_video=270)
     ds = CropDataset("data/demo", "train", hflip=True)           # (x 3×S×S in [0,1], label, video_id)
 """
-from .crops import CropCache, CropDataset, CropRecord, load_crop, read_index, video_labels
+from .crops import (
+    CropCache,
+    CropCacheMismatch,
+    CropDataset,
+    CropRecord,
+    cache_recipe,
+    caches_recipe,
+    load_crop,
+    read_index,
+    recipe_mismatch,
+    video_labels,
+)
 from .datasets import (
     FFPP_MANIPULATIONS,
     DatasetLayoutError,
@@ -21,8 +32,8 @@ from .extract import ExtractStats, VideoItem, assign_frames, extract_videos, ite
 from .sbi import self_blend
 
 __all__ = [
-    "CropCache", "CropDataset", "CropRecord", "DatasetLayoutError", "DemoStats", "ExtractStats",
-    "FFPP_MANIPULATIONS", "VideoItem", "assign_frames", "build_demo_crops", "celebdf_videos", "count_items",
+    "CropCache", "CropCacheMismatch", "CropDataset", "CropRecord", "DatasetLayoutError", "DemoStats", "ExtractStats",
+    "FFPP_MANIPULATIONS", "VideoItem", "assign_frames", "build_demo_crops", "cache_recipe", "caches_recipe", "celebdf_videos", "count_items",
     "dfd_videos", "extract_videos", "ffpp_videos", "iter_frames", "largest_face", "load_crop", "read_celebdf_list",
-    "read_ffpp_split", "read_index", "self_blend", "video_labels",
+    "read_ffpp_split", "read_index", "recipe_mismatch", "self_blend", "video_labels",
 ]

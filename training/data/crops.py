@@ -2,6 +2,7 @@
 
 Layout (one directory per split, crops lossless so training sees exactly what was cropped)::
 
+    <root>/cache.json                 how the crops were made (worker.preprocess.CropRecipe)
     <root>/<split>/index.csv          path,label,video_id,frame,source,manipulation,compression
     <root>/<split>/videos.csv         video_id,frames,faces  (videos whose extraction finished)
     <root>/<split>/<video_id>/<frame:06d>.png
@@ -9,10 +10,16 @@ Layout (one directory per split, crops lossless so training sees exactly what wa
 Writing appends one row per crop after its PNG is on disk and flushes, so an interrupted build
 loses at most the crop in flight; a rerun skips every (video_id, frame) already indexed. A torn
 last line (a kill mid-write) is ignored on reading and rewritten by the rerun.
+
+`cache.json` records the crops' recipe (side, enlargement, detector, preprocessing version): a run
+that would cut crops another way into the cache is refused, training checks the crops fit the
+model, and the exported model card carries the recipe to the worker, which cuts crops the same way.
 """
 from __future__ import annotations
 
 import csv
+import json
+import logging
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,10 +30,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from worker.preprocess import crops_to_tensor_layout
+from worker.preprocess import CropRecipe, crops_to_tensor_layout
 
+log = logging.getLogger(__name__)
 INDEX = "index.csv"
 VIDEOS = "videos.csv"
+MANIFEST = "cache.json"
+MANIFEST_SCHEMA = "deepfake-crop-cache/1"
 SPLITS = ("train", "val", "test")
 LABELS = {0: "real", 1: "fake"}  # the model's class order: 1 = fake
 
@@ -84,13 +94,98 @@ def video_labels(root: str | Path, split: str) -> dict[str, int]:
     return out
 
 
-class CropCache:
-    """Appending writer for a crop cache at `root`; safe to reopen on a half-written cache."""
+class CropCacheMismatch(ValueError):
+    """Crops cut another way would be mixed: into one cache, or from several caches into one run."""
 
-    def __init__(self, root: str | Path) -> None:
+
+def cache_recipe(root: str | Path) -> CropRecipe | None:
+    """How a cache's crops were made: its manifest's recipe, or None when it holds no crops.
+
+    A cache made before caches kept one (deepfake 0.3.0 and earlier) gets an inferred recipe: the
+    side of its first crop, the enlargement and detector `extract` always used, preprocessing version 1.
+    """
+    root = Path(root)
+    path = root / MANIFEST
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("schema") != MANIFEST_SCHEMA:
+                raise ValueError(f"schema {data.get('schema')!r}, not {MANIFEST_SCHEMA!r}")
+            return CropRecipe.from_dict(data["recipe"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path} is not a readable crop-cache manifest: {exc}") from exc
+    for index in sorted(root.glob(f"*/{INDEX}")):
+        records = read_index(root, index.parent.name)
+        if records:
+            return CropRecipe(size=load_crop(index.parent / records[0].path).shape[0], version=1)
+    return None
+
+
+def caches_recipe(roots: list[str | Path] | list[Path]) -> CropRecipe | None:
+    """The one recipe of the crops of several caches read together (its version: the oldest).
+
+    Raises :class:`CropCacheMismatch` when two caches' crops were cut differently."""
+    found = [(Path(r), rec) for r in roots if (rec := cache_recipe(r)) is not None]
+    if not found:
+        return None
+    first_root, recipe = found[0]
+    for root, other in found[1:]:
+        if conflicts := recipe.conflicts(other):
+            raise CropCacheMismatch(f"crop caches {first_root} and {root} were cut differently ({root}: "
+                                    f"{', '.join(conflicts)}); train or evaluate on caches made the same way")
+    return CropRecipe(**{**recipe.to_dict(), "version": min(r.version for _, r in found)})
+
+
+def recipe_mismatch(root: str | Path, trained: CropRecipe | None) -> str | None:
+    """Why a cache's crops are not those a model was trained on (and the worker would cut for it), or None."""
+    here = cache_recipe(root)
+    if trained is None or here is None or not (conflicts := trained.conflicts(here)):
+        return None
+    return (f"{root} holds crops cut with {', '.join(conflicts)} as the model's training crops were: its scores "
+            "here are not those the worker would give")
+
+
+class CropCache:
+    """Appending writer for a crop cache at `root`; safe to reopen on a half-written cache.
+
+    Every crop added is cut by `recipe`. Reopening a cache whose crops were cut another way raises
+    :class:`CropCacheMismatch`; one made by an older preprocessing version is added to with a
+    warning, and keeps the older version in its manifest.
+    """
+
+    def __init__(self, root: str | Path, recipe: CropRecipe) -> None:
         self.root = Path(root)
+        self.recipe = recipe
         self._keys: dict[str, set[tuple[str, int]]] = {}
         self._done: dict[str, dict[str, dict[str, str]]] = {}
+        self._existing = cache_recipe(self.root)
+        self._manifest_written = (self.root / MANIFEST).is_file()
+        if self._existing is not None:
+            if conflicts := self._existing.conflicts(recipe):
+                raise CropCacheMismatch(
+                    f"{self.root} holds crops cut with size {self._existing.size}, scale {self._existing.scale}, "
+                    f"detector {self._existing.detector}; this run cuts {', '.join(conflicts)}: "
+                    "extract into a new directory")
+            if self._existing.version < recipe.version:
+                log.warning("%s holds crops made by preprocessing version %d; crops added now are made by "
+                            "version %d (%s). The cache keeps version %d; extract into a new directory for crops "
+                            "all made the new way", self.root, self._existing.version, recipe.version,
+                            "; ".join(self._existing.changes_since()), self._existing.version)
+
+    def _write_manifest(self) -> None:
+        """cache.json, before the first crop this object adds (a cache from 0.3.0 gets its inferred one)."""
+        if self._manifest_written:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        recipe = self.recipe
+        if self._existing is not None:  # an older cache's crops: keep their version
+            recipe = CropRecipe(**{**recipe.to_dict(), "version": min(recipe.version, self._existing.version)})
+        manifest = {"schema": MANIFEST_SCHEMA, "recipe": recipe.to_dict(),
+                    "inferred": self._existing is not None}  # True: written for crops made before manifests
+        tmp = self.root / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(self.root / MANIFEST)
+        self._manifest_written = True
 
     def _split_dir(self, split: str) -> Path:
         if not split or "/" in split or split.startswith("."):
@@ -112,11 +207,15 @@ class CropCache:
         """Store one S×S×3 uint8 RGB crop; False (nothing written) when it is already indexed."""
         if crop.ndim != 3 or crop.shape[2] != 3 or crop.dtype != np.uint8:
             raise ValueError(f"expected an S×S×3 uint8 crop, got {crop.shape} {crop.dtype}")
+        if crop.shape[:2] != (self.recipe.size, self.recipe.size):
+            raise ValueError(f"expected a {self.recipe.size}×{self.recipe.size} crop (the cache's recipe), "
+                             f"got {crop.shape[1]}×{crop.shape[0]}")
         if label not in LABELS:
             raise ValueError(f"label must be 0 (real) or 1 (fake), got {label!r}")
         if self.has(split, video_id, frame):
             return False
         d = self._split_dir(split)
+        self._write_manifest()
         rel = f"{safe_name(video_id)}/{int(frame):06d}.png"
         (d / rel).parent.mkdir(parents=True, exist_ok=True)
         if not cv2.imwrite(str(d / rel), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR)):

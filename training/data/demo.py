@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from worker.faces import FaceDetector, create_detector
 from worker.frames import to_rgb
-from worker.preprocess import crop_face
+from worker.preprocess import DEFAULT_DETECTOR, CropRecipe, crop_face
 
 from .crops import SPLITS, CropCache
 from .extract import largest_face
@@ -144,8 +144,8 @@ def build_demo_crops(
     crops (a partial build, as if interrupted).
     """
     t0 = time.perf_counter()
-    detector = detector or create_detector("retinaface-mobilenet")
-    cache = CropCache(out_dir)
+    cache = CropCache(out_dir, CropRecipe(size=size, detector=detector.name if detector else DEFAULT_DETECTOR))
+    detector = detector or create_detector(DEFAULT_DETECTOR)
     stats = DemoStats()
     frames = [*_carphone(clip_len), *_astronaut(astronaut_frames, clip_len, seed, detector),
               *_lfw(lfw_faces, lfw_group)]
@@ -176,7 +176,7 @@ def build_demo_crops(
                     if max_new is not None and stats.written >= max_new:
                         bar.close()
                         return _finish(stats, cache, t0)
-                    crop = crop_face(img, face.box, size)
+                    crop = crop_face(img, face.box, size, cache.recipe.scale)
                     if cache.add(fr.split, crop, label=label, video_id=vid, frame=fr.frame, source=fr.source,
                                  manipulation=manip, compression=fr.compression):
                         stats.written += 1

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from worker.decode import Limits, VideoReader
 from worker.errors import ModerationError
 from worker.faces import Face, FaceDetector, create_detector
-from worker.preprocess import CROP_SCALE, DEFAULT_CROP_SIZE, crop_face
+from worker.preprocess import CROP_SCALE, DEFAULT_CROP_SIZE, DEFAULT_DETECTOR, CropRecipe, crop_face
 
 from .crops import CropCache
 
@@ -99,8 +99,8 @@ def iter_frames(path: str | Path, n: int, mode: Mode = "even") -> Iterator[tuple
         raise ValueError(f"mode must be 'even' or 'consecutive', got {mode!r}")
 
 
-def _extract_one(item: VideoItem, cache: CropCache, detector: FaceDetector, n: int, size: int, scale: float,
-                 mode: Mode, batch_size: int, stats: ExtractStats) -> tuple[int, int]:
+def _extract_one(item: VideoItem, cache: CropCache, detector: FaceDetector, n: int, mode: Mode, batch_size: int,
+                 stats: ExtractStats) -> tuple[int, int]:
     frames_read = kept = 0
     batch: list[tuple[int, np.ndarray]] = []
 
@@ -114,7 +114,7 @@ def _extract_one(item: VideoItem, cache: CropCache, detector: FaceDetector, n: i
             if face is None:
                 stats.no_face += 1
                 continue
-            crop = crop_face(img, face.box, size, scale)
+            crop = crop_face(img, face.box, cache.recipe.size, cache.recipe.scale)
             if cache.add(item.split, crop, label=item.label, video_id=item.video_id, frame=number,
                          source=item.source, manipulation=item.manipulation, compression=item.compression):
                 stats.crops += 1
@@ -159,8 +159,9 @@ def extract_videos(
     ids = [(v.split, v.video_id) for v in videos]
     if len(set(ids)) != len(ids):
         raise ValueError("video ids must be unique within a split")
-    cache = CropCache(out_root)
-    detector = detector or create_detector("retinaface-mobilenet")
+    recipe = CropRecipe(size=size, scale=scale, detector=detector.name if detector else DEFAULT_DETECTOR)
+    cache = CropCache(out_root, recipe)  # refuses a cache cut another way before the detector loads
+    detector = detector or create_detector(DEFAULT_DETECTOR)
     stats = ExtractStats()
     bar = tqdm(videos, desc="extract faces", unit="video", disable=not progress)
     for item in bar:
@@ -168,8 +169,7 @@ def extract_videos(
             stats.skipped += 1
             continue
         try:
-            read, kept = _extract_one(item, cache, detector, item.frames or frames_per_video, size, scale, mode,
-                                      batch_size, stats)
+            read, kept = _extract_one(item, cache, detector, item.frames or frames_per_video, mode, batch_size, stats)
         except (ModerationError, av.error.FFmpegError, FileNotFoundError) as exc:
             log.warning("skipping %s (%s): %s", item.video_id, item.path, exc)
             stats.failed.append((item.video_id, str(exc)))

@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from worker.preprocess import CropRecipe
+
 CARD_FILE = "model.json"
 CARD_SCHEMA = "deepfake-model-card/1"
 
@@ -33,13 +35,24 @@ class ModelCard(BaseModel):
     warning: str | None = None  # a caveat every verdict made with this model repeats (the demo model has one)
     metrics: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, str] = Field(default_factory=lambda: {"weights": "weights.pt"})
+    # How the training crops were cut (worker.preprocess.CropRecipe); None on cards made before 0.4.0.
+    crop_recipe: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _review_below_threshold(self) -> "ModelCard":
         if self.review_threshold is not None and self.review_threshold > self.threshold:
             raise ValueError(f"review_threshold {self.review_threshold} is above threshold {self.threshold}: "
                              "the review band lies below the fake threshold")
+        if self.crop_recipe is not None and self.recipe().size != self.input_size:
+            raise ValueError(f"crop_recipe size {self.recipe().size} is not input_size {self.input_size}")
         return self
+
+    def recipe(self) -> CropRecipe:
+        """How to cut this model's crops: as its training crops were; a card without a recipe (made
+        before cards kept one) gets the paper's 1.3× enlargement at its input size."""
+        if self.crop_recipe is None:
+            return CropRecipe(size=self.input_size)
+        return CropRecipe.from_dict(self.crop_recipe)
 
     @classmethod
     def load(cls, model_dir: Path) -> "ModelCard":
