@@ -191,11 +191,15 @@ def test_a_cache_records_how_its_crops_were_cut_and_refuses_crops_cut_otherwise(
     legacy.add("val", crop, label=1, video_id="w", frame=0)
     assert json.loads((tmp_path / MANIFEST).read_text())["inferred"] is True
     assert cache_recipe(tmp_path) == CropRecipe(size=8, version=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, "train", "val"]  # no temporary file left
 
     # Several caches read together: one recipe, the oldest version; cut differently, refused.
     newer = tmp_path / "newer"
     CropCache(newer, recipe).add("train", crop, label=0, video_id="n", frame=0)
     assert caches_recipe([newer, tmp_path]) == CropRecipe(size=8, version=1)
+    # Crops by an older preprocessing added to a newer cache make it older.
+    CropCache(newer, CropRecipe(size=8, version=1)).add("train", crop, label=0, video_id="n", frame=1)
+    assert cache_recipe(newer) == CropRecipe(size=8, version=1)
     bigger = tmp_path / "bigger"
     CropCache(bigger, CropRecipe(size=16)).add("train", np.zeros((16, 16, 3), np.uint8), label=0, video_id="b", frame=0)
     with pytest.raises(CropCacheMismatch, match="were cut differently .*size 16, not 8"):

@@ -85,9 +85,10 @@ def test_crops_are_cut_as_each_model_card_says_its_training_crops_were(settings,
     gets the paper's 1.3×."""
     from worker.decode import VideoReader
     from worker.pipeline import StageTimer
-    from worker.preprocess import CROP_SCALE, crop_face
+    from worker.preprocess import CROP_SCALE, CropRecipe, crop_face
 
-    assert moderator.recipe.scale == CROP_SCALE and ModelCard.load(random_model_dir).crop_recipe is None
+    assert ModelCard.load(random_model_dir).crop_recipe is None  # a card from before recipes: 1.3×, version 1
+    assert moderator.recipe == CropRecipe(size=299, scale=CROP_SCALE, version=1)
     wide_recipe = {"size": 299, "scale": 1.8, "detector": "retinaface-mobilenet", "version": 2}
     wide = candidate(random_model_dir, tmp_path / "wide", name="wide", crop_recipe=wide_recipe)
     m = Moderator(settings.model_copy(update={"model_dir": wide, "shadow_model_dir": random_model_dir}),

@@ -216,7 +216,16 @@ def test_checkpoints_carry_how_the_crops_were_cut_and_misfit_crops_are_refused(t
         resumed = train(cfg_for(tmp_path, epochs=2, max_steps_per_epoch=1, resume=str(tmp_path / "run" / "last.pt")),
                         ds, val, crop_recipe=CropRecipe(size=SIZE, scale=1.6))
     assert "on crops cut differently from its earlier epochs': scale 1.6, not 1.3" in caplog.text
-    assert resumed.model.crop_recipe == CropRecipe(size=SIZE, scale=1.6, version=1).to_dict()
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert last["crop_recipe"] == CropRecipe(size=SIZE, scale=1.6, version=1).to_dict()
+    # The returned model is the best epoch's, and carries that epoch's recipe.
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert resumed.model.crop_recipe == best["crop_recipe"]
+    assert best["crop_recipe"]["scale"] == (1.6 if best["epoch"] == 2 else 1.3)
+    # A resumed run told no recipe keeps the checkpoint's.
+    again = train(cfg_for(tmp_path, epochs=3, max_steps_per_epoch=1, resume=str(tmp_path / "run" / "last.pt")), ds, val)
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["crop_recipe"] == last["crop_recipe"]
+    assert again.model.crop_recipe is not None
     with pytest.raises(ValueError, match=f"the training crops are {SIZE}×{SIZE} px but mdcsd_tiny takes 48×48"):
         train(cfg_for(tmp_path / "misfit", model_kwargs={"input_size": 48}), ds, val)
     assert not (tmp_path / "misfit" / "run" / "last.pt").exists()
@@ -318,7 +327,7 @@ def test_demo_training_reaches_video_auc(tmp_path):
     assert carphone["video"]["auc"] >= 0.95 and carphone["frame"]["auc"] >= 0.93, carphone
     assert test["video"]["auc"] >= 0.85 and test["frame"]["auc"] >= 0.83, test
     assert card.trained and "NOT trained on FaceForensics++" in card.training_data
-    assert card.recipe() == CropRecipe(size=128)  # the worker cuts its crops as the demo data's were
+    assert card.crop_recipe == CropRecipe(size=128).to_dict()  # the worker cuts its crops as the demo data's were
     assert card.onnx["parity"]["max_abs_diff_prob"] <= 1e-4
     crops = np.zeros((2, card.input_size, card.input_size, 3), np.uint8)
     assert load_engine(out).predict(crops).shape == (2,)

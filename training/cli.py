@@ -340,11 +340,16 @@ def _some_crops(root: Path, split: str, n: int = 8):  # type: ignore[no-untyped-
 
 
 def cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from training.data import recipe_mismatch
     from training.export import export_model_dir
+    from worker.preprocess import CropRecipe
 
     model = load_checkpoint_model(args.checkpoint)
     calibration, crops = None, None
     if args.calibrate_on:
+        trained = CropRecipe.from_dict(model.crop_recipe) if model.crop_recipe else None
+        if warning := recipe_mismatch(args.calibrate_on, trained):
+            log.warning("the threshold is calibrated on other crops than the worker cuts: %s", warning)
         if not 0.0 <= args.target_fpr <= 1.0:
             parser.error("--target-fpr must be in [0, 1]")
         if args.review_fpr is not None and not args.target_fpr <= args.review_fpr <= 1.0:

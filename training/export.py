@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from worker.engine.model_card import ModelCard, sha256_file
-from worker.preprocess import crops_to_tensor_layout
+from worker.preprocess import CropRecipe, crops_to_tensor_layout
 
 WEIGHTS_FILE = "weights.pt"
 ONNX_FILE = "model.onnx"
@@ -179,6 +179,9 @@ def export_model_dir(
         raise ValueError("architecture is required for a model without model_config")
     architecture_kwargs = dict(architecture_kwargs if architecture_kwargs is not None else cfg["kwargs"])
     input_size = int(input_size or architecture_kwargs.get("input_size") or getattr(model, "input_size", 299))
+    crop_recipe = crop_recipe if crop_recipe is not None else getattr(model, "crop_recipe", None)
+    if crop_recipe is not None and (side := CropRecipe.from_dict(crop_recipe).size) != input_size:
+        raise ValueError(f"the training crops were {side} px but the model takes {input_size}")  # before any file
     if calibration is not None:
         from training.evaluate import threshold_for_fpr
 
@@ -228,8 +231,7 @@ def export_model_dir(
         input_size=input_size, normalization=_normalization(architecture_kwargs), threshold=threshold,
         operating_point=operating_point, review_threshold=review_threshold,
         review_operating_point=review_operating_point, trained=trained, training_data=training_data, metrics=metrics or {},
-        files=files, crop_recipe=crop_recipe if crop_recipe is not None else getattr(model, "crop_recipe", None),
-        **extra, **card_fields,
+        files=files, crop_recipe=crop_recipe, **extra, **card_fields,
     )
     card.save(out_dir)
     return card

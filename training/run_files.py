@@ -75,7 +75,8 @@ def check_crops_fit(model: nn.Module, train_ds: Dataset) -> None:
     side = getattr(model, "input_size", None)
     if side is None or len(train_ds) == 0:  # type: ignore[arg-type]
         return
-    got = tuple(train_ds[0][0].shape[-2:])
+    with torch.random.fork_rng(devices=[]):  # the item's flips and augmentation must not move the seeded draws
+        got = tuple(train_ds[0][0].shape[-2:])
     if got != (side, side):
         name = (getattr(model, "model_config", None) or {}).get("architecture", "the model")
         raise ValueError(f"the training crops are {got[1]}×{got[0]} px but {name} takes {side}×{side}: pass "
@@ -85,8 +86,8 @@ def check_crops_fit(model: nn.Module, train_ds: Dataset) -> None:
 def resumed_recipe(saved: dict[str, Any] | None, now: CropRecipe | None, path: Any, warn: bool = True) -> CropRecipe | None:
     """The recipe a resumed run records: this run's, with the older preprocessing version of the two;
     crops cut differently from the checkpoint's are named in a warning."""
-    if saved is None or now is None:
-        return now
+    if saved is None or now is None:  # told none now: the checkpoint's stands
+        return now if saved is None else CropRecipe.from_dict(saved)
     before = CropRecipe.from_dict(saved)
     if warn and (conflicts := before.conflicts(now)):
         log.warning("resuming %s on crops cut differently from its earlier epochs': %s", path, ", ".join(conflicts))

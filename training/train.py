@@ -9,7 +9,8 @@ training crops (paper II-B, ``training.normalise``); a full-width RGB branch wit
 weights (``imagenet_path``, paper II-C) starts random, with a warning.
 
 Files under ``out_dir`` (rank 0 only): ``best.pt`` (weights of the best epoch + its metrics),
-``last.pt`` (model, optimizer, scheduler, epoch, best and history: resume from it),
+``last.pt`` (model, optimizer, scheduler, epoch, best and history: resume from it), both with the
+crops' ``crop_recipe`` (how they were cut, which export puts in the model card),
 ``metrics.csv`` (one row per epoch), ``config.json`` and TensorBoard events when tensorboard is
 installed. Validation metrics are frame-level unless named ``video``.
 
@@ -392,7 +393,7 @@ def train(
     model.load_state_dict(ckpt["model"])
     if own_group:
         dist.destroy_process_group()
-    model.crop_recipe = crop_recipe.to_dict() if crop_recipe is not None else None
+    model.crop_recipe = ckpt.get("crop_recipe")  # the best epoch's: a resumed run may have changed it since
     return TrainResult(model=model.eval(), best_epoch=int(best["epoch"]), best=best, history=history,
                        out_dir=out_dir, best_path=best_path, last_path=last_path,
                        seconds=time.perf_counter() - t0)

@@ -139,9 +139,9 @@ class Moderator:
             raise ConfigurationError(f"DEEPFAKE_REVIEW_THRESHOLD: {exc}") from exc
         self.recipe = self.engine.card.recipe()  # cut crops as the model's training crops were cut
         self.crop_size = self.recipe.size
-        check_recipe(self.engine.card, settings.detector)
+        check_recipe(self.engine.card, self.detector.name)
         if self.shadow is not None:
-            check_recipe(self.shadow.engine.card, settings.detector)
+            check_recipe(self.shadow.engine.card, self.detector.name)
         self._report_model = None
 
     def _load_engine(self, model_dir: Path) -> Engine:

@@ -25,7 +25,7 @@ DEFAULT_DETECTOR = "retinaface-mobilenet"
 # its training crops were, so crop caches and model cards record the version they were made with.
 PREPROCESSING_VERSION = 2
 PREPROCESSING_CHANGES = {
-    1: "deepfake 0.3.0 and earlier: frames read as stored",
+    1: "frames read as stored, HDR as if it were SDR (deepfake 0.3.0 and earlier)",
     2: "HDR (PQ, HLG) and wide-gamut (BT.2020, P3) frames brought to SDR BT.709 before detection and cropping",
 }
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -99,7 +100,7 @@ class CropCacheMismatch(ValueError):
 
 
 def cache_recipe(root: str | Path) -> CropRecipe | None:
-    """How a cache's crops were made: its manifest's recipe, or None when it holds no crops.
+    """How a cache's crops were made: its manifest's recipe, or None when it has none and no crops.
 
     A cache made before caches kept one (deepfake 0.3.0 and earlier) gets an inferred recipe: the
     side of its first crop, the enlargement and detector `extract` always used, preprocessing version 1.
@@ -159,7 +160,10 @@ class CropCache:
         self._keys: dict[str, set[tuple[str, int]]] = {}
         self._done: dict[str, dict[str, dict[str, str]]] = {}
         self._existing = cache_recipe(self.root)
-        self._manifest_written = (self.root / MANIFEST).is_file()
+        # Written before this object's first crop is indexed: anew for a cache without one, and for one
+        # that this run's older preprocessing makes older.
+        self._manifest_written = (self.root / MANIFEST).is_file() and not (
+            self._existing is not None and recipe.version < self._existing.version)
         if self._existing is not None:
             if conflicts := self._existing.conflicts(recipe):
                 raise CropCacheMismatch(
@@ -173,16 +177,16 @@ class CropCache:
                             "; ".join(self._existing.changes_since()), self._existing.version)
 
     def _write_manifest(self) -> None:
-        """cache.json, before the first crop this object adds (a cache from 0.3.0 gets its inferred one)."""
+        """cache.json, before the first crop this object adds is indexed (a cache from 0.3.0 gets its
+        inferred recipe); the version is the oldest of its crops'."""
         if self._manifest_written:
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        recipe = self.recipe
-        if self._existing is not None:  # an older cache's crops: keep their version
+        recipe, inferred = self.recipe, False
+        if self._existing is not None:
             recipe = CropRecipe(**{**recipe.to_dict(), "version": min(recipe.version, self._existing.version)})
-        manifest = {"schema": MANIFEST_SCHEMA, "recipe": recipe.to_dict(),
-                    "inferred": self._existing is not None}  # True: written for crops made before manifests
-        tmp = self.root / (MANIFEST + ".tmp")
+            inferred = not (self.root / MANIFEST).is_file()  # crops made before caches kept manifests
+        manifest = {"schema": MANIFEST_SCHEMA, "recipe": recipe.to_dict(), "inferred": inferred}
+        tmp = self.root / f"{MANIFEST}.{os.getpid()}.tmp"  # two writers never share a temporary file
         tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         tmp.replace(self.root / MANIFEST)
         self._manifest_written = True
@@ -215,11 +219,11 @@ class CropCache:
         if self.has(split, video_id, frame):
             return False
         d = self._split_dir(split)
-        self._write_manifest()
         rel = f"{safe_name(video_id)}/{int(frame):06d}.png"
         (d / rel).parent.mkdir(parents=True, exist_ok=True)
         if not cv2.imwrite(str(d / rel), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR)):
             raise OSError(f"could not write {d / rel}")
+        self._write_manifest()  # after the crop is on disk, before it is indexed
         rec = CropRecord(rel, int(label), video_id, int(frame), source, manipulation, compression)
         self._append(d / INDEX, FIELDS, asdict(rec))
         self.keys(split).add((video_id, int(frame)))

@@ -49,9 +49,9 @@ class ModelCard(BaseModel):
 
     def recipe(self) -> CropRecipe:
         """How to cut this model's crops: as its training crops were; a card without a recipe (made
-        before cards kept one) gets the paper's 1.3× enlargement at its input size."""
+        before cards kept one, by preprocessing version 1) gets the paper's 1.3× at its input size."""
         if self.crop_recipe is None:
-            return CropRecipe(size=self.input_size)
+            return CropRecipe(size=self.input_size, version=1)
         return CropRecipe.from_dict(self.crop_recipe)
 
     @classmethod
