@@ -264,13 +264,15 @@ def test_training_extracts_faces_as_the_worker_detects_them() -> None:
     defaults, the worker from Settings: the two must agree, or training and serving crop different faces."""
     import inspect
 
+    from worker.preprocess import DEFAULT_DETECTOR
     from worker.settings import Settings
 
     defaults = inspect.signature(RetinaFaceDetector.__init__).parameters
     fields = Settings.model_fields
-    assert fields["detector"].default == "retinaface-mobilenet" and defaults["backbone"].default == "mobilenet0.25"
+    assert fields["detector"].default == DEFAULT_DETECTOR == "retinaface-mobilenet"
+    assert defaults["backbone"].default == "mobilenet0.25"
     assert fields["detector_score_threshold"].default == defaults["score_threshold"].default
     assert fields["detector_max_size"].default == defaults["max_size"].default
     root = Path(__file__).resolve().parents[1]
     for module in ("training/data/extract.py", "training/data/demo.py"):
-        assert 'create_detector("retinaface-mobilenet")' in (root / module).read_text(), module
+        assert "create_detector(DEFAULT_DETECTOR)" in (root / module).read_text(), module
