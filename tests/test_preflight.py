@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,24 @@ def test_a_gpu_worker_passes_the_model_check_only_where_cuda_is(env, capsys):
         assert code == 0 and results["model"]["ok"] and "on cuda" in results["model"]["detail"]
     else:
         assert code == 1 and not results["model"]["ok"] and "cuda" in results["model"]["detail"].lower()
+
+
+def test_the_model_check_names_how_crops_are_cut_and_warns_of_another_detector(env, capsys, random_model_dir,
+                                                                              tmp_path):
+    from worker.engine.model_card import ModelCard
+
+    code, results = check(capsys, "--only", "model")
+    assert code == 0 and results["model"]["detail"].endswith(", crops 299 px at 1.3×")
+    model = tmp_path / "model"
+    shutil.copytree(random_model_dir, model)
+    card = ModelCard.load(model)
+    card.crop_recipe = {"size": 299, "scale": 1.5, "detector": "retinaface-resnet50", "version": 2}
+    card.save(model)
+    env.setenv("DEEPFAKE_MODEL_DIR", str(model))
+    code, results = check(capsys, "--only", "model")
+    assert code == 0 and results["model"]["detail"].endswith(", crops 299 px at 1.5×")
+    assert "the model's training faces were found by retinaface-resnet50, this worker's by retinaface-mobilenet" \
+        in results["model"]["warning"] and "carry no information" in results["model"]["warning"]
 
 
 def test_the_model_check_loads_and_names_the_shadow_model(env, capsys, tmp_path):

@@ -56,15 +56,19 @@ def check_model(settings: Settings) -> Check:
         return Check("model", False, f"the engine returned {wrong!r} for one crop, not one probability")
     moderator.detector.detect(np.zeros((1, 64, 64, 3), np.uint8))
     block = moderator.model_block
-    warning = block.get("warning")
+    card, recipe = moderator.engine.card, moderator.recipe
+    warnings = [block["warning"]] if block.get("warning") else []
+    if card.crop_recipe is not None and recipe.detector != moderator.detector.name:
+        warnings.append(f"the model's training faces were found by {recipe.detector}, this worker's by "
+                        f"{moderator.detector.name}: its crops will differ a little from those it learnt from")
     detail = (f"{block['name']} {block['version']} on {block['backend']} (sha256 {block['sha256'][:12]}), "
-              f"detector {settings.detector} on {settings.device}")
+              f"detector {settings.detector} on {settings.device}, crops {recipe.size} px at {recipe.scale}×")
     if moderator.shadow is not None:  # a candidate that does not score would fail every scored job
         if (wrong := _scores_one_crop(moderator.shadow.engine)) is not None:
             return Check("model", False, f"the shadow model returned {wrong!r} for one crop, not one probability")
         shadow = moderator.shadow.engine.describe()
         detail += f", shadow {shadow['name']} {shadow['version']} (sha256 {shadow['sha256'][:12]})"
-    return Check("model", True, detail, warning)
+    return Check("model", True, detail, "; ".join(warnings) or None)
 
 
 def check_redis(settings: Settings) -> Check:
