@@ -14,6 +14,7 @@ import pytest
 from faultproxy import FaultProxy, Rule
 from rq.job import Job
 from rq.registry import StartedJobRegistry
+from structlog.testing import capture_logs
 from workers import abandon, burst
 
 from worker.forget import forget
@@ -110,6 +111,45 @@ def test_a_job_stranded_by_a_lost_dequeue_reply_is_erased(s3, redis, fsettings):
     gone = forget(BUCKET, ALICE, settings=fsettings, connection=redis, s3_client=s3)
     assert gone.jobs_deleted == [raw.id] and not Job.exists(raw.id, connection=redis)
     assert clean_abandoned(queue) and queue.intermediate_queue.get_job_ids() == []  # gone: dropped from the list
+
+
+def test_jobs_are_deleted_under_the_queues_maintenance_lock(s3, redis, fsettings, monkeypatch):
+    """While a worker's maintenance holds the lock (it may be retrying this very job), forget waits for
+    it, then deletes holding it itself, and gives it back; a lock that stays taken (its holder died)
+    is waited for a while, then done without, and left to expire."""
+    import worker.forget as forget_module
+
+    queue = get_queue(redis, fsettings.queue)
+    raw = queue.enqueue(MODERATE_FUNC, args=(BUCKET, ALICE), kwargs={"frames": 3})
+    assert queue.acquire_maintenance_lock()  # a maintenance at work
+    held_while_deleting, done = [], {}
+    real_delete = Job.delete
+
+    def delete(job, *args, **kwargs):  # noqa: ANN001 - what forget sees when it deletes
+        held_while_deleting.append(redis.get(queue.registry_cleaning_key) is not None)
+        return real_delete(job, *args, **kwargs)
+
+    monkeypatch.setattr(Job, "delete", delete)
+    eraser = threading.Thread(target=lambda: done.update(gone=forget(BUCKET, ALICE, settings=fsettings,
+                                                                      connection=redis, s3_client=s3)))
+    eraser.start()
+    time.sleep(1.5)
+    assert eraser.is_alive() and Job.exists(raw.id, connection=redis)  # waiting for the lock
+    queue.release_maintenance_lock()
+    eraser.join(30)
+    assert done["gone"].jobs_deleted == [raw.id] and held_while_deleting == [True]
+    assert redis.get(queue.registry_cleaning_key) is None  # given back
+
+    stuck = queue.enqueue(MODERATE_FUNC, args=(BUCKET, ALICE), kwargs={"frames": 3})
+    assert queue.acquire_maintenance_lock()  # its holder died
+    monkeypatch.setattr(forget_module, "LOCK_WAIT_S", 0.5)
+    try:
+        with capture_logs() as logs:
+            assert forget(BUCKET, ALICE, settings=fsettings, connection=redis, s3_client=s3).jobs_deleted == [stuck.id]
+        assert [e["upload"] for e in logs if e["event"] == "forget_unlocked"] == [f"s3://{BUCKET}/{ALICE}"]
+        assert redis.ttl(queue.registry_cleaning_key) > 0  # not forget's to give back
+    finally:
+        queue.release_maintenance_lock()
 
 
 @pytest.mark.timeout(180)

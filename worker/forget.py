@@ -3,7 +3,8 @@ user's erasure request, a takedown). Verdicts name the upload and hold its face 
 reports hold face crops; Redis holds jobs with their results.
 
 `forget` deletes the upload's jobs (waiting, finished, failed: hash, result and registry entries)
-and duplicate records from Redis, waits for a job that is running on it to end (its verdict would
+and duplicate records from Redis, under the queue's maintenance lock (so that no maintenance retries
+a job it is deleting), waits for a job that is running on it to end (its verdict would
 otherwise be written after the erasure), then deletes the stored verdict and report from S3. The
 upload itself is the platform's to delete. Log lines name uploads too: their retention is the log
 pipeline's.
@@ -11,10 +12,13 @@ pipeline's.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import structlog
 from redis import Redis
+from rq import Queue
 from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry
 from rq.serializers import JSONSerializer
@@ -22,13 +26,18 @@ from rq.utils import as_text
 
 from worker import upload_index
 from worker.jobs import MODERATE_FUNC
-from worker.maintenance import clean_abandoned, started_registry
+from worker.maintenance import clean_abandoned_locked, started_registry
 from worker.queue import connect, get_queue
 from worker.s3 import S3Location, make_client, validate_location
 from worker.settings import Settings
 from worker.verdict_store import VerdictStore
 
+log = structlog.get_logger("worker.forget")
 POLL_S = 1.0
+# How long to wait for the queue's maintenance lock: a worker's maintenance holds it for seconds; one
+# that died holding it leaves it for 15 minutes, and then nothing runs that could write a job back.
+LOCK_WAIT_S = 30.0
+LOCK_POLL_S = 0.2
 
 
 @dataclass
@@ -93,6 +102,23 @@ def _fetch_all(connection: Redis, job_ids: list[str], chunk: int = 1000) -> list
     return jobs
 
 
+@contextmanager
+def maintenance_lock(queue: Queue, sleep: Callable[[float], None]) -> Iterator[bool]:
+    """The queue's maintenance lock, waited for up to LOCK_WAIT_S: while it is held, no worker's or
+    CronJob's maintenance can retry (write back) a job whose records are being deleted. Yields False
+    when it stayed taken, and the deletion goes on without it."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    held = bool(queue.acquire_maintenance_lock())
+    while not held and time.monotonic() < deadline:
+        sleep(LOCK_POLL_S)
+        held = bool(queue.acquire_maintenance_lock())
+    try:
+        yield held
+    finally:
+        if held:
+            queue.release_maintenance_lock()
+
+
 def default_wait_s(settings: Settings) -> float:
     """Long enough for any job the settings allow to end: its RQ time limit, and a margin."""
     return settings.job_timeout_s() + 28.0
@@ -118,14 +144,19 @@ def forget(
     started = started_registry(queue)
     deadline = time.monotonic() + (default_wait_s(settings) if wait_s is None else wait_s)
     while True:
-        clean_abandoned(queue)  # a job whose worker died is not waited for: it is moved on, then deleted
-        jobs = jobs_for(connection, settings.queue, bucket, key, scan=scan)
-        scan = False  # what finishes while this waits is indexed by the worker that ran it
-        running = [j.id for j in jobs if j.id in started]
-        for job in jobs:
-            if job.id not in running:
-                job.delete()
-                out.jobs_deleted.append(job.id)
+        with maintenance_lock(queue, sleep) as locked:
+            if locked:  # a job whose worker died is not waited for: it is moved on, then deleted
+                clean_abandoned_locked(queue)
+            else:
+                log.warning("forget_unlocked", upload=out.upload, waited_s=LOCK_WAIT_S,
+                            note="the queue's maintenance lock stayed taken: deleting without it")
+            jobs = jobs_for(connection, settings.queue, bucket, key, scan=scan)
+            scan = False  # what finishes while this waits is indexed by the worker that ran it
+            running = [j.id for j in jobs if j.id in started]
+            for job in jobs:
+                if job.id not in running:
+                    job.delete()
+                    out.jobs_deleted.append(job.id)
         if not running or time.monotonic() >= deadline:
             break
         sleep(POLL_S)

@@ -38,11 +38,16 @@ def clean_abandoned(queue: Queue) -> bool:
     if not queue.acquire_maintenance_lock():
         return False
     try:
-        started_registry(queue).cleanup()
-        recover_stranded(queue)
+        clean_abandoned_locked(queue)
     finally:
         queue.release_maintenance_lock()
     return True
+
+
+def clean_abandoned_locked(queue: Queue) -> None:
+    """`clean_abandoned`'s work, for a caller that holds the maintenance lock itself (`forget`)."""
+    started_registry(queue).cleanup()
+    recover_stranded(queue)
 
 
 # A job seen in the intermediate list, not started, this long after an earlier sighting (RQ's own
