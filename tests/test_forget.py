@@ -115,9 +115,9 @@ def test_a_job_stranded_by_a_lost_dequeue_reply_is_erased(s3, redis, fsettings):
 
 def test_jobs_are_deleted_under_the_queues_maintenance_lock(s3, redis, fsettings, monkeypatch):
     """While a worker's maintenance holds the lock (it may be retrying this very job), forget waits for
-    it, then deletes holding it itself, and gives it back; a lock that stays taken (its holder died)
-    is waited for a while, then done without, and left to expire."""
-    import worker.forget as forget_module
+    it, then deletes holding it itself, and gives it back. A lock held over 5 minutes (its holder died)
+    is done without at once, and one held to forget's deadline then; either is left to expire."""
+    from worker.forget import RQ_LOCK_TTL_S, STALE_LOCK_S
 
     queue = get_queue(redis, fsettings.queue)
     raw = queue.enqueue(MODERATE_FUNC, args=(BUCKET, ALICE), kwargs={"frames": 3})
@@ -140,14 +140,21 @@ def test_jobs_are_deleted_under_the_queues_maintenance_lock(s3, redis, fsettings
     assert done["gone"].jobs_deleted == [raw.id] and held_while_deleting == [True]
     assert redis.get(queue.registry_cleaning_key) is None  # given back
 
-    stuck = queue.enqueue(MODERATE_FUNC, args=(BUCKET, ALICE), kwargs={"frames": 3})
-    assert queue.acquire_maintenance_lock()  # its holder died
-    monkeypatch.setattr(forget_module, "LOCK_WAIT_S", 0.5)
     try:
-        with capture_logs() as logs:
-            assert forget(BUCKET, ALICE, settings=fsettings, connection=redis, s3_client=s3).jobs_deleted == [stuck.id]
-        assert [e["upload"] for e in logs if e["event"] == "forget_unlocked"] == [f"s3://{BUCKET}/{ALICE}"]
-        assert redis.ttl(queue.registry_cleaning_key) > 0  # not forget's to give back
+        for age, wait_s, reason in ((STALE_LOCK_S + 1, None, "stale"), (1, 1.0, "deadline")):
+            stuck = queue.enqueue(MODERATE_FUNC, args=(BUCKET, ALICE), kwargs={"frames": 3})
+            assert queue.acquire_maintenance_lock()  # its holder died `age` seconds ago
+            redis.expire(queue.registry_cleaning_key, RQ_LOCK_TTL_S - age)
+            naps: list[float] = []
+            with capture_logs() as logs:
+                gone = forget(BUCKET, ALICE, wait_s=wait_s, settings=fsettings, connection=redis, s3_client=s3,
+                              sleep=lambda s: (naps.append(s), time.sleep(s)))
+            assert gone.jobs_deleted == [stuck.id] and not Job.exists(stuck.id, connection=redis)
+            assert bool(naps) == (reason == "deadline")  # a stale lock is not waited for
+            assert [(e["upload"], e["reason"]) for e in logs if e["event"] == "forget_unlocked"] == \
+                [(f"s3://{BUCKET}/{ALICE}", reason)]
+            assert redis.ttl(queue.registry_cleaning_key) > 0  # not forget's to give back
+            queue.release_maintenance_lock()
     finally:
         queue.release_maintenance_lock()
 

@@ -4,7 +4,7 @@ reports hold face crops; Redis holds jobs with their results.
 
 `forget` deletes the upload's jobs (waiting, finished, failed: hash, result and registry entries)
 and duplicate records from Redis, under the queue's maintenance lock (so that no maintenance retries
-a job it is deleting), waits for a job that is running on it to end (its verdict would
+a job it is deleting; it waits for the lock, and does without one held over 5 minutes), waits for a job that is running on it to end (its verdict would
 otherwise be written after the erasure), then deletes the stored verdict and report from S3. The
 upload itself is the platform's to delete. Log lines name uploads too: their retention is the log
 pipeline's.
@@ -34,10 +34,11 @@ from worker.verdict_store import VerdictStore
 
 log = structlog.get_logger("worker.forget")
 POLL_S = 1.0
-# How long to wait for the queue's maintenance lock: a worker's maintenance holds it for seconds; one
-# that died holding it leaves it for 15 minutes, and then nothing runs that could write a job back.
-LOCK_WAIT_S = 30.0
-LOCK_POLL_S = 0.2
+# The queue's maintenance lock is taken for RQ_LOCK_TTL_S (RQ's Queue.acquire_maintenance_lock). One
+# held longer than STALE_LOCK_S is taken for a dead holder's, and forget deletes without it: a live
+# maintenance pass takes seconds, or minutes when abandoned jobs' webhooks time out.
+RQ_LOCK_TTL_S = 899
+STALE_LOCK_S = 300
 
 
 @dataclass
@@ -103,20 +104,22 @@ def _fetch_all(connection: Redis, job_ids: list[str], chunk: int = 1000) -> list
 
 
 @contextmanager
-def maintenance_lock(queue: Queue, sleep: Callable[[float], None]) -> Iterator[bool]:
-    """The queue's maintenance lock, waited for up to LOCK_WAIT_S: while it is held, no worker's or
-    CronJob's maintenance can retry (write back) a job whose records are being deleted. Yields False
-    when it stayed taken, and the deletion goes on without it."""
-    deadline = time.monotonic() + LOCK_WAIT_S
+def maintenance_lock(queue: Queue) -> Iterator[bool]:
+    """The queue's maintenance lock if it is free (yields False when another process holds it): while
+    forget holds it, no worker's or CronJob's maintenance can retry, and so write back, a job whose
+    records are being deleted."""
     held = bool(queue.acquire_maintenance_lock())
-    while not held and time.monotonic() < deadline:
-        sleep(LOCK_POLL_S)
-        held = bool(queue.acquire_maintenance_lock())
     try:
         yield held
     finally:
         if held:
             queue.release_maintenance_lock()
+
+
+def stale_lock(queue: Queue) -> bool:
+    """Whether the maintenance lock has been held longer than STALE_LOCK_S (or never expires)."""
+    ttl = queue.connection.ttl(queue.registry_cleaning_key)
+    return ttl == -1 or (ttl >= 0 and RQ_LOCK_TTL_S - ttl >= STALE_LOCK_S)
 
 
 def default_wait_s(settings: Settings) -> float:
@@ -143,21 +146,28 @@ def forget(
     queue = get_queue(connection, settings.queue)
     started = started_registry(queue)
     deadline = time.monotonic() + (default_wait_s(settings) if wait_s is None else wait_s)
+    running: list[str] = []
+    warned = False
     while True:
-        with maintenance_lock(queue, sleep) as locked:
-            if locked:  # a job whose worker died is not waited for: it is moved on, then deleted
+        late = time.monotonic() >= deadline
+        with maintenance_lock(queue) as locked:
+            # Deleted under the lock; without it only once it looks abandoned, or at the deadline.
+            deleting = locked or late or stale_lock(queue)
+            if deleting and locked:  # a job whose worker died is not waited for: it is moved on, then deleted
                 clean_abandoned_locked(queue)
-            else:
-                log.warning("forget_unlocked", upload=out.upload, waited_s=LOCK_WAIT_S,
+            elif deleting and not warned:
+                log.warning("forget_unlocked", upload=out.upload, reason="stale" if not late else "deadline",
                             note="the queue's maintenance lock stayed taken: deleting without it")
-            jobs = jobs_for(connection, settings.queue, bucket, key, scan=scan)
-            scan = False  # what finishes while this waits is indexed by the worker that ran it
-            running = [j.id for j in jobs if j.id in started]
-            for job in jobs:
-                if job.id not in running:
-                    job.delete()
-                    out.jobs_deleted.append(job.id)
-        if not running or time.monotonic() >= deadline:
+                warned = True
+            if deleting:
+                jobs = jobs_for(connection, settings.queue, bucket, key, scan=scan)
+                scan = False  # what finishes while this waits is indexed by the worker that ran it
+                running = [j.id for j in jobs if j.id in started]
+                for job in jobs:
+                    if job.id not in running:
+                        job.delete()
+                        out.jobs_deleted.append(job.id)
+        if deleting and (not running or late):
             break
         sleep(POLL_S)
     out.still_running = running
