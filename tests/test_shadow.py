@@ -98,9 +98,10 @@ def test_crops_are_cut_as_each_model_card_says_its_training_crops_were(settings,
         frames = [f.image for f in reader.sample(8, mode=settings.sampling, max_gap_s=settings.max_sample_gap_s)]
     found = moderator.detector.detect(frames)
     with VideoReader(str(corpus["carphone"]), m.limits) as reader:
-        chunks = m._crop_chunks(reader, 8, StageTimer(), [], {"frames": 0, "frames_with_face": 0})
-        crops, shadow_crops, indices = next(chunks)
+        chunks = m._crop_chunks(reader, 8, StageTimer())
+        first = next(chunks)
         chunks.close()
+    crops, shadow_crops, indices = first.crops, first.shadow_crops, first.scored
     boxes = [max(fs, key=lambda f: f.area).box for fs in found if fs][:len(crops)]
     assert len(crops) == len(shadow_crops) == len(indices) == len(boxes) > 0
     for crop, shadow_crop, box, frame in zip(crops, shadow_crops, boxes, [f for f, fs in zip(frames, found) if fs]):
@@ -156,10 +157,10 @@ def _first_chunk(m: Moderator, path):
     from worker.pipeline import StageTimer
 
     with VideoReader(str(path), m.limits) as reader:
-        chunks = m._crop_chunks(reader, 8, StageTimer(), [], {"frames": 0, "frames_with_face": 0})
-        _, shadow_crops, indices = next(chunks)
+        chunks = m._crop_chunks(reader, 8, StageTimer())
+        first = next(chunks)
         chunks.close()
-    return shadow_crops, indices
+    return first.shadow_crops, first.scored
 
 
 def test_the_queue_worker_publishes_and_stores_the_shadow(settings, moderator, corpus, random_model_dir, s3_server,

@@ -86,16 +86,52 @@ def test_early_exit_stops_sampling_when_the_first_frames_are_decisive(settings, 
     # The seeded random test model scores every carphone frame a little above 0.5.
     assert min(largest) > base["threshold"] and max(largest) < base["threshold"] + 0.05
 
-    def run(margin):
-        m = Moderator(settings.model_copy(update={"early_exit_frames": 8, "early_exit_margin": margin}),
+    def run(margin, overlap="off"):
+        m = Moderator(settings.model_copy(update={"early_exit_frames": 8, "early_exit_margin": margin,
+                                                  "overlap": overlap}),
                       detector=moderator.detector, engine=moderator.engine)
         return m.moderate_path(corpus["carphone"])
 
-    decisive = run(min(largest) - base["threshold"])  # every frame is at least this far above the threshold
-    assert decisive["video"]["early_exit"] is True and decisive["video"]["frames_sampled"] == 8
-    assert decisive["label"] == base["label"]
-    undecided = run(0.1)
-    assert undecided["video"]["early_exit"] is False and undecided["video"]["frames_sampled"] == 32
+    for overlap in ("off", "on"):  # on: a thread decodes and detects ahead of the scoring
+        decisive = run(min(largest) - base["threshold"], overlap)  # every frame at least this far above
+        assert decisive["status"] == "ok", decisive["error"]
+        assert decisive["video"]["early_exit"] is True and decisive["video"]["frames_sampled"] == 8
+        assert decisive["label"] == base["label"] and len(decisive["faces"]) == 8  # none decoded ahead
+        assert all(f["fake_score"] is not None for f in decisive["faces"])
+        undecided = run(0.1, overlap)
+        assert undecided["video"]["early_exit"] is False and undecided["video"]["frames_sampled"] == 32
+
+
+def test_a_failure_while_scoring_stops_the_decoding_thread_first(settings, moderator, corpus, monkeypatch):
+    """With decoding overlapped, an error in the main thread ends in an `internal` verdict, and the
+    decoding thread is joined before the video closes (freed under it, FFmpeg would crash the worker)."""
+    import threading
+
+    class Failing:  # the real engine, failing to score
+        def __init__(self, engine):
+            self.engine = engine
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+        def predict(self, crops):
+            raise RuntimeError("CUDA out of memory (as a GPU can)")
+
+    from worker.decode import VideoReader
+
+    decoding_at_close = []
+    close = VideoReader.close
+
+    def watched_close(reader):
+        decoding_at_close.append([t.name for t in threading.enumerate() if t.name == "decode-detect"])
+        close(reader)
+
+    monkeypatch.setattr(VideoReader, "close", watched_close)
+    m = Moderator(settings.model_copy(update={"overlap": "on"}), detector=moderator.detector,
+                  engine=Failing(moderator.engine))
+    v = m.moderate_path(corpus["carphone"])
+    assert v["error"]["code"] == "internal" and "CUDA out of memory" in v["error"]["message"]
+    assert decoding_at_close == [[]]  # the thread had ended when the video closed
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -83,6 +84,18 @@ class StageTimer:
 
     def as_dict(self) -> dict[str, float]:
         return {k: round(v, 1) for k, v in self.ms.items()}
+
+
+@dataclass
+class CropChunk:
+    """One `detect_batch` of sampled frames: their face records, and the crops of those scored."""
+
+    frames: int
+    frames_with_face: int = 0
+    faces: list[dict] = field(default_factory=list)
+    scored: list[int] = field(default_factory=list)  # index into `faces` of each crop's face
+    crops: list[np.ndarray] = field(default_factory=list)
+    shadow_crops: list[np.ndarray] = field(default_factory=list)  # when the shadow model cuts otherwise
 
 
 def check_recipe(card, detector: str) -> None:  # card: ModelCard
@@ -239,7 +252,7 @@ class Moderator:
                keep: dict[int, np.ndarray] | None = None) -> dict:
         faces: list[dict] = []
         counts = {"frames": 0, "frames_with_face": 0}
-        chunks = self._crop_chunks(reader, n_frames, timer, faces, counts)
+        chunks = self._crop_chunks(reader, n_frames, timer)
         streaming = self.overlap or self.settings.early_exit_frames > 0
         if self.overlap:
             chunks = prefetch(chunks, depth=2, name="decode-detect")
@@ -261,19 +274,26 @@ class Moderator:
             pending.clear()
             shadow_pending.clear()
 
-        for crops, shadow_crops, face_indices in chunks:
-            scored.extend(face_indices)
-            pending.extend(crops)
-            shadow_pending.extend(shadow_crops)
-            if keep is not None:
-                keep.update(zip(face_indices, crops))
-            if streaming and pending:  # score now, while the next frames decode
-                score_pending()
-                if self.policy.decisive([f["fake_score"] for f in faces if f["largest"]],
-                                        frames=self.settings.early_exit_frames, margin=self.settings.early_exit_margin):
-                    early_exit = True
-                    break
-        chunks.close()  # stops decoding after an early exit
+        try:
+            for chunk in chunks:
+                face_indices = [len(faces) + i for i in chunk.scored]
+                faces.extend(chunk.faces)
+                counts["frames"] += chunk.frames
+                counts["frames_with_face"] += chunk.frames_with_face
+                scored.extend(face_indices)
+                pending.extend(chunk.crops)
+                shadow_pending.extend(chunk.shadow_crops)
+                if keep is not None:
+                    keep.update(zip(face_indices, chunk.crops))
+                if streaming and pending:  # score now, while the next frames decode
+                    score_pending()
+                    if self.policy.decisive([f["fake_score"] for f in faces if f["largest"]],
+                                            frames=self.settings.early_exit_frames,
+                                            margin=self.settings.early_exit_margin):
+                        early_exit = True
+                        break
+        finally:  # stops decoding (an early exit), and joins a producer thread before the reader closes
+            chunks.close()
         if pending:
             score_pending()
 
@@ -296,41 +316,39 @@ class Moderator:
             verdict["shadow"] = block
         return verdict
 
-    def _crop_chunks(
-        self, reader: VideoReader, n_frames: int, timer: StageTimer, faces: list[dict], counts: dict
-    ) -> Iterator[tuple[list[np.ndarray], list[np.ndarray], list[int]]]:
-        """Decode → detect → crop, `detect_batch` frames at a time: (crops, the shadow model's crops
-        when its recipe cuts them differently (else none), their face indices).
+    def _crop_chunks(self, reader: VideoReader, n_frames: int, timer: StageTimer) -> Iterator[CropChunk]:
+        """Decode → detect → crop, `detect_batch` frames at a time.
 
         Up to `max_faces_scored` faces per frame are cropped: the largest (the one the paper's video
         score uses) and, in a frame with more faces than that, the others in turn (`faces_to_score`).
+        A chunk carries its own face records, so that what a producer thread made ahead of an early
+        exit never enters the verdict.
         """
         chunk: list[SampledFrame] = []
         limit = self.settings.max_faces_scored
         own = (self.recipe.size, self.recipe.scale)
         shadow = (self.shadow.recipe.size, self.shadow.recipe.scale) if self.shadow is not None else own
 
-        def flush() -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+        def flush() -> CropChunk:
             with timer.stage("detect"):
                 detections = self._detect(chunk)
-            crops, shadow_crops, indices = [], [], []
+            out = CropChunk(frames=len(chunk))
             with timer.stage("crop"):
                 for frame, found in zip(chunk, detections):
-                    counts["frames"] += 1
                     if not found:
                         continue
-                    counts["frames_with_face"] += 1
+                    out.frames_with_face += 1
                     by_area = sorted(found, key=lambda f: -f.area)
                     scored = set(faces_to_score([f.box for f in by_area], frame.index, limit))
                     for rank, face in enumerate(by_area):
-                        faces.append(face_record(frame.t, frame.index, face, rank == 0))
+                        out.faces.append(face_record(frame.t, frame.index, face, rank == 0))
                         if rank in scored:
-                            indices.append(len(faces) - 1)
-                            crops.append(crop_face(frame.image, face.box, *own))
+                            out.scored.append(len(out.faces) - 1)
+                            out.crops.append(crop_face(frame.image, face.box, *own))
                             if shadow != own:  # cut again from the frame, not resized
-                                shadow_crops.append(crop_face(frame.image, face.box, *shadow))
+                                out.shadow_crops.append(crop_face(frame.image, face.box, *shadow))
             chunk.clear()
-            return crops, shadow_crops, indices
+            return out
 
         for frame in timer.timed("decode", reader.sample(
                 n_frames, mode=self.settings.sampling, max_gap_s=self.settings.max_sample_gap_s)):
