@@ -129,7 +129,8 @@ class Moderator:
                  shadow_engine: Engine | None = None) -> None:
         self.settings = settings
         check_device(settings.device)
-        self.limits = Limits(settings.max_duration_s, settings.max_pixels, settings.decode_timeout_s)
+        self.limits = Limits(settings.max_duration_s, settings.max_pixels, settings.decode_timeout_s,
+                             fast_pass_max_bytes=settings.fast_pass_max_mb << 20)
         self.decode_threads = settings.decode_threads or available_cpus()
         self.engine = engine or self._load_engine(resolve_model_dir(settings.model_dir))
         if shadow_engine is None and settings.shadow_model_dir is not None:

@@ -23,10 +23,12 @@ SPECTRUM_EPS = 1e-3
 DEFAULT_DETECTOR = "retinaface-mobilenet"
 # Raised whenever the same video gives different crops: a model is best served crops made the way
 # its training crops were, so crop caches and model cards record the version they were made with.
-PREPROCESSING_VERSION = 2
+PREPROCESSING_VERSION = 3
 PREPROCESSING_CHANGES = {
     1: "frames read as stored, HDR as if it were SDR (deepfake 0.3.0 and earlier)",
     2: "HDR (PQ, HLG) and wide-gamut (BT.2020, P3) frames brought to SDR BT.709 before detection and cropping",
+    3: "the fast sampling pass (the worker's default) decodes every frame a sampled frame refers to: it "
+       "skipped the referenced B-frames of a B-pyramid, and sampled B-frames decoded against missing references",
 }
 
 

@@ -55,8 +55,8 @@ class Sampling:
 
         mode "exact" decodes every frame and takes, for each slice centre, the first frame at or after
         it, or the frame on screen then when that one is held. "fast" decodes the frame at each slice
-        centre whatever its type, and of the others only what FFmpeg's skip_frame must keep (B-frames
-        are skipped), and takes the nearest decoded frame to each centre; when some slice holds none, a
+        centre whatever its type, and of the others only the frames other frames refer to (FFmpeg's
+        skip_frame NONREF), so each sampled frame decodes as exactly as in "exact", and takes the nearest decoded frame to each centre; when some slice holds none, a
         centre falls in a held frame, or the frames run past the declared duration, it rewinds and
         decodes exactly.
 
@@ -165,23 +165,27 @@ class Sampling:
     def _pick_fast(
         self, targets: list[float], start: float, duration: float, fps: float
     ) -> list[tuple[av.VideoFrame, float]] | None:
-        """The decoded frame nearest each target, or None when one lies outside its slice.
+        """The decoded frame nearest each target, or None when one lies outside its slice, or when
+        the picks, all held until the last, would take more than the limits' `fast_pass_max_bytes`.
 
-        With slices of 8 frames or more all B-frames are skipped (BIDIR: about one frame in four
-        decoded with x264's defaults); with shorter slices only those no other frame refers to. The
-        frame shown at each target is decoded whatever its type: B-frames are most of what a viewer
-        sees, and an encoder can be told to put the real face in the reference frames only (a P-frame
-        every 8th) and a fake in the B-frames between, which sampling reference frames alone never saw.
+        Frames no other frame refers to are skipped (NONREF: x264's defaults make half the frames
+        such B-frames), except the frame shown at each target, decoded whatever its type: B-frames are
+        most of what a viewer sees, and an encoder can be told to put the real face in the reference
+        frames only (a P-frame every 8th) and a fake in the B-frames between, which sampling reference
+        frames alone never saw. Skipping every B-frame (BIDIR, as this did on slices of 8 frames or
+        more) also skipped the B-frames of x264's B-pyramid that a sampled B-frame refers to, which then
+        decoded against missing references (3 levels off on average on the carphone clip, 13 on noisy
+        scenery): the model was shown frames no player shows.
         """
         half_slice = duration / len(targets) / 2.0
         if not self._stream.codec_context.is_open:
-            # With B-frames skipped, what is left is a chain of frames that each refer to the last, which
-            # frame threading cannot spread but still pays for (a pipeline of thread_count frames, context
-            # copies): slice threads decoded the same frames 1.2–1.7× faster on 2 cores, and a one-slice
-            # stream decodes as fast as single-threaded (bench/bench_decode.py, README).
+            # With the non-reference B-frames skipped, what is left is mostly a chain of frames that each
+            # refer to the last, which frame threading cannot spread but still pays for (a pipeline of
+            # thread_count frames, context copies): slice threads decoded the same frames 1.5× faster on
+            # a two-slice clip on 2 cores, 1.1× slower on a one-slice one (bench/bench_decode.py).
             self._stream.thread_type = self.FAST_PASS_THREADING
             self._reopen_for_exact = self.FAST_PASS_THREADING != "AUTO"
-        skip = "BIDIR" if 2 * half_slice * fps >= 8 else "NONREF"
+        skip = "NONREF"  # never BIDIR: see the docstring
         self._stream.codec_context.skip_frame = skip
         half_frame = 0.5 / fps
         held = HELD_FRAMES / fps
@@ -199,6 +203,9 @@ class Sampling:
         last: tuple[av.VideoFrame, float] | None = None
         j = 0
         for count, frame in enumerate(self._frames(skip_for)):
+            if count == 0 and len(targets) * sum(p.buffer_size for p in frame.planes) > \
+                    self._limits.fast_pass_max_bytes:
+                return None  # the picks held at once would not fit: the exact pass holds one at a time
             current = (frame, self._frame_time(frame, count, start, fps))
             if self._overruns(current[1], start, duration):
                 return None  # the exact pass samples past the declared end

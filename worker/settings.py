@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     max_bytes: int = Field(2 * 1024**3, ge=1, description="Largest input accepted, in bytes.")
     max_duration_s: float = Field(1200.0, gt=0, description="Longest video accepted, in seconds.")
     max_pixels: int = Field(4096 * 2304, ge=1, description="Largest frame accepted, width × height.")
+    fast_pass_max_mb: int = Field(
+        1024, ge=0, description="The fast sampling pass holds its sampled frames, decoded, until it has them all: "
+        "where they would take more (frame size × samples), the exact pass samples instead, one frame at a time.")
     decode_timeout_s: float = Field(300.0, gt=0, description="Wall-clock limit for decoding one video.")
 
     # Queue and storage (the RQ worker)

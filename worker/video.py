@@ -21,6 +21,9 @@ class Limits:
     max_duration_s: float
     max_pixels: int
     decode_timeout_s: float
+    # The fast pass holds every sampled frame, decoded, until it has picked them all: past this many
+    # bytes (frame size × samples) the exact pass, which holds one at a time, samples instead.
+    fast_pass_max_bytes: int = 1 << 30
 
 
 @dataclass
