@@ -126,6 +126,8 @@ CASES: list[Case] = [
          settings={"decode_timeout_s": 0.1}, note="timestamps wrap every second, 3000 times"),
     Case("variable_frame_rate", "vfr.mp4", b_vfr, frozenset({"ok"}), min_faces=3),
     Case("late_start_ts", "late_start.ts", b_late_start, frozenset({"ok"}), min_faces=3),
+    Case("late_start_live_mkv", "late_live.mkv", b_container({"live": "1", "output_ts_offset": "36000"}),
+         frozenset({"ok"}), min_faces=3, note="no duration declared, a clock ten hours in: it was too_long"),
     Case("one_frame", "one_frame.mp4", b_one_frame, frozenset({"ok"}), min_faces=1),
     # containers
     Case("moov_at_end", "moov_end.mp4", b_container(), frozenset({"ok"}), min_faces=3),

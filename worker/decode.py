@@ -337,11 +337,12 @@ class VideoReader(Sampling):
         """Demux (not decode) the stream once to find its length, then rewind for decoding."""
         self.data_end = None
         self.untimed, self._untimed_packets = False, 0
+        start = self._start_time()  # a live recording's clock may start hours in
         try:
             for packet in self._container.demux(self._stream):
                 self._check_deadline()
                 self._note_data_end(packet)
-                if self.data_end is not None and self.data_end > self._limits.max_duration_s:
+                if self.data_end is not None and self.data_end - start > self._limits.max_duration_s:
                     raise TooLong(f"video runs past the limit of {self._limits.max_duration_s:.0f} s")
         except (av.error.FFmpegError, ValueError) as exc:  # damaged data: the stream ends here
             if self.data_end is None:
