@@ -362,16 +362,26 @@ def test_fast_sampling_stays_even(tmp_path):
     assert len({f.t for f in fast}) == 32
 
 
-@pytest.mark.parametrize("clip", ["scenery", "carphone"])
+@pytest.mark.parametrize("clip", ["scenery", "carphone", "av1"])
 def test_fast_sampling_decodes_the_same_pixels_as_exact(clip, corpus, tmp_path):
     """x264's defaults make B-frames that other B-frames refer to (a B-pyramid): skipping every B-frame
     but the sampled ones decoded sampled B-frames against missing references (13 levels off on
     average on the scenery clip, 3 on carphone's 10-frame slices). The fast pass decodes what is
-    referred to, so each sampled frame is the exact pass's, pixel for pixel."""
-    from media import encode, scenery_frames
+    referred to, so each sampled frame is the exact pass's, pixel for pixel. AV1's decoder (libdav1d)
+    reads skip_frame only when it opens: it skipped non-reference frames at sample times, and took a
+    neighbour (5 levels off on carphone); it now decodes every frame."""
+    from hostile_builders import AV1_ENCODERS, AV1_OPTIONS, has_encoder
+    from media import carphone_frames, encode, scenery_frames
 
-    path = encode(tmp_path / "gop.mp4", scenery_frames(300, size=(72, 96)), rate=30) if clip == "scenery" \
-        else corpus["carphone"]
+    if clip == "scenery":
+        path = encode(tmp_path / "gop.mp4", scenery_frames(300, size=(72, 96)), rate=30)
+    elif clip == "av1":
+        codec = next((c for c in AV1_ENCODERS if has_encoder(c)), None)
+        if codec is None:
+            pytest.skip("this PyAV build has no AV1 encoder")
+        path = encode(tmp_path / "av1.mp4", carphone_frames()[:120], rate=30, codec=codec, options=AV1_OPTIONS[codec])
+    else:
+        path = corpus["carphone"]
     picked = {}
     for mode in ("fast", "exact"):
         with VideoReader(str(path), LIMITS) as reader:
@@ -399,6 +409,17 @@ def test_the_fast_pass_gives_way_to_the_exact_one_where_its_frames_would_not_fit
             picked[mode] = [(f.t, f.image.tobytes()) for f in reader.sample(32, mode="fast")]
             assert reader.info.sampling == mode
     assert picked["exact"] == picked["fast"] and len(picked["fast"]) == 32
+
+    # A stream that grows mid-way (176×144, then 352×288): judged by its largest frame, not its first.
+    from hostile_builders import Assets, b_ts_resolution_change
+
+    grows = tmp_path / "grows.ts"
+    b_ts_resolution_change(grows, Assets())
+    with av.open(str(grows)) as container:
+        small = min(sum(p.buffer_size for p in f.planes) for f in container.decode(video=0))
+    for budget, mode in ((10**9, "fast"), (8 * small, "exact")):
+        with VideoReader(str(grows), replace(LIMITS, fast_pass_max_bytes=budget)) as reader:
+            assert len(list(reader.sample(8, mode="fast"))) == 8 and reader.info.sampling == mode
 
 
 def test_fast_sampling_picks_what_exact_picks_on_short_slices(corpus):

@@ -27,8 +27,9 @@ PREPROCESSING_VERSION = 3
 PREPROCESSING_CHANGES = {
     1: "frames read as stored, HDR as if it were SDR (deepfake 0.3.0 and earlier)",
     2: "HDR (PQ, HLG) and wide-gamut (BT.2020, P3) frames brought to SDR BT.709 before detection and cropping",
-    3: "the fast sampling pass (the worker's default) decodes every frame a sampled frame refers to: it "
-       "skipped the referenced B-frames of a B-pyramid, and sampled B-frames decoded against missing references",
+    3: "the fast sampling pass (the worker's default) decodes every frame a sampled frame refers to (AV1: every "
+       "frame): it skipped a B-pyramid's referenced B-frames, so sampled B-frames decoded against missing "
+       "references, and AV1's non-reference frames, so a neighbour was sampled in their place",
 }
 
 

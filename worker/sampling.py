@@ -29,6 +29,10 @@ HELD_FRAMES = 1.5
 # often. Otherwise one frame took every sample time within half a claimed interval of it, and a face
 # video was judged on its first frame. An honest slower video has its frames taken as held.
 MIN_SAMPLING_FPS = 1.0
+# Decoders that read skip_frame for each frame, so the fast pass can skip some and decode the sampled
+# ones (checked: each gives the exact pass's frames). libdav1d (AV1) reads it once, when it opens: told
+# NONREF it never decodes a non-reference frame at a sample time. The others decode every frame.
+PER_FRAME_SKIP = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video", "vp8", "vp9"})
 
 
 class DataEndsEarly(Exception):
@@ -169,7 +173,7 @@ class Sampling:
         the picks, all held until the last, would take more than the limits' `fast_pass_max_bytes`.
 
         Frames no other frame refers to are skipped (NONREF: x264's defaults make half the frames
-        such B-frames), except the frame shown at each target, decoded whatever its type: B-frames are
+        such B-frames; only by the decoders in PER_FRAME_SKIP), except the frame shown at each target, decoded whatever its type: B-frames are
         most of what a viewer sees, and an encoder can be told to put the real face in the reference
         frames only (a P-frame every 8th) and a fake in the B-frames between, which sampling reference
         frames alone never saw. Skipping every B-frame (BIDIR, as this did on slices of 8 frames or
@@ -185,7 +189,8 @@ class Sampling:
             # a two-slice clip on 2 cores, 1.1× slower on a one-slice one (bench/bench_decode.py).
             self._stream.thread_type = self.FAST_PASS_THREADING
             self._reopen_for_exact = self.FAST_PASS_THREADING != "AUTO"
-        skip = "NONREF"  # never BIDIR: see the docstring
+        # Never BIDIR (see the docstring); nothing skipped where the decoder does not read it per frame.
+        skip = "NONREF" if self._stream.codec_context.name in PER_FRAME_SKIP else "DEFAULT"
         self._stream.codec_context.skip_frame = skip
         half_frame = 0.5 / fps
         held = HELD_FRAMES / fps
@@ -202,9 +207,10 @@ class Sampling:
         prev: tuple[av.VideoFrame, float] | None = None
         last: tuple[av.VideoFrame, float] | None = None
         j = 0
+        largest = 0  # bytes of the largest decoded frame: a stream may grow mid-way
         for count, frame in enumerate(self._frames(skip_for)):
-            if count == 0 and len(targets) * sum(p.buffer_size for p in frame.planes) > \
-                    self._limits.fast_pass_max_bytes:
+            largest = max(largest, sum(p.buffer_size for p in frame.planes))
+            if len(targets) * largest > self._limits.fast_pass_max_bytes:
                 return None  # the picks held at once would not fit: the exact pass holds one at a time
             current = (frame, self._frame_time(frame, count, start, fps))
             if self._overruns(current[1], start, duration):

@@ -33,8 +33,9 @@ class Settings(BaseSettings):
         "seconds apart (a spliced-in deepfake cannot fall between them); at most 1024; 0 = off.",
     )
     sampling: Literal["fast", "exact"] = Field(
-        "fast", description="fast: decode the frame at each sample time and only what it refers to (other B-frames "
-        "skipped), exact when a slice has no decoded frame; exact: decode every frame."
+        "fast", description="fast: decode the frame at each sample time and the frames other frames refer to (the "
+        "rest skipped), exact when a slice has no decoded frame or the held frames pass fast_pass_max_mb; exact: "
+        "decode every frame. Both give the same frames."
     )
     model_dir: Path | None = Field(
         None, description="Model directory (model.json + weights); unset = the packaged demo model."
