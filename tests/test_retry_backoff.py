@@ -190,11 +190,22 @@ def test_a_worker_retries_a_stranded_job_at_its_maintenance_and_runs_it(s3, redi
 
 
 def children(pid: int) -> list[int]:
-    """The child processes of live process `pid` (its main thread's, which forks the scheduler)."""
+    """The worker's scheduler processes: the children of live process `pid` (its main thread's, which
+    forks the scheduler) that run its own command line. A library may run a short-lived helper
+    (ldconfig, say) from the worker too, which is not the scheduler."""
     try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        forks = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        own = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return []
+    out = []
+    for child in forks:
+        try:
+            if Path(f"/proc/{child}/cmdline").read_bytes() == own:
+                out.append(child)
+        except OSError:
+            continue
+    return out
 
 
 def alive(pid: int) -> bool:
@@ -262,15 +273,19 @@ def test_the_scheduler_rides_out_a_redis_restart_with_its_worker(s3, qsettings, 
     proc = start_rq_worker(worker_env(settings, server.url, DEEPFAKE_REDIS_OUTAGE_S="1"), log)
     try:
         redis = Redis.from_url(server.url)
-        [scheduler] = wait_for(lambda: children(proc.pid), 60, f"no scheduler process:\n{log.read_text()[-3000:]}")
+        wait_for(lambda: children(proc.pid), 60, f"no scheduler process:\n{log.read_text()[-3000:]}")
         wait_for(lambda: redis.get(LOCK) is not None, 60, "the scheduler never took the queue's lock")
         wait_for(lambda: listening(redis), 60, "the worker never started listening")
+        [scheduler] = children(proc.pid)  # the one at work now, holding the lock
         time.sleep(1)  # waiting on the queue: RQ's loop retries a refused dequeue itself
         server.crash()
         time.sleep(3)  # the scheduler's heartbeats meet a refused connection
         server.start()
         wait_for(lambda: "Scheduler: working again" in log.read_text(), 30, f"no reconnect:\n{log.read_text()[-3000:]}")
-        assert alive(scheduler) and children(proc.pid) == [scheduler]  # the same process, still at work
+        # the same process, still at work
+        assert alive(scheduler) and children(proc.pid) == [scheduler], (
+            f"scheduler {scheduler} alive: {alive(scheduler)}; worker alive: {proc.poll() is None}; "
+            f"its schedulers now: {children(proc.pid)}\n{log.read_text()[-4000:]}")
         job_id = enqueue(BUCKET, KEY, settings=settings, connection=redis, s3_client=s3)
         schedule(redis, settings, job_id, 1)
         wait_for(lambda: job_state(job_id, settings=settings, connection=redis).status == "finished", 60,
