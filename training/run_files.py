@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -91,4 +92,4 @@ def resumed_recipe(saved: dict[str, Any] | None, now: CropRecipe | None, path: A
     before = CropRecipe.from_dict(saved)
     if warn and (conflicts := before.conflicts(now)):
         log.warning("resuming %s on crops cut differently from its earlier epochs': %s", path, ", ".join(conflicts))
-    return CropRecipe(**{**now.to_dict(), "version": min(before.version, now.version)})
+    return replace(now, version=min(before.version, now.version))

@@ -12,9 +12,8 @@ pipeline's.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import structlog
 from redis import Redis
@@ -26,7 +25,7 @@ from rq.utils import as_text
 
 from worker import upload_index
 from worker.jobs import MODERATE_FUNC
-from worker.maintenance import clean_abandoned_locked, started_registry
+from worker.maintenance import clean_abandoned_locked, maintenance_lock, started_registry
 from worker.queue import connect, get_queue
 from worker.s3 import S3Location, make_client, validate_location
 from worker.settings import Settings
@@ -103,19 +102,6 @@ def _fetch_all(connection: Redis, job_ids: list[str], chunk: int = 1000) -> list
     return jobs
 
 
-@contextmanager
-def maintenance_lock(queue: Queue) -> Iterator[bool]:
-    """The queue's maintenance lock if it is free (yields False when another process holds it): while
-    forget holds it, no worker's or CronJob's maintenance can retry, and so write back, a job whose
-    records are being deleted."""
-    held = bool(queue.acquire_maintenance_lock())
-    try:
-        yield held
-    finally:
-        if held:
-            queue.release_maintenance_lock()
-
-
 def stale_lock(queue: Queue) -> bool:
     """Whether the maintenance lock has been held longer than STALE_LOCK_S (or never expires)."""
     ttl = queue.connection.ttl(queue.registry_cleaning_key)
@@ -151,7 +137,8 @@ def forget(
     while True:
         late = time.monotonic() >= deadline
         with maintenance_lock(queue) as locked:
-            # Deleted under the lock; without it only once it looks abandoned, or at the deadline.
+            # Deleted under the lock, so that no worker's or CronJob's maintenance retries (writes back)
+            # a job being deleted; without it only once it looks abandoned, or at the deadline.
             deleting = locked or late or stale_lock(queue)
             if deleting and locked:  # a job whose worker died is not waited for: it is moved on, then deleted
                 clean_abandoned_locked(queue)

@@ -5,8 +5,9 @@ the lock RQ's workers take for the same work, so that nothing is done twice."""
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, Iterator
 
 import structlog
 from redis.exceptions import RedisError
@@ -29,19 +30,28 @@ def started_registry(queue: Queue) -> StartedJobRegistry:
     return StartedJobRegistry(queue=queue, job_class=queue.job_class)
 
 
+@contextmanager
+def maintenance_lock(queue: Queue) -> Iterator[bool]:
+    """The queue's maintenance lock, the one RQ's workers take to clean, if it is free (yields False
+    when another process holds it); released on leaving, whatever failed."""
+    held = bool(queue.acquire_maintenance_lock())
+    try:
+        yield held
+    finally:
+        if held:
+            queue.release_maintenance_lock()
+
+
 def clean_abandoned(queue: Queue) -> bool:
     """Move abandoned jobs on (retried, or failed with their webhooks) under the queue's maintenance
     lock, the one RQ's workers take for the same cleanup: unlocked, two processes cleaning at once
     would each requeue the same job, and it would run twice. Those are the started registry's jobs
     whose worker died, and the jobs stranded in RQ's intermediate list (`recover_stranded`). False
     when another process holds the lock (it is cleaning)."""
-    if not queue.acquire_maintenance_lock():
-        return False
-    try:
-        clean_abandoned_locked(queue)
-    finally:
-        queue.release_maintenance_lock()
-    return True
+    with maintenance_lock(queue) as held:
+        if held:
+            clean_abandoned_locked(queue)
+    return held
 
 
 def clean_abandoned_locked(queue: Queue) -> None:

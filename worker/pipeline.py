@@ -101,10 +101,10 @@ class CropChunk:
 def check_recipe(card, detector: str) -> None:  # card: ModelCard
     """Log where the worker cuts a model's crops otherwise than its training crops were cut: with
     another detector (boxes differ a little), or with a newer preprocessing version."""
-    recipe = card.recipe()
-    if card.crop_recipe is not None and recipe.detector != detector:
-        log.warning("model_crops_differ", model=card.name, trained_with=recipe.detector, detector=detector,
+    if trained := card.other_detector(detector):
+        log.warning("model_crops_differ", model=card.name, trained_with=trained, detector=detector,
                     note="faces are found with another detector than the model's training crops were")
+    recipe = card.recipe()
     if changes := recipe.changes_since():
         log.info("model_preprocessing_older", model=card.name, trained_with_version=recipe.version,
                  changes_since=changes)

@@ -56,10 +56,10 @@ def check_model(settings: Settings) -> Check:
         return Check("model", False, f"the engine returned {wrong!r} for one crop, not one probability")
     moderator.detector.detect(np.zeros((1, 64, 64, 3), np.uint8))
     block = moderator.model_block
-    card, recipe = moderator.engine.card, moderator.recipe
+    recipe = moderator.recipe
     warnings = [block["warning"]] if block.get("warning") else []
-    if card.crop_recipe is not None and recipe.detector != moderator.detector.name:
-        warnings.append(f"the model's training faces were found by {recipe.detector}, this worker's by "
+    if trained := moderator.engine.card.other_detector(moderator.detector.name):
+        warnings.append(f"the model's training faces were found by {trained}, this worker's by "
                         f"{moderator.detector.name}: its crops will differ a little from those it learnt from")
     detail = (f"{block['name']} {block['version']} on {block['backend']} (sha256 {block['sha256'][:12]}), "
               f"detector {settings.detector} on {settings.device}, crops {recipe.size} px at {recipe.scale}×")

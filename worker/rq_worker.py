@@ -31,7 +31,7 @@ from rq.utils import now as rq_now
 from worker.errors import TransientError
 from worker.jobs import MODERATE_FUNC, JobTimedOut
 from worker.logging import configure_logging
-from worker.maintenance import recover_stranded
+from worker.maintenance import maintenance_lock, recover_stranded
 from worker.metrics import heartbeat_fresh, serve
 from worker.redis_client import database_address, ride_out, waiting_for_space, without_password
 from worker.runtime import WorkerRuntime, install, installed, valid_frames
@@ -222,14 +222,12 @@ class DeepfakeWorker(SimpleWorker):
         """RQ's, with `worker.maintenance.recover_stranded` for RQ's intermediate-list cleanup (the
         maintenance CronJob runs the same), and its lock released whatever fails."""
         for queue in self.queues:
-            if queue.acquire_maintenance_lock():
-                try:
+            with maintenance_lock(queue) as held:
+                if held:
                     self.log.info("Worker %s: cleaning registries for queue: %s", self.name, queue.name)
                     clean_registries(queue, self._exc_handlers)
                     worker_registration.clean_worker_registry(queue)
                     recover_stranded(queue, self)
-                finally:
-                    queue.release_maintenance_lock()
         self.last_cleaned_at = rq_now()
 
     def stop_scheduler(self) -> None:

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -134,7 +134,7 @@ def caches_recipe(roots: list[str | Path] | list[Path]) -> CropRecipe | None:
         if conflicts := recipe.conflicts(other):
             raise CropCacheMismatch(f"crop caches {first_root} and {root} were cut differently ({root}: "
                                     f"{', '.join(conflicts)}); train or evaluate on caches made the same way")
-    return CropRecipe(**{**recipe.to_dict(), "version": min(r.version for _, r in found)})
+    return replace(recipe, version=min(r.version for _, r in found))
 
 
 def recipe_mismatch(root: str | Path, trained: CropRecipe | None) -> str | None:
@@ -183,7 +183,7 @@ class CropCache:
             return
         recipe, inferred = self.recipe, False
         if self._existing is not None:
-            recipe = CropRecipe(**{**recipe.to_dict(), "version": min(recipe.version, self._existing.version)})
+            recipe = replace(recipe, version=min(recipe.version, self._existing.version))
             inferred = not (self.root / MANIFEST).is_file()  # crops made before caches kept manifests
         manifest = {"schema": MANIFEST_SCHEMA, "recipe": recipe.to_dict(), "inferred": inferred}
         tmp = self.root / f"{MANIFEST}.{os.getpid()}.tmp"  # two writers never share a temporary file

@@ -54,6 +54,11 @@ class ModelCard(BaseModel):
             return CropRecipe(size=self.input_size, version=1)
         return CropRecipe.from_dict(self.crop_recipe)
 
+    def other_detector(self, detector: str) -> str | None:
+        """The detector that found the training faces, where the card names one other than `detector`."""
+        trained = self.recipe().detector if self.crop_recipe is not None else None
+        return trained if trained != detector else None
+
     @classmethod
     def load(cls, model_dir: Path) -> "ModelCard":
         path = Path(model_dir) / CARD_FILE
