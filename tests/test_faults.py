@@ -26,7 +26,8 @@ from structlog.testing import capture_logs
 from workers import DurableRedis, Supervisor, burst, stored, wait_until_final
 
 from worker.errors import TransientError
-from worker.jobs import MODERATE_FUNC
+from worker import jobs
+from worker.jobs import MODERATE_FUNC, TIMEOUT_VERDICT_S
 from worker.queue import enqueue, get_queue, job_state
 from worker.runtime import WorkerRuntime
 from worker.settings import Settings
@@ -194,6 +195,45 @@ def test_a_job_past_its_rq_time_limit_gets_one_stored_timeout_verdict(s3, fsetti
     assert state.status == "finished" and state.result["error"]["code"] == "timeout", state.result["error"]
     [only] = stored(s3, settings, KEYS["carphone"])
     assert only["error"]["code"] == "timeout" and only["created_at"] == state.result["created_at"]
+
+
+def test_a_timed_out_job_stays_started_while_its_verdict_is_stored(s3, proxy, fsettings, moderator, redis_server):
+    """Past its limit a job has RQ's 60 s before maintenance takes it for abandoned: storing its
+    verdict gets `TIMEOUT_VERDICT_S` more first, seen from the store while the PUT arrives."""
+    redis = Redis.from_url(redis_server.url)
+    redis.flushdb()
+    settings = fsettings.model_copy(update={"redis_url": redis_server.url})
+    registry = StartedJobRegistry(settings.queue, connection=redis)
+    left: list[tuple[str, float]] = []
+    proxy.add(Rule("hook", method="PUT", path=r"carphone\.mp4\.json$", times=1, hook=lambda req: left.extend(
+        (member.decode(), score - time.time()) for member, score in redis.zrange(registry.key, 0, -1, withscores=True))))
+    job = get_queue(redis, settings.queue).enqueue(MODERATE_FUNC, args=(BUCKET, KEYS["carphone"]),
+                                                   kwargs={"frames": 120}, job_timeout=1)
+    burst(redis, settings, runtime=runtime(settings, moderator, proxy.endpoint))
+    assert job_state(job.id, settings=settings, connection=redis).result["error"]["code"] == "timeout"
+    [(member, seconds)] = left
+    assert member.startswith(f"{job.id}:") and seconds > 60 + TIMEOUT_VERDICT_S - 5, left  # RQ's own: under 60
+
+
+def test_a_timed_out_job_whose_verdict_cannot_be_stored_in_time_still_finishes(
+        s3, proxy, fsettings, moderator, redis_server, monkeypatch):
+    """A store that stalls on the timeout verdict's PUT: the job ends within the bound with the verdict
+    as its result, instead of holding the worker past what its started entry and /healthz allow."""
+    monkeypatch.setattr(jobs, "TIMEOUT_VERDICT_S", 2)
+    redis = Redis.from_url(redis_server.url)
+    redis.flushdb()
+    settings = fsettings.model_copy(update={"redis_url": redis_server.url})
+    key = "clips/stalled-put.mp4"
+    s3.copy_object(Bucket=BUCKET, Key=key, CopySource={"Bucket": BUCKET, "Key": KEYS["carphone"]})
+    proxy.add(Rule("delay", method="PUT", path=r"stalled-put\.mp4\.json$", delay_s=20))
+    job = get_queue(redis, settings.queue).enqueue(MODERATE_FUNC, args=(BUCKET, key), kwargs={"frames": 120},
+                                                   job_timeout=1)
+    t0 = time.monotonic()
+    burst(redis, settings, runtime=runtime(settings, moderator, proxy.endpoint))
+    took = time.monotonic() - t0
+    state = job_state(job.id, settings=settings, connection=redis)
+    assert state.status == "finished" and state.result["error"]["code"] == "timeout", state
+    assert took < 20, took  # ended while its PUT was still held
 
 
 def test_an_object_deleted_mid_read_gets_one_not_found_verdict(s3, proxy, fsettings, moderator, media):

@@ -5,13 +5,24 @@
 """
 from __future__ import annotations
 
+import threading
+from typing import Any
+
+import structlog
+from redis.exceptions import RedisError
 from rq import get_current_job
-from rq.timeouts import JobTimeoutException
+from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 
 from worker import runtime, upload_index
 from worker.verdict import summary_of
 
 MODERATE_FUNC = "worker.jobs.moderate_s3_object"
+# The most a timed-out job spends storing its `timeout` verdict. RQ's started registry keeps a job 60 s
+# past its limit, and the worker's /healthz calls it healthy as long: the job's entry is extended by
+# this much first, so maintenance never takes a job still storing its verdict for an abandoned one.
+TIMEOUT_VERDICT_S = 30
+
+log = structlog.get_logger("worker.jobs")
 
 
 class JobTimedOut(BaseException):
@@ -40,5 +51,53 @@ def moderate_s3_object(bucket: str, key: str, frames: int | None = None) -> dict
         slow = None if final else rt.slow_store(seconds)
         if slow is not None:
             raise slow from None
-        verdict = rt.timeout_verdict(bucket, key, seconds)
+        if job is not None:
+            extend_started(job, TIMEOUT_VERDICT_S)
+        try:
+            with StorePenalty(TIMEOUT_VERDICT_S):
+                verdict = rt.timeout_verdict(bucket, key, seconds)
+        except StoreTimedOut:
+            log.warning("timeout_verdict_not_stored", job_id=job.id if job else None, source=f"s3://{bucket}/{key}",
+                        reason=f"the store did not answer within {TIMEOUT_VERDICT_S} s")
+            verdict = rt.timeout_verdict(bucket, key, seconds, store=False)
     return summary_of(verdict) if rt.settings.result_detail == "summary" else verdict
+
+
+def extend_started(job: Any, seconds: int) -> None:
+    """Keep the job's started-registry entries (its running execution) for `seconds` more than RQ's
+    60 s: past them, any worker's maintenance takes the job for abandoned and retries or fails it
+    while it is still being finished here."""
+    try:
+        registry = job.started_job_registry
+        with job.connection.pipeline() as pipe:
+            for execution in job.get_executions():
+                if not job.worker_name or execution.worker_name == job.worker_name:
+                    execution.heartbeat(registry, seconds + 60, pipe)
+            pipe.execute()
+    except RedisError as exc:  # the verdict matters more than the registry entry
+        log.warning("started_entry_not_extended", job_id=job.id, error=str(exc))
+
+
+class StoreTimedOut(BaseException):
+    """Storing a timed-out job's verdict ran past `TIMEOUT_VERDICT_S`. A BaseException: botocore
+    wraps an Exception raised mid-request as a retryable HTTPClientError and sends the request again."""
+
+
+class StorePenalty(UnixSignalDeathPenalty):
+    """SIGALRM after `timeout` seconds, raised as StoreTimedOut; on the main thread only (where RQ
+    runs jobs): elsewhere nothing is bounded."""
+
+    def __init__(self, timeout: int) -> None:
+        super().__init__(timeout, StoreTimedOut)
+        self.armed = threading.current_thread() is threading.main_thread()
+
+    def handle_death_penalty(self, signum: int, frame: Any) -> None:
+        raise StoreTimedOut(f"storing the verdict took over {self._timeout} s")
+
+    def setup_death_penalty(self) -> None:
+        if self.armed:
+            super().setup_death_penalty()
+
+    def cancel_death_penalty(self) -> None:
+        if self.armed:
+            super().cancel_death_penalty()

@@ -157,13 +157,15 @@ class WorkerRuntime:
                                   f"limit waiting on S3 in {source.requests} GETs, a slow store, not the upload")
         return None
 
-    def timeout_verdict(self, bucket: str, key: str, seconds: int) -> dict:
+    def timeout_verdict(self, bucket: str, key: str, seconds: int, *, store: bool = True) -> dict:
         """The verdict for a job RQ stopped at its time limit, stored like any other final verdict (it
-        used to be the job's result only, leaving no verdict in S3). A timeout is never reused: the
-        next job for the key tries again."""
+        used to be the job's result only, leaving no verdict in S3); with `store` False, only returned
+        (the store did not answer in time). A timeout is never reused: the next job for the key tries again."""
         uri = f"s3://{bucket}/{key}"
         verdict = self._error(uri, Timeout(f"the job ran past its {seconds} s limit"))
         bound = log.bind(source=uri)
+        if not store:
+            return self._finish(verdict, bound)
         try:
             validate_location(bucket, key)
             upload = S3Location(bucket, key)
