@@ -158,6 +158,30 @@ def test_parity_check_raises_on_mismatch(trained_like_model, tmp_path, monkeypat
     assert not (tmp_path / ONNX_FILE).exists() and not (tmp_path / "model.json").exists()
 
 
+@pytest.mark.parametrize("failure", ["parity", "card"])
+def test_a_failed_export_over_a_model_directory_leaves_it_as_it_was(failure, trained_like_model, tmp_path, monkeypatch):
+    """The worker loads what the directory holds: new weights beside the old card (and no graph) used to
+    be left by an export that failed its parity check or its card's validation."""
+    import training.export as export_mod
+
+    out = tmp_path / "model"
+    export_model_dir(trained_like_model, out, name="old", version="1", trained=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    changed = create_model("mdcsd_tiny", input_size=SIZE)  # other weights
+    if failure == "parity":
+        real = export_mod.onnx_parity
+        monkeypatch.setattr(export_mod, "onnx_parity", lambda *a, **k: {**real(*a, **k), "max_abs_diff_prob": 0.5})
+        with pytest.raises(OnnxParityError):
+            export_model_dir(changed, out, name="new", version="2", trained=False)
+    else:  # a review threshold above the threshold: the card refuses it, after the files were written
+        with pytest.raises(ValueError):
+            export_model_dir(changed, out, name="new", version="2", trained=False, threshold=0.5,
+                             review_threshold=0.9)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging directory left behind
+    assert all(verify_model_dir(out).values()) and load_engine(out).card.name == "old"
+
+
 def test_parity_helper_and_synthetic_inputs(exported, trained_like_model):
     out, _ = exported
     crops = parity_inputs(SIZE, n=3)

@@ -186,7 +186,7 @@ def predict_dataset(
     """Fake probabilities for every item of a (x, label, video_id) dataset, in dataset order."""
     device = torch.device(device)
     was_training = model.training
-    model.eval()
+    model.eval().to(device)  # a checkpoint or engine model loads on the CPU
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     scores, labels, vids = [], [], []
     for x, y, v in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):

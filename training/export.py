@@ -3,12 +3,15 @@
 The ONNX graph is the whole model after cropping (normalisation and log-DCT included): input
 ``crops`` (N,3,S,S) float32 RGB in [0, 1], outputs ``logits`` (N,2) and ``fake_prob`` (N,), batch
 axis dynamic, one self-contained file. Export is followed by a parity check against ONNX Runtime
-on the probabilities; a directory whose two files disagree by more than the tolerance is not
-written.
+on the probabilities. Everything is written and checked in a staging directory beside the model
+directory first: a failed export (files that disagree by more than the tolerance, a card that
+does not validate) leaves the model directory as it was.
 """
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from worker.engine.model_card import ModelCard, sha256_file
+from worker.engine.model_card import CARD_FILE, ModelCard, sha256_file
 from worker.preprocess import CropRecipe, crops_to_tensor_layout
 
 WEIGHTS_FILE = "weights.pt"
@@ -38,14 +41,14 @@ def save_model_dir(
     threshold: float = 0.5, **card_fields: Any,
 ) -> ModelCard:
     """Save `model`'s state dict (tensors only, loadable with weights_only=True) and its card."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_dir / WEIGHTS_FILE)
     card_fields.setdefault("files", {"weights": WEIGHTS_FILE})
-    card = ModelCard(
+    card = ModelCard(  # validated before any file is written
         name=name, version=version, architecture=architecture, architecture_kwargs=architecture_kwargs or {},
         input_size=input_size, threshold=threshold, trained=trained, **card_fields,
     )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_dir / WEIGHTS_FILE)
     card.save(out_dir)
     return card
 
@@ -199,41 +202,48 @@ def export_model_dir(
             review_operating_point = {**cal, "target_fpr": float(review_fpr), "n_real": int(real.size),
                                       "achieved_fpr": float(np.mean(real >= review_threshold)), "method": method}
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = model.eval().cpu()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out_dir / WEIGHTS_FILE)
-    files = {"weights": WEIGHTS_FILE}
-    extra: dict[str, Any] = {}
-    onnx_path = out_dir / ONNX_FILE
-    if onnx:
-        export_onnx(model, onnx_path, input_size=input_size, opset=opset)
-        crops = parity_crops if parity_crops is not None else parity_inputs(input_size)
-        parity = onnx_parity(model, onnx_path, crops, parity_batch_sizes)
-        parity["tolerance"] = parity_tol
-        if not parity["max_abs_diff_prob"] <= parity_tol:
-            onnx_path.unlink(missing_ok=True)
-            raise OnnxParityError(f"ONNX Runtime differs from PyTorch by {parity['max_abs_diff_prob']:.3g} "
-                                  f"(> {parity_tol:g}) on the fake probability")
-        files["onnx"] = ONNX_FILE
-        extra["onnx"] = {"opset": opset, "inputs": {"crops": ["batch", 3, input_size, input_size]},
-                         "outputs": {"logits": ["batch", 2], "fake_prob": ["batch"]},
-                         "exporter": f"torch.onnx dynamo (torch {torch.__version__})", "parity": parity}
-    elif onnx_path.exists():
-        onnx_path.unlink()  # a stale graph must not sit beside new weights
-    if reference_face is not None:
-        import cv2
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.export-", dir=out_dir.parent) as staging:
+        stage = Path(staging)  # beside out_dir (one filesystem): a failed export leaves out_dir as it was
+        model = model.eval().cpu()
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, stage / WEIGHTS_FILE)
+        files = {"weights": WEIGHTS_FILE}
+        extra: dict[str, Any] = {}
+        if onnx:
+            export_onnx(model, stage / ONNX_FILE, input_size=input_size, opset=opset)
+            crops = parity_crops if parity_crops is not None else parity_inputs(input_size)
+            parity = onnx_parity(model, stage / ONNX_FILE, crops, parity_batch_sizes)
+            parity["tolerance"] = parity_tol
+            if not parity["max_abs_diff_prob"] <= parity_tol:
+                raise OnnxParityError(f"ONNX Runtime differs from PyTorch by {parity['max_abs_diff_prob']:.3g} "
+                                      f"(> {parity_tol:g}) on the fake probability")
+            files["onnx"] = ONNX_FILE
+            extra["onnx"] = {"opset": opset, "inputs": {"crops": ["batch", 3, input_size, input_size]},
+                             "outputs": {"logits": ["batch", 2], "fake_prob": ["batch"]},
+                             "exporter": f"torch.onnx dynamo (torch {torch.__version__})", "parity": parity}
+        if reference_face is not None:
+            import cv2
 
-        cv2.imwrite(str(out_dir / REFERENCE_FILE), cv2.cvtColor(np.asarray(reference_face, np.uint8), cv2.COLOR_RGB2BGR))
-        files["reference_face"] = REFERENCE_FILE
-    extra["sha256"] = {f: sha256_file(out_dir / f) for f in files.values()}
-    card = ModelCard(
-        name=name, version=version, architecture=architecture, architecture_kwargs=architecture_kwargs,
-        input_size=input_size, normalization=_normalization(architecture_kwargs), threshold=threshold,
-        operating_point=operating_point, review_threshold=review_threshold,
-        review_operating_point=review_operating_point, trained=trained, training_data=training_data, metrics=metrics or {},
-        files=files, crop_recipe=crop_recipe, **extra, **card_fields,
-    )
-    card.save(out_dir)
+            cv2.imwrite(str(stage / REFERENCE_FILE), cv2.cvtColor(np.asarray(reference_face, np.uint8),
+                                                                 cv2.COLOR_RGB2BGR))
+            files["reference_face"] = REFERENCE_FILE
+        extra["sha256"] = {f: sha256_file(stage / f) for f in files.values()}
+        card = ModelCard(
+            name=name, version=version, architecture=architecture, architecture_kwargs=architecture_kwargs,
+            input_size=input_size, normalization=_normalization(architecture_kwargs), threshold=threshold,
+            operating_point=operating_point, review_threshold=review_threshold,
+            review_operating_point=review_operating_point, trained=trained, training_data=training_data,
+            metrics=metrics or {}, files=files, crop_recipe=crop_recipe, **extra, **card_fields,
+        )
+        card.save(stage)
+        # Every check passed: the files move in, the card last (a worker loading meanwhile sees the
+        # old card's digests disagree), and a graph or reference face the new card does not list goes.
+        out_dir.mkdir(exist_ok=True)
+        for f in files.values():
+            os.replace(stage / f, out_dir / f)
+        for stale in {ONNX_FILE, REFERENCE_FILE} - set(files.values()):
+            (out_dir / stale).unlink(missing_ok=True)
+        os.replace(stage / CARD_FILE, out_dir / CARD_FILE)
     return card
 
 
