@@ -8,11 +8,14 @@ import json
 
 import pytest
 from rq.job import Job
+from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 from servers import free_ports
 from workers import burst, stored
 
+from worker import upload_index
 from worker.cli import main
+from worker.jobs import MODERATE_FUNC
 from worker.queue import enqueue, get_queue, job_state
 from worker.runtime import WorkerRuntime
 from worker.s3 import make_client
@@ -58,9 +61,13 @@ def test_a_job_lost_to_an_s3_outage_is_listed_requeued_and_then_gets_its_one_ver
     assert len(cli(capsys, "failed", "--limit", "1")[1]) == 1
 
     monkeypatch.setenv("DEEPFAKE_JOB_RETRY_BACKOFF_S", "7")  # the requeuer's settings
+    assert 0 < redis.ttl(Job.key_for(job_id)) <= s.result_ttl_s  # RQ's failure set it to expire
+    redis.delete(upload_index.index_key(BUCKET, KEY))  # as it expires with the failure
     code, lines = cli(capsys, "requeue", job_id, "no-such-job")
     assert code == 1 and json.loads(lines[0]) == {"requeued": [job_id], "not_failed": ["no-such-job"]}
     assert job_state(job_id, settings=s, connection=redis).status == "queued"
+    assert redis.ttl(Job.key_for(job_id)) == -1  # waits in the queue however long it takes, as a new job does
+    assert upload_index.recorded(redis, BUCKET, KEY)[0] == {job_id}  # `deepfake forget` finds it meanwhile
     requeued = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
     assert requeued.retries_left == s.job_retries and requeued.retry_intervals == [7]  # again, with the waits
     assert [json.loads(line)["job_id"] for line in cli(capsys, "failed")[1]] == [refused]
@@ -72,3 +79,27 @@ def test_a_job_lost_to_an_s3_outage_is_listed_requeued_and_then_gets_its_one_ver
     assert only["created_at"] == state.result["created_at"]
     assert cli(capsys, "requeue", "--all") == (0, [json.dumps({"requeued": [refused], "not_failed": []})])
     assert cli(capsys, "requeue", "--all") == (0, [json.dumps({"requeued": [], "not_failed": []})])
+
+
+def test_failed_jobs_whose_hash_is_gone_or_malformed_neither_stop_the_listing_nor_leave_stubs(
+        redis, redis_server, settings, monkeypatch, capsys):
+    """A failed registry entry outlives its hash by a moment (or for good, where Redis evicts), and
+    anyone who can write to Redis can write a hash RQ cannot read."""
+    monkeypatch.setenv("DEEPFAKE_REDIS_URL", redis_server.url)
+    redis.flushdb()
+    queue = get_queue(redis, settings.queue)
+    registry = FailedJobRegistry(queue=queue)
+    good, gone, garbled = (queue.enqueue(MODERATE_FUNC, args=(BUCKET, f"clips/{n}.mp4")) for n in range(3))
+    for job in (good, gone, garbled):
+        queue.remove(job)
+        registry.add(job, ttl=600)
+    redis.delete(gone.key)
+    redis.hset(garbled.key, "created_at", "not-a-date")
+
+    code, lines = cli(capsys, "failed")
+    assert code == 0 and [json.loads(line)["job_id"] for line in lines] == [good.id]
+
+    code, lines = cli(capsys, "requeue", gone.id, good.id)
+    assert code == 1 and json.loads(lines[0]) == {"requeued": [good.id], "not_failed": [gone.id]}
+    assert not redis.exists(gone.key) and gone.id not in registry  # no stub hash, no entry counted for ever
+    assert queue.job_ids == [good.id]

@@ -38,12 +38,14 @@ def test_the_queue_state_is_read_from_redis_at_each_scrape(redis, settings):
     first = queue.enqueue(MODERATE_FUNC, args=("b", "one.mp4"))
     time.sleep(1.2)
     queue.enqueue(MODERATE_FUNC, args=("b", "two.mp4"))
-    assert sample(metrics, "deepfake_queue_jobs", queue=QUEUE, state="queued") == 2
+    urgent = queue.enqueue(MODERATE_FUNC, args=("b", "urgent.mp4"), at_front=True)  # the head: `enqueue --front`
+    assert sample(metrics, "deepfake_queue_jobs", queue=QUEUE, state="queued") == 3
     age = sample(metrics, "deepfake_queue_oldest_job_age_seconds", queue=QUEUE)
-    assert 1.2 <= age < 30  # the first job's age, not the second's
+    assert 1.2 <= age < 30  # the first job's age, not the second's or the head's
     status = queue_status(settings=settings.model_copy(update={"queue": QUEUE}), connection=redis)
-    assert status["queued"] == 2 and age - 0.1 <= status["oldest_waiting_s"] < 30  # `deepfake status` too (to 0.1 s)
+    assert status["queued"] == 3 and age - 0.1 <= status["oldest_waiting_s"] < 30  # `deepfake status` too (to 0.1 s)
     first.cancel()  # leaves the list: the oldest waiting job is now the second
+    urgent.cancel()
     assert sample(metrics, "deepfake_queue_jobs", queue=QUEUE, state="queued") == 1
     assert sample(metrics, "deepfake_queue_oldest_job_age_seconds", queue=QUEUE) < age
     assert sample(metrics, "deepfake_queue_jobs", queue=QUEUE, state="scheduled") == 0

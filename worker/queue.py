@@ -36,6 +36,16 @@ from worker.verdict_store import DETERMINISTIC_ERRORS, VerdictStore
 from worker.webhooks import check_webhooks
 
 DEDUPE_PREFIX = "deepfake:dedupe:"
+HEAD_SCAN = 100  # waiting jobs `queue_depths` reads the age of, from the head
+# A failed job given its retries again, its hash kept: RQ's failure set it to expire with the failure
+# (failure_ttl) and requeueing keeps that, so a job that waited longer in the queue vanished from it.
+# 0 when the hash is gone (a write would leave a stub without expiry in its place).
+REARM_FAILED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'retries_left', ARGV[1], 'retry_intervals', ARGV[2])
+redis.call('PERSIST', KEYS[1])
+return 1
+"""
 # A waiting job to the front of its queue in one step (a job a worker already took is left alone, and
 # none is lost between the two writes): RQ's queue is a list whose left end is popped first.
 TO_FRONT = "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then return redis.call('LPUSH', KEYS[1], ARGV[1]) end return 0"
@@ -226,19 +236,24 @@ def job_state(job_id: str, *, settings: Settings | None = None, connection: Redi
 
 def queue_depths(connection: Redis, name: str) -> dict:
     """Jobs `queued` (waiting), `started`, `failed` and `scheduled` (retries waiting out their backoff)
-    as Redis holds them (no registry cleanup), and
-    `oldest_waiting_s`, the age of the job at the head of the queue (0 when none waits): one round
-    trip, plus one for that job's enqueue time. What /metrics exports at each scrape."""
+    as Redis holds them (no registry cleanup), and `oldest_waiting_s`, how long the oldest of the
+    first `HEAD_SCAN` waiting jobs has waited (0 when none waits): `--front` puts the newest jobs at
+    the head, so the oldest ordinary one is the first behind them, not the head. Two round trips.
+    What /metrics exports at each scrape."""
     queue = get_queue(connection, name)
     with connection.pipeline(transaction=False) as pipe:
         pipe.llen(queue.key).zcard(StartedJobRegistry(queue=queue).key)
         pipe.zcard(FailedJobRegistry(queue=queue).key).zcard(ScheduledJobRegistry(queue=queue).key)
-        pipe.lindex(queue.key, 0)
+        pipe.lrange(queue.key, 0, HEAD_SCAN - 1)
         queued, started, failed, scheduled, head = pipe.execute()
     waited = 0.0
-    stamp = connection.hget(Job.key_for(as_text(head)), "enqueued_at") if head is not None else None
-    if stamp:
-        waited = max(0.0, time.time() - utcparse(as_text(stamp)).timestamp())
+    if head:
+        with connection.pipeline(transaction=False) as pipe:
+            for job_id in head:
+                pipe.hget(Job.key_for(as_text(job_id)), "enqueued_at")
+            stamps = [utcparse(as_text(stamp)).timestamp() for stamp in pipe.execute() if stamp]
+        if stamps:
+            waited = max(0.0, time.time() - min(stamps))
     return {"queued": queued, "started": started, "failed": failed, "scheduled": scheduled,
             "oldest_waiting_s": waited}
 
@@ -298,39 +313,50 @@ def failed_jobs(*, settings: Settings | None = None, connection: Redis | None = 
     registry = FailedJobRegistry(queue=queue)
     out: list[FailedJob] = []
     for job_id in registry.get_job_ids(0, -1 if limit is None else limit - 1):
-        try:
-            job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+        try:  # DeepfakeJob: a malformed hash (anyone who can write to Redis) is skipped, not a traceback
+            job = DeepfakeJob.fetch(job_id, connection=connection, serializer=JSONSerializer)
         except NoSuchJobError:
             continue  # expired between the listing and the fetch
-        try:
-            args = job.args if job.func_name == MODERATE_FUNC else []
-        except Exception:  # noqa: BLE001 - a job hash anyone could have written: list it without arguments
-            args = []
+        bucket, key = upload_of(job) or (None, None)
         latest = job.latest_result()
-        out.append(FailedJob(job.id, args[0] if len(args) > 0 else None, args[1] if len(args) > 1 else None,
-                             job.ended_at.isoformat() if job.ended_at else None,
+        out.append(FailedJob(job.id, bucket, key, job.ended_at.isoformat() if job.ended_at else None,
                              last_line(latest.exc_string if latest is not None else None)
                              or "failed (no exception recorded)"))
     return out
 
 
+def upload_of(job: Job) -> tuple[str, str] | None:
+    """(bucket, key) a moderation job names; None for any other job, or arguments nobody could read."""
+    try:
+        args = job.args if job.func_name == MODERATE_FUNC else []
+    except Exception:  # noqa: BLE001 - a job hash anyone could have written
+        return None
+    return (args[0], args[1]) if len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str) else None
+
+
 def requeue_failed(job_ids: list[str] | None = None, *, settings: Settings | None = None,
                    connection: Redis | None = None) -> tuple[list[str], list[str]]:
     """Put failed jobs (all of them when `job_ids` is None) back on the queue under the same ids, with
-    `job_retries` retries again; returns (requeued, not in the failed registry). Each writes its
-    verdict once when it runs."""
+    `job_retries` retries again; returns (requeued, not in the failed registry or expired from it).
+    Each writes its verdict once when it runs, and `deepfake forget` finds it while it waits."""
     settings = settings or Settings()
     connection = connection or connect(settings)
     queue = get_queue(connection, settings.queue)
-    registry = FailedJobRegistry(queue=queue)
+    registry = FailedJobRegistry(queue=queue, job_class=queue.job_class)
     requeued, missing = [], []
     for job_id in registry.get_job_ids() if job_ids is None else job_ids:
+        if job_id in registry and not connection.eval(
+                REARM_FAILED, 1, Job.key_for(job_id), settings.job_retries, json.dumps(settings.retry_intervals_s())):
+            connection.zrem(registry.key, job_id)  # its hash expired (or was evicted): nothing is left to run
+            missing.append(job_id)
+            continue
         try:
-            if job_id in registry:  # its retries were spent: give it the configured ones again, and their waits
-                connection.hset(Job.key_for(job_id), mapping={
-                    "retries_left": settings.job_retries, "retry_intervals": json.dumps(settings.retry_intervals_s())})
-            registry.requeue(job_id)
-            requeued.append(job_id)
+            job = registry.requeue(job_id)
         except (InvalidJobOperation, NoSuchJobError):
             missing.append(job_id)
+            continue
+        requeued.append(job_id)
+        upload = upload_of(job)
+        if upload is not None:  # the index expired with the failure
+            upload_index.record(connection, *upload, job_id=job.id, ttl_s=settings.result_ttl_s)
     return requeued, missing
