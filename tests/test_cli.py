@@ -42,8 +42,10 @@ def test_enqueue_checks_the_webhook_url(redis_server, s3_server):
     refuses (an internal address) is enqueued with a warning, not silently left unheard."""
     env = {"DEEPFAKE_REDIS_URL": redis_server.url, "DEEPFAKE_S3_ENDPOINT_URL": s3_server.endpoint,
            "DEEPFAKE_QUEUE": "cli-webhooks"}
-    bad = run_cli("enqueue", "s3://uploads/a.mp4", "--webhook", "ftp://hooks.example/x", env_extra=env)
-    assert bad.returncode == 2 and "--webhook must be an http(s) URL" in bad.stderr
+    for url in ("ftp://hooks.example/x", "http://hooks.example:99999/x", "http://[::1/x"):  # a port, an IPv6 host
+        bad = run_cli("enqueue", "s3://uploads/a.mp4", "--webhook", url, env_extra=env)
+        assert bad.returncode == 2 and "--webhook must be an http(s) URL" in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr
     internal = run_cli("enqueue", "s3://uploads/a.mp4", "--webhook", "http://127.0.0.1:9/hook", env_extra=env)
     assert internal.returncode == 0, internal.stderr
     assert len(internal.stdout.split()) == 1  # the job id
@@ -105,6 +107,10 @@ def test_configuration_mistakes_are_one_line(tmp_path, random_model_dir, redis_s
         (("moderate", *model, "x.mp4"), {"DEEPFAKE_LOG_LEVEL": "LOUD"}, 2, "log_level"),
         (("status",), {"DEEPFAKE_REDIS_URL": "foo://bar"}, 2, "must start with redis://"),
         (("verdict", "s3://uploads/a.mp4"), {"DEEPFAKE_S3_ENDPOINT_URL": "notaurl"}, 2, "http:// or https://"),
+        (("verdict", "s3://uploads/a.mp4"), {"DEEPFAKE_S3_ENDPOINT_URL": "http://"}, 2, "must name a host"),
+        (("status",), {"DEEPFAKE_REDIS_URL": "redis://:hunter2@127.0.0.1:abc/0"}, 2, "port is not a number"),
+        (("status",), {"DEEPFAKE_REDIS_URL": "redis://[::1/0"}, 2, "not a usable URL"),
+        (("status",), {"DEEPFAKE_REDIS_URL": "redis://127.0.0.1:6379/notadb"}, 2, "database number"),
         (("status",), {"DEEPFAKE_REDIS_URL": redis_server.url.rsplit("/", 1)[0] + "/99"}, 1, "Redis refused"),
     ]
     if not torch.cuda.is_available():
@@ -112,6 +118,7 @@ def test_configuration_mistakes_are_one_line(tmp_path, random_model_dir, redis_s
     for args, env, code, said in cases:
         proc = run_cli(*args, env_extra=env)
         assert proc.returncode == code and said in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert "hunter2" not in proc.stderr
     empty = run_cli("moderate", "--example", "--frames", "2", env_extra={"DEEPFAKE_MODEL_DIR": "", "DEEPFAKE_CACHE_DIR": ""})
     assert empty.returncode == 0 and json.loads(empty.stdout)["model"]["name"], empty.stderr
 

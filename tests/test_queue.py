@@ -121,6 +121,27 @@ def test_a_full_job_result_is_the_whole_stored_verdict(s3, redis, qsettings, mod
                                                                           stored["created_at"])
 
 
+def test_result_full_reads_the_verdict_where_the_worker_stored_it(s3, redis, qsettings, moderator, monkeypatch,
+                                                                  capsys):
+    """`deepfake result --full` on a machine whose verdict prefix is not the workers': the job's result
+    says where the verdict is; once it is erased, the command says so and exits 1."""
+    from worker.cli import main
+
+    job_id = enqueue(BUCKET, UPLOADS["carphone"], settings=qsettings, connection=redis, s3_client=s3)
+    burst(redis, qsettings, moderator)
+    monkeypatch.setenv("DEEPFAKE_REDIS_URL", qsettings.redis_url)
+    monkeypatch.setenv("DEEPFAKE_S3_ENDPOINT_URL", qsettings.s3_endpoint_url)
+    monkeypatch.setenv("DEEPFAKE_VERDICT_PREFIX", "elsewhere/")
+    capsys.readouterr()
+    assert main(["result", "--full", job_id]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["result"]["faces"] == stored_verdict(s3, qsettings, UPLOADS["carphone"])["faces"]
+    assert full["result"]["stored_at"] == f"s3://{BUCKET}/{qsettings.verdict_prefix}{UPLOADS['carphone']}.json"
+    s3.delete_object(Bucket=BUCKET, Key=f"{qsettings.verdict_prefix}{UPLOADS['carphone']}.json")
+    assert main(["result", "--full", job_id]) == 1
+    assert json.loads(capsys.readouterr().out)["error"].startswith("no verdict stored at s3://")
+
+
 def test_missing_key_and_forbidden_bucket(s3, redis, qsettings, moderator):
     missing = enqueue(BUCKET, "clips/never-uploaded.mp4", settings=qsettings, connection=redis, s3_client=s3)
     private = enqueue("private", "clips/carphone.mp4", settings=qsettings, connection=redis, s3_client=s3)

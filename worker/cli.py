@@ -166,26 +166,15 @@ def warn_unless_allowed(settings, bucket: str) -> None:  # type: ignore[no-untyp
               "refuse its jobs (access_denied)", file=sys.stderr)
 
 
-
-
-
-
-
-
-
-
-
-
 def _check_webhook(url: str, settings, parser: argparse.ArgumentParser) -> None:  # type: ignore[no-untyped-def]
     """A URL no worker would call is a usage error; one this machine's settings would refuse is a
     warning (the workers' DEEPFAKE_WEBHOOK_HOSTS may differ), so the job is not silently unheard."""
-    from urllib.parse import urlsplit
+    from worker.webhooks import HostPolicy, WebhookRefused, check_url, resolve
 
-    from worker.webhooks import HostPolicy, WebhookRefused, resolve
-
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
-        parser.error(f"--webhook must be an http(s) URL with a host and no credentials, not {url!r}")
+    try:
+        check_url(url)  # what every worker refuses, the enqueue refuses too
+    except WebhookRefused as exc:
+        parser.error(f"--webhook must be an http(s) URL with a host and no credentials, not {url!r}: {exc}")
     try:
         resolve(url, HostPolicy.parse(settings.webhook_hosts))
     except WebhookRefused as exc:
@@ -203,24 +192,34 @@ def cmd_result(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         if state is None:
             missing = True
             print(json.dumps({"job_id": job_id, "status": "not_found", "result": None, "error": "no such job"}))
+        elif args.full:
+            full, gone = _with_full_verdict(state.to_dict(), settings)
+            missing = missing or gone
+            print(json.dumps(full))
         else:
-            print(json.dumps(_with_full_verdict(state.to_dict(), settings) if args.full else state.to_dict()))
+            print(json.dumps(state.to_dict()))
     return EXIT_FAILURE if missing else EXIT_OK
 
 
-def _with_full_verdict(state: dict, settings) -> dict:  # type: ignore[no-untyped-def]
+def _with_full_verdict(state: dict, settings) -> tuple[dict, bool]:  # type: ignore[no-untyped-def]
     """A job's state with its result replaced by the whole verdict stored in S3, where there is one
-    (a summary result names it in `stored_at`); `verified` as `deepfake verdict` says it."""
+    (a summary result names it in `stored_at`), `verified` as `deepfake verdict` says it; and
+    whether the verdict its result names is gone (erased, or never written)."""
     from worker.s3 import S3Location
     from worker.verdict_store import VerdictStore
 
     result = state.get("result")
     if not isinstance(result, dict) or not result.get("stored_at"):
-        return state  # not finished, or nothing stored (an upload the worker may not read)
-    found = VerdictStore.for_settings(settings, verify=True).read(S3Location.parse(result["source"]))
+        return state, False  # not finished, or nothing stored (an upload the worker may not read)
+    try:  # where the worker stored it, which the workers' verdict settings chose, not this machine's
+        at = S3Location.parse(result["stored_at"])
+    except (TypeError, ValueError):
+        at = None
+    found = VerdictStore.for_settings(settings, verify=True).read(S3Location.parse(result["source"]), at=at)
     if found["verdict"] is None:
-        return {**state, "verified": None, "error": state["error"] or f"no verdict stored at {result['stored_at']}"}
-    return {**state, "result": {**found["verdict"], "stored_at": found["stored_at"]}, "verified": found["verified"]}
+        return {**state, "verified": None, "error": state["error"] or f"no verdict stored at {result['stored_at']}"}, True
+    return {**state, "result": {**found["verdict"], "stored_at": found["stored_at"]},
+            "verified": found["verified"]}, False
 
 
 def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

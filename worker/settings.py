@@ -10,6 +10,7 @@ import math
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -186,6 +187,10 @@ class Settings(BaseSettings):
     def _redis_url_scheme(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"must start with redis://, rediss:// or unix://, not {_scheme_of(value)}")
+        parts = _url_parts(value)
+        if not value.startswith("unix://") and parts.path not in ("", "/") and not parts.path[1:].isdigit():
+            raise ValueError("the path must be a database number (redis://host:6379/0): redis-py takes any "
+                             "other for database 0")
         return value
 
     @field_validator("s3_endpoint_url")
@@ -193,6 +198,8 @@ class Settings(BaseSettings):
     def _s3_endpoint_is_a_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError(f"must be an http:// or https:// URL, not {_scheme_of(value)}")
+        if value is not None and not _url_parts(value).hostname:
+            raise ValueError("must name a host (http://host:port)")
         return value
 
     @field_validator("error_actions")
@@ -251,6 +258,17 @@ def _waits(value: str) -> list[int]:
         raise ValueError(f"must be whole seconds from 0 to {MAX_RETRY_WAIT_S}, comma-separated (e.g. '30,120,600'), "
                          f"not {value!r}")
     return waits
+
+
+def _url_parts(url: str) -> SplitResult:
+    """`url` split, its port checked; a ValueError that never quotes it (it may carry a password)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is no number, or out of range
+    except ValueError as exc:
+        reason = "its port is not a number from 0 to 65535" if "port" in str(exc).lower() else "it does not parse"
+        raise ValueError(f"is not a usable URL: {reason}") from None
+    return parts
 
 
 def _scheme_of(url: str) -> str:

@@ -209,10 +209,11 @@ class VerdictStore:
             return None, etag  # unreadable: treated as stale and replaced
         return (stored, etag) if isinstance(stored, dict) else (None, etag)
 
-    def read(self, upload: S3Location) -> dict[str, Any]:
+    def read(self, upload: S3Location, *, at: S3Location | None = None) -> dict[str, Any]:
         """For readers (`deepfake verdict`): the stored verdict as it is, where, and whether its
-        signature verifies (null without DEEPFAKE_VERDICT_SECRET)."""
-        loc = self.location_for(upload)
+        signature verifies (null without DEEPFAKE_VERDICT_SECRET); `at`: where a job's result says
+        its worker stored it (the worker's verdict bucket and prefix may not be this reader's)."""
+        loc = at or self.location_for(upload)
         fetched = self._fetch(loc)
         if fetched is None:
             return {"upload": upload.uri, "stored_at": None, "verified": None, "verdict": None}

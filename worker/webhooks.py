@@ -152,6 +152,11 @@ def _split(url: str) -> tuple[SplitResult, int]:
     return parts, port or (443 if parts.scheme == "https" else 80)
 
 
+def check_url(url: str) -> None:
+    """WebhookRefused, saying why, when no worker would call `url` whatever its address resolves to."""
+    _split(url)
+
+
 def _lookup(lookup, host: str, port: int, timeout_s: float | None) -> list:  # noqa: ANN001
     """getaddrinfo, which takes no timeout, in a daemon thread given `timeout_s`: a slow resolver
     must not hold the worker past the webhook's deadline (the thread ends when the resolver gives up)."""
@@ -278,7 +283,7 @@ def check_webhooks(hooks: Sequence[Any]) -> None:
     if len(hooks) > MAX_WEBHOOKS:
         raise WebhookRefused(f"a job may have at most {MAX_WEBHOOKS} webhooks, not {len(hooks)}")
     for hook in hooks:
-        _split(hook.url)
+        check_url(hook.url)
         headers = hook.headers or {}
         for name, value in (headers.items() if isinstance(headers, dict) else [("headers", None)]):
             why = header_problem(name, value)
