@@ -113,6 +113,34 @@ def test_a_job_stranded_by_a_lost_dequeue_reply_is_erased(s3, redis, fsettings):
     assert clean_abandoned(queue) and queue.intermediate_queue.get_job_ids() == []  # gone: dropped from the list
 
 
+def test_a_job_just_dequeued_is_waited_for_as_a_running_one(s3, redis, fsettings):
+    """Between a worker's dequeue and its start the job sits in RQ's intermediate list, already in the
+    worker's hands: deleted then, it would still run and store a verdict after the erasure."""
+    queue = get_queue(redis, fsettings.queue)
+    started = StartedJobRegistry(queue=queue)
+    job = queue.enqueue(MODERATE_FUNC, args=(BUCKET, ALICE), kwargs={"frames": 3})
+    assert redis.lmove(queue.key, queue.intermediate_queue.key).decode() == job.id  # a worker's dequeue
+    seen = {}
+
+    def start_then_end() -> None:  # what the worker does next, as RQ writes it (prepare_job_execution)
+        time.sleep(1.0)
+        with redis.pipeline() as pipe:
+            pipe.zadd(started.key, {f"{job.id}:execution": time.time() + 60})
+            pipe.lrem(queue.intermediate_queue.key, 1, job.id)
+            pipe.execute()
+        upload_index.record(redis, BUCKET, ALICE, job_id=job.id, ttl_s=600)  # worker.jobs, as the job starts
+        time.sleep(1.0)
+        seen["kept_while_it_ran"] = Job.exists(job.id, connection=redis)
+        redis.zrem(started.key, f"{job.id}:execution")
+
+    worker = threading.Thread(target=start_then_end)
+    worker.start()
+    gone = forget(BUCKET, ALICE, wait_s=60, settings=fsettings, connection=redis, s3_client=s3)
+    worker.join()
+    assert seen["kept_while_it_ran"]
+    assert gone.complete and gone.jobs_deleted == [job.id] and not Job.exists(job.id, connection=redis)
+
+
 def test_jobs_are_deleted_under_the_queues_maintenance_lock(s3, redis, fsettings, monkeypatch):
     """While a worker's maintenance holds the lock (it may be retrying this very job), forget waits for
     it, then deletes holding it itself, and gives it back. A lock held over 5 minutes (its holder died)

@@ -4,8 +4,9 @@ reports hold face crops; Redis holds jobs with their results.
 
 `forget` deletes the upload's jobs (waiting, finished, failed: hash, result and registry entries)
 and duplicate records from Redis, under the queue's maintenance lock (so that no maintenance retries
-a job it is deleting; it waits for the lock, and does without one held over 5 minutes), waits for a job that is running on it to end (its verdict would
-otherwise be written after the erasure), then deletes the stored verdict and report from S3. The
+a job it is deleting; it waits for the lock, and does without one held over 5 minutes), waits for a
+job that is running on it, or was just dequeued, to end (its verdict would otherwise be written
+after the erasure), then deletes the stored verdict and report from S3. The
 upload itself is the platform's to delete. Log lines name uploads too: their retention is the log
 pipeline's.
 """
@@ -38,6 +39,10 @@ POLL_S = 1.0
 # maintenance pass takes seconds, or minutes when abandoned jobs' webhooks time out.
 RQ_LOCK_TTL_S = 899
 STALE_LOCK_S = 300
+# A job in RQ's intermediate list was just dequeued: its worker holds it, and puts it in the started
+# registry a moment later. Deleted then, it would still run and store a verdict after the erasure:
+# it is waited for as a running job, for this long; one still there after it is a lost dequeue's.
+DEQUEUE_GRACE_S = 5.0
 
 
 @dataclass
@@ -133,6 +138,7 @@ def forget(
     started = started_registry(queue)
     deadline = time.monotonic() + (default_wait_s(settings) if wait_s is None else wait_s)
     running: list[str] = []
+    dequeued: dict[str, float] = {}  # job id: when first seen in the intermediate list
     warned = False
     while True:
         late = time.monotonic() >= deadline
@@ -149,7 +155,12 @@ def forget(
             if deleting:
                 jobs = jobs_for(connection, settings.queue, bucket, key, scan=scan)
                 scan = False  # what finishes while this waits is indexed by the worker that ran it
-                running = [j.id for j in jobs if j.id in started]
+                now = time.monotonic()
+                in_hand = set(queue.intermediate_queue.get_job_ids())
+                for job_id in in_hand:
+                    dequeued.setdefault(job_id, now)
+                running = [j.id for j in jobs if j.id in started or (
+                    j.id in in_hand and now - dequeued[j.id] < DEQUEUE_GRACE_S and not late)]
                 for job in jobs:
                     if job.id not in running:
                         job.delete()
