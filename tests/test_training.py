@@ -437,6 +437,14 @@ def test_cli_extract_ffpp_layout(tmp_path, capsys):
     assert "this run cuts size 32, not 64: extract into a new directory" in capsys.readouterr().err
     assert len(read_index(out, "train")) == 8
     assert {r.manipulation for r in recs} == {"", "Deepfakes"} and {r.compression for r in recs} == {"c23"}
+    assert sorted(r.frame for r in recs if r.video_id == recs[0].video_id) == [0, 1]  # the paper's: consecutive
+    # The worker's sampling (to calibrate a threshold on): frames spread over the whole video.
+    assert main(["extract", "--dataset", "ffpp", "--root", str(root), "--out", str(tmp_path / "as-worker"),
+                 "--manipulations", "Deepfakes", "--splits", "train", "--frames", "3", "--size", "64",
+                 "--sampling", "worker"]) == 0
+    spread = [sorted(r.frame for r in read_index(tmp_path / "as-worker", "train") if r.video_id == v)
+              for v in {r.video_id for r in recs}]
+    assert all(len(frames) == 3 and frames[-1] - frames[0] > 60 for frames in spread), spread  # of 120 frames
     # Two manipulations: 4 fake videos to 2 real, so (paper III-A) each fake gives half the frames.
     for name, extra, fake_frames in (("balanced", [], 2), ("unbalanced", ["--no-balance"], 4)):
         assert main(["extract", "--dataset", "ffpp", "--root", str(root), "--out", str(tmp_path / name),

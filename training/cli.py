@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manipulations", nargs="+", help="ffpp: default the paper's four")
     p.add_argument("--splits", nargs="+", default=["train", "val", "test"], help="ffpp splits; default: all")
     p.add_argument("--frames", type=int, help="frames per video for every split (overrides the paper's numbers)")
+    p.add_argument("--sampling", choices=["paper", "worker"], default="paper",
+                   help="paper: the frames above; worker: frames spread over each whole video, as many as the "
+                   "worker samples by default (DEEPFAKE_FRAMES) or --frames: the crops to calibrate a threshold on "
+                   "(export --calibrate-on), since the worker's score is the mean over such frames; "
+                   "default: %(default)s")
     p.add_argument("--no-balance", action="store_true", help="the same frames from every video; by default "
                    "train/val fakes take fewer frames when they outnumber the reals, e.g. 68 not 270 with FF++'s "
                    "4 manipulations, so both classes give as many crops (paper III-A)")
@@ -188,8 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
 # -- handlers (heavy imports inside, so --help stays fast) ------------------------------------------
 
 
-def _frames_for(dataset: str, override: int | None) -> tuple[dict[str, int], str]:
-    """Paper III-A: FF++ 270 consecutive train frames, 100 val/test; Celeb-DF 25 frames per video."""
+def _frames_for(dataset: str, override: int | None, sampling: str = "paper") -> tuple[dict[str, int], str]:
+    """Paper III-A: FF++ 270 consecutive train frames, 100 val/test; Celeb-DF 25 frames per video.
+    `sampling="worker"`: the worker's default frame count (or `override`) spread over each video."""
+    if sampling == "worker":
+        from worker.settings import Settings
+
+        n = override if override is not None else Settings.model_fields["frames"].default
+        return {s: n for s in ("train", "val", "test")}, "even"
     if override is not None:
         return {s: override for s in ("train", "val", "test")}, "even" if dataset == "celebdf" else "consecutive"
     if dataset == "celebdf":
@@ -209,7 +220,7 @@ def cmd_extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         items = celebdf_videos(args.root, missing=args.missing)
     else:
         items = dfd_videos(args.root, compression=args.compression)
-    frames, mode = _frames_for(args.dataset, args.frames)
+    frames, mode = _frames_for(args.dataset, args.frames, args.sampling)
     items = assign_frames(items, frames, balance=() if args.no_balance else ("train", "val"))
     stats = extract_videos(items, args.out, frames_per_video=max(frames.values()), size=args.size, mode=mode)
     print(json.dumps({"videos": stats.videos, "skipped": stats.skipped, "frames": stats.frames, "crops": stats.crops,
@@ -252,28 +263,11 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def load_checkpoint_model(path: Path):  # -> nn.Module
-    """Rebuild the architecture recorded in a train checkpoint and load its weights."""
-    from training.models import create_model
-    from worker.torch_files import load_tensors
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = load_tensors(path)
-    cfg = ckpt.get("model_config") if isinstance(ckpt, dict) else None
-    if not cfg:
-        raise ValueError(f"{path} has no model_config: not a checkpoint written by `python -m training train`")
-    model = create_model(cfg["architecture"], **cfg["kwargs"])
-    model.load_state_dict(ckpt["model"])
-    model.crop_recipe = ckpt.get("crop_recipe")  # how its training crops were cut; export puts it in the card
-    return model.eval()
-
-
 def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from training.data import CropDataset, recipe_mismatch
     from training.eval_report import cross_dataset_table, markdown_report, write_report
     from training.evaluate import evaluate_model
-    from worker.preprocess import CropRecipe
+    from training.run_files import load_checkpoint_model, trained_recipe
 
     threshold = args.threshold
     trained = None  # how the model's training crops were cut, where it records that
@@ -300,7 +294,7 @@ def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             args.review_threshold = card.review_threshold
     else:
         model = load_checkpoint_model(args.checkpoint)
-        trained = CropRecipe.from_dict(model.crop_recipe) if model.crop_recipe else None
+        trained = trained_recipe(model)
     threshold = 0.5 if threshold is None else threshold
     results = {}
     for root in args.data:
@@ -342,12 +336,12 @@ def _some_crops(root: Path, split: str, n: int = 8):  # type: ignore[no-untyped-
 def cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from training.data import recipe_mismatch
     from training.export import export_model_dir
-    from worker.preprocess import CropRecipe
+    from training.run_files import load_checkpoint_model, trained_recipe
 
     model = load_checkpoint_model(args.checkpoint)
     calibration, crops = None, None
     if args.calibrate_on:
-        trained = CropRecipe.from_dict(model.crop_recipe) if model.crop_recipe else None
+        trained = trained_recipe(model)
         if warning := recipe_mismatch(args.calibrate_on, trained):
             log.warning("the threshold is calibrated on other crops than the worker cuts: %s", warning)
         if not 0.0 <= args.target_fpr <= 1.0:

@@ -1,6 +1,7 @@
 """What a training run writes into its directory: checkpoints replaced atomically, the per-epoch
 metrics CSV and (when the tensorboard package is installed) TensorBoard events; what a resumed
-run does with settings that differ from the checkpoint's; and whether the crops fit the model."""
+run does with settings that differ from the checkpoint's; whether the crops fit the model; and a
+checkpoint loaded back as a model (evaluate, export)."""
 from __future__ import annotations
 
 import csv
@@ -93,3 +94,27 @@ def resumed_recipe(saved: dict[str, Any] | None, now: CropRecipe | None, path: A
     if warn and (conflicts := before.conflicts(now)):
         log.warning("resuming %s on crops cut differently from its earlier epochs': %s", path, ", ".join(conflicts))
     return replace(now, version=min(before.version, now.version))
+
+
+def load_checkpoint_model(path: Path) -> nn.Module:
+    """Rebuild the architecture recorded in a train checkpoint and load its weights, in eval mode;
+    `crop_recipe` set to how its training crops were cut (export puts it in the card)."""
+    from training.models import create_model
+    from worker.torch_files import load_tensors
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    ckpt = load_tensors(path)
+    cfg = ckpt.get("model_config") if isinstance(ckpt, dict) else None
+    if not cfg:
+        raise ValueError(f"{path} has no model_config: not a checkpoint written by `python -m training train`")
+    model = create_model(cfg["architecture"], **cfg["kwargs"])
+    model.load_state_dict(ckpt["model"])
+    model.crop_recipe = ckpt.get("crop_recipe")
+    return model.eval()
+
+
+def trained_recipe(model: nn.Module) -> CropRecipe | None:
+    """How a loaded checkpoint's training crops were cut (None: a checkpoint from before recipes)."""
+    recipe = getattr(model, "crop_recipe", None)
+    return CropRecipe.from_dict(recipe) if recipe else None
