@@ -79,6 +79,7 @@ ENV RQ_WORKER_CLASS=worker.rq_worker.DeepfakeWorker \
     RQ_CONNECTION_CLASS=worker.redis_client.WaitingRedis \
     DEEPFAKE_MODEL_DIR=/opt/deepfake/model \
     DEEPFAKE_DEVICE=cuda \
+    DEEPFAKE_ENGINE=pytorch \
     DEEPFAKE_PRECISION=fp16 \
     DEEPFAKE_METRICS_PORT=9100 \
     DEEPFAKE_LOG_FORMAT=json \
@@ -105,7 +106,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 # PyPI's torch 2.13.0 for Linux x86-64 is a CUDA build (several GB of CUDA libraries): take the CPU
 # build from PyTorch's CPU index first; `pip install .` then finds torch==2.13.0 satisfied
-# (2.13.0+cpu). Keep this version equal to pyproject.toml's pin (tests/test_deploy.py checks).
+# (2.13.0+cpu). Keep this version equal to pyproject.toml's pin (tests/test_dockerfile.py checks).
 ARG TORCH_CPU_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --index-url "${TORCH_CPU_INDEX_URL}" torch==2.13.0

@@ -1,5 +1,5 @@
 # Sourced by scripts/*.sh: make .venv with the project and the given extra installed, once.
-# torch is pinned to 2.13.0 (CPU wheel); a looser pin would pull a multi-GB CUDA build.
+# torch is pinned to 2.13.0, its CPU build taken from PyTorch's CPU index (PyPI's is a multi-GB CUDA build).
 extra="${1:-}"
 need_apt=0
 [ "$extra" = test ] && need_apt=1
@@ -16,12 +16,20 @@ if [ "$need_apt" = 1 ]; then
   fi
 fi
 if [ ! -x .venv/bin/python ]; then
-  "${PYTHON:-python3}" -m venv .venv
+  "${PYTHON:-python3}" -m venv .venv || {
+    rm -rf .venv
+    echo "could not make a virtual environment: install python3-venv (Debian, Ubuntu) and run this again" >&2
+    return 1 2>/dev/null || exit 1
+  }
 fi
 . .venv/bin/activate
 stamp=".venv/.installed-${extra:-base}"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   python -m pip install -q --upgrade pip
+  # PyPI's torch 2.13.0 for Linux x86-64 is a CUDA build of several GB: the CPU build from PyTorch's
+  # CPU index first, as the Dockerfile does; the project's install then finds torch satisfied.
+  python -m pip install -q --retries 1 --timeout 15 --index-url "${TORCH_CPU_INDEX_URL:-https://download.pytorch.org/whl/cpu}" \
+    "torch==2.13.0" 2>/dev/null || echo "note: no CPU build of torch from ${TORCH_CPU_INDEX_URL:-https://download.pytorch.org/whl/cpu}: torch comes from the usual index" >&2
   python -m pip install -q -e ".[${extra}]"
   touch "$stamp"
 fi

@@ -1,15 +1,18 @@
-"""deploy/components/network-policy: added to an overlay, it selects the workers and the maintenance
-CronJob's pods, lets them reach DNS, Redis and HTTP(S) but not the cloud metadata endpoint, lets
+"""deploy/components/network-policy: added to an overlay, it selects the workers, the maintenance
+CronJob's and the backfill Job's pods, lets them reach DNS, Redis and HTTP(S) but not the cloud metadata endpoint, lets
 only the monitoring namespace scrape them, and passes the strict Kubernetes schemas."""
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import pytest
+import yaml
 from deploy_tools import k8s_versions, render_with_component
 
 OVERLAYS = ["cpu", "gpu", "trial"]
 METADATA = ipaddress.ip_address("169.254.169.254")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def policy_of(docs: list[dict]) -> dict:
@@ -61,6 +64,8 @@ def test_the_policy_confines_workers_and_maintenance_pods(tmp_path, overlay):
     assert selects(policy, workers["spec"]["template"]["metadata"]["labels"])
     assert selects(policy, cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"])
     assert not selects(policy, {"app.kubernetes.io/name": "deepfake-redis"})
+    backfill = yaml.safe_load((ROOT / "deploy/components/backfill/job.yaml").read_text())
+    assert selects(policy, backfill["spec"]["template"]["metadata"]["labels"])  # S3 credentials too
     # S3, Redis and webhook receivers are reachable; the metadata endpoint is not, on any port
     for address, port in (("52.216.8.1", 443), ("10.0.3.7", 6379), ("203.0.113.9", 80), ("2600:1f18::1", 443)):
         assert egress_allows(policy, address, port), (address, port)
