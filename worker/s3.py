@@ -17,7 +17,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from worker.errors import AccessDenied, Corrupt, ModerationError, NotAVideo, NotFound, NoVideoStream, TransientError
+from worker.errors import AccessDenied, Corrupt, ModerationError, NotFound, TransientError
 from worker.source import check_size
 
 MAX_KEY_BYTES = 1024
@@ -103,16 +103,6 @@ def translate_error(exc: Exception, uri: str) -> ModerationError | None:
             return AccessDenied(f"access to {uri} denied ({code})")
         if code in CHANGED_CODES:
             return Corrupt(f"{uri} changed while it was being read")
-    return None
-
-
-def content_type_error(content_type: str | None, uri: str) -> ModerationError | None:
-    """Uploads declared as text, images or audio are refused before any decoding."""
-    kind = (content_type or "").split(";")[0].strip().lower()
-    if kind.startswith(("text/", "image/")) or kind in ("application/json", "application/pdf"):
-        return NotAVideo(f"{uri} has content type {kind}, not a video")
-    if kind.startswith("audio/"):
-        return NoVideoStream(f"{uri} has content type {kind}: audio only")
     return None
 
 
@@ -238,7 +228,7 @@ class S3RangeReader(io.RawIOBase):
 
 @dataclass
 class S3Source:
-    """An object in S3, checked (allow-list, size, content type) by `resolve` before it is opened."""
+    """An object in S3, checked (allow-list, size) by `resolve` before it is opened."""
 
     client: Any
     location: S3Location
@@ -263,14 +253,14 @@ class S3Source:
             raise translate_error(exc, location.uri) or TransientError(
                 f"HEAD {location.uri} failed: {_described(exc)}") from exc
         size = int(head["ContentLength"])
+        # The size decides here; the content type never does: the uploader chooses it (browsers send
+        # image/gif for an animated GIF, `aws s3 cp` audio/3gpp for a .3gp video), and refusing on it
+        # let any video through as `not_a_video`, unread. The bytes say what the upload is.
         try:
             check_size(location.uri, size, max_bytes)
-            error = content_type_error(head.get("ContentType"), location.uri)
         except ModerationError as exc:
-            error = exc
-        if error is not None:
-            error.etag = head["ETag"]  # the bytes refused: a verdict stored for them is not replaced
-            raise error
+            exc.etag = head["ETag"]  # the bytes refused: a verdict stored for them is not replaced
+            raise
         return cls(client, location, size, head["ETag"], head.get("ContentType"))
 
     def open(self) -> S3RangeReader:
