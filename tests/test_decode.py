@@ -409,6 +409,45 @@ def test_fast_sampling_decodes_the_same_pixels_as_exact(clip, corpus, tmp_path):
         assert np.array_equal(fast, exact), (t, np.abs(fast.astype(int) - exact).mean())
 
 
+@pytest.mark.parametrize("stills,seconds", [(1, 5), (3, 10)])
+def test_a_slideshow_of_frames_shown_for_seconds_is_sampled_not_corrupt(stills, seconds, tmp_path):
+    """A frame shown for seconds lasts its own duration, not the 1 s a rate held to 1 fps gives it:
+    3 stills of 10 s each looked like 21 s of a declared 30 s, and were called damaged."""
+    from fractions import Fraction
+
+    from media import encode
+
+    frames = carphone_frames()
+    path = encode(tmp_path / "slides.mp4", [frames[i * 30] for i in range(stills)], rate=Fraction(1, seconds))
+    with VideoReader(str(path), LIMITS) as reader:
+        samples = list(reader.sample(8))
+        assert reader.info.duration_s == pytest.approx(stills * seconds) and not reader.info.truncated
+    assert {int(s.t // seconds) for s in samples} == set(range(stills))  # every still sampled
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_segments_joined_with_cat_are_sampled_to_the_end(mode, tmp_path):
+    """MPEG-TS segments joined byte for byte (`cat a.ts b.ts`) start their timestamps again: taken as
+    they were, the second segment lay over the first, and only the first (here 4 s without a face)
+    was sampled. Played on, it is: the samples past 4 s are the second segment's frames."""
+    from media import encode, scenery_frames
+
+    faces = carphone_frames()[:100]
+    h, w = faces[0].shape[:2]
+    first = encode(tmp_path / "a.ts", scenery_frames(100, size=(h, w)), rate=25)
+    second = encode(tmp_path / "b.ts", faces, rate=25)
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(first.read_bytes() + second.read_bytes())
+    with VideoReader(str(joined), LIMITS) as reader:
+        samples = list(reader.sample(32, mode=mode))
+        assert reader.info.duration_s == pytest.approx(8.0, abs=0.1) and reader.info.declared_duration_s == 4.0
+    later = [s for s in samples if s.t > 4.2]
+    assert len(later) >= 12 and samples[-1].t > 7.5
+    for s in later:  # each the second segment's frame shown then (lossy: a few levels off)
+        shown = faces[min(int(round((s.t - 4.0) * 25)), len(faces) - 1)]
+        assert np.abs(s.image.astype(int) - shown).mean() < 12, s.t
+
+
 def test_the_fast_pass_gives_way_to_the_exact_one_where_its_frames_would_not_fit(tmp_path):
     """The fast pass holds its picks until it has them all: 32 decoded 96×72 yuv420p frames (13,824
     bytes each with FFmpeg's line padding). Under that budget the exact pass, one frame at a time,

@@ -38,6 +38,9 @@ IMAGE_DEMUXERS = frozenset(
 # bigger picture before allocating it (a stream can declare 16×16 and then send 12000×12000 frames),
 # with headroom for the stride alignment FFmpeg adds; the exact limit is checked on each frame.
 DECODER_PIXEL_CAP_FACTOR = 2
+# A frame timed this much before the last one starts the timestamps again (frames come out of the
+# decoder in display order, so only a reset moves them back).
+TIMESTAMP_RESET_S = 1.0
 
 
 class VideoReader(Sampling):
@@ -308,10 +311,18 @@ class VideoReader(Sampling):
         self._stream.codec_context.options = dict(self._decoder_options)
 
     def _frame_time(self, frame: av.VideoFrame, count: int, start: float, fps: float) -> float:
+        """The frame's time on the video's timeline. Timestamps that start again (MPEG-TS segments
+        joined with `cat`, as players play them) go on from the last frame's: taken as they are, the
+        segments after the first lay over it, and no sample target fell in them."""
         if not self._first_frame_checked:
             self._read_display(frame)
             self._first_frame_checked = True
-        t = frame.time if frame.time is not None else start + count / fps
+            self._offset_s, self._last_t = 0.0, None
+        t = (frame.time if frame.time is not None else start + count / fps) + self._offset_s
+        if self._last_t is not None and t < self._last_t - TIMESTAMP_RESET_S:
+            self._offset_s += self._last_t + 1.0 / fps - t
+            t = self._last_t + 1.0 / fps
+        self._last_t = t
         if t > start + self._limits.max_duration_s:
             raise TooLong(f"video runs past the limit of {self._limits.max_duration_s:.0f} s")
         return t

@@ -21,6 +21,7 @@ from worker.video import MAX_SAMPLED_FRAMES, SampledFrame, frames_to_sample, sam
 MIN_COVERAGE = 0.75
 # Frames this far past the declared end mean the declaration understates the video: sampling goes on.
 OVERRUN_TOLERANCE_S = 0.5
+MAX_SHOWN_S = 60.0  # the longest a frame's own duration is believed (a slideshow's frame: seconds)
 # A frame shown for longer than this many frame intervals is held: each sample time it spans samples it.
 HELD_FRAMES = 1.5
 # A declared frame rate below this is not taken at its word (Matroska's DefaultDuration, for one, can
@@ -42,6 +43,14 @@ class DataEndsEarly(Exception):
     def __init__(self, span_s: float) -> None:
         super().__init__(f"the video data ends at {span_s:.2f} s")
         self.span_s = span_s
+
+
+def shown_until(last: tuple[av.VideoFrame, float], fps: float) -> float:
+    """When the frame `last` (frame, time) stops being shown: after its own duration where it has one
+    (a slideshow's frame stays seconds, longer than the 1 / fps of a rate held to 1 fps or more)."""
+    frame, t = last
+    own = float(frame.duration * frame.time_base) if frame.duration and frame.time_base else 0.0
+    return t + max(1.0 / fps, min(own, MAX_SHOWN_S))
 
 
 class Sampling:
@@ -156,7 +165,7 @@ class Sampling:
             self._check_coverage(last, start, cut.span_s, fps, slack_s=in_flight / fps)
         if self._overruns(last[1], start, duration):
             self.info.declared_duration_s = duration
-            self.info.duration_s = last[1] + 1.0 / fps - start
+            self.info.duration_s = shown_until(last, fps) - start
         if j < len(targets) and not last_yielded:
             yield self._to_sample(last[0], index, last[1] - start)
             index += 1
@@ -240,7 +249,7 @@ class Sampling:
         damage a player reads past: that is not a cut."""
         if last is None:
             raise Corrupt("the video stream holds no decodable frame")
-        end_t = last[1] + 1.0 / fps
+        end_t = shown_until(last, fps)
         if end_t + slack_s - start >= MIN_COVERAGE * duration:
             return
         span = None if self.data_end is None else self.data_end - start
