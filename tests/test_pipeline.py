@@ -206,6 +206,24 @@ def test_overlapped_pipeline_gives_the_same_verdict(settings, moderator, corpus)
         assert overlapped.moderate_path(corpus[bad])["error"]["code"] == moderator.moderate_path(corpus[bad])["error"]["code"]
 
 
+def test_crops_are_scored_a_batch_at_a_time_not_held_for_the_whole_video(settings, moderator, corpus, monkeypatch):
+    """Without overlap or early exit (the CPU defaults) every crop of the video used to wait to be
+    scored at the end, in one stack: a job asking for 1024 frames of a crowd held GBs of crops."""
+    sizes: list[int] = []
+    real_predict = moderator.engine.predict
+    monkeypatch.setattr(moderator.engine, "predict", lambda crops: sizes.append(len(crops)) or real_predict(crops))
+    held = Moderator(settings.model_copy(update={"batch_size": 4, "detect_batch": 2, "frames": 24}),
+                     detector=moderator.detector, engine=moderator.engine)
+    assert not held.overlap and held.settings.early_exit_frames == 0
+    a = held.moderate_path(corpus["carphone"])
+    assert len(sizes) > 1 and max(sizes) <= 4 + 2  # a batch, and one chunk's crops past it
+    assert sum(sizes) == sum(f["fake_score"] is not None for f in a["faces"]) == 24
+    sizes.clear()
+    whole = Moderator(settings.model_copy(update={"batch_size": 64, "detect_batch": 2, "frames": 24}),
+                      detector=moderator.detector, engine=moderator.engine).moderate_path(corpus["carphone"])
+    assert sizes == [24] and a["score"] == pytest.approx(whole["score"], abs=1e-5)
+
+
 def test_prefetch_stops_its_producer_when_the_consumer_stops():
     import itertools
 

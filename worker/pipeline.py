@@ -255,6 +255,7 @@ class Moderator:
         counts = {"frames": 0, "frames_with_face": 0}
         chunks = self._crop_chunks(reader, n_frames, timer)
         streaming = self.overlap or self.settings.early_exit_frames > 0
+        most_held = self.settings.model_batch_size()  # crops held unscored (and one chunk): all of 1024 frames took GBs
         if self.overlap:
             chunks = prefetch(chunks, depth=2, name="decode-detect")
         scored: list[int] = []  # index into `faces` of each crop's face
@@ -286,7 +287,9 @@ class Moderator:
                 shadow_pending.extend(chunk.shadow_crops)
                 if keep is not None:
                     keep.update(zip(face_indices, chunk.crops))
-                if streaming and pending:  # score now, while the next frames decode
+                if pending and not streaming and len(pending) >= most_held:
+                    score_pending()
+                elif streaming and pending:  # score now, while the next frames decode
                     score_pending()
                     if self.policy.decisive([f["fake_score"] for f in faces if f["largest"]],
                                             frames=self.settings.early_exit_frames,
