@@ -58,6 +58,31 @@ def test_a_card_keeps_its_review_band_below_its_threshold(random_model_dir):
         ModelCard.model_validate({**card, "threshold": 0.7, "review_threshold": 0.8})
 
 
+def test_a_long_real_track_never_outweighs_the_largest_face(monkeypatch):
+    """A moving camera breaks the largest face's track into pieces of 2 sampled frames, too short to
+    count, each scored 0.95; a static bystander's one track scores 0.05. The top track used to decide
+    (`allow`); the paper's video score, the largest face's mean, is now the least the score can be."""
+    from test_tracks import face
+
+    faces = []
+    for f in range(16):
+        x = 10 + 200 * (f // 2)  # a new place every 2 frames: a new track each time
+        faces.append(face(f, (x, 10, x + 80, 100), 0.95, largest=True))
+        faces.append(face(f, (40, 300, 70, 340), 0.05))  # the bystander, smaller, still
+    mean = 0.95  # the paper's score: the largest face's frames
+    label, action, decision = DecisionPolicy(threshold=0.5).decide(faces, mean)
+    assert (label, action, decision["rule"], decision["score"]) == ("fake", BLOCK, "mean", 0.95)
+    assert decision["policy"]["mean_floor"] is True
+    before = DecisionPolicy(threshold=0.5, mean_floor=False)  # 0.4.0's rule
+    assert before.decide(faces, mean)[:2] == ("real", ALLOW)
+    # A verdict stored before the field existed is replayed (`deepfake what-if`) under the rule it had.
+    stored = {"score": mean, "tracks": decision["tracks"]}
+    old_key = {k: v for k, v in before.key().items() if k != "mean_floor"}
+    assert DecisionPolicy.names_a_policy(old_key) and DecisionPolicy.from_key(old_key).redecide(stored)[:2] == (
+        "real", ALLOW)
+    assert DecisionPolicy.from_key(old_key, mean_floor=True).redecide(stored)[:2] == ("fake", BLOCK)
+
+
 def test_early_exit_stays_clear_of_the_review_band():
     band = DecisionPolicy(threshold=0.5, review_threshold=0.3)
     no_band = DecisionPolicy(threshold=0.5)
@@ -84,7 +109,7 @@ def test_the_review_band_on_real_footage(settings, moderator, corpus, random_mod
     assert v["decision"]["score"] == score and v["decision"]["review_operating_point"] == {"target_fpr": 0.05}
     assert v["decision"]["policy"] == {"rule": "tracks", "threshold": round(score + 0.05, 6),
                                        "review_threshold": round(score - 0.05, 6), "track_score": "mean",
-                                       "min_track_frames": 3}
+                                       "min_track_frames": 3, "mean_floor": True}
     assert [f["fake_score"] for f in v["faces"]] == [f["fake_score"] for f in base["faces"]]
 
     # DEEPFAKE_REVIEW_THRESHOLD takes the card's place: above the score, the clip is allowed.
@@ -158,7 +183,12 @@ def test_a_stored_verdict_is_reused_only_under_the_policy_that_made_it():
     assert reusable(too_long, **same, policy=policy)  # a limit, not the decoder's reading
     # 0.3.0 sees faces 0.2.0 could not (anamorphic pixels, a claimed 0.001 fps...): its allows are no answer.
     unversioned = {k: v for k, v in no_face.items() if k != "worker_version"}
-    for old in ({**scored, "worker_version": "0.2.0"}, {**no_face, "worker_version": "0.2.0"}, unversioned):
+    # 0.4.1 reads uploads labelled image/gif, and samples joined MPEG-TS segments to the end: 0.4.0's no_face
+    # or not_a_video is no answer either.
+    not_a_video = {**corrupt, "action": ALLOW, "error": {"code": "not_a_video", "message": "x"}}
+    assert reusable(not_a_video, **same, policy=policy)
+    for old in ({**scored, "worker_version": "0.2.0"}, {**no_face, "worker_version": "0.2.0"}, unversioned,
+                {**no_face, "worker_version": "0.4.0"}, {**not_a_video, "worker_version": "0.4.0"}):
         assert not reusable(old, **same, policy=banded if old["status"] == "no_face" else policy)
     # Frames read or faces cut otherwise (version 1 read HDR uploads as SDR: dark, faces missed): no answer,
     # nor is a verdict written before verdicts carried the version; a limit's still is.

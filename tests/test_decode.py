@@ -409,6 +409,26 @@ def test_fast_sampling_decodes_the_same_pixels_as_exact(clip, corpus, tmp_path):
         assert np.array_equal(fast, exact), (t, np.abs(fast.astype(int) - exact).mean())
 
 
+def test_a_degenerate_display_matrix_rotates_nothing(tmp_path):
+    """An all-zero display matrix: FFmpeg reports its rotation as INT_MIN, which turned every frame
+    sideways and went into the verdict as the rotation."""
+    frames = carphone_frames()[:16]
+    path = tmp_path / "zero-matrix.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 176, 144, "yuv420p"
+        stream.set_display_matrix([0, 0, 0, 0, 0, 0, 0, 0, 1 << 30])
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    with VideoReader(str(path), LIMITS) as reader:
+        [first] = list(reader.sample(1))
+        assert reader.info.rotation == 0 and (reader.info.width, reader.info.height) == (176, 144)
+    assert first.image.shape == (144, 176, 3)
+
+
 @pytest.mark.parametrize("stills,seconds", [(1, 5), (3, 10)])
 def test_a_slideshow_of_frames_shown_for_seconds_is_sampled_not_corrupt(stills, seconds, tmp_path):
     """A frame shown for seconds lasts its own duration, not the 1 s a rate held to 1 fps gives it:

@@ -53,13 +53,20 @@ def parse_error_actions(text: str) -> dict[str, str | None]:
 
 @dataclass(frozen=True)
 class DecisionPolicy:
-    KEY_FIELDS: ClassVar[tuple[str, ...]] = ("rule", "threshold", "review_threshold", "track_score", "min_track_frames")
+    KEY_FIELDS: ClassVar[tuple[str, ...]] = ("rule", "threshold", "review_threshold", "track_score", "min_track_frames",
+                                             "mean_floor")
+    # Key fields a verdict written before them lacks, and the value that verdict was decided under.
+    ADDED_FIELDS: ClassVar[dict[str, Any]] = {"mean_floor": False}
 
     threshold: float
     review_threshold: float | None = None
     rule: str = "tracks"  # tracks | mean (the paper's)
     track_score: str = "mean"
     min_track_frames: int = 3
+    # Under `tracks`, the paper's video score is the least the decision score can be: a long enough
+    # real track (a static bystander, a webcam overlay) no longer outweighs the largest face, whose
+    # own track a moving camera breaks into pieces too short to count. Verdicts before 0.4.1: False.
+    mean_floor: bool = True
     operating_point: dict | None = None
     review_operating_point: dict | None = None
     error_actions: Mapping[str, str | None] = field(default_factory=lambda: dict(DEFAULT_ERROR_ACTIONS), hash=False)
@@ -88,8 +95,14 @@ class DecisionPolicy:
 
     @classmethod
     def from_key(cls, key: dict[str, Any], **changes: Any) -> "DecisionPolicy":
-        """The policy a stored verdict's `decision.policy` names, with `changes` put over it."""
-        return cls(**{**{name: key[name] for name in cls.KEY_FIELDS}, **changes})
+        """The policy a stored verdict's `decision.policy` names (fields it predates at the value it was
+        decided under), with `changes` put over it."""
+        return cls(**{**cls.ADDED_FIELDS, **{name: key[name] for name in cls.KEY_FIELDS if name in key}, **changes})
+
+    @classmethod
+    def names_a_policy(cls, key: dict[str, Any]) -> bool:
+        """Whether a stored verdict's `decision.policy` names every field but those added since."""
+        return set(cls.KEY_FIELDS) - set(cls.ADDED_FIELDS) <= set(key)
 
     def published(self) -> dict[str, Any]:
         """What workers publish for enqueuers to match duplicates on: the scoring key and the actions
@@ -120,7 +133,8 @@ class DecisionPolicy:
         """(label, action, the verdict's `decision` block with its `tracks`) for scored faces.
 
         `mean_score` is the paper's video score. Under the `tracks` rule the highest score of a long
-        enough track decides; with no such track the paper's rule applies. Scores are compared with the
+        enough track decides, or the paper's score where it is higher (`mean_floor`); with no such track
+        the paper's rule applies. Scores are compared with the
         thresholds as the verdict publishes them, rounded to 6 decimals, so that whoever reads the
         verdict can recompute its label and action.
         """
@@ -143,7 +157,7 @@ class DecisionPolicy:
         """(label, the score it was decided on, the rule that decided) for judged tracks."""
         if self.rule == "tracks":
             by_tracks, top = decide_by_tracks(summaries)
-            if by_tracks is not None:
+            if by_tracks is not None and not (self.mean_floor and mean_score > top):
                 return by_tracks, top, "tracks"
         return label_for(mean_score, self.threshold), mean_score, "mean"  # no track long enough: the paper's rule
 

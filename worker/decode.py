@@ -333,7 +333,9 @@ class VideoReader(Sampling):
 
         Frame sizes are checked for every frame in `_frames`.
         """
-        self.info.rotation = int(getattr(frame, "rotation", 0) or 0)
+        rotation = int(getattr(frame, "rotation", 0) or 0)
+        # A degenerate matrix (all zeros: FFmpeg reports INT_MIN) rotates nothing: shown as stored.
+        self.info.rotation = rotation if -360 <= rotation <= 360 else 0
         # The container's ratio first, as FFmpeg's av_guess_sample_aspect_ratio (and so ffplay) takes it.
         sar = self._stream.sample_aspect_ratio or self._stream.codec_context.sample_aspect_ratio
         self._sar = float(sar) if sar else None

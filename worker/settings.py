@@ -57,7 +57,7 @@ class Settings(BaseSettings):
         description="Faces per frame cropped and scored: the largest, the others in turn when a frame has more.",
     )
     decision: Literal["tracks", "mean"] = Field(
-        "tracks", description="tracks: fake when any long enough face track is fake; mean: the paper's mean of largest faces."
+        "tracks", description="tracks: fake when any long enough face track is fake, or the paper's mean of largest faces is (the higher decides); mean: the paper's mean alone."
     )
     track_score: Literal["mean", "confident"] = Field(
         "mean", description="How a track's frame scores combine: mean, or the DFDC winner's confident strategy."

@@ -246,9 +246,11 @@ DETERMINISTIC_ERRORS = frozenset({"not_a_video", "no_video_stream", "corrupt", "
 # them (0.2.0 scores files cut short that 0.1.0 called corrupt).
 DECODER_ERRORS = frozenset({"corrupt", "unsupported"})
 # What decoding sees changed in 0.3.0 (display aspect ratios, transparency, image sequences, playlists,
-# frame rates claiming under 1 fps): an older verdict that depended on it (any but a limit's) is no
-# answer, or a face 0.2.0 could not see would stay allowed.
-DECODING_SINCE = (0, 3, 0)
+# frame rates claiming under 1 fps) and in 0.4.1 (segments joined with restarting timestamps, which
+# 0.4.0 sampled over the first segment only; uploads labelled image/, audio/ or text/, which it left
+# unread): an older verdict that depended on it (any but a limit's) is no answer, or a face the older
+# worker could not see would stay allowed.
+DECODING_SINCE = (0, 4, 1)
 LIMIT_ERRORS = frozenset({"too_large", "too_long"})
 
 

@@ -55,7 +55,7 @@ def what_if(bucket: str, prefix: str = "", changes: dict[str, Any] | None = None
         label = reviewer_labels.pop(key, None)
         policy_now = (body.get("decision") or {}).get("policy") or {}
         scored = body.get("status") == "ok" and body.get("action") in ACTIONS
-        if not scored or set(DecisionPolicy.KEY_FIELDS) - set(policy_now):
+        if not scored or not DecisionPolicy.names_a_policy(policy_now):
             skipped += 1  # not scored (no_face, error: no threshold decides it), or from before policies
             continue
         _, proposed, _ = DecisionPolicy.from_key(policy_now, **changes).redecide(body)
