@@ -409,6 +409,50 @@ def test_fast_sampling_decodes_the_same_pixels_as_exact(clip, corpus, tmp_path):
         assert np.array_equal(fast, exact), (t, np.abs(fast.astype(int) - exact).mean())
 
 
+# What FFmpeg's player (fftools' autorotate) does with the matrix PyAV writes for each: hand-derived
+# from its rules (theta 90: transpose cclock_flip if m[3] > 0 else clock; 270: clock_flip if m[3] < 0
+# else cclock; 180: hflip if m[0] < 0, vflip if m[4] < 0; 0: vflip if m[4] < 0), and how numpy does it.
+SHOWN = {
+    "hflip": (lambda x: x[:, ::-1], lambda x: x[:, ::-1]),  # (what is shown, how it was stored)
+    "vflip": (lambda x: x[::-1], lambda x: x[::-1]),
+    "rotate180": (lambda x: x[::-1, ::-1], lambda x: x[::-1, ::-1]),
+    "cclock": (lambda x: np.rot90(x, 1), lambda x: np.rot90(x, -1)),
+    "clock": (lambda x: np.rot90(x, -1), lambda x: np.rot90(x, 1)),
+    "transpose": (lambda x: x.transpose(1, 0, 2), lambda x: x.transpose(1, 0, 2)),
+    "antitranspose": (lambda x: x[::-1, ::-1].transpose(1, 0, 2), lambda x: x[::-1, ::-1].transpose(1, 0, 2)),
+}
+
+
+@pytest.mark.parametrize("hflip,vflip,rotation,player", [
+    (True, False, 0, "hflip"), (False, True, 0, "vflip"), (True, True, 0, "rotate180"), (False, False, 90, "cclock"),
+    (False, False, -90, "clock"), (True, False, 90, "antitranspose"), (False, True, 90, "transpose")])
+def test_a_mirrored_picture_is_shown_as_a_player_shows_it(hflip, vflip, rotation, player, tmp_path):
+    """A display matrix may mirror the picture as well as turn it, and FFmpeg's player applies both.
+    Taken for its rotation alone, a mirrored one (which FFmpeg reports as turned 180°) came out upside
+    down, and the face in it was not found. Stored here so that the player shows the faces upright:
+    that is what is sampled."""
+    faces = carphone_frames()[:24:3]
+    show, store = SHOWN[player]
+    assert np.array_equal(show(store(faces[0])), faces[0])
+    path = tmp_path / "mirrored.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=8, options={"crf": "0"})
+        h, w = store(faces[0]).shape[:2]
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv444p"
+        stream.set_display_rotation(rotation, hflip=hflip, vflip=vflip)
+        for image in faces:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(store(image)), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    with VideoReader(str(path), LIMITS) as reader:
+        shown = [s.image for s in reader.sample(len(faces), mode="exact")]
+        assert (reader.info.width, reader.info.height) == (176, 144)
+    assert len(shown) == len(faces)
+    for image, face in zip(shown, faces):
+        assert image.shape == face.shape and np.abs(image.astype(int) - face).mean() < 3
+
+
 def test_a_degenerate_display_matrix_rotates_nothing(tmp_path):
     """An all-zero display matrix: FFmpeg reports its rotation as INT_MIN, which turned every frame
     sideways and went into the verdict as the rotation."""

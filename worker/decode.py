@@ -14,7 +14,7 @@ import av
 import av.error
 
 from worker.errors import Corrupt, ModerationError, NotAVideo, NoVideoStream, Timeout, TooLarge, TooLong, Unsupported
-from worker.frames import displayed
+from worker.frames import display_matrix, displayed
 from worker.sampling import Sampling
 from worker.video import (  # noqa: F401 - the decoder's vocabulary, importable from here too
     Limits,
@@ -24,7 +24,8 @@ from worker.video import (  # noqa: F401 - the decoder's vocabulary, importable 
     display_size,
     looks_like_video_container,
     playlist_kind,
-    rotate_upright,
+    SIDEWAYS,
+    orientation,
     sample_times,
 )
 
@@ -60,6 +61,7 @@ class VideoReader(Sampling):
             raise Unsupported(f"{kind}, which names other files or streams for a player to fetch: this worker "
                               "scores the upload itself, not what it points at")
         self._sar: float | None = None  # the pixels' aspect ratio, read with the rotation from the first frame
+        self._orientation = "none"  # how the pictures are turned upright (worker.video.orientation)
         self._decoder_options = {"max_pixels": str(limits.max_pixels * DECODER_PIXEL_CAP_FACTOR)}
         try:
             self._container = self._open(media)
@@ -336,14 +338,16 @@ class VideoReader(Sampling):
         rotation = int(getattr(frame, "rotation", 0) or 0)
         # A degenerate matrix (all zeros: FFmpeg reports INT_MIN) rotates nothing: shown as stored.
         self.info.rotation = rotation if -360 <= rotation <= 360 else 0
+        self._orientation = orientation(display_matrix(frame) if self.info.rotation == rotation else None,
+                                        self.info.rotation)
         # The container's ratio first, as FFmpeg's av_guess_sample_aspect_ratio (and so ffplay) takes it.
         sar = self._stream.sample_aspect_ratio or self._stream.codec_context.sample_aspect_ratio
         self._sar = float(sar) if sar else None
         w, h = display_size(frame.width, frame.height, self._sar, self._limits.max_pixels)
-        self.info.width, self.info.height = (h, w) if self.info.rotation % 180 else (w, h)
+        self.info.width, self.info.height = (h, w) if self._orientation in SIDEWAYS else (w, h)
 
     def _to_sample(self, frame: av.VideoFrame, index: int, t: float) -> SampledFrame:
-        image = displayed(frame, self._sar, self.info.rotation, self._limits.max_pixels)
+        image = displayed(frame, self._sar, self._orientation, self._limits.max_pixels)
         return SampledFrame(index=index, t=max(0.0, float(t)), image=image)
 
     def _measure_duration(self) -> float:

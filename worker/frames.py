@@ -17,7 +17,7 @@ from av.video.reformatter import ColorPrimaries, ColorTrc, VideoReformatter
 
 from worker.cpus import available_cpus
 from worker.errors import Corrupt, Unsupported
-from worker.video import display_size, rotate_upright
+from worker.video import display_size, orient
 
 # A frame with more than this share of its pixels not fully opaque is refused as transparent (a few
 # edge pixels of a GIF's palette are not a picture hidden in the alpha channel).
@@ -25,14 +25,15 @@ TRANSPARENT_SHARE = 0.01
 log = structlog.get_logger("worker.frames")
 
 
-def displayed(frame: av.VideoFrame, sar: float | None, rotation: int, max_pixels: int) -> np.ndarray:
-    """The frame as a player shows it: anamorphic pixels stretched to the display size, rotation undone."""
+def displayed(frame: av.VideoFrame, sar: float | None, orientation: str, max_pixels: int) -> np.ndarray:
+    """The frame as a player shows it: anamorphic pixels stretched to the display size, turned upright
+    (`orientation`: worker.video.orientation)."""
     image = to_rgb(frame)
     size = display_size(frame.width, frame.height, sar, max_pixels)
     if size != (frame.width, frame.height):
         shrink = size[0] * size[1] < frame.width * frame.height
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return rotate_upright(image, rotation)
+    return orient(image, orientation)
 
 
 def to_rgb(frame: av.VideoFrame) -> np.ndarray:
@@ -105,3 +106,13 @@ def _to_ndarray(frame: av.VideoFrame, format: str) -> np.ndarray:
             return frame.to_ndarray(format=format, src_colorspace="ITU601")
         except (av.error.FFmpegError, ValueError) as exc:
             raise Corrupt(f"a decoded frame could not be converted to RGB: {exc}") from exc
+
+
+def display_matrix(frame: av.VideoFrame) -> list[int] | None:
+    """The 9 integers of the frame's DISPLAYMATRIX side data (FFmpeg's layout), or None."""
+    for data in frame.side_data:
+        if getattr(data.type, "name", "") == "DISPLAYMATRIX":
+            raw = bytes(data)
+            if len(raw) >= 36:
+                return [int(v) for v in np.frombuffer(raw[:36], dtype="<i4")]
+    return None

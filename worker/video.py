@@ -101,8 +101,44 @@ def sample_times(start: float, duration: float, n: int) -> list[float]:
 
 def rotate_upright(image: np.ndarray, rotation: int) -> np.ndarray:
     """Apply a display-matrix rotation (degrees counter-clockwise, as FFmpeg reports it)."""
-    k = (int(round(rotation / 90.0))) % 4
-    return np.ascontiguousarray(np.rot90(image, k=k)) if k else image
+    return orient(image, orientation(None, rotation))
+
+
+# How each orientation turns a stored H×W×3 picture into the one shown.
+ORIENT = {
+    "none": lambda im: im,
+    "clock": lambda im: np.rot90(im, k=-1),  # 90° clockwise
+    "cclock": lambda im: np.rot90(im, k=1),
+    "rotate180": lambda im: im[::-1, ::-1],
+    "hflip": lambda im: im[:, ::-1],
+    "vflip": lambda im: im[::-1],
+    "transpose": lambda im: im.transpose(1, 0, 2),  # FFmpeg's cclock_flip
+    "antitranspose": lambda im: im[::-1, ::-1].transpose(1, 0, 2),  # FFmpeg's clock_flip
+}
+SIDEWAYS = frozenset({"clock", "cclock", "transpose", "antitranspose"})
+
+
+def orientation(matrix: list[int] | None, rotation: int) -> str:
+    """How FFmpeg's player turns a picture upright from its display matrix (fftools' autorotate,
+    which reads the flips too): the rotation alone turned a mirrored picture (a matrix with one axis
+    negated, which FFmpeg reports as a rotation of 180°) upside down. `rotation`: FFmpeg's counter-
+    clockwise degrees; `matrix`: the 9 integers of the frame's DISPLAYMATRIX, where it has one."""
+    theta = (-int(round(rotation / 90.0)) * 90) % 360  # clockwise; odd angles to the nearest right one
+    m = matrix
+    if theta == 90:
+        return "transpose" if m is not None and m[3] > 0 else "clock"
+    if theta == 270:
+        return "antitranspose" if m is not None and m[3] < 0 else "cclock"
+    if theta == 180:
+        if m is None:
+            return "rotate180"
+        return {(True, True): "rotate180", (True, False): "hflip", (False, True): "vflip"}.get(
+            (m[0] < 0, m[4] < 0), "none")
+    return "vflip" if m is not None and m[4] < 0 else "none"
+
+
+def orient(image: np.ndarray, how: str) -> np.ndarray:
+    return image if how == "none" else np.ascontiguousarray(ORIENT[how](image))
 
 
 def display_size(width: int, height: int, sar: float | None, max_pixels: int) -> tuple[int, int]:
