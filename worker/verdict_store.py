@@ -248,7 +248,7 @@ DECODER_ERRORS = frozenset({"corrupt", "unsupported"})
 # What decoding sees changed in 0.3.0 (display aspect ratios, transparency, image sequences, playlists,
 # frame rates claiming under 1 fps) and in 0.4.1 (segments joined with restarting timestamps, which
 # 0.4.0 sampled over the first segment only; uploads labelled image/, audio/ or text/, which it left
-# unread): an older verdict that depended on it (any but a limit's) is no answer, or a face the older
+# unread; mirrored pictures, which it turned upside down): an older verdict that depended on it (any but a limit's) is no answer, or a face the older
 # worker could not see would stay allowed.
 DECODING_SINCE = (0, 4, 1)
 LIMIT_ERRORS = frozenset({"too_large", "too_long"})
