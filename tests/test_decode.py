@@ -453,6 +453,36 @@ def test_a_mirrored_picture_is_shown_as_a_player_shows_it(hflip, vflip, rotation
         assert image.shape == face.shape and np.abs(image.astype(int) - face).mean() < 3
 
 
+def test_matroska_video_shorter_than_its_audio_is_not_taken_for_cut_short(tmp_path):
+    """Matroska gives no stream a duration, and the container's spans its longest track: 2 s of video
+    under 10 s of audio read as a 10 s video cut short at 2 s (`truncated`), and a short video under
+    a long soundtrack could pass the duration limit. The video track's own DURATION tag says 2 s."""
+    path = tmp_path / "short-video-long-audio.mkv"
+    with av.open(str(path), "w", format="matroska") as out:
+        video = out.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 176, 144, "yuv420p"
+        audio = out.add_stream("aac", rate=44100)
+        for image in carphone_frames()[:50]:
+            for packet in video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                out.mux(packet)
+        for packet in video.encode():
+            out.mux(packet)
+        for i in range(10 * 44100 // 1024):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 44100, i * 1024
+            for packet in audio.encode(frame):
+                out.mux(packet)
+        for packet in audio.encode():
+            out.mux(packet)
+    with av.open(str(path)) as container:
+        assert container.duration / av.time_base > 9.9  # what was taken before
+    with VideoReader(str(path), LIMITS) as reader:
+        samples = list(reader.sample(8))
+        assert reader.info.duration_s == pytest.approx(2.0) and not reader.info.truncated
+        assert reader.info.declared_duration_s is None
+    assert len(samples) == 8 and samples[-1].t < 2.0
+
+
 def test_a_degenerate_display_matrix_rotates_nothing(tmp_path):
     """An all-zero display matrix: FFmpeg reports its rotation as INT_MIN, which turned every frame
     sideways and went into the verdict as the rotation."""

@@ -170,6 +170,8 @@ class VideoReader(Sampling):
         s = self._stream
         if s.duration is not None and s.time_base is not None and s.duration > 0:
             return float(s.duration * s.time_base)
+        if (tagged := tag_duration((s.metadata or {}).get("DURATION"))) is not None:
+            return tagged  # Matroska's own track's (the container's spans a longer audio track too)
         if self._container.duration is not None and self._container.duration > 0:
             return self._container.duration / av.time_base
         if s.frames and s.average_rate:
@@ -382,3 +384,13 @@ class VideoReader(Sampling):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def tag_duration(text: str | None) -> float | None:
+    """A Matroska DURATION tag (`HH:MM:SS.nnnnnnnnn`, as mkvmerge and FFmpeg write it) in seconds."""
+    parts = (text or "").strip().split(":")
+    try:
+        seconds = float(parts[0]) * 3600 + float(parts[1]) * 60 + float(parts[2]) if len(parts) == 3 else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 < seconds < float("inf") else None
