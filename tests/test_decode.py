@@ -483,6 +483,24 @@ def test_matroska_video_shorter_than_its_audio_is_not_taken_for_cut_short(tmp_pa
     assert len(samples) == 8 and samples[-1].t < 2.0
 
 
+def test_matroska_that_starts_late_is_not_taken_for_cut_short(tmp_path):
+    """Matroska states where the file ends: 10 s of video kept at their timestamps from 8 s (a cut made
+    without re-timing) end at 18 s, and were read as 18 s of video cut at 10."""
+    from fractions import Fraction
+
+    from media import encode, scenery_frames
+
+    path = encode(tmp_path / "late.mkv", scenery_frames(250, size=(72, 96)), rate=25,
+                  pts=[8000 + 40 * i for i in range(250)], time_base=Fraction(1, 1000))
+    with av.open(str(path)) as container:
+        assert container.duration / av.time_base == pytest.approx(18.0)
+    for mode in ("fast", "exact"):
+        with VideoReader(str(path), LIMITS) as reader:
+            samples = list(reader.sample(16, mode=mode))
+            assert (reader.info.duration_s, reader.info.truncated, reader.info.sampling) == (10.0, False, mode)
+        assert len(samples) == 16 and samples[-1].t > 9.0
+
+
 def test_a_degenerate_display_matrix_rotates_nothing(tmp_path):
     """An all-zero display matrix: FFmpeg reports its rotation as INT_MIN, which turned every frame
     sideways and went into the verdict as the rotation."""
@@ -501,6 +519,66 @@ def test_a_degenerate_display_matrix_rotates_nothing(tmp_path):
         [first] = list(reader.sample(1))
         assert reader.info.rotation == 0 and (reader.info.width, reader.info.height) == (176, 144)
     assert first.image.shape == (144, 176, 3)
+
+
+def retimed_ts(data: bytes, frame_no: int, pts_s: float) -> bytes:
+    """An MPEG-TS file with one video frame's PES timestamps (PTS, and DTS when present) rewritten."""
+    def stamp(value: int, marker: int) -> bytes:
+        return bytes([(marker << 4) | (((value >> 30) & 7) << 1) | 1, (value >> 22) & 0xFF,
+                      (((value >> 15) & 0x7F) << 1) | 1, (value >> 7) & 0xFF, ((value & 0x7F) << 1) | 1])
+
+    out, n = bytearray(data), -1
+    for off in range(0, len(out), 188):
+        packet = out[off:off + 188]
+        p = 4 + (1 + packet[4] if (packet[3] >> 4) & 2 else 0)
+        if not packet[1] & 0x40 or packet[p:p + 4] != b"\x00\x00\x01\xe0":
+            continue  # not the start of a video PES
+        n += 1
+        if n == frame_no:
+            flags, at, value = packet[p + 7] >> 6, off + p + 9, int(pts_s * 90000)
+            out[at:at + 5] = stamp(value, 2 if flags == 2 else 3)
+            if flags == 3:
+                out[at + 5:at + 10] = stamp(value, 1)
+            return bytes(out)
+    raise ValueError(f"no frame {frame_no}")
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_one_frame_timed_back_leaves_the_timeline_as_it_was(mode, tmp_path):
+    """Only a key frame timed back and followed on its new timeline restarts it (joined segments):
+    one damaged (or forged) timestamp is not a restart, which pushed every later frame seconds on and
+    made the frame before the gap stand for 10 of the samples."""
+    from media import encode, scenery_frames
+
+    frames = scenery_frames(250, size=(72, 96))
+    clean = encode(tmp_path / "clean.ts", frames, rate=25, options={"bframes": "0", "crf": "10"})
+    glitched = tmp_path / "glitched.ts"
+    glitched.write_bytes(retimed_ts(clean.read_bytes(), 125, 1.9))  # frame 125 of 250: 1.9 s, not 5.0 s
+    with av.open(str(glitched)) as container:
+        times = [round(f.time, 2) for f in container.decode(video=0)]
+    assert times.index(1.9) > 100 and times[times.index(1.9) - 1] > 4.5
+    with VideoReader(str(glitched), LIMITS) as reader:
+        samples = list(reader.sample(32, mode=mode))
+        assert reader.info.duration_s == pytest.approx(10.0) and reader.info.declared_duration_s is None
+    shown = [int(np.argmin([np.abs(s.image.astype(int) - f).mean() for f in frames])) for s in samples]
+    assert len(shown) == 32 and len(set(shown)) == 32  # spread as over the clean file
+
+
+def test_a_frame_claiming_to_last_1000_s_does_not_hide_a_cut(tmp_path):
+    """A frame's own duration is believed only as far as the frames before it were shown: the last
+    frame of a cut file claiming 1000 s made it look whole."""
+    from hostile_builders import Assets
+    from hostile_display import b_frame_rate_claims_1000_s
+    from media import truncate
+
+    full = tmp_path / "claims-1000-s.mkv"
+    b_frame_rate_claims_1000_s(full, Assets())
+    cut = truncate(full, tmp_path / "cut.mkv", 0.5)
+    for mode in ("fast", "exact"):
+        with pytest.raises(ModerationError) as refused:
+            with VideoReader(str(cut), LIMITS) as reader:
+                list(reader.sample(16, mode=mode))
+        assert refused.value.code == ErrorCode.CORRUPT, mode
 
 
 @pytest.mark.parametrize("stills,seconds", [(1, 5), (3, 10)])

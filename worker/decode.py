@@ -62,6 +62,7 @@ class VideoReader(Sampling):
                               "scores the upload itself, not what it points at")
         self._sar: float | None = None  # the pixels' aspect ratio, read with the rotation from the first frame
         self._orientation = "none"  # how the pictures are turned upright (worker.video.orientation)
+        self.last_gap_s: float | None = None  # between the last two frames timed (worker.sampling.shown_until)
         self._decoder_options = {"max_pixels": str(limits.max_pixels * DECODER_PIXEL_CAP_FACTOR)}
         try:
             self._container = self._open(media)
@@ -170,10 +171,20 @@ class VideoReader(Sampling):
         s = self._stream
         if s.duration is not None and s.time_base is not None and s.duration > 0:
             return float(s.duration * s.time_base)
-        if (tagged := tag_duration((s.metadata or {}).get("DURATION"))) is not None:
-            return tagged  # Matroska's own track's (the container's spans a longer audio track too)
+        matroska = "matroska" in self._container.format.name
+        # Matroska states where a track, or the file, ends, not how long it lasts: from a start of 8 s
+        # (a cut that kept its timestamps) 10 s of video end at 18 s.
+        late = self._start_time() if matroska else 0.0
+        whole = None
         if self._container.duration is not None and self._container.duration > 0:
-            return self._container.duration / av.time_base
+            end = self._container.duration / av.time_base
+            whole = end - late if end > late else end
+        if (tagged := tag_duration((s.metadata or {}).get("DURATION"))) is not None and tagged > late:
+            # The video track's own: the container's spans a longer audio track too. The shorter of the
+            # two where they differ otherwise: data past it is sampled on (`_sample_exact`).
+            return min(tagged - late, whole) if whole is not None else tagged - late
+        if whole is not None:
+            return whole
         if s.frames and s.average_rate:
             return s.frames / float(s.average_rate)
         return None
@@ -317,15 +328,25 @@ class VideoReader(Sampling):
     def _frame_time(self, frame: av.VideoFrame, count: int, start: float, fps: float) -> float:
         """The frame's time on the video's timeline. Timestamps that start again (MPEG-TS segments
         joined with `cat`, as players play them) go on from the last frame's: taken as they are, the
-        segments after the first lay over it, and no sample target fell in them."""
+        segments after the first lay over it, and no sample target fell in them. A reset is a key frame
+        timed well before the last frame, followed by a frame that goes on from it; any other frame
+        timed back (one damaged or forged timestamp) is put just after the last, the timeline left as it was."""
         if not self._first_frame_checked:
             self._read_display(frame)
             self._first_frame_checked = True
-            self._offset_s, self._last_t = 0.0, None
-        t = (frame.time if frame.time is not None else start + count / fps) + self._offset_s
-        if self._last_t is not None and t < self._last_t - TIMESTAMP_RESET_S:
-            self._offset_s += self._last_t + 1.0 / fps - t
+            self._offset_s, self._last_t, self._reset = 0.0, None, None
+            self.last_gap_s = None
+        raw = frame.time if frame.time is not None else start + count / fps
+        t = raw + self._offset_s
+        reset, self._reset = self._reset, None
+        if reset is not None and t < self._last_t - TIMESTAMP_RESET_S and raw >= reset[0]:
+            self._offset_s = reset[1]  # the frame after the key frame went on from it: the timeline restarted
+            t = raw + self._offset_s
+        elif self._last_t is not None and t < self._last_t - TIMESTAMP_RESET_S:
+            if frame.key_frame:
+                self._reset = (raw, self._last_t + 1.0 / fps - raw)  # (its time, the offset that would follow)
             t = self._last_t + 1.0 / fps
+        self.last_gap_s = None if self._last_t is None else t - self._last_t
         self._last_t = t
         if t > start + self._limits.max_duration_s:
             raise TooLong(f"video runs past the limit of {self._limits.max_duration_s:.0f} s")

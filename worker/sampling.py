@@ -45,12 +45,15 @@ class DataEndsEarly(Exception):
         self.span_s = span_s
 
 
-def shown_until(last: tuple[av.VideoFrame, float], fps: float) -> float:
+def shown_until(last: tuple[av.VideoFrame, float], fps: float, gap_s: float | None) -> float:
     """When the frame `last` (frame, time) stops being shown: after its own duration where it has one
-    (a slideshow's frame stays seconds, longer than the 1 / fps of a rate held to 1 fps or more)."""
+    (a slideshow's frame stays seconds, longer than the 1 / fps of a rate held to 1 fps or more), as
+    long as the frames before it were shown (`gap_s`, between the last two): a frame's duration is
+    the file's to state, and one claiming 1000 s hid that the data was cut short."""
     frame, t = last
     own = float(frame.duration * frame.time_base) if frame.duration and frame.time_base else 0.0
-    return t + max(1.0 / fps, min(own, MAX_SHOWN_S))
+    believed = min(own, MAX_SHOWN_S if gap_s is None else gap_s)
+    return t + max(1.0 / fps, believed)
 
 
 class Sampling:
@@ -165,7 +168,7 @@ class Sampling:
             self._check_coverage(last, start, cut.span_s, fps, slack_s=in_flight / fps)
         if self._overruns(last[1], start, duration):
             self.info.declared_duration_s = duration
-            self.info.duration_s = shown_until(last, fps) - start
+            self.info.duration_s = shown_until(last, fps, self.last_gap_s) - start
         if j < len(targets) and not last_yielded:
             yield self._to_sample(last[0], index, last[1] - start)
             index += 1
@@ -249,7 +252,7 @@ class Sampling:
         damage a player reads past: that is not a cut."""
         if last is None:
             raise Corrupt("the video stream holds no decodable frame")
-        end_t = shown_until(last, fps)
+        end_t = shown_until(last, fps, self.last_gap_s)
         if end_t + slack_s - start >= MIN_COVERAGE * duration:
             return
         span = None if self.data_end is None else self.data_end - start
