@@ -119,6 +119,11 @@ def test_configuration_mistakes_are_one_line(tmp_path, random_model_dir, redis_s
         proc = run_cli(*args, env_extra=env)
         assert proc.returncode == code and said in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
         assert "hunter2" not in proc.stderr
+    from worker.settings import Settings
+
+    for url in ("redis://h:6379/0/", "redis://h:6379//0", "redis://h:6379/%30", "redis://h/x?db=3", "redis://[::1]:6379/2",
+                "rediss://:pw@h:6380/1?ssl_cert_reqs=none", "unix:///run/redis.sock?db=1"):
+        assert Settings(redis_url=url).redis_url == url  # what redis-py reads as a database number
     empty = run_cli("moderate", "--example", "--frames", "2", env_extra={"DEEPFAKE_MODEL_DIR": "", "DEEPFAKE_CACHE_DIR": ""})
     assert empty.returncode == 0 and json.loads(empty.stdout)["model"]["name"], empty.stderr
 

@@ -179,8 +179,12 @@ def test_a_stored_verdict_is_reused_only_under_the_policy_that_made_it():
     assert reusable(corrupt, **same, policy=banded)  # the score's policy does not decide an error's action
     # Another version's decoder may read it (0.2.0 scores files cut short that 0.1.0 called corrupt).
     assert not reusable({**corrupt, "worker_version": "0.1.0"}, **same, policy=policy)
-    too_long = {**corrupt, "error": {"code": "too_long", "message": "x"}, "worker_version": "0.1.0"}
-    assert reusable(too_long, **same, policy=policy)  # a limit, not the decoder's reading
+    too_long = {**corrupt, "error": {"code": "too_long", "message": "x"}}
+    assert reusable({**too_long, "worker_version": "0.1.0", "error": {"code": "too_large", "message": "x"}}, **same,
+                    policy=policy)  # the size S3 states, not the decoder's reading
+    assert reusable(too_long, **same, policy=policy)
+    # A duration is the decoder's reading: 0.4.0 took a short video under a long Matroska soundtrack for too long.
+    assert not reusable({**too_long, "worker_version": "0.4.0"}, **same, policy=policy)
     # 0.3.0 sees faces 0.2.0 could not (anamorphic pixels, a claimed 0.001 fps...): its allows are no answer.
     unversioned = {k: v for k, v in no_face.items() if k != "worker_version"}
     # 0.4.1 reads uploads labelled image/gif, and samples joined MPEG-TS segments to the end: 0.4.0's no_face

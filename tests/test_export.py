@@ -3,6 +3,7 @@ and the bare ONNX export of a calibrated network with a dynamic batch axis."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,27 @@ def test_a_failed_export_over_a_model_directory_leaves_it_as_it_was(failure, tra
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging directory left behind
     assert all(verify_model_dir(out).values()) and load_engine(out).card.name == "old"
+
+
+def test_export_through_a_link_to_the_model_directory(trained_like_model, tmp_path):
+    """A model directory reached by a symlink (a mounted volume, elsewhere): staged beside where it
+    points, so the files move in by rename, which fails across filesystems (EXDEV). The volume is
+    on /dev/shm (tmpfs) where there is one, another filesystem than the test's directory."""
+    import tempfile
+
+    shm = Path("/dev/shm")
+    volume = Path(tempfile.mkdtemp(dir=shm)) if shm.is_dir() else tmp_path / "volume"
+    try:
+        real = volume / "model"
+        real.mkdir(parents=True)
+        link = tmp_path / "deploy" / "model"
+        link.parent.mkdir()
+        link.symlink_to(real, target_is_directory=True)
+        export_model_dir(trained_like_model, link, name="linked", version="1", trained=False, onnx=False)
+        assert link.is_symlink() and (real / "model.json").is_file() and load_engine(link).card.name == "linked"
+        assert sorted(p.name for p in volume.iterdir()) == ["model"]  # no staging directory left behind
+    finally:
+        shutil.rmtree(volume, ignore_errors=True)
 
 
 def test_parity_helper_and_synthetic_inputs(exported, trained_like_model):

@@ -99,7 +99,8 @@ def test_failed_jobs_whose_hash_is_gone_or_malformed_neither_stop_the_listing_no
     code, lines = cli(capsys, "failed")
     assert code == 0 and [json.loads(line)["job_id"] for line in lines] == [good.id]
 
-    code, lines = cli(capsys, "requeue", gone.id, good.id)
-    assert code == 1 and json.loads(lines[0]) == {"requeued": [good.id], "not_failed": [gone.id]}
+    code, lines = cli(capsys, "requeue", gone.id, garbled.id, good.id)
+    assert code == 1 and json.loads(lines[0]) == {"requeued": [good.id], "not_failed": [gone.id, garbled.id]}
     assert not redis.exists(gone.key) and gone.id not in registry  # no stub hash, no entry counted for ever
+    assert 0 < redis.ttl(garbled.key) <= 600  # left to expire with its failure, not made to last
     assert queue.job_ids == [good.id]

@@ -141,6 +141,43 @@ def test_a_job_just_dequeued_is_waited_for_as_a_running_one(s3, redis, fsettings
     assert gone.complete and gone.jobs_deleted == [job.id] and not Job.exists(job.id, connection=redis)
 
 
+def test_a_job_dequeued_just_after_forget_reads_the_lists_is_not_deleted_in_its_workers_hands(
+        s3, redis, fsettings, monkeypatch):
+    """The dequeue lands right after forget read where the jobs are (forced here at that moment): the
+    job was waiting as forget saw it. Taken off the queue by forget itself, or found gone from it,
+    it is deleted or waited for, never deleted while a worker holds it."""
+    import worker.forget as forgetting
+
+    queue = get_queue(redis, fsettings.queue)
+    started = StartedJobRegistry(queue=queue)
+    job = queue.enqueue(MODERATE_FUNC, args=(BUCKET, ALICE), kwargs={"frames": 3})
+    read = forgetting.lists
+    seen = {}
+
+    def read_then_dequeue(q):
+        now = read(q)
+        if "dequeued" not in seen:  # a worker's BLMOVE, just after
+            seen["dequeued"] = redis.lmove(queue.key, queue.intermediate_queue.key).decode()
+            threading.Thread(target=start_then_end).start()
+        return now
+
+    def start_then_end() -> None:
+        time.sleep(1.0)
+        with redis.pipeline() as pipe:
+            pipe.zadd(started.key, {f"{job.id}:execution": time.time() + 60})
+            pipe.lrem(queue.intermediate_queue.key, 1, job.id)
+            pipe.execute()
+        upload_index.record(redis, BUCKET, ALICE, job_id=job.id, ttl_s=600)
+        time.sleep(1.0)
+        seen["kept_while_it_ran"] = Job.exists(job.id, connection=redis)
+        redis.zrem(started.key, f"{job.id}:execution")
+
+    monkeypatch.setattr(forgetting, "lists", read_then_dequeue)
+    gone = forget(BUCKET, ALICE, wait_s=60, settings=fsettings, connection=redis, s3_client=s3)
+    assert seen["dequeued"] == job.id and seen["kept_while_it_ran"]
+    assert gone.complete and gone.jobs_deleted == [job.id] and not Job.exists(job.id, connection=redis)
+
+
 def test_jobs_are_deleted_under_the_queues_maintenance_lock(s3, redis, fsettings, monkeypatch):
     """While a worker's maintenance holds the lock (it may be retrying this very job), forget waits for
     it, then deletes holding it itself, and gives it back. A lock held over 5 minutes (its holder died)

@@ -201,7 +201,7 @@ def export_model_dir(
             review_threshold = threshold_for_fpr(real, float(review_fpr))
             review_operating_point = {**cal, "target_fpr": float(review_fpr), "n_real": int(real.size),
                                       "achieved_fpr": float(np.mean(real >= review_threshold)), "method": method}
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # a link to another volume: staged beside where it points
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.export-", dir=out_dir.parent) as staging:
         stage = Path(staging)  # beside out_dir (one filesystem): a failed export leaves out_dir as it was

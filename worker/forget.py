@@ -67,17 +67,42 @@ def _is_for(job: Job, bucket: str, key: str) -> bool:
         return False
 
 
-def jobs_for(connection: Redis, queue_name: str, bucket: str, key: str, *, scan: bool = False) -> list[Job]:
+@dataclass
+class Lists:
+    """The queue's jobs where they are at one instant: waiting, dequeued (in RQ's intermediate list),
+    started, and retries waiting out their backoff (`lists`)."""
+
+    waiting: set[str]
+    in_hand: set[str]
+    started: set[str]
+    scheduled: set[str]
+
+    @property
+    def all(self) -> set[str]:
+        return self.waiting | self.in_hand | self.started | self.scheduled
+
+
+def lists(queue: Queue) -> Lists:
+    """Read in one transaction: a job moves from list to list (queue, intermediate, started, scheduled,
+    queue again), and read one after the other, one moving between two reads was in neither. Without
+    RQ's cleanup, which would requeue abandoned jobs outside the workers' lock."""
+    with queue.connection.pipeline(transaction=True) as pipe:
+        pipe.lrange(queue.key, 0, -1).lrange(queue.intermediate_queue.key, 0, -1)
+        pipe.zrange(started_registry(queue).key, 0, -1).zrange(ScheduledJobRegistry(queue=queue).key, 0, -1)
+        waiting, in_hand, started, scheduled = pipe.execute()
+    return Lists({as_text(j) for j in waiting}, {as_text(j) for j in in_hand},
+                 {as_text(m).split(":", 1)[0] for m in started}, {as_text(j) for j in scheduled})
+
+
+def jobs_for(connection: Redis, queue_name: str, bucket: str, key: str, *, scan: bool = False,
+             now: Lists | None = None) -> list[Job]:
     """The upload's jobs: those the index recorded, and any waiting (in RQ's intermediate list too),
     running or waiting to retry that it has not yet (a job a non-Python client enqueued is recorded
-    only when a worker starts it). `scan` also reads every finished and failed job, for jobs older
-    than the index."""
+    only when a worker starts it), as `now` (`lists`) finds them. `scan` also reads every finished
+    and failed job, for jobs older than the index."""
     queue = get_queue(connection, queue_name)
+    listed = (now or lists(queue)).all  # a lost dequeue's (intermediate) would be retried by maintenance
     indexed, _ = upload_index.recorded(connection, bucket, key)
-    # Listed without RQ's cleanup, which would requeue abandoned jobs outside the workers' lock.
-    listed = set(queue.get_job_ids()) | set(started_registry(queue).get_job_ids(cleanup=False))
-    listed |= set(ScheduledJobRegistry(queue=queue).get_job_ids(cleanup=False))  # a retry would run again
-    listed |= set(queue.intermediate_queue.get_job_ids())  # a lost dequeue's, which maintenance would retry
     if scan:
         for registry in (FinishedJobRegistry(queue=queue), FailedJobRegistry(queue=queue)):
             listed |= set(registry.get_job_ids(cleanup=False))
@@ -135,7 +160,6 @@ def forget(
     s3 = s3_client or make_client(settings.s3_endpoint_url, settings.s3_region)
     out = Forgotten(f"s3://{bucket}/{key}")
     queue = get_queue(connection, settings.queue)
-    started = started_registry(queue)
     deadline = time.monotonic() + (default_wait_s(settings) if wait_s is None else wait_s)
     running: list[str] = []
     dequeued: dict[str, float] = {}  # job id: when first seen in the intermediate list
@@ -153,18 +177,22 @@ def forget(
                             note="the queue's maintenance lock stayed taken: deleting without it")
                 warned = True
             if deleting:
-                jobs = jobs_for(connection, settings.queue, bucket, key, scan=scan)
+                now = lists(queue)
+                jobs = jobs_for(connection, settings.queue, bucket, key, scan=scan, now=now)
                 scan = False  # what finishes while this waits is indexed by the worker that ran it
-                now = time.monotonic()
-                in_hand = set(queue.intermediate_queue.get_job_ids())
-                for job_id in in_hand:
-                    dequeued.setdefault(job_id, now)
-                running = [j.id for j in jobs if j.id in started or (
-                    j.id in in_hand and now - dequeued[j.id] < DEQUEUE_GRACE_S and not late)]
+                at = time.monotonic()
+                for job_id in now.in_hand:
+                    dequeued.setdefault(job_id, at)
+                running = [j.id for j in jobs if j.id in now.started or (
+                    j.id in now.in_hand and at - dequeued[j.id] < DEQUEUE_GRACE_S and not late)]
                 for job in jobs:
-                    if job.id not in running:
-                        job.delete()
-                        out.jobs_deleted.append(job.id)
+                    if job.id in running:
+                        continue
+                    if job.id in now.waiting and not late and not connection.lrem(queue.key, 1, job.id):
+                        running.append(job.id)  # dequeued since the lists were read: in a worker's hands
+                        continue
+                    job.delete()
+                    out.jobs_deleted.append(job.id)
         if deleting and (not running or late):
             break
         sleep(POLL_S)

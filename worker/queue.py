@@ -345,9 +345,18 @@ def requeue_failed(job_ids: list[str] | None = None, *, settings: Settings | Non
     registry = FailedJobRegistry(queue=queue, job_class=queue.job_class)
     requeued, missing = [], []
     for job_id in registry.get_job_ids() if job_ids is None else job_ids:
-        if job_id in registry and not connection.eval(
-                REARM_FAILED, 1, Job.key_for(job_id), settings.job_retries, json.dumps(settings.retry_intervals_s())):
-            connection.zrem(registry.key, job_id)  # its hash expired (or was evicted): nothing is left to run
+        if job_id not in registry:
+            missing.append(job_id)
+            continue
+        try:  # first: a malformed hash is left to expire with its failure, never made to last
+            job = DeepfakeJob.fetch(job_id, connection=connection, serializer=JSONSerializer)
+        except NoSuchJobError:
+            if not connection.exists(Job.key_for(job_id)):
+                connection.zrem(registry.key, job_id)  # its hash expired (or was evicted): nothing is left to run
+            missing.append(job_id)
+            continue
+        if not connection.eval(REARM_FAILED, 1, job.key, settings.job_retries, json.dumps(settings.retry_intervals_s())):
+            connection.zrem(registry.key, job_id)  # expired since the fetch
             missing.append(job_id)
             continue
         try:

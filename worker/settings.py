@@ -10,7 +10,7 @@ import math
 import re
 from pathlib import Path
 from typing import Literal
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -188,7 +188,8 @@ class Settings(BaseSettings):
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"must start with redis://, rediss:// or unix://, not {_scheme_of(value)}")
         parts = _url_parts(value)
-        if not value.startswith("unix://") and parts.path not in ("", "/") and not parts.path[1:].isdigit():
+        db = unquote(parts.path).replace("/", "")  # as redis-py reads it, unless the query names the db
+        if not value.startswith("unix://") and db and not db.isdigit() and "db" not in parse_qs(parts.query):
             raise ValueError("the path must be a database number (redis://host:6379/0): redis-py takes any "
                              "other for database 0")
         return value

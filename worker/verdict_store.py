@@ -282,8 +282,8 @@ def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int, 
         return False
     if code in DECODER_ERRORS and stored.get("worker_version") != __version__:
         return False
-    if code not in LIMIT_ERRORS and _version(stored.get("worker_version")) < DECODING_SINCE:
-        return False
+    if code != "too_large" and _version(stored.get("worker_version")) < DECODING_SINCE:
+        return False  # too_long too: the duration is the decoder's reading (0.4.1 reads Matroska's anew)
     if code not in LIMIT_ERRORS and _preprocessing_version(stored) < PREPROCESSING_VERSION:
         return False  # faces were read or cut otherwise (e.g. an HDR upload read as SDR)
     if "action" not in stored:
