@@ -103,6 +103,9 @@ def test_what_if_over_a_prefix_counts_actions_moves_and_reviews(settings, modera
     assert json.loads(done.stdout)["models"][0]["moves"] == {"block→review": 2}
     no_band = cli(f"s3://{BUCKET}/in/", "--review-threshold", "none")
     assert no_band.returncode == 0 and json.loads(no_band.stdout)["changes"] == {"review_threshold": None}
+    floorless = cli(f"s3://{BUCKET}/in/", "--mean-floor", "off")  # one face, one track: the mean is its score
+    assert floorless.returncode == 0 and json.loads(floorless.stdout)["changes"] == {"mean_floor": False}
+    assert json.loads(floorless.stdout)["models"][0]["moves"] == {}
     assert json.loads(cli(f"s3://{BUCKET}/in/", "--threshold", "0.9", "--since", "2999-01-01").stdout)["models"] == []
     assert cli(f"s3://{BUCKET}/in/").returncode == 2  # nothing to change
     bad = cli(f"s3://{BUCKET}/in/", "--review-threshold", "0.99")

@@ -67,6 +67,9 @@ def add_data_commands(sub) -> None:  # type: ignore[no-untyped-def]
     w.add_argument("--rule", choices=("tracks", "mean"))
     w.add_argument("--track-score", choices=("mean", "confident"))
     w.add_argument("--min-track-frames", type=int, metavar="N")
+    w.add_argument("--mean-floor", choices=("on", "off"),
+                   help="under tracks, the paper's video score as the least the decision score can be (0.4.1's "
+                   "rule; verdicts stored before it were decided without)")
     w.add_argument("--since", type=_timestamp, metavar="ISO-8601",
                    help="only verdicts (and feedback) written at or after this time, e.g. the last week's")
     w.set_defaults(func=cmd_what_if)
@@ -210,9 +213,11 @@ def cmd_what_if(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
                if getattr(args, k) is not None}
     if args.review_threshold is not None:
         changes["review_threshold"] = None if args.review_threshold == NO_BAND else args.review_threshold
+    if args.mean_floor is not None:
+        changes["mean_floor"] = args.mean_floor == "on"
     if not changes:
         parser.error("what-if: give at least one of --threshold, --review-threshold, --rule, --track-score, "
-                     "--min-track-frames")
+                     "--min-track-frames, --mean-floor")
     try:
         with tqdm(desc="what-if", unit="object", file=sys.stderr, disable=None) as bar:
             result = what_if(bucket, prefix, changes, settings=cli._settings(parser), since=args.since,
