@@ -109,9 +109,9 @@ class WorkerRuntime:
             verdict = self._error(uri, exc)
             if exc.code.value == "access_denied":
                 return self._finish(verdict, bound)  # never write where the worker may not read
-            # Refused bytes (too large, not a video) replace a verdict stored for other bytes at this
-            # key, never one for these same bytes (a new content type, a lowered size limit); a
-            # missing upload keeps its last verdict (write-once).
+            # Refused bytes (too large) replace a verdict stored for other bytes at this key, never one
+            # for these same bytes (a lowered size limit); a missing upload keeps its last verdict
+            # (write-once).
             refused = getattr(exc, "etag", None)
             stored, stored_etag = self.store.get(upload)
             replaces = stored_etag if refused is not None and _input_etag(stored or {}) not in (None, refused) else None
