@@ -236,6 +236,34 @@ def test_a_timed_out_job_whose_verdict_cannot_be_stored_in_time_still_finishes(
     assert took < 20, took  # ended while its PUT was still held
 
 
+def test_a_timeout_verdict_stored_just_as_its_bound_falls_is_the_result(s3, fsettings, moderator, redis_server,
+                                                                      monkeypatch):
+    """The bound falls after the verdict was written, while it is logged (made slow here): the job's
+    result is that stored verdict, not one saying nothing was stored."""
+    monkeypatch.setattr(jobs, "TIMEOUT_VERDICT_S", 1)
+    redis = Redis.from_url(redis_server.url)
+    redis.flushdb()
+    settings = fsettings.model_copy(update={"redis_url": redis_server.url, "result_detail": "full"})
+    key = "clips/slow-log.mp4"
+    s3.copy_object(Bucket=BUCKET, Key=key, CopySource={"Bucket": BUCKET, "Key": KEYS["carphone"]})
+    rt = runtime(settings, moderator, settings.s3_endpoint_url)
+    finish = rt._finish
+
+    def slow_finish(verdict, bound):
+        if verdict.get("stored_at") and (verdict.get("error") or {}).get("code") == "timeout":
+            time.sleep(3)
+        return finish(verdict, bound)
+
+    monkeypatch.setattr(rt, "_finish", slow_finish)
+    job = get_queue(redis, settings.queue).enqueue(MODERATE_FUNC, args=(BUCKET, key), kwargs={"frames": 120},
+                                                   job_timeout=1)
+    burst(redis, settings, runtime=rt)
+    state = job_state(job.id, settings=settings, connection=redis)
+    [only] = stored(s3, settings, key)
+    assert state.result["error"]["code"] == "timeout" and state.result["stored_at"].endswith(f"{key}.json")
+    assert only["created_at"] == state.result["created_at"]
+
+
 def test_an_object_deleted_mid_read_gets_one_not_found_verdict(s3, proxy, fsettings, moderator, media):
     key = "big/deleted.avi"
     s3.put_object(Bucket=BUCKET, Key=key, Body=media["big"].read_bytes())

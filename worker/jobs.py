@@ -57,9 +57,11 @@ def moderate_s3_object(bucket: str, key: str, frames: int | None = None) -> dict
             with StorePenalty(TIMEOUT_VERDICT_S):
                 verdict = rt.timeout_verdict(bucket, key, seconds)
         except StoreTimedOut:
-            log.warning("timeout_verdict_not_stored", job_id=job.id if job else None, source=f"s3://{bucket}/{key}",
-                        reason=f"the store did not answer within {TIMEOUT_VERDICT_S} s")
-            verdict = rt.timeout_verdict(bucket, key, seconds, store=False)
+            verdict = rt.stored  # the bound fell after the write (while it was logged): stored all the same
+            if verdict is None:
+                log.warning("timeout_verdict_not_stored", job_id=job.id if job else None,
+                            source=f"s3://{bucket}/{key}", reason=f"the store did not answer within {TIMEOUT_VERDICT_S} s")
+                verdict = rt.timeout_verdict(bucket, key, seconds, store=False)
     return summary_of(verdict) if rt.settings.result_detail == "summary" else verdict
 
 

@@ -63,6 +63,7 @@ class WorkerRuntime:
         self.metrics = metrics or Metrics()
         self.loaded_at = time.time()
         self.source: S3Source | None = None  # the upload being read, for a job stopped at its time limit
+        self.stored: dict | None = None  # the verdict the last `_store` wrote (or found written)
 
     @property
     def model(self) -> dict:
@@ -164,6 +165,7 @@ class WorkerRuntime:
         uri = f"s3://{bucket}/{key}"
         verdict = self._error(uri, Timeout(f"the job ran past its {seconds} s limit"))
         bound = log.bind(source=uri)
+        self.stored = None
         if not store:
             return self._finish(verdict, bound)
         try:
@@ -228,6 +230,7 @@ class WorkerRuntime:
             verdict = theirs or verdict
         verdict.setdefault("timings_ms", {})["store"] = round((time.perf_counter() - t0) * 1000.0, 1)
         verdict["stored_at"] = self.store.location_for(upload).uri
+        self.stored = verdict
         return self._finish(verdict, bound)
 
     def _finish(self, verdict: dict, bound) -> dict:
