@@ -86,6 +86,25 @@ def test_an_upload_is_erased_and_the_others_are_not(s3, redis, fsettings, modera
     assert fresh["status"] == "ok" and fresh["created_at"] != original["created_at"]  # scored anew, not reused
 
 
+def test_keys_shaped_like_anothers_feedback_or_report_erase_nothing_of_it(s3, redis, fsettings, moderator):
+    """`clip.mp4.feedback` and `clip.mp4.report/index.html` are keys S3 allows; their verdict paths would be
+    clip.mp4's feedback object and a file of its report. No verdict of theirs is ever written (the
+    worker refuses them as unstorable): erasing them leaves clip.mp4's records, and reading one shows none."""
+    from worker.feedback import record
+    from worker.verdict_store import VerdictStore
+
+    rt = WorkerRuntime(fsettings, moderator=moderator, s3_client=s3)
+    assert rt.moderate_s3(BUCKET, ALICE)["status"] == "ok"
+    record(BUCKET, ALICE, "real", settings=fsettings, s3_client=s3)
+    before = stored_keys(s3, fsettings, ALICE)
+    assert f"{fsettings.verdict_prefix}{ALICE}.feedback.json" in before and any(".report/" in k for k in before)
+    for lookalike in (f"{ALICE}.feedback", f"{ALICE}.report/index.html"):
+        gone = forget(BUCKET, lookalike, settings=fsettings, connection=redis, s3_client=s3)
+        assert gone.complete and gone.s3_deleted == [], lookalike
+        assert VerdictStore.for_settings(fsettings, s3).read(S3Location(BUCKET, lookalike))["verdict"] is None
+    assert stored_keys(s3, fsettings, ALICE) == before
+
+
 def test_a_retry_waiting_out_its_backoff_is_erased(s3, redis, fsettings):
     """A retry sits in RQ's scheduled registry, neither queued nor running: left there, it would run
     and write a verdict after the erasure. A raw client's job has no index entry to find it by."""

@@ -88,8 +88,15 @@ def test_what_if_over_a_prefix_counts_actions_moves_and_reviews(settings, modera
 
     same = what_if(BUCKET, "in/", {"threshold": verdicts["a.mp4"]["threshold"]}, settings=s, s3_client=s3)
     assert same["models"][0]["moves"] == {}  # the policy they were made under: nothing moves
+    assert same["models"][0]["reviewed"]["current"]["block"] == {"fake": 1, "real": 0}
     with pytest.raises(ValueError, match="above the model's threshold"):
         what_if(BUCKET, "in/", {"review_threshold": 0.99}, settings=s, s3_client=s3)
+
+    # The upload is replaced (other bytes) and judged anew: the reviewer's label was on the old bytes.
+    s3.put_object(Bucket=BUCKET, Key="in/a.mp4", Body=clip + b"\0" * 16)
+    assert rt.moderate_s3(BUCKET, "in/a.mp4")["input"]["etag"] != verdicts["a.mp4"]["input"]["etag"]
+    replaced = what_if(BUCKET, "in/", {"threshold": verdicts["a.mp4"]["threshold"]}, settings=s, s3_client=s3)
+    assert replaced["models"][0]["reviewed"]["current"]["block"] == {"fake": 0, "real": 0}
 
     env = {**os.environ, "DEEPFAKE_S3_ENDPOINT_URL": s3_server.endpoint, "DEEPFAKE_VERDICT_PREFIX": s.verdict_prefix}
 

@@ -126,7 +126,10 @@ class VerdictStore:
     def delete(self, upload: S3Location) -> list[str]:
         """Delete the upload's verdict, feedback and report objects (`deepfake forget`); the s3:// URIs
         deleted. In a versioned bucket every version and delete marker goes (`?versionId=` URIs): a
-        plain DELETE there only hides the face boxes and crops behind a delete marker."""
+        plain DELETE there only hides the face boxes and crops behind a delete marker. An upload whose
+        key is `unstorable` has none: its paths are another upload's feedback or report."""
+        if self.unstorable(upload):
+            return []
         verdict, report = self.location_for(upload), self.report_location(upload)
         try:
             status = self.client.get_bucket_versioning(Bucket=verdict.bucket).get("Status")
@@ -214,7 +217,7 @@ class VerdictStore:
         signature verifies (null without DEEPFAKE_VERDICT_SECRET); `at`: where a job's result says
         its worker stored it (the worker's verdict bucket and prefix may not be this reader's)."""
         loc = at or self.location_for(upload)
-        fetched = self._fetch(loc)
+        fetched = None if self.unstorable(upload) and at is None else self._fetch(loc)  # not its own: another's
         if fetched is None:
             return {"upload": upload.uri, "stored_at": None, "verified": None, "verdict": None}
         body, _, verified = fetched

@@ -43,16 +43,21 @@ def what_if(bucket: str, prefix: str = "", changes: dict[str, Any] | None = None
     settings = settings or Settings()
     store = VerdictStore.for_settings(settings, s3_client)
     models: dict[str, dict[str, Any]] = defaultdict(_tally)
-    reviewer_labels: dict[str, str] = {}  # verdict key → label; a feedback object lists just before its verdict
+    # verdict key → (label, the ETag of the bytes judged); a feedback object lists just before its verdict
+    reviewer_labels: dict[str, tuple[str, Any]] = {}
     skipped = 0
     for key, body in store.scan(S3Location(bucket, prefix), suffixes=(".json",), since=since, on_listed=on_listed):
         if not isinstance(body, dict):
             continue  # not an object this system wrote
         if key.endswith(FEEDBACK_SUFFIX):
             if body.get("label") in LABELS:
-                reviewer_labels[key[: -len(FEEDBACK_SUFFIX)] + ".json"] = body["label"]
+                judged = (body.get("verdict") or {}).get("etag") if isinstance(body.get("verdict"), dict) else None
+                reviewer_labels[key[: -len(FEEDBACK_SUFFIX)] + ".json"] = (body["label"], judged)
             continue
-        label = reviewer_labels.pop(key, None)
+        label, judged = reviewer_labels.pop(key, (None, None))
+        etag = (body.get("input") or {}).get("etag") if isinstance(body.get("input"), dict) else None
+        if judged is not None and etag is not None and judged != etag:
+            label = None  # a label on the bytes the upload held before it was replaced: not on these
         policy_now = (body.get("decision") or {}).get("policy") or {}
         scored = body.get("status") == "ok" and body.get("action") in ACTIONS
         if not scored or not DecisionPolicy.names_a_policy(policy_now):
