@@ -80,6 +80,8 @@ def receiver():
     "http://127.0.0.1:8080/hook", "http://localhost/hook", "http://169.254.169.254/latest/meta-data/",
     "http://10.1.2.3/", "http://192.168.0.10/", "http://172.16.0.1/", "http://100.64.0.1/", "http://0.0.0.0/",
     "http://[::1]/", "http://[::ffff:127.0.0.1]/", "http://[fd00::1]/", "http://[fe80::1]/", "http://224.0.0.1/",
+    # IPv6 that Python 3.11 calls global: site-local, IETF-reserved blocks, documentation (RFC 9637)
+    "http://[fec0::a9fe:a9fe]/", "http://[4000::1]/", "http://[e000::1]/", "http://[3fff::1]/",
 ])
 def test_by_default_only_public_addresses_are_called(url):
     with pytest.raises(WebhookRefused, match="not a public address"):
@@ -170,6 +172,11 @@ def test_delivery_is_signed_and_carries_the_verdict_summary_only(receiver):
     assert not verify_signature("s3cret", signature, body.replace(b"fake", b"real"))
     assert not verify_signature("s3cret", sign("s3cret", body, timestamp=int(time.time()) - 3600), body)
     assert not verify_signature("s3cret", "garbage", body)
+    # What a receiver gets from anyone: no exception, only False (a 401, not a 500); spaces and upper case are fine
+    for bad in (None, "t=1,v1=é", "t=" + "9" * 400 + ",v1=00", "t=-5,v1=00", "v1=00", ""):
+        assert not verify_signature("s3cret", bad, body)
+    stamp, hexdigest = (part.split("=", 1)[1] for part in signature.split(","))
+    assert verify_signature("s3cret", f"t={stamp}, v1={hexdigest.upper()}", body)
 
 
 def test_non_ascii_paths_are_encoded_and_headers_http_cannot_carry_are_dropped(receiver):
@@ -192,6 +199,8 @@ def test_enqueuers_can_refuse_webhooks_a_worker_would_not_send_as_given():
     for hooks, why in [([hook()] * (MAX_WEBHOOKS + 1), "at most 4 webhooks"),
                        ([hook(**{"Authorization": "Bearer café✓"})], "not Latin-1"),
                        ([hook(**{"X:Y": "v"})], "not an RFC 7230 token"), ([hook(Host="x")], "sets this header"),
+                       ([hook(**{"Content-Encoding": "gzip"})], "sets this header"), ([hook(Expect="100-continue")],
+                                                                                     "sets this header"),
                        ([hook(**{"X-A": "a\r\nB: c"})], "line break"), ([hook("http://u:p@hooks.example/")], "credentials")]:
         with pytest.raises(WebhookRefused, match=why):
             check_webhooks(hooks)

@@ -40,7 +40,8 @@ log = structlog.get_logger("worker.webhooks")
 
 SIGNATURE_HEADER = "X-Deepfake-Signature"
 # Headers a job may not set: they would change where or what is sent, or forge the signature.
-_RESERVED_HEADERS = {"host", "content-length", "content-type", "transfer-encoding", "connection",
+# Every Content-* header too (Content-Encoding: gzip left a receiver unable to read the body).
+_RESERVED_HEADERS = {"host", "transfer-encoding", "connection", "keep-alive", "expect", "te", "trailer", "upgrade",
                      SIGNATURE_HEADER.lower()}
 _MAX_JOB_HEADERS = 16
 _MAX_ERROR_CHARS = 500
@@ -56,6 +57,9 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 # Local-use NAT64: where its IPv4 address sits is the operator's choice, so it is refused outright
 # (Python before 3.12 calls it global).
 _LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+# The only IPv6 addresses assigned as global unicast (RFC 4291); of them, documentation's (RFC 3849, 9637).
+_GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
+_DOCUMENTATION = (ipaddress.ip_network("2001:db8::/32"), ipaddress.ip_network("3fff::/20"))
 _IPV4_IN_LOW_BITS = tuple(ipaddress.ip_network(n) for n in (
     "64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96"))  # NAT64, IPv4-compatible, SIIT
 
@@ -135,6 +139,8 @@ def is_public(address: Address) -> bool:
             return False
         if address in _NAT64:
             return True  # to a public address (Python 3.12 and later call the NAT64 prefix not global)
+        if address not in _GLOBAL_UNICAST or any(address in n for n in _DOCUMENTATION) or address.is_reserved:
+            return False  # Python 3.11 calls site-local (fec0::/10) and IETF-reserved blocks global
     return address.is_global and not address.is_multicast
 
 
@@ -231,16 +237,20 @@ def sign(secret: str, body: bytes, timestamp: int | None = None) -> str:
 
 def verify_signature(secret: str, header: str, body: bytes, tolerance_s: float = 300,
                      now: float | None = None) -> bool:
-    """For receivers: True when `header` signs `body` with `secret` and is at most `tolerance_s` old."""
+    """For receivers: True when `header` signs `body` with `secret` and is at most `tolerance_s` old;
+    False for anything else a request may carry (no header, a malformed one), never an exception."""
+    if not isinstance(header, str):
+        return False
     try:
-        fields = dict(part.split("=", 1) for part in header.split(","))
-        t = int(fields["t"])
-        given = fields["v1"]
+        fields = dict((k.strip(), v.strip()) for k, v in (part.split("=", 1) for part in header.split(",")))
+        stamp, given = fields["t"], fields["v1"].lower()
     except (ValueError, KeyError):
         return False
-    if abs((time.time() if now is None else now) - t) > tolerance_s:
+    if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12 and given.isascii()):
         return False
-    expected = sign(secret, body, t).split("v1=", 1)[1]
+    if abs((time.time() if now is None else now) - int(stamp)) > tolerance_s:
+        return False
+    expected = sign(secret, body, int(stamp)).split("v1=", 1)[1]
     return hmac.compare_digest(expected, given)
 
 
@@ -251,7 +261,7 @@ def header_problem(name: Any, value: Any) -> str | None:
         return "name and value must be strings"
     if not _TOKEN.fullmatch(name):
         return "the name is not an RFC 7230 token"
-    if name.lower() in _RESERVED_HEADERS:
+    if name.lower() in _RESERVED_HEADERS or name.lower().startswith("content-"):
         return "the worker sets this header itself"
     if _CTL.search(value):
         return "the value holds a line break or control character"
