@@ -137,6 +137,17 @@ def test_result_full_reads_the_verdict_where_the_worker_stored_it(s3, redis, qse
     full = json.loads(capsys.readouterr().out)
     assert full["result"]["faces"] == stored_verdict(s3, qsettings, UPLOADS["carphone"])["faces"]
     assert full["result"]["stored_at"] == f"s3://{BUCKET}/{qsettings.verdict_prefix}{UPLOADS['carphone']}.json"
+    # A result names its verdict's place, and anyone who can write to Redis writes results: another
+    # upload's verdict is never read for this one.
+    from worker.cli import _with_full_verdict
+    from worker.settings import Settings
+
+    other = enqueue(BUCKET, UPLOADS["vp9_webm"], settings=qsettings, connection=redis, s3_client=s3)
+    burst(redis, qsettings, moderator)
+    forged = {**full, "result": {**full["result"], "stored_at": job_state(other, settings=qsettings,
+                                                                            connection=redis).result["stored_at"]}}
+    shown, gone = _with_full_verdict(forged, Settings())
+    assert gone and shown["result"]["source"] == full["result"]["source"]  # looked for where this machine keeps it
     s3.delete_object(Bucket=BUCKET, Key=f"{qsettings.verdict_prefix}{UPLOADS['carphone']}.json")
     assert main(["result", "--full", job_id]) == 1
     assert json.loads(capsys.readouterr().out)["error"].startswith("no verdict stored at s3://")

@@ -211,11 +211,16 @@ def _with_full_verdict(state: dict, settings) -> tuple[dict, bool]:  # type: ign
     result = state.get("result")
     if not isinstance(result, dict) or not result.get("stored_at"):
         return state, False  # not finished, or nothing stored (an upload the worker may not read)
+    upload = S3Location.parse(result["source"])
     try:  # where the worker stored it, which the workers' verdict settings chose, not this machine's
         at = S3Location.parse(result["stored_at"])
     except (TypeError, ValueError):
         at = None
-    found = VerdictStore.for_settings(settings, verify=True).read(S3Location.parse(result["source"]), at=at)
+    own = f"{upload.key}.json"  # a result in Redis names it: only a verdict path of this upload is read
+    if at is not None and not (at.key.endswith(own) and (at.bucket == upload.bucket
+                                                          or at.key.endswith(f"{upload.bucket}/{own}"))):
+        at = None
+    found = VerdictStore.for_settings(settings, verify=True).read(upload, at=at)
     if found["verdict"] is None:
         return {**state, "verified": None, "error": state["error"] or f"no verdict stored at {result['stored_at']}"}, True
     return {**state, "result": {**found["verdict"], "stored_at": found["stored_at"]},
