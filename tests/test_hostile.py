@@ -284,9 +284,20 @@ def test_malformed_job_hashes_do_not_stop_the_worker(s3, redis, qsettings, moder
     raw_enqueue(redis, "m-timeout", good, timeout="soon")
     raw_enqueue(redis, "m-nodata", data=b"", status="queued")
     redis.rpush("rq:queue:deepfake", "m-no-such-hash")
+    # Retries whose waits RQ cannot read: `[]` raised IndexError as the job failed, and again in every
+    # maintenance pass that met it, so no worker reached the queue. A failing job (bad arguments) each.
+    failing = ["worker.jobs.moderate_s3_object", None, [BUCKET, ["clips", "x"]], {}]
+    for name, intervals in (("r-empty", b"[]"), ("r-text", b'["x"]'), ("r-huge", b"[1e300]"), ("r-dict", b"{}")):
+        raw_enqueue(redis, name, failing, retries_left=2, retry_intervals=intervals)
     last = raw_enqueue(redis, "m-good", good)
     burst(redis, qsettings, moderator)
     assert status_of(redis, last) == "finished"  # the worker went on to the good job
+    for name in ("r-empty", "r-text", "r-huge", "r-dict"):  # retried at once (no waits), then failed
+        assert status_of(redis, name) == "failed", name
+    from worker.maintenance import clean_abandoned
+    from worker.queue import get_queue
+
+    assert clean_abandoned(get_queue(redis, qsettings.queue))  # maintenance still runs
 
 
 @pytest.mark.parametrize("frames", [10**9, -1, True, 2.5, "8", [4]])

@@ -148,6 +148,34 @@ def test_a_command_rides_out_a_restart_and_runs_once(tmp_path):
         stop(server.proc)
 
 
+def test_a_write_to_a_primary_demoted_in_a_failover_is_ridden_out(tmp_path):
+    """A failover that makes the old primary a replica keeps its clients connected: their writes get
+    READONLY, which made the worker exit with its job in hand. Ridden out like an outage: here the
+    server is promoted back, as a failover to it would; the write then runs, once."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    primary, other = RedisServer.start(tmp_path / "a"), RedisServer.start(tmp_path / "b")
+    try:
+        client = Redis.from_url(primary.url)
+        ride_out(client, 60)
+        assert client.incr("counter") == 1
+        admin = Redis.from_url(primary.url)
+        admin.replicaof("127.0.0.1", other.port)  # demoted: now a replica, its clients still connected
+        until(lambda: admin.info("replication")["role"] == "slave", 10, "the demotion")
+        results = {}
+        writer = threading.Thread(target=lambda: results.setdefault("incr", client.incr("counter")))
+        writer.start()
+        time.sleep(1.5)
+        assert writer.is_alive() and results == {}  # waiting, not failed
+        admin.replicaof("no", "one")
+        admin.set("counter", 1)  # the replica took the other's (empty) data: as the new primary holds it
+        writer.join(30)
+        assert results == {"incr": 2} and admin.get("counter") == b"2"
+    finally:
+        stop(primary.proc)
+        stop(other.proc)
+
+
 def test_an_outage_past_the_limit_or_a_wrong_password_is_raised(tmp_path):
     port = free_ports(1)[0]  # nothing listens there
     client = Redis(port=port)

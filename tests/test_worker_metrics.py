@@ -81,11 +81,17 @@ def scrape_seconds(metrics: Metrics) -> tuple[float, str]:
 
 
 @pytest.mark.timeout(60)
-def test_a_scrape_answers_without_the_queue_series_when_redis_is_down_or_frozen(tmp_path):
+@pytest.mark.parametrize("client", ["redis", "worker"])
+def test_a_scrape_answers_without_the_queue_series_when_redis_is_down_or_frozen(tmp_path, client, monkeypatch):
+    """Also from the worker's own client (RQ_CONNECTION_CLASS), which rides out an outage: the scrape's
+    connection used to get its ride-out back, and waited the outage out."""
+    from worker.redis_client import WaitingRedis
+
+    monkeypatch.setenv("DEEPFAKE_REDIS_OUTAGE_S", "20")
     server = RedisServer.start(tmp_path)
     try:
         metrics = Metrics()
-        metrics.watch_queues(Redis.from_url(server.url), [QUEUE])
+        metrics.watch_queues({"redis": Redis, "worker": WaitingRedis}[client].from_url(server.url), [QUEUE])
         metrics.jobs.labels(status="ok").inc()
         _, body = scrape_seconds(metrics)
         assert 'deepfake_queue_jobs{queue="deepfake",state="queued"} 0.0' in body

@@ -12,7 +12,8 @@ restarts it in a loop. The worker's client instead:
   nothing (Redis discards a whole transaction that held one, and refuses a script only before its
   first write), so running it again is safe. Neither RQ nor this worker writes through a pipeline that
   is not a transaction, where a refusal could follow a write that went through.
-- **Unreachable** (a restart, a failover, a dropped connection, the dataset loading): the client
+- **Unreachable** (a restart, a failover, a dropped connection, the dataset loading, a primary demoted
+  to a replica that answers writes with READONLY): the client
   reconnects and runs the command again after 0.5 s, doubling to 8 s, until `DEEPFAKE_REDIS_OUTAGE_S`
   (120 s) have passed, then raises as before. A command whose reply was lost may have run: RQ's
   writes run again harmlessly (statuses, registry moves and expiries are set, not added; a job moved
@@ -36,7 +37,7 @@ import structlog
 from pydantic import ValidationError
 from redis import Redis
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, AuthorizationError, OutOfMemoryError
+from redis.exceptions import AuthenticationError, AuthorizationError, OutOfMemoryError, ReadOnlyError
 from redis.retry import Retry
 
 from worker.logging import configure_logging
@@ -95,7 +96,9 @@ class RideOut(Retry):
 
     def __init__(self, outage_s: float = DEFAULT_OUTAGE_S) -> None:
         super().__init__(NoBackoff(), 0)  # connection errors, TimeoutError, socket.timeout
-        self.update_supported_errors([OutOfMemoryError])
+        # READONLY: the server it reaches was demoted to a replica in a failover (it keeps its clients):
+        # an outage like a dropped connection, ridden out by reconnecting (to the new primary).
+        self.update_supported_errors([OutOfMemoryError, ReadOnlyError])
         self.outage_s = outage_s
         self.clock = FullClock()
 

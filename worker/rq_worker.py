@@ -51,6 +51,18 @@ def model_key(queue: str) -> str:
     return f"deepfake:model:{queue}"
 
 
+MAX_RETRY_INTERVAL_S = 7 * 24 * 3600
+
+
+def retry_intervals_valid(intervals: Any) -> bool:
+    """None, or a non-empty list of finite waits from 0 to MAX_RETRY_INTERVAL_S seconds (what RQ can
+    index into and turn into a timedelta)."""
+    if intervals is None:
+        return True
+    return isinstance(intervals, list) and bool(intervals) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= MAX_RETRY_INTERVAL_S for v in intervals)
+
+
 class RefusedJob(Exception):
     """A job naming code this worker does not run: it fails without anything being imported or called."""
 
@@ -62,12 +74,18 @@ class DeepfakeJob(Job):
         # RQ raises ValueError/AssertionError from a bad date or timeout while *dequeueing*, which
         # stops the worker; as NoSuchJobError the job is skipped (and dropped from RQ's intermediate queue).
         try:
-            return super().restore(raw_data)
+            restored = super().restore(raw_data)
         except NoSuchJobError:
             raise
         except Exception as exc:  # noqa: BLE001 - any malformed field
             log.warning("malformed_job_skipped", job_id=self.id, error=f"{type(exc).__name__}: {exc}")
             raise NoSuchJobError(f"malformed job {self.id}: {type(exc).__name__}: {exc}") from exc
+        if not retry_intervals_valid(self.retry_intervals):
+            # RQ indexes into them when the job fails: `[]` raised IndexError there, and in every later
+            # maintenance pass that met the job (each worker's, `deepfake status`): the queue stalled.
+            log.warning("malformed_retry_intervals_dropped", job_id=self.id)
+            self.retry_intervals = None  # retried at once, as RQ does a job without intervals
+        return restored
 
     @property
     def func(self) -> Any:
@@ -293,8 +311,9 @@ class DeepfakeWorker(SimpleWorker):
 
     # -- health ----------------------------------------------------------------------------------
     def heartbeat(self, *args: Any, **kwargs: Any) -> Any:
-        self._beat = time.time()
-        return super().heartbeat(*args, **kwargs)
+        beat = super().heartbeat(*args, **kwargs)
+        self._beat = time.time()  # once Redis took it: one that failed is no sign of health
+        return beat
 
     def execute_job(self, job: Any, queue: Any) -> Any:
         job.timeout = self.job_limit_s(job)
