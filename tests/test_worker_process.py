@@ -168,3 +168,30 @@ def test_sigterm_while_starting_ends_the_worker_even_as_pid_1(qsettings, tmp_pat
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_stop_signal_is_kept_where_a_handler_catches_it_and_nothing_is_written_to_redis_from_it(tmp_path):
+    """RQ's warm-stop handler raised StopRequested, an Exception, when idle: a webhook's handler in
+    maintenance caught it and the worker went on taking jobs until its pod was killed. Busy, it wrote
+    to Redis from inside the job: with Redis down that blocked the job, then raised inside it."""
+    from redis import Redis
+    from rq.worker.base import WorkerStatus
+    from servers import RedisServer, stop
+
+    from worker.rq_worker import DeepfakeWorker
+
+    server = RedisServer.start(tmp_path)
+    try:
+        idle = DeepfakeWorker(["deepfake"], connection=Redis.from_url(server.url))
+        busy = DeepfakeWorker(["deepfake"], connection=Redis.from_url(server.url))
+    finally:
+        stop(server.proc)  # gone: any write from the handler would wait out the outage
+    idle._state, busy._state = WorkerStatus.IDLE, WorkerStatus.BUSY
+    try:
+        idle._shutdown()
+    except Exception:  # noqa: BLE001 - what a webhook's handler does with anything its call raises
+        pass
+    assert idle._stop_requested  # the work loop stops at its next turn all the same
+    started = time.monotonic()
+    busy._shutdown()
+    assert busy._stop_requested and time.monotonic() - started < 1

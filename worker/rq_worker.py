@@ -21,12 +21,13 @@ from urllib.parse import urlsplit
 
 import structlog
 from rq import Queue, SimpleWorker, worker_registration
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import NoSuchJobError, StopRequested
 from rq.job import Job, JobStatus
 from rq.registry import clean_registries
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from rq.utils import now as rq_now
+from rq.worker.base import WorkerStatus
 
 from worker.errors import TransientError
 from worker.jobs import MODERATE_FUNC, JobTimedOut
@@ -247,6 +248,20 @@ class DeepfakeWorker(SimpleWorker):
                     worker_registration.clean_worker_registry(queue)
                     recover_stranded(queue, self)
         self.last_cleaned_at = rq_now()
+
+    def _shutdown(self) -> None:
+        """RQ's warm-stop signal handler, less two faults. The stop is recorded first: idle, RQ only
+        raised StopRequested, an Exception that a handler in its way (a webhook's, RQ's failure
+        handling, during maintenance) caught, and the worker went on taking jobs until its pod was
+        killed. And nothing is written to Redis from the handler, which runs inside the job: with Redis
+        down the write blocked the job for the whole ride-out, then raised inside it (an `internal`
+        verdict). RQ's `shutdown_requested_date` is not written."""
+        self._stop_requested = True
+        if self.get_state() != WorkerStatus.BUSY:
+            raise StopRequested()
+        log.info("warm_shutdown", reason="SIGTERM: stopping once the job in hand is done")
+        if self.scheduler:
+            self.stop_scheduler()
 
     def stop_scheduler(self) -> None:
         """RQ's, with a bound: SIGTERM, then SIGKILL after 5 s. RQ waits without one, from the
