@@ -22,7 +22,7 @@ from worker.pipeline import Moderator
 from worker.s3 import NOT_FOUND_CODES, S3Location, S3Source, bucket_allowed, error_code, make_client, validate_location
 from worker.settings import Settings
 from worker.verdict import error_verdict
-from worker.verdict_store import VerdictStore, reusable
+from worker.verdict_store import VerdictStore, input_etag, reusable
 from worker.video import MAX_SAMPLED_FRAMES
 
 log = structlog.get_logger("worker.runtime")
@@ -115,7 +115,7 @@ class WorkerRuntime:
             # (write-once).
             refused = getattr(exc, "etag", None)
             stored, stored_etag = self.store.get(upload)
-            replaces = stored_etag if refused is not None and _input_etag(stored or {}) not in (None, refused) else None
+            replaces = stored_etag if refused is not None and input_etag(stored or {}) not in (None, refused) else None
             return self._store(upload, verdict, replaces, bound, etag=refused)
         stored, stored_etag = self.store.get(upload)
         if reusable(stored, etag=source.etag, model_sha256=self.model["sha256"], frames=frames,
@@ -221,9 +221,9 @@ class WorkerRuntime:
             # someone else), on the ETag just read: a replaced video never keeps an old clearance.
             theirs, their_etag = self.store.get(upload)
             bound.info("verdict_race_lost")
-            if theirs is not None and etag is not None and _input_etag(theirs) != etag \
+            if theirs is not None and etag is not None and input_etag(theirs) != etag \
                     and self._current_etag(upload) == etag:
-                bound.info("verdict_for_earlier_bytes_replaced", theirs=_input_etag(theirs), ours=etag)
+                bound.info("verdict_for_earlier_bytes_replaced", theirs=input_etag(theirs), ours=etag)
                 theirs = None
             if theirs is None and their_etag is not None and self.store.put(upload, verdict, replaces=their_etag):
                 theirs = verdict
@@ -237,12 +237,6 @@ class WorkerRuntime:
         self.metrics.observe_verdict(verdict)
         bound.info("job_done", status=verdict["status"], code=(verdict.get("error") or {}).get("code"))
         return verdict
-
-
-def _input_etag(verdict: dict) -> str | None:
-    """The ETag of the bytes a stored verdict judged (None: a refusal made before any byte was read)."""
-    inp = verdict.get("input")
-    return inp.get("etag") if isinstance(inp, dict) else None
 
 
 _runtime: WorkerRuntime | None = None

@@ -257,6 +257,12 @@ DECODING_SINCE = (0, 4, 1)
 LIMIT_ERRORS = frozenset({"too_large", "too_long"})
 
 
+def input_etag(verdict: dict) -> str | None:
+    """The ETag of the bytes a stored verdict judged (None: a refusal made before any byte was read)."""
+    inp = verdict.get("input")
+    return inp.get("etag") if isinstance(inp, dict) else None
+
+
 def _version(text: object) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in str(text).split("."))

@@ -99,11 +99,6 @@ def sample_times(start: float, duration: float, n: int) -> list[float]:
     return [start + (i + 0.5) * duration / n for i in range(n)]
 
 
-def rotate_upright(image: np.ndarray, rotation: int) -> np.ndarray:
-    """Apply a display-matrix rotation (degrees counter-clockwise, as FFmpeg reports it)."""
-    return orient(image, orientation(None, rotation))
-
-
 # How each orientation turns a stored H×W×3 picture into the one shown.
 ORIENT = {
     "none": lambda im: im,

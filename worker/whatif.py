@@ -19,7 +19,7 @@ from worker.feedback import ACTIONS, LABELS, labels_by_action, model_label
 from worker.feedback import SUFFIX as FEEDBACK_SUFFIX
 from worker.s3 import S3Location
 from worker.settings import Settings
-from worker.verdict_store import VerdictStore
+from worker.verdict_store import VerdictStore, input_etag
 
 
 def _tally() -> dict[str, Any]:
@@ -51,11 +51,11 @@ def what_if(bucket: str, prefix: str = "", changes: dict[str, Any] | None = None
             continue  # not an object this system wrote
         if key.endswith(FEEDBACK_SUFFIX):
             if body.get("label") in LABELS:
-                judged = (body.get("verdict") or {}).get("etag") if isinstance(body.get("verdict"), dict) else None
+                judged = body["verdict"].get("etag") if isinstance(body.get("verdict"), dict) else None
                 reviewer_labels[key[: -len(FEEDBACK_SUFFIX)] + ".json"] = (body["label"], judged)
             continue
         label, judged = reviewer_labels.pop(key, (None, None))
-        etag = (body.get("input") or {}).get("etag") if isinstance(body.get("input"), dict) else None
+        etag = input_etag(body)
         if judged is not None and etag is not None and judged != etag:
             label = None  # a label on the bytes the upload held before it was replaced: not on these
         policy_now = (body.get("decision") or {}).get("policy") or {}
