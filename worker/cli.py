@@ -216,10 +216,6 @@ def _with_full_verdict(state: dict, settings) -> tuple[dict, bool]:  # type: ign
         at = S3Location.parse(result["stored_at"])
     except (TypeError, ValueError):
         at = None
-    own = f"{upload.key}.json"  # a result in Redis names it: only a verdict path of this upload is read
-    if at is not None and not (at.key.endswith(own) and (at.bucket == upload.bucket
-                                                          or at.key.endswith(f"{upload.bucket}/{own}"))):
-        at = None
     found = VerdictStore.for_settings(settings, verify=True).read(upload, at=at)
     if found["verdict"] is None:
         return {**state, "verified": None, "error": state["error"] or f"no verdict stored at {result['stored_at']}"}, True

@@ -74,6 +74,13 @@ class VerdictStore:
         uploads in different buckets may share a key."""
         return f"{self.prefix}{upload.bucket}/{upload.key}" if self.bucket else f"{self.prefix}{upload.key}"
 
+    @staticmethod
+    def could_hold(upload: S3Location, loc: S3Location) -> bool:
+        """Whether `loc` is where some store (another prefix, bucket or verdict bucket) keeps the
+        upload's verdict: `<prefix><key>.json` beside it, `<prefix><bucket>/<key>.json` elsewhere."""
+        own = f"{upload.key}.json"
+        return loc.key.endswith(own) and (loc.bucket == upload.bucket or loc.key.endswith(f"{upload.bucket}/{own}"))
+
     def location_for(self, upload: S3Location) -> S3Location:
         return S3Location(self.bucket or upload.bucket, self._path(upload) + ".json")
 
@@ -215,7 +222,11 @@ class VerdictStore:
     def read(self, upload: S3Location, *, at: S3Location | None = None) -> dict[str, Any]:
         """For readers (`deepfake verdict`): the stored verdict as it is, where, and whether its
         signature verifies (null without DEEPFAKE_VERDICT_SECRET); `at`: where a job's result says
-        its worker stored it (the worker's verdict bucket and prefix may not be this reader's)."""
+        its worker stored it (the worker's verdict bucket and prefix may not be this reader's), read
+        only when it is a verdict path of this upload under some prefix: a result in Redis is anyone's
+        to write, and could name another upload's signed verdict."""
+        if at is not None and not self.could_hold(upload, at):
+            at = None
         loc = at or self.location_for(upload)
         fetched = None if self.unstorable(upload) and at is None else self._fetch(loc)  # not its own: another's
         if fetched is None:
