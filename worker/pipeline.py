@@ -287,15 +287,15 @@ class Moderator:
                 shadow_pending.extend(chunk.shadow_crops)
                 if keep is not None:
                     keep.update(zip(face_indices, chunk.crops))
-                if pending and not streaming and len(pending) >= most_held:
-                    score_pending()
-                elif streaming and pending:  # score now, while the next frames decode
+                if streaming and pending:  # score now, while the next frames decode
                     score_pending()
                     if self.policy.decisive([f["fake_score"] for f in faces if f["largest"]],
                                             frames=self.settings.early_exit_frames,
                                             margin=self.settings.early_exit_margin):
                         early_exit = True
                         break
+                elif len(pending) >= most_held:
+                    score_pending()
         finally:  # stops decoding (an early exit), and joins a producer thread before the reader closes
             chunks.close()
         if pending:
