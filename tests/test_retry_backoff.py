@@ -19,11 +19,11 @@ from rq.scheduler import RQScheduler
 from rq.serializers import JSONSerializer
 from redis import Redis
 from servers import free_ports, stop
-from workers import DurableRedis, burst, queue_settings, start_rq_worker, stored, worker_env
+from workers import DurableRedis, abandon, burst, queue_settings, start_rq_worker, stored, worker_env
 
 from worker.cli import main
 from worker import maintenance
-from worker.maintenance import release_due_retries
+from worker.maintenance import clean_abandoned, release_due_retries
 from worker.queue import enqueue, get_queue, job_state
 from worker.runtime import WorkerRuntime
 from worker.s3 import make_client
@@ -170,6 +170,26 @@ def test_recovery_leaves_waiting_jobs_alone_and_mends_half_written_retries(redis
         job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
         assert job.retries_left == retries_left, job_id
     assert sorted(ScheduledJobRegistry(queue=queue).get_job_ids(cleanup=False)) == sorted([half, forged])
+
+
+def test_a_retry_cut_off_before_its_write_leaves_the_job_for_maintenance_to_retry(redis, qsettings):
+    """A waiting retry's status is written with the rest of the retry, in one transaction. RQ wrote
+    `scheduled` on its own first: a worker killed (or a write failing) in between left the job saying
+    scheduled in the started registry alone, whose cleanup drops jobs not `started`: it was lost."""
+    queue = get_queue(redis, qsettings.queue)
+    job_id = enqueue(BUCKET, "clips/cut-off.mp4", etag="", settings=qsettings, connection=redis)
+    abandon(redis, job_id, qsettings.queue)  # the attempt that failed
+    job = queue.fetch_job(job_id)
+    with redis.pipeline() as pipe:  # the failure handling's own transaction, never sent: killed here
+        job.retry(queue, pipe)
+        assert job.get_status(refresh=False) == "scheduled"
+    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    assert job.get_status() == "started" and job.retries_left == 2  # Redis holds the job as it was
+    assert clean_abandoned(queue)  # the maintenance takes it for abandoned: retried after its 1 s wait
+    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    assert job.get_status() == "scheduled" and job.retries_left == 1
+    assert ScheduledJobRegistry(queue=queue).get_job_ids(cleanup=False) == [job_id]
+    assert queue.started_job_registry.get_job_ids(cleanup=False) == []
 
 
 def test_a_worker_retries_a_stranded_job_at_its_maintenance_and_runs_it(s3, redis, qsettings, moderator, monkeypatch):

@@ -176,6 +176,15 @@ def database_address(connection: Redis | str) -> tuple:
     return tuple(kw.get(k) for k in ("host", "port", "path", "db", "username", "password"))
 
 
+def connection_url(connection: Redis) -> str:
+    """The URL of the Redis a client talks to, for a log line: its password masked."""
+    kw = connection.connection_pool.connection_kwargs
+    if kw.get("path"):
+        return f"unix://{kw['path']}?db={kw.get('db') or 0}"
+    auth = f"{kw.get('username') or ''}:***@" if kw.get("password") else ""
+    return f"redis://{auth}{kw.get('host')}:{kw.get('port')}/{kw.get('db') or 0}"
+
+
 def without_password(url: str) -> str:
     """A Redis URL fit for a log line or an error message: the password masked wherever redis-py
     reads one (`user:password@`, which may hold `/` or `@`, and a `password=` query parameter)."""

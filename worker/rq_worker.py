@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -34,7 +35,8 @@ from worker.jobs import MODERATE_FUNC, JobTimedOut
 from worker.logging import configure_logging
 from worker.maintenance import maintenance_lock, recover_stranded
 from worker.metrics import heartbeat_fresh, serve
-from worker.redis_client import database_address, ride_out, waiting_for_space, without_password
+from worker.redis_client import (connection_url, database_address, ride_out, waiting_for_space,
+                                 without_password)
 from worker.runtime import WorkerRuntime, install, installed, valid_frames
 from worker.scheduler import RetryScheduler
 from worker.settings import Settings
@@ -87,6 +89,19 @@ class DeepfakeJob(Job):
             log.warning("malformed_retry_intervals_dropped", job_id=self.id)
             self.retry_intervals = None  # retried at once, as RQ does a job without intervals
         return restored
+
+    def retry(self, queue: Queue, pipeline: Any) -> None:
+        """RQ's, less its own write of a waiting retry's status ahead of `pipeline` (which writes it too):
+        killed, or failing to write, in between, RQ left the job `scheduled` in the started registry
+        alone, whose maintenance drops the entries of jobs not `started`: the job was lost."""
+        interval = self.get_retry_interval()
+        if not interval:
+            return super().retry(queue, pipeline)  # onto the queue, in the pipeline
+        assert self.retries_left
+        self.retries_left -= 1
+        due = rq_now() + timedelta(seconds=interval)
+        queue.schedule_job(self, due, pipeline=pipeline)
+        log.info("job_retry_scheduled", job_id=self.id, due=due.isoformat(), retries_left=self.retries_left)
 
     @property
     def func(self) -> Any:
@@ -302,7 +317,7 @@ class DeepfakeWorker(SimpleWorker):
             if model.get("warning"):
                 log.warning("model_warning", model=model["name"], reason=model["warning"])
             if database_address(settings.redis_url) != database_address(self.connection):
-                log.warning("redis_url_mismatch", worker=self._redis_url(),
+                log.warning("redis_url_mismatch", worker=connection_url(self.connection),
                             settings=without_password(settings.redis_url),
                             reason="DEEPFAKE_REDIS_URL is not the Redis this worker listens on (RQ_REDIS_URL): "
                             "jobs queued with these settings never reach it (`deepfake check --only rq`)")
@@ -315,14 +330,6 @@ class DeepfakeWorker(SimpleWorker):
             if settings.metrics_port and self._http is None:
                 self._http = serve(self.runtime.metrics, self.health, settings.metrics_port)
         return self.runtime
-
-    def _redis_url(self) -> str:
-        """The URL of the Redis this worker listens on, for a log line: its password masked."""
-        kw = self.connection.connection_pool.connection_kwargs
-        if kw.get("path"):
-            return f"unix://{kw['path']}?db={kw.get('db') or 0}"
-        auth = f"{kw.get('username') or ''}:***@" if kw.get("password") else ""
-        return f"redis://{auth}{kw.get('host')}:{kw.get('port')}/{kw.get('db') or 0}"
 
     # -- health ----------------------------------------------------------------------------------
     def heartbeat(self, *args: Any, **kwargs: Any) -> Any:
