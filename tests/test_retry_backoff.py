@@ -175,7 +175,8 @@ def test_recovery_leaves_waiting_jobs_alone_and_mends_half_written_retries(redis
 def test_a_retry_cut_off_before_its_write_leaves_the_job_for_maintenance_to_retry(redis, qsettings):
     """A waiting retry's status is written with the rest of the retry, in one transaction. RQ wrote
     `scheduled` on its own first: a worker killed (or a write failing) in between left the job saying
-    scheduled in the started registry alone, whose cleanup drops jobs not `started`: it was lost."""
+    scheduled in the started registry alone, whose cleanup drops jobs not `started`: it was lost. The
+    maintenance mends a job left so (by an earlier worker, or an RQ tool with RQ's own job class)."""
     queue = get_queue(redis, qsettings.queue)
     job_id = enqueue(BUCKET, "clips/cut-off.mp4", etag="", settings=qsettings, connection=redis)
     abandon(redis, job_id, qsettings.queue)  # the attempt that failed
@@ -185,10 +186,14 @@ def test_a_retry_cut_off_before_its_write_leaves_the_job_for_maintenance_to_retr
         assert job.get_status(refresh=False) == "scheduled"
     job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
     assert job.get_status() == "started" and job.retries_left == 2  # Redis holds the job as it was
-    assert clean_abandoned(queue)  # the maintenance takes it for abandoned: retried after its 1 s wait
-    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
-    assert job.get_status() == "scheduled" and job.retries_left == 1
-    assert ScheduledJobRegistry(queue=queue).get_job_ids(cleanup=False) == [job_id]
+    legacy = enqueue(BUCKET, "clips/legacy.mp4", etag="", settings=qsettings, connection=redis)
+    abandon(redis, legacy, qsettings.queue)
+    redis.hset(Job.key_for(legacy), "status", "scheduled")  # what RQ's own retry, cut off, leaves
+    assert clean_abandoned(queue)  # the maintenance takes both for abandoned: retried after their 1 s wait
+    for retried in (job_id, legacy):
+        job = Job.fetch(retried, connection=redis, serializer=JSONSerializer)
+        assert job.get_status() == "scheduled" and job.retries_left == 1, retried
+    assert sorted(ScheduledJobRegistry(queue=queue).get_job_ids(cleanup=False)) == sorted([job_id, legacy])
     assert queue.started_job_registry.get_job_ids(cleanup=False) == []
 
 

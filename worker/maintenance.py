@@ -56,8 +56,28 @@ def clean_abandoned(queue: Queue) -> bool:
 
 def clean_abandoned_locked(queue: Queue) -> None:
     """`clean_abandoned`'s work, for a caller that holds the maintenance lock itself (`forget`)."""
+    restart_half_retried(queue)
     started_registry(queue).cleanup()
     recover_stranded(queue)
+
+
+def restart_half_retried(queue: Queue) -> int:
+    """Mark `started` again the jobs that the started registry holds past their time, saying
+    `scheduled` in no scheduled registry: a retry whose status was written but not the rest (RQ
+    writes it first, on its own; `DeepfakeJob.retry` does not, but a worker before 0.4.2 or an RQ tool
+    run without RQ_JOB_CLASS may have). The registry's cleanup, which follows, then retries them as
+    abandoned, where it would have dropped their entries and lost them. Returns how many."""
+    registry, scheduled, mended = started_registry(queue), queue.scheduled_job_registry, 0
+    for job_id in registry.get_expired_job_ids():
+        try:
+            job = queue.job_class.fetch(job_id, connection=queue.connection, serializer=queue.serializer)
+        except NoSuchJobError:
+            continue
+        if job.get_status(refresh=False) == JobStatus.SCHEDULED and job_id not in scheduled:
+            job.set_status(JobStatus.STARTED)
+            log.warning("half_retried_job_restarted", job_id=job_id, reason="its retry was cut off half written")
+            mended += 1
+    return mended
 
 
 # A job seen in the intermediate list, not started, this long after an earlier sighting (RQ's own

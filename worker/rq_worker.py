@@ -33,7 +33,7 @@ from rq.worker.base import WorkerStatus
 from worker.errors import TransientError
 from worker.jobs import MODERATE_FUNC, JobTimedOut
 from worker.logging import configure_logging
-from worker.maintenance import maintenance_lock, recover_stranded
+from worker.maintenance import maintenance_lock, recover_stranded, restart_half_retried
 from worker.metrics import heartbeat_fresh, serve
 from worker.redis_client import (connection_url, database_address, ride_out, waiting_for_space,
                                  without_password)
@@ -259,6 +259,7 @@ class DeepfakeWorker(SimpleWorker):
             with maintenance_lock(queue) as held:
                 if held:
                     self.log.info("Worker %s: cleaning registries for queue: %s", self.name, queue.name)
+                    restart_half_retried(queue)
                     clean_registries(queue, self._exc_handlers)
                     worker_registration.clean_worker_registry(queue)
                     recover_stranded(queue, self)
