@@ -135,6 +135,23 @@ def test_crop_dataset(demo_root):
         CropDataset(demo_root, "nonexistent")
 
 
+def test_labels_of_several_caches_come_from_their_indexes_not_their_crops(demo_root):
+    """`train --balance` on several --data caches weighs crops by label: read from each cache's index,
+    not by decoding every crop of the set (390k PNGs for FF++) before the first step."""
+    from torch.utils.data import ConcatDataset
+
+    from training.sampling import labels_of
+
+    class Unreadable(CropDataset):
+        def __getitem__(self, i):
+            raise AssertionError("a crop was decoded for its label")
+
+    val, test = Unreadable(demo_root, "val"), Unreadable(demo_root, "test")
+    labels = labels_of(ConcatDataset([val, test]))
+    assert labels == [r.label for r in read_index(demo_root, "val") + read_index(demo_root, "test")]
+    assert set(labels) == {0, 1} and len(labels) == len(val) + len(test)
+
+
 def test_demo_build_resumes(demo_root, tmp_path, detector):
     again = build_demo_crops(demo_root, detector=detector, **SMALL)
     assert again.written == 0 and again.skipped > 200

@@ -7,10 +7,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 
 def labels_of(ds: Dataset) -> list[int]:
+    """Each item's label, from the datasets' own `labels` where they keep one (through a
+    ConcatDataset of several caches too): loading every item for it decodes every crop."""
+    if isinstance(ds, ConcatDataset):
+        return [label for part in ds.datasets for label in labels_of(part)]
     labels = getattr(ds, "labels", None)
     return list(labels) if labels is not None else [int(ds[i][1]) for i in range(len(ds))]  # type: ignore[arg-type]
 

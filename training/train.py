@@ -348,14 +348,14 @@ def train(
             for t in (loss_sum, correct, seen):
                 dist.all_reduce(t)
         val = _validate(net, val_loader, device, cfg.amp, world)
-        scheduler.step(val["val_loss"])
         row: dict[str, Any] = {
             "epoch": epoch + 1, "train_loss": float(loss_sum / seen.clamp(min=1)),
             "train_acc": float(correct / seen.clamp(min=1)), "train_crops": int(seen), **val,
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": optimizer.param_groups[0]["lr"],  # what the epoch trained at: read before the plateau step
             "stitch_lr": optimizer.param_groups[1]["lr"] if len(optimizer.param_groups) > 1 else math.nan,
             "seconds": time.perf_counter() - e_start,
         }
+        scheduler.step(val["val_loss"])
         improved = is_better(val["val_acc"], val["val_loss"], best)
         row["best"] = int(improved)
         if improved:
