@@ -175,7 +175,7 @@ def test_a_failed_export_over_a_model_directory_leaves_it_as_it_was(failure, tra
         with pytest.raises(OnnxParityError):
             export_model_dir(changed, out, name="new", version="2", trained=False)
     else:  # a review threshold above the threshold: the card refuses it, after the files were written
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="review_threshold 0.9 is above threshold 0.5"):
             export_model_dir(changed, out, name="new", version="2", trained=False, threshold=0.5,
                              review_threshold=0.9)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 import zlib
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -300,17 +301,26 @@ def test_malformed_job_hashes_do_not_stop_the_worker(s3, redis, qsettings, moder
     assert clean_abandoned(get_queue(redis, qsettings.queue))  # maintenance still runs
 
 
+def verdict_objects(s3, bucket: str) -> dict[str, tuple[str, Any]]:
+    """Each stored object under the verdict prefix, with what changes when it is written again."""
+    resp = s3.list_objects_v2(Bucket=bucket, Prefix="verdicts/")
+    return {o["Key"]: (o["ETag"], o["LastModified"]) for o in resp.get("Contents", [])}
+
+
 @pytest.mark.parametrize("frames", [10**9, -1, True, 2.5, "8", [4]])
-def test_hostile_job_arguments_fail_the_job_and_write_nothing(s3, redis, qsettings, moderator, frames):
-    before = verdict_keys(s3, BUCKET)
-    job = raw_enqueue(redis, "a-frames", ["worker.jobs.moderate_s3_object", None, [BUCKET, "clips/vfr.mp4"],
-                                          {"frames": frames}])
+def test_hostile_job_arguments_fail_the_job_and_write_nothing(s3, redis, qsettings, moderator, frames,
+                                                              hostile_corpus):
+    key = f"args/{zlib.crc32(repr(frames).encode())}.mp4"  # an upload of this case's own, never scored
+    s3.put_object(Bucket=BUCKET, Key=key, Body=hostile_corpus["variable_frame_rate"].read_bytes())
+    before = verdict_objects(s3, BUCKET)
+    job = raw_enqueue(redis, "a-frames", ["worker.jobs.moderate_s3_object", None, [BUCKET, key], {"frames": frames}])
     bad_key = raw_enqueue(redis, "a-key", ["worker.jobs.moderate_s3_object", None, [BUCKET, ["clips", "x"]], {}])
     started = time.monotonic()
     burst(redis, qsettings, moderator)
     assert time.monotonic() - started < 60
     assert status_of(redis, job) == "failed" and status_of(redis, bad_key) == "failed"
-    assert verdict_keys(s3, BUCKET) == before
+    assert f"verdicts/{key}.json" not in verdict_objects(s3, BUCKET)
+    assert verdict_objects(s3, BUCKET) == before  # not one written, nor written again
 
 
 @pytest.mark.parametrize("garbage", [b"not json", b"[]", b'"a string"', b'{"input": "x", "model": 3}',

@@ -399,9 +399,10 @@ def test_cli_train_evaluate_export(tmp_path, capsys, monkeypatch, caplog):
     assert scored["ort"]["auc"] == pytest.approx(scored["torch"]["auc"], abs=1e-3)
     assert scored["int8"]["n"] == 80 and abs(scored["int8"]["auc"] - scored["torch"]["auc"]) < 0.1
     capsys.readouterr()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         main(["evaluate", "--checkpoint", str(run / "best.pt"), "--engine", "onnxruntime", "--data", str(data),
               "--out", str(ev)])  # an engine needs an exported model directory
+    assert exc.value.code == 2 and "need --model-dir" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["train", "--out", str(run)])  # --data missing
     assert exc.value.code == 2
