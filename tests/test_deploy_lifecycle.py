@@ -77,10 +77,11 @@ def test_pdb_selects_the_workers(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_abandoned_jobs_are_moved_on_with_no_worker_running(overlay, monkeypatch):
-    """With KEDA at zero no worker's maintenance runs: a CronJob's `deepfake status` moves abandoned
-    jobs on (worker.maintenance.clean_abandoned), on the workers' Redis and queue, as the workers' user,
-    and its pods are none the workers' PodDisruptionBudget or scaler count."""
+def test_a_maintenance_cronjob_runs_status_on_the_workers_redis_outside_their_budget(overlay, monkeypatch):
+    """With KEDA at zero no worker's maintenance runs: a CronJob runs `deepfake status`, on the workers'
+    Redis and queue, as the workers' user, and its pods are none the workers' PodDisruptionBudget or
+    scaler count. That `status` moves abandoned jobs on (worker.maintenance.clean_abandoned) is
+    test_queue's `test_abandoned_jobs_are_moved_on_once_under_the_workers_maintenance_lock`."""
     job = one(overlay, "CronJob", "deepfake-maintenance")
     assert job["spec"]["concurrencyPolicy"] == "Forbid"
     minutes = job["spec"]["schedule"].split()[0]
