@@ -353,22 +353,37 @@ def test_worker_uploads_the_report_next_to_the_verdict(s3, redis, qsettings, mod
     assert stored_verdict(s3, settings, UPLOADS["carphone"])["report"] == verdict["report"]
 
 
-def test_a_finished_job_that_timed_out_does_not_answer_its_duplicates(s3, redis, qsettings, moderator):
+def test_a_finished_job_answers_its_duplicates_only_as_its_stored_verdict_would(s3, redis, qsettings, moderator):
     """A timeout or an internal error is worth a new try (as a stored one is, `reusable`); a verdict
-    the same bytes always reproduce is not."""
+    the same bytes always reproduce is not. Nor is the answer of a worker of the version before, which
+    in a rolling update finishes jobs queued under the new workers' record (its decoder may have read
+    the upload otherwise: 0.4.0 left uploads labelled image/gif unread, `allow`), or of another model."""
     from rq.results import Result
 
     burst(redis, qsettings, moderator)  # workers publish their model: duplicates are matched on it
-    for code, answered in (("timeout", False), ("internal", False), ("not_a_video", True)):
-        key = UPLOADS["carphone"] if code != "not_a_video" else UPLOADS["text_mp4"]
-        first = enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3)
+    kw = dict(settings=qsettings, connection=redis, s3_client=s3)
+    text, scored = enqueue(BUCKET, UPLOADS["text_mp4"], **kw), enqueue(BUCKET, UPLOADS["carphone"], **kw)
+    burst(redis, qsettings, moderator)
+    assert enqueue(BUCKET, UPLOADS["text_mp4"], **kw) == text  # not_a_video: the same bytes say so again
+    real = job_state(scored, settings=qsettings, connection=redis).result
+    assert real["status"] == "ok" and enqueue(BUCKET, UPLOADS["carphone"], **kw) == scored
+    cases = {
+        "timeout": ({**real, "status": "error", "action": "review",
+                     "error": {"code": "timeout", "message": "as a worker wrote it"}}, False),
+        "internal": ({**real, "status": "error", "action": "review",
+                      "error": {"code": "internal", "message": "as a worker wrote it"}}, False),
+        "a 0.4.0 worker's": ({**real, "worker_version": "0.4.0"}, False),
+        "another model's": ({**real, "model": {**real["model"], "sha256": "0" * 64}}, False),
+        "this one's": (real, True),
+    }
+    for case, (result, answered) in cases.items():
+        first = enqueue(BUCKET, UPLOADS["carphone"], **kw)  # the job the duplicate record names now
         job = Job.fetch(first, connection=redis, serializer=JSONSerializer)
         get_queue(redis, qsettings.queue).remove(job.id)  # as a worker that ran it to this end leaves it
         job.set_status("finished")
-        Result.create(job, Result.Type.SUCCESSFUL, ttl=600, return_value={
-            "status": "error", "action": "review", "error": {"code": code, "message": "as a worker wrote it"}})
-        again = enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3)
-        assert (again == first) is answered, code
+        Result.create(job, Result.Type.SUCCESSFUL, ttl=600, return_value=result)
+        again = enqueue(BUCKET, UPLOADS["carphone"], **kw)
+        assert (again == first) is answered, case
         get_queue(redis, qsettings.queue).empty()
 
 

@@ -26,13 +26,14 @@ from rq.utils import as_text, utcparse
 from rq.webhook import Webhook
 
 from worker import upload_index
+from worker.decision import NO_FACE_ACTION, DecisionPolicy
 from worker.errors import last_line
 from worker.jobs import MODERATE_FUNC
 from worker.maintenance import clean_abandoned, release_due_retries, started_registry
 from worker.rq_worker import DeepfakeJob, model_key
 from worker.s3 import S3Location, make_client, validate_location
 from worker.settings import Settings
-from worker.verdict_store import DETERMINISTIC_ERRORS, VerdictStore
+from worker.verdict_store import VerdictStore, reusable
 from worker.webhooks import check_webhooks
 
 DEDUPE_PREFIX = "deepfake:dedupe:"
@@ -82,18 +83,33 @@ def retry_policy(settings: Settings) -> Retry | None:
     return Retry(max=settings.job_retries, interval=settings.retry_intervals_s()) if settings.job_retries else None
 
 
-def answers(job: Job) -> bool:
+def answers(job: Job, *, etag: str, frames: int, workers: dict) -> bool:
     """Whether a job found by its duplicate record answers a new request for the same upload: one
-    waiting, running or done, unless it ended in an error the same bytes may not give again (a
-    timeout, an internal error, not found, access denied: `verdict_store.DETERMINISTIC_ERRORS` are
-    the others), as `verdict_store.reusable` judges a stored verdict."""
+    waiting or running, or one whose result a worker of the published record `workers` would reuse as
+    a stored verdict (`verdict_store.reusable`: not a timeout or an internal error, and not another
+    version's where decoding changed since). In a rolling update a worker of the previous version
+    may finish a job queued under the new one's record: its answer was the old decoder's."""
     status = job.get_status()
     if status not in LIVE_STATUSES:
         return False
-    result = job.return_value() if status == JobStatus.FINISHED else None
-    if isinstance(result, dict) and result.get("status") == "error":
-        return (result.get("error") or {}).get("code") in DETERMINISTIC_ERRORS
-    return True
+    if status != JobStatus.FINISHED:
+        return True
+    try:
+        policy = published_policy(workers.get("decision_policy"))
+    except (TypeError, ValueError):
+        return False  # a record nobody could have published
+    return reusable(job.return_value(), etag=etag, model_sha256=workers.get("sha256", ""), frames=frames,
+                    max_sample_gap_s=workers.get("max_sample_gap_s") or 0.0, policy=policy,
+                    worker_version=workers.get("worker_version"))
+
+
+def published_policy(published: Any) -> DecisionPolicy | None:
+    """The decision policy the workers published (`DecisionPolicy.published`); None when their record
+    names none (a worker before 0.2)."""
+    if not isinstance(published, dict) or not DecisionPolicy.names_a_policy(published):
+        return None
+    return DecisionPolicy.from_key(published, error_actions=dict(published.get("error_actions") or {}),
+                                   no_face_action=published.get("no_face_action", NO_FACE_ACTION))
 
 
 def dedupe_key(queue: str, bucket: str, key: str, etag: str, frames: int, model_sha256: str,
@@ -149,7 +165,8 @@ def enqueue(
     job_id = str(uuid.uuid4())
     # A duplicate is answered by the live job, unless it would not tell this caller's receiver: then a
     # new job (which reuses the stored verdict) calls it, and the duplicate record names that one.
-    existing = claim_duplicate(connection, dkey, job_id, accept=lambda job: answers(job) and (
+    existing = claim_duplicate(connection, dkey, job_id, accept=lambda job: answers(
+        job, etag=etag, frames=frames, workers=model) and (
         webhook_url is None or webhook_url in {w.url for w in job.webhooks})) if dkey else None
     if existing is not None:
         if at_front:

@@ -288,10 +288,11 @@ def _preprocessing_version(stored: dict) -> int:
 
 
 def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int, max_sample_gap_s: float = 0.0,
-             policy: DecisionPolicy | None = None) -> bool:
+             policy: DecisionPolicy | None = None, worker_version: str | None = __version__) -> bool:
     """A stored verdict answers a new job for the same upload bytes, model weights and sampling
     (`same_sampling`), and the same decision policy (`DecisionPolicy.answers`): a changed threshold,
-    rule or error action decides the upload anew."""
+    rule or error action decides the upload anew. For a worker of `worker_version` (an enqueuer
+    judges for the workers that published their version)."""
     if not isinstance(stored, dict) or not stored:
         return False
     inp, model, error = stored.get("input"), stored.get("model"), stored.get("error")
@@ -300,7 +301,7 @@ def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int, 
     code = (error or {}).get("code")
     if stored.get("status") == "error" and code not in DETERMINISTIC_ERRORS:
         return False
-    if code in DECODER_ERRORS and stored.get("worker_version") != __version__:
+    if code in DECODER_ERRORS and stored.get("worker_version") != worker_version:
         return False
     if code != "too_large" and _version(stored.get("worker_version")) < DECODING_SINCE:
         return False  # too_long too: the duration is the decoder's reading (0.4.1 reads Matroska's anew)
