@@ -387,6 +387,27 @@ def test_a_finished_job_answers_its_duplicates_only_as_its_stored_verdict_would(
         get_queue(redis, qsettings.queue).empty()
 
 
+def test_an_uploads_index_drops_the_jobs_that_have_expired_as_new_ones_come(redis, qsettings):
+    """Each job for a key re-arms its index's expiry: for a key re-enqueued more often than results
+    last (a replaced avatar, S3 events repeated) the index kept every job it ever had, and `deepfake
+    forget` fetched them all. Past `PRUNE_ABOVE` members, a record drops those whose hash is gone."""
+    from worker import upload_index
+
+    queue, key, live = get_queue(redis, qsettings.queue), "clips/avatar.mp4", []
+    for version in range(40):  # the upload replaced 40 times: a new ETag, a new job and duplicate record each
+        job_id = enqueue(BUCKET, key, etag=f'"v{version}"', settings=qsettings, connection=redis)
+        live.append(job_id)
+        if len(live) > 3:  # the job three back has run, and its result and duplicate record expired
+            gone = live.pop(0)
+            queue.remove(gone)
+            redis.delete(Job.key_for(gone))
+            [dedupe] = [d for d in upload_index.recorded(redis, BUCKET, key)[1] if redis.get(d) == gone.encode()]
+            redis.delete(dedupe)
+    jobs, dedupes = upload_index.recorded(redis, BUCKET, key)
+    assert len(jobs) + len(dedupes) <= 18  # PRUNE_ABOVE, and the two members of the record past it; not 80
+    assert set(live) <= jobs and sorted(redis.get(d).decode() for d in dedupes if redis.exists(d)) == sorted(live)
+
+
 def test_abandoned_jobs_are_moved_on_once_under_the_workers_maintenance_lock(redis, redis_server, qsettings):
     """`deepfake status` moves abandoned jobs on as RQ's worker maintenance does, under its lock:
     two processes cleaning at once would each requeue a job, and it would run twice (retried at once

@@ -5,6 +5,7 @@ worker class, `rq worker` process and CLI entry point."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -360,6 +361,39 @@ def test_two_schedulers_at_once_move_each_due_job_onto_the_queue_once(redis, qse
     waiting = queue.get_job_ids()
     assert sorted(waiting) == sorted(ids) and sum(moved) == len(ids), (len(waiting), moved)
     assert ScheduledJobRegistry(queue=queue).get_job_ids(cleanup=False) == []  # the malformed one dropped too
+
+
+def test_a_job_the_scheduler_cannot_move_is_logged_once_and_forgotten_once_gone(redis, qsettings, monkeypatch,
+                                                                                 caplog):
+    """The scheduler lives as long as its worker, weeks: what it keeps of jobs it could not move (to
+    log each once) is only those still due. The fault is injected (no real job hash makes RQ's
+    enqueue raise anything but a RedisError); the scheduler and Redis are real."""
+    from worker.rq_worker import DeepfakeJob
+    from worker.scheduler import RetryScheduler
+
+    queue = get_queue(redis, qsettings.queue)
+    stuck, fine = (enqueue(BUCKET, f"clips/{n}.mp4", etag="", settings=qsettings, connection=redis)
+                   for n in ("stuck", "fine"))
+    for job_id in (stuck, fine):
+        schedule(redis, qsettings, job_id, -5)
+    scheduler = RetryScheduler([queue.name], connection=redis, serializer=JSONSerializer, job_class=DeepfakeJob)
+    scheduler._acquired_locks = {queue.name}
+    move = scheduler.move
+
+    def failing_for_one(registry, q, job_id):
+        if job_id == stuck:
+            raise ValueError("cannot be written")
+        return move(registry, q, job_id)
+
+    monkeypatch.setattr(scheduler, "move", failing_for_one)
+    with caplog.at_level(logging.ERROR):
+        assert scheduler.enqueue_scheduled_jobs() == 1 and queue.get_job_ids() == [fine]
+        assert scheduler.enqueue_scheduled_jobs() == 0  # still due, still failing: not logged again
+    assert [r.getMessage() for r in caplog.records].count(
+        f"Scheduler: job {stuck} cannot be moved (ValueError: cannot be written), left where it is") == 1
+    assert scheduler._failing == {stuck}
+    ScheduledJobRegistry(queue=queue).remove(stuck)  # erased (`deepfake forget`)
+    assert scheduler.enqueue_scheduled_jobs() == 0 and scheduler._failing == set()
 
 
 def test_sigterm_to_the_worker_alone_stops_its_scheduler_and_frees_the_lock(redis, redis_server, qsettings, tmp_path):

@@ -95,7 +95,7 @@ class RetryScheduler(RQScheduler):
         self._status = self.Status.WORKING
         if not self._scheduled_job_registries and self._acquired_locks:
             self.prepare_registries()
-        moved = 0
+        moved, failing = 0, set()
         for registry in self._scheduled_job_registries:
             queue = Queue(registry.name, connection=self.connection, serializer=self.serializer,
                           job_class=self.job_class)
@@ -107,10 +107,11 @@ class RetryScheduler(RQScheduler):
                 except RedisError:
                     raise  # every job would meet it: the pass fails and the loop tries again
                 except Exception as exc:  # noqa: BLE001 - this job's own fault: the others still move
+                    failing.add(job_id)
                     if job_id not in self._failing:
-                        self._failing.add(job_id)
                         self.log.error("Scheduler: job %s cannot be moved (%s: %s), left where it is",
                                        job_id, type(exc).__name__, exc)
+        self._failing = failing  # those still failing: a job moved or erased since is forgotten
         self._status = self.Status.STARTED
         return moved
 

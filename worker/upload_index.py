@@ -3,13 +3,14 @@
 
 Enqueue records the job and its duplicate key; the worker records each job it runs (jobs a
 non-Python client enqueued included). The set is keyed by a hash of the location, not the key
-itself, and expires with the results it points at.
+itself, expires with the results it points at, and drops those that expired (`PRUNE_ABOVE`).
 """
 from __future__ import annotations
 
 import hashlib
 
 from redis import Redis
+from rq.job import Job
 
 INDEX_PREFIX = "deepfake:upload:"
 JOB, DEDUPE = "job:", "dedupe:"
@@ -17,6 +18,12 @@ JOB, DEDUPE = "job:", "dedupe:"
 
 def index_key(bucket: str, key: str) -> str:
     return INDEX_PREFIX + hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()
+
+
+# Past this many members, a record drops those whose job or duplicate record has expired: every new
+# job for a key re-arms the set's expiry, so a key re-enqueued more often than results last (a
+# replaced avatar, repeated S3 events) kept every job it ever had, and `forget` fetched them all.
+PRUNE_ABOVE = 16
 
 
 def record(connection: Redis, bucket: str, key: str, *, ttl_s: int, job_id: str | None = None,
@@ -28,7 +35,35 @@ def record(connection: Redis, bucket: str, key: str, *, ttl_s: int, job_id: str 
     with connection.pipeline() as pipe:
         pipe.sadd(name, *members)
         pipe.expire(name, max(1, int(ttl_s)))  # outlives nothing it indexes: results and dedupe keys expire too
-        pipe.execute()
+        pipe.scard(name)
+        size = pipe.execute()[-1]
+    if size > PRUNE_ABOVE:
+        prune(connection, name)
+
+
+def prune(connection: Redis, name: str) -> int:
+    """Drop the members of index `name` whose job hash or duplicate record is gone (expired, or erased
+    by another deployment's `forget`); how many. A member is added once what it names exists."""
+    listed = [raw.decode() if isinstance(raw, bytes) else raw for raw in connection.smembers(name)]
+    known = [(member, target) for member in listed if (target := _target(member)) is not None]
+    with connection.pipeline(transaction=False) as pipe:
+        for _, target in known:
+            pipe.exists(target)
+        alive = pipe.execute()
+    dead = [member for member in listed if _target(member) is None]
+    dead += [member for (member, _), n in zip(known, alive) if not n]
+    if dead:
+        connection.srem(name, *dead)
+    return len(dead)
+
+
+def _target(member: str) -> str | None:
+    """The Redis key a member names (None: not a member this module writes)."""
+    if member.startswith(JOB):
+        return Job.key_for(member[len(JOB):])
+    if member.startswith(DEDUPE):
+        return member[len(DEDUPE):]
+    return None
 
 
 def recorded(connection: Redis, bucket: str, key: str) -> tuple[set[str], set[str]]:
