@@ -53,6 +53,23 @@ def random_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def nan_model_dir(tmp_path_factory) -> Path:
+    """The reduced-width MD-CSDNetwork with weights gone bad (a NaN classifier bias, as a diverged
+    training run leaves): every score it gives is NaN."""
+    from training.export import save_model_dir
+    from training.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("mdcsd_tiny")
+    with torch.no_grad():
+        model.classifier.bias.fill_(float("nan"))
+    out = tmp_path_factory.mktemp("model_nan")
+    save_model_dir(model, out, name="mdcsd-tiny-nan", version="0.0.0-test", architecture="mdcsd_tiny",
+                   trained=False, training_data="none: weights gone bad, for tests")
+    return out
+
+
+@pytest.fixture(scope="session")
 def settings(random_model_dir):
     from worker.settings import Settings
 

@@ -189,6 +189,19 @@ def test_limits_give_typed_verdicts(settings, corpus, moderator):
     assert v["error"]["code"] == "too_long"
 
 
+def test_a_model_whose_scores_are_not_probabilities_gives_an_internal_error_not_a_label(settings, moderator,
+                                                                                       corpus, nan_model_dir):
+    """A NaN is never above the threshold: a model whose weights went bad (or whose fp16 logits
+    overflowed) had every face called real and the upload allowed, with `NaN` in the JSON."""
+    m = Moderator(settings.model_copy(update={"model_dir": nan_model_dir, "engine": "pytorch"}),
+                  detector=moderator.detector)
+    v = m.moderate_path(corpus["carphone"])
+    assert v["status"] == "error" and v["label"] is None and v["score"] is None
+    assert v["error"]["code"] == "internal" and "outside [0, 1]" in v["error"]["message"], v["error"]
+    assert v["action"] == m.policy.error_action("internal") and v["action"] != "allow"
+    json.dumps(v, allow_nan=False)  # what strict JSON readers take
+
+
 def test_missing_model_directory_is_a_configuration_error(tmp_path):
     with pytest.raises(ConfigurationError):
         resolve_model_dir(tmp_path)

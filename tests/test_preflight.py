@@ -203,6 +203,13 @@ def test_the_model_check_loads_and_names_the_shadow_model(env, capsys, tmp_path)
     assert code == 1 and f"no model.json in {tmp_path}" in results["model"]["detail"]
 
 
+def test_the_model_check_fails_a_model_whose_scores_are_not_probabilities(env, capsys, nan_model_dir):
+    env.setenv("DEEPFAKE_MODEL_DIR", str(nan_model_dir))
+    code, results = check(capsys, "--only", "model")
+    assert code == 1 and results["model"]["detail"] == (
+        "scoring one crop: the model gave 1 of 1 scores outside [0, 1] (e.g. nan): not probabilities")
+
+
 def test_unknown_check_names_are_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["check", "--only", "redis,gpu"])

@@ -21,6 +21,7 @@ from worker.cpus import available_cpus
 from worker.decision import DecisionPolicy
 from worker.decode import Limits, SampledFrame, VideoReader
 from worker.engine import Engine, load_engine
+from worker.engine.base import checked_probabilities
 from worker.errors import Internal, ModerationError, TransientError
 from worker.faces import FaceDetector, create_detector
 from worker.prefetch import prefetch
@@ -267,7 +268,7 @@ class Moderator:
         def score_pending() -> None:
             batch = scored[len(scored) - len(pending):]
             with timer.stage("model"):
-                probs = self.engine.predict(np.stack(pending))
+                probs = checked_probabilities(self.engine.predict(np.stack(pending)), len(pending))
             for face_index, p in zip(batch, probs):
                 faces[face_index]["fake_score"] = round(float(p), 6)
             if shadow is not None:

@@ -16,6 +16,7 @@ from typing import Callable, Collection
 
 import numpy as np
 
+from worker.engine.base import BadModelOutput, checked_probabilities
 from worker.settings import Settings
 
 CHECKS = ("model", "redis", "rq", "s3", "webhooks", "signing")
@@ -39,12 +40,14 @@ class Check:
                 "seconds": round(self.seconds, 2)}
 
 
-def _scores_one_crop(engine) -> np.ndarray | None:  # type: ignore[no-untyped-def]
-    """None when the engine gives one probability for one grey crop of its input size, else what it gave."""
+def _scores_one_crop(engine) -> str | None:  # type: ignore[no-untyped-def]
+    """None when the engine gives one probability for one grey crop of its input size, else what is wrong."""
     size = engine.card.input_size
-    prob = engine.predict(np.full((1, size, size, 3), 128, np.uint8))
-    ok = prob.shape == (1,) and bool(np.isfinite(prob).all()) and 0.0 <= float(prob[0]) <= 1.0
-    return None if ok else prob
+    try:
+        checked_probabilities(engine.predict(np.full((1, size, size, 3), 128, np.uint8)), 1)
+    except BadModelOutput as exc:
+        return str(exc)
+    return None
 
 
 def check_model(settings: Settings) -> Check:
@@ -53,7 +56,7 @@ def check_model(settings: Settings) -> Check:
 
     moderator = Moderator(settings)
     if (wrong := _scores_one_crop(moderator.engine)) is not None:
-        return Check("model", False, f"the engine returned {wrong!r} for one crop, not one probability")
+        return Check("model", False, f"scoring one crop: {wrong}")
     moderator.detector.detect(np.zeros((1, 64, 64, 3), np.uint8))
     block = moderator.model_block
     recipe = moderator.recipe
@@ -65,7 +68,7 @@ def check_model(settings: Settings) -> Check:
               f"detector {settings.detector} on {settings.device}, crops {recipe.size} px at {recipe.scale}×")
     if moderator.shadow is not None:  # a candidate that does not score would fail every scored job
         if (wrong := _scores_one_crop(moderator.shadow.engine)) is not None:
-            return Check("model", False, f"the shadow model returned {wrong!r} for one crop, not one probability")
+            return Check("model", False, f"the shadow model, scoring one crop: {wrong}")
         shadow = moderator.shadow.engine.describe()
         detail += f", shadow {shadow['name']} {shadow['version']} (sha256 {shadow['sha256'][:12]})"
     return Check("model", True, detail, "; ".join(warnings) or None)

@@ -18,6 +18,7 @@ import structlog
 
 from worker.decision import DecisionPolicy
 from worker.engine import Engine
+from worker.engine.base import checked_probabilities
 from worker.preprocess import CropRecipe
 from worker.verdict import aggregate_mean
 
@@ -62,7 +63,7 @@ class ShadowJob:
         if self.failed:
             return
         try:
-            probs = self.model.engine.predict(crops)
+            probs = checked_probabilities(self.model.engine.predict(crops), len(crops))
         except Exception:  # noqa: BLE001 - see the class docstring
             log.exception("shadow_failed", source=self.source, model=self.model.engine.card.name)
             self.failed = True

@@ -40,3 +40,21 @@ def describe_engine(card: ModelCard, backend: str, sha256: str) -> dict:
     elif card.warning:
         block["warning"] = card.warning
     return block
+
+
+class BadModelOutput(ValueError):
+    """An engine's scores that are no probabilities: the verdict is an `internal` error, never a label."""
+
+
+def checked_probabilities(probs: np.ndarray, n: int) -> np.ndarray:
+    """`probs` as n fake probabilities, or BadModelOutput. A NaN compared with the threshold is never
+    above it: a model that overflowed (fp16 logits past 65504), or weights gone bad, would have had
+    every face called real, and the upload allowed."""
+    probs = np.asarray(probs, dtype=np.float32).reshape(-1)
+    if probs.shape[0] != n:
+        raise BadModelOutput(f"the model gave {probs.shape[0]} scores for {n} crops")
+    bad = ~(np.isfinite(probs) & (probs >= 0.0) & (probs <= 1.0))
+    if bad.any():
+        raise BadModelOutput(f"the model gave {int(bad.sum())} of {n} scores outside [0, 1] "
+                             f"(e.g. {float(probs[bad][0])}): not probabilities")
+    return probs
