@@ -1,4 +1,5 @@
-"""`python -m bench`: every CPU benchmark in one run, on the same inputs.
+"""`python -m bench`: seven CPU benchmarks in one run, on the same inputs (the backlog, early-exit and
+feedback-summary benches run on their own: bench/README.md).
 
 1. engines: crops/s of each available engine and the ratio to PyTorch eager (bench_engines.py);
 2. the whole pipeline vs the model alone on a 10 s 720p clip at 32 frames, with peak RSS

@@ -171,6 +171,12 @@ def test_a_stored_verdict_is_reused_only_under_the_policy_that_made_it():
     same = {"etag": "e", "model_sha256": "m", "frames": 8}
     assert reusable(scored, **same, policy=policy) and not reusable(scored, **same, policy=banded)
     assert not reusable({**scored, "decision": {"threshold": 0.5}}, **same, policy=policy)  # before policies
+    # A model's NaN was called real and allowed before 0.4.2 (now an internal error): no answer.
+    assert reusable({**scored, "score": 0.3, "faces": [{"fake_score": 0.3}], "tracks": [{"score": 0.3}]}, **same,
+                    policy=policy)
+    for nan in ({"score": float("nan")}, {"score": 0.3, "faces": [{"fake_score": float("nan")}, {"fake_score": 0.3}]},
+                {"score": 0.3, "tracks": [{"score": float("inf")}]}):
+        assert not reusable({**scored, **nan}, **same, policy=policy), nan
     no_face = {**scored, "status": "no_face", "decision": None}
     assert reusable(no_face, **same, policy=banded)  # nothing was decided: any policy allows it
     assert not reusable({k: v for k, v in no_face.items() if k != "action"}, **same, policy=policy)  # before actions

@@ -365,6 +365,10 @@ def test_a_finished_job_answers_its_duplicates_only_as_its_stored_verdict_would(
     text, scored = enqueue(BUCKET, UPLOADS["text_mp4"], **kw), enqueue(BUCKET, UPLOADS["carphone"], **kw)
     burst(redis, qsettings, moderator)
     assert enqueue(BUCKET, UPLOADS["text_mp4"], **kw) == text  # not_a_video: the same bytes say so again
+    big = enqueue(BUCKET, UPLOADS["vp9_webm"], **kw)
+    burst(redis, qsettings.model_copy(update={"max_bytes": 1000}), moderator)
+    assert job_state(big, settings=qsettings, connection=redis).result["error"]["code"] == "too_large"
+    assert enqueue(BUCKET, UPLOADS["vp9_webm"], **kw) == big  # refused by its HEAD, as these workers would again
     real = job_state(scored, settings=qsettings, connection=redis).result
     assert real["status"] == "ok" and enqueue(BUCKET, UPLOADS["carphone"], **kw) == scored
     cases = {

@@ -61,6 +61,17 @@ def clean_abandoned_locked(queue: Queue) -> None:
     recover_stranded(queue)
 
 
+# A job marked `started` again only while it still says `scheduled` in no scheduled registry: checked
+# and written at once, so that a job a scheduler moves onto the queue meanwhile is left alone.
+RESTART_HALF_RETRIED = """
+if redis.call('HGET', KEYS[1], 'status') == 'scheduled' and not redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'status', 'started')
+  return 1
+end
+return 0
+"""
+
+
 def restart_half_retried(queue: Queue) -> int:
     """Mark `started` again the jobs that the started registry holds past their time, saying
     `scheduled` in no scheduled registry: a retry whose status was written but not the rest (RQ
@@ -69,12 +80,8 @@ def restart_half_retried(queue: Queue) -> int:
     abandoned, where it would have dropped their entries and lost them. Returns how many."""
     registry, scheduled, mended = started_registry(queue), queue.scheduled_job_registry, 0
     for job_id in registry.get_expired_job_ids():
-        try:
-            job = queue.job_class.fetch(job_id, connection=queue.connection, serializer=queue.serializer)
-        except NoSuchJobError:
-            continue
-        if job.get_status(refresh=False) == JobStatus.SCHEDULED and job_id not in scheduled:
-            job.set_status(JobStatus.STARTED)
+        job_key = queue.job_class.key_for(job_id)
+        if queue.connection.eval(RESTART_HALF_RETRIED, 2, job_key, scheduled.key, job_id):
             log.warning("half_retried_job_restarted", job_id=job_id, reason="its retry was cut off half written")
             mended += 1
     return mended

@@ -33,7 +33,7 @@ from worker.maintenance import clean_abandoned, release_due_retries, started_reg
 from worker.rq_worker import DeepfakeJob, model_key
 from worker.s3 import S3Location, make_client, validate_location
 from worker.settings import Settings
-from worker.verdict_store import VerdictStore, reusable
+from worker.verdict_store import DETERMINISTIC_ERRORS, VerdictStore, reusable
 from worker.webhooks import check_webhooks
 
 DEDUPE_PREFIX = "deepfake:dedupe:"
@@ -98,7 +98,15 @@ def answers(job: Job, *, etag: str, frames: int, workers: dict) -> bool:
         policy = published_policy(workers.get("decision_policy"))
     except (TypeError, ValueError):
         return False  # a record nobody could have published
-    return reusable(job.return_value(), etag=etag, model_sha256=workers.get("sha256", ""), frames=frames,
+    result = job.return_value()
+    if isinstance(result, dict) and result.get("status") == "error" and "input" not in result:
+        # Refused before a byte was read (over the size limit by its HEAD): no bytes to match, so only
+        # these workers' own refusal answers, as they would give it again.
+        return ((result.get("error") or {}).get("code") in DETERMINISTIC_ERRORS
+                and result.get("worker_version") == workers.get("worker_version")
+                and (result.get("model") or {}).get("sha256") == workers.get("sha256")
+                and (policy is None or policy.answers(result)))
+    return reusable(result, etag=etag, model_sha256=workers.get("sha256", ""), frames=frames,
                     max_sample_gap_s=workers.get("max_sample_gap_s") or 0.0, policy=policy,
                     worker_version=workers.get("worker_version"))
 

@@ -20,10 +20,22 @@ def index_key(bucket: str, key: str) -> str:
     return INDEX_PREFIX + hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()
 
 
-# Past this many members, a record drops those whose job or duplicate record has expired: every new
-# job for a key re-arms the set's expiry, so a key re-enqueued more often than results last (a
-# replaced avatar, repeated S3 events) kept every job it ever had, and `forget` fetched them all.
+# Each time a record takes the set past a multiple of this many members, it drops those whose job or
+# duplicate record has expired: every new job for a key re-arms the set's expiry, so a key re-enqueued
+# more often than results last (a replaced avatar, repeated S3 events) kept every job it ever had, and
+# `forget` fetched them all. (A set of many live members is checked once per this many added.)
 PRUNE_ABOVE = 16
+# Members dropped only if what they name (KEYS[2..], ARGV[1..] in step) is still gone when removed: a
+# duplicate record that expires and is claimed again between a check and a removal stays indexed.
+DROP_GONE = """
+local dropped = 0
+for i, member in ipairs(ARGV) do
+  if redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    dropped = dropped + redis.call('SREM', KEYS[1], member)
+  end
+end
+return dropped
+"""
 
 
 def record(connection: Redis, bucket: str, key: str, *, ttl_s: int, job_id: str | None = None,
@@ -36,25 +48,22 @@ def record(connection: Redis, bucket: str, key: str, *, ttl_s: int, job_id: str 
         pipe.sadd(name, *members)
         pipe.expire(name, max(1, int(ttl_s)))  # outlives nothing it indexes: results and dedupe keys expire too
         pipe.scard(name)
-        size = pipe.execute()[-1]
-    if size > PRUNE_ABOVE:
+        added, _, size = pipe.execute()
+    if added and size // PRUNE_ABOVE > (size - added) // PRUNE_ABOVE:
         prune(connection, name)
 
 
 def prune(connection: Redis, name: str) -> int:
     """Drop the members of index `name` whose job hash or duplicate record is gone (expired, or erased
-    by another deployment's `forget`); how many. A member is added once what it names exists."""
+    by another deployment's `forget`), and any this module does not write; how many. A member is
+    added once what it names exists."""
     listed = [raw.decode() if isinstance(raw, bytes) else raw for raw in connection.smembers(name)]
+    foreign = [member for member in listed if _target(member) is None]
+    dropped = connection.srem(name, *foreign) if foreign else 0
     known = [(member, target) for member in listed if (target := _target(member)) is not None]
-    with connection.pipeline(transaction=False) as pipe:
-        for _, target in known:
-            pipe.exists(target)
-        alive = pipe.execute()
-    dead = [member for member in listed if _target(member) is None]
-    dead += [member for (member, _), n in zip(known, alive) if not n]
-    if dead:
-        connection.srem(name, *dead)
-    return len(dead)
+    if known:
+        dropped += connection.eval(DROP_GONE, 1 + len(known), name, *[t for _, t in known], *[m for m, _ in known])
+    return dropped
 
 
 def _target(member: str) -> str | None:

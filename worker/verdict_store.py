@@ -16,6 +16,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -309,10 +310,22 @@ def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int, 
         return False  # faces were read or cut otherwise (e.g. an HDR upload read as SDR)
     if "action" not in stored:
         return False  # written before verdicts carried an action
+    if not _finite_scores(stored):
+        return False  # a model's NaN, which before 0.4.2 was called real and allowed
     if policy is not None and not policy.answers(stored):
         return False
     return (inp.get("etag") == etag and model.get("sha256") == model_sha256 and inp.get("frames") == frames
             and same_sampling(stored, frames, max_sample_gap_s))
+
+
+def _finite_scores(stored: dict) -> bool:
+    """Whether every score a verdict carries (its own, its faces', its tracks') is a finite number or absent."""
+    def finite(value: object) -> bool:
+        return value is None or (isinstance(value, (int, float)) and math.isfinite(value))
+
+    listed = [f.get("fake_score") for f in stored.get("faces") or [] if isinstance(f, dict)]
+    listed += [t.get("score") for t in stored.get("tracks") or [] if isinstance(t, dict)]
+    return finite(stored.get("score")) and all(finite(v) for v in listed)
 
 
 def same_sampling(stored: dict, frames: int, max_sample_gap_s: float) -> bool:
