@@ -83,6 +83,60 @@ def test_an_unreachable_redis_or_a_missing_bucket_is_one_line_and_exit_1(redis_s
         assert said in proc.stderr and "NoSuchBucket" in proc.stderr, proc.stderr
 
 
+def test_redis_refusing_the_password_or_not_being_redis_is_said_as_such(tmp_path):
+    """A wrong password is not Redis failing to answer; a port where something else listens is not Redis."""
+    import socket
+    import threading
+
+    from servers import RedisServer, stop
+
+    guarded = RedisServer.start(tmp_path, "--requirepass", "s3cret")
+    other = socket.socket()  # a server that answers, but not in Redis's protocol
+    other.bind(("127.0.0.1", 0))
+    other.listen()
+
+    def answer_http() -> None:
+        while True:
+            try:
+                conn, _ = other.accept()
+            except OSError:
+                return
+            conn.recv(1024)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            conn.close()
+
+    threading.Thread(target=answer_http, daemon=True).start()
+    try:
+        wrong = run_cli("status", env_extra={"DEEPFAKE_REDIS_URL": f"redis://:hunter2@127.0.0.1:{guarded.port}/0"})
+        assert wrong.returncode == 1 and "Traceback" not in wrong.stderr and "hunter2" not in wrong.stderr
+        assert wrong.stderr.startswith("deepfake status: Redis refused the credentials ("), wrong.stderr
+        http = run_cli("status", env_extra={"DEEPFAKE_REDIS_URL": f"redis://127.0.0.1:{other.getsockname()[1]}/0",
+                                            "DEEPFAKE_REDIS_OUTAGE_S": "1"})
+        assert http.returncode == 1 and "Traceback" not in http.stderr, http.stderr
+        assert http.stderr.startswith("deepfake status: what answers at DEEPFAKE_REDIS_URL or RQ_REDIS_URL is not Redis"), \
+            http.stderr
+    finally:
+        stop(guarded.proc)
+        other.close()
+
+
+def test_ctrl_c_ends_a_command_in_one_line_with_130(corpus, random_model_dir):
+    import signal
+
+    env = {**os.environ, "DEEPFAKE_LOG_FORMAT": "json"}
+    proc = subprocess.Popen([sys.executable, "-m", "worker", "moderate", "--model", str(random_model_dir),
+                             *[str(corpus["carphone"])] * 50], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert json.loads(proc.stdout.readline())["status"] == "ok"  # at work on the next videos
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.rstrip().endswith("deepfake moderate: interrupted"), err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
 def test_error_actions_come_from_the_environment(corpus, random_model_dir):
     args = ("moderate", "--model", str(random_model_dir), "--frames", "4", str(corpus["damaged_tail_mp4"]))
     assert json.loads(run_cli(*args).stdout)["action"] == "review"  # the default for corrupt
@@ -101,6 +155,14 @@ def test_configuration_mistakes_are_one_line(tmp_path, random_model_dir, redis_s
     text.write_text("not weights\n")
     (tmp_path / "file").write_text("")
     model = ("--model", str(random_model_dir))
+    import shutil
+
+    from worker.pipeline import DEFAULT_MODEL_DIR
+
+    cut = tmp_path / "cut-model"  # a copy that stopped short: the files' first kilobytes
+    shutil.copytree(DEFAULT_MODEL_DIR, cut)
+    for name in ("model.onnx", "weights.pt"):
+        (cut / name).write_bytes((cut / name).read_bytes()[:1000])
     cases = [
         (("moderate", *model, "--detector-weights", str(text), "x.mp4"), {}, 2, "not a PyTorch checkpoint"),
         (("moderate", *model, "--report", str(tmp_path / "file" / "sub"), "x.mp4"), {}, 2, "--report"),
@@ -112,6 +174,11 @@ def test_configuration_mistakes_are_one_line(tmp_path, random_model_dir, redis_s
         (("status",), {"DEEPFAKE_REDIS_URL": "redis://[::1/0"}, 2, "not a usable URL"),
         (("status",), {"DEEPFAKE_REDIS_URL": "redis://127.0.0.1:6379/notadb"}, 2, "database number"),
         (("status",), {"DEEPFAKE_REDIS_URL": redis_server.url.rsplit("/", 1)[0] + "/99"}, 1, "Redis refused"),
+        (("status",), {"DEEPFAKE_MAX_DURATION_S": "inf"}, 2, "max_duration_s: Input should be a finite number"),
+        (("status",), {"DEEPFAKE_RESULT_TTL_S": "9" * 20}, 2, "result_ttl_s: Input should be less than or equal"),
+        (("moderate", "--model", str(cut), "x.mp4"), {}, 2, f"cannot load the model in {cut}: InvalidProtobuf"),
+        (("moderate", "--model", str(cut), "--engine", "pytorch", "x.mp4"), {}, 2,
+         f"{cut / 'weights.pt'}: not a PyTorch checkpoint of tensors, or cut short"),
     ]
     if not torch.cuda.is_available():
         cases.append((("moderate", *model, "--device", "cuda", "x.mp4"), {}, 2, "this PyTorch was built without CUDA"))

@@ -149,6 +149,15 @@ def test_each_misconfiguration_fails_its_own_check_and_says_why(env, capsys, tmp
     env.setenv("DEEPFAKE_ALLOWED_BUCKETS", f"{BUCKET},no-such-bucket")
     code, results = check(capsys, "--only", "s3")
     assert code == 1 and results["s3"]["detail"].endswith("no-such-bucket: does not exist")
+    # any bucket, and no verdict bucket: no bucket to look at, but the endpoint must still answer
+    env.setenv("DEEPFAKE_ALLOWED_BUCKETS", "*")
+    env.delenv("DEEPFAKE_VERDICT_BUCKET", raising=False)
+    code, results = check(capsys, "--only", "s3")
+    assert code == 0 and results["s3"]["detail"].endswith(": answers (no bucket named to look at)"), results["s3"]
+    with env.context() as closed:
+        closed.setenv("DEEPFAKE_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")
+        code, results = check(capsys, "--only", "s3")
+        assert code == 1 and "Could not connect to the endpoint URL" in results["s3"]["detail"], results["s3"]
     env.setenv("DEEPFAKE_ALLOWED_BUCKETS", BUCKET)
     env.setenv("AWS_SECRET_ACCESS_KEY", "not-the-key")
     env.setattr(boto3, "DEFAULT_SESSION", None)  # boto3 keeps the credentials it first read, as a pod would

@@ -407,6 +407,24 @@ def test_cli_train_evaluate_export(tmp_path, capsys, monkeypatch, caplog):
         main(["train", "--out", str(run)])  # --data missing
     assert exc.value.code == 2
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--data", str(data), "--out", str(ev)]) == 1
+    # An operator's slips are one line each, never a traceback.
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    capsys.readouterr()
+    tiny = ["train", "--data", str(data), "--out", str(tmp_path / "again"), "--model", "mdcsd_tiny", "--model-arg",
+            "input_size=32", "--epochs", "1", "--no-progress"]
+    slips = {
+        "resume": ([*tiny, "--resume", str(tmp_path / "notes.txt")], "notes.txt: not a PyTorch checkpoint of tensors"),
+        "out": (["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(data), "--out",
+                 str(tmp_path / "notes.txt")], "error: FileExistsError: "),
+        "model-arg": ([*tiny, "--model-arg", "bogus=1"], "error: TypeError: "),
+    }
+    if not torch.cuda.is_available():
+        slips["device"] = ([*tiny, "--device", "cuda"],
+                           "error: ConfigurationError: device 'cuda' (DEEPFAKE_DEVICE / --device): this PyTorch")
+    for slip, (argv, said) in slips.items():
+        assert main(argv) == 1, slip
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, (slip, err)
 
 
 def test_cli_extract_ffpp_layout(tmp_path, capsys):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import pickle
 import shlex
 import sys
 from pathlib import Path
@@ -374,10 +375,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler = globals()["cmd_" + args.command.replace("-", "_")]
     try:
+        if str(getattr(args, "device", "")).startswith("cuda"):  # torch's own is an AssertionError, deep inside
+            from worker.pipeline import check_device
+
+            check_device(args.device)
         return int(handler(args, parser) or 0)
     except (FileNotFoundError, ValueError) as exc:  # bad paths or data: a clear line, not a traceback
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        print(f"python -m training {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, RuntimeError, TypeError, pickle.UnpicklingError) as exc:
+        # An --out that is a file, a directory not writable, a --device this torch lacks, a truncated
+        # checkpoint, a --model-arg the architecture does not take: one line naming the cause.
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return 1
 
 
 def command_line(argv: list[str] | None = None) -> str:

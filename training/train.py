@@ -43,6 +43,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from worker.preprocess import CropRecipe
+from worker.torch_files import load_tensors
 
 from training.evaluate import accuracy, roc_auc, video_level
 from training.models import create_model
@@ -258,7 +259,7 @@ def train(
 
     start_epoch, best, history = 0, None, []
     if cfg.resume:
-        ckpt = torch.load(cfg.resume, map_location=device, weights_only=True)
+        ckpt = load_tensors(cfg.resume, map_location=device)  # a text file, a cut one: said in one line
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

@@ -296,8 +296,12 @@ def cmd_moderate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 
 def main(argv: list[str] | None = None) -> int:
     from botocore.exceptions import BotoCoreError, ClientError
+    from redis.exceptions import AuthenticationError as RedisAuth
+    from redis.exceptions import AuthorizationError as RedisForbidden
     from redis.exceptions import ConnectionError as RedisUnreachable
+    from redis.exceptions import InvalidResponse as NotRedis
     from redis.exceptions import OutOfMemoryError as RedisFull
+    from redis.exceptions import RedisError
     from redis.exceptions import ResponseError as RedisRefused
     from redis.exceptions import TimeoutError as RedisTimeout
 
@@ -309,6 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
     try:
         return args.func(args, commands.choices[args.command])
+    except KeyboardInterrupt:
+        print(f"deepfake {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (RedisAuth, RedisForbidden) as exc:  # subclasses of ConnectionError: Redis did answer
+        print(f"deepfake {args.command}: Redis refused the credentials ({exc}); check the user and password in "
+              "DEEPFAKE_REDIS_URL or RQ_REDIS_URL", file=sys.stderr)
+    except NotRedis as exc:  # something else listens there (an HTTP server, a TLS port spoken to in plain text)
+        print(f"deepfake {args.command}: what answers at DEEPFAKE_REDIS_URL or RQ_REDIS_URL is not Redis ({exc})",
+              file=sys.stderr)
     except (RedisUnreachable, RedisTimeout) as exc:  # a down or misaddressed Redis is the operator's to fix
         print(f"deepfake {args.command}: Redis did not answer ({exc}); check DEEPFAKE_REDIS_URL or RQ_REDIS_URL",
               file=sys.stderr)
@@ -321,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BotoCoreError, ClientError) as exc:  # unreachable endpoint, no credentials, a missing bucket
         print(f"deepfake {args.command}: S3 request failed ({exc}); check DEEPFAKE_S3_ENDPOINT_URL, the AWS_* "
               "credentials and the bucket", file=sys.stderr)
+    except RedisError as exc:  # any other failure of the Redis conversation
+        print(f"deepfake {args.command}: Redis failed ({type(exc).__name__}: {exc}); check DEEPFAKE_REDIS_URL or "
+              "RQ_REDIS_URL", file=sys.stderr)
     return EXIT_FAILURE
 
 

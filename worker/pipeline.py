@@ -171,6 +171,9 @@ class Moderator:
             )
         except TensorRTUnavailable as exc:
             raise ConfigurationError(str(exc)) from exc
+        except Exception as exc:  # noqa: BLE001 - truncated weights, a corrupt model.onnx (ONNX Runtime's own
+            # exception types), no permission, a torch.compile mode that does not exist: the worker must not start
+            raise ConfigurationError(f"cannot load the model in {model_dir}: {type(exc).__name__}: {exc}") from exc
 
     @property
     def threshold(self) -> float:

@@ -194,12 +194,19 @@ def check_s3(settings: Settings) -> Check:
             problems.append(f"{bucket}: {why}")
         except BotoCoreError as exc:
             problems.append(f"{bucket}: {exc}")
+    if not buckets:  # `*` alone names no bucket: that the endpoint answers at all is still checked
+        try:
+            client.list_buckets()
+        except ClientError:
+            pass  # it answered (a refusal of ListAllMyBuckets is an answer)
+        except BotoCoreError as exc:
+            problems.append(str(exc))
     where = settings.s3_endpoint_url or "AWS"
     if problems:
         return Check("s3", False, f"{where}: " + "; ".join(problems))
     warning = "DEEPFAKE_ALLOWED_BUCKETS=* lets a job name any bucket these credentials reach" if "*" in allowed else None
-    return Check("s3", True, f"{where}: {', '.join(buckets) or 'no bucket named'} reachable with these credentials",
-                 warning)
+    detail = f"{', '.join(buckets)} reachable with these credentials" if buckets else "answers (no bucket named to look at)"
+    return Check("s3", True, f"{where}: {detail}", warning)
 
 
 def check_webhooks(settings: Settings) -> Check:

@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     # An empty variable counts as unset (`DEEPFAKE_MODEL_DIR=` is the packaged model, not ".").
     model_config = SettingsConfigDict(env_prefix="DEEPFAKE_", extra="ignore", protected_namespaces=(),
                                       populate_by_name=True, env_ignore_empty=True,
-                                      hide_input_in_errors=True)  # a refused URL or key may hold a secret
+                                      hide_input_in_errors=True,  # a refused URL or key may hold a secret
+                                      allow_inf_nan=False)  # `inf` seconds overflowed deriving a job's limit
 
     # What to score
     frames: int = Field(
@@ -142,7 +143,8 @@ class Settings(BaseSettings):
         "30,120,600", description="Seconds a failed job waits before each retry, comma-separated (the last repeats "
         "for further retries; 0 = at once): a storage outage or throttling outlasts retries run back to back.",
     )
-    result_ttl_s: int = Field(7 * 24 * 3600, ge=1, description="How long a job's verdict stays in Redis.")
+    result_ttl_s: int = Field(7 * 24 * 3600, ge=1, le=366 * 24 * 3600,
+                              description="How long a job's verdict stays in Redis (at most a year).")
     result_detail: Literal["summary", "full"] = Field(
         "summary", description="What a job's result in Redis holds: `summary` (the verdict without its face records, "
         "at most 8 tracks, a few KB whatever the video) or `full` (the whole verdict, which grows with frames × faces); "

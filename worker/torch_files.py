@@ -12,7 +12,8 @@ def load_tensors(path: str | Path, map_location: str | torch.device = "cpu") -> 
     objects) raises ValueError in one line rather than torch's KeyError or its advice to unpickle code."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, MemoryError):  # missing, unreadable, a directory: said as what it is
+    except (FileNotFoundError, PermissionError, IsADirectoryError, MemoryError):  # said as what it is
         raise
-    except Exception as exc:  # noqa: BLE001 - KeyError, UnpicklingError, RuntimeError, EOFError... by file
-        raise ValueError(f"{path}: not a PyTorch checkpoint of tensors ({type(exc).__name__})") from exc
+    except Exception as exc:  # noqa: BLE001 - KeyError, UnpicklingError, RuntimeError, EOFError, a truncated
+        # file's OSError (EINVAL)... by file
+        raise ValueError(f"{path}: not a PyTorch checkpoint of tensors, or cut short ({type(exc).__name__})") from exc

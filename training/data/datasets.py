@@ -43,7 +43,7 @@ def _check_missing(paths: Iterable[Path], missing: Missing, what: str) -> None:
     if gone and missing == "error":
         shown = ", ".join(str(p) for p in gone[:3])
         raise DatasetLayoutError(f"{what}: {len(gone)} listed videos are missing (e.g. {shown}); "
-                                 "pass missing='skip' to use only those present")
+                                 "pass --missing skip (missing='skip' in Python) to use only those present")
 
 
 def read_ffpp_split(root: str | Path, split: str) -> list[tuple[str, str]]:

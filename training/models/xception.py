@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from worker.torch_files import load_tensors
+
 #: Channel widths of the classic Xception at width=1.0.
 CLASSIC_WIDTHS: dict[str, int] = {
     "stem1": 32, "stem2": 64, "entry1": 128, "entry2": 256, "middle": 728,
@@ -237,7 +239,7 @@ def load_imagenet_weights(
     is loaded only when `model` has one of the same shape.
     """
     if isinstance(source, (str, Path)):
-        sd = torch.load(str(source), map_location="cpu", weights_only=True)
+        sd = load_tensors(source)  # ImageNet weights: a wrong file said in one line
     else:
         sd = source
     for wrapper in ("state_dict", "model"):
