@@ -177,6 +177,29 @@ def test_sigterm_while_starting_ends_the_worker_even_as_pid_1(qsettings, tmp_pat
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def test_a_worker_whose_model_cannot_load_exits_2_with_one_log_line(qsettings, redis_server, tmp_path):
+    """A corrupt model (a copy cut short) stops the worker before it takes a job, saying so in one
+    JSON line (the pod's logs), not a traceback of ONNX Runtime's."""
+    import shutil
+
+    from worker.pipeline import DEFAULT_MODEL_DIR
+
+    cut = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, cut)
+    (cut / "model.onnx").write_bytes((cut / "model.onnx").read_bytes()[:1000])
+    log = tmp_path / "worker.log"
+    proc = start_rq_worker(worker_env(qsettings, redis_server.url, DEEPFAKE_MODEL_DIR=str(cut)), log)
+    try:
+        assert proc.wait(120) == 2
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = log.read_text().splitlines()
+    assert "Traceback" not in log.read_text(), lines[-20:]
+    [said] = [json.loads(line) for line in lines if '"worker_misconfigured"' in line]
+    assert said["level"] == "error" and said["reason"].startswith(f"cannot load the model in {cut}: InvalidProtobuf")
+
+
 def test_a_stop_signal_is_kept_where_a_handler_catches_it_and_nothing_is_written_to_redis_from_it(tmp_path):
     """RQ's warm-stop handler raised StopRequested, an Exception, when idle: a webhook's handler in
     maintenance caught it and the worker went on taking jobs until its pod was killed. Busy, it wrote

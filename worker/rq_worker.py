@@ -35,6 +35,7 @@ from worker.jobs import MODERATE_FUNC, JobTimedOut
 from worker.logging import configure_logging
 from worker.maintenance import maintenance_lock, recover_stranded, restart_half_retried
 from worker.metrics import heartbeat_fresh, serve
+from worker.pipeline import ConfigurationError
 from worker.redis_client import (connection_url, database_address, ride_out, waiting_for_space,
                                  without_password)
 from worker.runtime import WorkerRuntime, install, installed, valid_frames
@@ -218,7 +219,11 @@ class DeepfakeWorker(SimpleWorker):
         kwargs["logging_level"] = settings.log_level
         self._start_scheduler(burst, settings.log_level)
         try:
-            self.load_runtime(settings)
+            try:
+                self.load_runtime(settings)
+            except ConfigurationError as exc:  # a model that cannot load: one log line, not a traceback
+                log.error("worker_misconfigured", reason=str(exc))
+                raise SystemExit(2) from None
             self.publish_model()
             return super().work(burst, *args, with_scheduler=False, **kwargs)
         finally:  # RQ stops it in teardown, which a failure to load or to register never reaches
@@ -226,10 +231,8 @@ class DeepfakeWorker(SimpleWorker):
                 self.stop_scheduler()
 
     def _start_scheduler(self, burst: bool = False, logging_level: str | None = "INFO", *args: Any) -> None:
-        """RQ's `_start_scheduler` with `worker.scheduler.RetryScheduler`, started even when another
-        worker's scheduler holds the queue's lock: it tries for the lock every 2 minutes, so retries
-        go on soon after that worker dies (RQ's would wait for the worker's next maintenance, 10
-        minutes or more)."""
+        """RQ's with `worker.scheduler.RetryScheduler`, started even when another worker's holds the
+        queue's lock: it tries for it every 2 minutes (RQ's waited for the next maintenance, 10+)."""
         self.scheduler = RetryScheduler(self.queues, connection=self.connection, logging_level=logging_level,
                                         serializer=self.serializer, job_class=self.job_class)
         self.scheduler.acquire_locks()
