@@ -35,6 +35,16 @@ def test_usage_errors_exit_2(tmp_path, random_model_dir):
     assert run_cli("moderate", "--model", str(tmp_path), "x.mp4").returncode == 2
     proc = run_cli("moderate", "--model", str(random_model_dir), "--detector", "haar", "x.mp4")
     assert proc.returncode == 2 and "haar" in proc.stderr
+    for args, said in ((("what-if", "s3://b/", "--threshold", "abc"), "abc is not a probability from 0 to 1"),
+                       (("what-if", "s3://b/", "--threshold", "nan"), "nan is not a probability from 0 to 1"),
+                       (("what-if", "s3://b/", "--min-track-frames", "0"), "0 is not a number of frames"),
+                       (("forget", "s3://b/k.mp4", "--wait", "-5"), "-5 is not a number of seconds"),
+                       (("forget", "s3://b/k.mp4", "--wait", "nan"), "nan is not a number of seconds")):
+        proc = run_cli(*args)
+        assert proc.returncode == 2 and said in proc.stderr, (args, proc.stderr)
+    proc = subprocess.run([sys.executable, "-m", "training", "evaluate", "--checkpoint", "x.pt", "--data", "d",
+                           "--out", "o", "--threshold", "5"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "5 is not a probability from 0 to 1" in proc.stderr, proc.stderr
 
 
 def test_enqueue_checks_the_webhook_url(redis_server, s3_server):

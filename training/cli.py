@@ -24,6 +24,7 @@ from typing import Any
 
 # main() dispatches by name to cmd_*: the demo commands live in their own module
 from training.demo_commands import cmd_demo_model, cmd_make_demo_data  # noqa: F401
+from worker.cli_data import probability
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, nargs="+", type=Path)
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--threshold", type=float, help="default: the model card's, else 0.5")
+    p.add_argument("--threshold", type=probability, help="default: the model card's, else 0.5")
     p.add_argument("--review-threshold", type=float,
                    help="also report the allow/review/block shares; default: the model card's review threshold")
     p.add_argument("--batch-size", type=int, default=64)
@@ -165,11 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.add_argument("--version", required=True)
     p.add_argument("--training-data", required=True, help="what the model was trained on, in words")
-    p.add_argument("--threshold", type=float, default=0.5, help="used unless --calibrate-on is given")
+    p.add_argument("--threshold", type=probability, default=0.5, help="used unless --calibrate-on is given")
     p.add_argument("--calibrate-on", type=Path, help="cache whose --calibration-split reals set the threshold")
     p.add_argument("--calibration-split", default="val")
     p.add_argument("--target-fpr", type=float, default=0.01, help="video-level FPR on the calibration reals")
-    p.add_argument("--review-threshold", type=float,
+    p.add_argument("--review-threshold", type=probability,
                    help="lower edge of the human-review band (scores below --threshold), unless --review-fpr is given")
     p.add_argument("--review-fpr", type=float, help="with --calibrate-on: set the review band's lower edge at this "
                    "video-level FPR on the calibration reals (>= --target-fpr), e.g. 0.05")

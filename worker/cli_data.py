@@ -30,7 +30,7 @@ def add_data_commands(sub) -> None:  # type: ignore[no-untyped-def]
                                    "from Redis, waits for a job running on it, then deletes its stored verdict "
                                    "and report from S3. Exit 1 when a job was still running (run it again).")
     g.add_argument("uris", nargs="+", metavar="s3://BUCKET/KEY")
-    g.add_argument("--wait", type=float, default=None, metavar="S",
+    g.add_argument("--wait", type=_seconds, default=None, metavar="S",
                    help="how long to wait for a running job (default: the job time limit the settings derive "
                         "+ 28 s, 628 s with the default settings)")
     g.add_argument("--scan", action="store_true",
@@ -61,12 +61,12 @@ def add_data_commands(sub) -> None:  # type: ignore[no-untyped-def]
                                    "the actions now and then, the moves between them, and the reviewer labels "
                                    "(deepfake feedback) on each action now and then.")
     w.add_argument("prefix", metavar="s3://BUCKET[/PREFIX]")
-    w.add_argument("--threshold", type=_probability, metavar="P", help="the fake threshold")
+    w.add_argument("--threshold", type=probability, metavar="P", help="the fake threshold")
     w.add_argument("--review-threshold", type=_probability_or_none, metavar="P|none",
                    help="the review band's lower end; none removes the band")
     w.add_argument("--rule", choices=("tracks", "mean"))
     w.add_argument("--track-score", choices=("mean", "confident"))
-    w.add_argument("--min-track-frames", type=int, metavar="N")
+    w.add_argument("--min-track-frames", type=_frames, metavar="N")
     w.add_argument("--mean-floor", choices=("on", "off"),
                    help="under tracks, the paper's video score as the least the decision score can be (0.4.1's "
                    "rule; verdicts stored before it were decided without)")
@@ -191,15 +191,39 @@ def cmd_feedback_summary(args: argparse.Namespace, parser: argparse.ArgumentPars
 NO_BAND = "none"
 
 
-def _probability(text: str) -> float:
-    value = float(text)
+def probability(text: str) -> float:
+    """A threshold from 0 to 1 (argparse type; `python -m training` takes it too)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"{text} is not a probability from 0 to 1")
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds (0 or more)")
+    return value
+
+
+def _frames(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of frames (1 or more)")
+    return value
+
+
 def _probability_or_none(text: str) -> float | str:
-    return NO_BAND if text == NO_BAND else _probability(text)
+    return NO_BAND if text == NO_BAND else probability(text)
 
 
 def cmd_what_if(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
