@@ -102,3 +102,6 @@ def test_the_verdict_command_reads_and_checks_stored_verdicts(settings, s3_serve
     assert rc == 1 and forged["verified"] is False and forged["verdict"]["label"] == "forged"
     assert missing == {"upload": f"s3://{BUCKET}/none.mp4", "stored_at": None, "verified": None, "verdict": None}
     assert "stored_verdict_not_signed" in err  # the warning on stderr; stdout stays JSON Lines
+    plant(s3, loc, b"[1, 2]", {})  # JSON, but no verdict: unsigned readers took it for one (exit 0)
+    rc, [junk], _ = read(None, f"s3://{BUCKET}/{KEY}")
+    assert rc == 1 and junk["verdict"] is None and junk["stored_at"] == found["stored_at"], junk

@@ -425,6 +425,14 @@ def test_cli_train_evaluate_export(tmp_path, capsys, monkeypatch, caplog):
         assert main(argv) == 1, slip
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err, (slip, err)
+    (tmp_path / "list.json").write_text("[1, 2]")
+    export = ["export", "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "m2"), "--training-data", "t"]
+    for argv, said in (([*export, "--name", "t", "--version", "0", "--metrics", str(tmp_path / "list.json")],
+                        "not an evaluate results.json (a JSON object)"),
+                       ([*export, "--name", " ", "--version", "0"], "argument --name: must not be empty")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2 and said in capsys.readouterr().err
 
 
 def test_cli_extract_ffpp_layout(tmp_path, capsys):

@@ -24,7 +24,7 @@ from typing import Any
 
 # main() dispatches by name to cmd_*: the demo commands live in their own module
 from training.demo_commands import cmd_demo_model, cmd_make_demo_data  # noqa: F401
-from worker.cli_data import probability
+from worker.cli_data import non_empty, probability
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(max |dp| <= 1e-4) and writes the model card with sha256 of each file.")
     p.add_argument("--checkpoint", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--name", required=True)
-    p.add_argument("--version", required=True)
+    p.add_argument("--name", required=True, type=non_empty)
+    p.add_argument("--version", required=True, type=non_empty)
     p.add_argument("--training-data", required=True, help="what the model was trained on, in words")
     p.add_argument("--threshold", type=probability, default=0.5, help="used unless --calibrate-on is given")
     p.add_argument("--calibrate-on", type=Path, help="cache whose --calibration-split reals set the threshold")
@@ -360,7 +360,9 @@ def cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         parser.error("--review-fpr needs --calibrate-on")
     metrics = {}
     if args.metrics:
-        metrics = {k: v for k, v in json.loads(args.metrics.read_text()).items() if k != "predictions"}
+        if not isinstance(results := json.loads(args.metrics.read_text()), dict):
+            parser.error(f"--metrics {args.metrics}: not an evaluate results.json (a JSON object)")
+        metrics = {k: v for k, v in results.items() if k != "predictions"}
     card = export_model_dir(model, args.out, name=args.name, version=args.version, trained=True,
                             threshold=args.threshold, review_threshold=args.review_threshold,
                             calibration=calibration, training_data=args.training_data,

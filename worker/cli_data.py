@@ -202,6 +202,13 @@ def probability(text: str) -> float:
     return value
 
 
+def non_empty(text: str) -> str:
+    """A name (argparse type): an empty one would label a model card or a table row with nothing."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)

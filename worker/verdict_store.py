@@ -237,6 +237,8 @@ class VerdictStore:
             verdict = json.loads(body)
         except ValueError:
             verdict = None
+        if not isinstance(verdict, dict):
+            verdict = None  # JSON, but no verdict (`[1, 2]`): said as none, whether or not it is signed
         return {"upload": upload.uri, "stored_at": loc.uri, "verified": verified, "verdict": verdict}
 
     def put(self, upload: S3Location, verdict: dict, *, replaces: str | None = None) -> bool:
