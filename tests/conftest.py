@@ -70,6 +70,21 @@ def nan_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cut_model_dir(tmp_path_factory) -> Path:
+    """The packaged model copied with its model.onnx and weights.pt cut short (their first kilobyte),
+    as a copy that stopped mid-way leaves them."""
+    import shutil
+
+    from worker.pipeline import DEFAULT_MODEL_DIR
+
+    cut = tmp_path_factory.mktemp("model_cut") / "model"
+    shutil.copytree(DEFAULT_MODEL_DIR, cut)
+    for name in ("model.onnx", "weights.pt"):
+        (cut / name).write_bytes((cut / name).read_bytes()[:1000])
+    return cut
+
+
+@pytest.fixture(scope="session")
 def settings(random_model_dir):
     from worker.settings import Settings
 

@@ -156,7 +156,7 @@ def test_error_actions_come_from_the_environment(corpus, random_model_dir):
     assert bad.returncode == 2 and "invalid setting: error_actions" in bad.stderr and "'corrupt=bloc'" in bad.stderr
 
 
-def test_configuration_mistakes_are_one_line(tmp_path, random_model_dir, redis_server):
+def test_configuration_mistakes_are_one_line(tmp_path, random_model_dir, redis_server, cut_model_dir):
     """A bad setting or file is said in one line with exit 2 (Redis refusing the database: exit 1), never a
     traceback; an empty variable counts as unset."""
     import torch
@@ -165,14 +165,7 @@ def test_configuration_mistakes_are_one_line(tmp_path, random_model_dir, redis_s
     text.write_text("not weights\n")
     (tmp_path / "file").write_text("")
     model = ("--model", str(random_model_dir))
-    import shutil
-
-    from worker.pipeline import DEFAULT_MODEL_DIR
-
-    cut = tmp_path / "cut-model"  # a copy that stopped short: the files' first kilobytes
-    shutil.copytree(DEFAULT_MODEL_DIR, cut)
-    for name in ("model.onnx", "weights.pt"):
-        (cut / name).write_bytes((cut / name).read_bytes()[:1000])
+    cut = cut_model_dir  # a copy that stopped short
     cases = [
         (("moderate", *model, "--detector-weights", str(text), "x.mp4"), {}, 2, "not a PyTorch checkpoint"),
         (("moderate", *model, "--report", str(tmp_path / "file" / "sub"), "x.mp4"), {}, 2, "--report"),

@@ -177,16 +177,11 @@ def test_sigterm_while_starting_ends_the_worker_even_as_pid_1(qsettings, tmp_pat
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_a_worker_whose_model_cannot_load_exits_2_with_one_log_line(qsettings, redis_server, tmp_path):
+def test_a_worker_whose_model_cannot_load_exits_2_with_one_log_line(qsettings, redis_server, tmp_path,
+                                                                    cut_model_dir):
     """A corrupt model (a copy cut short) stops the worker before it takes a job, saying so in one
     JSON line (the pod's logs), not a traceback of ONNX Runtime's."""
-    import shutil
-
-    from worker.pipeline import DEFAULT_MODEL_DIR
-
-    cut = tmp_path / "model"
-    shutil.copytree(DEFAULT_MODEL_DIR, cut)
-    (cut / "model.onnx").write_bytes((cut / "model.onnx").read_bytes()[:1000])
+    cut = cut_model_dir
     log = tmp_path / "worker.log"
     proc = start_rq_worker(worker_env(qsettings, redis_server.url, DEEPFAKE_MODEL_DIR=str(cut)), log)
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any, Callable
 
 
 def add_data_commands(sub) -> None:  # type: ignore[no-untyped-def]
@@ -191,15 +192,25 @@ def cmd_feedback_summary(args: argparse.Namespace, parser: argparse.ArgumentPars
 NO_BAND = "none"
 
 
-def probability(text: str) -> float:
-    """A threshold from 0 to 1 (argparse type; `python -m training` takes it too)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not a probability from 0 to 1")
-    return value
+def _number(parse: Callable[[str], Any], fits: Callable[[Any], bool], what: str) -> Callable[[str], Any]:
+    """An argparse type: `parse` of the text when `fits` takes it, else a usage error saying `what`
+    it must be (text that does not parse, `nan` and `inf` included)."""
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text} is not {what}") from None
+        if not fits(value):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+
+    return convert
+
+
+# A threshold (`python -m training` takes it too), a wait, a track length.
+probability = _number(float, lambda v: 0.0 <= v <= 1.0, "a probability from 0 to 1")
+_seconds = _number(float, lambda v: 0.0 <= v < float("inf"), "a number of seconds (0 or more)")
+_frames = _number(int, lambda v: v >= 1, "a number of frames (1 or more)")
 
 
 def non_empty(text: str) -> str:
@@ -207,26 +218,6 @@ def non_empty(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
     return text
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds (0 or more)")
-    return value
-
-
-def _frames(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a number of frames (1 or more)")
-    return value
 
 
 def _probability_or_none(text: str) -> float | str:

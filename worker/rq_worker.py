@@ -219,13 +219,12 @@ class DeepfakeWorker(SimpleWorker):
         kwargs["logging_level"] = settings.log_level
         self._start_scheduler(burst, settings.log_level)
         try:
-            try:
-                self.load_runtime(settings)
-            except ConfigurationError as exc:  # a model that cannot load: one log line, not a traceback
-                log.error("worker_misconfigured", reason=str(exc))
-                raise SystemExit(2) from None
+            self.load_runtime(settings)
             self.publish_model()
             return super().work(burst, *args, with_scheduler=False, **kwargs)
+        except ConfigurationError as exc:  # a model that cannot load: one log line, not a traceback
+            log.error("worker_misconfigured", reason=str(exc))
+            raise SystemExit(2) from None
         finally:  # RQ stops it in teardown, which a failure to load or to register never reaches
             if self.scheduler is not None:
                 self.stop_scheduler()

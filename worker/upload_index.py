@@ -57,10 +57,11 @@ def prune(connection: Redis, name: str) -> int:
     """Drop the members of index `name` whose job hash or duplicate record is gone (expired, or erased
     by another deployment's `forget`), and any this module does not write; how many. A member is
     added once what it names exists."""
-    listed = [raw.decode() if isinstance(raw, bytes) else raw for raw in connection.smembers(name)]
-    foreign = [member for member in listed if _target(member) is None]
+    targets = {member: _target(member) for member in
+               (raw.decode() if isinstance(raw, bytes) else raw for raw in connection.smembers(name))}
+    foreign = [member for member, target in targets.items() if target is None]
     dropped = connection.srem(name, *foreign) if foreign else 0
-    known = [(member, target) for member in listed if (target := _target(member)) is not None]
+    known = [(member, target) for member, target in targets.items() if target is not None]
     if known:
         dropped += connection.eval(DROP_GONE, 1 + len(known), name, *[t for _, t in known], *[m for m, _ in known])
     return dropped
