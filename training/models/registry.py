@@ -12,8 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
+
+from worker.torch_files import load_tensors
 
 _model_entrypoints: dict[str, Callable[..., nn.Module]] = {}
 
@@ -61,7 +62,7 @@ def create_model(
     if imagenet_path is not None:
         model.load_rgb_imagenet(imagenet_path)  # type: ignore[operator]
     if checkpoint_path is not None:
-        sd = torch.load(str(checkpoint_path), map_location="cpu", weights_only=True)
+        sd = load_tensors(checkpoint_path)  # a wrong file said in one line, as for ImageNet weights
         for wrapper in ("state_dict", "model"):
             if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
                 sd = sd[wrapper]
