@@ -429,7 +429,9 @@ def test_cli_train_evaluate_export(tmp_path, capsys, monkeypatch, caplog):
     export = ["export", "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "m2"), "--training-data", "t"]
     for argv, said in (([*export, "--name", "t", "--version", "0", "--metrics", str(tmp_path / "list.json")],
                         "not an evaluate results.json (a JSON object)"),
-                       ([*export, "--name", " ", "--version", "0"], "argument --name: must not be empty")):
+                       ([*export, "--name", " ", "--version", "0"], "argument --name: must not be empty"),
+                       (["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(data), "--out", str(ev),
+                         "--review-threshold", "1.5"], "argument --review-threshold: ")):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2 and said in capsys.readouterr().err
@@ -480,3 +482,11 @@ def test_cli_extract_ffpp_layout(tmp_path, capsys):
                      "--size", "64", *extra]) == 0
         per_video = Counter(r.video_id for r in read_index(tmp_path / name, "train"))
         assert sorted(per_video.values()) == sorted([4, 4] + [fake_frames] * 4), (name, per_video)
+    # A misspelt compression or manipulation is a usage error before anything is read.
+    capsys.readouterr()
+    for extra, said in ((["--compression", "c32"], "--compression must be one of raw, c23, c40, not 'c32'"),
+                        (["--manipulations", "Deepfakes", "FaceSwapp"], "unknown --manipulations FaceSwapp")):
+        with pytest.raises(SystemExit) as exc:
+            main(["extract", "--dataset", "ffpp", "--root", str(root), "--out", str(tmp_path / "slip"), *extra])
+        assert exc.value.code == 2 and said in capsys.readouterr().err
+        assert not (tmp_path / "slip").exists()

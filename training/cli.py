@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--threshold", type=probability, help="default: the model card's, else 0.5")
-    p.add_argument("--review-threshold", type=float,
+    p.add_argument("--review-threshold", type=probability,
                    help="also report the allow/review/block shares; default: the model card's review threshold")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
@@ -212,9 +212,14 @@ def _frames_for(dataset: str, override: int | None, sampling: str = "paper") -> 
 
 def cmd_extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from training.data import assign_frames, celebdf_videos, dfd_videos, extract_videos, ffpp_videos
+    from training.data.datasets import FFPP_COMPRESSIONS, FFPP_KNOWN
 
     if args.frames is not None and args.frames < 1:
         parser.error("--frames must be at least 1")
+    if args.compression not in FFPP_COMPRESSIONS:  # checked here: the data package is slow to import for --help
+        parser.error(f"--compression must be one of {', '.join(FFPP_COMPRESSIONS)}, not {args.compression!r}")
+    if unknown := sorted(set(args.manipulations or ()) - set(FFPP_KNOWN)):
+        parser.error(f"unknown --manipulations {', '.join(unknown)}; FF++ has {', '.join(FFPP_KNOWN)}")
     if args.dataset == "ffpp":
         kw = {"manipulations": args.manipulations} if args.manipulations else {}
         items = ffpp_videos(args.root, splits=args.splits, compression=args.compression, missing=args.missing, **kw)
