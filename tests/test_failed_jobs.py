@@ -46,7 +46,7 @@ def test_a_job_lost_to_an_s3_outage_is_listed_requeued_and_then_gets_its_one_ver
     job_id = enqueue(BUCKET, KEY, settings=s, connection=redis, s3_client=s3)
 
     dead = f"http://127.0.0.1:{free_ports(1)[0]}"  # the outage: nothing answers there
-    burst(redis, s, runtime=WorkerRuntime(s, moderator=moderator, s3_client=make_client(dead, max_attempts=1)))
+    burst(redis, s, runtime=WorkerRuntime(s, moderator=moderator, s3_client=make_client(dead, attempts=2)))
     assert job_state(job_id, settings=s, connection=redis).status == "failed"  # both attempts failed (no backoff)
     assert stored(s3, s, KEY) == []
 

@@ -68,7 +68,7 @@ def test_a_failed_attempt_waits_its_backoff_then_status_puts_it_back_with_no_wor
     job_id = enqueue(BUCKET, KEY, settings=qsettings, connection=redis, s3_client=s3)
     dead = f"http://127.0.0.1:{free_ports(1)[0]}"  # S3 down for the first attempt
     before = time.time()
-    burst(redis, qsettings, runtime=WorkerRuntime(qsettings, moderator=moderator, s3_client=make_client(dead, max_attempts=1)))
+    burst(redis, qsettings, runtime=WorkerRuntime(qsettings, moderator=moderator, s3_client=make_client(dead, attempts=2)))
     after = time.time()
     queue = get_queue(redis, qsettings.queue)
     scheduled = ScheduledJobRegistry(queue=queue)

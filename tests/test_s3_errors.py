@@ -138,3 +138,25 @@ def test_through_rq_a_slow_store_is_retried_then_the_last_try_gives_the_timeout_
     assert state.status == "finished" and state.result["error"]["code"] == "timeout", state
     assert Job.fetch(job_id, connection=redis, serializer=JSONSerializer).retries_left == 0  # retried once first
     assert stored(s3, settings, LONGER)[0]["error"]["code"] == "timeout"
+
+
+def test_a_stalled_store_holds_the_enqueue_command_for_a_few_short_tries(s3, s3_server, redis_server, monkeypatch,
+                                                                          capsys):
+    """`deepfake enqueue` (and every command a person or an upload handler waits on) gives a stalled
+    S3 endpoint CONTROL_ATTEMPTS reads of CONTROL_READ_TIMEOUT_S each, then queues the upload all the
+    same with a warning; with the worker's 6 tries of 60 s it held the command for over 6 minutes first.
+    The timeout is cut here so the test waits seconds, not the 40 s a user would."""
+    import worker.s3
+    from worker.cli import main
+
+    monkeypatch.setattr(worker.s3, "CONTROL_READ_TIMEOUT_S", 0.5)
+    with FaultProxy(s3_server.port) as proxy:
+        stall = proxy.add(Rule("delay", method="HEAD", path="noise.avi$", delay_s=3.0))
+        for name, value in (("DEEPFAKE_REDIS_URL", redis_server.url), ("DEEPFAKE_S3_ENDPOINT_URL", proxy.endpoint),
+                            ("DEEPFAKE_ALLOWED_BUCKETS", BUCKET)):
+            monkeypatch.setenv(name, value)
+        assert main(["enqueue", f"s3://{BUCKET}/{BIG}"]) == 0
+        out, err = capsys.readouterr()
+        assert f"warning: s3://{BUCKET}/{BIG} could not be read here (Read timeout" in err, err
+        assert len(out.split()) == 1  # the job id
+        assert stall.hits == worker.s3.CONTROL_ATTEMPTS == 3

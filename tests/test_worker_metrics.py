@@ -59,7 +59,7 @@ def test_the_queue_state_is_read_from_redis_at_each_scrape(redis, settings):
 def test_refused_and_storage_failures_are_counted_and_end_in_the_failed_registry(redis, settings, moderator):
     dead_s3 = f"http://127.0.0.1:{free_ports(1)[0]}"  # nothing listens: every S3 call fails
     s = settings.model_copy(update={"allowed_buckets": "uploads", "s3_endpoint_url": dead_s3})
-    runtime = WorkerRuntime(s, moderator=moderator, s3_client=make_client(dead_s3, max_attempts=1))
+    runtime = WorkerRuntime(s, moderator=moderator, s3_client=make_client(dead_s3, attempts=2))
     runtime.metrics.watch_queues(redis, [QUEUE])
     queue = get_queue(redis, QUEUE)
     queue.enqueue("os.getcwd")  # naming other code: refused, never retried

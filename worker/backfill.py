@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 from redis import Redis
 
 from worker.queue import connect, enqueue, get_queue
-from worker.s3 import S3Location, make_client, validate_bucket, validate_location
+from worker.s3 import S3Location, control_client, validate_bucket, validate_location
 from worker.settings import Settings
 from worker.verdict_store import VerdictStore
 
@@ -87,7 +87,7 @@ def backfill(
     queue holds `max_queued` or more waiting jobs. `on_enqueued(key, job_id)` is called for each."""
     settings = settings or Settings()
     connection = connection or connect(settings)
-    s3 = s3_client or make_client(settings.s3_endpoint_url, settings.s3_region)
+    s3 = s3_client or control_client(settings.s3_endpoint_url, settings.s3_region)
     store = VerdictStore.for_settings(settings, s3)
     queue = get_queue(connection, settings.queue)
     stats = BackfillStats()

@@ -128,12 +128,12 @@ def _prefix(parser: argparse.ArgumentParser, uri: str) -> tuple[str, str]:
 
 def cmd_enqueue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from worker.queue import connect, enqueue, object_etag
-    from worker.s3 import make_client
+    from worker.s3 import control_client
     from worker.verdict_store import VerdictStore
 
     settings = _settings(parser, frames=args.frames)
     locations = _locations(parser, args.uris)
-    s3 = make_client(settings.s3_endpoint_url, settings.s3_region)
+    s3 = control_client(settings.s3_endpoint_url, settings.s3_region)
     store = VerdictStore.for_settings(settings, s3)
     for loc in locations:
         if store.is_verdict_key(loc):

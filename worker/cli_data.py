@@ -132,12 +132,12 @@ def cmd_forget(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from worker import cli
     from worker.forget import forget
     from worker.queue import connect
-    from worker.s3 import make_client
+    from worker.s3 import control_client
 
     locations = cli._locations(parser, args.uris)
     settings = cli._settings(parser)
     connection = connect(settings)
-    s3 = make_client(settings.s3_endpoint_url, settings.s3_region)
+    s3 = control_client(settings.s3_endpoint_url, settings.s3_region)
     complete = True
     for loc in locations:
         done = forget(loc.bucket, loc.key, wait_s=args.wait, scan=args.scan, settings=settings,

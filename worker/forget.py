@@ -28,7 +28,7 @@ from worker import upload_index
 from worker.jobs import MODERATE_FUNC
 from worker.maintenance import clean_abandoned_locked, maintenance_lock, started_registry
 from worker.queue import connect, get_queue
-from worker.s3 import S3Location, make_client, validate_location
+from worker.s3 import S3Location, control_client, validate_location
 from worker.settings import Settings
 from worker.verdict_store import VerdictStore
 
@@ -157,7 +157,7 @@ def forget(
     validate_location(bucket, key)
     settings = settings or Settings()
     connection = connection or connect(settings)
-    s3 = s3_client or make_client(settings.s3_endpoint_url, settings.s3_region)
+    s3 = s3_client or control_client(settings.s3_endpoint_url, settings.s3_region)
     out = Forgotten(f"s3://{bucket}/{key}")
     queue = get_queue(connection, settings.queue)
     deadline = time.monotonic() + (default_wait_s(settings) if wait_s is None else wait_s)

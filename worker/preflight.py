@@ -175,7 +175,7 @@ def check_s3(settings: Settings) -> Check:
     """The credentials reach every allowed bucket (and the verdict bucket); an empty allow-list is an error."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from worker.s3 import error_code, make_client
+    from worker.s3 import control_client, error_code
 
     allowed = settings.bucket_allow_list()
     if not allowed:
@@ -183,7 +183,7 @@ def check_s3(settings: Settings) -> Check:
     buckets = sorted(b for b in allowed if b != "*")
     if settings.verdict_bucket and settings.verdict_bucket not in buckets:
         buckets.append(settings.verdict_bucket)
-    client = make_client(settings.s3_endpoint_url, settings.s3_region, max_attempts=2)
+    client = control_client(settings.s3_endpoint_url, settings.s3_region)
     problems = []
     for bucket in buckets:
         try:

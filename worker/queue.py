@@ -31,7 +31,7 @@ from worker.errors import last_line
 from worker.jobs import MODERATE_FUNC
 from worker.maintenance import clean_abandoned, release_due_retries, started_registry
 from worker.rq_worker import DeepfakeJob, model_key
-from worker.s3 import S3Location, make_client, validate_location
+from worker.s3 import S3Location, control_client, validate_location
 from worker.settings import Settings
 from worker.verdict_store import DETERMINISTIC_ERRORS, VerdictStore, reusable
 from worker.webhooks import check_webhooks
@@ -163,7 +163,7 @@ def enqueue(
     connection = connection or connect(settings)
     queue = get_queue(connection, settings.queue)
     if etag is None:
-        s3 = s3_client or make_client(settings.s3_endpoint_url, settings.s3_region)
+        s3 = s3_client or control_client(settings.s3_endpoint_url, settings.s3_region)
         etag = object_etag(s3, bucket, key)
     model = json.loads(connection.get(model_key(settings.queue)) or "{}")
     dkey = (dedupe_key(settings.queue, bucket, key, etag, frames, model.get("sha256", ""), model.get("decision_policy"),

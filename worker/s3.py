@@ -67,18 +67,36 @@ def validate_location(bucket: str, key: str) -> None:
         raise ValueError("object key contains control characters")
 
 
-def make_client(endpoint_url: str | None = None, region: str | None = None, max_attempts: int = 5) -> Any:
-    """A boto3 S3 client with botocore's standard retry mode (backoff on 5xx, throttling, resets)."""
+def make_client(endpoint_url: str | None = None, region: str | None = None, attempts: int = 6,
+                read_timeout_s: float = 60.0) -> Any:
+    """A boto3 S3 client with botocore's standard retry mode (backoff on 5xx, throttling, resets),
+    trying each request `attempts` times in all (botocore's own `max_attempts` counts the retries).
+
+    The defaults are the worker's, which streams uploads and can wait: an endpoint that stalls fails
+    a request after 6 tries of 60 s. What a person or a request handler waits on takes `control_client`.
+    """
     config = Config(
-        retries={"mode": "standard", "max_attempts": max_attempts},
+        retries={"mode": "standard", "total_max_attempts": attempts},
         s3={"addressing_style": "path"} if endpoint_url else {},
         connect_timeout=10,
-        read_timeout=60,
+        read_timeout=read_timeout_s,
     )
     # Unset: boto3's own chain (AWS_REGION, which IRSA and EKS pod identity set, then the config file),
     # so requests go to the bucket's regional endpoint instead of us-east-1 and a redirect.
     region = region or boto3.session.Session().region_name or "us-east-1"
     return boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+
+
+# The CLI, `enqueue` and `deepfake check` make small requests (HEAD, LIST, a verdict's JSON) that a
+# person or an upload handler waits on: 3 tries of 10 s, so a stalled endpoint fails them in about
+# half a minute, not the worker's 6 (6 tries of 60 s).
+CONTROL_ATTEMPTS = 3
+CONTROL_READ_TIMEOUT_S = 10.0
+
+
+def control_client(endpoint_url: str | None = None, region: str | None = None) -> Any:
+    """An S3 client for calls someone waits on (see CONTROL_ATTEMPTS): the CLI, enqueue, backfill, forget, check."""
+    return make_client(endpoint_url, region, attempts=CONTROL_ATTEMPTS, read_timeout_s=CONTROL_READ_TIMEOUT_S)
 
 
 def error_code(exc: Exception) -> str:

@@ -26,7 +26,7 @@ from botocore.exceptions import ClientError
 
 from worker import __version__
 from worker.preprocess import PREPROCESSING_VERSION
-from worker.s3 import CHANGED_CODES, MAX_KEY_BYTES, NOT_FOUND_CODES, S3Location, error_code, make_client
+from worker.s3 import CHANGED_CODES, MAX_KEY_BYTES, NOT_FOUND_CODES, S3Location, control_client, error_code
 from worker.video import frames_to_sample
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class VerdictStore:
         """The store at the settings' verdict bucket and prefix; with `verify`, checking signatures with
         DEEPFAKE_VERDICT_SECRET (the worker, `deepfake verdict`, `deepfake result --full`), else not
         (the commands that list, erase or annotate verdicts)."""
-        client = client or make_client(settings.s3_endpoint_url, settings.s3_region)
+        client = client or control_client(settings.s3_endpoint_url, settings.s3_region)
         secret = settings.verdict_secret.get_secret_value() if verify and settings.verdict_secret else None
         return cls(client, prefix=settings.verdict_prefix, bucket=settings.verdict_bucket, secret=secret)
 
