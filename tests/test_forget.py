@@ -121,6 +121,42 @@ def test_a_retry_waiting_out_its_backoff_is_erased(s3, redis, fsettings):
     assert ScheduledJobRegistry(queue=queue).get_job_ids(cleanup=False) == []
 
 
+def test_a_retry_a_scheduler_hands_to_a_worker_meanwhile_is_waited_for(s3, redis, fsettings, monkeypatch):
+    """Just after forget reads the lists, the retry's backoff ends: a worker's scheduler moves it onto
+    the queue and a worker dequeues and starts it. Deleted then, as the retry forget had seen, it ran
+    on from the worker's memory and stored its verdict after the erasure."""
+    from datetime import datetime, timedelta, timezone
+
+    from rq.registry import ScheduledJobRegistry
+    from rq.serializers import JSONSerializer
+
+    import worker.forget
+    from worker.rq_worker import DeepfakeJob
+    from worker.scheduler import RetryScheduler
+
+    queue = get_queue(redis, fsettings.queue)
+    raw = queue.enqueue(MODERATE_FUNC, args=(BUCKET, ALICE), kwargs={"frames": 3})
+    queue.remove(raw.id)
+    queue.schedule_job(raw, datetime.now(timezone.utc) - timedelta(seconds=1))  # due
+    read_lists, reads = worker.forget.lists, []
+
+    def lists_then_the_scheduler_moves(q):
+        now = read_lists(q)
+        reads.append(now)
+        if len(reads) == 1:
+            scheduler = RetryScheduler([q.name], connection=redis, serializer=JSONSerializer, job_class=DeepfakeJob)
+            assert scheduler.move(ScheduledJobRegistry(queue=q), q, raw.id)
+            assert redis.lmove(q.key, q.intermediate_queue.key).decode() == raw.id  # a worker's dequeue
+            redis.zadd(StartedJobRegistry(queue=q).key, {f"{raw.id}:execution": time.time() + 60})  # and start
+        return now
+
+    monkeypatch.setattr(worker.forget, "lists", lists_then_the_scheduler_moves)
+    gone = forget(BUCKET, ALICE, settings=fsettings, connection=redis, s3_client=s3, wait_s=0.5, sleep=time.sleep)
+    assert raw.id in reads[0].scheduled and len(reads) > 1
+    assert gone.jobs_deleted == [] and gone.still_running == [raw.id] and not gone.complete
+    assert Job.exists(raw.id, connection=redis)  # the worker's to finish; forget is run again after
+
+
 def test_a_job_stranded_by_a_lost_dequeue_reply_is_erased(s3, redis, fsettings):
     """A dequeue whose reply was lost leaves its job in RQ's intermediate list, from which the
     maintenance (worker.maintenance.recover_stranded) would retry it after the erasure."""

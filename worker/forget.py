@@ -160,6 +160,7 @@ def forget(
     s3 = s3_client or control_client(settings.s3_endpoint_url, settings.s3_region)
     out = Forgotten(f"s3://{bucket}/{key}")
     queue = get_queue(connection, settings.queue)
+    scheduled_key = ScheduledJobRegistry(queue=queue).key
     deadline = time.monotonic() + (default_wait_s(settings) if wait_s is None else wait_s)
     running: list[str] = []
     dequeued: dict[str, float] = {}  # job id: when first seen in the intermediate list
@@ -191,6 +192,9 @@ def forget(
                     if job.id in now.waiting and not late and not connection.lrem(queue.key, 1, job.id):
                         running.append(job.id)  # dequeued since the lists were read: in a worker's hands
                         continue
+                    if job.id in now.scheduled and not late and not connection.zrem(scheduled_key, job.id):
+                        running.append(job.id)  # a scheduler moved it onto the queue since: looked at again
+                        continue  # (taken out first, a move still in flight fails: it watches the registry)
                     job.delete()
                     out.jobs_deleted.append(job.id)
         if deleting and (not running or late):
