@@ -257,6 +257,26 @@ def test_the_same_upload_enqueued_at_once_makes_one_job(s3, redis, redis_server,
     assert claim_duplicate(redis, dkey, "mine", accept=lambda job: True).id == ids[0]  # the live job answers
 
 
+def test_an_enqueue_whose_reply_is_lost_returns_the_job_it_made(s3, redis, redis_server, qsettings, moderator):
+    """Redis queues the job, then the connection is cut before its reply arrives (a restart, a
+    failover): the enqueue raised and dropped the duplicate claim as if nothing had been made, and the
+    caller's retry made a second job for the same bytes. Now it returns the job it made, recorded as
+    the duplicate record, and the retry gets that job back."""
+    from redis import Redis
+    from redisproxy import ReplyCutter
+
+    burst(redis, qsettings, moderator)  # the published model: duplicates are matched
+    etag = s3.head_object(Bucket=BUCKET, Key=UPLOADS["carphone"])["ETag"]
+    with ReplyCutter(redis_server.port, when=lambda sent: b"EXEC" in sent and b"RPUSH" in sent) as cut:
+        connection = Redis.from_url(cut.url)
+        job_id = enqueue(BUCKET, UPLOADS["carphone"], etag=etag, settings=qsettings, connection=connection)
+        assert cut.fired.is_set()
+        assert enqueue(BUCKET, UPLOADS["carphone"], etag=etag, settings=qsettings, connection=connection) == job_id
+    assert get_queue(redis, "deepfake").job_ids == [job_id]
+    [dkey] = [k.decode() for k in redis.scan_iter("deepfake:dedupe:*")]
+    assert redis.get(dkey).decode() == job_id
+
+
 def test_queues_sharing_one_redis_keep_their_own_duplicates(s3, redis, qsettings, moderator):
     key = UPLOADS["carphone"]
     other = qsettings.model_copy(update={"queue": "deepfake-other"})

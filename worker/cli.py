@@ -244,7 +244,7 @@ def cmd_check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def cmd_failed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from worker.queue import failed_jobs
+    from worker.failed_jobs import failed_jobs
 
     if args.limit is not None and args.limit < 1:
         parser.error("--limit must be at least 1")
@@ -254,7 +254,7 @@ def cmd_failed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def cmd_requeue(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from worker.queue import requeue_failed
+    from worker.failed_jobs import requeue_failed
 
     requeued, missing = requeue_failed(None if args.all else args.job_ids, settings=_settings(parser))
     print(json.dumps({"requeued": requeued, "not_failed": missing}))

@@ -1,5 +1,5 @@
-"""The client side of the queue: enqueue S3 keys, read results and queue state, list the jobs that
-failed without a verdict and put them back (a library over RQ).
+"""The client side of the queue: enqueue S3 keys, read results and queue state (a library over RQ;
+the jobs that failed without a verdict are in worker.failed_jobs).
 
 Jobs are JSON (RQ's JSONSerializer), their function a stable dotted path, their arguments plain
 JSON. Enqueueing an object already queued, running or done for the same bytes (ETag), sampling and
@@ -18,7 +18,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, Retry, Worker
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -27,7 +27,6 @@ from rq.webhook import Webhook
 
 from worker import upload_index
 from worker.decision import NO_FACE_ACTION, DecisionPolicy
-from worker.errors import last_line
 from worker.jobs import MODERATE_FUNC
 from worker.maintenance import clean_abandoned, release_due_retries, started_registry
 from worker.rq_worker import DeepfakeJob, model_key
@@ -38,15 +37,6 @@ from worker.webhooks import check_webhooks
 
 DEDUPE_PREFIX = "deepfake:dedupe:"
 HEAD_SCAN = 100  # waiting jobs `queue_depths` reads the age of, from the head
-# A failed job given its retries again, its hash kept: RQ's failure set it to expire with the failure
-# (failure_ttl) and requeueing keeps that, so a job that waited longer in the queue vanished from it.
-# 0 when the hash is gone (a write would leave a stub without expiry in its place).
-REARM_FAILED = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'retries_left', ARGV[1], 'retry_intervals', ARGV[2])
-redis.call('PERSIST', KEYS[1])
-return 1
-"""
 # A waiting job to the front of its queue in one step (a job a worker already took is left alone, and
 # none is lost between the two writes): RQ's queue is a list whose left end is popped first.
 TO_FRONT = "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then return redis.call('LPUSH', KEYS[1], ARGV[1]) end return 0"
@@ -181,14 +171,21 @@ def enqueue(
             connection.eval(TO_FRONT, 1, queue.key, existing.id)
         return existing.id
     try:
-        job = queue.enqueue(
+        queue.enqueue(
             MODERATE_FUNC, args=(bucket, key), kwargs={"frames": frames}, job_id=job_id,
             job_timeout=settings.job_timeout_s(frames), result_ttl=settings.result_ttl_s,
             failure_ttl=settings.result_ttl_s, retry=retry_policy(settings),
             at_front=at_front, description=f"moderate s3://{bucket}/{key}", webhooks=webhooks,
         )
+    except RedisError:
+        # Perhaps only the reply was lost (a restart, a failover, a connection cut after EXEC): the job
+        # is then queued, and raising would have the caller enqueue the upload a second time.
+        if (made := job_made(connection, queue, job_id)) is not True:
+            if made is False and dkey:  # nobody waits on a job that was never made
+                connection.eval(RELEASE_CLAIM, 1, dkey, PENDING + job_id)
+            raise  # unknown: the claim is kept until it expires (CLAIM_TTL_S)
     except BaseException:
-        if dkey:  # nobody waits on a job that was never made
+        if dkey:
             connection.eval(RELEASE_CLAIM, 1, dkey, PENDING + job_id)
         raise
     if dkey:  # the claim becomes the duplicate record, unless another enqueue took it over meanwhile
@@ -196,8 +193,17 @@ def enqueue(
             connection.eval(REPLACE_CLAIM, 1, dkey, PENDING + job_id, job_id, settings.result_ttl_s)
         except RedisError:  # the job is queued all the same: its claim expires, a duplicate then gets a job
             pass
-    upload_index.record(connection, bucket, key, job_id=job.id, dedupe_key=dkey, ttl_s=settings.result_ttl_s)
-    return job.id
+    upload_index.record(connection, bucket, key, job_id=job_id, dedupe_key=dkey, ttl_s=settings.result_ttl_s)
+    return job_id
+
+
+def job_made(connection: Redis, queue: Queue, job_id: str) -> bool | None:
+    """Whether an enqueue that raised made its job (RQ writes the hash and queues it in one
+    transaction); None when Redis cannot say now either."""
+    try:
+        return bool(connection.exists(queue.job_class.key_for(job_id)))
+    except RedisError:
+        return None
 
 
 def claim_duplicate(connection: Redis, dkey: str, job_id: str, accept: Callable[[Job], bool],
@@ -314,42 +320,6 @@ def queue_status(*, settings: Settings | None = None, connection: Redis | None =
     }
 
 
-@dataclass
-class FailedJob:
-    """A job in RQ's failed registry: it ran out of retries, or its worker died, and has no verdict."""
-
-    id: str
-    bucket: str | None
-    key: str | None
-    failed_at: str | None
-    error: str  # the exception's last line, e.g. "worker.errors.TransientError: reading s3://... failed: ..."
-
-    def to_dict(self) -> dict:
-        return {"job_id": self.id, "bucket": self.bucket, "key": self.key, "failed_at": self.failed_at,
-                "error": self.error}
-
-
-def failed_jobs(*, settings: Settings | None = None, connection: Redis | None = None,
-                limit: int | None = None) -> list[FailedJob]:
-    """The failed registry's jobs, oldest first by RQ's registry order (what DeepfakeJobsFailed counts)."""
-    settings = settings or Settings()
-    connection = connection or connect(settings)
-    queue = get_queue(connection, settings.queue)
-    registry = FailedJobRegistry(queue=queue)
-    out: list[FailedJob] = []
-    for job_id in registry.get_job_ids(0, -1 if limit is None else limit - 1):
-        try:  # DeepfakeJob: a malformed hash (anyone who can write to Redis) is skipped, not a traceback
-            job = DeepfakeJob.fetch(job_id, connection=connection, serializer=JSONSerializer)
-        except NoSuchJobError:
-            continue  # expired between the listing and the fetch
-        bucket, key = upload_of(job) or (None, None)
-        latest = job.latest_result()
-        out.append(FailedJob(job.id, bucket, key, job.ended_at.isoformat() if job.ended_at else None,
-                             last_line(latest.exc_string if latest is not None else None)
-                             or "failed (no exception recorded)"))
-    return out
-
-
 def upload_of(job: Job) -> tuple[str, str] | None:
     """(bucket, key) a moderation job names; None for any other job, or arguments nobody could read."""
     try:
@@ -357,40 +327,3 @@ def upload_of(job: Job) -> tuple[str, str] | None:
     except Exception:  # noqa: BLE001 - a job hash anyone could have written
         return None
     return (args[0], args[1]) if len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str) else None
-
-
-def requeue_failed(job_ids: list[str] | None = None, *, settings: Settings | None = None,
-                   connection: Redis | None = None) -> tuple[list[str], list[str]]:
-    """Put failed jobs (all of them when `job_ids` is None) back on the queue under the same ids, with
-    `job_retries` retries again; returns (requeued, not in the failed registry or expired from it).
-    Each writes its verdict once when it runs, and `deepfake forget` finds it while it waits."""
-    settings = settings or Settings()
-    connection = connection or connect(settings)
-    queue = get_queue(connection, settings.queue)
-    registry = FailedJobRegistry(queue=queue, job_class=queue.job_class)
-    requeued, missing = [], []
-    for job_id in registry.get_job_ids() if job_ids is None else job_ids:
-        if job_id not in registry:
-            missing.append(job_id)
-            continue
-        try:  # first: a malformed hash is left to expire with its failure, never made to last
-            job = DeepfakeJob.fetch(job_id, connection=connection, serializer=JSONSerializer)
-        except NoSuchJobError:
-            if not connection.exists(Job.key_for(job_id)):
-                connection.zrem(registry.key, job_id)  # its hash expired (or was evicted): nothing is left to run
-            missing.append(job_id)
-            continue
-        if not connection.eval(REARM_FAILED, 1, job.key, settings.job_retries, json.dumps(settings.retry_intervals_s())):
-            connection.zrem(registry.key, job_id)  # expired since the fetch
-            missing.append(job_id)
-            continue
-        try:
-            job = registry.requeue(job_id)
-        except (InvalidJobOperation, NoSuchJobError):
-            missing.append(job_id)
-            continue
-        requeued.append(job_id)
-        upload = upload_of(job)
-        if upload is not None:  # the index expired with the failure
-            upload_index.record(connection, *upload, job_id=job.id, ttl_s=settings.result_ttl_s)
-    return requeued, missing
