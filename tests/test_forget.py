@@ -237,7 +237,8 @@ def test_jobs_are_deleted_under_the_queues_maintenance_lock(s3, redis, fsettings
     """While a worker's maintenance holds the lock (it may be retrying this very job), forget waits for
     it, then deletes holding it itself, and gives it back. A lock held over 5 minutes (its holder died)
     is done without at once, and one held to forget's deadline then; either is left to expire."""
-    from worker.forget import RQ_LOCK_TTL_S, STALE_LOCK_S
+    from worker.forget import STALE_LOCK_S
+    from worker.maintenance import LOCK_TTL_S
 
     queue = get_queue(redis, fsettings.queue)
     raw = queue.enqueue(MODERATE_FUNC, args=(BUCKET, ALICE), kwargs={"frames": 3})
@@ -264,7 +265,7 @@ def test_jobs_are_deleted_under_the_queues_maintenance_lock(s3, redis, fsettings
         for age, wait_s, reason in ((STALE_LOCK_S + 1, None, "stale"), (1, 1.0, "deadline")):
             stuck = queue.enqueue(MODERATE_FUNC, args=(BUCKET, ALICE), kwargs={"frames": 3})
             assert queue.acquire_maintenance_lock()  # its holder died `age` seconds ago
-            redis.expire(queue.registry_cleaning_key, RQ_LOCK_TTL_S - age)
+            redis.expire(queue.registry_cleaning_key, LOCK_TTL_S - age)
             naps: list[float] = []
             with capture_logs() as logs:
                 gone = forget(BUCKET, ALICE, wait_s=wait_s, settings=fsettings, connection=redis, s3_client=s3,

@@ -461,6 +461,17 @@ def test_abandoned_jobs_are_moved_on_once_under_the_workers_maintenance_lock(red
     assert sorted(waiting) == sorted(ids)  # each requeued (it had retries left), and once
     assert queue_status(settings=qsettings, connection=redis)["started"] == 0
     assert clean_abandoned(queue)  # the lock was released each time
+    # A pass that outlives the lock (slow webhooks, a Redis ride-out) gives back only its own: the
+    # lock another process took since stays, so no third pass cleans beside that one.
+    from worker.maintenance import maintenance_lock
+
+    with maintenance_lock(queue) as first:
+        redis.delete(queue.registry_cleaning_key)  # its 899 s ran out
+        with maintenance_lock(queue) as second:
+            assert first and second
+        assert not redis.exists(queue.registry_cleaning_key)
+        assert queue.acquire_maintenance_lock()  # a third process, as RQ's workers take it
+    assert redis.exists(queue.registry_cleaning_key) and not clean_abandoned(queue)
 
 
 @pytest.mark.parametrize("carried", [-1, 86_400], ids=["none", "a-day"])

@@ -26,7 +26,7 @@ from rq.utils import as_text
 
 from worker import upload_index
 from worker.jobs import MODERATE_FUNC
-from worker.maintenance import clean_abandoned_locked, maintenance_lock, started_registry
+from worker.maintenance import LOCK_TTL_S, clean_abandoned_locked, maintenance_lock, started_registry
 from worker.queue import connect, get_queue
 from worker.s3 import S3Location, control_client, validate_location
 from worker.settings import Settings
@@ -34,10 +34,9 @@ from worker.verdict_store import VerdictStore
 
 log = structlog.get_logger("worker.forget")
 POLL_S = 1.0
-# The queue's maintenance lock is taken for RQ_LOCK_TTL_S (RQ's Queue.acquire_maintenance_lock). One
+# The queue's maintenance lock is taken for LOCK_TTL_S (worker.maintenance, as RQ's workers do). One
 # held longer than STALE_LOCK_S is taken for a dead holder's, and forget deletes without it: a live
 # maintenance pass takes seconds, or minutes when abandoned jobs' webhooks time out.
-RQ_LOCK_TTL_S = 899
 STALE_LOCK_S = 300
 # A job in RQ's intermediate list was just dequeued: its worker holds it, and puts it in the started
 # registry a moment later. Deleted then, it would still run and store a verdict after the erasure:
@@ -135,7 +134,7 @@ def _fetch_all(connection: Redis, job_ids: list[str], chunk: int = 1000) -> list
 def stale_lock(queue: Queue) -> bool:
     """Whether the maintenance lock has been held longer than STALE_LOCK_S (or never expires)."""
     ttl = queue.connection.ttl(queue.registry_cleaning_key)
-    return ttl == -1 or (ttl >= 0 and RQ_LOCK_TTL_S - ttl >= STALE_LOCK_S)
+    return ttl == -1 or (ttl >= 0 and LOCK_TTL_S - ttl >= STALE_LOCK_S)
 
 
 def default_wait_s(settings: Settings) -> float:

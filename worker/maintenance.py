@@ -5,6 +5,7 @@ the lock RQ's workers take for the same work, so that nothing is done twice."""
 from __future__ import annotations
 
 import logging
+import uuid
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Iterator
@@ -22,6 +23,8 @@ from worker.scheduler import RetryScheduler
 
 log = structlog.get_logger("worker.maintenance")
 STRANDED_ERROR = "Job was stuck in intermediate queue."  # RQ's words, as its workers record them
+LOCK_TTL_S = 899  # RQ's Queue.acquire_maintenance_lock's
+RELEASE_IF_HELD = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 def started_registry(queue: Queue) -> StartedJobRegistry:
@@ -33,13 +36,17 @@ def started_registry(queue: Queue) -> StartedJobRegistry:
 @contextmanager
 def maintenance_lock(queue: Queue) -> Iterator[bool]:
     """The queue's maintenance lock, the one RQ's workers take to clean, if it is free (yields False
-    when another process holds it); released on leaving, whatever failed."""
-    held = bool(queue.acquire_maintenance_lock())
+    when another process holds it); released on leaving, whatever failed. Taken as RQ does (the same
+    key, for LOCK_TTL_S), but holding a token of its own: a pass that outlived the lock (slow
+    webhooks, a Redis ride-out) released it with RQ's plain DEL after another process had taken it,
+    and a third then cleaned beside the second, each retrying the same abandoned job."""
+    token = uuid.uuid4().hex
+    held = bool(queue.connection.set(queue.registry_cleaning_key, token, nx=True, ex=LOCK_TTL_S))
     try:
         yield held
     finally:
         if held:
-            queue.release_maintenance_lock()
+            queue.connection.eval(RELEASE_IF_HELD, 1, queue.registry_cleaning_key, token)
 
 
 def clean_abandoned(queue: Queue) -> bool:
