@@ -66,6 +66,16 @@ def test_a_planted_verdict_is_reused_without_a_key_and_replaced_with_one(setting
         assert again["label"] == first["label"] and again["created_at"] != first["created_at"]  # recomputed
         body2, meta2, _ = stored(s3, signed)
         assert verify_verdict("verdict-key", loc, body2, meta2[SIGNATURE_METADATA])  # and replaced, signed
+    # A signature with a non-ASCII character (botocore's client refuses to send one; other clients
+    # do not): compare_digest raised TypeError, and every job on the upload failed instead.
+    from botocore.handlers import validate_ascii_metadata
+
+    planter = s3_server.client()
+    planter.meta.events.unregister("before-parameter-build.s3.PutObject", validate_ascii_metadata)
+    plant(planter, loc, forged_body, {SIGNATURE_METADATA: "v1=\u00e9"})
+    assert not s3.head_object(Bucket=loc.bucket, Key=loc.key)["Metadata"][SIGNATURE_METADATA].isascii()
+    again = signed.moderate_s3(BUCKET, KEY)
+    assert again["label"] == first["label"] and again["created_at"] != first["created_at"]
 
 
 def test_a_signed_verdict_does_not_verify_at_another_location(s3):

@@ -51,8 +51,10 @@ def sign_verdict(secret: str, location: S3Location, body: bytes) -> str:
 
 def verify_verdict(secret: str, location: S3Location, body: bytes, signature: str | None) -> bool:
     """For readers of stored verdicts: True when `signature` (the object's deepfake-signature
-    metadata) is this key's signature of `body` at `location`."""
-    return bool(signature) and hmac.compare_digest(sign_verdict(secret, location, body), signature)
+    metadata) is this key's signature of `body` at `location`. A signature that is no ASCII string
+    (anyone who can write the object chooses it) is no match, where compare_digest would raise."""
+    return (isinstance(signature, str) and signature.isascii() and bool(signature)
+            and hmac.compare_digest(sign_verdict(secret, location, body), signature))
 
 
 class VerdictStore:
