@@ -37,6 +37,7 @@ class Receiver:
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
+        self.fail_next = 0  # answer this many POSTs with 503 first, whatever the path
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -45,7 +46,10 @@ class Receiver:
                 receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
                 if self.path.startswith("/slow"):
                     time.sleep(2)
-                if self.path.startswith("/redirect"):
+                if receiver.fail_next > 0:
+                    receiver.fail_next -= 1
+                    self.send_response(503)
+                elif self.path.startswith("/redirect"):
                     self.send_response(302)
                     self.send_header("Location", f"http://127.0.0.1:{receiver.port}/elsewhere")
                 elif self.path.startswith("/broken"):
@@ -318,6 +322,31 @@ def test_worker_posts_the_signed_verdict_to_a_listed_receiver(s3, redis, redis_s
     assert webhook_counts(worker) == {"sent": 1.0}
 
 
+def test_a_webhook_not_delivered_is_sent_by_the_next_enqueue_with_it(s3, redis, redis_server, s3_server,
+                                                                     random_model_dir, moderator, receiver, tmp_path):
+    """A webhook is tried once. The receiver was down then: enqueueing the upload again with the same
+    webhook returned the finished job, and nothing was ever sent. Now that enqueue makes a new job,
+    which reuses the stored verdict and delivers it; once delivered, duplicates are answered again."""
+    settings = worker_settings(random_model_dir, redis_server, s3_server, tmp_path, webhook_hosts="127.0.0.1")
+    burst(redis, settings, moderator)  # the published model: duplicates are matched
+    hook = receiver.url("/deepfake?token=t1")
+    receiver.fail_next = 1
+    first = enqueue(BUCKET, KEY, webhook_url=hook, settings=settings, connection=redis, s3_client=s3)
+    worker = burst(redis, settings, moderator)
+    assert webhook_counts(worker) == {"failed": 1.0} and len(receiver.requests) == 1
+    assert b"t1" not in b"".join(redis.smembers(f"deepfake:webhook-undelivered:{first}"))  # digests only
+    assert enqueue(BUCKET, KEY, settings=settings, connection=redis, s3_client=s3) == first  # no webhook: answered
+    again = enqueue(BUCKET, KEY, webhook_url=hook, settings=settings, connection=redis, s3_client=s3)
+    assert again != first
+    worker = burst(redis, settings, moderator)
+    assert webhook_counts(worker) == {"sent": 1.0}
+    body = json.loads(receiver.requests[-1]["body"])
+    first_result = job_state(first, settings=settings, connection=redis).result
+    assert body["job_id"] == again and body["verdict"]["label"] == first_result["label"]
+    assert job_state(again, settings=settings, connection=redis).result["created_at"] == first_result["created_at"]
+    assert enqueue(BUCKET, KEY, webhook_url=hook, settings=settings, connection=redis, s3_client=s3) == again
+
+
 def test_worker_refuses_an_internal_receiver_and_still_finishes_the_job(s3, redis, redis_server, s3_server,
                                                                          random_model_dir, moderator, receiver,
                                                                          tmp_path):
@@ -356,19 +385,19 @@ def test_no_hook_fails_or_reruns_a_job_with_its_verdict(s3, redis, redis_server,
     """A non-ASCII path, a header value outside Latin-1 and an illegal header name once raised out of
     send_webhooks after the verdict was saved: RQ failed the job and ran it again, 4 times. Now each is
     sent as HTTP allows, and even an exception no known input raises (`/boom`) costs one hook only."""
-    import worker.rq_worker
+    import worker.job_webhooks
     from rq.job import Job
     from rq.results import Result
     from rq.serializers import JSONSerializer
 
-    real = worker.rq_worker.deliver
+    real = worker.job_webhooks.deliver
 
     def deliver_or_raise(url, *args, **kwargs):
         if url.endswith("/boom"):
             "é".encode("ascii")  # UnicodeEncodeError, as http.client raised for the cases below
         return real(url, *args, **kwargs)
 
-    monkeypatch.setattr(worker.rq_worker, "deliver", deliver_or_raise)
+    monkeypatch.setattr(worker.job_webhooks, "deliver", deliver_or_raise)
     settings = worker_settings(random_model_dir, redis_server, s3_server, tmp_path, webhook_hosts="127.0.0.1")
     job_id = enqueue(BUCKET, KEY, settings=settings, connection=redis, s3_client=s3)
     _raw_hooks(redis, job_id, [(receiver.url("/boom"), None), (receiver.url("/café"), None),

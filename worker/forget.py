@@ -25,6 +25,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import as_text
 
 from worker import upload_index
+from worker.job_webhooks import undelivered_key
 from worker.jobs import MODERATE_FUNC
 from worker.maintenance import LOCK_TTL_S, clean_abandoned_locked, maintenance_lock, started_registry
 from worker.queue import connect, get_queue
@@ -195,6 +196,7 @@ def forget(
                         running.append(job.id)  # a scheduler moved it onto the queue since: looked at again
                         continue  # (taken out first, a move still in flight fails: it watches the registry)
                     job.delete()
+                    connection.delete(undelivered_key(job.id))
                     out.jobs_deleted.append(job.id)
         if deleting and (not running or late):
             break

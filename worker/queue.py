@@ -27,6 +27,7 @@ from rq.webhook import Webhook
 
 from worker import upload_index
 from worker.decision import NO_FACE_ACTION, DecisionPolicy
+from worker.job_webhooks import was_undelivered
 from worker.jobs import MODERATE_FUNC
 from worker.maintenance import clean_abandoned, release_due_retries, started_registry
 from worker.rq_worker import DeepfakeJob, model_key
@@ -161,11 +162,13 @@ def enqueue(
     webhooks = [Webhook(webhook_url, status, method="POST") for status in ("finished", "failed")] if webhook_url else None
     check_webhooks(webhooks or [])  # what a worker would refuse to send is refused here, saying why
     job_id = str(uuid.uuid4())
-    # A duplicate is answered by the live job, unless it would not tell this caller's receiver: then a
-    # new job (which reuses the stored verdict) calls it, and the duplicate record names that one.
+    # A duplicate is answered by the live job, unless it would not tell this caller's receiver (it has
+    # no such webhook, or tried it and did not deliver): then a new job (which reuses the stored
+    # verdict) calls it, and the duplicate record names that one.
     existing = claim_duplicate(connection, dkey, job_id, accept=lambda job: answers(
-        job, etag=etag, frames=frames, workers=model) and (
-        webhook_url is None or webhook_url in {w.url for w in job.webhooks})) if dkey else None
+        job, etag=etag, frames=frames, workers=model) and (webhook_url is None or (
+            webhook_url in {w.url for w in job.webhooks} and not was_undelivered(connection, job.id, webhook_url)))
+    ) if dkey else None
     if existing is not None:
         if at_front:
             connection.eval(TO_FRONT, 1, queue.key, existing.id)

@@ -18,12 +18,11 @@ import logging
 import time
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 import structlog
 from rq import Queue, SimpleWorker, worker_registration
 from rq.exceptions import NoSuchJobError, StopRequested
-from rq.job import Job, JobStatus
+from rq.job import Job
 from rq.registry import clean_registries
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
@@ -38,11 +37,11 @@ from worker.metrics import heartbeat_fresh, serve
 from worker.pipeline import ConfigurationError
 from worker.redis_client import (connection_url, database_address, ride_out, waiting_for_space,
                                  without_password)
-from worker.runtime import WorkerRuntime, install, installed, valid_frames
+from worker.runtime import WorkerRuntime, install, valid_frames
 from worker.scheduler import RetryScheduler
 from worker.settings import Settings
 from worker.signals import exit_on_sigterm
-from worker.webhooks import MAX_WEBHOOKS, HostPolicy, WebhookFailed, WebhookRefused, deliver, summary
+from worker.job_webhooks import send_job_webhooks
 
 
 log = structlog.get_logger("worker.rq_worker")
@@ -122,47 +121,7 @@ class DeepfakeJob(Job):
         RQ calls this after saving the result, inside the try that fails and retries the job: nothing
         may escape it, or a job with its verdict runs again. Each hook costs up to the webhook timeout
         between jobs, so only a job's first `MAX_WEBHOOKS` are sent."""
-        hooks = [w for w in self.webhooks[:MAX_WEBHOOKS] if w.job_status == status]
-        extra = sum(w.job_status == status for w in self.webhooks[MAX_WEBHOOKS:])
-        if not hooks:
-            return
-        rt = installed()
-        if extra:  # only a raw enqueue can attach more (the Python one attaches two)
-            log.warning("webhooks_skipped", job_id=self.id, skipped=extra, limit=MAX_WEBHOOKS)
-            if rt is not None:
-                rt.metrics.webhooks.labels(outcome="refused").inc(extra)
-        try:
-            s = rt.settings if rt is not None else Settings()
-            status = JobStatus(status).value
-            policy = HostPolicy.parse(s.webhook_hosts)
-            secret = s.webhook_secret.get_secret_value() if s.webhook_secret else None
-            payload = summary(self.id, status, self._result if status == "finished" else None, exc_string,
-                              self.enqueued_at.isoformat() if self.enqueued_at else None,
-                              self.ended_at.isoformat() if self.ended_at else None)
-        except Exception as exc:  # noqa: BLE001 - settings or a result nobody can send
-            log.warning("webhook_failed", job_id=self.id, error_type=type(exc).__name__, reason="no payload")
-            if rt is not None:
-                rt.metrics.webhooks.labels(outcome="failed").inc(len(hooks))
-            return
-        for hook in hooks:
-            host = None
-            try:
-                host = urlsplit(hook.url).hostname  # never the path or query: they may hold a token
-                outcome = deliver(hook.url, payload, policy=policy, secret=secret, headers=hook.headers,
-                                  timeout_s=min(float(hook.timeout), s.webhook_timeout_s))
-                log.info("webhook_sent", job_id=self.id, host=host, status=status)
-            except WebhookRefused as exc:
-                outcome = "refused"
-                log.warning("webhook_refused", job_id=self.id, host=host, reason=str(exc))
-            except WebhookFailed as exc:
-                outcome = "failed"
-                log.warning("webhook_failed", job_id=self.id, host=host, reason=str(exc))
-            except Exception as exc:  # noqa: BLE001 - whatever one hook's URL or headers provoke; its message may quote them
-                outcome = "failed"
-                log.warning("webhook_failed", job_id=self.id, host=host, error_type=type(exc).__name__,
-                            reason=f"unexpected {type(exc).__name__}")
-            if rt is not None:
-                rt.metrics.webhooks.labels(outcome=outcome).inc()
+        send_job_webhooks(self, status, exc_string)
 
     # Callbacks are dotted paths in the job's hash too: never imported or called.
     @property
