@@ -24,7 +24,7 @@ from worker.queue import enqueue, job_state, queue_status
 from worker.settings import Settings
 from worker.webhooks import (
     MAX_WEBHOOKS, SIGNATURE_HEADER, HostPolicy, WebhookFailed, WebhookRefused, check_webhooks, deliver, is_public,
-    resolve, sign, summary, verify_signature,
+    post, resolve, sign, summary, verify_signature,
 )
 
 BUCKET = "hooks"
@@ -125,6 +125,17 @@ def test_a_receiver_list_allows_exactly_its_hosts_private_ones_included():
         resolve("http://hooks.example.attacker.test/", policy, lookup)
 
 
+def test_every_vetted_address_is_tried_in_turn(receiver):
+    """A receiver's name with two addresses, the first down: only the first was tried, and the one
+    attempt failed, where clients of the name (socket.create_connection) go on to the next."""
+    def lookup(host, port, type):  # noqa: A002 - getaddrinfo's keyword
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in ("127.0.0.2", "127.0.0.2", "127.0.0.1")]
+
+    dest = resolve(f"http://hooks.internal:{receiver.port}/hook", HostPolicy.parse("hooks.internal"), lookup)
+    assert dest.addresses == ("127.0.0.2", "127.0.0.1")  # in order, once each; nothing listens on the first
+    assert post(dest, b"{}", {}, timeout_s=5.0) == 204 and len(receiver.requests) == 1
+
+
 @pytest.mark.parametrize("address, public", [
     ("64:ff9b::a9fe:a9fe", False), ("64:ff9b:1::a00:1", False), ("2002:a9fe:a9fe::1", False),
     ("::a9fe:a9fe", False), ("::ffff:10.0.0.1", False), ("::ffff:0:a9fe:a9fe", False),
@@ -205,7 +216,8 @@ def test_enqueuers_can_refuse_webhooks_a_worker_would_not_send_as_given():
                        ([hook(**{"X:Y": "v"})], "not an RFC 7230 token"), ([hook(Host="x")], "sets this header"),
                        ([hook(**{"Content-Encoding": "gzip"})], "sets this header"), ([hook(Expect="100-continue")],
                                                                                      "sets this header"),
-                       ([hook(**{"X-A": "a\r\nB: c"})], "line break"), ([hook("http://u:p@hooks.example/")], "credentials")]:
+                       ([hook(**{"X-A": "a\r\nB: c"})], "line break"), ([hook("http://u:p@hooks.example/")], "credentials"),
+                       ([hook(**{f"X-{i}": "v" for i in range(17)})], "at most 16 headers, not 17")]:
         with pytest.raises(WebhookRefused, match=why):
             check_webhooks(hooks)
 

@@ -35,6 +35,7 @@ from urllib.parse import SplitResult, quote, urlsplit
 import structlog
 
 from worker.errors import last_line
+from worker.webhook_http import Destination, WebhookFailed, post
 
 log = structlog.get_logger("worker.webhooks")
 
@@ -69,19 +70,6 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 class WebhookRefused(ValueError):
     """The URL may not be called: bad scheme, unresolvable host, or an address not allowed."""
-
-
-class WebhookFailed(RuntimeError):
-    """The receiver was allowed but did not take the POST (refused connection, timeout, non-2xx)."""
-
-
-@dataclass(frozen=True)
-class Destination:
-    scheme: str
-    host: str
-    port: int
-    path: str
-    address: str  # the vetted IP the connection goes to
 
 
 @dataclass(frozen=True)
@@ -208,7 +196,7 @@ def resolve(url: str, policy: HostPolicy, lookup=socket.getaddrinfo,  # noqa: AN
         path += "?" + parts.query
     # http.client sends the request line as ASCII: a non-ASCII path would raise, not be sent
     path = quote(path, safe=_PATH_SAFE)
-    return Destination(parts.scheme, host, port, path, str(addresses[0]))
+    return Destination(parts.scheme, host, port, path, tuple(dict.fromkeys(str(a) for a in addresses)))
 
 
 def summary(job_id: str, status: str, result: Any = None, error: str | None = None,
@@ -283,95 +271,26 @@ def job_headers(headers: dict | None) -> dict[str, str]:
             out[name] = value
         else:
             log.warning("webhook_header_dropped", header=ascii(name)[:64], reason=why)
+    for name, _ in items[_MAX_JOB_HEADERS:]:
+        log.warning("webhook_header_dropped", header=ascii(name)[:64], reason=f"past the first {_MAX_JOB_HEADERS}")
     return out
 
 
 def check_webhooks(hooks: Sequence[Any]) -> None:
     """For enqueuers: WebhookRefused, saying why, for webhooks a worker would not send as given (more
-    than MAX_WEBHOOKS, a URL no worker calls, a header it would drop). Addresses are the workers'
-    DEEPFAKE_WEBHOOK_HOSTS to judge (`resolve`)."""
+    than MAX_WEBHOOKS, a URL no worker calls, a header it would drop, more headers than it sends).
+    Addresses are the workers' DEEPFAKE_WEBHOOK_HOSTS to judge (`resolve`)."""
     if len(hooks) > MAX_WEBHOOKS:
         raise WebhookRefused(f"a job may have at most {MAX_WEBHOOKS} webhooks, not {len(hooks)}")
     for hook in hooks:
         check_url(hook.url)
         headers = hook.headers or {}
+        if isinstance(headers, dict) and len(headers) > _MAX_JOB_HEADERS:
+            raise WebhookRefused(f"a webhook may have at most {_MAX_JOB_HEADERS} headers, not {len(headers)}")
         for name, value in (headers.items() if isinstance(headers, dict) else [("headers", None)]):
             why = header_problem(name, value)
             if why is not None:
                 raise WebhookRefused(f"webhook header {ascii(name)[:64]}: {why}")
-
-
-class _Cutoff:
-    """Shuts a connection down at its deadline. A socket timeout bounds each read, not the request: a
-    receiver sending a byte every half second would otherwise hold the worker for ever. The shutdown
-    wakes whatever blocks (TLS handshake, send, a read of headers or body)."""
-
-    def __init__(self, timeout_s: float) -> None:
-        self.deadline = time.monotonic() + timeout_s
-        self.fired = False
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
-        self._timer: threading.Timer | None = None
-
-    def left(self) -> float:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("timed out")
-        return left
-
-    def connect(self, dest: Destination, source: Any = None) -> socket.socket:
-        sock = socket.create_connection((dest.address, dest.port), self.left(), source)
-        with self._lock:
-            # a descriptor of our own for the same connection: TLS wrapping detaches `sock`'s
-            self._sock = sock.dup()
-            self._timer = threading.Timer(max(self.deadline - time.monotonic(), 0.0), self._fire)
-            self._timer.daemon = True
-            self._timer.start()
-        return sock
-
-    def _fire(self) -> None:
-        with self._lock:
-            if self._sock is not None:
-                self.fired = True
-                try:
-                    self._sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def disarm(self) -> None:
-        with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
-
-
-def post(dest: Destination, body: bytes, headers: dict[str, str], timeout_s: float) -> int:
-    """One POST to the vetted address (TLS still checks the certificate against the host name), done
-    within `timeout_s` in all, connect to the end of the response, or WebhookFailed."""
-    cutoff = _Cutoff(timeout_s)
-    cls = http.client.HTTPSConnection if dest.scheme == "https" else http.client.HTTPConnection
-    conn = cls(dest.host, dest.port, timeout=timeout_s)
-    # http.client dials (host, port) through this attribute; HTTPS wraps the socket afterwards with
-    # server_hostname=host, so the certificate is still verified for the name in the URL.
-    conn._create_connection = lambda _addr, timeout, source=None: cutoff.connect(dest, source)  # type: ignore[attr-defined]
-    timed_out = WebhookFailed(f"timed out: no complete response within {timeout_s:.3g} s")
-    try:
-        conn.request("POST", dest.path, body=body, headers={"Content-Type": "application/json", **headers})
-        response = conn.getresponse()
-        response.read(65536)
-    except (OSError, http.client.HTTPException, ValueError):
-        if cutoff.fired or time.monotonic() >= cutoff.deadline:
-            raise timed_out from None
-        raise
-    else:
-        if cutoff.fired:  # the shutdown ended what looked like a response: half a header, say
-            raise timed_out
-        return response.status
-    finally:
-        cutoff.disarm()
-        conn.close()
 
 
 def deliver(url: str, payload: dict[str, Any], *, policy: HostPolicy, secret: str | None = None,
