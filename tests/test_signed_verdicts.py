@@ -103,6 +103,7 @@ def test_the_verdict_command_reads_and_checks_stored_verdicts(settings, s3_serve
 
     rc, [found], _ = read("verdict-key", f"s3://{BUCKET}/{KEY}")
     assert rc == 0 and found["verified"] is True and found["verdict"]["created_at"] == first["created_at"]
+    assert found["current"] is True  # it judged the bytes there now
     assert found["stored_at"] == f"s3://{BUCKET}/{signed.settings.verdict_prefix}{KEY}.json"
     rc, [unchecked], _ = read(None, f"s3://{BUCKET}/{KEY}")
     assert rc == 0 and unchecked["verified"] is None  # no key to check with
@@ -115,3 +116,28 @@ def test_the_verdict_command_reads_and_checks_stored_verdicts(settings, s3_serve
     plant(s3, loc, b"[1, 2]", {})  # JSON, but no verdict: unsigned readers took it for one (exit 0)
     rc, [junk], _ = read(None, f"s3://{BUCKET}/{KEY}")
     assert rc == 1 and junk["verdict"] is None and junk["stored_at"] == found["stored_at"], junk
+
+
+def test_an_old_signed_verdict_put_back_after_the_upload_changed_is_not_current(settings, s3_server, s3, moderator,
+                                                                                tmp_path):
+    """A signature binds a verdict to its location, not to the bytes there: someone who can write the
+    verdict prefix puts back the signed verdict of the bytes before a replacement. It verifies; it
+    was printed with exit 0 as the upload's verdict. Now `current` is false, and the exit 1."""
+    signed = runtime(settings, s3_server, s3, moderator, tmp_path, "verdict-key")
+    key = "clips/replaced.mp4"
+    clip = s3.get_object(Bucket=BUCKET, Key=KEY)["Body"].read()
+    s3.put_object(Bucket=BUCKET, Key=key, Body=clip)
+    signed.moderate_s3(BUCKET, key)
+    loc = signed.store.location_for(S3Location(BUCKET, key))
+    old = s3.get_object(Bucket=loc.bucket, Key=loc.key)
+    old_body, old_meta = old["Body"].read(), old["Metadata"]
+    s3.put_object(Bucket=BUCKET, Key=key, Body=clip + b"\0")  # the upload replaced
+    signed.moderate_s3(BUCKET, key)  # and judged again
+    plant(s3, loc, old_body, old_meta)  # the old signed verdict put back
+    env = {**os.environ, "DEEPFAKE_S3_ENDPOINT_URL": s3_server.endpoint, "DEEPFAKE_LOG_FORMAT": "json",
+           "DEEPFAKE_VERDICT_PREFIX": signed.settings.verdict_prefix, "DEEPFAKE_VERDICT_SECRET": "verdict-key"}
+    proc = subprocess.run([sys.executable, "-m", "worker", "verdict", f"s3://{BUCKET}/{key}",
+                           f"s3://{BUCKET}/clips/gone.mp4"], capture_output=True, text=True, timeout=60, env=env)
+    replayed, gone = (json.loads(line) for line in proc.stdout.splitlines())
+    assert proc.returncode == 1 and replayed["verified"] is True and replayed["current"] is False, replayed
+    assert gone["verdict"] is None and "current" not in gone

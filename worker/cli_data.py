@@ -39,7 +39,8 @@ def add_data_commands(sub) -> None:  # type: ignore[no-untyped-def]
     g.set_defaults(func=cmd_forget)
 
     v = sub.add_parser("verdict", help="the verdicts stored in S3 for uploads, one JSON line each, with whether "
-                                       "each verifies against DEEPFAKE_VERDICT_SECRET (exit 1: missing or forged)")
+                                       "each verifies against DEEPFAKE_VERDICT_SECRET and judged the bytes there now "
+                                       "(exit 1: missing, forged or stale)")
     v.add_argument("uris", nargs="+", metavar="s3://BUCKET/KEY")
     v.set_defaults(func=cmd_verdict)
 
@@ -156,7 +157,9 @@ def cmd_verdict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     ok = True
     for loc in locations:
         found = store.read(loc)
-        ok &= found["verdict"] is not None and found["verified"] is not False
+        if found["verdict"] is not None:
+            found["current"] = store.describes_current(loc, found["verdict"])
+        ok &= found["verdict"] is not None and found["verified"] is not False and found.get("current") is not False
         print(json.dumps(found), flush=True)
     return cli.EXIT_OK if ok else cli.EXIT_FAILURE
 
