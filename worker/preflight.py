@@ -97,7 +97,7 @@ def check_redis(settings: Settings) -> Check:
         return Check("redis", True, detail, "cannot read INFO: make sure the queue is persisted (appendonly), "
                      "capped (maxmemory) and never evicted (noeviction)")
     if not aof:
-        warnings.append("appendonly is off: a Redis restart loses the queued jobs (README, Reliability)")
+        warnings.append("appendonly is off: a Redis restart loses the queued jobs (README, 'The queue worker', Redis)")
     used, limit, policy = memory["used_bytes"], memory["maxmemory_bytes"], memory["policy"]
     if not limit:
         # It grows until the host or its memory limit kills it: a crash, and without persistence a loss.

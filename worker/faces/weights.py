@@ -152,8 +152,9 @@ def load_retinaface(backbone: str = "mobilenet0.25", weights: str | Path | None 
     if weights is None:
         if backbone != "mobilenet0.25":
             raise ValueError(
-                f"no embedded weights for RetinaFace backbone {backbone!r}: pass weights=<path to a "
-                "biubug6 checkpoint, e.g. Resnet50_Final.pth>"
+                f"no embedded weights for RetinaFace backbone {backbone!r}: give a biubug6 checkpoint "
+                "(e.g. Resnet50_Final.pth) with --detector-weights or DEEPFAKE_DETECTOR_WEIGHTS "
+                "(weights= in Python)"
             )
         state = embedded_state_dict()
     else:
