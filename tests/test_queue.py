@@ -257,18 +257,32 @@ def test_the_same_upload_enqueued_at_once_makes_one_job(s3, redis, redis_server,
     assert claim_duplicate(redis, dkey, "mine", accept=lambda job: True).id == ids[0]  # the live job answers
 
 
-def test_an_enqueue_whose_reply_is_lost_returns_the_job_it_made(s3, redis, redis_server, qsettings, moderator):
+@pytest.mark.parametrize("client", ["no-retries", "redis-py-default"])
+def test_an_enqueue_whose_reply_is_lost_returns_the_job_it_made(s3, redis, redis_server, qsettings, moderator,
+                                                                 client):
     """Redis queues the job, then the connection is cut before its reply arrives (a restart, a
-    failover): the enqueue raised and dropped the duplicate claim as if nothing had been made, and the
-    caller's retry made a second job for the same bytes. Now it returns the job it made, recorded as
-    the duplicate record, and the retry gets that job back."""
+    failover). A client without retries (Redis.from_url): the enqueue raised and dropped the duplicate
+    claim as if nothing had been made, and the caller's retry made a second job for the same bytes.
+    One with redis-py's default retries (Redis(host, port): 10) ran the transaction again: the job id
+    was queued twice, and ran twice. Now either returns the job it made, queued once and recorded as
+    the duplicate record, and the caller's retry gets that job back."""
+    from urllib.parse import urlsplit
+
     from redis import Redis
     from redisproxy import ReplyCutter
 
     burst(redis, qsettings, moderator)  # the published model: duplicates are matched
     etag = s3.head_object(Bucket=BUCKET, Key=UPLOADS["carphone"])["ETag"]
-    with ReplyCutter(redis_server.port, when=lambda sent: b"EXEC" in sent and b"RPUSH" in sent) as cut:
-        connection = Redis.from_url(cut.url)
+    from rq.scripts import UNIQUE_ENQUEUE_SCRIPT
+
+    redis.script_load(UNIQUE_ENQUEUE_SCRIPT)  # so that the script's first run is the one cut short
+
+    def enqueues(sent: bytes) -> bool:  # RQ's transaction, or the script that checks, saves and queues
+        return (b"EXEC" in sent and b"RPUSH" in sent) or (b"EVALSHA" in sent and b"rq:queue:deepfake" in sent)
+
+    with ReplyCutter(redis_server.port, when=enqueues) as cut:
+        connection = (Redis.from_url(cut.url) if client == "no-retries"
+                      else Redis(host="127.0.0.1", port=urlsplit(cut.url).port))
         job_id = enqueue(BUCKET, UPLOADS["carphone"], etag=etag, settings=qsettings, connection=connection)
         assert cut.fired.is_set()
         assert enqueue(BUCKET, UPLOADS["carphone"], etag=etag, settings=qsettings, connection=connection) == job_id

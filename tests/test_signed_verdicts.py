@@ -111,7 +111,8 @@ def test_the_verdict_command_reads_and_checks_stored_verdicts(settings, s3_serve
     plant(s3, loc, json.dumps(dict(json.loads(body), label="forged")).encode(), meta)  # old signature, new bytes
     rc, [forged, missing], err = read("verdict-key", f"s3://{BUCKET}/{KEY}", f"s3://{BUCKET}/none.mp4")
     assert rc == 1 and forged["verified"] is False and forged["verdict"]["label"] == "forged"
-    assert missing == {"upload": f"s3://{BUCKET}/none.mp4", "stored_at": None, "verified": None, "verdict": None}
+    assert missing == {"upload": f"s3://{BUCKET}/none.mp4", "stored_at": None, "verified": None, "verdict": None,
+                       "current": None}
     assert "stored_verdict_not_signed" in err  # the warning on stderr; stdout stays JSON Lines
     plant(s3, loc, b"[1, 2]", {})  # JSON, but no verdict: unsigned readers took it for one (exit 0)
     rc, [junk], _ = read(None, f"s3://{BUCKET}/{KEY}")
@@ -140,4 +141,4 @@ def test_an_old_signed_verdict_put_back_after_the_upload_changed_is_not_current(
                            f"s3://{BUCKET}/clips/gone.mp4"], capture_output=True, text=True, timeout=60, env=env)
     replayed, gone = (json.loads(line) for line in proc.stdout.splitlines())
     assert proc.returncode == 1 and replayed["verified"] is True and replayed["current"] is False, replayed
-    assert gone["verdict"] is None and "current" not in gone
+    assert gone["verdict"] is None and gone["current"] is None

@@ -357,6 +357,18 @@ def test_a_webhook_not_delivered_is_sent_by_the_next_enqueue_with_it(s3, redis, 
     assert body["job_id"] == again and body["verdict"]["label"] == first_result["label"]
     assert job_state(again, settings=settings, connection=redis).result["created_at"] == first_result["created_at"]
     assert enqueue(BUCKET, KEY, webhook_url=hook, settings=settings, connection=redis, s3_client=s3) == again
+    # A job noted so that has not finished (requeued after its failure webhook failed) still answers
+    # its duplicates: it sends when it ends, and a delivery then takes the note back.
+    from worker.job_webhooks import record_undelivered, undelivered_key
+
+    s3.put_object(Bucket=BUCKET, Key="clips/requeued.mp4", Body=s3.get_object(Bucket=BUCKET, Key=KEY)["Body"].read())
+    requeued = enqueue(BUCKET, "clips/requeued.mp4", webhook_url=hook, settings=settings, connection=redis,
+                       s3_client=s3)
+    record_undelivered(redis, requeued, [hook], 600)
+    assert enqueue(BUCKET, "clips/requeued.mp4", webhook_url=hook, settings=settings, connection=redis,
+                   s3_client=s3) == requeued
+    burst(redis, settings, moderator)
+    assert json.loads(receiver.requests[-1]["body"])["job_id"] == requeued and not redis.exists(undelivered_key(requeued))
 
 
 def test_worker_refuses_an_internal_receiver_and_still_finishes_the_job(s3, redis, redis_server, s3_server,
@@ -368,6 +380,7 @@ def test_worker_refuses_an_internal_receiver_and_still_finishes_the_job(s3, redi
     assert job_state(job_id, settings=settings, connection=redis).status == "finished"
     assert receiver.requests == []
     assert webhook_counts(worker) == {"refused": 1.0}
+    assert not redis.exists(f"deepfake:webhook-undelivered:{job_id}")  # refused again on a new job: not noted
 
 
 def test_a_failed_job_posts_the_error_line_only(s3, redis, redis_server, s3_server, random_model_dir, moderator,

@@ -157,8 +157,7 @@ def cmd_verdict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     ok = True
     for loc in locations:
         found = store.read(loc)
-        if found["verdict"] is not None:
-            found["current"] = store.describes_current(loc, found["verdict"])
+        found["current"] = None if found["verdict"] is None else store.describes_current(loc, found["verdict"])
         ok &= found["verdict"] is not None and found["verified"] is not False and found.get("current") is not False
         print(json.dumps(found), flush=True)
     return cli.EXIT_OK if ok else cli.EXIT_FAILURE

@@ -1,11 +1,12 @@
 """Sending a finished or failed job's webhooks (worker.rq_worker.DeepfakeJob.send_webhooks), and
 remembering which were not delivered.
 
-A webhook is tried once. One not delivered (failed, or refused) is noted beside its job, as a sha256
-digest of its URL (a URL's query may hold a token), for as long as the job's result: enqueueing the
-upload again with the same webhook then makes a new job, which reuses the stored verdict and sends
-it, where a duplicate would otherwise be answered by the finished job and the receiver never hear
-(worker.queue.enqueue)."""
+A webhook is tried once. One that failed (the receiver down, a timeout, a non-2xx answer) is noted
+beside its job, as a sha256 digest of its URL (a URL's query may hold a token), for as long as the
+job's result: enqueueing the upload again with the same webhook then makes a new job, which reuses the
+stored verdict and sends it, where a duplicate would otherwise be answered by the finished job and the
+receiver never hear (worker.queue.enqueue). A refused one is not noted: the workers' host policy would
+refuse it again. A later delivery to the same URL (the job requeued) takes the note back."""
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +15,7 @@ from urllib.parse import urlsplit
 
 import structlog
 from redis import Redis
+from rq.defaults import DEFAULT_FAILURE_TTL, DEFAULT_RESULT_TTL
 from rq.job import JobStatus
 
 from worker.runtime import installed
@@ -45,6 +47,10 @@ def record_undelivered(connection: Redis, job_id: str, urls: Iterable[str], ttl_
             pipe.execute()
 
 
+def record_delivered(connection: Redis, job_id: str, url: str) -> None:
+    connection.srem(undelivered_key(job_id), url_digest(url))
+
+
 def was_undelivered(connection: Redis, job_id: str, url: str) -> bool:
     """Whether `job_id` tried `url` and did not deliver it."""
     return bool(connection.sismember(undelivered_key(job_id), url_digest(url)))
@@ -61,7 +67,6 @@ def send_job_webhooks(job: "Job", status: Any, exc_string: str | None) -> None:
         log.warning("webhooks_skipped", job_id=job.id, skipped=extra, limit=MAX_WEBHOOKS)
         if rt is not None:
             rt.metrics.webhooks.labels(outcome="refused").inc(extra)
-    s: Settings | None = None
     try:
         s = rt.settings if rt is not None else Settings()
         status = JobStatus(status).value
@@ -74,9 +79,9 @@ def send_job_webhooks(job: "Job", status: Any, exc_string: str | None) -> None:
         log.warning("webhook_failed", job_id=job.id, error_type=type(exc).__name__, reason="no payload")
         if rt is not None:
             rt.metrics.webhooks.labels(outcome="failed").inc(len(hooks))
-        _note_undelivered(job, [h.url for h in hooks], s)
+        _note(job, failed=[h.url for h in hooks], sent=[], status=status)
         return
-    missed = []
+    failed, sent = [], []
     for hook in hooks:
         host = None
         try:
@@ -96,16 +101,21 @@ def send_job_webhooks(job: "Job", status: Any, exc_string: str | None) -> None:
                         reason=f"unexpected {type(exc).__name__}")
         if rt is not None:
             rt.metrics.webhooks.labels(outcome=outcome).inc()
-        if outcome != "sent":
-            missed.append(hook.url)
-    _note_undelivered(job, missed, s)
+        {"failed": failed, "sent": sent}.get(outcome, []).append(hook.url)
+    _note(job, failed=failed, sent=sent, status=status)
 
 
-def _note_undelivered(job: "Job", urls: list[str], settings: Settings | None) -> None:
-    if not urls:
-        return
+def _note(job: "Job", *, failed: list[str], sent: list[str], status: Any) -> None:
+    """Note the failed URLs for as long as the job's result or failure is kept (RQ's defaults when the
+    job names none; a year at most, for one kept for ever); take back the note of any URL delivered now."""
     try:
-        ttl = max(job.result_ttl or 0, job.failure_ttl or 0) or (settings or Settings()).result_ttl_s
-        record_undelivered(job.connection, job.id, urls, min(ttl, MAX_TTL_S))
+        if status == JobStatus.FINISHED:
+            ttl = DEFAULT_RESULT_TTL if job.result_ttl is None else job.result_ttl
+        else:
+            ttl = DEFAULT_FAILURE_TTL if job.failure_ttl is None else job.failure_ttl
+        if failed:
+            record_undelivered(job.connection, job.id, failed, MAX_TTL_S if ttl < 0 else min(max(ttl, 1), MAX_TTL_S))
+        for url in sent:
+            record_delivered(job.connection, job.id, url)
     except Exception as exc:  # noqa: BLE001 - nothing may escape (see DeepfakeJob.send_webhooks)
         log.warning("webhook_outcome_unrecorded", job_id=job.id, error_type=type(exc).__name__)

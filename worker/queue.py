@@ -18,7 +18,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, Retry, Worker
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -163,23 +163,29 @@ def enqueue(
     check_webhooks(webhooks or [])  # what a worker would refuse to send is refused here, saying why
     job_id = str(uuid.uuid4())
     # A duplicate is answered by the live job, unless it would not tell this caller's receiver (it has
-    # no such webhook, or tried it and did not deliver): then a new job (which reuses the stored
+    # no such webhook, or finished and could not deliver it): then a new job (which reuses the stored
     # verdict) calls it, and the duplicate record names that one.
     existing = claim_duplicate(connection, dkey, job_id, accept=lambda job: answers(
         job, etag=etag, frames=frames, workers=model) and (webhook_url is None or (
-            webhook_url in {w.url for w in job.webhooks} and not was_undelivered(connection, job.id, webhook_url)))
+            webhook_url in {w.url for w in job.webhooks} and not (
+                job.get_status() == JobStatus.FINISHED and was_undelivered(connection, job.id, webhook_url))))
     ) if dkey else None
     if existing is not None:
         if at_front:
             connection.eval(TO_FRONT, 1, queue.key, existing.id)
         return existing.id
     try:
+        # unique: the hash is written and the id queued in one script that refuses an id it finds, so
+        # a client that runs it again after a lost reply (redis-py's default for Redis(host, port))
+        # does not queue the job twice: it gets DuplicateJobError, the job having been made.
         queue.enqueue(
             MODERATE_FUNC, args=(bucket, key), kwargs={"frames": frames}, job_id=job_id,
             job_timeout=settings.job_timeout_s(frames), result_ttl=settings.result_ttl_s,
             failure_ttl=settings.result_ttl_s, retry=retry_policy(settings),
-            at_front=at_front, description=f"moderate s3://{bucket}/{key}", webhooks=webhooks,
+            at_front=at_front, description=f"moderate s3://{bucket}/{key}", webhooks=webhooks, unique=True,
         )
+    except DuplicateJobError:
+        pass  # made by the first run of the script, whose reply was lost
     except RedisError:
         # Perhaps only the reply was lost (a restart, a failover, a connection cut after EXEC): the job
         # is then queued, and raising would have the caller enqueue the upload a second time.
@@ -330,3 +336,12 @@ def upload_of(job: Job) -> tuple[str, str] | None:
     except Exception:  # noqa: BLE001 - a job hash anyone could have written
         return None
     return (args[0], args[1]) if len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str) else None
+
+
+def __getattr__(name: str) -> Any:
+    """What moved to worker.failed_jobs in 0.4.3, still importable from here."""
+    if name in ("FailedJob", "failed_jobs", "requeue_failed"):
+        from worker import failed_jobs
+
+        return getattr(failed_jobs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -271,8 +271,9 @@ def job_headers(headers: dict | None) -> dict[str, str]:
             out[name] = value
         else:
             log.warning("webhook_header_dropped", header=ascii(name)[:64], reason=why)
-    for name, _ in items[_MAX_JOB_HEADERS:]:
-        log.warning("webhook_header_dropped", header=ascii(name)[:64], reason=f"past the first {_MAX_JOB_HEADERS}")
+    if len(items) > _MAX_JOB_HEADERS:
+        log.warning("webhook_header_dropped", header=ascii(items[_MAX_JOB_HEADERS][0])[:64],
+                    reason=f"past the first {_MAX_JOB_HEADERS}", dropped=len(items) - _MAX_JOB_HEADERS)
     return out
 
 
