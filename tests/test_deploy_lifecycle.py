@@ -114,3 +114,13 @@ def test_docs_state_the_derived_timeout():
     assert f"{grace} s" in text
     for target in ("gpu", "cpu"):
         assert f"--target {target}" in text
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_stuck_worker_is_not_given_the_pods_grace_period(overlay):
+    """A worker the liveness or startup probe fails is stuck (a job hung past its limit, a model load
+    that never ends): its warm shutdown waits for a job that never ends, so with the pod's grace
+    period a wedged pod (and its GPU) was held 24 more minutes before the SIGKILL."""
+    container = worker_container(overlay)
+    for probe in ("livenessProbe", "startupProbe"):
+        assert container[probe].get("terminationGracePeriodSeconds", 10**6) <= 60, (overlay, probe)
