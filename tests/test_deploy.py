@@ -260,12 +260,17 @@ def test_gpu_and_cpu_overlays(monkeypatch):
     assert gpu.engine == "pytorch"
     res = worker_container("gpu")["resources"]
     assert str(res["limits"]["nvidia.com/gpu"]) == "1"
-    assert worker_container("gpu")["image"].endswith(":gpu")
+    from worker import __version__
+
+    # Tagged with the version (<version>-<target>): a new build gets a new tag, and the rollout replaces
+    # every pod. Under a reused tag (`:gpu`) and IfNotPresent, nodes ran whatever build they had cached.
+    assert worker_container("gpu")["image"].endswith(f":{__version__}-gpu")
     cpu, _ = settings_from_configmap("cpu", monkeypatch)
     assert cpu.device == "cpu"
     assert "nvidia.com/gpu" not in worker_container("cpu")["resources"].get("limits", {})
-    assert worker_container("cpu")["image"].endswith(":cpu")
-    # The image tags are Dockerfile targets.
+    assert worker_container("cpu")["image"].endswith(f":{__version__}-cpu")
+    assert worker_container("trial")["image"].endswith(f":{__version__}-cpu")
+    # The image tags name Dockerfile targets.
     stages = dockerfile_stages()
     assert {"gpu", "cpu"} <= set(stages)
 

@@ -21,8 +21,9 @@ from deploy_tools import (
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAYS = sorted(p.parent.name for p in OVERLAYS_DIR.glob("*/kustomization.yaml"))
-# Margin past the job timeout for storing the verdict, RQ recording the result and the process exiting.
-GRACE_MARGIN_S = 60
+# Past the job timeout RQ recording the result and the process exiting take this, besides storing the
+# timeout verdict and sending the webhooks (grace_margin_s).
+EXIT_S = 10
 # Kubernetes' rollout deadline covers scheduling and pulling the image besides the pod's own start.
 PULL_MARGIN_S = 600
 
@@ -35,14 +36,23 @@ def longest_job_timeout_s(settings) -> int:
     return max(settings.job_timeout_s(), settings.job_timeout_s(MAX_JOB_FRAMES))
 
 
+def grace_margin_s(settings) -> float:
+    """What a job timed out at its limit still does: store its timeout verdict (at most
+    TIMEOUT_VERDICT_S), send its webhooks (at most MAX_WEBHOOKS of the webhook timeout each), exit."""
+    from worker.jobs import TIMEOUT_VERDICT_S
+    from worker.webhooks import MAX_WEBHOOKS
+
+    return TIMEOUT_VERDICT_S + MAX_WEBHOOKS * settings.webhook_timeout_s + EXIT_S
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_grace_period_covers_job_timeout(overlay, monkeypatch):
     settings, _ = settings_from_configmap(overlay, monkeypatch)
     spec = worker_deployment(overlay)["spec"]["template"]["spec"]
     grace = spec["terminationGracePeriodSeconds"]
-    timeout = longest_job_timeout_s(settings)
-    assert grace >= timeout + GRACE_MARGIN_S, (
-        f"{overlay}: terminationGracePeriodSeconds={grace} < the longest job timeout {timeout} s + {GRACE_MARGIN_S} s: "
+    timeout, margin = longest_job_timeout_s(settings), grace_margin_s(settings)
+    assert grace >= timeout + margin, (
+        f"{overlay}: terminationGracePeriodSeconds={grace} < the longest job timeout {timeout} s + {margin} s: "
         "a worker stopped mid-job would be killed before its warm shutdown ends"
     )
 
