@@ -309,7 +309,7 @@ def webhook_counts(worker) -> dict[str, float]:
     text = generate_latest(worker.runtime.metrics.registry).decode()
     counts = {}
     for line in text.splitlines():
-        if line.startswith("deepfake_webhooks_total{"):
+        if line.startswith("deepfake_webhooks_total{") and float(line.rsplit(" ", 1)[1]):  # each outcome starts at 0
             counts[line.split('outcome="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
     return counts
 

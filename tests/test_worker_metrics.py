@@ -69,7 +69,7 @@ def test_refused_and_storage_failures_are_counted_and_end_in_the_failed_registry
     assert sample(m, "deepfake_job_failures_total", reason="refused", retried="false") == 1
     assert sample(m, "deepfake_job_failures_total", reason="storage", retried="true") == 1
     assert sample(m, "deepfake_job_failures_total", reason="storage", retried="false") == 1
-    assert sample(m, "deepfake_job_failures_total", reason="internal", retried="false") is None
+    assert sample(m, "deepfake_job_failures_total", reason="internal", retried="false") == 0  # exported from the start
     assert sample(m, "deepfake_queue_jobs", queue=QUEUE, state="failed") == 2
     assert sample(m, "deepfake_queue_jobs", queue=QUEUE, state="queued") == 0
 
@@ -134,3 +134,25 @@ def test_verdicts_are_counted_by_action(moderator, corpus):
     assert sample(metrics, "deepfake_verdict_actions_total", action="allow") == 1  # no face
     assert sample(metrics, "deepfake_verdict_actions_total", action="review") == 1  # corrupt
     assert sample(metrics, "deepfake_jobs_total", status="error") == 2
+
+
+def test_every_known_label_value_is_exported_from_the_start_and_unknown_ones_as_other():
+    """A series first scraped above 0 shows no increase() to the alerts: the first internal error or
+    refused job of a pod KEDA had just started, counted before its first scrape, never alerted. And a
+    verdict read back from S3 (a lost write race) is anyone's who can write there: its values must not
+    make new series."""
+    from worker.errors import ErrorCode
+
+    m = Metrics()
+    assert sample(m, "deepfake_errors_total", code="internal") == 0
+    assert all(sample(m, "deepfake_errors_total", code=c.value) == 0 for c in ErrorCode)
+    assert sample(m, "deepfake_job_failures_total", reason="refused", retried="false") == 0
+    assert sample(m, "deepfake_webhooks_total", outcome="failed") == 0
+    assert sample(m, "deepfake_verdict_actions_total", action="block") == 0
+    m.observe_verdict({"status": "pwned", "action": "x" * 40, "error": {"code": "bogus"},
+                       "timings_ms": {"made-up": 5}})
+    assert sample(m, "deepfake_jobs_total", status="other") == 1
+    assert sample(m, "deepfake_verdict_actions_total", action="other") == 1
+    assert sample(m, "deepfake_errors_total", code="other") == 1
+    body = generate_latest(m.registry).decode()
+    assert "pwned" not in body and "bogus" not in body and "made-up" not in body

@@ -110,7 +110,7 @@ def test_metrics_and_health_endpoint(s3, redis, redis_server, qsettings, tmp_pat
     body, health = "", None
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and "deepfake_jobs_total{" not in body:
+        while time.monotonic() < deadline and 'deepfake_jobs_total{status="error"} 1.0' not in body:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
                     body = resp.read().decode()

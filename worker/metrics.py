@@ -19,7 +19,18 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis import Redis
 
+from worker.errors import ErrorCode
+
 SCRAPE_TIMEOUT_S = 2.0  # per Redis call made while Prometheus scrapes the queue's state
+# Label values, each exported at 0 from the start: a series first scraped above 0 (a pod KEDA started
+# whose first job counted before the first scrape) shows no increase() to the alerts. A verdict read
+# back from S3 (a lost write race) is anyone's who can write there: other values count as "other".
+STATUSES = ("ok", "no_face", "error", "reused")
+ACTIONS = ("allow", "review", "block")
+ERROR_CODES = tuple(code.value for code in ErrorCode)
+STAGES = ("open", "decode", "detect", "crop", "model", "shadow", "total", "store")
+WEBHOOK_OUTCOMES = ("sent", "refused", "failed")
+FAILURE_REASONS = ("storage", "refused", "stopped", "internal")
 SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05, 0.10, ... 1.0
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -66,21 +77,31 @@ class Metrics:
             "deepfake_job_failures_total", "Job attempts that raised instead of returning a verdict, by reason "
             "(storage: S3 failed, RQ retries; refused: a job naming other code; stopped: on request; internal: a "
             "bug) and whether RQ retries the job.", ["reason", "retried"], registry=self.registry)
+        for counter, label, values in ((self.jobs, "status", STATUSES), (self.actions, "action", ACTIONS),
+                                       (self.errors, "code", ERROR_CODES),
+                                       (self.webhooks, "outcome", WEBHOOK_OUTCOMES)):
+            for value in values:
+                counter.labels(**{label: value})
+        for reason in FAILURE_REASONS:
+            for retried in ("true", "false"):
+                self.job_failures.labels(reason=reason, retried=retried)
 
     def watch_queues(self, connection, queues: list[str]) -> None:
         """Export the queues' state from Redis at each scrape (see QueueCollector)."""
         self.registry.register(QueueCollector(connection, queues))
 
     def observe_verdict(self, verdict: dict) -> None:
-        self.jobs.labels(status=verdict["status"]).inc()
+        self.jobs.labels(status=_known(verdict["status"], STATUSES)).inc()
         if verdict.get("action"):
-            self.actions.labels(action=verdict["action"]).inc()
+            self.actions.labels(action=_known(verdict["action"], ACTIONS)).inc()
         if verdict.get("shadow"):
-            self.shadow_actions.labels(action=verdict["action"], shadow_action=verdict["shadow"]["action"]).inc()
+            self.shadow_actions.labels(action=_known(verdict["action"], ACTIONS),
+                                       shadow_action=_known(verdict["shadow"]["action"], ACTIONS)).inc()
         if verdict.get("error"):
-            self.errors.labels(code=verdict["error"]["code"]).inc()
+            self.errors.labels(code=_known(verdict["error"]["code"], ERROR_CODES)).inc()
         for stage, ms in (verdict.get("timings_ms") or {}).items():
-            self.stage.labels(stage=stage).observe(ms / 1000.0)
+            if stage in STAGES:
+                self.stage.labels(stage=stage).observe(ms / 1000.0)
         if verdict["status"] in ("ok", "no_face"):
             self.faces.observe(len(verdict.get("faces") or []))
             video = verdict.get("video") or {}
@@ -88,6 +109,10 @@ class Metrics:
             self.damaged_packets.inc(video.get("decode_errors", 0))
         if verdict["status"] == "ok" and isinstance((verdict.get("decision") or {}).get("score"), (int, float)):
             self.scores.observe(verdict["decision"]["score"])
+
+
+def _known(value: object, allowed: tuple[str, ...]) -> str:
+    return value if value in allowed else "other"  # type: ignore[return-value]
 
 
 class QueueCollector(Collector):
