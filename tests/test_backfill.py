@@ -43,26 +43,42 @@ def queued(redis, settings) -> list[tuple[str, str]]:
     return [tuple(job.args) for job in get_queue(redis, settings.queue).get_jobs()]
 
 
+def listed_keys(s3, prefix: str) -> list[str]:
+    """The keys under `prefix` in the store's own listing order (SeaweedFS walks folders)."""
+    return [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)["Contents"]]
+
+
 def test_every_upload_under_the_prefix_is_queued_once(s3, redis, bsettings):
     seen: list[tuple[str, str]] = []
     stats = backfill(BUCKET, "2026/", settings=bsettings, connection=redis, s3_client=s3,
                      on_enqueued=lambda key, job_id: seen.append((key, job_id)))
     assert [k for k, _ in seen] == CLIPS and queued(redis, bsettings) == [(BUCKET, k) for k in CLIPS]
-    assert stats.enqueued == 5 and stats.listed == 9 and stats.last_key == CLIPS[-1]
+    assert stats.enqueued == 5 and stats.duplicates == 0 and stats.listed == 9
+    assert stats.last_key == listed_keys(s3, "2026/")[-1]  # the last handled, a skipped verdict here
     assert stats.skipped == {"folder": 1, "verdict": 1, "invalid_key": 1, "unstorable_key": 1} and stats.waited_s == 0
     # a rerun (or a key queued by hand before) is answered by the jobs already there: nothing new is queued
     assert enqueue(BUCKET, CLIPS[0], settings=bsettings, connection=redis, s3_client=s3) == seen[0][1]
     again: list[str] = []
-    backfill(BUCKET, "2026/", settings=bsettings, connection=redis, s3_client=s3,
-             on_enqueued=lambda key, job_id: again.append(job_id))
+    rerun = backfill(BUCKET, "2026/", settings=bsettings, connection=redis, s3_client=s3,
+                     on_enqueued=lambda key, job_id: again.append(job_id))
     assert again == [job_id for _, job_id in seen] and get_queue(redis, bsettings.queue).count == 5
+    assert rerun.enqueued == 0 and rerun.duplicates == 5  # was counted as 5 enqueued
 
 
 def test_limit_and_start_after_resume_where_a_run_stopped(s3, redis, bsettings):
     first = backfill(BUCKET, "2026/", limit=2, settings=bsettings, connection=redis, s3_client=s3)
     assert first.enqueued == 2 and first.last_key == CLIPS[1]
-    rest = backfill(BUCKET, "2026/", start_after=first.last_key, settings=bsettings, connection=redis, s3_client=s3)
-    assert rest.enqueued == 3 and queued(redis, bsettings) == [(BUCKET, k) for k in CLIPS]
+    # --limit counts new jobs: the same command again goes on past the two already queued (it used to
+    # count them, and a batch of such runs never got past the first two)
+    second = backfill(BUCKET, "2026/", limit=2, settings=bsettings, connection=redis, s3_client=s3)
+    assert second.enqueued == 2 and second.duplicates == 2 and second.last_key == CLIPS[3]
+    rest = backfill(BUCKET, "2026/", start_after=second.last_key, settings=bsettings, connection=redis, s3_client=s3)
+    assert rest.enqueued == 1 and queued(redis, bsettings) == [(BUCKET, k) for k in CLIPS]
+    # a resumed run that handles nothing keeps the key it was given (it said null, and the next run
+    # started over)
+    last = listed_keys(s3, "2026/")[-1]
+    assert backfill(BUCKET, "2026/", start_after=last, settings=bsettings, connection=redis,
+                    s3_client=s3).last_key == last
     december = backfill(BUCKET, "2026/12/", settings=bsettings, connection=redis, s3_client=s3)
     assert december.listed == 2  # the prefix is honoured (and these two were queued already: same jobs)
 
@@ -74,7 +90,8 @@ def test_since_skips_older_uploads(s3_server, redis, bsettings, corpus):
     client.put_object(Bucket="backlog-since", Key="new.mp4", Body=corpus["carphone"].read_bytes())
     stats = backfill("backlog-since", since=cut.replace(microsecond=0), settings=bsettings, connection=redis,
                      s3_client=client)
-    assert stats.enqueued == 1 and stats.last_key == "new.mp4" and stats.skipped == {"older": 1}
+    assert stats.enqueued == 1 and stats.skipped == {"older": 1}
+    assert stats.last_key == [o["Key"] for o in client.list_objects_v2(Bucket="backlog-since")["Contents"]][-1]
 
 
 @pytest.mark.timeout(300)
@@ -126,9 +143,33 @@ def test_the_command_prints_one_line_per_job_and_a_summary(s3, redis, redis_serv
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [line["key"] for line in lines] == CLIPS[:3] and all(line["job_id"] for line in lines)
     summary = json.loads(proc.stderr.strip().splitlines()[-1])
-    assert summary["enqueued"] == 3 and summary["last_key"] == CLIPS[2] and "warning" not in proc.stderr
+    assert summary["enqueued"] == 3 and summary["last_key"] == listed_keys(s3, "2026/11/")[-1]
+    assert summary["stopped"] is None and "warning" not in proc.stderr
     warned = cli(f"s3://{BUCKET}/2026/12/", DEEPFAKE_ALLOWED_BUCKETS="")
     assert warned.returncode == 0 and "not in DEEPFAKE_ALLOWED_BUCKETS" in warned.stderr
     missing = cli("s3://no-such-bucket/x/", DEEPFAKE_ALLOWED_BUCKETS="*")
     assert missing.returncode == 1 and "cannot list s3://no-such-bucket/x/" in missing.stderr
     assert cli("backlog/2026").returncode == 2 and cli(f"s3://{BUCKET}", "--since", "yesterday").returncode == 2
+
+
+def test_a_stopped_command_still_says_where_to_resume(s3, redis, redis_server, s3_server):
+    """A pod evicted (SIGTERM) while the backfill waits for room: it exited 143 with nothing on
+    stderr, and the Job's retry started over from the first key."""
+    import signal
+
+    env = {**os.environ, "DEEPFAKE_REDIS_URL": redis_server.url, "DEEPFAKE_S3_ENDPOINT_URL": s3_server.endpoint,
+           "DEEPFAKE_QUEUE": "cli-backfill-stop", "DEEPFAKE_VERDICT_PREFIX": "2026/verdicts/",
+           "DEEPFAKE_ALLOWED_BUCKETS": BUCKET, "DEEPFAKE_LOG_FORMAT": "json"}
+    proc = subprocess.Popen([sys.executable, "-m", "worker", "backfill", f"s3://{BUCKET}/2026/11/", "--max-queued", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        first = json.loads(proc.stdout.readline())  # queued; the next waits for a worker that never comes
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    summary = json.loads(err.strip().splitlines()[-1])
+    assert proc.returncode == 143 and out == "", (proc.returncode, err[-2000:])
+    assert summary["stopped"] == "terminated" and summary["enqueued"] == 1 and summary["last_key"] == first["key"]
+    assert summary["waited_s"] >= 1

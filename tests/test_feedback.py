@@ -90,6 +90,16 @@ def test_feedback_needs_a_verdict_with_an_action(settings, moderator, s3, s3_ser
         record(BUCKET, "in/gone.mp4", "real", settings=rt.settings, s3_client=s3)
     with pytest.raises(ValueError, match="label must be one of"):
         record(BUCKET, KEYS["block"], "maybe", settings=rt.settings, s3_client=s3)
+    # A decision about the bytes there now, not about a verdict on bytes replaced since (it was
+    # recorded, and summarised as the old action's): refused until the upload is scored again.
+    s3.put_object(Bucket=BUCKET, Key="in/replaced.mp4", Body=corpus["carphone"].read_bytes())
+    rt.moderate_s3(BUCKET, "in/replaced.mp4")
+    s3.put_object(Bucket=BUCKET, Key="in/replaced.mp4", Body=corpus["carphone"].read_bytes() + b"\0")
+    with pytest.raises(NoVerdict, match="judged other bytes than the upload's now"):
+        record(BUCKET, "in/replaced.mp4", "fake", settings=rt.settings, s3_client=s3)
+    rt.moderate_s3(BUCKET, "in/replaced.mp4")
+    assert record(BUCKET, "in/replaced.mp4", "fake", settings=rt.settings, s3_client=s3)["label"] == "fake"
+    s3.delete_object(Bucket=BUCKET, Key=rt.store.feedback_location(S3Location(BUCKET, "in/replaced.mp4")).key)
 
     # Unscored uploads with an action take feedback, counted apart: a damaged upload sent to
     # review and found fake twice, a text file allowed and reported, then found real.

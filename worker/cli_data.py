@@ -17,9 +17,11 @@ def add_data_commands(sub) -> None:  # type: ignore[no-untyped-def]
                                    "recomputed; the summary on stderr names the key to resume after.")
     b.add_argument("prefix", metavar="s3://BUCKET[/PREFIX]")
     b.add_argument("--since", type=_timestamp, metavar="ISO-8601",
-                   help="only objects modified at or after this time, e.g. 2026-11-01 or 2026-11-01T12:00:00Z")
-    b.add_argument("--start-after", metavar="KEY", help="resume: only keys after this one")
-    b.add_argument("--limit", type=int, metavar="N", help="queue at most N uploads")
+                   help="only objects modified at or after this time, e.g. 2026-11-01 or 2026-11-01T12:00:00+09:00 "
+                   "(UTC when it names no zone)")
+    b.add_argument("--start-after", metavar="KEY", help="resume: only keys after this one (the summary's last_key)")
+    b.add_argument("--limit", type=int, metavar="N", help="queue at most N new jobs (uploads already answered by a "
+                   "job do not count)")
     b.add_argument("--max-queued", type=int, default=100, metavar="N",
                    help="wait while the queue holds N or more jobs (default: %(default)s; 0 = never wait)")
     b.add_argument("--frames", type=int, metavar="N", help="frames sampled per video")
@@ -53,7 +55,7 @@ def add_data_commands(sub) -> None:  # type: ignore[no-untyped-def]
 
     fs = sub.add_parser("feedback-summary", help="reviewer decisions by the worker's action, per model, as JSON")
     fs.add_argument("prefix", metavar="s3://BUCKET[/PREFIX]", help="the uploads' bucket (and key prefix)")
-    fs.add_argument("--since", type=_timestamp, metavar="ISO-8601", help="only feedback recorded at or after this time")
+    fs.add_argument("--since", type=_timestamp, metavar="ISO-8601", help="only feedback recorded at or after this time (UTC when it names no zone)")
     fs.set_defaults(func=cmd_feedback_summary)
 
     w = sub.add_parser("what-if", help="what a changed threshold, review band or rule would do to the uploads "
@@ -73,7 +75,8 @@ def add_data_commands(sub) -> None:  # type: ignore[no-untyped-def]
                    help="under tracks, the paper's video score as the least the decision score can be (0.4.1's "
                    "rule; verdicts stored before it were decided without)")
     w.add_argument("--since", type=_timestamp, metavar="ISO-8601",
-                   help="only verdicts (and feedback) written at or after this time, e.g. the last week's")
+                   help="only verdicts (and feedback) written at or after this time, e.g. the last week's (UTC when "
+                   "it names no zone)")
     w.set_defaults(func=cmd_what_if)
 
     sub.add_parser("schema", help="print the JSON Schema (deepfake-verdict/1) this version's verdicts follow",
@@ -97,7 +100,7 @@ def cmd_backfill(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from tqdm import tqdm
 
     from worker import cli
-    from worker.backfill import backfill
+    from worker.backfill import BackfillStats, backfill
 
     bucket, prefix = cli._prefix(parser, args.prefix)
     if (args.limit is not None and args.limit < 1) or args.max_queued < 0:
@@ -105,28 +108,31 @@ def cmd_backfill(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     settings = cli._settings(parser, frames=args.frames)
     cli.warn_unless_allowed(settings, bucket)
     bar = tqdm(desc="backfill", unit="upload", file=sys.stderr, disable=None)
-    last: list[str] = []
 
     def enqueued(key: str, job_id: str) -> None:
         print(json.dumps({"key": key, "job_id": job_id}), flush=True)
-        last[:] = [key]
         bar.update()
 
+    # The summary, with the key to resume after, is printed however the run ends: Ctrl-C, SIGTERM (a
+    # pod evicted), S3 or Redis failing part-way.
+    stats = BackfillStats()
+    rc = cli.EXIT_OK
     try:
-        stats = backfill(bucket, prefix, frames=args.frames, since=args.since, start_after=args.start_after,
-                         limit=args.limit, max_queued=args.max_queued or None, settings=settings,
-                         on_enqueued=enqueued)
+        backfill(bucket, prefix, frames=args.frames, since=args.since, start_after=args.start_after,
+                 limit=args.limit, max_queued=args.max_queued or None, settings=settings, on_enqueued=enqueued,
+                 stats=stats)
     except KeyboardInterrupt:
-        bar.close()
-        print(json.dumps({"interrupted": True, "last_key": last[0] if last else None}), file=sys.stderr)
-        return 130
+        stats.stopped, rc = "interrupted", 130
     except (ClientError, BotoCoreError) as exc:
-        bar.close()
         print(f"deepfake backfill: cannot list s3://{bucket}/{prefix}: {exc}", file=sys.stderr)
-        return cli.EXIT_FAILURE
-    bar.close()
-    print(json.dumps(stats.to_dict()), file=sys.stderr)
-    return cli.EXIT_OK
+        stats.stopped, rc = "s3_failed", cli.EXIT_FAILURE
+    except BaseException as exc:  # SystemExit from SIGTERM, a Redis error (cli.main says which): summary first
+        stats.stopped = "terminated" if isinstance(exc, SystemExit) else type(exc).__name__
+        raise
+    finally:
+        bar.close()
+        print(json.dumps(stats.to_dict()), file=sys.stderr)
+    return rc
 
 
 def cmd_forget(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

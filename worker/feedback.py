@@ -50,6 +50,9 @@ def record(bucket: str, key: str, label: str, *, reviewer: str | None = None, no
         code = (verdict.get("error") or {}).get("code")
         raise NoVerdict(f"the verdict stored for {upload.uri} has no action to judge (its status is "
                         f"{verdict.get('status')}{f', {code}' if code else ''}): nothing was decided about the upload")
+    if store.describes_current(upload, verdict) is False:
+        raise NoVerdict(f"the verdict stored for {upload.uri} judged other bytes than the upload's now (replaced or "
+                        "deleted since): wait until the upload has been scored again")
     decision, model = verdict.get("decision") or {}, verdict.get("model") or {}
     feedback = {
         "schema": SCHEMA, "source": upload.uri, "label": label, "reviewer": reviewer, "note": note,

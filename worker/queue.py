@@ -144,6 +144,21 @@ def enqueue(
 
     `etag`: the object's ETag when the caller has it already (a listing), which saves a HEAD; "" when
     it could not be read (queued without a duplicate check)."""
+    return enqueue_upload(bucket, key, frames=frames, at_front=at_front, webhook_url=webhook_url, etag=etag,
+                          settings=settings, connection=connection, s3_client=s3_client).job_id
+
+
+@dataclass(frozen=True)
+class Enqueued:
+    job_id: str
+    new: bool  # False: an existing job answers for this upload (a duplicate)
+
+
+def enqueue_upload(
+    bucket: str, key: str, *, frames: int | None = None, at_front: bool = False, webhook_url: str | None = None,
+    etag: str | None = None, settings: Settings | None = None, connection: Redis | None = None, s3_client: Any = None,
+) -> Enqueued:
+    """`enqueue`, saying whether the job is new (backfill counts those)."""
     settings = settings or Settings()
     validate_location(bucket, key)
     unstorable = VerdictStore(None, prefix=settings.verdict_prefix, bucket=settings.verdict_bucket).unstorable(
@@ -173,7 +188,7 @@ def enqueue(
     if existing is not None:
         if at_front:
             connection.eval(TO_FRONT, 1, queue.key, existing.id)
-        return existing.id
+        return Enqueued(existing.id, False)
     try:
         # unique: the hash is written and the id queued in one script that refuses an id it finds, so
         # a client that runs it again after a lost reply (redis-py's default for Redis(host, port))
@@ -203,7 +218,7 @@ def enqueue(
         except RedisError:  # the job is queued all the same: its claim expires, a duplicate then gets a job
             pass
     upload_index.record(connection, bucket, key, job_id=job_id, dedupe_key=dkey, ttl_s=settings.result_ttl_s)
-    return job_id
+    return Enqueued(job_id, True)
 
 
 def job_made(connection: Redis, queue: Queue, job_id: str) -> bool | None:
