@@ -67,13 +67,13 @@ def test_every_upload_under_the_prefix_is_queued_once(s3, redis, bsettings):
 
 def test_limit_and_start_after_resume_where_a_run_stopped(s3, redis, bsettings):
     first = backfill(BUCKET, "2026/", limit=2, settings=bsettings, connection=redis, s3_client=s3)
-    assert first.enqueued == 2 and first.last_key == CLIPS[1]
+    assert first.enqueued == 2 and first.last_key == CLIPS[1] and first.stopped == "limit"
     # --limit counts new jobs: the same command again goes on past the two already queued (it used to
     # count them, and a batch of such runs never got past the first two)
     second = backfill(BUCKET, "2026/", limit=2, settings=bsettings, connection=redis, s3_client=s3)
     assert second.enqueued == 2 and second.duplicates == 2 and second.last_key == CLIPS[3]
     rest = backfill(BUCKET, "2026/", start_after=second.last_key, settings=bsettings, connection=redis, s3_client=s3)
-    assert rest.enqueued == 1 and queued(redis, bsettings) == [(BUCKET, k) for k in CLIPS]
+    assert rest.enqueued == 1 and rest.stopped is None and queued(redis, bsettings) == [(BUCKET, k) for k in CLIPS]
     # a resumed run that handles nothing keeps the key it was given (it said null, and the next run
     # started over)
     last = listed_keys(s3, "2026/")[-1]

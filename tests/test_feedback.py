@@ -99,6 +99,9 @@ def test_feedback_needs_a_verdict_with_an_action(settings, moderator, s3, s3_ser
         record(BUCKET, "in/replaced.mp4", "fake", settings=rt.settings, s3_client=s3)
     rt.moderate_s3(BUCKET, "in/replaced.mp4")
     assert record(BUCKET, "in/replaced.mp4", "fake", settings=rt.settings, s3_client=s3)["label"] == "fake"
+    # taken down since (a confirmed fake): its verdict is about the last bytes there were, and stands
+    s3.delete_object(Bucket=BUCKET, Key="in/replaced.mp4")
+    assert record(BUCKET, "in/replaced.mp4", "fake", settings=rt.settings, s3_client=s3)["label"] == "fake"
     s3.delete_object(Bucket=BUCKET, Key=rt.store.feedback_location(S3Location(BUCKET, "in/replaced.mp4")).key)
 
     # Unscored uploads with an action take feedback, counted apart: a damaged upload sent to

@@ -43,7 +43,7 @@ class BackfillStats:
     skipped: dict[str, int] = field(default_factory=dict)  # by reason
     waited_s: float = 0.0
     last_key: str | None = None  # the last key handled (queued or skipped): --start-after resumes after it
-    stopped: str | None = None  # why the run ended before the listing did (the CLI's summary)
+    stopped: str | None = None  # why the run ended before the listing did: limit, or (the CLI's) a failure
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,5 +127,6 @@ def backfill(
         if on_enqueued is not None:
             on_enqueued(item.key, done.job_id)
         if limit is not None and stats.enqueued >= limit:
+            stats.stopped = "limit"
             break  # at once: the next page's listing could fail a finished run
     return stats

@@ -124,7 +124,8 @@ def cmd_backfill(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     except KeyboardInterrupt:
         stats.stopped, rc = "interrupted", 130
     except (ClientError, BotoCoreError) as exc:
-        print(f"deepfake backfill: cannot list s3://{bucket}/{prefix}: {exc}", file=sys.stderr)
+        where = f"cannot list s3://{bucket}/{prefix}" if not stats.listed else f"S3 failed after {stats.last_key!r}"
+        print(f"deepfake backfill: {where}: {exc}", file=sys.stderr)
         stats.stopped, rc = "s3_failed", cli.EXIT_FAILURE
     except BaseException as exc:  # SystemExit from SIGTERM, a Redis error (cli.main says which): summary first
         stats.stopped = "terminated" if isinstance(exc, SystemExit) else type(exc).__name__

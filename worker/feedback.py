@@ -50,9 +50,11 @@ def record(bucket: str, key: str, label: str, *, reviewer: str | None = None, no
         code = (verdict.get("error") or {}).get("code")
         raise NoVerdict(f"the verdict stored for {upload.uri} has no action to judge (its status is "
                         f"{verdict.get('status')}{f', {code}' if code else ''}): nothing was decided about the upload")
-    if store.describes_current(upload, verdict) is False:
-        raise NoVerdict(f"the verdict stored for {upload.uri} judged other bytes than the upload's now (replaced or "
-                        "deleted since): wait until the upload has been scored again")
+    # Replaced since: the decision is about other bytes. Deleted since (a confirmed fake taken down)
+    # is fine: the verdict is about the last bytes there were.
+    if store.describes_current(upload, verdict, gone=None) is False:
+        raise NoVerdict(f"the verdict stored for {upload.uri} judged other bytes than the upload's now (replaced "
+                        "since): wait until the upload has been scored again")
     decision, model = verdict.get("decision") or {}, verdict.get("model") or {}
     feedback = {
         "schema": SCHEMA, "source": upload.uri, "label": label, "reviewer": reviewer, "note": note,

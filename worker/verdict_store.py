@@ -243,9 +243,9 @@ class VerdictStore:
             verdict = None  # JSON, but no verdict (`[1, 2]`): said as none, whether or not it is signed
         return {"upload": upload.uri, "stored_at": loc.uri, "verified": verified, "verdict": verdict}
 
-    def describes_current(self, upload: S3Location, verdict: dict) -> bool | None:
-        """Whether `verdict` judged the bytes now at `upload` (False too when the upload is gone): a
-        signature binds a verdict to its location, not to the bytes there, so an old signed verdict
+    def describes_current(self, upload: S3Location, verdict: dict, *, gone: bool | None = False) -> bool | None:
+        """Whether `verdict` judged the bytes now at `upload` (`gone` when the upload no longer exists):
+        a signature binds a verdict to its location, not to the bytes there, so an old signed verdict
         put back after the upload was replaced still verifies. None: it judged no bytes (a refusal
         before reading), or the upload cannot be read here."""
         judged = input_etag(verdict)
@@ -254,7 +254,7 @@ class VerdictStore:
         try:
             return self.client.head_object(Bucket=upload.bucket, Key=upload.key)["ETag"] == judged
         except ClientError as exc:
-            return False if error_code(exc) in NOT_FOUND_CODES else None
+            return gone if error_code(exc) in NOT_FOUND_CODES else None
 
     def put(self, upload: S3Location, verdict: dict, *, replaces: str | None = None) -> bool:
         """Write once: False when another writer got there first (their verdict stands)."""
