@@ -165,7 +165,7 @@ def cmd_verdict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     for loc in locations:
         found = store.read(loc)
         found["current"] = None if found["verdict"] is None else store.describes_current(loc, found["verdict"])
-        ok &= found["verdict"] is not None and found["verified"] is not False and found.get("current") is not False
+        ok &= found["verdict"] is not None and found["verified"] is not False and found["current"] is not False
         print(json.dumps(found), flush=True)
     return cli.EXIT_OK if ok else cli.EXIT_FAILURE
 

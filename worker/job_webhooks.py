@@ -19,7 +19,7 @@ from rq.defaults import DEFAULT_FAILURE_TTL, DEFAULT_RESULT_TTL
 from rq.job import JobStatus
 
 from worker.runtime import installed
-from worker.settings import Settings
+from worker.settings import MAX_RESULT_TTL_S, Settings
 from worker.webhooks import MAX_WEBHOOKS, HostPolicy, WebhookFailed, WebhookRefused, deliver, summary
 
 if TYPE_CHECKING:
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("worker.job_webhooks")
 UNDELIVERED_PREFIX = "deepfake:webhook-undelivered:"
-MAX_TTL_S = 366 * 24 * 3600
 
 
 def undelivered_key(job_id: str) -> str:
@@ -114,7 +113,7 @@ def _note(job: "Job", *, failed: list[str], sent: list[str], status: Any) -> Non
         else:
             ttl = DEFAULT_FAILURE_TTL if job.failure_ttl is None else job.failure_ttl
         if failed:
-            record_undelivered(job.connection, job.id, failed, MAX_TTL_S if ttl < 0 else min(max(ttl, 1), MAX_TTL_S))
+            record_undelivered(job.connection, job.id, failed, MAX_RESULT_TTL_S if ttl < 0 else min(max(ttl, 1), MAX_RESULT_TTL_S))
         for url in sent:
             record_delivered(job.connection, job.id, url)
     except Exception as exc:  # noqa: BLE001 - nothing may escape (see DeepfakeJob.send_webhooks)

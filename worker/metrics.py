@@ -19,6 +19,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis import Redis
 
+from worker.decision import ALLOW, BLOCK, REVIEW
 from worker.errors import ErrorCode
 
 SCRAPE_TIMEOUT_S = 2.0  # per Redis call made while Prometheus scrapes the queue's state
@@ -26,7 +27,7 @@ SCRAPE_TIMEOUT_S = 2.0  # per Redis call made while Prometheus scrapes the queue
 # whose first job counted before the first scrape) shows no increase() to the alerts. A verdict read
 # back from S3 (a lost write race) is anyone's who can write there: other values count as "other".
 STATUSES = ("ok", "no_face", "error", "reused")
-ACTIONS = ("allow", "review", "block")
+ACTIONS = (ALLOW, REVIEW, BLOCK)
 ERROR_CODES = tuple(code.value for code in ErrorCode)
 STAGES = ("open", "decode", "detect", "crop", "model", "shadow", "total", "store")
 WEBHOOK_OUTCOMES = ("sent", "refused", "failed")

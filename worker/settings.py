@@ -18,6 +18,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from worker.decision import parse_error_actions
 from worker.video import MAX_SAMPLED_FRAMES, frames_to_sample
 
+MAX_RESULT_TTL_S = 366 * 24 * 3600  # a job's verdict, and what is kept beside it, stays in Redis a year at most
+
 
 class Settings(BaseSettings):
     # An empty variable counts as unset (`DEEPFAKE_MODEL_DIR=` is the packaged model, not ".").
@@ -143,7 +145,7 @@ class Settings(BaseSettings):
         "30,120,600", description="Seconds a failed job waits before each retry, comma-separated (the last repeats "
         "for further retries; 0 = at once): a storage outage or throttling outlasts retries run back to back.",
     )
-    result_ttl_s: int = Field(7 * 24 * 3600, ge=1, le=366 * 24 * 3600,
+    result_ttl_s: int = Field(7 * 24 * 3600, ge=1, le=MAX_RESULT_TTL_S,
                               description="How long a job's verdict stays in Redis (at most a year).")
     result_detail: Literal["summary", "full"] = Field(
         "summary", description="What a job's result in Redis holds: `summary` (the verdict without its face records, "
