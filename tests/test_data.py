@@ -135,6 +135,25 @@ def test_crop_dataset(demo_root):
         CropDataset(demo_root, "nonexistent")
 
 
+def test_the_frequency_normalisation_is_fitted_on_crops_as_served_not_augmented(demo_root):
+    """`train --augment` gives the training set a transform: the normalisation fitted through it
+    described crops no model is ever served (validation, test and the worker never augment)."""
+    from torch.utils.data import ConcatDataset, Subset
+
+    from training.models import create_model
+    from training.normalise import fit_frequency_norm
+
+    def fitted(dataset) -> tuple[list[float], list[float]]:
+        model = create_model("mdcsd_tiny", input_size=64)
+        return fit_frequency_norm(model, dataset, crops=64, progress=False)
+
+    plain = fitted(CropDataset(demo_root, "train"))
+    augmented = CropDataset(demo_root, "train", hflip=True, transform=lambda t: (t * 0.3).clamp(0, 1))
+    assert fitted(augmented) == plain
+    assert fitted(Subset(ConcatDataset([augmented]), range(len(augmented)))) == plain
+    assert augmented.transform is not None and augmented.hflip  # the training set keeps its augmentation
+
+
 def test_labels_of_several_caches_come_from_their_indexes_not_their_crops(demo_root):
     """`train --balance` on several --data caches weighs crops by label: read from each cache's index,
     not by decoding every crop of the set (390k PNGs for FF++) before the first step."""
@@ -287,6 +306,10 @@ def test_ffpp_reader(tmp_path):
         ffpp_videos(tmp_path / "nowhere")
     with pytest.raises(ValueError):
         ffpp_videos(tmp_path, manipulations=["Nope"])
+    # DeepFakeDetection's fakes are not <target>_<source>.mp4: accepted, it read nothing or failed on names
+    # no such file has (its reader is dfd_videos)
+    with pytest.raises(ValueError, match="DeepFakeDetection is a dataset of its own: dfd_videos"):
+        ffpp_videos(tmp_path, manipulations=["DeepFakeDetection"], missing="skip")
 
 
 def test_celebdf_reader(tmp_path):

@@ -128,6 +128,10 @@ def test_the_rq_check_fails_where_rq_worker_would_fail_or_miss_every_job(env, ca
     code, results = check(capsys, "--only", "rq")
     assert code == 0 and "RQ_CONNECTION_CLASS is unset" in results["rq"]["warning"]
     assert "RQ_JOB_CLASS is unset, not worker.rq_worker.DeepfakeJob" in results["rq"]["warning"]
+    assert "DEEPFAKE_QUEUE" not in results["rq"]["warning"]
+    env.setenv("DEEPFAKE_QUEUE", "other")  # read by enqueuers: the workers' command names their queue
+    code, results = check(capsys, "--only", "rq")
+    assert code == 0 and "start the workers as `rq worker other`" in results["rq"]["warning"]
 
 
 def enqueue_raw(redis: Redis) -> str:
@@ -251,3 +255,19 @@ def test_a_worker_whose_settings_name_another_redis_says_so_at_start(redis, redi
     same.load_runtime(settings.model_copy(update={"redis_url": redis_server.url, "metrics_port": 0,
                                                   "log_format": "json"}))
     assert "redis_url_mismatch" not in capsys.readouterr().err
+
+
+def test_a_worker_whose_settings_name_another_queue_says_so_at_start(redis, settings, capsys):
+    """DEEPFAKE_QUEUE is read by enqueuers; the worker listens on the queue its command names."""
+    from worker.rq_worker import DeepfakeWorker
+
+    worker = DeepfakeWorker(["deepfake"], connection=redis)
+    worker.load_runtime(settings.model_copy(update={"queue": "other", "metrics_port": 0, "log_format": "json"}))
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    warning = next(e for e in events if e["event"] == "queue_mismatch")
+    assert warning["worker"] == ["deepfake"] and warning["settings"] == "other"
+    assert "rq worker other" in warning["reason"] and "rq:queue:other" in warning["reason"]
+
+    both = DeepfakeWorker(["other", "deepfake"], connection=redis)
+    both.load_runtime(settings.model_copy(update={"queue": "other", "metrics_port": 0, "log_format": "json"}))
+    assert "queue_mismatch" not in capsys.readouterr().err

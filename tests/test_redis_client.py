@@ -160,15 +160,16 @@ def test_a_write_to_a_primary_demoted_in_a_failover_is_ridden_out(tmp_path):
         ride_out(client, 60)
         assert client.incr("counter") == 1
         admin = Redis.from_url(primary.url)
+        Redis.from_url(other.url).set("counter", 1)  # the data the demoted server copies
         admin.replicaof("127.0.0.1", other.port)  # demoted: now a replica, its clients still connected
-        until(lambda: admin.info("replication")["role"] == "slave", 10, "the demotion")
+        until(lambda: admin.info("replication").get("master_link_status") == "up", 10, "the demotion")
         results = {}
         writer = threading.Thread(target=lambda: results.setdefault("incr", client.incr("counter")))
         writer.start()
         time.sleep(1.5)
         assert writer.is_alive() and results == {}  # waiting, not failed
-        admin.replicaof("no", "one")
-        admin.set("counter", 1)  # the replica took the other's (empty) data: as the new primary holds it
+        assert admin.get("counter") == b"1"  # copied from the other server
+        admin.replicaof("no", "one")  # promoted, with no write of ours after it for the writer to race
         writer.join(30)
         assert results == {"incr": 2} and admin.get("counter") == b"2"
     finally:

@@ -485,7 +485,8 @@ def test_cli_extract_ffpp_layout(tmp_path, capsys):
     # A misspelt compression or manipulation is a usage error before anything is read.
     capsys.readouterr()
     for extra, said in ((["--compression", "c32"], "--compression must be one of raw, c23, c40, not 'c32'"),
-                        (["--manipulations", "Deepfakes", "FaceSwapp"], "unknown --manipulations FaceSwapp")):
+                        (["--manipulations", "Deepfakes", "FaceSwapp"], "unknown --manipulations FaceSwapp"),
+                        (["--manipulations", "DeepFakeDetection"], "(for DeepFakeDetection: --dataset dfd)")):
         with pytest.raises(SystemExit) as exc:
             main(["extract", "--dataset", "ffpp", "--root", str(root), "--out", str(tmp_path / "slip"), *extra])
         assert exc.value.code == 2 and said in capsys.readouterr().err

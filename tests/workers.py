@@ -166,21 +166,37 @@ class Supervisor:
         worker = Worker.find_by_key(f"{Worker.redis_worker_namespace_prefix}{name}", connection=redis)
         return worker is not None and worker.get_state() != "idle"
 
+    @staticmethod
+    def _holder(redis: Redis, entry: str) -> str | None:
+        """The worker that runs a started-registry entry (`job_id:execution_id`): its execution's, which
+        RQ writes with the entry and the worker's busy state in one transaction. The job's own
+        `worker_name` is written later, by the work horse: read between the two, it said nobody, and
+        a job a live worker had just taken was requeued."""
+        job_id, _, execution_id = entry.partition(":")
+        name = redis.hget(f"rq:execution:{job_id}:{execution_id}", "worker_name")
+        if name:
+            return name.decode()
+        return Job.fetch(job_id, connection=redis, serializer=JSONSerializer).worker_name  # an entry without one
+
     def _requeue_abandoned(self, redis: Redis) -> None:
         """RQ's StartedJobRegistry.cleanup, as maintenance runs it once a dead worker's heartbeat has
-        expired, for the entries (and only those) whose worker died or went idle without finishing."""
+        expired, for the entries (and only those) whose worker died or went idle without finishing.
+        Counted: the jobs the cleanup took out of `started` (an entry left by a job that finished is
+        dropped, not recovered)."""
         registry = StartedJobRegistry(self.settings.queue, connection=redis, serializer=JSONSerializer)
         entries = redis.zrange(registry.key, 0, -1, withscores=True)
         if not entries:
             return
-        abandoned = []
+        abandoned = {}
         for raw, score in entries:
-            job = Job.fetch(raw.decode().split(":")[0], connection=redis, serializer=JSONSerializer)
-            if self._running(redis, job.worker_name):
+            if self._running(redis, self._holder(redis, raw.decode())):
                 return  # a live job among them: wait, the cleanup below would take it too
-            abandoned.append(score)
-        registry.cleanup(timestamp=max(abandoned) + 0.001)  # entries added after the snapshot stay
-        self.recovered += len(abandoned)
+            job_id = raw.decode().split(":")[0]
+            abandoned[job_id] = score
+        started = {j for j in abandoned if Job.fetch(j, connection=redis, serializer=JSONSerializer).get_status() == "started"}
+        registry.cleanup(timestamp=max(abandoned.values()) + 0.001)  # entries added after the snapshot stay
+        self.recovered += sum(Job.fetch(j, connection=redis, serializer=JSONSerializer).get_status() != "started"
+                              for j in started)
 
     def _requeue_stuck_intermediate(self, redis: Redis) -> None:
         """A job moved to RQ's intermediate list by a worker that died before registering it: what
@@ -193,8 +209,9 @@ class Supervisor:
             job_id = raw.decode()
             if job_id in started:
                 continue
-            # A live worker registers a job milliseconds after taking it: seconds later, nobody will.
-            if now - self._seen.setdefault(job_id, now) < 3.0:
+            # A live worker registers a job milliseconds after taking it, or, when Redis failed in
+            # between, at its next try: at most the ride-out's longest wait (8 s) after Redis is back.
+            if now - self._seen.setdefault(job_id, now) < 12.0:
                 continue
             job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
             redis.lrem(key, 1, job_id)

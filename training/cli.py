@@ -219,7 +219,8 @@ def cmd_extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     if args.compression not in FFPP_COMPRESSIONS:  # checked here: the data package is slow to import for --help
         parser.error(f"--compression must be one of {', '.join(FFPP_COMPRESSIONS)}, not {args.compression!r}")
     if unknown := sorted(set(args.manipulations or ()) - set(FFPP_KNOWN)):
-        parser.error(f"unknown --manipulations {', '.join(unknown)}; FF++ has {', '.join(FFPP_KNOWN)}")
+        dfd = " (for DeepFakeDetection: --dataset dfd)" if "DeepFakeDetection" in unknown else ""
+        parser.error(f"unknown --manipulations {', '.join(unknown)}; FF++ has {', '.join(FFPP_KNOWN)}{dfd}")
     if args.dataset == "ffpp":
         kw = {"manipulations": args.manipulations} if args.manipulations else {}
         items = ffpp_videos(args.root, splits=args.splits, compression=args.compression, missing=args.missing, **kw)

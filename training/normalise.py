@@ -8,17 +8,18 @@ worker's engines all carry them).
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from training.models import spectrum_stats
 
-__all__ = ["fit_frequency_norm"]
+__all__ = ["fit_frequency_norm", "unaugmented"]
 
 
 def fit_frequency_norm(model: nn.Module, dataset: Dataset, crops: int = 256, batch_size: int = 32,
@@ -30,6 +31,7 @@ def fit_frequency_norm(model: nn.Module, dataset: Dataset, crops: int = 256, bat
     """
     if "freq" not in getattr(model, "branches", ()):
         return None
+    dataset = unaugmented(dataset)  # validation, test and serving crops are never augmented
     n = min(int(crops), len(dataset))  # type: ignore[arg-type]
     if n < 1:
         raise ValueError("fitting the frequency normalisation needs at least one training crop")
@@ -44,3 +46,21 @@ def fit_frequency_norm(model: nn.Module, dataset: Dataset, crops: int = 256, bat
     mean, std = spectrum_stats(batches(), cfg["transform"], cfg["eps"], cfg["spectrum_precision"])
     model.set_freq_norm(mean, std)  # type: ignore[operator]
     return mean, std
+
+
+def unaugmented(dataset: Dataset) -> Dataset:
+    """`dataset` with its augmentation off (a CropDataset's `transform` and `hflip`, through Subset and
+    ConcatDataset wrappers), for statistics that must describe the crops the model is served: `train
+    --augment`'s zooms, greys and contrast shifts moved the fitted log-spectrum mean by about 0.4 std."""
+    if isinstance(dataset, Subset):
+        return Subset(unaugmented(dataset.dataset), dataset.indices)
+    if isinstance(dataset, ConcatDataset):
+        return ConcatDataset([unaugmented(d) for d in dataset.datasets])
+    if getattr(dataset, "transform", None) is None and not getattr(dataset, "hflip", False):
+        return dataset
+    plain = copy.copy(dataset)  # shares any crops held in memory
+    if hasattr(plain, "transform"):
+        plain.transform = None  # type: ignore[attr-defined]
+    if hasattr(plain, "hflip"):
+        plain.hflip = False  # type: ignore[attr-defined]
+    return plain

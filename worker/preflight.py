@@ -17,7 +17,7 @@ from typing import Callable, Collection
 import numpy as np
 
 from worker.engine.base import BadModelOutput, checked_probabilities
-from worker.settings import Settings
+from worker.settings import DEFAULT_QUEUE, Settings
 
 CHECKS = ("model", "redis", "rq", "s3", "webhooks", "signing")
 NETWORK_TIMEOUT_S = 5.0
@@ -168,6 +168,10 @@ def check_rq(settings: Settings) -> Check:
                         "here would fail abandoned jobs through RQ's own Job and POST their webhooks unvetted, unsigned")
     if os.environ.get("RQ_CONFIG"):
         warnings.append("RQ_CONFIG is set: Redis settings in that module were not compared")
+    if settings.queue != DEFAULT_QUEUE:  # the image's command and deploy/ name the default
+        warnings.append(f"DEEPFAKE_QUEUE is {settings.queue!r}: jobs go to a queue the image's `rq worker "
+                        f"{DEFAULT_QUEUE}` does not listen on; start the workers as `rq worker {settings.queue}` "
+                        f"and set KEDA's listName to rq:queue:{settings.queue}")
     return Check("rq", True, f"rq worker runs {dotted} on {without_password(rq_url)}", "; ".join(warnings) or None)
 
 

@@ -283,6 +283,11 @@ class DeepfakeWorker(SimpleWorker):
                             settings=without_password(settings.redis_url),
                             reason="DEEPFAKE_REDIS_URL is not the Redis this worker listens on (RQ_REDIS_URL): "
                             "jobs queued with these settings never reach it (`deepfake check --only rq`)")
+            if settings.queue not in {q.name for q in self.queues}:
+                log.warning("queue_mismatch", worker=[q.name for q in self.queues], settings=settings.queue,
+                            reason=f"DEEPFAKE_QUEUE is {settings.queue!r}, a queue this worker does not listen on: "
+                            f"jobs enqueued with these settings wait for a worker started as `rq worker "
+                            f"{settings.queue}` (and KEDA's listName rq:queue:{settings.queue})")
             if not self.runtime.allowed:
                 log.warning("no_bucket_allowed", reason="DEEPFAKE_ALLOWED_BUCKETS is empty: every job will be "
                             "refused as access_denied (`deepfake check` lists what else is missing)")

@@ -21,6 +21,8 @@ from worker.video import MAX_SAMPLED_FRAMES, frames_to_sample
 MAX_RESULT_TTL_S = 366 * 24 * 3600  # a job's verdict, and what is kept beside it, stays in Redis a year at most
 
 
+DEFAULT_QUEUE = "deepfake"  # the queue the image's `rq worker deepfake` and deploy/ (KEDA) name
+
 class Settings(BaseSettings):
     # An empty variable counts as unset (`DEEPFAKE_MODEL_DIR=` is the packaged model, not ".").
     model_config = SettingsConfigDict(env_prefix="DEEPFAKE_", extra="ignore", protected_namespaces=(),
@@ -118,7 +120,8 @@ class Settings(BaseSettings):
         "redis://127.0.0.1:6379/0", validation_alias=AliasChoices("DEEPFAKE_REDIS_URL", "RQ_REDIS_URL"),
         description="Redis holding the RQ queue; RQ_REDIS_URL (what `rq worker` reads) is used when this is unset.",
     )
-    queue: str = Field("deepfake", description="RQ queue name.")
+    queue: str = Field(DEFAULT_QUEUE, description="The RQ queue enqueuers use; workers listen on the queue "
+                       "their command names (`rq worker deepfake`), which must match.")
     redis_outage_s: float = Field(
         120.0, ge=0, description="How long the worker rides out an unreachable Redis (a restart, a failover) with its "
         "job in hand before giving up as RQ does; 0 = not at all.",

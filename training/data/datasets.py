@@ -15,7 +15,9 @@ from typing import Iterable, Literal, Sequence
 from .extract import VideoItem
 
 FFPP_MANIPULATIONS = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures")  # the paper's four
-FFPP_KNOWN = FFPP_MANIPULATIONS + ("FaceShifter", "DeepFakeDetection")
+FFPP_KNOWN = FFPP_MANIPULATIONS + ("FaceShifter",)  # named <target>_<source>.mp4 from the split pairs
+# DeepFakeDetection, hosted beside them, is not: its files are named by actors and scenes, its reals sit
+# under actors/ (`dfd_videos`, `extract --dataset dfd`).
 FFPP_COMPRESSIONS = ("raw", "c23", "c40")
 SPLITS = ("train", "val", "test")
 CELEBDF_DIRS = {"Celeb-real": 0, "YouTube-real": 0, "Celeb-synthesis": 1}
@@ -76,7 +78,8 @@ def ffpp_videos(
     _check_compression(compression)
     unknown = [m for m in manipulations if m not in FFPP_KNOWN]
     if unknown:
-        raise ValueError(f"unknown FaceForensics++ manipulations {unknown}; known: {FFPP_KNOWN}")
+        dfd = " (DeepFakeDetection is a dataset of its own: dfd_videos)" if "DeepFakeDetection" in unknown else ""
+        raise ValueError(f"unknown FaceForensics++ manipulations {unknown}; known: {FFPP_KNOWN}{dfd}")
     real_path = root / "original_sequences" / "youtube" / compression / "videos"
     real_dir = _need_dir(real_path, "FaceForensics++ real videos") if real else None
     fake_dirs = {m: _need_dir(root / "manipulated_sequences" / m / compression / "videos", f"FaceForensics++ {m}")
