@@ -167,3 +167,146 @@ def test_cache_without_lock_still_never_tears(tmp_path) -> None:
     with held:
         assert held.read() == b"S" * 200_000  # the old engine, whole: not rewritten in place
     assert path.stat().st_ino != inode
+
+
+# -- a volume shared by pods running as other UIDs ----------------------------------------------------
+
+def test_cache_files_get_the_mode_a_plain_write_would(tmp_path) -> None:
+    """mkstemp makes 0600 files and the rename keeps that mode: a pod running as another UID could not
+    read the engine. Written files get 0666 less the umask instead, like any other write."""
+    old = os.umask(0o027)
+    try:
+        cache = EngineCache(tmp_path)
+        path = cache.store(make_key(), b"engine")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert path.with_suffix(".json").stat().st_mode & 0o777 == 0o640
+
+
+def test_cache_entry_it_cannot_read_is_a_miss(tmp_path, monkeypatch, caplog) -> None:
+    """Another UID's engine it may not read (PermissionError, not FileNotFoundError) is rebuilt, and one
+    it may not replace either is served uncached: the worker starts either way."""
+    cache = EngineCache(tmp_path)
+    key = make_key()
+    cache.store(key, b"theirs")
+    read_bytes = Path.read_bytes
+
+    def denied(self: Path) -> bytes:
+        if self == cache.path_for(key):
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    assert cache.load(key) is None and "cannot read" in caplog.text
+
+    def no_replace(src, dst) -> None:  # noqa: ANN001 - os.replace's signature
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(os, "replace", no_replace)
+    assert cache.get_or_build(key, lambda: b"ours") == (b"ours", True)
+    assert "could not store" in caplog.text
+    assert [p.name for p in tmp_path.iterdir() if "tmp" in p.name] == []
+
+
+def test_cache_lock_through_a_read_only_handle(tmp_path, monkeypatch) -> None:
+    """Another UID's lock file (0644) cannot be opened for writing; flock through a read-only handle
+    still serialises the builders."""
+    import builtins
+    import fcntl
+
+    import worker.engine.cache as cache_module
+
+    cache = EngineCache(tmp_path)
+    key = make_key()
+    lock_path = cache.path_for(key).with_suffix(".lock")
+    lock_path.touch()
+
+    def only_read(file, mode="r", *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if Path(file) == lock_path and mode != "rb":
+            raise PermissionError(13, "Permission denied", str(file))
+        return builtins.open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module, "open", only_read, raising=False)
+    with cache._locked(key), open(lock_path, "rb") as other:  # another open file description
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to run as a second UID")
+def test_a_pod_running_as_another_uid_reuses_the_engine() -> None:
+    """The real thing: root builds into a shared directory, `nobody` (not allowed to write there) loads
+    the engine instead of failing to start."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="engine-cache-"))  # not under tmp_path: its parents are 0700
+    try:
+        shared.chmod(0o755)
+        old = os.umask(0o022)
+        try:
+            EngineCache(shared).store(make_key(), b"plan")
+        finally:
+            os.umask(old)
+        code = ("import os, sys; from worker.engine.cache import EngineCache, EngineKey\n"
+                "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"  # after start-up: /root is 0700
+                "key = EngineKey(gpu_name='NVIDIA H200', compute_capability='9.0', tensorrt_version='10.7.0',"
+                " onnx_sha256='ab' * 32, precision='fp16', batch_profile=(1, 32, 32), input_size=299)\n"
+                "print(EngineCache(sys.argv[1]).get_or_build(key, lambda: b'rebuilt'))\n")
+        repo = Path(__file__).resolve().parents[1]
+        out = subprocess.run([sys.executable, "-c", code, str(shared)], cwd=repo, env={"PYTHONPATH": str(repo)},
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "(b'plan', False)"
+    finally:
+        shutil.rmtree(shared)
+
+
+def test_cache_record_that_is_not_an_object_is_a_miss(tmp_path) -> None:
+    cache = EngineCache(tmp_path)
+    key = make_key()
+    for record in ("[]", "null", '"x"', "3"):
+        cache.store(key, b"engine")
+        cache.path_for(key).with_suffix(".json").write_text(record)
+        assert cache.load(key) is None, record
+        assert cache.get_or_build(key, lambda: b"rebuilt") == (b"rebuilt", True)
+
+
+def test_cache_invalidate_forgets_the_calibration_cache(tmp_path) -> None:
+    """rebuild=True invalidates: a TensorRT INT8 rebuild must calibrate afresh, not reuse the old scales."""
+    cache = EngineCache(tmp_path)
+    key = make_key(precision="int8")
+    path = cache.store(key, b"engine")
+    calib = tmp_path / f"{key.file_stem()}.calib"
+    calib.write_bytes(b"scales")
+    cache.invalidate(key)
+    assert not path.exists() and not path.with_suffix(".json").exists() and not calib.exists()
+    cache.invalidate(key)  # nothing left: no error
+
+
+def test_tensorrt_calibration_cache_is_written_atomically(tmp_path) -> None:
+    """Pods on one volume may calibrate at once: the .calib is replaced by a rename, never rewritten in
+    place under a reader (which keeps the whole old file)."""
+    import types
+
+    import numpy as np
+
+    from worker.engine.tensorrt_engine import _make_calibrator
+
+    class Base:
+        def __init__(self) -> None:
+            pass
+
+    cache_file = tmp_path / "sub" / "x.calib"
+    cache_file.parent.mkdir()
+    cache_file.write_bytes(b"old scales")
+    calibrator = _make_calibrator(types.SimpleNamespace(IInt8EntropyCalibrator2=Base), np.zeros((2, 8, 8, 3), np.uint8),
+                                  1, "cpu", cache_file)
+    with open(cache_file, "rb") as held:
+        inode = os.fstat(held.fileno()).st_ino
+        calibrator.write_calibration_cache(memoryview(b"new scales"))
+        assert held.read() == b"old scales"
+    assert calibrator.read_calibration_cache() == b"new scales" and cache_file.stat().st_ino != inode
+    assert [p.name for p in cache_file.parent.iterdir()] == ["x.calib"]  # no temporary file left

@@ -10,6 +10,7 @@ probabilities spread over the crops instead of all sitting at ~0.5.
 from __future__ import annotations
 
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -187,14 +188,19 @@ def test_auto_picks_the_best_available(model_and_dir, random_model_dir) -> None:
         load_engine(model_dir, backend="tflite")
 
 
-def test_options_a_backend_cannot_honour(model_and_dir) -> None:
+def test_options_a_backend_cannot_honour(model_and_dir, caplog) -> None:
     _, model_dir = model_and_dir
     with pytest.raises(ValueError, match="does not support precision"):
         load_engine(model_dir, backend="onnxruntime", precision="fp16")
     with pytest.raises(ValueError, match="does not support precision"):
         load_engine(model_dir, backend="pytorch", precision="bf16")  # autocast precisions are for CUDA
+    with pytest.raises(ValueError, match="does not support channels_last"):  # PyTorch-only switches
+        load_engine(model_dir, backend="onnxruntime", channels_last=True)
+    with pytest.raises(ValueError, match="does not support compile"):
+        load_engine(model_dir, backend="onnxruntime", compile="default")
     # under auto they are dropped with a warning instead
-    assert load_engine(model_dir, backend="auto", precision="fp16").backend == "onnxruntime-cpu"
+    assert load_engine(model_dir, backend="auto", precision="fp16", channels_last=True).backend == "onnxruntime-cpu"
+    assert "does not support channels_last; ignoring it" in caplog.text
 
 
 @pytest.mark.skipif("tensorrt" in sys.modules or "tensorrt" in available_engines(), reason="TensorRT is present")
@@ -350,9 +356,9 @@ def test_tensorrt_fp32_pinning_covers_the_spectrum_and_stops_at_its_convolution(
     """What TensorRTEngine._pin_spectrum_fp32 pins, run over the packaged model's real ONNX graph laid
     out as TensorRT's parser lays it out (one layer per node, a constant layer per tensor initializer).
     TensorRT itself cannot run here (no GPU, no package): its layer API is stood in for by the few
-    attributes the method reads, and the engine is checked on a GPU with TensorRT (bench/gpu_verify.py)."""
-    import types
-
+    attributes the method reads. The engine itself has not yet run with real TensorRT: bench/gpu_verify.py
+    has no TensorRT section, and the device machine has no TensorRT; that check needs an NGC TensorRT
+    image (docs/deploy.md)."""
     import onnx
 
     from worker.engine.tensorrt_engine import TensorRTEngine
@@ -411,3 +417,73 @@ def test_tensorrt_fp32_pinning_covers_the_spectrum_and_stops_at_its_convolution(
     assert elementwise & pinned == {"add_25", "sub_8", "div_1"}
     # The classifier's matrix products and the softmax are pinned too (small, and the probabilities' last step).
     assert {"linear", "linear_1", "logits", "softmax"} <= pinned
+
+
+# -- tensorrt without TensorRT: what can be checked with a stand-in module --------------------------------
+
+def _fake_tensorrt(monkeypatch, version: str) -> types.ModuleType:
+    """A ``tensorrt`` module of `version` and a torch that sees a GPU, for this test only: only the
+    version and selection logic run, never a TensorRT call."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    return trt
+
+
+def test_auto_passes_over_a_tensorrt_major_the_engine_refuses(monkeypatch) -> None:
+    from worker.engine.tensorrt_engine import TensorRTEngine, TensorRTUnavailable, tensorrt_available
+    from worker.pipeline import DEFAULT_MODEL_DIR
+
+    without_trt = "onnxruntime" if "CUDAExecutionProvider" in ort.get_available_providers() else "pytorch"
+    _fake_tensorrt(monkeypatch, "11.0.0")
+    assert not tensorrt_available()
+    assert resolve_backend(DEFAULT_MODEL_DIR, "auto", "cuda") == without_trt  # as if TensorRT were absent
+    with pytest.raises(TensorRTUnavailable, match=r"written for TensorRT 10\.x; this is 11\.0\.0"):
+        TensorRTEngine(DEFAULT_MODEL_DIR)  # explicitly: a clear error
+    _fake_tensorrt(monkeypatch, "10.13.0")
+    assert tensorrt_available() and resolve_backend(DEFAULT_MODEL_DIR, "auto", "cuda") == "tensorrt"
+
+
+def test_auto_drops_what_tensorrt_cannot_honour(monkeypatch, caplog) -> None:
+    """Settings allow precision bf16 (PyTorch's): under auto, a TensorRT choice runs its default with a
+    warning, as the other backends do; with engine=tensorrt it is an error. PyTorch-only switches too."""
+    import worker.engine.tensorrt_engine as trt_engine
+    from worker.pipeline import DEFAULT_MODEL_DIR
+
+    _fake_tensorrt(monkeypatch, "10.13.0")
+    built: list[dict] = []
+    monkeypatch.setattr(trt_engine, "TensorRTEngine", lambda model_dir, **kw: built.append(kw) or kw)
+    load_engine(DEFAULT_MODEL_DIR, backend="auto", device="cuda", precision="bf16", channels_last=True)
+    assert built[-1]["precision"] == "fp16"
+    assert "does not support precision 'bf16'" in caplog.text and "does not support channels_last" in caplog.text
+    with pytest.raises(ValueError, match="does not support precision 'bf16'"):
+        load_engine(DEFAULT_MODEL_DIR, backend="tensorrt", device="cuda", precision="bf16")
+    with pytest.raises(ValueError, match="does not support cuda_graphs"):
+        load_engine(DEFAULT_MODEL_DIR, backend="tensorrt", device="cuda", cuda_graphs=True)
+    load_engine(DEFAULT_MODEL_DIR, backend="tensorrt", device="cuda", precision="int8")
+    assert built[-1]["precision"] == "int8" and len(built) == 2
+
+
+@pytest.mark.parametrize("outputs,picked", [
+    ({"fake_prob": (-1,), "logits": (-1, 2)}, ("fake_prob", "prob")), ({"logits": (-1, 2)}, ("logits", "logits")),
+    ({"probs": (-1, 2)}, ("probs", "probs")), ({"p_prob": (-1,)}, ("p_prob", "prob")),  # (N,): not two classes
+    ({"p_prob": (-1,), "scores": (-1, 2)}, ("p_prob", "prob")),
+    ({"out": (-1,)}, ("out", "prob")), ({"out": (-1, 2)}, ("out", "logits")),
+])
+def test_tensorrt_reads_the_output_onnxruntime_reads(outputs, picked) -> None:
+    """TensorRTEngine._bind_names picks the output and its kind as OnnxRuntimeEngine._pick_output does."""
+    from worker.engine.tensorrt_engine import TensorRTEngine
+
+    io = {"crops": (-1, 3, 299, 299), **outputs}
+    names = list(io)
+    engine = TensorRTEngine.__new__(TensorRTEngine)
+    engine.trt = types.SimpleNamespace(TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPUT="out"))
+    engine.engine = types.SimpleNamespace(num_io_tensors=len(names), get_tensor_name=names.__getitem__,
+                                          get_tensor_mode=lambda n: "in" if n == "crops" else "out",
+                                          get_tensor_shape=lambda n: io[n])
+    engine._bind_names()
+    assert (engine.output_name, engine.output_kind) == picked
+    ort_outputs = [types.SimpleNamespace(name=n, shape=shape) for n, shape in outputs.items()]
+    assert OnnxRuntimeEngine._pick_output(ort_outputs) == picked
+

@@ -62,6 +62,30 @@ def test_rq_lines_are_rendered_like_ours_on_stderr_even_after_rq_set_its_handler
     assert [json.loads(line)["event"] for line in err.getvalue().splitlines()[3:]] == ["loud"]
 
 
+def test_the_worker_modules_standard_logging_lines_are_json_at_the_worker_level(monkeypatch):
+    """The engines log with the standard library (a TensorRT build "takes minutes", an option an
+    engine drops): those lines came out as plain text through Python's last-resort handler, and the
+    INFO ones not at all."""
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    configure_logging("json", "INFO")
+    engine, library = logging.getLogger("worker.engine.tensorrt_engine"), logging.getLogger("some.library")
+    engine.info("building a TensorRT engine (this takes minutes)")
+    engine.debug("below the level")
+    library.info("a library's chatter, below its own level")
+    library.warning("a library's warning")
+    configure_logging("json", "INFO")  # again, as each command does: one handler still
+    engine.warning("engine 'onnxruntime' does not support channels_last; ignoring it")
+    lines = [json.loads(line) for line in err.getvalue().splitlines()]
+    assert [(r["event"], r["level"], r["logger"]) for r in lines] == [
+        ("building a TensorRT engine (this takes minutes)", "info", "worker.engine.tensorrt_engine"),
+        ("a library's warning", "warning", "some.library"),
+        ("engine 'onnxruntime' does not support channels_last; ignoring it", "warning", "worker.engine.tensorrt_engine")]
+    configure_logging("json", "WARNING")
+    engine.info("quiet now")
+    assert len(err.getvalue().splitlines()) == 3
+
+
 @pytest.mark.parametrize("setting, flag, shown, hidden", [
     ("WARNING", None, set(), {"debug", "info"}),  # DEEPFAKE_LOG_LEVEL quiets RQ's chatter too
     ("WARNING", "DEBUG", {"debug", "info"}, set()),  # `rq worker --logging_level DEBUG` (or -v) wins

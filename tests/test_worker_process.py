@@ -96,6 +96,11 @@ def test_sigterm_finishes_the_job_in_hand_then_exits(s3, redis, redis_server, qs
     lines = [json.loads(line) for line in log.splitlines()]  # RQ's own lines too, its scheduler's among them
     said = {(line.get("logger"), line["event"].split(" ")[0]) for line in lines}
     assert {("rq.worker", "Worker"), ("rq.scheduler", "Scheduler")} <= said, said
+    # The job's lines name it, the pipeline's and RQ's among them; job_done has each stage's time.
+    job_lines = {line["event"]: line for line in lines if line.get("job_id") == job_id}
+    assert {"decoded", "verdict", "job_done"} <= set(job_lines), [line["event"] for line in lines]
+    assert any(e.startswith("Successfully completed moderate") for e in job_lines), list(job_lines)  # RQ's
+    assert {"decode", "detect", "model", "store", "total"} <= set(job_lines["job_done"]["timings_ms"])
     ready = next(json.loads(line) for line in log.splitlines() if '"worker_ready"' in line)
     assert ready["allowed_buckets"] == [BUCKET] and ready["queues"] == ["deepfake"] and ready["load_s"] > 0
     assert ready["shadow_model"] is None
@@ -193,6 +198,31 @@ def test_a_worker_whose_model_cannot_load_exits_2_with_one_log_line(qsettings, r
     assert "Traceback" not in log.read_text(), lines[-20:]
     [said] = [json.loads(line) for line in lines if '"worker_misconfigured"' in line]
     assert said["level"] == "error" and said["reason"].startswith(f"cannot load the model in {cut}: InvalidProtobuf")
+
+
+@pytest.mark.parametrize("env, reason", [
+    ({"DEEPFAKE_FRAMES": "abc", "DEEPFAKE_RESULT_TTL_S": "0"},
+     "invalid settings: DEEPFAKE_FRAMES: Input should be a valid integer"),
+    ({"DEEPFAKE_DETECTOR": "haar"}, "DEEPFAKE_DETECTOR 'haar': unknown face detector 'haar'"),
+    ({"DEEPFAKE_DETECTOR_WEIGHTS": "/nonexistent/Resnet50_Final.pth"}, "DEEPFAKE_DETECTOR 'retinaface-mobilenet': "),
+])
+def test_a_worker_with_a_bad_setting_or_detector_exits_2_with_one_log_line(qsettings, redis_server, tmp_path, env,
+                                                                           reason):
+    """A setting that does not parse, or a detector that cannot load: RQ logged a plain-text traceback
+    and exited 1. Every refused variable is named (its value never: it may be a secret)."""
+    log = tmp_path / "worker.log"
+    proc = start_rq_worker(worker_env(qsettings, redis_server.url, **env), log)
+    try:
+        assert proc.wait(120) == 2, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = log.read_text().splitlines()
+    assert "Traceback" not in log.read_text(), lines[-20:]
+    [said] = [json.loads(line) for line in lines if '"worker_misconfigured"' in line]
+    assert said["level"] == "error" and said["reason"].startswith(reason), said
+    if "DEEPFAKE_FRAMES" in env:
+        assert "DEEPFAKE_RESULT_TTL_S: " in said["reason"] and "abc" not in said["reason"]
 
 
 def test_a_stop_signal_is_kept_where_a_handler_catches_it_and_nothing_is_written_to_redis_from_it(tmp_path):

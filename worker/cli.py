@@ -82,12 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _settings(parser: argparse.ArgumentParser, **overrides):
     from pydantic import ValidationError
 
-    from worker.settings import Settings
+    from worker.settings import Settings, settings_problems
 
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        parser.error(f"invalid setting: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
+        parser.error(f"invalid setting: {settings_problems(exc)}")
 
 
 def _log_to_stderr() -> None:

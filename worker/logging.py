@@ -35,6 +35,34 @@ class _RQLogHandler(logging.StreamHandler):
     """The one handler of RQ's loggers (the `rq` logger, which the others propagate to)."""
 
 
+class _StdlibLogHandler(logging.StreamHandler):
+    """The root logger's handler: the standard-logging lines of this worker's own modules (the model
+    engines': a TensorRT build "takes minutes", an option an engine drops) and of libraries' warnings."""
+
+
+def _handler(cls: type[logging.StreamHandler], renderer: Any, level: str) -> logging.StreamHandler:
+    handler = cls(_CurrentStderr())  # type: ignore[arg-type]
+    handler.setLevel(logging.getLevelName(level.upper()))
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.contextvars.merge_contextvars, structlog.stdlib.add_logger_name,
+                           structlog.processors.add_log_level,
+                           structlog.processors.TimeStamper(fmt="iso", utc=True)],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer]))
+    return handler
+
+
+def _route_stdlib_logs(renderer: Any, level: str) -> None:
+    """Standard-logging lines through `renderer`: this worker's modules' (the `worker` logger) at
+    `level` or above, other libraries' at their own level (WARNING unless they set one). Without it
+    they went to Python's last-resort handler, plain text, and an engine's INFO lines nowhere."""
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StdlibLogHandler)]:
+        root.removeHandler(old)
+    root.addHandler(_handler(_StdlibLogHandler, renderer, level))
+    logging.getLogger("worker").setLevel(logging.getLevelName(level.upper()))
+
+
 def _route_rq_logs(renderer: Any, level: str) -> None:
     """RQ's loggers through `renderer`, at `level` or above (it sets its own loggers' levels, from
     `rq worker --logging-level`). RQ adds its plain-text handlers only to a logger that has no
@@ -42,13 +70,7 @@ def _route_rq_logs(renderer: Any, level: str) -> None:
     added before are taken off."""
     from rq.logutils import ColorizingStreamHandler
 
-    handler = _RQLogHandler(_CurrentStderr())  # type: ignore[arg-type]
-    handler.setLevel(logging.getLevelName(level.upper()))
-    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.processors.add_log_level,
-                           structlog.processors.TimeStamper(fmt="iso", utc=True)],
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                    structlog.processors.format_exc_info, renderer]))
+    handler = _handler(_RQLogHandler, renderer, level)
     root = logging.getLogger("rq")
     for old in [h for h in root.handlers if isinstance(h, _RQLogHandler)]:
         root.removeHandler(old)
@@ -66,6 +88,7 @@ def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
         fmt = "console" if sys.stderr.isatty() else "json"
     renderer = structlog.dev.ConsoleRenderer() if fmt == "console" else structlog.processors.JSONRenderer()
     _route_rq_logs(renderer, level)
+    _route_stdlib_logs(renderer, level)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

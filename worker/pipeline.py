@@ -138,10 +138,13 @@ class Moderator:
             shadow_engine = self._load_engine(resolve_model_dir(settings.shadow_model_dir))
         self.shadow = ShadowModel.for_engine(shadow_engine, settings) if shadow_engine is not None else None
         if detector is None:
-            detector = create_detector(
-                settings.detector, weights=settings.detector_weights, device=settings.device,
-                score_threshold=settings.detector_score_threshold, max_size=settings.detector_max_size,
-            )
+            try:
+                detector = create_detector(
+                    settings.detector, weights=settings.detector_weights, device=settings.device,
+                    score_threshold=settings.detector_score_threshold, max_size=settings.detector_max_size,
+                )
+            except (ValueError, OSError) as exc:  # an unknown name, weights missing or unreadable
+                raise ConfigurationError(f"DEEPFAKE_DETECTOR {settings.detector!r}: {exc}") from exc
         self.detector = detector
         self.model_block = self.engine.describe()
         if settings.overlap == "auto":

@@ -20,6 +20,7 @@ from datetime import timedelta
 from typing import Any
 
 import structlog
+from pydantic import ValidationError
 from rq import Queue, SimpleWorker, worker_registration
 from rq.exceptions import NoSuchJobError, StopRequested
 from rq.job import Job
@@ -39,7 +40,7 @@ from worker.redis_client import (connection_url, database_address, ride_out, wai
                                  without_password)
 from worker.runtime import WorkerRuntime, install, valid_frames
 from worker.scheduler import RetryScheduler
-from worker.settings import Settings
+from worker.settings import Settings, settings_problems
 from worker.signals import exit_on_sigterm
 from worker.job_webhooks import send_job_webhooks
 
@@ -169,7 +170,12 @@ class DeepfakeWorker(SimpleWorker):
         # Always with RQ's scheduler, which puts retries back on the queue once their backoff is
         # over (`rq worker` starts none without --with-scheduler), started before the model loads.
         kwargs.pop("with_scheduler", None)
-        settings = self.runtime.settings if self.runtime is not None else Settings()
+        try:
+            settings = self.runtime.settings if self.runtime is not None else Settings()
+        except ValidationError as exc:  # one line saying which variables, not RQ's traceback and exit 1
+            configure_logging()
+            log.error("worker_misconfigured", reason=f"invalid settings: {settings_problems(exc)}")
+            raise SystemExit(2) from None
         level = kwargs.get("logging_level")  # `rq worker --logging_level` (or -v, -q) over DEEPFAKE_LOG_LEVEL
         if level:
             level = logging.getLevelName(level) if isinstance(level, int) else str(level).upper()
@@ -307,8 +313,9 @@ class DeepfakeWorker(SimpleWorker):
     def execute_job(self, job: Any, queue: Any) -> Any:
         job.timeout = self.job_limit_s(job)
         self._job_started, self._job_timeout = time.time(), float(job.timeout)
-        try:
-            return super().execute_job(job, queue)
+        try:  # every line logged while the job runs names it (the pipeline's, a webhook's, RQ's)
+            with structlog.contextvars.bound_contextvars(job_id=job.id):
+                return super().execute_job(job, queue)
         finally:
             self._job_started = None
             self._beat = time.time()

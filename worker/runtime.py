@@ -235,7 +235,8 @@ class WorkerRuntime:
 
     def _finish(self, verdict: dict, bound) -> dict:
         self.metrics.observe_verdict(verdict)
-        bound.info("job_done", status=verdict["status"], code=(verdict.get("error") or {}).get("code"))
+        bound.info("job_done", status=verdict["status"], code=(verdict.get("error") or {}).get("code"),
+                   timings_ms=verdict.get("timings_ms"))
         return verdict
 
 

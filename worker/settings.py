@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from pathlib import Path
 from typing import Literal
 from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.decision import parse_error_actions
@@ -283,3 +284,17 @@ def _scheme_of(url: str) -> str:
     """A refused URL's scheme for an error message, never the rest: it may carry a password."""
     scheme = url.partition("://")[0] if "://" in url else ""
     return f"{scheme}://..." if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,15}", scheme) else "a URL without a known scheme"
+
+
+def settings_problems(exc: ValidationError) -> str:
+    """Every refused setting, named by its variable (RQ_REDIS_URL where that is what set the Redis URL),
+    never with its value, which may hold a secret: one line for a log event or a usage error."""
+    said = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "settings"
+        name = field if field.isupper() else f"DEEPFAKE_{field.upper()}"
+        if name == "DEEPFAKE_REDIS_URL" and not os.environ.get(name) and os.environ.get("RQ_REDIS_URL"):
+            name = "RQ_REDIS_URL"
+        said.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
+    return "; ".join(said)
+

@@ -4,16 +4,16 @@ Backends: ``pytorch`` (weights.pt, CPU or CUDA), ``onnxruntime`` (model.onnx, CP
 ``tensorrt`` (model.onnx built into a cached TensorRT plan, CUDA only; the ``tensorrt`` package is
 imported only when this backend is chosen), and ``auto``:
 
-* ``tensorrt`` when `device` is a CUDA device, torch sees a GPU, ``tensorrt`` imports and the model
-  directory has an ONNX file;
+* ``tensorrt`` when `device` is a CUDA device, torch sees a GPU, ``tensorrt`` imports and is the major
+  version the engine runs (10), and the model directory has an ONNX file;
 * else, for a CUDA device, ``onnxruntime`` with its CUDA provider when the build has one and there is
   an ONNX file, else ``pytorch`` on the GPU when torch sees one;
 * else ``onnxruntime`` when the model directory has an ONNX file (on the CPU);
 * else ``pytorch``.
 
 Options that only some backends understand are passed to those that do; under ``auto`` an option the
-chosen backend cannot honour (e.g. precision "fp16" on onnxruntime) is dropped with a warning, with
-an explicit backend it is an error.
+chosen backend cannot honour (e.g. precision "fp16" on onnxruntime, "bf16" on tensorrt, channels_last
+anywhere but pytorch) is dropped with a warning, with an explicit backend it is an error.
 """
 from __future__ import annotations
 
@@ -102,6 +102,10 @@ def load_engine(
             raise ValueError(msg)
         log.warning("%s; ignoring it (engine 'auto' chose %s)", msg, chosen)
 
+    if chosen != "pytorch":  # PyTorch-only switches: set, they would otherwise vanish without a word
+        for name, value in (("channels_last", channels_last), ("compile", compile), ("cuda_graphs", cuda_graphs)):
+            if value:
+                unsupported(name)
     if chosen == "pytorch":
         from worker.engine.torch_engine import AMP_DTYPES, TorchEngine
 
@@ -122,8 +126,11 @@ def load_engine(
             precision = None
         return OnnxRuntimeEngine(model_dir, device=device, batch_size=batch_size, intra_op_threads=threads,
                                  precision=precision or "fp32", calibration=calibration, cache_dir=cache_dir)
-    from worker.engine.tensorrt_engine import TensorRTEngine
+    from worker.engine.tensorrt_engine import PRECISIONS, TensorRTEngine
 
+    if precision is not None and precision not in PRECISIONS:
+        unsupported(f"precision {precision!r} (it runs {', '.join(PRECISIONS)})")
+        precision = None
     return TensorRTEngine(model_dir, device=device, batch_size=batch_size, precision=precision or "fp16",
                           cache_dir=cache_dir, calibration=calibration)
 

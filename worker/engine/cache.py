@@ -19,6 +19,11 @@ on one volume build the same engine at once — the later rename simply wins wit
 engine. An advisory ``fcntl`` lock per key (best effort: skipped where the filesystem refuses it)
 additionally lets the second builder wait and reuse the first one's engine instead of building too.
 
+Sharing: pods running as other UIDs read the same volume, so files get the mode an ordinary write
+would (0666 less the umask: ``mkstemp``'s 0600 would lock them out), the lock is also taken through a
+read-only handle, and an entry this process cannot read is a miss (built and served, if it cannot be
+replaced, uncached), never a worker that refuses to start.
+
 Directory: the ``cache_dir`` argument, else ``$DEEPFAKE_CACHE_DIR``, else ``~/.cache/deepfake/trt``.
 """
 from __future__ import annotations
@@ -40,6 +45,7 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "DEEPFAKE_CACHE_DIR"
 ENGINE_SUFFIX = ".engine"
 META_SUFFIX = ".json"
+CALIB_SUFFIX = ".calib"  # TensorRT's INT8 calibration cache, beside the engine
 KEY_SCHEMA = "deepfake-trt-engine/1"
 
 
@@ -72,12 +78,27 @@ class EngineKey:
         return f"{self.onnx_sha256[:12]}-{self.precision}-b{lo}-{opt}-{hi}-{self.digest()[:16]}"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _umask() -> int:
+    """This process's umask, read from /proc: os.umask() can only read it by setting it, process-wide."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in its directory, fsync and rename, with the mode
+    a plain write would give (mkstemp's 0600 would hide it from pods running as other UIDs)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
+            with contextlib.suppress(OSError):  # e.g. a filesystem without modes: still usable by us
+                os.fchmod(fh.fileno(), 0o666 & ~_umask())
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -94,40 +115,52 @@ class EngineCache:
     def path_for(self, key: EngineKey) -> Path:
         return self.directory / (key.file_stem() + ENGINE_SUFFIX)
 
+    def calibration_path(self, key: EngineKey) -> Path:
+        return self.directory / (key.file_stem() + CALIB_SUFFIX)
+
     def load(self, key: EngineKey) -> bytes | None:
-        """The cached engine for `key`, or None (missing, or not the bytes its record describes)."""
+        """The cached engine for `key`, or None (missing, unreadable, or not the bytes its record describes)."""
         path = self.path_for(key)
+        meta_path = path.with_suffix(META_SUFFIX)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
-        meta_path = path.with_suffix(META_SUFFIX)
+        except OSError as exc:  # e.g. written by a pod running as another UID: build our own
+            log.warning("engine cache: cannot read %s (%s); treating it as missing", path, exc)
+            return None
         try:
             meta = json.loads(meta_path.read_text())
         except (FileNotFoundError, ValueError):
-            meta = None  # the engine's rename landed before its record's: the engine alone is whole
-        if meta is not None:
-            if meta.get("key") != key.as_dict():
-                log.warning("engine cache: %s records another key; ignoring it", meta_path)
-                return None
-            if meta.get("engine_sha256") not in (None, hashlib.sha256(data).hexdigest()):
-                log.warning("engine cache: %s does not match its record; ignoring it", path)
-                return None
+            return data  # the engine's rename landed before its record's: the engine alone is whole
+        except OSError as exc:
+            log.warning("engine cache: cannot read %s (%s); treating the engine as missing", meta_path, exc)
+            return None
+        if not isinstance(meta, dict):  # valid JSON, but no record of ours ([] or null)
+            log.warning("engine cache: %s is not a record; ignoring its engine", meta_path)
+            return None
+        if meta.get("key") != key.as_dict():
+            log.warning("engine cache: %s records another key; ignoring it", meta_path)
+            return None
+        if meta.get("engine_sha256") not in (None, hashlib.sha256(data).hexdigest()):
+            log.warning("engine cache: %s does not match its record; ignoring it", path)
+            return None
         return data
 
     def store(self, key: EngineKey, data: bytes) -> Path:
         """Write `data` for `key` atomically (temporary file + rename), then its record."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path_for(key)
-        _atomic_write(path, data)
+        atomic_write(path, data)
         meta = {"key": key.as_dict(), "engine_sha256": hashlib.sha256(data).hexdigest(),
                 "bytes": len(data), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        _atomic_write(path.with_suffix(META_SUFFIX), (json.dumps(meta, indent=2) + "\n").encode())
+        atomic_write(path.with_suffix(META_SUFFIX), (json.dumps(meta, indent=2) + "\n").encode())
         return path
 
     def invalidate(self, key: EngineKey) -> None:
+        """Forget `key`'s engine, record and INT8 calibration cache (a rebuild recalibrates too)."""
         path = self.path_for(key)
-        for p in (path, path.with_suffix(META_SUFFIX)):
+        for p in (path, path.with_suffix(META_SUFFIX), self.calibration_path(key)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
@@ -140,7 +173,11 @@ class EngineCache:
             import fcntl
 
             self.directory.mkdir(parents=True, exist_ok=True)
-            fh = open(self.path_for(key).with_suffix(".lock"), "a+b")
+            lock_path = self.path_for(key).with_suffix(".lock")
+            try:
+                fh = open(lock_path, "a+b")  # created 0666 less the umask, like the engines
+            except PermissionError:  # another UID's lock file: flock works through a read-only handle too
+                fh = open(lock_path, "rb")
         except (ImportError, OSError) as exc:  # no fcntl, read-only or odd filesystem: rename still protects
             log.debug("engine cache: no lock (%s)", exc)
             yield

@@ -1,11 +1,12 @@
 """The TensorRT engine: builds a plan from the model directory's ONNX file, caches it, runs it on CUDA.
 
-Needs the ``tensorrt`` Python package (TensorRT 10.x: its builder flags FP16 and INT8 and the INT8
-calibrator, used here, are deprecated in 10.12 and gone in 11, which is refused with a clear error) and a CUDA
-GPU with PyTorch's CUDA build — device buffers are torch CUDA tensors and the stream is a torch
-stream, so there is no pycuda dependency. ``import tensorrt`` happens only when this engine is
-constructed: ``worker.engine`` imports without it, and constructing the engine without it raises
-:class:`TensorRTUnavailable` naming what is missing.
+Needs the ``tensorrt`` Python package (TensorRT 10.x: the INT8 calibrator used here is deprecated
+since 10.1, superseded by explicit quantization, and the FP16/INT8 builder flags since 10.12 with the
+rest of weak typing; 11 drops them, so another major is refused with a clear error and 'auto' passes
+it over) and a CUDA GPU with PyTorch's CUDA build — device buffers are torch CUDA tensors and the
+stream is a torch stream, so there is no pycuda dependency. ``import tensorrt`` happens only when
+this engine is constructed: ``worker.engine`` imports without it, and constructing the engine without
+it raises :class:`TensorRTUnavailable` naming what is missing.
 
 How the Docker image provides TensorRT (PyPI's ``tensorrt`` packages are stubs that download the
 real wheels from NVIDIA's index at install time, so an offline or PyPI-only build cannot get them):
@@ -43,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from worker.engine.base import describe_engine
-from worker.engine.cache import EngineCache, EngineKey
+from worker.engine.cache import EngineCache, EngineKey, atomic_write
 from worker.engine.calibration import load_calibration_crops
 from worker.engine.model_card import ModelCard, sha256_file
 from worker.engine.onnx_engine import onnx_path_of
@@ -51,6 +52,7 @@ from worker.engine.onnx_engine import onnx_path_of
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
+TENSORRT_MAJOR = 10  # the API this engine is written against
 # The build settings' version, in the plan cache key: 2 = TF32 off, the whole elementwise chain after
 # the spectrum pinned to FP32.
 BUILD_RECIPE = 2
@@ -85,23 +87,28 @@ def _logger(trt: Any) -> Any:
     return _LOGGER
 
 
+def _major(trt: Any) -> int:
+    return int(str(trt.__version__).split(".")[0])
+
+
 def tensorrt_available() -> bool:
-    """True when the ``tensorrt`` package imports and torch sees a CUDA GPU (what 'auto' checks)."""
+    """True when torch sees a CUDA GPU and the ``tensorrt`` package imports and is the major this engine
+    runs (what 'auto' checks: an engine it would pick and then refuse is no choice)."""
     try:
         import torch
 
         if not torch.cuda.is_available():
             return False
-        import_tensorrt()
+        return _major(import_tensorrt()) == TENSORRT_MAJOR
     except Exception:
         return False
-    return True
 
 
 def _to_device_nchw(crops: np.ndarray, device: Any) -> Any:
     """uint8 N×S×S×3 → float32 N×3×S×S in [0,1] on `device`: the upload is uint8 (4× fewer bytes) and the
-    division runs on the GPU; float32 x/255 is correctly rounded on both sides, so the values equal
-    ``crops_to_tensor_layout``'s exactly."""
+    division runs on the GPU. PyTorch's CUDA kernel divides by a Python scalar as a product with its
+    reciprocal, so the values equal ``crops_to_tensor_layout``'s (correctly rounded x/255) within 1 ulp,
+    not exactly: in float32, x·(1/255) misses x/255 by 1 ulp for 126 of the 256 byte values."""
     import torch
 
     t = torch.from_numpy(np.ascontiguousarray(crops)).to(device, non_blocking=False)
@@ -139,7 +146,7 @@ def _make_calibrator(trt: Any, crops: np.ndarray, batch_size: int, device: Any, 
                 return
             try:  # raising inside TensorRT's callback could abort the process; a read-only cache is allowed
                 cache_file.parent.mkdir(parents=True, exist_ok=True)
-                cache_file.write_bytes(bytes(cache))
+                atomic_write(cache_file, bytes(cache))  # another pod's build may be reading it
             except OSError as exc:
                 log.warning("could not keep the INT8 calibration cache at %s: %s", cache_file, exc)
 
@@ -169,8 +176,7 @@ class TensorRTEngine:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        major = int(trt.__version__.split(".")[0])
-        if major != 10:
+        if _major(trt) != TENSORRT_MAJOR:
             raise TensorRTUnavailable(f"the 'tensorrt' engine is written for TensorRT 10.x; this is {trt.__version__} "
                                       "(choose engine 'onnxruntime' or 'pytorch')")
         self.trt = trt
@@ -255,7 +261,7 @@ class TensorRTEngine:
         if self.precision == "int8":
             config.set_flag(trt.BuilderFlag.INT8)
             config.set_calibration_profile(profile)
-            cache_file = self.cache.directory / f"{self.key.file_stem()}.calib"
+            cache_file = self.cache.calibration_path(self.key)
             config.int8_calibrator = _make_calibrator(trt, calib_crops, self.batch_size, self.device, cache_file)
 
         plan = builder.build_serialized_network(network, config)
@@ -314,14 +320,18 @@ class TensorRTEngine:
             raise ValueError(f"expected one engine input, got {inputs}")
         self.input_name = inputs[0]
         self.output_names = outputs
+        rank = {n: len(tuple(self.engine.get_tensor_shape(n))) for n in outputs}
+        # as OnnxRuntimeEngine._pick_output: a *prob* output counts as class probabilities only when (N,2)
+        probs = [n for n in outputs if "prob" in n.lower() and rank[n] == 2]
         if "fake_prob" in outputs:
             self.output_name, self.output_kind = "fake_prob", "prob"
         elif "logits" in outputs:
             self.output_name, self.output_kind = "logits", "logits"
+        elif probs:
+            self.output_name, self.output_kind = probs[0], "probs"
         else:
-            probs = [n for n in outputs if "prob" in n.lower()]
-            self.output_name = probs[0] if probs else outputs[0]
-            self.output_kind = "probs" if probs else "logits"
+            self.output_name = outputs[0]
+            self.output_kind = "prob" if rank[outputs[0]] == 1 else "logits"
 
     def _torch_dtype(self, name: str) -> Any:
         import torch
