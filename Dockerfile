@@ -93,7 +93,7 @@ WORKDIR /tmp
 USER 10001:10001
 EXPOSE 9100
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('DEEPFAKE_METRICS_PORT', '9100'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('DEEPFAKE_METRICS_PORT') or '9100'; port == '0' or urllib.request.urlopen('http://127.0.0.1:%s/healthz' % port, timeout=4)"]
 # The base's entrypoint prints a banner into the (JSON) logs and is not needed: run rq directly.
 ENTRYPOINT []
 CMD ["rq", "worker", "deepfake"]
@@ -160,5 +160,5 @@ WORKDIR /tmp
 USER 10001:10001
 EXPOSE 9100
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('DEEPFAKE_METRICS_PORT', '9100'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('DEEPFAKE_METRICS_PORT') or '9100'; port == '0' or urllib.request.urlopen('http://127.0.0.1:%s/healthz' % port, timeout=4)"]
 CMD ["rq", "worker", "deepfake"]

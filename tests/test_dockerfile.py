@@ -4,13 +4,19 @@ a /healthz HEALTHCHECK on the settings' metrics port, the model a build argument
 clean. (No Docker engine runs here: the file is parsed, not built; docs/deploy.md has the build.)"""
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
+import os
 import re
 import shlex
 import subprocess
+import sys
+import threading
 from functools import lru_cache
 
 import pytest
+from servers import free_ports
 from deploy_tools import (
     CONNECTION_CLASS,
     DOCKERFILE,
@@ -61,6 +67,31 @@ def last(stage: list[tuple[str, str]], word: str) -> str | None:
     return found[-1] if found else None
 
 
+@contextlib.contextmanager
+def _health_server():
+    """A loopback /healthz answering 200, on a port of its own."""
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+            self.send_response(200 if self.path == "/healthz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+
+
+def _run_check(code: str, port: str) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "DEEPFAKE_METRICS_PORT"}
+    return subprocess.run([sys.executable, "-c", code], env={**env, "DEEPFAKE_METRICS_PORT": port},
+                          capture_output=True, timeout=30).returncode
+
+
 @lru_cache(maxsize=1)
 def pyproject() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -90,6 +121,14 @@ def test_dockerfile_target(target):
     health = last(stage, "HEALTHCHECK")
     assert health and "/healthz" in health and "127.0.0.1" in health and f"'{port}'" in health
     assert "curl" not in health and "wget" not in health
+    # The check itself, run as Docker runs it: healthy on /healthz, unhealthy with nothing there, and
+    # healthy with the endpoint off (port 0, documented as off), which used to fail every check.
+    check = json.loads(health.split(" CMD ", 1)[1])
+    assert check[:2] == ["python", "-c"]
+    with _health_server() as listening:
+        assert _run_check(check[2], str(listening)) == 0
+    assert _run_check(check[2], str(free_ports(1)[0])) != 0
+    assert _run_check(check[2], "0") == 0
     assert port in (last(stage, "EXPOSE") or "").split()
     volumes = json.loads(last(stage, "VOLUME"))
     assert {"/tmp", env["DEEPFAKE_CACHE_DIR"]} <= set(volumes)

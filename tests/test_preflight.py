@@ -257,6 +257,23 @@ def test_a_worker_whose_settings_name_another_redis_says_so_at_start(redis, redi
     assert "redis_url_mismatch" not in capsys.readouterr().err
 
 
+def test_a_worker_started_with_a_misspelt_variable_or_unusable_webhook_hosts_says_so_at_start(redis, settings, capsys, monkeypatch):
+    from worker.rq_worker import DeepfakeWorker
+
+    monkeypatch.setenv("DEEPFAKE_FRAME", "64")  # DEEPFAKE_FRAMES meant: nothing reads this one
+    monkeypatch.setenv("deepfake_webhook_host", "hooks.example.com")
+    monkeypatch.setenv("DEEPFAKE_BENCH_DIR", "/tmp/bench")  # bench/'s, not a worker setting, not reported
+    worker = DeepfakeWorker(["deepfake"], connection=redis)
+    worker.load_runtime(settings.model_copy(update={"metrics_port": 0, "log_format": "json",
+                                                    "webhook_hosts": "hooks.example.com,10.0.0.0/33"}))
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    warning = next(e for e in events if e["event"] == "unknown_settings")
+    assert warning["names"] == ["DEEPFAKE_FRAME", "deepfake_webhook_host"] and "misspelt" in warning["reason"]
+    # a CIDR that is none (/33) was taken for a host name no receiver has: said at start, not per refused webhook
+    hosts = next(e for e in events if e["event"] == "webhook_hosts_unusable")
+    assert hosts["reason"] == "DEEPFAKE_WEBHOOK_HOSTS: not a host name, .suffix, IP or CIDR: 10.0.0.0/33"
+
+
 def test_a_worker_whose_settings_name_another_queue_says_so_at_start(redis, settings, capsys):
     """DEEPFAKE_QUEUE is read by enqueuers; the worker listens on the queue its command names."""
     from worker.rq_worker import DeepfakeWorker

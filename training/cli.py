@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", type=Path, help="results.json from evaluate, stored on the card")
     p.add_argument("--no-onnx", action="store_true")
 
-    p = sub.add_parser("demo-model", help="make the packaged demo model end to end (CPU, 100-200 s on 2 cores)",
+    p = sub.add_parser("demo-model", help="make the packaged demo model end to end (CPU, 100-230 s on 2 cores)",
                        description="Builds the SBI demo data from real footage, trains mdcsd_tiny on it, evaluates "
                                    "on the held-out clips, calibrates the threshold on the validation reals and "
                                    "exports to --out. Not trained on any deepfake data set: a demonstration only.")

@@ -36,11 +36,12 @@ from worker.logging import configure_logging
 from worker.maintenance import maintenance_lock, recover_stranded, restart_half_retried
 from worker.metrics import heartbeat_fresh, serve
 from worker.pipeline import ConfigurationError
+from worker.preflight import check_webhooks
 from worker.redis_client import (connection_url, database_address, ride_out, waiting_for_space,
                                  without_password)
 from worker.runtime import WorkerRuntime, install, valid_frames
 from worker.scheduler import RetryScheduler
-from worker.settings import Settings, settings_problems
+from worker.settings import Settings, settings_problems, unknown_variables
 from worker.signals import exit_on_sigterm
 from worker.job_webhooks import send_job_webhooks
 
@@ -289,11 +290,16 @@ class DeepfakeWorker(SimpleWorker):
                             settings=without_password(settings.redis_url),
                             reason="DEEPFAKE_REDIS_URL is not the Redis this worker listens on (RQ_REDIS_URL): "
                             "jobs queued with these settings never reach it (`deepfake check --only rq`)")
+            if unknown := unknown_variables():
+                log.warning("unknown_settings", names=unknown, reason="no setting reads these DEEPFAKE_* variables "
+                            "(misspelt?): they change nothing; the README's settings table lists those read")
             if settings.queue not in {q.name for q in self.queues}:
                 log.warning("queue_mismatch", worker=[q.name for q in self.queues], settings=settings.queue,
                             reason=f"DEEPFAKE_QUEUE is {settings.queue!r}, a queue this worker does not listen on: "
                             f"jobs enqueued with these settings wait for a worker started as `rq worker "
                             f"{settings.queue}` (and KEDA's listName rq:queue:{settings.queue})")
+            if not (hosts := check_webhooks(settings)).ok:  # a URL or port there: every webhook refused
+                log.warning("webhook_hosts_unusable", reason=hosts.detail)
             if not self.runtime.allowed:
                 log.warning("no_bucket_allowed", reason="DEEPFAKE_ALLOWED_BUCKETS is empty: every job will be "
                             "refused as access_denied (`deepfake check` lists what else is missing)")

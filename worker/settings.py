@@ -298,3 +298,13 @@ def settings_problems(exc: ValidationError) -> str:
         said.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
     return "; ".join(said)
 
+
+NOT_SETTINGS = frozenset({"DEEPFAKE_BENCH_DIR"})  # read by bench/, not by the worker
+
+
+def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """DEEPFAKE_* variables no setting reads: a misspelt one (`DEEPFAKE_FRAME`) changes nothing, silently."""
+    environ = dict(os.environ) if environ is None else environ
+    known = {f"DEEPFAKE_{name.upper()}" for name in Settings.model_fields} | NOT_SETTINGS
+    return sorted(k for k in environ if k.upper().startswith("DEEPFAKE_") and k.upper() not in known)
+
