@@ -404,7 +404,10 @@ def test_two_runtimes_racing_write_one_verdict_and_both_return_it(s3, fsettings,
 
 
 @pytest.mark.timeout(300)
-def test_two_worker_processes_racing_on_one_object_write_one_verdict(s3, redis_server, fsettings, tmp_path):
+def test_two_worker_processes_given_one_object_at_once_write_one_verdict(s3, redis_server, fsettings, tmp_path):
+    """Two real worker processes take two jobs for one upload together. Whether their writes race (one
+    loses) or the second starts after the first stored and reuses it depends on timing: either way one
+    verdict is written and both jobs return it. The race itself, forced: the in-process test above."""
     redis = Redis.from_url(redis_server.url)
     redis.flushdb()
     settings = fsettings.model_copy(update={"redis_url": redis_server.url})

@@ -45,7 +45,7 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
                 if self.path.startswith("/slow"):
-                    time.sleep(2)
+                    time.sleep(5)
                 if receiver.fail_next > 0:
                     receiver.fail_next -= 1
                     self.send_response(503)
@@ -281,7 +281,7 @@ def test_redirects_errors_and_slow_receivers_fail_without_following(receiver):
     t0 = time.monotonic()
     with pytest.raises(WebhookFailed, match="timed out"):
         deliver(receiver.url("/slow"), {"a": 1}, policy=policy, timeout_s=0.3)
-    assert time.monotonic() - t0 < 1.5
+    assert time.monotonic() - t0 < 3  # the 0.3 s limit, not the receiver's 5 s (slack for a loaded machine)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]

@@ -153,12 +153,12 @@ def pid_namespace() -> list[str] | None:
     return None
 
 
-@pytest.mark.skipif(pid_namespace() is None,
-                    reason="needs `unshare --pid` (root) or `unshare --user --pid` to run the worker as PID 1")
 def test_sigterm_while_starting_ends_the_worker_even_as_pid_1(qsettings, tmp_path):
     """In a container `rq worker` is PID 1, which the kernel sends no signal it has no handler for,
     and RQ's handlers come only with work(): a pod deleted while its worker waits for Redis (or loads
     its model) must still stop, not sit out its grace period."""
+    assert pid_namespace() is not None, (
+        "needs `unshare --pid` (root) or `unshare --user --pid` (util-linux) to run the worker as PID 1")
     import subprocess
     from pathlib import Path
     import sys
@@ -248,4 +248,4 @@ def test_a_stop_signal_is_kept_where_a_handler_catches_it_and_nothing_is_written
     assert idle._stop_requested  # and where a handler in its way catches that, the loop stops at its next turn
     started = time.monotonic()
     busy._shutdown()
-    assert busy._stop_requested and time.monotonic() - started < 1
+    assert busy._stop_requested and time.monotonic() - started < 10  # a write would wait out the 120 s ride-out
