@@ -125,3 +125,34 @@ def b_container_says_anamorphic(path: Path, a: Assets) -> None:
     assert at > 0, "the muxer no longer writes a pasp box for square pixels"
     data[at + 8:at + 12] = struct.pack(">I", 3)  # hSpacing 3, vSpacing 1
     path.write_bytes(bytes(data))
+
+
+def b_pixels_2000000_to_1(path: Path, a: Assets) -> None:
+    """A 2×2 video whose MP4 `pasp` box says each pixel is 2,000,000 times wider than tall: shown
+    4,000,000×2, a 2 KB file cost the face detector 4 GB (past a CPU pod's memory limit)."""
+    write(path, [np.full((2, 2, 3), 90 + 5 * i, np.uint8) for i in range(16)], codec="libx264", pix_fmt="yuv420p",
+          rate=8, sar=Fraction(1, 1))
+    data = bytearray(path.read_bytes())
+    at = data.find(struct.pack(">I4sII", 16, b"pasp", 1, 1))
+    assert at > 0, "the muxer no longer writes a pasp box for square pixels"
+    struct.pack_into(">II", data, at + 8, 2_000_000, 1)
+    path.write_bytes(bytes(data))
+
+
+def b_still_gif(path: Path, a: Assets) -> None:
+    """One face in a GIF of one frame: a picture, like a PNG (an animated GIF is a video)."""
+    write(path, a.faces[:1], codec="gif", pix_fmt="rgb8", fmt="gif")
+
+
+def b_rgb4_raw(path: Path, a: Assets) -> None:
+    """Intact raw frames in a pixel format (4-bit RGB) swscale has no conversion to RGB for."""
+    face = a.faces[0]
+    with av.open(str(path), "w", format="nut") as out:
+        stream = out.add_stream("rawvideo", rate=8)
+        stream.width, stream.height, stream.pix_fmt = face.shape[1], face.shape[0], "rgb4"
+        for image in a.faces[:8]:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24").reformat(format="rgb4")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)

@@ -23,7 +23,7 @@ from hostile_builders import (
 )
 from hostile_display import (
     b_animated_webp, b_anamorphic, b_container_says_anamorphic, b_face_in_alpha, b_frame_rate_claims_1000_s, b_hls_playlist, b_opaque_rgba,
-    b_png_sequence, b_prores_alpha_bad_colour_matrix, b_vp9_alpha,
+    b_pixels_2000000_to_1, b_png_sequence, b_prores_alpha_bad_colour_matrix, b_rgb4_raw, b_still_gif, b_vp9_alpha,
 )
 from hostile_lies import (
     b_face_in_b_frames, b_long_declared, b_long_undeclared, b_looping_ts, b_mjpeg_header_lies,
@@ -103,10 +103,16 @@ CASES: list[Case] = [
          frozenset({"ok"}), min_faces=3, needs=(("libx265",),)),
     Case("h264_444", "h264_444.mp4", b_codec("libx264", pix_fmt="yuv444p"), frozenset({"ok"}), min_faces=3),
     Case("animated_gif", "anim.gif", b_gif, frozenset({"ok"}), min_faces=3),
+    Case("still_gif_named_mp4", "still_gif.mp4", b_still_gif, frozenset({"not_a_video"}),
+         note="a GIF of one frame is a picture, as a PNG is: it was scored as a video"),
+    Case("rgb4_raw", "rgb4.nut", b_rgb4_raw, frozenset({"unsupported"}),
+         note="intact frames swscale cannot convert: unsupported, not corrupt"),
     # geometry
     Case("tiny_1x1", "1x1.mp4", b_sized(1, 1, "yuv444p"), frozenset({"no_face"})),
     Case("tiny_2x2", "2x2.mp4", b_sized(2, 2, "yuv420p"), frozenset({"no_face"})),
     Case("odd_3x5", "3x5.mp4", b_sized(3, 5, "yuv444p"), frozenset({"no_face"})),
+    Case("pixels_2000000_to_1", "pasp_2000000.mp4", b_pixels_2000000_to_1, frozenset({"unsupported"}), limit_s=5,
+         note="2 KB shown 4,000,000x2: it cost the detector 4 GB and half a minute"),
     Case("raw_header_claims_16000", "raw_16000.avi", b_raw_header_claims(16000), frozenset({"corrupt", "too_large"}),
          limit_s=5, note="the probe's decoder, capped at twice max_pixels, refuses the size and reports 0×0"),
     Case("raw_header_claims_20000", "raw_20000.avi", b_raw_header_claims(20000), frozenset({"corrupt", "too_large"}),

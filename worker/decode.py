@@ -22,19 +22,15 @@ from worker.video import (  # noqa: F401 - the decoder's vocabulary, importable 
     VideoInfo,
     animated_webp,
     display_size,
+    image_demuxer,
     looks_like_video_container,
     playlist_kind,
     SIDEWAYS,
     orientation,
     sample_times,
+    shown_size,
 )
 
-# Demuxers that open a still image: such a file is not a video even if it is named .mp4.
-IMAGE_DEMUXERS = frozenset(
-    {"image2", "image2pipe", "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "tiff_pipe", "gif_pipe",
-     "ppm_pipe", "pgm_pipe", "pam_pipe", "psd_pipe", "svg_pipe", "j2k_pipe", "jpegls_pipe", "qoi_pipe",
-     "dpx_pipe", "exr_pipe", "sgi_pipe", "xpm_pipe", "pcx_pipe", "tga", "pictor_pipe"}
-)
 # FFmpeg's own per-frame pixel cap (`max_pixels`) is set to this multiple of the limit: it refuses a
 # bigger picture before allocating it (a stream can declare 16×16 and then send 12000×12000 frames),
 # with headroom for the stride alignment FFmpeg adds; the exact limit is checked on each frame.
@@ -111,7 +107,7 @@ class VideoReader(Sampling):
 
     def _pick_stream(self, head: bytes) -> av.video.stream.VideoStream:
         fmt = self._container.format.name
-        if set(fmt.split(",")) & IMAGE_DEMUXERS:
+        if image_demuxer(fmt):
             if animated_webp(head):  # the webp decoder takes only stills: one packet, one frame
                 raise Unsupported("an animated WebP, which this build cannot decode frame by frame")
             if self._container.streams.video and not self._several_pictures(self._container.streams.video[0]):
@@ -370,6 +366,7 @@ class VideoReader(Sampling):
         self.info.width, self.info.height = (h, w) if self._orientation in SIDEWAYS else (w, h)
 
     def _to_sample(self, frame: av.VideoFrame, index: int, t: float) -> SampledFrame:
+        shown_size(frame.width, frame.height, self._sar, self._limits.max_pixels)  # each frame: sizes may change
         image = displayed(frame, self._sar, self._orientation, self._limits.max_pixels)
         return SampledFrame(index=index, t=max(0.0, float(t)), image=image)
 

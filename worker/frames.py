@@ -6,6 +6,7 @@ The decoder (worker/decode.py) calls `displayed` for the sampled frames only.
 """
 from __future__ import annotations
 
+import errno
 import queue
 
 import av
@@ -18,6 +19,10 @@ from av.video.reformatter import ColorPrimaries, ColorTrc, VideoReformatter
 from worker.cpus import available_cpus
 from worker.errors import Corrupt, Unsupported
 from worker.video import display_size, orient
+
+# Pixel formats whose conversion to RGB aborts the whole process inside FFmpeg (SIGABRT, FFmpeg 8.1 /
+# PyAV 18.1), beyond any handler: refused before the converter sees them.
+UNCONVERTIBLE = frozenset({"yaf32le", "yaf32be"})
 
 # A frame with more than this share of its pixels not fully opaque is refused as transparent (a few
 # edge pixels of a GIF's palette are not a picture hidden in the alpha channel).
@@ -95,6 +100,8 @@ def _to_ndarray(frame: av.VideoFrame, format: str) -> np.ndarray:
     """The frame converted by swscale (to SDR BT.709 first where it is HDR or wide-gamut). A damaged
     header can carry a colour-matrix code swscale refuses (ENOTSUP): then convert with BT.601, what
     FFmpeg assumes when none is given."""
+    if frame.format.name in UNCONVERTIBLE:
+        raise Unsupported(f"pixel format {frame.format.name}, which this build cannot convert to RGB")
     if needs_sdr_conversion(frame):
         image = _to_sdr(frame, format)
         if image is not None:
@@ -105,6 +112,9 @@ def _to_ndarray(frame: av.VideoFrame, format: str) -> np.ndarray:
         try:
             return frame.to_ndarray(format=format, src_colorspace="ITU601")
         except (av.error.FFmpegError, ValueError) as exc:
+            if getattr(exc, "errno", None) == errno.ENOTSUP:  # intact frames swscale has no conversion for
+                raise Unsupported(f"pixel format {frame.format.name}, which this build cannot convert to RGB: "
+                                  f"{exc}") from exc
             raise Corrupt(f"a decoded frame could not be converted to RGB: {exc}") from exc
 
 

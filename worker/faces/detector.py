@@ -17,6 +17,7 @@ from .weights import load_retinaface
 
 # A panorama's network input may hold up to this many times max_size² pixels (see _network_size).
 PANORAMA_AREA = 4
+STRIDE = 32  # the coarsest feature map's: each side of the input is padded to a multiple of it
 
 BGR_MEAN = (104.0, 117.0, 123.0)  # biubug6's training mean, subtracted in BGR order
 PRE_NMS_TOP_K = 5000  # biubug6 detect.py's top_k: bounds NMS cost when the threshold is low
@@ -114,6 +115,11 @@ class RetinaFaceDetector:
         by_short = min(1.0, self.max_size * 9 / 16 / min(height, width))
         by_area = math.sqrt(PANORAMA_AREA * self.max_size**2 / (height * width))
         scale = max(by_long, min(by_short, by_area))
+        # The network pads each side to its coarsest stride: a strip a few pixels high costs as if
+        # STRIDE high (a 4,000,000×2 frame ran at 1×1,800,000, 4 GB), so such a strip is held to the area.
+        budget = PANORAMA_AREA * self.max_size**2
+        if min(height, width) * scale < STRIDE and STRIDE * max(height, width) * scale > budget:
+            scale = budget / (STRIDE * max(height, width))
         return max(1, round(height * scale)), max(1, round(width * scale))
 
     def preprocess(self, batch: np.ndarray) -> torch.Tensor:
