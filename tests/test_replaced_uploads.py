@@ -102,6 +102,22 @@ def test_a_timeout_leaves_a_verdict_another_job_wrote_for_the_same_bytes(s3, rse
     assert only["error"]["code"] == "timeout" and only["created_at"] == timed_out["created_at"]
 
 
+def test_a_timeout_on_a_key_shaped_like_a_feedback_path_writes_nothing(s3, rsettings, moderator, corpus):
+    """`a.mp4.feedback`'s verdict path is a.mp4's feedback object: the job refuses the key (unsupported,
+    not stored), and so must its timeout verdict, which replaced the reviewer's feedback."""
+    rt = WorkerRuntime(rsettings, moderator=moderator, s3_client=s3)
+    upload = S3Location(BUCKET, "clips/fb.mp4")
+    feedback = rt.store.feedback_location(upload)
+    s3.put_object(Bucket=BUCKET, Key=feedback.key, Body=b'{"label": "fake", "reviewer": "r1"}')
+    put(s3, "clips/fb.mp4.feedback", corpus["carphone"].read_bytes())
+    refused = rt.moderate_s3(BUCKET, "clips/fb.mp4.feedback")
+    assert refused["error"]["code"] == "unsupported" and "stored_at" not in refused
+    timed_out = rt.timeout_verdict(BUCKET, "clips/fb.mp4.feedback", 600)
+    assert timed_out["error"]["code"] == "timeout" and "stored_at" not in timed_out
+    kept = s3.get_object(Bucket=BUCKET, Key=feedback.key)["Body"].read()
+    assert kept == b'{"label": "fake", "reviewer": "r1"}'
+
+
 def test_the_same_bytes_refused_at_head_keep_their_verdict(s3, rsettings, moderator, corpus):
     """A refusal replaces only a verdict about other bytes: the same video re-labelled as text, or
     judged under a lowered size limit, keeps its verdict, and a deleted upload keeps its last one

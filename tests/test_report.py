@@ -73,6 +73,19 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         shutil.copy(tmp_path / "shot.png", keep)
 
 
+def test_the_reports_policy_runs_its_own_script_alone(report, tmp_path):
+    """Were an escape ever missed, markup an upload smuggled into the page could not run: the page's
+    Content-Security-Policy allows its one script by hash, and nothing inline besides."""
+    _, out = report
+    page = (out / "index.html").read_text()
+    injected = ('<script>document.body.dataset.pwned="script"</script>'
+                '<img src="missing.png" onerror="document.body.dataset.pwned=\'handler\'">')
+    tampered = out / "tampered.html"
+    tampered.write_text(page.replace("</h1>", "</h1>" + injected, 1))
+    dom, _ = render(tampered, tmp_path / "tampered.png", tmp_path)
+    assert "data-images=" in dom and "data-pwned" not in dom, dom[:2000]
+
+
 def test_error_verdicts_get_a_report_too(moderator, corpus, tmp_path):
     v = moderator.moderate_path(corpus["text_mp4"], report_dir=tmp_path / "bad")
     page = (tmp_path / "bad" / "index.html").read_text()

@@ -90,6 +90,25 @@ def test_a_signed_verdict_does_not_verify_at_another_location(s3):
     assert verdict is None and etag is not None
 
 
+def test_a_result_naming_another_uploads_verdict_is_not_read_as_this_ones(s3):
+    """A job result in Redis (anyone's to write) says where its verdict was stored: only a verdict path
+    of that upload is read. `verdicts/xa.mp4.json` ends like `a.mp4.json`, and was read as a.mp4's,
+    another upload's signed verdict shown as verified."""
+    store = VerdictStore(s3, prefix="sig-at/", secret="verdict-key")
+    a, xa = S3Location(BUCKET, "a.mp4"), S3Location(BUCKET, "xa.mp4")
+    assert store.put(xa, {"status": "ok", "label": "real", "source": xa.uri})
+    assert store.put(a, {"status": "ok", "label": "fake", "source": a.uri})
+    theirs = store.location_for(xa)
+    read = store.read(a, at=theirs)
+    assert read["stored_at"] == store.location_for(a).uri and read["verdict"]["label"] == "fake"
+    assert read["verified"] is True
+    nested = S3Location(BUCKET, "other-prefix/deeper/a.mp4.json")  # another store's prefix: a.mp4's there
+    assert VerdictStore.could_hold(a, nested) and not VerdictStore.could_hold(a, theirs)
+    elsewhere = S3Location("verdicts", f"v/{BUCKET}/a.mp4.json")  # a verdict bucket's path for it
+    assert VerdictStore.could_hold(a, elsewhere)
+    assert not VerdictStore.could_hold(a, S3Location("verdicts", f"v/x{BUCKET}/a.mp4.json"))
+
+
 def test_the_verdict_command_reads_and_checks_stored_verdicts(settings, s3_server, s3, moderator, tmp_path):
     signed = runtime(settings, s3_server, s3, moderator, tmp_path, "verdict-key")
     first = signed.moderate_s3(BUCKET, KEY)

@@ -7,6 +7,8 @@ Charts are drawn with OpenCV so the worker needs no plotting library.
 """
 from __future__ import annotations
 
+import base64
+import hashlib
 import html
 import json
 from pathlib import Path
@@ -17,6 +19,14 @@ import torch
 
 from worker.preprocess import crops_to_tensor_layout, log_dct_spectrum
 
+# The page's one script (it counts the images that loaded, for the rendering test) and the policy
+# that allows it alone: whatever text of an upload's reaches the page (its key, FFmpeg's messages) is
+# escaped, and were an escape ever missed, no other script, frame, form or outside request would run.
+LOAD_COUNTER = ('window.addEventListener("load",()=>{const imgs=[...document.images];'
+                'document.body.dataset.images=imgs.length;'
+                'document.body.dataset.loaded=imgs.filter(i=>i.complete&&i.naturalWidth>0).length;});')
+CSP = ("default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; "
+       f"script-src 'sha256-{base64.b64encode(hashlib.sha256(LOAD_COUNTER.encode()).digest()).decode()}'")
 TRACK_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
@@ -157,7 +167,8 @@ def write_report(verdict: dict, out_dir: Path, crops: dict[int, np.ndarray], *, 
     warning = f'<p class=warn>{html.escape(model_block["warning"])}</p>' if model_block.get("warning") else ""
     action = f' <span class="action action-{html.escape(summary["action"])}">{html.escape(summary["action"])}</span>' \
         if summary.get("action") else ""
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Deepfake report: {html.escape(str(summary['source']))}</title>
+    page = f"""<!doctype html><html><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CSP}"><title>Deepfake report: {html.escape(str(summary['source']))}</title>
 <style>body{{font-family:sans-serif;margin:24px;color:#222}} .row{{display:flex;flex-wrap:wrap;gap:12px}}
 figure{{margin:0}} figcaption{{font-size:12px}} img{{max-width:100%}} th{{text-align:left;padding-right:12px}}
 .warn{{color:#a00}} .label-fake{{color:#b00}} .label-real{{color:#070}}
@@ -168,8 +179,7 @@ figure{{margin:0}} figcaption{{font-size:12px}} img{{max-width:100%}} th{{text-a
 ({html.escape(str(model_block.get('backend')))})</td></tr></table>{warning}
 {''.join(parts)}
 <p><a href="verdict.json">verdict.json</a></p>
-<script>window.addEventListener("load",()=>{{const imgs=[...document.images];
-document.body.dataset.images=imgs.length;document.body.dataset.loaded=imgs.filter(i=>i.complete&&i.naturalWidth>0).length;}});</script>
+<script>{LOAD_COUNTER}</script>
 </body></html>"""
     page_path = out_dir / "index.html"
     page_path.write_text(page)

@@ -171,8 +171,8 @@ class WorkerRuntime:
         try:
             validate_location(bucket, key)
             upload = S3Location(bucket, key)
-            if self.store.is_verdict_key(upload) or not self.allows(bucket):
-                return self._finish(verdict, bound)
+            if self.store.is_verdict_key(upload) or not self.allows(bucket) or self.store.unstorable(upload):
+                return self._finish(verdict, bound)  # where the job itself would store nothing
             stored, stored_etag = self.store.get(upload)
             current = self._current_etag(upload)
             if stored is not None and current is not None and reusable(

@@ -81,8 +81,11 @@ class VerdictStore:
     def could_hold(upload: S3Location, loc: S3Location) -> bool:
         """Whether `loc` is where some store (another prefix, bucket or verdict bucket) keeps the
         upload's verdict: `<prefix><key>.json` beside it, `<prefix><bucket>/<key>.json` elsewhere."""
+        def ends_with(key: str, path: str) -> bool:  # at a folder boundary: xa.mp4.json is not a.mp4.json
+            return key == path or key.endswith("/" + path)
+
         own = f"{upload.key}.json"
-        return loc.key.endswith(own) and (loc.bucket == upload.bucket or loc.key.endswith(f"{upload.bucket}/{own}"))
+        return (loc.bucket == upload.bucket and ends_with(loc.key, own)) or ends_with(loc.key, f"{upload.bucket}/{own}")
 
     def location_for(self, upload: S3Location) -> S3Location:
         return S3Location(self.bucket or upload.bucket, self._path(upload) + ".json")
