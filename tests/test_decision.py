@@ -200,6 +200,15 @@ def test_a_stored_verdict_is_reused_only_under_the_policy_that_made_it():
     for old in ({**scored, "worker_version": "0.2.0"}, {**no_face, "worker_version": "0.2.0"}, unversioned,
                 {**no_face, "worker_version": "0.4.0"}, {**not_a_video, "worker_version": "0.4.0"}):
         assert not reusable(old, **same, policy=banded if old["status"] == "no_face" else policy)
+    # 0.4.4 calls a picture in an image format not_a_video (0.4.3 scored a one-frame GIF) and refuses
+    # strips shown over 256:1: earlier verdicts for those (the video block says) are no answer, others are.
+    gif, strip = {"container": "gif", "width": 176, "height": 144}, {"container": "mov,mp4", "width": 4000, "height": 2}
+    clip = {"container": "mov,mp4", "width": 176, "height": 144}
+    for video, answers in ((gif, False), (strip, False), (clip, True), ({"container": "xwd_pipe"}, False)):
+        for stored in ({**scored, "worker_version": "0.4.3", "video": video},
+                       {**no_face, "worker_version": "0.4.3", "video": video}):
+            assert reusable(stored, **same, policy=banded if stored["status"] == "no_face" else policy) is answers
+    assert reusable({**scored, "video": gif}, **same, policy=policy)  # this version's decoding made it
     # Frames read or faces cut otherwise (version 1 read HDR uploads as SDR: dark, faces missed): no answer,
     # nor is a verdict written before verdicts carried the version; a limit's still is.
     unprocessed = {k: v for k, v in scored.items() if k != "preprocessing_version"}

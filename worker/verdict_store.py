@@ -27,7 +27,7 @@ from botocore.exceptions import ClientError
 from worker import __version__
 from worker.preprocess import PREPROCESSING_VERSION
 from worker.s3 import CHANGED_CODES, MAX_KEY_BYTES, NOT_FOUND_CODES, S3Location, control_client, error_code
-from worker.video import frames_to_sample
+from worker.video import MAX_DISPLAY_ASPECT, frames_to_sample, image_demuxer
 
 if TYPE_CHECKING:
     from worker.decision import DecisionPolicy
@@ -287,6 +287,10 @@ DECODER_ERRORS = frozenset({"corrupt", "unsupported"})
 # worker could not see would stay allowed.
 DECODING_SINCE = (0, 4, 1)
 LIMIT_ERRORS = frozenset({"too_large", "too_long"})
+# 0.4.4 calls a one-frame GIF (and the pictures of every image format) not_a_video, which earlier
+# versions scored, and refuses frames shown over MAX_DISPLAY_ASPECT: their verdicts for such uploads
+# (and only those: the video block says) are no answer.
+PICTURES_SINCE = (0, 4, 4)
 
 
 def input_etag(verdict: dict) -> str | None:
@@ -326,6 +330,8 @@ def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int, 
         return False
     if code != "too_large" and _version(stored.get("worker_version")) < DECODING_SINCE:
         return False  # too_long too: the duration is the decoder's reading (0.4.1 reads Matroska's anew)
+    if _version(stored.get("worker_version")) < PICTURES_SINCE and _picture_or_strip(stored.get("video")):
+        return False
     if code not in LIMIT_ERRORS and _preprocessing_version(stored) < PREPROCESSING_VERSION:
         return False  # faces were read or cut otherwise (e.g. an HDR upload read as SDR)
     if "action" not in stored:
@@ -336,6 +342,17 @@ def reusable(stored: dict | None, *, etag: str, model_sha256: str, frames: int, 
         return False
     return (inp.get("etag") == etag and model.get("sha256") == model_sha256 and inp.get("frames") == frames
             and same_sampling(stored, frames, max_sample_gap_s))
+
+
+def _picture_or_strip(video: object) -> bool:
+    """Whether a verdict's video block names an image format's demuxer or a shape 0.4.4 refuses."""
+    if not isinstance(video, dict):
+        return False
+    container, w, h = video.get("container"), video.get("width"), video.get("height")
+    if isinstance(container, str) and image_demuxer(container):
+        return True
+    sizes = isinstance(w, int) and isinstance(h, int) and min(w, h) > 0
+    return sizes and max(w, h) > MAX_DISPLAY_ASPECT * min(w, h)
 
 
 def _finite_scores(stored: dict) -> bool:
