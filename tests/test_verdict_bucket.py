@@ -65,6 +65,6 @@ def test_a_nested_verdict_prefix_is_accepted_and_a_bad_one_stops_the_cli(monkeyp
     closed = f"redis://127.0.0.1:{free_ports(1)[0]}/0"  # nothing listens: never a real Redis, should it connect
     proc = subprocess.run([sys.executable, "-m", "worker", "status"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "DEEPFAKE_VERDICT_PREFIX": "verdicts", "DEEPFAKE_REDIS_URL": closed})
-    assert proc.returncode == 2 and "verdict_prefix" in proc.stderr and "must be a folder" in proc.stderr
+    assert proc.returncode == 2 and "invalid setting: DEEPFAKE_VERDICT_PREFIX: " in proc.stderr and "must be a folder" in proc.stderr
     monkeypatch.setenv("DEEPFAKE_VERDICT_PREFIX", "")  # an empty variable is unset: the default folder
     assert Settings().verdict_prefix == "verdicts/"
