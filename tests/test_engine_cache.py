@@ -274,7 +274,7 @@ def test_cache_record_that_is_not_an_object_is_a_miss(tmp_path) -> None:
         assert cache.get_or_build(key, lambda: b"rebuilt") == (b"rebuilt", True)
 
 
-def test_cache_invalidate_forgets_the_calibration_cache(tmp_path) -> None:
+def test_cache_invalidate_forgets_the_calibration_cache(tmp_path, monkeypatch) -> None:
     """rebuild=True invalidates: a TensorRT INT8 rebuild must calibrate afresh, not reuse the old scales."""
     cache = EngineCache(tmp_path)
     key = make_key(precision="int8")
@@ -284,9 +284,19 @@ def test_cache_invalidate_forgets_the_calibration_cache(tmp_path) -> None:
     cache.invalidate(key)
     assert not path.exists() and not path.with_suffix(".json").exists() and not calib.exists()
     cache.invalidate(key)  # nothing left: no error
+    # Files it may not remove (another UID's, in a sticky directory; faked: tests run as root): a
+    # warning, and the rebuild goes on.
+    cache.store(key, b"engine")
+    monkeypatch.setattr(Path, "unlink", refuse)
+    cache.invalidate(key)
+    assert path.exists()
 
 
-def test_tensorrt_calibration_cache_is_written_atomically(tmp_path) -> None:
+def refuse(path: Path, *args, **kwargs):
+    raise PermissionError(13, "Permission denied", str(path))
+
+
+def test_tensorrt_calibration_cache_is_written_atomically(tmp_path, monkeypatch) -> None:
     """Pods on one volume may calibrate at once: the .calib is replaced by a rename, never rewritten in
     place under a reader (which keeps the whole old file)."""
     import types
@@ -310,3 +320,6 @@ def test_tensorrt_calibration_cache_is_written_atomically(tmp_path) -> None:
         assert held.read() == b"old scales"
     assert calibrator.read_calibration_cache() == b"new scales" and cache_file.stat().st_ino != inode
     assert [p.name for p in cache_file.parent.iterdir()] == ["x.calib"]  # no temporary file left
+    # Unreadable (another UID's; faked): None, calibrated anew. Raising inside TensorRT's callback could abort.
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    assert calibrator.read_calibration_cache() is None

@@ -184,12 +184,13 @@ def test_an_outage_during_a_job_is_retried_by_rq_to_exactly_one_verdict(s3, prox
 
 
 def test_a_job_past_its_rq_time_limit_gets_one_stored_timeout_verdict(s3, fsettings, moderator, redis_server):
-    """RQ's SIGALRM lands mid-moderation; it used to come out as an `internal` verdict."""
+    """RQ's SIGALRM lands mid-moderation; it used to come out as an `internal` verdict. (1024 frames,
+    here and below, take longer than the 1 s limit on any machine: 120 did only on a slow one.)"""
     redis = Redis.from_url(redis_server.url)
     redis.flushdb()
     settings = fsettings.model_copy(update={"redis_url": redis_server.url})
     job = get_queue(redis, settings.queue).enqueue(MODERATE_FUNC, args=(BUCKET, KEYS["carphone"]),
-                                                   kwargs={"frames": 120}, job_timeout=1)
+                                                   kwargs={"frames": 1024}, job_timeout=1)
     burst(redis, settings, runtime=runtime(settings, moderator, settings.s3_endpoint_url))
     state = job_state(job.id, settings=settings, connection=redis)
     assert state.status == "finished" and state.result["error"]["code"] == "timeout", state.result["error"]
@@ -208,7 +209,7 @@ def test_a_timed_out_job_stays_started_while_its_verdict_is_stored(s3, proxy, fs
     proxy.add(Rule("hook", method="PUT", path=r"carphone\.mp4\.json$", times=1, hook=lambda req: left.extend(
         (member.decode(), score - time.time()) for member, score in redis.zrange(registry.key, 0, -1, withscores=True))))
     job = get_queue(redis, settings.queue).enqueue(MODERATE_FUNC, args=(BUCKET, KEYS["carphone"]),
-                                                   kwargs={"frames": 120}, job_timeout=1)
+                                                   kwargs={"frames": 1024}, job_timeout=1)
     burst(redis, settings, runtime=runtime(settings, moderator, proxy.endpoint))
     assert job_state(job.id, settings=settings, connection=redis).result["error"]["code"] == "timeout"
     [(member, seconds)] = left
@@ -226,7 +227,7 @@ def test_a_timed_out_job_whose_verdict_cannot_be_stored_in_time_still_finishes(
     key = "clips/stalled-put.mp4"
     s3.copy_object(Bucket=BUCKET, Key=key, CopySource={"Bucket": BUCKET, "Key": KEYS["carphone"]})
     proxy.add(Rule("delay", method="PUT", path=r"stalled-put\.mp4\.json$", delay_s=20))
-    job = get_queue(redis, settings.queue).enqueue(MODERATE_FUNC, args=(BUCKET, key), kwargs={"frames": 120},
+    job = get_queue(redis, settings.queue).enqueue(MODERATE_FUNC, args=(BUCKET, key), kwargs={"frames": 1024},
                                                    job_timeout=1)
     t0 = time.monotonic()
     burst(redis, settings, runtime=runtime(settings, moderator, proxy.endpoint))
@@ -255,7 +256,7 @@ def test_a_timeout_verdict_stored_just_as_its_bound_falls_is_the_result(s3, fset
         return finish(verdict, bound)
 
     monkeypatch.setattr(rt, "_finish", slow_finish)
-    job = get_queue(redis, settings.queue).enqueue(MODERATE_FUNC, args=(BUCKET, key), kwargs={"frames": 120},
+    job = get_queue(redis, settings.queue).enqueue(MODERATE_FUNC, args=(BUCKET, key), kwargs={"frames": 1024},
                                                    job_timeout=1)
     burst(redis, settings, runtime=rt)
     state = job_state(job.id, settings=settings, connection=redis)

@@ -104,3 +104,25 @@ def test_the_worker_logs_rq_lines_at_the_level_it_is_given(redis, settings, mode
     levels = {line["level"] for line in map(json.loads, capsys.readouterr().err.splitlines())
               if line.get("logger", "").startswith("rq.")}
     assert shown <= levels and not hidden & levels, levels
+
+
+def test_lines_logged_in_the_prefetch_thread_carry_the_jobs_context(monkeypatch):
+    """Decoding runs ahead of detection in a thread of its own: its lines (an HDR frame not converted,
+    botocore's retries of a GET) carried no job_id, which the worker binds for the job."""
+    from worker.prefetch import prefetch
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    configure_logging("json", "INFO")
+    log = structlog.get_logger("test")
+
+    def frames():
+        for i in range(3):
+            log.warning("decoded_in_thread", i=i)
+            logging.getLogger("botocore.retryhandler").warning("a retry")  # a library's line, same thread
+            yield i
+
+    with structlog.contextvars.bound_contextvars(job_id="J1"):
+        assert list(prefetch(frames())) == [0, 1, 2]
+    lines = [json.loads(line) for line in err.getvalue().splitlines()]
+    assert len(lines) == 6 and all(line.get("job_id") == "J1" for line in lines), lines

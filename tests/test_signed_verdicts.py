@@ -107,6 +107,12 @@ def test_a_result_naming_another_uploads_verdict_is_not_read_as_this_ones(s3):
     elsewhere = S3Location("verdicts", f"v/{BUCKET}/a.mp4.json")  # a verdict bucket's path for it
     assert VerdictStore.could_hold(a, elsewhere)
     assert not VerdictStore.could_hold(a, S3Location("verdicts", f"v/x{BUCKET}/a.mp4.json"))
+    # That path may also be another upload's own (other/a.mp4's under this prefix): the body says whose.
+    other = S3Location(BUCKET, "other/a.mp4")
+    assert store.put(other, {"status": "ok", "label": "real", "source": other.uri})
+    assert VerdictStore.could_hold(a, store.location_for(other))
+    read = store.read(a, at=store.location_for(other))
+    assert read["stored_at"] == store.location_for(a).uri and read["verdict"]["label"] == "fake"
 
 
 def test_the_verdict_command_reads_and_checks_stored_verdicts(settings, s3_server, s3, moderator, tmp_path):

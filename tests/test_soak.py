@@ -106,6 +106,8 @@ def test_soak_many_small_jobs_with_faults(s3_server, redis_server, random_model_
                 if len(workers) == 2 and all(w.get_state() == "idle" for w in workers):
                     break
                 time.sleep(0.2)
+            else:  # the idle memory below would be a loading worker's
+                pytest.fail(f"workers never became idle\n{supervisor.logs()}")
             pids = {name: p.pid for name, p in supervisor.procs.items()}
             rss_idle = {name: rss_mb(pid) for name, pid in pids.items()}
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -175,8 +174,11 @@ def _check_webhook(url: str, settings, parser: argparse.ArgumentParser) -> None:
     try:
         check_url(url)  # what every worker refuses, the enqueue refuses too
     except WebhookRefused as exc:
-        shown = re.sub(r"(?<=//)[^/?#]*@", "***@", url)  # credentials typed into it are not echoed back
-        parser.error(f"--webhook must be an http(s) URL with a host and no credentials, not {shown!r}: {exc}")
+        scheme, sep, rest = url.partition("//")
+        if sep and "@" in rest:  # credentials typed into it (which may hold / ? # or @) are not echoed back
+            parser.error(f"--webhook must be an http(s) URL with a host and no credentials, not "
+                         f"{scheme + sep + '***@' + rest.rpartition('@')[2]!r}")
+        parser.error(f"--webhook must be an http(s) URL with a host and no credentials, not {url!r}: {exc}")
     try:
         resolve(url, HostPolicy.parse(settings.webhook_hosts))
     except WebhookRefused as exc:

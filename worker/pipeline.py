@@ -144,7 +144,8 @@ class Moderator:
                     score_threshold=settings.detector_score_threshold, max_size=settings.detector_max_size,
                 )
             except (ValueError, OSError) as exc:  # an unknown name, weights missing or unreadable
-                raise ConfigurationError(f"DEEPFAKE_DETECTOR {settings.detector!r}: {exc}") from exc
+                weights = f" with DEEPFAKE_DETECTOR_WEIGHTS {settings.detector_weights}" if settings.detector_weights else ""
+                raise ConfigurationError(f"DEEPFAKE_DETECTOR {settings.detector!r}{weights}: {exc}") from exc
         self.detector = detector
         self.model_block = self.engine.describe()
         if settings.overlap == "auto":

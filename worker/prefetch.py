@@ -5,6 +5,7 @@ crops (PyAV and torch release the GIL). The queue bound keeps memory flat howeve
 """
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 from typing import Iterator, TypeVar
@@ -42,7 +43,8 @@ def prefetch(items: Iterator[T], depth: int = 2, name: str = "prefetch") -> Iter
             return
         put(_DONE)
 
-    thread = threading.Thread(target=run, name=name, daemon=True)
+    # In the caller's context: its log lines carry the job's id, bound there (structlog contextvars).
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(run,), name=name, daemon=True)
     thread.start()
     try:
         while True:

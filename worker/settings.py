@@ -286,14 +286,20 @@ def _scheme_of(url: str) -> str:
     return f"{scheme}://..." if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,15}", scheme) else "a URL without a known scheme"
 
 
+def _env(name: str) -> str | None:
+    """A variable as the settings read it: its name in any case, empty as unset."""
+    return next((v for k, v in os.environ.items() if k.upper() == name and v), None)
+
+
 def settings_problems(exc: ValidationError) -> str:
     """Every refused setting, named by its variable (RQ_REDIS_URL where that is what set the Redis URL),
-    never with its value, which may hold a secret: one line for a log event or a usage error."""
+    for a log event or a usage error in one line. Pydantic's input is left out (it may be a secret);
+    the validators' own messages quote a value only where none can be (an action, a prefix)."""
     said = []
     for error in exc.errors():
         field = str(error["loc"][0]) if error["loc"] else "settings"
         name = field if field.isupper() else f"DEEPFAKE_{field.upper()}"
-        if name == "DEEPFAKE_REDIS_URL" and not os.environ.get(name) and os.environ.get("RQ_REDIS_URL"):
+        if name == "DEEPFAKE_REDIS_URL" and not _env(name) and _env("RQ_REDIS_URL"):
             name = "RQ_REDIS_URL"
         said.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
     return "; ".join(said)

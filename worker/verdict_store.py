@@ -244,6 +244,10 @@ class VerdictStore:
             verdict = None
         if not isinstance(verdict, dict):
             verdict = None  # JSON, but no verdict (`[1, 2]`): said as none, whether or not it is signed
+        if at is not None and verdict is not None and verdict.get("source") != upload.uri:
+            # A verdict path of this upload under some prefix is another upload's under another (other/a.mp4's
+            # `verdicts/other/a.mp4.json` is a.mp4's under `verdicts/other/`): its signed body says whose.
+            return self.read(upload)
         return {"upload": upload.uri, "stored_at": loc.uri, "verified": verified, "verdict": verdict}
 
     def describes_current(self, upload: S3Location, verdict: dict, *, gone: bool | None = False) -> bool | None:

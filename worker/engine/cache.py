@@ -161,8 +161,12 @@ class EngineCache:
         """Forget `key`'s engine, record and INT8 calibration cache (a rebuild recalibrates too)."""
         path = self.path_for(key)
         for p in (path, path.with_suffix(META_SUFFIX), self.calibration_path(key)):
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 p.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # another UID's file in a sticky or read-only directory: rebuilt, served uncached
+                log.warning("engine cache: cannot remove %s (%s)", p, exc)
 
     @contextlib.contextmanager
     def _locked(self, key: EngineKey) -> Iterator[None]:

@@ -137,9 +137,11 @@ def _make_calibrator(trt: Any, crops: np.ndarray, batch_size: int, device: Any, 
             return [int(self.current.data_ptr())]
 
         def read_calibration_cache(self) -> bytes | None:
-            if cache_file is not None and cache_file.is_file():
-                return cache_file.read_bytes()
-            return None
+            try:  # raising inside TensorRT's callback could abort the process: unreadable is calibrated anew
+                return cache_file.read_bytes() if cache_file is not None and cache_file.is_file() else None
+            except OSError as exc:
+                log.warning("INT8 calibration cache %s unreadable (%s): calibrating anew", cache_file, exc)
+                return None
 
         def write_calibration_cache(self, cache: Any) -> None:
             if cache_file is None:
