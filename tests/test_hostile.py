@@ -171,6 +171,18 @@ def test_the_fuzz_target_holds_on_the_corpus_and_a_short_mutation_run(hostile_co
     assert "no failure" in proc.stdout
 
 
+REGRESSIONS = Path(__file__).resolve().parent / "fuzz_regressions"
+
+
+@pytest.mark.parametrize("path", sorted(REGRESSIONS.iterdir()), ids=lambda p: p.name)
+def test_inputs_the_fuzzer_once_crashed_on_end_in_a_typed_outcome(path):
+    """Crashes the fuzzer found, shrunk and kept (packet_of_an_undeclared_stream.ts: MPEG-TS whose
+    demuxer hands back a packet of a stream PyAV never listed, which raised IndexError from PyAV)."""
+    proc = subprocess.run([sys.executable, str(FUZZ), "--replay", str(path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith(": ok"), proc.stderr[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_fuzz_the_decode_stage(hostile_corpus, tmp_path):
@@ -187,11 +199,11 @@ def test_fuzz_the_decode_stage(hostile_corpus, tmp_path):
 
         cmd = [sys.executable, str(FUZZ), f"-max_total_time={seconds}", "-timeout=30", "-rss_limit_mb=3072",
                "-max_len=262144", f"-artifact_prefix={artifacts}/", "-print_final_stats=1", f"-seed={seed}",
-               str(tmp_path / "grown"), str(seeds)]
+               str(tmp_path / "grown"), str(seeds), str(REGRESSIONS)]
         (tmp_path / "grown").mkdir()
     except ImportError:  # the bounded mutation loop instead
         cmd = [sys.executable, str(FUZZ), "--mutate", "--runs", "1000000", "--max-seconds", str(seconds),
-               "--seed", str(seed or int(time.time())), "--artifacts", str(artifacts), str(seeds)]
+               "--seed", str(seed or int(time.time())), "--artifacts", str(artifacts), str(seeds), str(REGRESSIONS)]
     # libFuzzer's -rss_limit_mb reads ru_maxrss, which a child started straight from pytest inherits
     # (pytest's own peak: a CI run failed at start-up with "rss: 3316Mb" after an earlier test's
     # memory). A shell that forks the fuzzer gives it a count of its own.

@@ -16,6 +16,7 @@ from typing import Any
 
 from redis import Redis
 from rq import Queue
+from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
@@ -176,7 +177,10 @@ class Supervisor:
         name = redis.hget(f"rq:execution:{job_id}:{execution_id}", "worker_name")
         if name:
             return name.decode()
-        return Job.fetch(job_id, connection=redis, serializer=JSONSerializer).worker_name  # an entry without one
+        try:
+            return Job.fetch(job_id, connection=redis, serializer=JSONSerializer).worker_name  # an entry without one
+        except NoSuchJobError:
+            return None  # the job is gone: RQ's cleanup drops its entry
 
     def _requeue_abandoned(self, redis: Redis) -> None:
         """RQ's StartedJobRegistry.cleanup, as maintenance runs it once a dead worker's heartbeat has
@@ -193,10 +197,9 @@ class Supervisor:
                 return  # a live job among them: wait, the cleanup below would take it too
             job_id = raw.decode().split(":")[0]
             abandoned[job_id] = score
-        started = {j for j in abandoned if Job.fetch(j, connection=redis, serializer=JSONSerializer).get_status() == "started"}
+        started = {j for j in abandoned if _status(redis, j) == "started"}
         registry.cleanup(timestamp=max(abandoned.values()) + 0.001)  # entries added after the snapshot stay
-        self.recovered += sum(Job.fetch(j, connection=redis, serializer=JSONSerializer).get_status() != "started"
-                              for j in started)
+        self.recovered += sum(_status(redis, j) != "started" for j in started)
 
     def _requeue_stuck_intermediate(self, redis: Redis) -> None:
         """A job moved to RQ's intermediate list by a worker that died before registering it: what
@@ -233,6 +236,13 @@ class Supervisor:
     def logs(self, tail: int | None = 1500) -> str:
         return "\n".join(f"== {p.name}\n{p.read_text()[-tail if tail else 0:]}"
                          for p in sorted(self.logdir.glob("*.log")))
+
+
+def _status(redis: Redis, job_id: str) -> str | None:
+    try:
+        return str(Job.fetch(job_id, connection=redis, serializer=JSONSerializer).get_status().value)
+    except NoSuchJobError:
+        return None
 
 
 def wait_until_final(redis_factory, job_ids, supervisor: Supervisor, timeout: float) -> dict[str, str]:

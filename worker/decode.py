@@ -29,6 +29,7 @@ from worker.video import (  # noqa: F401 - the decoder's vocabulary, importable 
     orientation,
     sample_times,
     shown_size,
+    tag_duration,
 )
 
 # FFmpeg's own per-frame pixel cap (`max_pixels`) is set to this multiple of the limit: it refuses a
@@ -136,7 +137,7 @@ class VideoReader(Sampling):
         """Whether an image demuxer holds more than one picture (then reopened at the first)."""
         packets = 0
         try:
-            for packet in self._container.demux(stream):
+            for packet in self._demux(stream):
                 packets += packet.size > 0
                 if packets > 1:
                     break
@@ -215,7 +216,7 @@ class VideoReader(Sampling):
         first_error: Exception | None = None
         ctx = self._stream.codec_context
         try:
-            for packet in self._container.demux(self._stream):
+            for packet in self._demux(self._stream):
                 self._check_deadline()  # per packet: a stream of refused packets yields no frame to check at
                 self._note_data_end(packet)
                 if skip_for is not None and (skip := skip_for(packet)) != ctx.skip_frame:
@@ -370,13 +371,21 @@ class VideoReader(Sampling):
         image = displayed(frame, self._sar, self._orientation, self._limits.max_pixels)
         return SampledFrame(index=index, t=max(0.0, float(t)), image=image)
 
+    def _demux(self, stream: av.video.stream.VideoStream) -> Iterator[av.Packet]:
+        """The stream's packets. A packet of a stream that appeared after the file was opened (damaged or
+        spliced data) makes PyAV raise IndexError: a failure of the demuxer, raised as its ValueError."""
+        try:
+            yield from self._container.demux(stream)
+        except IndexError as exc:
+            raise ValueError(f"a packet of a stream the container did not declare: {exc}") from exc
+
     def _measure_duration(self) -> float:
         """Demux (not decode) the stream once to find its length, then rewind for decoding."""
         self.data_end = None
         self.untimed, self._untimed_packets = False, 0
         start = self._start_time()  # a live recording's clock may start hours in
         try:
-            for packet in self._container.demux(self._stream):
+            for packet in self._demux(self._stream):
                 self._check_deadline()
                 self._note_data_end(packet)
                 if self.data_end is not None and self.data_end - start > self._limits.max_duration_s:
@@ -403,12 +412,3 @@ class VideoReader(Sampling):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def tag_duration(text: str | None) -> float | None:
-    """A Matroska DURATION tag (`HH:MM:SS.nnnnnnnnn`, as mkvmerge and FFmpeg write it) in seconds."""
-    parts = (text or "").strip().split(":")
-    try:
-        seconds = float(parts[0]) * 3600 + float(parts[1]) * 60 + float(parts[2]) if len(parts) == 3 else None
-    except ValueError:
-        return None
-    return seconds if seconds is not None and 0 < seconds < float("inf") else None

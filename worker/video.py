@@ -198,3 +198,13 @@ def playlist_kind(head: bytes) -> str | None:
 def animated_webp(head: bytes) -> bool:
     """An animated WebP (VP8X header with the animation flag): a browser plays it like a GIF."""
     return head[:4] == b"RIFF" and head[8:16] == b"WEBPVP8X" and len(head) > 20 and bool(head[20] & 0x02)
+
+
+def tag_duration(text: str | None) -> float | None:
+    """A Matroska DURATION tag (`HH:MM:SS.nnnnnnnnn`, as mkvmerge and FFmpeg write it) in seconds."""
+    parts = (text or "").strip().split(":")
+    try:
+        seconds = float(parts[0]) * 3600 + float(parts[1]) * 60 + float(parts[2]) if len(parts) == 3 else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 < seconds < float("inf") else None
