@@ -155,7 +155,8 @@ def display_size(width: int, height: int, sar: float | None, max_pixels: int) ->
 IMAGE_DEMUXERS = frozenset(
     {"image2", "image2pipe", "png_pipe", "jpeg_pipe", "bmp_pipe", "webp_pipe", "tiff_pipe", "gif_pipe",
      "ppm_pipe", "pgm_pipe", "pam_pipe", "psd_pipe", "svg_pipe", "j2k_pipe", "jpegls_pipe", "qoi_pipe",
-     "dpx_pipe", "exr_pipe", "sgi_pipe", "xpm_pipe", "pcx_pipe", "tga", "pictor_pipe", "gif", "apng", "alias_pix"}
+     "dpx_pipe", "exr_pipe", "sgi_pipe", "xpm_pipe", "pcx_pipe", "tga", "pictor_pipe", "gif", "apng", "alias_pix",
+     "brender_pix", "fits", "jpegxl_anim"}
 )
 
 
