@@ -260,6 +260,10 @@ def test_a_worker_whose_settings_name_another_redis_says_so_at_start(redis, redi
 def test_a_worker_started_with_a_misspelt_variable_or_unusable_webhook_hosts_says_so_at_start(redis, settings, capsys, monkeypatch):
     from worker.rq_worker import DeepfakeWorker
 
+    from conftest import TEST_KNOBS
+
+    for knob in TEST_KNOBS:  # the suite's own variables, which a shell running it may set
+        monkeypatch.delenv(knob, raising=False)
     monkeypatch.setenv("DEEPFAKE_FRAME", "64")  # DEEPFAKE_FRAMES meant: nothing reads this one
     monkeypatch.setenv("deepfake_webhook_host", "hooks.example.com")
     monkeypatch.setenv("DEEPFAKE_BENCH_DIR", "/tmp/bench")  # bench/'s, not a worker setting, not reported
