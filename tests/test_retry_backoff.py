@@ -412,3 +412,31 @@ def test_sigterm_to_the_worker_alone_stops_its_scheduler_and_frees_the_lock(redi
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_a_retry_without_backoff_is_queued_once_when_redis_loses_the_reply(redis, redis_server, qsettings):
+    """With no backoff (DEEPFAKE_JOB_RETRY_BACKOFF_S=0) a retry was pushed straight onto the queue, in a
+    transaction without WATCH. Redis applied it and the connection dropped before the reply (a restart,
+    a failover): the worker's client ran it again, and the job was queued, and run, twice. Now every
+    retry waits in the scheduled registry, due at once: the rerun adds it again in place."""
+    from redisproxy import ReplyCutter
+
+    from worker.redis_client import ride_out
+
+    qsettings = qsettings.model_copy(update={"job_retry_backoff_s": "0"})
+    job_id = enqueue(BUCKET, "clips/lost-reply.mp4", etag="", settings=qsettings, connection=redis)
+    abandon(redis, job_id, qsettings.queue)
+
+    def retries(sent: bytes) -> bool:  # the cleanup's transaction that retries the job
+        return b"EXEC" in sent and job_id.encode() in sent and (b"RPUSH" in sent or b"ZADD" in sent)
+
+    with ReplyCutter(redis_server.port, when=retries) as cut:
+        worker_connection = Redis.from_url(cut.url)
+        ride_out(worker_connection, 30)  # the worker's client: reconnects and runs the command again
+        assert clean_abandoned(get_queue(worker_connection, qsettings.queue))  # a worker's maintenance
+        assert cut.fired.is_set()
+    queue = get_queue(redis, qsettings.queue)
+    assert queue.get_job_ids() == [] and ScheduledJobRegistry(queue=queue).get_job_ids(cleanup=False) == [job_id]
+    assert release_due_retries(queue) == 1  # due at once: the next scheduler pass
+    assert queue.get_job_ids() == [job_id]
+    assert Job.fetch(job_id, connection=redis, serializer=JSONSerializer).retries_left == qsettings.job_retries - 1

@@ -33,7 +33,7 @@ from rq.worker.base import WorkerStatus
 from worker.errors import TransientError
 from worker.jobs import MODERATE_FUNC, JobTimedOut
 from worker.logging import configure_logging
-from worker.maintenance import maintenance_lock, recover_stranded, restart_half_retried
+from worker.maintenance import maintenance_lock, recover_stranded, release_due_retries, restart_half_retried
 from worker.metrics import heartbeat_fresh, serve
 from worker.pipeline import ConfigurationError
 from worker.preflight import check_webhooks
@@ -95,10 +95,12 @@ class DeepfakeJob(Job):
     def retry(self, queue: Queue, pipeline: Any) -> None:
         """RQ's, less its own write of a waiting retry's status ahead of `pipeline` (which writes it too):
         killed, or failing to write, in between, RQ left the job `scheduled` in the started registry
-        alone, whose maintenance drops the entries of jobs not `started`: the job was lost."""
-        interval = self.get_retry_interval()
-        if not interval:
-            return super().retry(queue, pipeline)  # onto the queue, in the pipeline
+        alone, whose maintenance drops the entries of jobs not `started`: the job was lost.
+
+        A retry without backoff waits too, due at once (the next scheduler pass, within a second):
+        RQ pushed it onto the queue in a transaction without WATCH, which the worker's client runs
+        again when Redis loses the reply, and the job was queued twice. Scheduled, it is added in place."""
+        interval = self.get_retry_interval() or 0
         assert self.retries_left
         self.retries_left -= 1
         due = rq_now() + timedelta(seconds=interval)
@@ -210,6 +212,16 @@ class DeepfakeWorker(SimpleWorker):
             finally:
                 self.scheduler.release_locks()
                 self.scheduler.register_death()
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        """RQ's; in burst mode (no timeout) a queue found empty gets the retries now due first (a retry
+        without backoff waits in the scheduled registry, due at once), so a burst runs them too."""
+        while True:
+            result = super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            if result is not None or timeout is not None or self._stop_requested:
+                return result
+            if not sum(release_due_retries(queue) for queue in self.queues):
+                return None
 
     def run_maintenance_tasks(self) -> None:
         """RQ's, which also restarts a scheduler that is not running: never once the worker is

@@ -147,7 +147,8 @@ class Settings(BaseSettings):
     job_retries: int = Field(3, ge=0, description="Retries of a job that failed for a transient reason or lost its worker.")
     job_retry_backoff_s: str = Field(
         "30,120,600", description="Seconds a failed job waits before each retry, comma-separated (the last repeats "
-        "for further retries; 0 = at once): a storage outage or throttling outlasts retries run back to back.",
+        "for further retries; 0 = at the scheduler's next pass, within a second): a storage outage or throttling "
+        "outlasts retries run back to back.",
     )
     result_ttl_s: int = Field(7 * 24 * 3600, ge=1, le=MAX_RESULT_TTL_S,
                               description="How long a job's verdict stays in Redis (at most a year).")
