@@ -138,7 +138,10 @@ def celebdf_videos(
     """Celeb-DF v2: the official test list (518 videos), or every other video as "train".
 
     Labels come from the directory (Celeb-real, YouTube-real: real; Celeb-synthesis: fake) and
-    must agree with the list's column.
+    must agree with the list's column. "train" shares celebrities (the `idN` in the names) with the
+    test list, as the dataset's own protocol does: a model trained on it and tested on the list has
+    seen those faces, so a cross-dataset score (the paper's: trained on FF++) needs the test list alone,
+    which is all `python -m training extract --dataset celebdf` reads.
     """
     root = Path(root)
     _need_dir(root, "Celeb-DF root")
