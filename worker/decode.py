@@ -28,7 +28,6 @@ from worker.video import (  # noqa: F401 - the decoder's vocabulary, importable 
     SIDEWAYS,
     orientation,
     sample_times,
-    shown_size,
     tag_duration,
 )
 
@@ -367,7 +366,6 @@ class VideoReader(Sampling):
         self.info.width, self.info.height = (h, w) if self._orientation in SIDEWAYS else (w, h)
 
     def _to_sample(self, frame: av.VideoFrame, index: int, t: float) -> SampledFrame:
-        shown_size(frame.width, frame.height, self._sar, self._limits.max_pixels)  # each frame: sizes may change
         image = displayed(frame, self._sar, self._orientation, self._limits.max_pixels)
         return SampledFrame(index=index, t=max(0.0, float(t)), image=image)
 

@@ -18,7 +18,7 @@ from av.video.reformatter import ColorPrimaries, ColorTrc, VideoReformatter
 
 from worker.cpus import available_cpus
 from worker.errors import Corrupt, Unsupported
-from worker.video import display_size, orient
+from worker.video import orient, shown_size
 
 # Pixel formats whose conversion to RGB aborts the whole process inside FFmpeg (SIGABRT, FFmpeg 8.1 /
 # PyAV 18.1), beyond any handler: refused before the converter sees them.
@@ -32,9 +32,10 @@ log = structlog.get_logger("worker.frames")
 
 def displayed(frame: av.VideoFrame, sar: float | None, orientation: str, max_pixels: int) -> np.ndarray:
     """The frame as a player shows it: anamorphic pixels stretched to the display size, turned upright
-    (`orientation`: worker.video.orientation)."""
+    (`orientation`: worker.video.orientation). A shape no video of faces has is refused before the
+    frame is converted (`shown_size`)."""
+    size = shown_size(frame.width, frame.height, sar, max_pixels)
     image = to_rgb(frame)
-    size = display_size(frame.width, frame.height, sar, max_pixels)
     if size != (frame.width, frame.height):
         shrink = size[0] * size[1] < frame.width * frame.height
         image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)

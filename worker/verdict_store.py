@@ -27,7 +27,7 @@ from botocore.exceptions import ClientError
 from worker import __version__
 from worker.preprocess import PREPROCESSING_VERSION
 from worker.s3 import CHANGED_CODES, MAX_KEY_BYTES, NOT_FOUND_CODES, S3Location, control_client, error_code
-from worker.video import MAX_DISPLAY_ASPECT, frames_to_sample, image_demuxer
+from worker.video import beyond_display_aspect, frames_to_sample, image_demuxer
 
 if TYPE_CHECKING:
     from worker.decision import DecisionPolicy
@@ -355,8 +355,7 @@ def _picture_or_strip(video: object) -> bool:
     container, w, h = video.get("container"), video.get("width"), video.get("height")
     if isinstance(container, str) and image_demuxer(container):
         return True
-    sizes = isinstance(w, int) and isinstance(h, int) and min(w, h) > 0
-    return sizes and max(w, h) > MAX_DISPLAY_ASPECT * min(w, h)
+    return isinstance(w, int) and isinstance(h, int) and min(w, h) > 0 and beyond_display_aspect(w, h)
 
 
 def _finite_scores(stored: dict) -> bool:

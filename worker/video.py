@@ -172,10 +172,15 @@ def image_demuxer(name: str) -> bool:
 MAX_DISPLAY_ASPECT = 256
 
 
+def beyond_display_aspect(width: int, height: int) -> bool:
+    """Whether a shown size is over MAX_DISPLAY_ASPECT times wider than tall, or taller than wide."""
+    return max(width, height) > MAX_DISPLAY_ASPECT * min(width, height)
+
+
 def shown_size(width: int, height: int, sar: float | None, max_pixels: int) -> tuple[int, int]:
     """`display_size`, refused (Unsupported) past MAX_DISPLAY_ASPECT: no video of faces is so shaped."""
     w, h = display_size(width, height, sar, max_pixels)
-    if max(w, h) > MAX_DISPLAY_ASPECT * min(w, h):
+    if beyond_display_aspect(w, h):
         raise Unsupported(f"frames shown {w}x{h} (stored {width}x{height}): a picture over {MAX_DISPLAY_ASPECT} "
                           "times wider than tall, or taller than wide, is no video of faces")
     return w, h
