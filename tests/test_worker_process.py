@@ -182,22 +182,29 @@ def test_sigterm_while_starting_ends_the_worker_even_as_pid_1(qsettings, tmp_pat
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_a_worker_whose_model_cannot_load_exits_2_with_one_log_line(qsettings, redis_server, tmp_path,
-                                                                    cut_model_dir):
-    """A corrupt model (a copy cut short) stops the worker before it takes a job, saying so in one
-    JSON line (the pod's logs), not a traceback of ONNX Runtime's."""
-    cut = cut_model_dir
+def misconfigured(qsettings, redis_server, tmp_path, **env: str) -> dict:
+    """Start `rq worker` with `env`; it must exit 2 with no traceback: its one worker_misconfigured line."""
     log = tmp_path / "worker.log"
-    proc = start_rq_worker(worker_env(qsettings, redis_server.url, DEEPFAKE_MODEL_DIR=str(cut)), log)
+    proc = start_rq_worker(worker_env(qsettings, redis_server.url, **env), log)
     try:
-        assert proc.wait(120) == 2
+        assert proc.wait(120) == 2, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     lines = log.read_text().splitlines()
     assert "Traceback" not in log.read_text(), lines[-20:]
     [said] = [json.loads(line) for line in lines if '"worker_misconfigured"' in line]
-    assert said["level"] == "error" and said["reason"].startswith(f"cannot load the model in {cut}: InvalidProtobuf")
+    assert said["level"] == "error", said
+    return said
+
+
+def test_a_worker_whose_model_cannot_load_exits_2_with_one_log_line(qsettings, redis_server, tmp_path,
+                                                                    cut_model_dir):
+    """A corrupt model (a copy cut short) stops the worker before it takes a job, saying so in one
+    JSON line (the pod's logs), not a traceback of ONNX Runtime's."""
+    cut = cut_model_dir
+    said = misconfigured(qsettings, redis_server, tmp_path, DEEPFAKE_MODEL_DIR=str(cut))
+    assert said["reason"].startswith(f"cannot load the model in {cut}: InvalidProtobuf")
 
 
 @pytest.mark.parametrize("env, reason", [
@@ -210,18 +217,9 @@ def test_a_worker_whose_model_cannot_load_exits_2_with_one_log_line(qsettings, r
 def test_a_worker_with_a_bad_setting_or_detector_exits_2_with_one_log_line(qsettings, redis_server, tmp_path, env,
                                                                            reason):
     """A setting that does not parse, or a detector that cannot load: RQ logged a plain-text traceback
-    and exited 1. Every refused variable is named (its value never: it may be a secret)."""
-    log = tmp_path / "worker.log"
-    proc = start_rq_worker(worker_env(qsettings, redis_server.url, **env), log)
-    try:
-        assert proc.wait(120) == 2, log.read_text()[-3000:]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    lines = log.read_text().splitlines()
-    assert "Traceback" not in log.read_text(), lines[-20:]
-    [said] = [json.loads(line) for line in lines if '"worker_misconfigured"' in line]
-    assert said["level"] == "error" and said["reason"].startswith(reason), said
+    and exited 1. Every refused variable is named (pydantic's input never: it may be a secret)."""
+    said = misconfigured(qsettings, redis_server, tmp_path, **env)
+    assert said["reason"].startswith(reason), said
     if "DEEPFAKE_FRAMES" in env:
         assert "DEEPFAKE_RESULT_TTL_S: " in said["reason"] and "abc" not in said["reason"]
 
