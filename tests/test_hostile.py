@@ -385,6 +385,16 @@ def test_buckets_outside_the_allow_list_are_refused_and_nothing_is_written(s3, q
     assert (verdict_keys(s3, "elsewhere"), verdict_keys(s3, BUCKET)) == before
 
 
+def test_bucket_names_are_ascii_as_s3_requires():
+    """`str.isalnum` is true of `ü` and of Arabic-Indic digits; S3 bucket names are ASCII."""
+    from worker.s3 import S3Location
+
+    assert S3Location.parse("s3://tenant-a.2/k").bucket == "tenant-a.2"
+    for bucket in ("bücket", "b\u0663ucket", "tenant\u2024a"):
+        with pytest.raises(ValueError, match="invalid bucket name"):
+            S3Location.parse(f"s3://{bucket}/k")
+
+
 def test_the_allow_list_is_deny_all_by_default():
     from worker.settings import Settings
 

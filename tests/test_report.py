@@ -90,3 +90,33 @@ def test_error_verdicts_get_a_report_too(moderator, corpus, tmp_path):
     v = moderator.moderate_path(corpus["text_mp4"], report_dir=tmp_path / "bad")
     page = (tmp_path / "bad" / "index.html").read_text()
     assert v["status"] == "error" and "not_a_video" in page
+
+
+def test_a_key_that_spoofs_its_look_is_shown_as_it_is(moderator, corpus, tmp_path):
+    """S3 keys may hold any Unicode: a right-to-left override shows `clip\u202e4pm.gpj` as `clipjpg.mp4`,
+    and a C1 control (U+009B, CSI) is obeyed by some viewers. The page shows each as its escape."""
+    from worker.report import write_report
+
+    verdict = moderator.moderate_path(corpus["text_mp4"])
+    spoof = "uploads/clip\u202e4pm.gpj\u009b[2J"
+    verdict["source"] = f"s3://tenant-a/{spoof}"
+    verdict["error"]["message"] += " \u2066hidden\u2069"
+    page = write_report(verdict, tmp_path / "spoof", {}, model=None).read_text()
+    assert not any(c in page for c in "\u202e\u009b\u2066\u2069")
+    assert "uploads/clip\\u202e4pm.gpj\\u009b[2J" in page and "\\u2066hidden\\u2069" in page
+    assert page.count("\\u202e") == 2  # the title and the summary table
+
+
+def test_json_for_a_terminal_escapes_the_same_and_still_decodes():
+    """`deepfake what-if` prints moves as `allow→block` (readable UTF-8), but a model name or prefix
+    with an override or control is escaped, and the output is still JSON of the same value."""
+    import json
+
+    from worker.shown_text import json_for_terminal, visible
+
+    value = {"moves": {"allow→block": 2}, "model": "mdcsd \u202eevil\u009b", "tag": "\U000e0041", "n": [1.5, None]}
+    text = json_for_terminal(value, indent=2)
+    assert json.loads(text) == value
+    assert "allow→block" in text and "\\u202e" in text and "\\u009b" in text and "\\udb40\\udc41" in text
+    assert not any(c in text for c in "\u202e\u009b\U000e0041")
+    assert visible("clé 中.mp4") == "clé 中.mp4" and visible("a\u200db") == "a\\u200db"

@@ -237,6 +237,7 @@ def cmd_what_if(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from tqdm import tqdm
 
     from worker import cli
+    from worker.shown_text import json_for_terminal
     from worker.whatif import what_if
 
     bucket, prefix = cli._prefix(parser, args.prefix)
@@ -255,7 +256,7 @@ def cmd_what_if(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
                              on_listed=bar.update)
     except ValueError as exc:  # e.g. a review threshold above a verdict's threshold
         parser.error(f"what-if: {exc}")
-    print(json.dumps(result, indent=2, ensure_ascii=False))
+    print(json_for_terminal(result, indent=2))
     return cli.EXIT_OK
 
 

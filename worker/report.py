@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from worker.preprocess import crops_to_tensor_layout, log_dct_spectrum
+from worker.shown_text import visible
 
 # The page's one script (it counts the images that loaded, for the rendering test) and the policy
 # that allows it alone: whatever text of an upload's reaches the page (its key, FFmpeg's messages) is
@@ -28,6 +29,11 @@ LOAD_COUNTER = ('window.addEventListener("load",()=>{const imgs=[...document.ima
 CSP = ("default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; "
        f"script-src 'sha256-{base64.b64encode(hashlib.sha256(LOAD_COUNTER.encode()).digest()).decode()}'")
 TRACK_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def _shown(value: object) -> str:
+    """A value of the verdict's as page text: escaped for HTML, its non-printable characters shown."""
+    return html.escape(visible(str(value)))
 
 
 def _png(path: Path, rgb: np.ndarray) -> str:
@@ -163,12 +169,12 @@ def write_report(verdict: dict, out_dir: Path, crops: dict[int, np.ndarray], *, 
     if verdict.get("error"):
         summary["error"] = f"{verdict['error']['code']}: {verdict['error']['message']}"
     model_block = verdict.get("model") or {}
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
+    rows = "".join(f"<tr><th>{_shown(k)}</th><td>{_shown(v)}</td></tr>" for k, v in summary.items())
     warning = f'<p class=warn>{html.escape(model_block["warning"])}</p>' if model_block.get("warning") else ""
     action = f' <span class="action action-{html.escape(summary["action"])}">{html.escape(summary["action"])}</span>' \
         if summary.get("action") else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{CSP}"><title>Deepfake report: {html.escape(str(summary['source']))}</title>
+<meta http-equiv="Content-Security-Policy" content="{CSP}"><title>Deepfake report: {_shown(summary['source'])}</title>
 <style>body{{font-family:sans-serif;margin:24px;color:#222}} .row{{display:flex;flex-wrap:wrap;gap:12px}}
 figure{{margin:0}} figcaption{{font-size:12px}} img{{max-width:100%}} th{{text-align:left;padding-right:12px}}
 .warn{{color:#a00}} .label-fake{{color:#b00}} .label-real{{color:#070}}

@@ -52,7 +52,7 @@ class S3Location:
 
 
 def validate_bucket(bucket: str) -> None:
-    if not (3 <= len(bucket) <= 63) or not all(c.isalnum() or c in "-." for c in bucket) or bucket[0] in "-.":
+    if not (3 <= len(bucket) <= 63) or not all((c.isascii() and c.isalnum()) or c in "-." for c in bucket) or bucket[0] in "-.":
         raise ValueError(f"invalid bucket name: {bucket!r}")
 
 
