@@ -50,7 +50,7 @@ def test_the_job_runs_the_workers_image_with_their_settings_and_secrets(tmp_path
 def test_the_trial_redis_admits_the_job(tmp_path):
     docs = render_with_backfill(tmp_path, "trial")
     labels = the(docs, "Job", "deepfake-backfill")["spec"]["template"]["metadata"]["labels"]
-    policy = the(docs, "NetworkPolicy")
+    policy = the(docs, "NetworkPolicy", "deepfake-redis")
     admitted = [peer["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for peer in rule["from"]
                 if "podSelector" in peer and "namespaceSelector" not in peer]
     assert any(sel.items() <= labels.items() for sel in admitted), admitted

@@ -1,4 +1,5 @@
-"""deploy/components/network-policy: added to an overlay, it selects the workers, the maintenance
+"""deploy/components/egress-guard, on in every overlay, keeps the workers off the cloud metadata
+endpoint and lets them reach everything else. deploy/components/network-policy: added to an overlay, it selects the workers, the maintenance
 CronJob's and the backfill Job's pods, lets them reach DNS, Redis and HTTP(S) but not the cloud metadata endpoint, lets
 only the monitoring namespace scrape them, and passes the strict Kubernetes schemas."""
 from __future__ import annotations
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploy_tools import k8s_versions, render_with_component
+from deploy_tools import k8s_versions, render, render_with_component
 
 OVERLAYS = ["cpu", "gpu", "trial"]
 METADATA = ipaddress.ip_address("169.254.169.254")
@@ -86,5 +87,33 @@ def test_the_policy_confines_workers_and_maintenance_pods(tmp_path, overlay):
     assert [p["port"] for p in rule["ports"]] == [metrics]
     assert [peer["namespaceSelector"]["matchLabels"] for peer in rule["from"]] == [
         {"kubernetes.io/metadata.name": "monitoring"}]
+    for version in k8s_versions():
+        kubernetes_validate.validate(policy, version, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_overlay_keeps_workers_off_the_metadata_endpoint(overlay):
+    """Code that a hostile video ran inside FFmpeg must not take the node's cloud role; anything else
+    (MinIO on 9000, a managed Redis on 6380, webhook receivers) stays reachable, and scraping too."""
+    import kubernetes_validate
+
+    docs = list(render(overlay))
+    policy = policy_of(docs)
+    assert policy["spec"]["policyTypes"] == ["Egress"]  # ingress (Prometheus) is not touched
+    workers = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "deepfake-worker")
+    cron = next(d for d in docs if d["kind"] == "CronJob" and d["metadata"]["name"] == "deepfake-maintenance")
+    backfill = yaml.safe_load((ROOT / "deploy/components/backfill/job.yaml").read_text())
+    for pod in (workers["spec"]["template"], cron["spec"]["jobTemplate"]["spec"]["template"], backfill["spec"]["template"]):
+        assert selects(policy, pod["metadata"]["labels"])
+    assert not selects(policy, {"app.kubernetes.io/name": "deepfake-redis"})
+    for port in (80, 443, 6379, 8080):
+        assert not egress_allows(policy, str(METADATA), port)
+    assert not egress_allows(policy, "fd00:ec2::254", 80) and not egress_allows(policy, "100.100.100.200", 80)
+    for address, port in (("52.216.8.1", 443), ("10.0.3.7", 9000), ("10.0.3.8", 6380), ("2600:1f18::1", 8443)):
+        assert egress_allows(policy, address, port), (address, port)
+    assert egress_allows(policy, "169.254.20.10", 53)  # NodeLocal DNSCache
+    assert egress_allows(policy, "169.254.170.23", 80)  # EKS Pod Identity's agent
+    assert [p["to"] for p in policy["spec"]["egress"] if {"namespaceSelector": {}} in p.get("to", [])] == [
+        [{"namespaceSelector": {}}]]  # pods on any port (Cilium does not match them by ipBlock)
     for version in k8s_versions():
         kubernetes_validate.validate(policy, version, strict=True)
