@@ -126,6 +126,9 @@ def test_metrics_and_health_endpoint(s3, redis, redis_server, qsettings, tmp_pat
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
                 health = (resp.status, resp.read().decode())
             time.sleep(0.05)
+        # and over IPv6, as an IPv6-only cluster's kubelet probes it (0.4.4 listened on IPv4 alone)
+        with urllib.request.urlopen(f"http://[::1]:{port}/healthz", timeout=2) as resp:
+            assert (resp.status, resp.read().decode()) == (200, "idle")
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:

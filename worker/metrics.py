@@ -9,6 +9,8 @@ Redis, 503 otherwise (the Kubernetes probe). deploy/components/monitoring alerts
 """
 from __future__ import annotations
 
+import errno
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -188,10 +190,32 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+class _DualStackServer(ThreadingHTTPServer):
+    """Listens on IPv6 and IPv4 (mapped) at once: an IPv6-only pod network probes the pod's IPv6
+    address, an IPv4 one its IPv4 address, and the image's HEALTHCHECK asks 127.0.0.1."""
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
 def serve(metrics: Metrics, healthy: Callable[[], tuple[bool, str]], port: int,
-          host: str = "0.0.0.0") -> ThreadingHTTPServer:
+          host: str | None = None) -> ThreadingHTTPServer:
+    """Serve /metrics and /healthz on `port` of `host`; by default every address, IPv6 and IPv4
+    (before 0.4.5 IPv4 only, so an IPv6 cluster's probes were refused), or IPv4 alone on a host
+    without IPv6."""
     handler = type("Handler", (_Handler,), {"metrics": metrics, "healthy": staticmethod(healthy)})
-    server = ThreadingHTTPServer((host, port), handler)
+    if host is not None:
+        server = ThreadingHTTPServer((host, port), handler)
+    else:
+        try:
+            server = _DualStackServer(("::", port), handler)
+        except OSError as exc:
+            if not socket.has_ipv6 or exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+                server = ThreadingHTTPServer(("0.0.0.0", port), handler)  # IPv6 is off here
+            else:
+                raise
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
 
