@@ -491,6 +491,26 @@ def test_abandoned_jobs_are_moved_on_once_under_the_workers_maintenance_lock(red
     assert redis.exists(queue.registry_cleaning_key) and not clean_abandoned(queue)
 
 
+def test_a_stopping_worker_leaves_abandoned_jobs_to_the_others(redis, qsettings):
+    """RQ runs a due maintenance pass after a job before it reads the stop flag: a worker told to stop
+    (SIGTERM, its grace period sized for the job in hand) skips it; a running one does it."""
+    from worker.rq_worker import DeepfakeWorker
+
+    queue = get_queue(redis, qsettings.queue)
+    job_id = enqueue(BUCKET, "clips/abandoned-at-stop.mp4", etag="", settings=qsettings, connection=redis)
+    abandon(redis, job_id, qsettings.queue)
+    worker = DeepfakeWorker([queue], connection=redis, serializer=JSONSerializer)
+    started = queue.started_job_registry.key  # read raw: the registry's own reads clean it up
+
+    worker._stop_requested = True
+    worker.run_maintenance_tasks()
+    assert [m.decode() for m in redis.zrange(started, 0, -1)] == [f"{job_id}:gone-worker-execution"]
+    worker._stop_requested = False
+    worker.run_maintenance_tasks()
+    assert redis.zrange(started, 0, -1) == []
+    assert Job.fetch(job_id, connection=redis, serializer=JSONSerializer).get_status() in ("scheduled", "queued")
+
+
 @pytest.mark.parametrize("carried", [-1, 86_400], ids=["none", "a-day"])
 def test_no_job_runs_past_the_limit_the_workers_settings_derive(s3, redis, qsettings, moderator, carried):
     """A job hash can carry any timeout (whoever writes to Redis chooses it): the worker runs it

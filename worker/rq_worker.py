@@ -224,12 +224,11 @@ class DeepfakeWorker(SimpleWorker):
                 return None
 
     def run_maintenance_tasks(self) -> None:
-        """RQ's, which also restarts a scheduler that is not running: never once the worker is
-        stopping (its scheduler was stopped on purpose; a restart now would fork the loaded worker)."""
-        if self._stop_requested:
-            self.clean_registries()
-            self.clean_group_registries()
-        else:
+        """RQ's, but not once the worker is stopping. RQ runs it after a job before it looks at the
+        stop flag, and a pass over abandoned jobs (each with its webhooks) ate into the grace period
+        sized for the job in hand; the other workers and the maintenance CronJob do it. (RQ's would
+        also restart the scheduler, stopped on purpose, forking the loaded worker.)"""
+        if not self._stop_requested:
             super().run_maintenance_tasks()
 
     def clean_registries(self) -> None:
