@@ -38,3 +38,25 @@ def test_cgroup_limit_and_available_cpus(tmp_path) -> None:
     assert cgroup_cpu_limit(v1) == 1.0 and available_cpus(v1) == 1
     assert cgroup_cpu_limit(tmp_path / "missing") is None
     assert available_cpus(tmp_path / "missing") == affinity
+
+
+@pytest.mark.parametrize("env", [{"OMP_NUM_THREADS": "1"}, {"DEEPFAKE_ENGINE_THREADS": "1"}], ids=["omp", "engine"])
+def test_the_worker_sizes_torch_and_opencv_pools_to_its_budget(env) -> None:
+    """A Moderator sizes PyTorch's pool (detector, PyTorch engine) and OpenCV's to the thread budget:
+    OpenCV ignores OMP_NUM_THREADS, and PyTorch's default is the host's cores whatever the quota.
+    Run in a fresh process, as the pools are process-wide."""
+    import subprocess
+    import sys
+
+    if os.cpu_count() == 1:
+        pytest.fail("needs a machine with 2 CPUs or more to tell a pool of 1 from the default")
+    code = ("import cv2, torch\n"
+            "before = cv2.getNumThreads()\n"
+            "from worker.pipeline import Moderator\nfrom worker.settings import Settings\n"
+            "Moderator(Settings(log_format='json'))\n"
+            "print(before, torch.get_num_threads(), cv2.getNumThreads())\n")
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "DEEPFAKE_ENGINE_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                         timeout=300, check=True).stdout.split()
+    before, torch_threads, cv2_threads = map(int, out[-3:])
+    assert before > 1 and (torch_threads, cv2_threads) == (1, 1)

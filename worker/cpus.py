@@ -63,3 +63,27 @@ def available_cpus(root: Path = CGROUP_ROOT) -> int:
     if limit is not None:
         cpus = min(cpus, math.ceil(limit))
     return max(1, cpus)
+
+
+def thread_budget(explicit: int | None = None) -> int:
+    """Threads for one compute pool: `explicit`, else `OMP_NUM_THREADS` where it is a positive number
+    (the manifests set it from the pod's CPU request), else `available_cpus()`."""
+    if explicit:
+        return explicit
+    try:
+        omp = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        omp = 0
+    return omp if omp > 0 else available_cpus()
+
+
+def bound_thread_pools(threads: int) -> None:
+    """Size PyTorch's intra-op pool (the face detector, the PyTorch engine) and OpenCV's (crop
+    resizing) to `threads`. Left alone, PyTorch takes the host's cores whatever the cgroup quota
+    (`docker run --cpus 2` on a 64-core host ran 64 threads), and OpenCV does even under
+    `OMP_NUM_THREADS`."""
+    import cv2
+    import torch
+
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)

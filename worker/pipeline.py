@@ -17,7 +17,7 @@ import numpy as np
 import structlog
 import torch
 
-from worker.cpus import available_cpus
+from worker.cpus import available_cpus, bound_thread_pools, thread_budget
 from worker.decision import DecisionPolicy
 from worker.decode import Limits, SampledFrame, VideoReader
 from worker.engine import Engine, load_engine
@@ -133,6 +133,7 @@ class Moderator:
         self.limits = Limits(settings.max_duration_s, settings.max_pixels, settings.decode_timeout_s,
                              fast_pass_max_bytes=settings.fast_pass_max_mb << 20)
         self.decode_threads = settings.decode_threads or available_cpus()
+        bound_thread_pools(thread_budget(settings.engine_threads))
         self.engine = engine or self._load_engine(resolve_model_dir(settings.model_dir))
         if shadow_engine is None and settings.shadow_model_dir is not None:
             shadow_engine = self._load_engine(resolve_model_dir(settings.shadow_model_dir))

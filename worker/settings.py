@@ -99,7 +99,9 @@ class Settings(BaseSettings):
     decode_threads: int | None = Field(
         None, ge=1, description="PyAV/FFmpeg decoder threads; unset = the cgroup CPU quota (FFmpeg would take the host's cores)."
     )
-    engine_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads; unset = the cgroup CPU quota.")
+    engine_threads: int | None = Field(None, ge=1, description=(
+        "ONNX Runtime intra-op threads, and PyTorch's and OpenCV's pools; unset = OMP_NUM_THREADS for "
+        "those two where set, else the cgroup CPU quota."))
     cache_dir: Path | None = Field(None, description="Engine cache (TensorRT plans, ONNX Runtime INT8 graphs); unset = ~/.cache/deepfake/trt.")
     int8_calibration: Path | None = Field(None, description="INT8 calibration (TensorRT, ONNX Runtime): a folder of crop images or a .npy of crops.")
     overlap: Literal["auto", "on", "off"] = Field(
