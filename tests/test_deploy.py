@@ -25,6 +25,7 @@ import base64
 import importlib
 import json
 import re
+import textwrap
 import urllib.parse
 from pathlib import Path
 
@@ -273,6 +274,26 @@ def test_gpu_and_cpu_overlays(monkeypatch):
     # The image tags name Dockerfile targets.
     stages = dockerfile_stages()
     assert {"gpu", "cpu"} <= set(stages)
+
+
+def test_the_model_claim_binds_only_to_the_documented_volume():
+    """The gpu overlay's model claim: a default StorageClass must not provision an empty volume for
+    it, and the PersistentVolume docs/deploy.md shows is valid and binds to it."""
+    import kubernetes_validate
+
+    [claim] = [d for d in render("gpu") if d["kind"] == "PersistentVolumeClaim"]
+    assert claim["spec"]["storageClassName"] == "" and claim["spec"]["accessModes"] == ["ReadOnlyMany"]
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    [volume] = [d for block in re.findall(r"```yaml\n(.*?)```", docs, re.S)
+                for d in yaml.safe_load_all(textwrap.dedent(block)) if d and d.get("kind") == "PersistentVolume"]
+    for version in k8s_versions():
+        kubernetes_validate.validate(volume, version, strict=True)
+    spec = volume["spec"]
+    assert spec["claimRef"] == {"namespace": claim["metadata"]["namespace"], "name": claim["metadata"]["name"]}
+    assert spec["storageClassName"] == claim["spec"]["storageClassName"]
+    assert set(claim["spec"]["accessModes"]) <= set(spec["accessModes"])
+    assert spec["capacity"]["storage"] == claim["spec"]["resources"]["requests"]["storage"]
+    assert spec["persistentVolumeReclaimPolicy"] == "Retain"  # deleting the claim never deletes the models
 
 
 # -- secrets ----------------------------------------------------------------------------------------
