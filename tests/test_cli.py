@@ -181,6 +181,9 @@ def test_configuration_mistakes_are_one_line(tmp_path, random_model_dir, redis_s
         (("status",), {"DEEPFAKE_MAX_DURATION_S": "inf"}, 2, "DEEPFAKE_MAX_DURATION_S: Input should be a finite number"),
         (("status",), {"DEEPFAKE_RESULT_TTL_S": "9" * 20}, 2, "DEEPFAKE_RESULT_TTL_S: Input should be less than or equal"),
         (("moderate", "--model", str(cut), "x.mp4"), {}, 2, f"cannot load the model in {cut}: InvalidProtobuf"),
+        # the packaged demo model, where production says it must not moderate (the cpu and gpu overlays)
+        (("moderate", "--example"), {"DEEPFAKE_REQUIRE_VETTED_MODEL": "true"}, 2,
+         "DEEPFAKE_REQUIRE_VETTED_MODEL: the model 'mdcsd-tiny-sbi-demo' is not one to moderate with: "),
         (("moderate", "--model", str(cut), "--engine", "pytorch", "x.mp4"), {}, 2,
          f"{cut / 'weights.pt'}: not a PyTorch checkpoint of tensors, or cut short"),
     ]

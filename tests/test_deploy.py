@@ -271,6 +271,9 @@ def test_gpu_and_cpu_overlays(monkeypatch):
     assert "nvidia.com/gpu" not in worker_container("cpu")["resources"].get("limits", {})
     assert worker_container("cpu")["image"].endswith(f":{__version__}-cpu")
     assert worker_container("trial")["image"].endswith(f":{__version__}-cpu")
+    # production never moderates with the demo model an image built without MODEL_DIR holds; a trial may
+    trial, _ = settings_from_configmap("trial", monkeypatch)
+    assert cpu.require_vetted_model and gpu.require_vetted_model and not trial.require_vetted_model
     # The image tags name Dockerfile targets.
     stages = dockerfile_stages()
     assert {"gpu", "cpu"} <= set(stages)

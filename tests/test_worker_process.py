@@ -214,6 +214,8 @@ def test_a_worker_whose_model_cannot_load_exits_2_with_one_log_line(qsettings, r
     ({"DEEPFAKE_FRAMES": "abc", "DEEPFAKE_RESULT_TTL_S": "0"},
      "invalid settings: DEEPFAKE_FRAMES: Input should be a valid integer"),
     ({"DEEPFAKE_DETECTOR": "haar"}, "DEEPFAKE_DETECTOR 'haar': unknown face detector 'haar'"),
+    # as the cpu and gpu overlays set it: the randomly initialised test model's card warns
+    ({"DEEPFAKE_REQUIRE_VETTED_MODEL": "true"}, "DEEPFAKE_REQUIRE_VETTED_MODEL: the model "),
     ({"DEEPFAKE_DETECTOR_WEIGHTS": "/nonexistent/Resnet50_Final.pth"},
      "DEEPFAKE_DETECTOR 'retinaface-mobilenet' with DEEPFAKE_DETECTOR_WEIGHTS /nonexistent/Resnet50_Final.pth: "),
 ])

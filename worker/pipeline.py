@@ -149,6 +149,10 @@ class Moderator:
                 raise ConfigurationError(f"DEEPFAKE_DETECTOR {settings.detector!r}{weights}: {exc}") from exc
         self.detector = detector
         self.model_block = self.engine.describe()
+        if settings.require_vetted_model and self.model_block.get("warning"):
+            raise ConfigurationError(
+                f"DEEPFAKE_REQUIRE_VETTED_MODEL: the model {self.model_block.get('name')!r} is not one to moderate "
+                f"with: {self.model_block['warning']} (set DEEPFAKE_MODEL_DIR to a trained model)")
         if settings.overlap == "auto":
             self.overlap = not settings.device.startswith("cpu")
         else:

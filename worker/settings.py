@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     model_dir: Path | None = Field(
         None, description="Model directory (model.json + weights); unset = the packaged demo model."
     )
+    require_vetted_model: bool = Field(
+        False, description="Refuse to start on a model whose card carries a warning (the packaged demo model's, "
+        "a randomly initialised one); the cpu and gpu overlays set it.",
+    )
     shadow_model_dir: Path | None = Field(
         None, description="A candidate model scored on the same faces and recorded in each verdict's shadow block, "
         "never acted on; unset = none.",
