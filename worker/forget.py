@@ -51,10 +51,11 @@ class Forgotten:
     jobs_deleted: list[str] = field(default_factory=list)
     still_running: list[str] = field(default_factory=list)  # nothing in S3 was deleted: run it again
     s3_deleted: list[str] = field(default_factory=list)
+    s3_remaining: str | None = None  # why older versions may remain in S3: run it again once mended
 
     @property
     def complete(self) -> bool:
-        return not self.still_running
+        return not self.still_running and self.s3_remaining is None
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "complete": self.complete}
@@ -217,5 +218,5 @@ def forget(
     upload_index.remove(connection, bucket, key, job_ids=forgotten_jobs, dedupe_keys=gone)
     if not out.still_running:
         store = VerdictStore.for_settings(settings, s3)
-        out.s3_deleted = store.delete(S3Location(bucket, key))
+        out.s3_deleted, out.s3_remaining = store.delete(S3Location(bucket, key))
     return out

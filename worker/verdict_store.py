@@ -136,22 +136,27 @@ class VerdictStore:
                                        ContentType=REPORT_TYPES[path.suffix])
         return f"s3://{prefix.bucket}/{prefix.key}index.html"
 
-    def delete(self, upload: S3Location) -> list[str]:
-        """Delete the upload's verdict, feedback and report objects (`deepfake forget`); the s3:// URIs
-        deleted. In a versioned bucket every version and delete marker goes (`?versionId=` URIs): a
-        plain DELETE there only hides the face boxes and crops behind a delete marker. An upload whose
-        key is `unstorable` has none: its paths are another upload's feedback or report."""
+    def delete(self, upload: S3Location) -> tuple[list[str], str | None]:
+        """Delete the upload's verdict, feedback and report objects (`deepfake forget`): the s3:// URIs
+        deleted, and why older versions may remain (None: none can). In a versioned bucket every
+        version and delete marker goes (`?versionId=` URIs): a plain DELETE there only hides the face
+        boxes and crops behind a delete marker. Where the bucket's versioning cannot be read, the
+        current objects go and the erasure is not called complete (0.4.4 called it complete). An
+        upload whose key is `unstorable` has none: its paths are another upload's feedback or report."""
         if self.unstorable(upload):
-            return []
+            return [], None
         verdict, report = self.location_for(upload), self.report_location(upload)
+        unknown = None
         try:
             status = self.client.get_bucket_versioning(Bucket=verdict.bucket).get("Status")
-        except ClientError as exc:  # not allowed (s3:GetBucketVersioning) or not implemented by the store
+        except ClientError as exc:  # not allowed (s3:GetBucketVersioning), throttled, or not implemented
             status = None
-            log.warning("versioning_unknown", bucket=verdict.bucket, error=str(exc),
-                        reason="deleting the current objects only: in a versioned bucket older versions remain")
+            unknown = (f"the versioning of bucket {verdict.bucket} could not be read ({error_code(exc)}): where it "
+                       "is versioned, older versions remain; allow s3:GetBucketVersioning and run it again")
+            log.warning("versioning_unknown", bucket=verdict.bucket, error=str(exc), reason=unknown)
         if status in ("Enabled", "Suspended"):
-            return self._delete_versions(verdict.bucket, [verdict.key, self.feedback_location(upload).key], report.key)
+            keys = [verdict.key, self.feedback_location(upload).key]
+            return self._delete_versions(verdict.bucket, keys, report.key), None
         keys = []
         for single in (verdict, self.feedback_location(upload)):
             try:
@@ -164,7 +169,7 @@ class VerdictStore:
             Bucket=verdict.bucket, Prefix=report.key) for o in page.get("Contents", [])]
         for key in keys:
             self.client.delete_object(Bucket=verdict.bucket, Key=key)
-        return [f"s3://{verdict.bucket}/{key}" for key in keys]
+        return [f"s3://{verdict.bucket}/{key}" for key in keys], unknown
 
     def unstorable(self, upload: S3Location) -> str | None:
         """Why the upload's verdict objects could not be kept apart from every other upload's (None:
