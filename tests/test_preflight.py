@@ -72,6 +72,9 @@ def test_a_working_configuration_passes_every_check(env, capsys, tmp_path):
         redis.config_set("maxmemory-policy", "noeviction")
         redis.config_set("maxmemory", int(redis.info("memory")["used_memory"] * 1.1))
         _, nearly_full = check(capsys, "--only", "redis")
+        # One full refuses writes now: a failure, not a warning (0.4.4 passed it)
+        redis.config_set("maxmemory", 1)
+        full_code, full = check(capsys, "--only", "redis")
         # One without a limit is killed when it outgrows its memory.
         redis.config_set("maxmemory", 0)
         _, unlimited = check(capsys, "--only", "redis")
@@ -81,6 +84,7 @@ def test_a_working_configuration_passes_every_check(env, capsys, tmp_path):
     held = re.match(r"Redis holds (\d+)% of its maxmemory: at 100% it refuses writes", nearly_full["redis"]["warning"])
     assert nearly_full["redis"]["ok"] and held and 85 <= int(held[1]) <= 100, nearly_full["redis"]
     assert unlimited["redis"]["ok"] and unlimited["redis"]["warning"].startswith("no maxmemory: ")
+    assert full_code == 1 and not full["redis"]["ok"] and "Redis is full: it holds" in full["redis"]["detail"]
     assert "MiB of 64 MiB" in results["redis"]["detail"] and "no maxmemory" in unlimited["redis"]["detail"]
     assert code == 0 and list(results) == list(CHECKS)
     assert all(r["ok"] for r in results.values()), results

@@ -127,6 +127,31 @@ def test_enqueue_into_a_full_redis_is_one_line_and_exit_1(own_redis, s3_server):
     assert "Traceback" not in proc.stderr and admin.llen("rq:queue:deepfake") == 0
 
 
+def test_status_on_a_full_redis_shows_the_counts_and_says_maintenance_was_skipped(own_redis, s3_server):
+    """What an operator runs when DeepfakeRedisFull fires: 0.4.4 printed only `Redis is full` (the
+    maintenance lock's write was refused first), and the CronJob failed without saying why."""
+    import json
+
+    admin = Redis.from_url(own_redis.url)
+    settings = Settings(redis_url=own_redis.url, s3_endpoint_url=s3_server.endpoint)
+    ids = [enqueue(BUCKET, f"full-{i}.mp4", etag="", settings=settings, connection=admin) for i in range(3)]
+    fill(admin)
+    try:
+        env = {**os.environ, "DEEPFAKE_LOG_FORMAT": "json", "DEEPFAKE_REDIS_URL": own_redis.url}
+        proc = subprocess.run([sys.executable, "-m", "worker", "status"], capture_output=True, text=True,
+                              timeout=120, env=env, check=False)
+    finally:
+        free(admin)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    status = json.loads(proc.stdout)
+    assert status["queued"] == len(ids) and status["maintenance"].startswith("skipped: Redis is full")
+    assert status["redis_memory"]["maxmemory_bytes"] == 1 < status["redis_memory"]["used_bytes"]
+    assert proc.stderr.strip().splitlines()[-1].startswith("deepfake status: maintenance skipped: Redis is full")
+    room = subprocess.run([sys.executable, "-m", "worker", "status"], capture_output=True, text=True, timeout=120,
+                          env=env, check=False)
+    assert room.returncode == 0 and json.loads(room.stdout)["maintenance"] == "done", room.stderr
+
+
 # -- Redis away: the client ------------------------------------------------------------------------
 def test_a_command_rides_out_a_restart_and_runs_once(tmp_path):
     server = DurableRedis(free_ports(1)[0], tmp_path).start()  # what it was told survives the restart

@@ -230,7 +230,11 @@ def _with_full_verdict(state: dict, settings) -> tuple[dict, bool]:  # type: ign
 def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from worker.queue import queue_status
 
-    print(json.dumps(queue_status(settings=_settings(parser)), indent=2))
+    status = queue_status(settings=_settings(parser))
+    print(json.dumps(status, indent=2))
+    if status["maintenance"] != "done":  # the CronJob fails, so DeepfakeMaintenanceNotRunning can tell
+        print(f"deepfake status: maintenance {status['maintenance']}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 

@@ -108,6 +108,10 @@ def check_redis(settings: Settings) -> Check:
         # vanish without an error. noeviction refuses writes instead, which enqueuers see.
         warnings.append(f"maxmemory-policy is {policy} with maxmemory {limit} bytes: a full Redis evicts "
                         "queued jobs and results; use noeviction (README, Job results in Redis)")
+    elif used >= limit:  # it refuses writes now: enqueues fail, workers wait with their jobs in hand
+        return Check("redis", False, f"{detail}; Redis is full: it holds {used / 2**20:.1f} MiB of its "
+                     f"{limit / 2**20:.1f} MiB maxmemory and refuses writes; free memory or raise maxmemory "
+                     "(docs/deploy.md, When Redis is full)", "; ".join(warnings) or None)
     elif used >= NEARLY_FULL * limit:
         warnings.append(f"Redis holds {used / limit:.0%} of its maxmemory: at 100% it refuses writes; raise "
                         "maxmemory or keep results for less time (docs/deploy.md, When Redis is full)")

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from botocore.exceptions import BotoCoreError, ClientError
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 from rq import Queue, Retry, Worker
 from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
@@ -322,14 +322,22 @@ def redis_memory(connection: Redis) -> dict:
 
 
 def queue_status(*, settings: Settings | None = None, connection: Redis | None = None) -> dict:
+    """The queue's counts, after the maintenance pass (`maintenance`: "done", or why it was skipped:
+    a full Redis refuses the lock's write, and the counts and `redis_memory` are what an operator
+    needs then)."""
     settings = settings or Settings()
     connection = connection or connect(settings)
     queue = get_queue(connection, settings.queue)
-    clean_abandoned(queue)
-    release_due_retries(queue)
+    try:
+        clean_abandoned(queue)
+        release_due_retries(queue)
+        maintenance = "done"
+    except OutOfMemoryError as exc:  # maxmemory under noeviction: reads still work
+        maintenance = f"skipped: Redis is full and refused the write ({exc})"
     depths = queue_depths(connection, settings.queue)
     return {
         "queue": settings.queue,
+        "maintenance": maintenance,
         "queued": depths["queued"],  # the list's length, as queue.count reads it
         # the registries' own counts: they drop expired entries first, which /metrics does not; the
         # started registry's abandoned jobs are moved on under the workers' lock first
