@@ -153,6 +153,33 @@ def test_result_full_reads_the_verdict_where_the_worker_stored_it(s3, redis, qse
     assert json.loads(capsys.readouterr().out)["error"].startswith("no verdict stored at s3://")
 
 
+def test_result_full_never_shows_a_later_jobs_verdict_as_this_ones(s3, redis, qsettings, moderator, monkeypatch,
+                                                                    capsys):
+    """The upload replaced and moderated again: the verdict at `stored_at` is the second job's. 0.4.4
+    printed it as the first job's (`no_face` under a job whose summary said `ok`), exit 0."""
+    from worker.cli import main
+
+    key = "clips/replaced-later.mp4"
+    body = s3.get_object(Bucket=BUCKET, Key=UPLOADS["carphone"])["Body"].read()
+    s3.put_object(Bucket=BUCKET, Key=key, Body=body, ContentType="video/mp4")
+    first = enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3)
+    burst(redis, qsettings, moderator)
+    body = s3.get_object(Bucket=BUCKET, Key=UPLOADS["no_face_mp4"])["Body"].read()
+    s3.put_object(Bucket=BUCKET, Key=key, Body=body, ContentType="video/mp4")
+    second = enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3)
+    burst(redis, qsettings, moderator)
+    assert stored_verdict(s3, qsettings, key)["status"] == "no_face"
+    monkeypatch.setenv("DEEPFAKE_REDIS_URL", qsettings.redis_url)
+    monkeypatch.setenv("DEEPFAKE_S3_ENDPOINT_URL", qsettings.s3_endpoint_url)
+    capsys.readouterr()
+    assert main(["result", "--full", first]) == 1
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["result"]["status"] == "ok" and "faces" not in shown["result"]  # its own summary
+    assert "is another job's" in shown["error"] and shown["verified"] is None
+    assert main(["result", "--full", second]) == 0
+    assert json.loads(capsys.readouterr().out)["result"]["status"] == "no_face"
+
+
 def test_missing_key_and_forbidden_bucket(s3, redis, qsettings, moderator):
     missing = enqueue(BUCKET, "clips/never-uploaded.mp4", settings=qsettings, connection=redis, s3_client=s3)
     private = enqueue("private", "clips/carphone.mp4", settings=qsettings, connection=redis, s3_client=s3)

@@ -223,7 +223,14 @@ def _with_full_verdict(state: dict, settings) -> tuple[dict, bool]:  # type: ign
     found = VerdictStore.for_settings(settings, verify=True).read(upload, at=at)
     if found["verdict"] is None:
         return {**state, "verified": None, "error": state["error"] or f"no verdict stored at {result['stored_at']}"}, True
-    return {**state, "result": {**found["verdict"], "stored_at": found["stored_at"]},
+    stored = found["verdict"]
+    if (stored.get("created_at"), stored.get("input")) != (result.get("created_at"), result.get("input")):
+        # a later job on the same key (the upload replaced, or recomputed) wrote over this job's verdict
+        return {**state, "verified": None, "error": (
+            f"the verdict stored at {found['stored_at']} is another job's (created {stored.get('created_at')}, "
+            f"of the bytes with ETag {(stored.get('input') or {}).get('etag')}): this job's was replaced; "
+            "its summary is shown")}, True
+    return {**state, "result": {**stored, "stored_at": found["stored_at"]},
             "verified": found["verified"]}, False
 
 
