@@ -104,3 +104,27 @@ def test_failed_jobs_whose_hash_is_gone_or_malformed_neither_stop_the_listing_no
     assert not redis.exists(gone.key) and gone.id not in registry  # no stub hash, no entry counted for ever
     assert 0 < redis.ttl(garbled.key) <= 600  # left to expire with its failure, not made to last
     assert queue.job_ids == [good.id]
+
+
+def test_a_job_whose_worker_died_is_listed_with_when_it_failed(redis, redis_server, settings, monkeypatch, capsys):
+    """The commonest failure DeepfakeJobsFailed counts: the worker died mid-job and the job had no
+    retry left. RQ sets no ended_at then; 0.4.4 listed it with `failed_at: null`."""
+    from datetime import datetime, timedelta, timezone
+
+    from workers import abandon
+
+    from worker.queue import queue_status
+
+    monkeypatch.setenv("DEEPFAKE_REDIS_URL", redis_server.url)
+    redis.flushdb()
+    once = settings.model_copy(update={"redis_url": redis_server.url, "job_retries": 0})
+    job_id = enqueue(BUCKET, "clips/died.mp4", etag="", settings=once, connection=redis)
+    abandon(redis, job_id, once.queue)
+    before = datetime.now(timezone.utc)
+    queue_status(settings=once, connection=redis)  # the maintenance pass moves it to the failed registry
+    code, lines = cli(capsys, "failed")
+    [failed] = [json.loads(line) for line in lines]
+    assert code == 0 and failed["job_id"] == job_id and "AbandonedJobError" in failed["error"]
+    at = datetime.fromisoformat(failed["failed_at"])
+    at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+    assert before - timedelta(seconds=5) <= at <= datetime.now(timezone.utc) + timedelta(seconds=5)

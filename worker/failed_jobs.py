@@ -58,7 +58,10 @@ def failed_jobs(*, settings: Settings | None = None, connection: Redis | None = 
             continue  # expired between the listing and the fetch
         bucket, key = upload_of(job) or (None, None)
         latest = job.latest_result()
-        out.append(FailedJob(job.id, bucket, key, job.ended_at.isoformat() if job.ended_at else None,
+        # RQ sets ended_at when a job raises, not when its worker died (AbandonedJobError): then the
+        # failure's result record says when
+        ended = job.ended_at or (latest.created_at if latest is not None else None)
+        out.append(FailedJob(job.id, bucket, key, ended.isoformat() if ended else None,
                              last_line(latest.exc_string if latest is not None else None)
                              or "failed (no exception recorded)"))
     return out
