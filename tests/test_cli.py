@@ -39,7 +39,10 @@ def test_usage_errors_exit_2(tmp_path, random_model_dir):
                        (("what-if", "s3://b/", "--threshold", "nan"), "nan is not a probability from 0 to 1"),
                        (("what-if", "s3://b/", "--min-track-frames", "0"), "0 is not a number of frames"),
                        (("forget", "s3://b/k.mp4", "--wait", "-5"), "-5 is not a number of seconds"),
-                       (("forget", "s3://b/k.mp4", "--wait", "nan"), "nan is not a number of seconds")):
+                       (("forget", "s3://b/k.mp4", "--wait", "nan"), "nan is not a number of seconds"),
+                       # an option is named as given, not as a variable nobody set (0.4.4: DEEPFAKE_FRAMES)
+                       (("moderate", "--example", "--frames", "0"), "invalid setting: --frames: Input should be"),
+                       (("enqueue", "s3://b/k.mp4", "--frames", "2000"), "invalid setting: --frames: Input should")):
         proc = run_cli(*args)
         assert proc.returncode == 2 and said in proc.stderr, (args, proc.stderr)
     proc = subprocess.run([sys.executable, "-m", "training", "evaluate", "--checkpoint", "x.pt", "--data", "d",
@@ -213,3 +216,24 @@ def test_enqueue_says_what_the_workers_will_refuse(redis_server, s3_server):
                       ("s3://uploads/missing.mp4", "could not be read here")):
         proc = run_cli("enqueue", uri, env_extra=env)
         assert proc.returncode == 0 and len(proc.stdout.split()) == 1 and said in proc.stderr, proc.stderr
+
+
+def test_a_misspelt_variable_is_named_and_a_reader_that_left_is_no_traceback(tmp_path):
+    """`DEEPFAKE_FRAME=10 deepfake enqueue` used 32 frames without a word (only the worker warned);
+    `deepfake status | head` printed a BrokenPipeError traceback."""
+    from conftest import TEST_KNOBS
+
+    env = {k: v for k, v in os.environ.items() if k not in TEST_KNOBS}
+    proc = subprocess.run([sys.executable, "-m", "worker", "schema"], capture_output=True, text=True, timeout=120,
+                          env={**env, "DEEPFAKE_LOG_FORMAT": "json", "DEEPFAKE_FRAME": "10"})
+    assert proc.returncode == 0 and json.loads(proc.stdout)
+    [said] = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert (said["event"], said["names"]) == ("unknown_settings", ["DEEPFAKE_FRAME"])
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the command writes: its first write fails
+    try:
+        gone = subprocess.run([sys.executable, "-m", "worker", "schema"], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120, env=env)
+    finally:
+        os.close(write)
+    assert gone.returncode == 141 and gone.stderr == "", gone.stderr[-2000:]

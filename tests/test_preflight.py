@@ -217,7 +217,7 @@ def test_the_model_check_loads_and_names_the_shadow_model(env, capsys, tmp_path)
     assert code == 0 and ", shadow mdcsd-tiny-sbi-demo 0.1.0-demo (sha256 " in results["model"]["detail"]
     env.setenv("DEEPFAKE_SHADOW_MODEL_DIR", str(tmp_path))  # no model there: every scored job would fail
     code, results = check(capsys, "--only", "model")
-    assert code == 1 and f"no model.json in {tmp_path}" in results["model"]["detail"]
+    assert code == 1 and f"DEEPFAKE_SHADOW_MODEL_DIR: no model.json in {tmp_path}" in results["model"]["detail"]
 
 
 def test_the_model_check_fails_a_model_whose_scores_are_not_probabilities(env, capsys, nan_model_dir):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -79,15 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OPTION_NAMES = {"model_dir": "--model"}  # settings whose option is not --<field-name>
+
+
 def _settings(parser: argparse.ArgumentParser, **overrides):
     from pydantic import ValidationError
 
     from worker.settings import Settings, settings_problems
 
+    given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
-        parser.error(f"invalid setting: {settings_problems(exc)}")
+        return Settings(**given)
+    except ValidationError as exc:  # an option is named as the user gave it, not as its variable
+        options = {k: OPTION_NAMES.get(k, "--" + k.replace("_", "-")) for k in given}
+        parser.error(f"invalid setting: {settings_problems(exc, options)}")
 
 
 def _log_to_stderr() -> None:
@@ -104,6 +111,14 @@ def _log_to_stderr() -> None:
         configure_logging()
         return
     configure_logging(settings.log_format, settings.log_level)
+    from worker.settings import unknown_variables
+
+    if unknown := unknown_variables():  # `DEEPFAKE_FRAME=10 deepfake enqueue` queued 32 frames, silently
+        import structlog
+
+        structlog.get_logger("worker.cli").warning(
+            "unknown_settings", names=unknown,
+            reason="no setting reads these DEEPFAKE_* variables (misspelt?): they change nothing")
 
 
 def _locations(parser: argparse.ArgumentParser, uris: list[str]):  # type: ignore[no-untyped-def]
@@ -327,10 +342,15 @@ def main(argv: list[str] | None = None) -> int:
     # Handlers report usage errors through their own subcommand's parser: its usage line, its name.
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
     try:
-        return args.func(args, commands.choices[args.command])
+        code = args.func(args, commands.choices[args.command])
+        sys.stdout.flush()  # here, where a reader gone is caught, not at exit
+        return code
     except KeyboardInterrupt:
         print(f"deepfake {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `deepfake status | head`: the reader left; no traceback, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return 128 + signal.SIGPIPE
     except (RedisAuth, RedisForbidden) as exc:  # subclasses of ConnectionError: Redis did answer
         print(f"deepfake {args.command}: Redis refused the credentials ({exc}); check the user and password in "
               "DEEPFAKE_REDIS_URL or RQ_REDIS_URL", file=sys.stderr)

@@ -136,7 +136,10 @@ class Moderator:
         bound_thread_pools(thread_budget(settings.engine_threads))
         self.engine = engine or self._load_engine(resolve_model_dir(settings.model_dir))
         if shadow_engine is None and settings.shadow_model_dir is not None:
-            shadow_engine = self._load_engine(resolve_model_dir(settings.shadow_model_dir))
+            try:
+                shadow_engine = self._load_engine(resolve_model_dir(settings.shadow_model_dir))
+            except ConfigurationError as exc:  # said as the shadow's, not to be looked for in DEEPFAKE_MODEL_DIR
+                raise ConfigurationError(f"DEEPFAKE_SHADOW_MODEL_DIR: {exc}") from exc
         self.shadow = ShadowModel.for_engine(shadow_engine, settings) if shadow_engine is not None else None
         if detector is None:
             try:

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 from urllib.parse import SplitResult, parse_qs, unquote, urlsplit
@@ -298,14 +299,16 @@ def _env(name: str) -> str | None:
     return next((v for k, v in os.environ.items() if k.upper() == name and v), None)
 
 
-def settings_problems(exc: ValidationError) -> str:
+def settings_problems(exc: ValidationError, given: Mapping[str, str] | None = None) -> str:
     """Every refused setting, named by its variable (RQ_REDIS_URL where that is what set the Redis URL),
-    for a log event or a usage error in one line. Pydantic's input is left out (it may be a secret);
-    the validators' own messages quote a value only where none can be (an action, a prefix)."""
+    or by `given`'s name for it (a command-line option, e.g. {"frames": "--frames"}), for a log event
+    or a usage error in one line. Pydantic's input is left out (it may be a secret); the validators'
+    own messages quote a value only where none can be (an action, a prefix)."""
     said = []
     for error in exc.errors():
         field = str(error["loc"][0]) if error["loc"] else "settings"
         name = field if field.isupper() else f"DEEPFAKE_{field.upper()}"
+        name = (given or {}).get(field, name)
         if name == "DEEPFAKE_REDIS_URL" and not _env(name) and _env("RQ_REDIS_URL"):
             name = "RQ_REDIS_URL"
         said.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
