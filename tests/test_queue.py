@@ -180,6 +180,21 @@ def test_result_full_never_shows_a_later_jobs_verdict_as_this_ones(s3, redis, qs
     assert json.loads(capsys.readouterr().out)["result"]["status"] == "no_face"
 
 
+def test_a_job_answered_by_its_stored_verdict_logs_job_done_too(s3, qsettings, moderator):
+    """Every job ends with a `job_done` line (the README), a reused verdict's too (0.4.4 logged none)."""
+    from structlog.testing import capture_logs
+
+    rt = WorkerRuntime(qsettings, moderator=moderator, s3_client=s3)
+    first = rt.moderate_s3(BUCKET, UPLOADS["vp9_webm"])
+    with capture_logs() as logs:
+        again = rt.moderate_s3(BUCKET, UPLOADS["vp9_webm"])
+    assert again["created_at"] == first["created_at"]  # reused, not computed again
+    events = [e["event"] for e in logs]
+    assert events.index("verdict_reused") < events.index("job_done")
+    [done] = [e for e in logs if e["event"] == "job_done"]
+    assert done["reused"] is True and done["status"] == first["status"]
+
+
 def test_missing_key_and_forbidden_bucket(s3, redis, qsettings, moderator):
     missing = enqueue(BUCKET, "clips/never-uploaded.mp4", settings=qsettings, connection=redis, s3_client=s3)
     private = enqueue("private", "clips/carphone.mp4", settings=qsettings, connection=redis, s3_client=s3)

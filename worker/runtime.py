@@ -121,7 +121,8 @@ class WorkerRuntime:
         if reusable(stored, etag=source.etag, model_sha256=self.model["sha256"], frames=frames,
                     max_sample_gap_s=self.settings.max_sample_gap_s, policy=self.moderator.policy):
             bound.info("verdict_reused", etag=source.etag)
-            self.metrics.jobs.labels(status="reused").inc()
+            self.metrics.jobs.labels(status="reused").inc()  # its scores and actions were counted when made
+            bound.info("job_done", status=stored["status"], code=(stored.get("error") or {}).get("code"), reused=True)
             return {**stored, "stored_at": self.store.location_for(upload).uri}  # type: ignore[dict-item]
         report_dir = Path(tempfile.mkdtemp(prefix="deepfake-report-")) if self.settings.upload_reports else None
         try:
