@@ -1,10 +1,12 @@
-"""Sampled decode vs decode-all on 10 s 720p H.264 clips, side by side in one run.
+"""Sampled decode vs decode-all on 10 s H.264 clips (720p unless --height), side by side in one run.
 
     python bench/bench_decode.py [--frames 32] [--repeat 5] [--height 720]
 
 Two encodings of the same frames: one slice per frame (x264's and ffmpeg's defaults) and two slices
 per frame (what PyAV's encoder writes by default; some hardware encoders slice too). Decode-all is
-timed with frame threads and with slice threads, and the faster is the baseline.
+timed with frame threads and with slice threads, and the faster is the baseline. The fast pass is
+timed with its decoder threads chosen by the stream's slices (the default) and with each forced,
+interleaved round by round.
 """
 from __future__ import annotations
 
@@ -31,10 +33,24 @@ def decode_all(path: Path, thread_type: str) -> int:
         return sum(1 for _ in c.decode(s))
 
 
-def sampled(path: Path, n: int, mode: str) -> tuple[int, str]:
-    with VideoReader(str(path), LIMITS) as r:
+def sampled(path: Path, n: int, mode: str, threading: str | None = None) -> tuple[int, str]:
+    """Sampled frames and the mode used; `threading` forces the fast pass's decoder threading."""
+    reader = VideoReader if threading is None else type("Reader", (VideoReader,), {"FAST_PASS_THREADING": threading})
+    with reader(str(path), LIMITS) as r:
         frames = list(r.sample(n, mode=mode))
         return len(frames), r.info.sampling
+
+
+def interleaved(fns: dict, repeat: int) -> dict:
+    """`timed` for each of `fns`, taken in turn each round, so a busier moment hits all alike."""
+    times: dict = {k: [] for k in fns}
+    results: dict = {}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            results[k] = fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: (statistics.median(v), min(v), results[k]) for k, v in times.items()}
 
 
 def timed(fn, repeat: int):
@@ -65,9 +81,15 @@ def main() -> None:
         for thread_type, (t, t_min, total) in rows.items():
             label = f"decode all ({thread_type.lower()} threads)"
             print(f"{label_clip:<9}{label:<34}{t*1e3:8.0f}{t_min*1e3:8.0f}{total:8d}{t/base:15.2f}")
-        for mode in ("exact", "fast"):
-            t, t_min, (n, used) = timed(lambda: sampled(clip, args.frames, mode), args.repeat)
-            label = f"sample {args.frames}, mode={mode} ({used})"
+        t, t_min, (n, used) = timed(lambda: sampled(clip, args.frames, "exact"), args.repeat)
+        label = f"sample {args.frames}, mode=exact ({used})"
+        print(f"{label_clip:<9}{label:<34}{t*1e3:8.0f}{t_min*1e3:8.0f}{n:8d}{t/base:15.2f}")
+        # the fast pass's decoder threads as chosen by the stream's slices, then each forced
+        fast = interleaved({"by slices": lambda: sampled(clip, args.frames, "fast"),
+                            "slice thr.": lambda: sampled(clip, args.frames, "fast", "SLICE"),
+                            "frame thr.": lambda: sampled(clip, args.frames, "fast", "AUTO")}, args.repeat)
+        for how, (t, t_min, (n, used)) in fast.items():
+            label = f"sample {args.frames}, {used}, {how}"
             print(f"{label_clip:<9}{label:<34}{t*1e3:8.0f}{t_min*1e3:8.0f}{n:8d}{t/base:15.2f}")
 
 

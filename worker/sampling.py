@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import av
 from av.codec.context import ThreadType
 
+from worker import h264
 from worker.errors import Corrupt
 from worker.video import MAX_SAMPLED_FRAMES, SampledFrame, frames_to_sample, sample_times
 
@@ -45,6 +46,19 @@ class DataEndsEarly(Exception):
         self.span_s = span_s
 
 
+def fast_pass_threading(ctx: av.codec.context.CodecContext, first: av.Packet) -> str:
+    """The fast pass's decoder threading for a stream whose first packet is `first`. With the
+    non-reference frames skipped, what is left is mostly a chain of frames that each refer to the
+    last, which frame threads cannot spread but still pay for (a pipeline of thread_count frames,
+    context copies): slice threads decoded a two-slice 720p clip 1.2–1.5× faster on 2 cores. But they
+    spread one frame's slices only: an H.264 stream of one slice per frame (x264's default, most
+    uploads) decoded on one core, 1.3× slower at 1080p than with frame threads (AUTO, what the exact
+    pass uses: nothing to reopen for it). bench/bench_decode.py."""
+    if ctx.name == "h264" and h264.slices(bytes(first), ctx.extradata) == 1:
+        return "AUTO"
+    return "SLICE"
+
+
 def shown_until(last: tuple[av.VideoFrame, float], fps: float, gap_s: float | None) -> float:
     """When the frame `last` (frame, time) stops being shown: after its own duration where it has one
     (a slideshow's frame stays seconds, longer than the 1 / fps of a rate held to 1 fps or more), as
@@ -61,8 +75,9 @@ class Sampling:
     `_to_sample`, `_start_time`, `_measure_duration`, `_rewind`, and `data_end`, `untimed` and
     `demux_failed` from the last pass over the packets)."""
 
-    # Threading of the fast pass's decoder (see _pick_fast); the exact pass uses AUTO.
-    FAST_PASS_THREADING = "SLICE"
+    # Threading of the fast pass's decoder (see _pick_fast; the exact pass uses AUTO): BY_SLICES
+    # chooses per stream (fast_pass_threading), SLICE or FRAME (bench/gpu_stages.py) forces one.
+    FAST_PASS_THREADING = "BY_SLICES"
 
     def sample(self, n: int, mode: str = "exact", max_gap_s: float = 0.0) -> Iterator[SampledFrame]:
         """Yield up to n frames spread evenly over the duration, in time order; more than n on a long
@@ -194,13 +209,8 @@ class Sampling:
         scenery): the model was shown frames no player shows.
         """
         half_slice = duration / len(targets) / 2.0
-        if not self._stream.codec_context.is_open:
-            # With the non-reference B-frames skipped, what is left is mostly a chain of frames that each
-            # refer to the last, which frame threading cannot spread but still pays for (a pipeline of
-            # thread_count frames, context copies): slice threads decoded the same frames 1.5× faster on
-            # a two-slice clip on 2 cores, 1.1× slower on a one-slice one (bench/bench_decode.py).
-            self._stream.thread_type = self.FAST_PASS_THREADING
-            self._reopen_for_exact = self.FAST_PASS_THREADING != "AUTO"
+        # The decoder's threading, chosen before it opens at the first packet (fast_pass_threading).
+        choose_threads = not self._stream.codec_context.is_open
         # Never BIDIR (see the docstring); nothing skipped where the decoder does not read it per frame.
         skip = "NONREF" if self._stream.codec_context.name in PER_FRAME_SKIP else "DEFAULT"
         self._stream.codec_context.skip_frame = skip
@@ -209,6 +219,14 @@ class Sampling:
 
         def skip_for(packet: av.Packet) -> str:
             """Decode the packet shown at a target in full; of the others only what is referred to."""
+            nonlocal choose_threads
+            if choose_threads:
+                choose_threads = False
+                threading = self.FAST_PASS_THREADING
+                if threading == "BY_SLICES":
+                    threading = fast_pass_threading(self._stream.codec_context, packet)
+                self._stream.thread_type = threading
+                self._reopen_for_exact = threading != "AUTO"
             if packet.pts is None or packet.time_base is None:
                 return skip
             t = float(packet.pts * packet.time_base)
