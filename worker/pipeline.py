@@ -385,7 +385,7 @@ class Moderator:
             by_shape[f.image.shape].append(i)
         out: list[list] = [[] for _ in frames]
         for indices in by_shape.values():
-            found = self.detector.detect(np.stack([frames[i].image for i in indices]))
+            found = self.detector.detect([frames[i].image for i in indices])  # not stacked: shrunk one by one
             for i, faces in zip(indices, found):
                 out[i] = faces
         return out

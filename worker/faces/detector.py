@@ -44,20 +44,26 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
     return model
 
 
-def _as_batch(frames: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
-    """N×H×W×3 uint8 from an array or a list of same-sized H×W×3 frames (an empty list: N = 0)."""
+def _as_frames(frames: Sequence[np.ndarray] | np.ndarray) -> Sequence[np.ndarray]:
+    """An N×H×W×3 uint8 array, or a list of same-sized H×W×3 uint8 frames, checked but not stacked:
+    the frames are shrunk one by one before they are stacked (a 4K batch stacked first was a 200 MB
+    copy made only to be shrunk)."""
     if isinstance(frames, np.ndarray):
-        batch = frames
-    elif len(frames) == 0:
-        batch = np.empty((0, 1, 1, 3), np.uint8)
+        if frames.ndim == 3:
+            raise ValueError(f"expected N×H×W×3 frames, got a single frame of shape {frames.shape}; wrap it in a list")
+        batch: Sequence[np.ndarray] = frames
+        shapes = {frames.shape[1:]} if frames.ndim == 4 else {frames.shape}
     else:
-        batch = np.stack([np.asarray(f) for f in frames])
-    if batch.ndim == 3:
-        raise ValueError(f"expected N×H×W×3 frames, got a single frame of shape {batch.shape}; wrap it in a list")
-    if batch.ndim != 4 or batch.shape[-1] != 3:
-        raise ValueError(f"expected N×H×W×3 RGB frames, got shape {batch.shape}")
-    if batch.dtype != np.uint8:
-        raise ValueError(f"expected uint8 frames, got {batch.dtype}")
+        batch = [np.asarray(f) for f in frames]
+        shapes = {f.shape for f in batch}
+        if len(shapes) > 1:
+            raise ValueError(f"expected frames of one size, got shapes {sorted(shapes)}")
+    for shape in shapes:
+        if len(shape) != 3 or shape[-1] != 3:
+            raise ValueError(f"expected N×H×W×3 RGB frames, got frames of shape {shape}")
+    for f in batch[:1]:
+        if f.dtype != np.uint8:
+            raise ValueError(f"expected uint8 frames, got {f.dtype}")
     return batch
 
 
@@ -122,25 +128,29 @@ class RetinaFaceDetector:
             scale = budget / (STRIDE * max(height, width))
         return max(1, round(height * scale)), max(1, round(width * scale))
 
-    def preprocess(self, batch: np.ndarray) -> torch.Tensor:
-        """N×H×W×3 RGB uint8 → N×3×h×w float BGR minus the mean, resized to the network size.
+    def preprocess(self, frames: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
+        """N H×W×3 RGB uint8 frames → N×3×h×w float BGR minus the mean, resized to the network size.
 
-        Large frames are shrunk on the CPU as uint8 with area averaging (OpenCV) before they become
-        float tensors: a 1080p batch as float would be 4× the bytes to convert, copy and filter.
+        Large frames are shrunk on the CPU as uint8 with area averaging (OpenCV), each from its own
+        array, before they are stacked and become float tensors: a 1080p batch as float would be 4× the
+        bytes to convert, copy and filter.
         """
-        h, w = self._network_size(*batch.shape[1:3])
-        if (h, w) != tuple(batch.shape[1:3]):
-            batch = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in batch])
+        frames = _as_frames(frames)
+        h, w = self._network_size(*frames[0].shape[:2])
+        if (h, w) != tuple(frames[0].shape[:2]):
+            batch = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in frames])
+        else:
+            batch = frames if isinstance(frames, np.ndarray) else np.stack(frames)
         images = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
         images = images.permute(0, 3, 1, 2).flip(1).float()  # RGB → BGR, NCHW shape
         return (images - self._mean).contiguous(memory_format=self.memory_format)
 
     def detect(self, frames: Sequence[np.ndarray] | np.ndarray) -> list[list[Face]]:
         """Faces per frame, each list sorted by descending score and capped at `max_faces`."""
-        batch = _as_batch(frames)
+        batch = _as_frames(frames)
         if len(batch) == 0:
             return []
-        height, width = batch.shape[1:3]
+        height, width = batch[0].shape[:2]
         with torch.inference_mode():
             images = self.preprocess(batch)
             net_h, net_w = images.shape[-2:]
