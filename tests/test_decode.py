@@ -715,3 +715,37 @@ def test_the_fast_pass_threads_by_the_slices_of_the_stream(container, tmp_path):
                       3: av.codec.context.ThreadType.SLICE}
     assert h264.slices(b"", None) is None and h264.slices(b"\x00\x00\x01\x67\x42", None) is None  # no slice
     assert h264.slices(b"\x00\x00\x00\x09\x65", b"\x01\x64\x00\x1f\xff") is None  # a length past the end
+
+
+def test_a_cut_or_damaged_one_slice_stream_is_sampled_as_with_slice_threads(tmp_path):
+    """Frame threads (chosen for one-slice H.264) drop the frames in flight where a packet fails: a
+    cut file's last (flagged by the demuxer, with no decode error) or a damaged one. Such a stream is
+    sampled again with slice threads, so every cut point and damage gives what 0.4.4 gave: the first
+    try of this change sampled 15 of 50 cut points otherwise (an earlier last sample, `corrupt`)."""
+    import shutil
+
+    from media import damage_packet, damage_tail, encode, scenery_frames, truncate
+
+    full = encode(tmp_path / "one-slice.mp4", scenery_frames(120, size=(72, 96)), rate=24,
+                  options={"x264-params": "sliced-threads=0"}, container_options={"movflags": "+faststart"})
+    damaged = tmp_path / "damaged.mp4"
+    shutil.copy(full, damaged)
+    damage_packet(damaged, 2.0)
+    files = [truncate(full, tmp_path / f"cut-{f}.mp4", f) for f in (0.6, 0.78, 0.86, 0.94, 0.98)]
+    files += [damaged, damage_tail(full, tmp_path / "dead-tail.mp4", 4.0)]
+
+    def sampled(path: Path, threading: str):
+        reader_class = type("Reader", (VideoReader,), {"FAST_PASS_THREADING": threading})
+        try:
+            with reader_class(str(path), LIMITS, threads=4) as reader:
+                frames = list(reader.sample(8, mode="fast"))
+                info = reader.info
+                return (info.sampling, info.truncated, info.duration_s, info.decode_errors,
+                        [f.t for f in frames]), [f.image for f in frames]
+        except ModerationError as exc:
+            return (type(exc).__name__, str(exc)), []
+
+    for path in files:
+        (chosen, images), (sliced, expected) = sampled(path, "BY_SLICES"), sampled(path, "SLICE")
+        assert chosen == sliced, path.name
+        assert len(images) == len(expected) and all(np.array_equal(a, b) for a, b in zip(images, expected)), path.name

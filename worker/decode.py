@@ -212,12 +212,14 @@ class VideoReader(Sampling):
         self.untimed = False  # packets without timestamps, laid end to end (a raw elementary stream)
         self._untimed_packets = 0
         self.demux_failed = False
+        self.corrupt_packets = 0  # packets the demuxer flagged: cut short (a truncated file's last), damaged
         first_error: Exception | None = None
         ctx = self._stream.codec_context
         try:
             for packet in self._demux(self._stream):
                 self._check_deadline()  # per packet: a stream of refused packets yields no frame to check at
                 self._note_data_end(packet)
+                self.corrupt_packets += packet.is_corrupt
                 if skip_for is not None and (skip := skip_for(packet)) != ctx.skip_frame:
                     ctx.skip_frame = skip
                 try:

@@ -109,11 +109,24 @@ class Sampling:
         # an exact pass, decoding every frame, keeps right.
         if mode == "fast" and not self.untimed:
             try:
-                picked = self._pick_fast(targets, start, duration, fps)
-            except DataEndsEarly as cut:  # sample what plays, over its own length, decoding every frame
-                duration = self._cut_short(cut.span_s, duration)
+                picked, cut_at = self._fast(targets, start, duration, fps)
+                damaged = self.fast_threads == "AUTO" and bool(
+                    self.info.decode_errors or self.demux_failed or self.corrupt_packets)
+            except Corrupt:
+                if self.fast_threads != "AUTO":
+                    raise
+                damaged = True
+            if damaged:
+                # Frame threads drop the frames in flight where a packet fails (a cut file's last, which
+                # the demuxer flags, reporting no decode error then; a damaged one), so what decoded
+                # around it differs: a one-slice stream chosen frame
+                # threads for speed goes over again with slice threads, as every stream did before 0.4.5.
+                self._reopen_for_exact = True  # a fresh decoder: threading is fixed once it opens
+                self._rewind()
+                picked, cut_at = self._fast(targets, start, duration, fps, threading="SLICE")
+            if cut_at is not None:  # sample what plays, over its own length, decoding every frame
+                duration = self._cut_short(cut_at, duration)
                 targets = sample_times(start, duration, frames_to_sample(duration, n, max_gap_s))
-                picked = None
             if picked is not None:
                 self.info.sampling = "fast"
                 for index, (frame, t) in enumerate(picked):
@@ -193,8 +206,16 @@ class Sampling:
     def _overruns(t: float, start: float, duration: float) -> bool:
         return t >= start + duration + OVERRUN_TOLERANCE_S
 
+    def _fast(self, targets: list[float], start: float, duration: float, fps: float,
+              threading: str | None = None) -> tuple[list[tuple[av.VideoFrame, float]] | None, float | None]:
+        """`_pick_fast`'s picks (None: sample exactly), and where the data ends when it is cut short."""
+        try:
+            return self._pick_fast(targets, start, duration, fps, threading), None
+        except DataEndsEarly as cut:
+            return None, cut.span_s
+
     def _pick_fast(
-        self, targets: list[float], start: float, duration: float, fps: float
+        self, targets: list[float], start: float, duration: float, fps: float, threading: str | None = None
     ) -> list[tuple[av.VideoFrame, float]] | None:
         """The decoded frame nearest each target, or None when one lies outside its slice, or when
         the picks, all held until the last, would take more than the limits' `fast_pass_max_bytes`.
@@ -211,6 +232,7 @@ class Sampling:
         half_slice = duration / len(targets) / 2.0
         # The decoder's threading, chosen before it opens at the first packet (fast_pass_threading).
         choose_threads = not self._stream.codec_context.is_open
+        self.fast_threads = None if choose_threads else "OPEN"  # what the decoder was given (sample)
         # Never BIDIR (see the docstring); nothing skipped where the decoder does not read it per frame.
         skip = "NONREF" if self._stream.codec_context.name in PER_FRAME_SKIP else "DEFAULT"
         self._stream.codec_context.skip_frame = skip
@@ -222,11 +244,12 @@ class Sampling:
             nonlocal choose_threads
             if choose_threads:
                 choose_threads = False
-                threading = self.FAST_PASS_THREADING
-                if threading == "BY_SLICES":
-                    threading = fast_pass_threading(self._stream.codec_context, packet)
-                self._stream.thread_type = threading
-                self._reopen_for_exact = threading != "AUTO"
+                chosen = threading or self.FAST_PASS_THREADING
+                if chosen == "BY_SLICES":
+                    chosen = fast_pass_threading(self._stream.codec_context, packet)
+                self._stream.thread_type = chosen
+                self._reopen_for_exact = chosen != "AUTO"
+                self.fast_threads = chosen
             if packet.pts is None or packet.time_base is None:
                 return skip
             t = float(packet.pts * packet.time_base)
