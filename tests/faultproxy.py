@@ -34,7 +34,7 @@ from urllib.parse import unquote, urlsplit
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
               "transfer-encoding", "upgrade", "expect", "content-length"}
-S3_ERROR_CODES = {403: "AccessDenied", 500: "InternalError", 502: "BadGateway", 503: "SlowDown", 504: "GatewayTimeout"}
+S3_ERROR_CODES = {403: "AccessDenied", 500: "InternalError", 501: "NotImplemented", 502: "BadGateway", 503: "SlowDown", 504: "GatewayTimeout"}
 
 
 @dataclass

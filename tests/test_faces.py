@@ -114,6 +114,14 @@ def test_batch_equals_one_by_one(carphone: np.ndarray, detector: RetinaFaceDetec
     assert detector.detect([]) == [] and detector.detect(frames[:0]) == []
     with pytest.raises(ValueError, match="single frame"):
         detector.detect(frames[0])
+    # a list is checked frame by frame, as an array is as a whole (not stacked first: large frames
+    # are shrunk one by one)
+    with pytest.raises(ValueError, match="uint8 frames"):
+        detector.detect([frames[0], frames[1].astype(np.float32)])
+    with pytest.raises(ValueError, match="one size"):
+        detector.detect([frames[0], frames[1][:-2]])
+    with pytest.raises(ValueError, match="RGB frames"):
+        detector.detect([frames[0][..., 0]])
 
 
 def test_state_dict_keys_follow_biubug6() -> None:

@@ -421,3 +421,23 @@ def test_an_erasure_that_cannot_read_versioning_is_not_called_complete(s3_server
     assert len(listed.get("Versions", [])) == 1  # what it said: the old version is still there
     again = forget(bucket, ALICE, settings=settings, connection=redis, s3_client=client)  # mended: run again
     assert again.complete and client.list_object_versions(Bucket=bucket, Prefix=verdict_key).get("Versions", []) == []
+
+
+def test_an_erasure_on_a_store_without_versioning_is_complete(s3_server, redis, fsettings, moderator, corpus):
+    """A store that does not implement versioning answers GetBucketVersioning with NotImplemented: it
+    holds no older versions, so that is no reason to call the erasure incomplete."""
+    from faultproxy import FaultProxy, Rule
+
+    from worker.s3 import make_client
+
+    bucket = "erasable-plain"
+    client = s3_server.bucket_with(bucket, {ALICE: corpus["carphone"].read_bytes()})
+    settings = fsettings.model_copy(update={"allowed_buckets": bucket})
+    WorkerRuntime(settings, moderator=moderator, s3_client=client).moderate_s3(bucket, ALICE)
+    with FaultProxy(s3_server.port) as proxy:
+        proxy.add(Rule(method="GET", action="status", status=501, when=lambda r: "versioning" in r.query))
+        gone = forget(bucket, ALICE, settings=settings, connection=redis,
+                      s3_client=make_client(proxy.endpoint, attempts=1))
+    assert gone.complete and gone.s3_remaining is None
+    assert f"s3://{bucket}/{settings.verdict_prefix}{ALICE}.json" in gone.s3_deleted
+    assert client.list_objects_v2(Bucket=bucket, Prefix=settings.verdict_prefix).get("Contents", []) == []

@@ -73,6 +73,7 @@ def test_the_policy_confines_workers_and_maintenance_pods(tmp_path, overlay):
     assert not any(egress_allows(policy, str(METADATA), port) for port in (80, 443, 6379))
     assert not egress_allows(policy, "fd00:ec2::254", 80)  # the metadata endpoint over IPv6 (Nitro)
     assert not egress_allows(policy, "100.100.100.200", 80)  # Alibaba Cloud's metadata endpoint
+    assert not egress_allows(policy, "fd20:ce::254", 80)  # GCE's, over IPv6
     # the pod's own credentials: EKS Pod Identity's agent (IRSA's STS is plain HTTPS)
     assert egress_allows(policy, "169.254.170.23", 80) and egress_allows(policy, "fd00:ec2::23", 80)
     assert not egress_allows(policy, "10.0.3.7", 22)
@@ -109,6 +110,7 @@ def test_every_overlay_keeps_workers_off_the_metadata_endpoint(overlay):
     for port in (80, 443, 6379, 8080):
         assert not egress_allows(policy, str(METADATA), port)
     assert not egress_allows(policy, "fd00:ec2::254", 80) and not egress_allows(policy, "100.100.100.200", 80)
+    assert not egress_allows(policy, "fd20:ce::254", 80)  # GCE's metadata server over IPv6
     for address, port in (("52.216.8.1", 443), ("10.0.3.7", 9000), ("10.0.3.8", 6380), ("2600:1f18::1", 8443)):
         assert egress_allows(policy, address, port), (address, port)
     assert egress_allows(policy, "169.254.20.10", 53)  # NodeLocal DNSCache

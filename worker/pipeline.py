@@ -135,6 +135,11 @@ class Moderator:
         self.decode_threads = settings.decode_threads or available_cpus()
         bound_thread_pools(thread_budget(settings.engine_threads))
         self.engine = engine or self._load_engine(resolve_model_dir(settings.model_dir))
+        self.model_block = self.engine.describe()
+        if settings.require_vetted_model and self.model_block.get("warning"):  # before the rest loads
+            raise ConfigurationError(
+                f"DEEPFAKE_REQUIRE_VETTED_MODEL: the model {self.model_block.get('name')!r} is not one to moderate "
+                f"with: {self.model_block['warning']} (set DEEPFAKE_MODEL_DIR to a trained model)")
         if shadow_engine is None and settings.shadow_model_dir is not None:
             try:
                 shadow_engine = self._load_engine(resolve_model_dir(settings.shadow_model_dir))
@@ -151,11 +156,6 @@ class Moderator:
                 weights = f" with DEEPFAKE_DETECTOR_WEIGHTS {settings.detector_weights}" if settings.detector_weights else ""
                 raise ConfigurationError(f"DEEPFAKE_DETECTOR {settings.detector!r}{weights}: {exc}") from exc
         self.detector = detector
-        self.model_block = self.engine.describe()
-        if settings.require_vetted_model and self.model_block.get("warning"):
-            raise ConfigurationError(
-                f"DEEPFAKE_REQUIRE_VETTED_MODEL: the model {self.model_block.get('name')!r} is not one to moderate "
-                f"with: {self.model_block['warning']} (set DEEPFAKE_MODEL_DIR to a trained model)")
         if settings.overlap == "auto":
             self.overlap = not settings.device.startswith("cpu")
         else:

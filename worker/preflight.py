@@ -108,7 +108,7 @@ def check_redis(settings: Settings) -> Check:
         # vanish without an error. noeviction refuses writes instead, which enqueuers see.
         warnings.append(f"maxmemory-policy is {policy} with maxmemory {limit} bytes: a full Redis evicts "
                         "queued jobs and results; use noeviction (README, Job results in Redis)")
-    elif used >= limit:  # it refuses writes now: enqueues fail, workers wait with their jobs in hand
+    elif memory["counted_bytes"] >= limit:  # it refuses writes now: enqueues fail, workers wait with their jobs
         return Check("redis", False, f"{detail}; Redis is full: it holds {used / 2**20:.1f} MiB of its "
                      f"{limit / 2**20:.1f} MiB maxmemory and refuses writes; free memory or raise maxmemory "
                      "(docs/deploy.md, When Redis is full)", "; ".join(warnings) or None)

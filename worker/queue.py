@@ -315,9 +315,12 @@ def queue_depths(connection: Redis, name: str) -> dict:
 
 def redis_memory(connection: Redis) -> dict:
     """What Redis holds against its `maxmemory` (0: none), from INFO, which managed Redis allows where
-    CONFIG is disabled. Writes are refused once `used_bytes` reaches a noeviction maxmemory."""
+    CONFIG is disabled. Writes are refused once `counted_bytes` reaches a noeviction maxmemory."""
     info = connection.info("memory")
-    return {"used_bytes": int(info["used_memory"]), "maxmemory_bytes": int(info.get("maxmemory") or 0),
+    used = int(info["used_memory"])
+    # what maxmemory is held against: replication and AOF buffers are not counted
+    counted = used - int(info.get("mem_not_counted_for_evict") or 0)
+    return {"used_bytes": used, "counted_bytes": counted, "maxmemory_bytes": int(info.get("maxmemory") or 0),
             "policy": info.get("maxmemory_policy")}
 
 

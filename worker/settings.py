@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     )
     require_vetted_model: bool = Field(
         False, description="Refuse to start on a model whose card carries a warning (the packaged demo model's, "
-        "a randomly initialised one); the cpu and gpu overlays set it.",
+        "a randomly initialised one); the manifests set it (deploy/base/settings.env).",
     )
     shadow_model_dir: Path | None = Field(
         None, description="A candidate model scored on the same faces and recorded in each verdict's shadow block, "

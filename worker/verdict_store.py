@@ -40,6 +40,8 @@ SCAN_THREADS = 8  # parallel GETs when reading many verdicts (botocore's connect
 REPORT_TYPES = {".html": "text/html; charset=utf-8", ".png": "image/png", ".json": "application/json"}
 REPORT_NAME_ROOM = 32  # the longest file name a report holds (worker.report), with room to spare
 SIGNATURE_METADATA = "deepfake-signature"  # S3 user metadata: the x-amz-meta-deepfake-signature header
+# GetBucketVersioning's answers from a store that has no versioning at all (so no older versions)
+UNVERSIONED_CODES = frozenset({"NotImplemented", "MethodNotAllowed", "501", "405"})
 
 
 def sign_verdict(secret: str, location: S3Location, body: bytes) -> str:
@@ -151,9 +153,11 @@ class VerdictStore:
             status = self.client.get_bucket_versioning(Bucket=verdict.bucket).get("Status")
         except ClientError as exc:  # not allowed (s3:GetBucketVersioning), throttled, or not implemented
             status = None
-            unknown = (f"the versioning of bucket {verdict.bucket} could not be read ({error_code(exc)}): where it "
-                       "is versioned, older versions remain; allow s3:GetBucketVersioning and run it again")
-            log.warning("versioning_unknown", bucket=verdict.bucket, error=str(exc), reason=unknown)
+            if error_code(exc) not in UNVERSIONED_CODES:  # a store without versioning keeps no old versions
+                unknown = (f"the versioning of bucket {verdict.bucket} could not be read ({error_code(exc)}): "
+                           "where it is versioned, older versions remain; allow s3:GetBucketVersioning and run "
+                           "it again")
+                log.warning("versioning_unknown", bucket=verdict.bucket, error=str(exc), reason=unknown)
         if status in ("Enabled", "Suspended"):
             keys = [verdict.key, self.feedback_location(upload).key]
             return self._delete_versions(verdict.bucket, keys, report.key), None

@@ -61,9 +61,9 @@ def _as_frames(frames: Sequence[np.ndarray] | np.ndarray) -> Sequence[np.ndarray
     for shape in shapes:
         if len(shape) != 3 or shape[-1] != 3:
             raise ValueError(f"expected N×H×W×3 RGB frames, got frames of shape {shape}")
-    for f in batch[:1]:
-        if f.dtype != np.uint8:
-            raise ValueError(f"expected uint8 frames, got {f.dtype}")
+    dtypes = {batch.dtype} if isinstance(batch, np.ndarray) else {f.dtype for f in batch}
+    if dtypes - {np.dtype(np.uint8)}:
+        raise ValueError(f"expected uint8 frames, got {sorted(str(d) for d in dtypes)}")
     return batch
 
 
