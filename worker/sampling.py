@@ -119,8 +119,8 @@ class Sampling:
             if damaged:
                 # Frame threads drop the frames in flight where a packet fails (a cut file's last, which
                 # the demuxer flags, reporting no decode error then; a damaged one), so what decoded
-                # around it differs: a one-slice stream chosen frame
-                # threads for speed goes over again with slice threads, as every stream did before 0.4.5.
+                # around it differs: a one-slice stream given frame threads for speed goes over again
+                # with slice threads, as every stream did before 0.4.5.
                 self._reopen_for_exact = True  # a fresh decoder: threading is fixed once it opens
                 self._rewind()
                 picked, cut_at = self._fast(targets, start, duration, fps, threading="SLICE")
