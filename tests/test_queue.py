@@ -384,11 +384,32 @@ def test_a_changed_sampling_gap_rescores_the_upload(s3, redis, qsettings, modera
     assert enqueue(BUCKET, key, settings=qsettings, connection=redis, s3_client=s3) == again
 
 
-def test_a_non_python_client_can_enqueue_with_plain_redis_commands(s3, redis, qsettings, moderator):
-    """The README's payload, written with raw commands as a Go or Node client would."""
-    job_id = "4c0ffee0-0000-4000-8000-000000000001"
+TIME_STYLES = {  # ISO-8601 UTC as each writes it by default
+    "rq": lambda t: time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime(t)),
+    "go-rfc3339nano": lambda t: time.strftime("%Y-%m-%dT%H:%M:%S.123456789Z", time.gmtime(t)),
+    "python-isoformat": lambda t: time.strftime("%Y-%m-%dT%H:%M:%S.123456+00:00", time.gmtime(t)),
+    "js-toisostring": lambda t: time.strftime("%Y-%m-%dT%H:%M:%S.123Z", time.gmtime(t)),
+    "offset": lambda t: time.strftime("%Y-%m-%dT%H:%M:%S+09:00", time.gmtime(t + 9 * 3600)),
+}
+
+
+def test_a_job_time_without_a_zone_is_left_for_rq_to_refuse():
+    from worker.timestamps import in_rq_format, parse_utc
+
+    with pytest.raises(ValueError, match="names no zone"):
+        parse_utc("2026-12-01T00:36:06")
+    raw = {b"created_at": b"2026-12-01T00:36:06", b"enqueued_at": b"2026-12-01T09:36:06.5+09:00", b"data": b"x"}
+    assert in_rq_format(raw) == {**raw, b"enqueued_at": b"2026-12-01T00:36:06.500000Z"}
+
+
+@pytest.mark.parametrize("style", TIME_STYLES)
+def test_a_non_python_client_can_enqueue_with_plain_redis_commands(s3, redis, qsettings, moderator, style):
+    """The README's payload, written with raw commands as a Go or Node client would, its times as that
+    language writes ISO-8601 UTC: RQ reads one format only, and 0.4.4 skipped the others' jobs as
+    malformed (left queued for ever, no result, no webhook; `deepfake status` failed on them)."""
+    job_id = f"4c0ffee0-0000-4000-8000-{list(TIME_STYLES).index(style):012d}"
     payload = json.dumps(["worker.jobs.moderate_s3_object", None, [BUCKET, UPLOADS["vp9_webm"]], {"frames": 4}])
-    now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+    now = TIME_STYLES[style](time.time() - 30)
     redis.hset(f"rq:job:{job_id}", mapping={
         "data": zlib.compress(payload.encode()), "created_at": now, "enqueued_at": now, "status": "queued",
         "origin": "deepfake", "description": "from another language", "timeout": 600, "result_ttl": 3600,
@@ -396,6 +417,8 @@ def test_a_non_python_client_can_enqueue_with_plain_redis_commands(s3, redis, qs
     })
     redis.sadd("rq:queues", "rq:queue:deepfake")
     redis.rpush("rq:queue:deepfake", job_id)
+    waiting = queue_status(settings=qsettings, connection=redis)
+    assert waiting["queued"] == 1 and 25 < waiting["oldest_waiting_s"] < 300, waiting
     burst(redis, qsettings, moderator)
     # ... and the result read back as the README says, with plain commands.
     assert redis.hget(f"rq:job:{job_id}", "status") == b"finished"

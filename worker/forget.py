@@ -29,6 +29,7 @@ from worker.job_webhooks import undelivered_key
 from worker.jobs import MODERATE_FUNC
 from worker.maintenance import LOCK_TTL_S, clean_abandoned_locked, maintenance_lock, started_registry
 from worker.queue import connect, get_queue
+from worker.rq_worker import DeepfakeJob  # reads other clients' times too
 from worker.s3 import S3Location, control_client, validate_location
 from worker.settings import Settings
 from worker.verdict_store import VerdictStore
@@ -121,13 +122,13 @@ def _fetch_all(connection: Redis, job_ids: list[str], chunk: int = 1000) -> list
     for start in range(0, len(job_ids), chunk):
         ids = job_ids[start:start + chunk]
         try:
-            jobs += [j for j in Job.fetch_many(ids, connection=connection, serializer=JSONSerializer) if j]
+            jobs += [j for j in DeepfakeJob.fetch_many(ids, connection=connection, serializer=JSONSerializer) if j]
             continue
         except Exception:  # noqa: BLE001 - a job hash anyone could have written
             pass
         for job_id in ids:
             try:
-                jobs.append(Job.fetch(job_id, connection=connection, serializer=JSONSerializer))
+                jobs.append(DeepfakeJob.fetch(job_id, connection=connection, serializer=JSONSerializer))
             except Exception:  # noqa: BLE001 - gone, or malformed: not one of ours to judge
                 continue
     return jobs

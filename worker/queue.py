@@ -22,7 +22,7 @@ from rq.exceptions import DuplicateJobError, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
-from rq.utils import as_text, utcparse
+from rq.utils import as_text
 from rq.webhook import Webhook
 
 from worker import upload_index
@@ -33,6 +33,7 @@ from worker.maintenance import clean_abandoned, release_due_retries, started_reg
 from worker.rq_worker import DeepfakeJob, model_key
 from worker.s3 import S3Location, control_client, validate_location
 from worker.settings import Settings
+from worker.timestamps import parse_utc
 from worker.verdict_store import DETERMINISTIC_ERRORS, VerdictStore, reusable
 from worker.webhooks import check_webhooks
 
@@ -253,7 +254,7 @@ def claim_duplicate(connection: Redis, dkey: str, job_id: str, accept: Callable[
                 continue
         else:
             try:
-                job = Job.fetch(named, connection=connection, serializer=JSONSerializer)
+                job = DeepfakeJob.fetch(named, connection=connection, serializer=JSONSerializer)
                 if accept(job):
                     return job
             except Exception:  # noqa: BLE001 - gone, expired meanwhile, or a hash anyone could have written: no answer
@@ -278,8 +279,8 @@ def job_state(job_id: str, *, settings: Settings | None = None, connection: Redi
     settings = settings or Settings()
     connection = connection or connect(settings)
     try:
-        job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
-    except NoSuchJobError:
+        job = DeepfakeJob.fetch(job_id, connection=connection, serializer=JSONSerializer)  # other clients' times too
+    except NoSuchJobError:  # gone, or a hash no worker could run (logged as malformed_job_skipped)
         return None
     status = job.get_status()
     error = None
@@ -306,7 +307,12 @@ def queue_depths(connection: Redis, name: str) -> dict:
         with connection.pipeline(transaction=False) as pipe:
             for job_id in head:
                 pipe.hget(Job.key_for(as_text(job_id)), "enqueued_at")
-            stamps = [utcparse(as_text(stamp)).timestamp() for stamp in pipe.execute() if stamp]
+            stamps = []
+            for stamp in filter(None, pipe.execute()):
+                try:
+                    stamps.append(parse_utc(as_text(stamp)).timestamp())
+                except ValueError:
+                    continue  # a raw client's time that is no time: its job is skipped as malformed
         if stamps:
             waited = max(0.0, time.time() - min(stamps))
     return {"queued": queued, "started": started, "failed": failed, "scheduled": scheduled,

@@ -43,6 +43,7 @@ from worker.runtime import WorkerRuntime, install, valid_frames
 from worker.scheduler import RetryScheduler
 from worker.settings import Settings, settings_problems, unknown_variables
 from worker.signals import exit_on_sigterm
+from worker.timestamps import in_rq_format
 from worker.job_webhooks import send_job_webhooks
 
 
@@ -79,7 +80,7 @@ class DeepfakeJob(Job):
         # RQ raises ValueError/AssertionError from a bad date or timeout while *dequeueing*, which
         # stops the worker; as NoSuchJobError the job is skipped (and dropped from RQ's intermediate queue).
         try:
-            restored = super().restore(raw_data)
+            restored = super().restore(in_rq_format(raw_data))  # times as other languages write them too
         except NoSuchJobError:
             raise
         except Exception as exc:  # noqa: BLE001 - any malformed field
