@@ -35,6 +35,12 @@ def moderate_s3_object(bucket: str, key: str, frames: int | None = None) -> dict
     """Moderate s3://bucket/key; the verdict is stored next to the upload, and the job's result is its
     summary (`worker.verdict.summary_of`) or, with DEEPFAKE_RESULT_DETAIL=full, the whole of it."""
     job = get_current_job()
+    try:
+        runtime.check_job_arguments(bucket, key, frames)
+    except runtime.InvalidJobArguments:
+        if job is not None:  # failed at once: 0.4.4 retried it (4 runs over 12 minutes) as if storage had failed
+            job.retries_left = None
+        raise
     rt = runtime.current()
     if job is not None:  # whoever enqueued it, `deepfake forget` can find it
         upload_index.record(job.connection, bucket, key, job_id=job.id, ttl_s=rt.settings.result_ttl_s)

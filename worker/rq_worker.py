@@ -39,7 +39,7 @@ from worker.pipeline import ConfigurationError
 from worker.preflight import check_webhooks
 from worker.redis_client import (connection_url, database_address, ride_out, waiting_for_space,
                                  without_password)
-from worker.runtime import WorkerRuntime, install, valid_frames
+from worker.runtime import InvalidJobArguments, WorkerRuntime, install, valid_frames
 from worker.scheduler import RetryScheduler
 from worker.settings import Settings, settings_problems, unknown_variables
 from worker.signals import exit_on_sigterm
@@ -359,7 +359,7 @@ class DeepfakeWorker(SimpleWorker):
             exc = exc_info[1] if len(exc_info) > 1 else None
             stopped = self._stopped_job_id == job.id  # `rq` was asked to stop it: never retried
             reason = ("stopped" if stopped else "storage" if isinstance(exc, TransientError) else
-                      "refused" if isinstance(exc, RefusedJob) else "internal")
+                      "refused" if isinstance(exc, (RefusedJob, InvalidJobArguments)) else "internal")
             retried = bool(job.should_retry) and not stopped
             self.runtime.metrics.job_failures.labels(reason=reason, retried=str(retried).lower()).inc()
         return super().handle_exception(job, *exc_info)

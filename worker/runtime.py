@@ -40,6 +40,10 @@ def valid_frames(frames: object) -> bool:
     return not isinstance(frames, bool) and isinstance(frames, int) and 1 <= frames <= MAX_JOB_FRAMES
 
 
+class InvalidJobArguments(ValueError):
+    """A job whose arguments are not the documented types: a client's bug, which a retry repeats."""
+
+
 def check_job_arguments(bucket: object, key: object, frames: object) -> None:
     """A job's arguments come from whoever wrote to Redis: refuse anything but the documented types.
 
@@ -47,9 +51,9 @@ def check_job_arguments(bucket: object, key: object, frames: object) -> None:
     A bad argument fails the job (a client bug, not a property of the upload): no verdict is written.
     """
     if not isinstance(bucket, str) or not isinstance(key, str):
-        raise ValueError("bucket and key must be strings")
+        raise InvalidJobArguments("bucket and key must be strings")
     if frames is not None and not valid_frames(frames):
-        raise ValueError(f"frames must be an integer from 1 to {MAX_JOB_FRAMES}, not {frames!r}")
+        raise InvalidJobArguments(f"frames must be an integer from 1 to {MAX_JOB_FRAMES}, not {frames!r}")
 
 
 class WorkerRuntime:
