@@ -74,6 +74,7 @@ def test_a_failed_attempt_waits_its_backoff_then_status_puts_it_back_with_no_wor
     scheduled = ScheduledJobRegistry(queue=queue)
     job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
     assert job.get_status() == "scheduled" and job.retries_left == 1 and queue.count == 0
+    assert redis.xrevrange(f"rq:results:{job_id}") == []  # a retried attempt writes no result (README)
     due = scheduled.get_scheduled_time(job_id).timestamp()
     assert before + 2 < due <= after + 3  # the first wait, 3 s after the attempt failed (RQ keeps whole seconds)
 
