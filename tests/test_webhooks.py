@@ -165,7 +165,7 @@ def test_a_name_with_one_private_address_among_public_ones_is_refused():
 def test_delivery_is_signed_and_carries_the_verdict_summary_only(receiver):
     verdict = {"status": "ok", "label": "fake", "action": "block", "score": 0.91, "threshold": 0.5, "source": "s3://b/k.mp4",
                "stored_at": "s3://b/verdicts/k.mp4.json", "error": None, "faces": [{"big": "x" * 1000}]}
-    payload = summary("job-1", "finished", verdict)
+    payload = summary("job-1", "finished", verdict, source="s3://b/k.mp4")
     headers = {"Authorization": "Bearer receiver-token", "Host": "internal.admin", SIGNATURE_HEADER: "forged",
                "X-Bad": "a\r\nInjected: 1"}
     outcome = deliver(receiver.url(), payload, policy=HostPolicy.parse("127.0.0.1"), secret="s3cret",
@@ -173,7 +173,8 @@ def test_delivery_is_signed_and_carries_the_verdict_summary_only(receiver):
     assert outcome == "sent"
     [req] = receiver.requests
     body = req["body"]
-    assert json.loads(body) == {"job_id": "job-1", "status": "finished", "enqueued_at": None, "ended_at": None,
+    assert json.loads(body) == {"job_id": "job-1", "status": "finished", "source": "s3://b/k.mp4",
+                                "enqueued_at": None, "ended_at": None,
                                 "verdict": {"status": "ok", "label": "fake", "action": "block", "score": 0.91,
                                             "threshold": 0.5,
                                             "source": "s3://b/k.mp4", "stored_at": "s3://b/verdicts/k.mp4.json",
@@ -395,6 +396,7 @@ def test_a_failed_job_posts_the_error_line_only(s3, redis, redis_server, s3_serv
     [req] = receiver.requests
     body = json.loads(req["body"])
     assert body["status"] == "failed" and "verdict" not in body
+    assert body["source"] == f"s3://{BUCKET}/{KEY}"  # which upload got no verdict
     assert body["error"].startswith("worker.runtime.InvalidJobArguments: frames must be an integer from 1 to 1024")
     assert "Traceback" not in req["body"].decode() and "File \"" not in req["body"].decode()
     assert webhook_counts(worker) == {"sent": 1.0}

@@ -29,6 +29,17 @@ log = structlog.get_logger("worker.job_webhooks")
 UNDELIVERED_PREFIX = "deepfake:webhook-undelivered:"
 
 
+def _source(job: Job) -> str | None:
+    """The s3:// URI the job names, where its arguments are the two strings a job's are."""
+    try:
+        args = job.args
+    except Exception:  # noqa: BLE001 - arguments anyone could have written
+        return None
+    if len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        return f"s3://{args[0]}/{args[1]}"
+    return None
+
+
 def undelivered_key(job_id: str) -> str:
     return UNDELIVERED_PREFIX + job_id
 
@@ -73,7 +84,7 @@ def send_job_webhooks(job: "Job", status: Any, exc_string: str | None) -> None:
         secret = s.webhook_secret.get_secret_value() if s.webhook_secret else None
         payload = summary(job.id, status, job._result if status == "finished" else None, exc_string,  # noqa: SLF001
                           job.enqueued_at.isoformat() if job.enqueued_at else None,
-                          job.ended_at.isoformat() if job.ended_at else None)
+                          job.ended_at.isoformat() if job.ended_at else None, source=_source(job))
     except Exception as exc:  # noqa: BLE001 - settings or a result nobody can send
         log.warning("webhook_failed", job_id=job.id, error_type=type(exc).__name__, reason="no payload")
         if rt is not None:

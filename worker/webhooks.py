@@ -200,9 +200,11 @@ def resolve(url: str, policy: HostPolicy, lookup=socket.getaddrinfo,  # noqa: AN
 
 
 def summary(job_id: str, status: str, result: Any = None, error: str | None = None,
-            enqueued_at: str | None = None, ended_at: str | None = None) -> dict[str, Any]:
-    """What a receiver needs to act on a job; the whole verdict is in S3 (`stored_at`)."""
-    body: dict[str, Any] = {"job_id": job_id, "status": status, "enqueued_at": enqueued_at, "ended_at": ended_at}
+            enqueued_at: str | None = None, ended_at: str | None = None, source: str | None = None) -> dict[str, Any]:
+    """What a receiver needs to act on a job; the whole verdict is in S3 (`stored_at`). `source`, the
+    upload's s3:// URI, names it for a failed job too, which has no verdict."""
+    body: dict[str, Any] = {"job_id": job_id, "status": status, "source": source, "enqueued_at": enqueued_at,
+                            "ended_at": ended_at}
     if isinstance(result, dict):
         body["verdict"] = {
             "status": result.get("status"), "label": result.get("label"), "action": result.get("action"),
