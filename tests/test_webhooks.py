@@ -270,6 +270,11 @@ def test_a_slow_name_lookup_counts_against_the_deadline():
 def test_a_failed_job_sends_the_error_line_not_the_traceback():
     trace = 'Traceback (most recent call last):\n  File "/app/worker/x.py", line 3\nValueError: frames must be 1..1024\n'
     assert summary("j", "failed", None, trace)["error"] == "ValueError: frames must be 1..1024"
+    # an S3 outage's line names the internal endpoint: not sent to a receiver that may be anywhere
+    outage = ('Traceback (most recent call last):\nworker.errors.TransientError: reading s3://uploads/a.mp4 failed: '
+              'Could not connect to the endpoint URL: "http://10.0.3.7:9000/uploads/a.mp4?x=1"\n')
+    assert summary("j", "failed", None, outage)["error"] == (
+        'worker.errors.TransientError: reading s3://uploads/a.mp4 failed: Could not connect to the endpoint URL: "<url>"')
 
 
 def test_redirects_errors_and_slow_receivers_fail_without_following(receiver):

@@ -46,6 +46,9 @@ _RESERVED_HEADERS = {"host", "transfer-encoding", "connection", "keep-alive", "e
                      SIGNATURE_HEADER.lower()}
 _MAX_JOB_HEADERS = 16
 _MAX_ERROR_CHARS = 500
+# An http(s) URL in a failed job's error line: the S3 endpoint botocore names ("Could not connect to
+# the endpoint URL: http://10.0.3.7:9000/..."), internal, and a receiver may be any public host.
+_URL_IN_ERROR = re.compile(r"https?://[^\s\"'<>]+")
 # Each webhook may take DEEPFAKE_WEBHOOK_TIMEOUT_S of the worker's time between jobs: a job's are capped.
 MAX_WEBHOOKS = 4
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 7230 header name
@@ -213,8 +216,9 @@ def summary(job_id: str, status: str, result: Any = None, error: str | None = No
             "stored_at": result.get("stored_at"), "error": (result.get("error") or {}).get("code"),
         }
     if error:
-        # the exception's last line only: a receiver outside the cluster gets no traceback
-        body["error"] = (last_line(error) or error)[:_MAX_ERROR_CHARS]
+        # the exception's last line only, its URLs left out: a receiver outside the cluster gets no
+        # traceback and no internal address
+        body["error"] = _URL_IN_ERROR.sub("<url>", last_line(error) or error)[:_MAX_ERROR_CHARS]
     return body
 
 
