@@ -310,15 +310,34 @@ def test_a_running_job_is_waited_for_before_s3_is_erased(s3_server, s3, redis, f
     assert stored_keys(s3, slow, ALICE) == []
 
 
+def moderated_bucket(s3_server, fsettings, moderator, corpus, bucket: str, *, versioned: bool):
+    """A bucket of its own holding ALICE's upload and its verdict: (client, settings, runtime)."""
+    client = s3_server.bucket_with(bucket, {ALICE: corpus["carphone"].read_bytes()})
+    if versioned:
+        client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    settings = fsettings.model_copy(update={"allowed_buckets": bucket})
+    rt = WorkerRuntime(settings, moderator=moderator, s3_client=client)
+    rt.moderate_s3(bucket, ALICE)
+    return client, settings, rt
+
+
+def forget_with_versioning_answered(s3_server, redis, settings, bucket: str, status: int):
+    """forget(ALICE) through a proxy that answers every GetBucketVersioning with `status`."""
+    from faultproxy import FaultProxy, Rule
+
+    from worker.s3 import make_client
+
+    with FaultProxy(s3_server.port) as proxy:
+        proxy.add(Rule(method="GET", action="status", status=status, when=lambda r: "versioning" in r.query))
+        return forget(bucket, ALICE, settings=settings, connection=redis,
+                      s3_client=make_client(proxy.endpoint, attempts=1))
+
+
 def test_in_a_versioned_bucket_every_version_is_erased(s3_server, redis, fsettings, moderator, corpus):
     """A plain DELETE in a versioned bucket leaves the verdict (face boxes) and report (face crops)
     behind a delete marker: forget removes every version."""
     bucket = "erasable-versioned"
-    client = s3_server.bucket_with(bucket, {ALICE: corpus["carphone"].read_bytes()})
-    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
-    settings = fsettings.model_copy(update={"allowed_buckets": bucket})
-    rt = WorkerRuntime(settings, moderator=moderator, s3_client=client)
-    rt.moderate_s3(bucket, ALICE)
+    client, settings, rt = moderated_bucket(s3_server, fsettings, moderator, corpus, bucket, versioned=True)
     rt.store.put(S3Location(bucket, ALICE), {"overwritten": True},  # a second version of the verdict
                  replaces=rt.store.get(S3Location(bucket, ALICE))[1])
 
@@ -400,21 +419,10 @@ def test_an_erasure_that_cannot_read_versioning_is_not_called_complete(s3_server
     """S3 refusing GetBucketVersioning (a policy without it, or throttling past the retries): forget
     deletes the current objects, but in a versioned bucket the older versions stay, so the erasure
     says so and is not complete (0.4.4 said complete, exit 0, and `deepfake verdict` found nothing)."""
-    from faultproxy import FaultProxy, Rule
-
-    from worker.s3 import make_client
-
     bucket = "erasable-unknown"
-    client = s3_server.bucket_with(bucket, {ALICE: corpus["carphone"].read_bytes()})
-    client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
-    settings = fsettings.model_copy(update={"allowed_buckets": bucket})
-    rt = WorkerRuntime(settings, moderator=moderator, s3_client=client)
-    rt.moderate_s3(bucket, ALICE)
+    client, settings, _ = moderated_bucket(s3_server, fsettings, moderator, corpus, bucket, versioned=True)
     verdict_key = f"{settings.verdict_prefix}{ALICE}.json"
-    with FaultProxy(s3_server.port) as proxy:
-        proxy.add(Rule(method="GET", action="status", status=403, when=lambda r: "versioning" in r.query))
-        gone = forget(bucket, ALICE, settings=settings, connection=redis,
-                      s3_client=make_client(proxy.endpoint, attempts=1))
+    gone = forget_with_versioning_answered(s3_server, redis, settings, bucket, 403)
     assert f"s3://{bucket}/{verdict_key}" in gone.s3_deleted
     assert not gone.complete and "AccessDenied" in gone.s3_remaining and gone.to_dict()["complete"] is False
     listed = client.list_object_versions(Bucket=bucket, Prefix=verdict_key)
@@ -426,18 +434,9 @@ def test_an_erasure_that_cannot_read_versioning_is_not_called_complete(s3_server
 def test_an_erasure_on_a_store_without_versioning_is_complete(s3_server, redis, fsettings, moderator, corpus):
     """A store that does not implement versioning answers GetBucketVersioning with NotImplemented: it
     holds no older versions, so that is no reason to call the erasure incomplete."""
-    from faultproxy import FaultProxy, Rule
-
-    from worker.s3 import make_client
-
     bucket = "erasable-plain"
-    client = s3_server.bucket_with(bucket, {ALICE: corpus["carphone"].read_bytes()})
-    settings = fsettings.model_copy(update={"allowed_buckets": bucket})
-    WorkerRuntime(settings, moderator=moderator, s3_client=client).moderate_s3(bucket, ALICE)
-    with FaultProxy(s3_server.port) as proxy:
-        proxy.add(Rule(method="GET", action="status", status=501, when=lambda r: "versioning" in r.query))
-        gone = forget(bucket, ALICE, settings=settings, connection=redis,
-                      s3_client=make_client(proxy.endpoint, attempts=1))
+    client, settings, _ = moderated_bucket(s3_server, fsettings, moderator, corpus, bucket, versioned=False)
+    gone = forget_with_versioning_answered(s3_server, redis, settings, bucket, 501)
     assert gone.complete and gone.s3_remaining is None
     assert f"s3://{bucket}/{settings.verdict_prefix}{ALICE}.json" in gone.s3_deleted
     assert client.list_objects_v2(Bucket=bucket, Prefix=settings.verdict_prefix).get("Contents", []) == []
