@@ -103,7 +103,7 @@ def _log_to_stderr() -> None:
     default). The one place the commands set logging up (their own settings read the same variables).
     Settings that do not parse get the default format here; the command then says what is wrong."""
     from worker.logging import configure_logging
-    from worker.settings import Settings
+    from worker.settings import Settings, unknown_variables
 
     try:
         settings = Settings()
@@ -111,8 +111,6 @@ def _log_to_stderr() -> None:
         configure_logging()
         return
     configure_logging(settings.log_format, settings.log_level)
-    from worker.settings import unknown_variables
-
     if unknown := unknown_variables():  # `DEEPFAKE_FRAME=10 deepfake enqueue` queued 32 frames, silently
         import structlog
 

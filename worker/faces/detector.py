@@ -135,7 +135,10 @@ class RetinaFaceDetector:
         array, before they are stacked and become float tensors: a 1080p batch as float would be 4× the
         bytes to convert, copy and filter.
         """
-        frames = _as_frames(frames)
+        return self._preprocess(_as_frames(frames))
+
+    def _preprocess(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
+        """`preprocess` of frames `_as_frames` has checked."""
         h, w = self._network_size(*frames[0].shape[:2])
         if (h, w) != tuple(frames[0].shape[:2]):
             batch = np.stack([cv2.resize(f, (w, h), interpolation=cv2.INTER_AREA) for f in frames])
@@ -152,7 +155,7 @@ class RetinaFaceDetector:
             return []
         height, width = batch[0].shape[:2]
         with torch.inference_mode():
-            images = self.preprocess(batch)
+            images = self._preprocess(batch)
             net_h, net_w = images.shape[-2:]
             loc, conf, landms = self.model(images)
             priors = prior_boxes(net_h, net_w, self.device)
