@@ -16,6 +16,7 @@ import av.error
 from worker.errors import Corrupt, ModerationError, NotAVideo, NoVideoStream, Timeout, TooLarge, TooLong, Unsupported
 from worker.frames import display_matrix, displayed
 from worker.sampling import Sampling
+from worker.stream_time import declared_duration_s, start_s
 from worker.video import (  # noqa: F401 - the decoder's vocabulary, importable from here too
     Limits,
     SampledFrame,
@@ -152,7 +153,7 @@ class VideoReader(Sampling):
         width, height = ctx.width, ctx.height
         if width * height > self._limits.max_pixels:
             raise TooLarge(f"frame size {width}x{height} exceeds the limit of {self._limits.max_pixels} pixels")
-        duration = self._declared_duration()
+        duration = declared_duration_s(self._stream, self._container)
         if duration is not None and duration > self._limits.max_duration_s:
             raise TooLong(f"duration {duration:.1f} s exceeds the limit of {self._limits.max_duration_s:.0f} s")
         rate = s.average_rate or s.guessed_rate or s.base_rate
@@ -163,33 +164,8 @@ class VideoReader(Sampling):
             fps=fps, duration_s=duration, rotation=0,
         )
 
-    def _declared_duration(self) -> float | None:
-        s = self._stream
-        if s.duration is not None and s.time_base is not None and s.duration > 0:
-            return float(s.duration * s.time_base)
-        matroska = "matroska" in self._container.format.name
-        # Matroska states where a track, or the file, ends, not how long it lasts: from a start of 8 s
-        # (a cut that kept its timestamps) 10 s of video end at 18 s.
-        late = self._start_time() if matroska else 0.0
-        whole = None
-        if self._container.duration is not None and self._container.duration > 0:
-            end = self._container.duration / av.time_base
-            whole = end - late if end > late else end
-        if (tagged := tag_duration((s.metadata or {}).get("DURATION"))) is not None and tagged > late:
-            # The video track's own: the container's spans a longer audio track too. The shorter of the
-            # two where they differ otherwise: data past it is sampled on (`_sample_exact`).
-            return min(tagged - late, whole) if whole is not None else tagged - late
-        if whole is not None:
-            return whole
-        if s.frames and s.average_rate:
-            return s.frames / float(s.average_rate)
-        return None
-
     def _start_time(self) -> float:
-        s = self._stream
-        if s.start_time is not None and s.time_base is not None:
-            return float(s.start_time * s.time_base)
-        return 0.0
+        return start_s(self._stream)
 
     # -- sampling ------------------------------------------------------------------------------
     def _check_deadline(self) -> None:
