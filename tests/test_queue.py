@@ -180,6 +180,33 @@ def test_result_full_never_shows_a_later_jobs_verdict_as_this_ones(s3, redis, qs
     assert json.loads(capsys.readouterr().out)["result"]["status"] == "no_face"
 
 
+def test_result_full_fails_a_verdict_whose_signature_does_not_match(s3, redis, qsettings, moderator, monkeypatch,
+                                                                    capsys):
+    """A stored verdict edited after signing: `result --full` says `verified: false` and exits 1, as
+    `deepfake verdict` does (0.4.5 exited 0)."""
+    from pydantic import SecretStr
+
+    from worker.cli import main
+
+    signed = qsettings.model_copy(update={"verdict_secret": SecretStr("verdict-key"),
+                                          "verdict_prefix": "signed-result/"})
+    job_id = enqueue(BUCKET, UPLOADS["carphone"], settings=signed, connection=redis, s3_client=s3)
+    burst(redis, signed, moderator)
+    monkeypatch.setenv("DEEPFAKE_REDIS_URL", signed.redis_url)
+    monkeypatch.setenv("DEEPFAKE_S3_ENDPOINT_URL", signed.s3_endpoint_url)
+    monkeypatch.setenv("DEEPFAKE_VERDICT_SECRET", "verdict-key")
+    capsys.readouterr()
+    assert main(["result", "--full", job_id]) == 0
+    assert json.loads(capsys.readouterr().out)["verified"] is True
+    key = f"{signed.verdict_prefix}{UPLOADS['carphone']}.json"
+    obj = s3.get_object(Bucket=BUCKET, Key=key)
+    edited = dict(json.loads(obj["Body"].read()), label="edited")  # the same job's, its signature kept
+    s3.put_object(Bucket=BUCKET, Key=key, Body=json.dumps(edited).encode(), Metadata=obj["Metadata"])
+    assert main(["result", "--full", job_id]) == 1
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["verified"] is False and shown["result"]["label"] == "edited"
+
+
 def test_a_job_answered_by_its_stored_verdict_logs_job_done_too(s3, qsettings, moderator):
     """Every job ends with a `job_done` line (the README), a reused verdict's too (0.4.4 logged none)."""
     from structlog.testing import capture_logs

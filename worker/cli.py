@@ -210,8 +210,8 @@ def cmd_result(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             missing = True
             print(json.dumps({"job_id": job_id, "status": "not_found", "result": None, "error": "no such job"}))
         elif args.full:
-            full, gone = _with_full_verdict(state.to_dict(), settings)
-            missing = missing or gone
+            full, failed = _with_full_verdict(state.to_dict(), settings)
+            missing = missing or failed
             print(json.dumps(full))
         else:
             print(json.dumps(state.to_dict()))
@@ -221,7 +221,8 @@ def cmd_result(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 def _with_full_verdict(state: dict, settings) -> tuple[dict, bool]:  # type: ignore[no-untyped-def]
     """A job's state with its result replaced by the whole verdict stored in S3, where there is one
     (a summary result names it in `stored_at`), `verified` as `deepfake verdict` says it; and
-    whether the verdict its result names is gone (erased, or never written)."""
+    whether that fails: the verdict its result names is gone (erased, never written, replaced by a
+    later job's) or does not verify."""
     from worker.s3 import S3Location
     from worker.verdict_store import VerdictStore
 
@@ -243,8 +244,9 @@ def _with_full_verdict(state: dict, settings) -> tuple[dict, bool]:  # type: ign
             f"the verdict stored at {found['stored_at']} is another job's (created {stored.get('created_at')}, "
             f"of the bytes with ETag {(stored.get('input') or {}).get('etag')}): this job's was replaced; "
             "its summary is shown")}, True
+    # A signature that does not match is a failure, as `deepfake verdict` says it (0.4.5 exited 0).
     return {**state, "result": {**stored, "stored_at": found["stored_at"]},
-            "verified": found["verified"]}, False
+            "verified": found["verified"]}, found["verified"] is False
 
 
 def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
