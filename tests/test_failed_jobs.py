@@ -59,6 +59,10 @@ def test_a_job_lost_to_an_s3_outage_is_listed_requeued_and_then_gets_its_one_ver
     assert foreign["bucket"] is None  # its arguments are nobody's upload
     assert foreign["error"].startswith("worker.rq_worker.RefusedJob:")
     assert len(cli(capsys, "failed", "--limit", "1")[1]) == 1
+    code, [shown] = cli(capsys, "result", job_id)  # the same line as `failed`; the rest under `traceback`
+    shown = json.loads(shown)
+    assert code == 0 and shown["status"] == "failed" and shown["error"] == failed["error"]
+    assert shown["traceback"].startswith("Traceback") and shown["traceback"].rstrip().endswith(failed["error"])
 
     monkeypatch.setenv("DEEPFAKE_JOB_RETRY_BACKOFF_S", "7")  # the requeuer's settings
     assert 0 < redis.ttl(Job.key_for(job_id)) <= s.result_ttl_s  # RQ's failure set it to expire

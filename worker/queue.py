@@ -27,6 +27,7 @@ from rq.webhook import Webhook
 
 from worker import upload_index
 from worker.decision import NO_FACE_ACTION, DecisionPolicy
+from worker.errors import last_line
 from worker.job_webhooks import was_undelivered
 from worker.jobs import MODERATE_FUNC
 from worker.maintenance import clean_abandoned, release_due_retries, started_registry
@@ -269,10 +270,12 @@ class JobState:
     id: str
     status: str
     result: dict | None
-    error: str | None
+    error: str | None  # a failed job's exception, its last line (`Type: message`), as `deepfake failed` shows it
+    traceback: str | None = None  # the whole of it, where the worker recorded one
 
     def to_dict(self) -> dict:
-        return {"job_id": self.id, "status": self.status, "result": self.result, "error": self.error}
+        shown = {"job_id": self.id, "status": self.status, "result": self.result, "error": self.error}
+        return {**shown, "traceback": self.traceback} if self.traceback else shown
 
 
 def job_state(job_id: str, *, settings: Settings | None = None, connection: Redis | None = None) -> JobState | None:
@@ -283,11 +286,13 @@ def job_state(job_id: str, *, settings: Settings | None = None, connection: Redi
     except NoSuchJobError:  # gone, or a hash no worker could run (logged as malformed_job_skipped)
         return None
     status = job.get_status()
-    error = None
+    error = trace = None
     if status == JobStatus.FAILED:
         latest = job.latest_result()
-        error = latest.exc_string if latest is not None else "failed"
-    return JobState(job.id, str(status.value if hasattr(status, "value") else status), job.return_value(), error)
+        trace = latest.exc_string if latest is not None else None
+        error = last_line(trace) or "failed"
+    return JobState(job.id, str(status.value if hasattr(status, "value") else status), job.return_value(), error,
+                    trace)
 
 
 def queue_depths(connection: Redis, name: str) -> dict:
