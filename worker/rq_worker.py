@@ -31,6 +31,7 @@ from rq.utils import now as rq_now
 from rq.worker.base import WorkerStatus
 
 from worker.errors import TransientError
+from worker.heap import release_free_memory
 from worker.jobs import MODERATE_FUNC, JobTimedOut
 from worker.logging import configure_logging
 from worker.maintenance import maintenance_lock, recover_stranded, release_due_retries, restart_half_retried
@@ -336,6 +337,7 @@ class DeepfakeWorker(SimpleWorker):
                 return super().execute_job(job, queue)
         finally:
             self._job_started = None
+            release_free_memory()  # the job's frames and tensors, kept mapped by glibc while idle (worker/heap.py)
             self._beat = time.time()
 
     def job_limit_s(self, job: Job) -> int:
