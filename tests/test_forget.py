@@ -440,3 +440,35 @@ def test_an_erasure_on_a_store_without_versioning_is_complete(s3_server, redis, 
     assert gone.complete and gone.s3_remaining is None
     assert f"s3://{bucket}/{settings.verdict_prefix}{ALICE}.json" in gone.s3_deleted
     assert client.list_objects_v2(Bucket=bucket, Prefix=settings.verdict_prefix).get("Contents", []) == []
+
+
+def test_an_erasure_that_s3_fails_part_way_says_what_went(s3_server, redis, fsettings, moderator, corpus):
+    """S3 failing after the first DELETE: the record still says which jobs left Redis and which
+    objects left S3, and is not complete (0.4.5 raised, and the command printed only the error)."""
+    bucket = "erasable-broken"
+    client, settings, _ = moderated_bucket(s3_server, fsettings, moderator, corpus, bucket, versioned=False)
+    job_id = enqueue(bucket, ALICE, settings=settings, connection=redis, s3_client=client)
+
+    def stored() -> list[str]:
+        listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{settings.verdict_prefix}{ALICE}")
+        return sorted(o["Key"] for o in listed.get("Contents", []))
+
+    before = stored()
+    assert len(before) > 1, before  # the verdict and its report's files
+    deletes: list[str] = []
+
+    def after_the_first(req) -> bool:
+        deletes.append(req.path)
+        return len(deletes) > 1
+
+    with FaultProxy(s3_server.port) as proxy:
+        proxy.add(Rule(method="DELETE", action="status", status=500, when=after_the_first))
+        gone = forget(bucket, ALICE, settings=settings, connection=redis,
+                      s3_client=make_client(proxy.endpoint, attempts=1))
+    assert gone.jobs_deleted == [job_id] and not Job.exists(job_id, connection=redis)
+    assert not gone.complete and gone.s3_remaining.startswith("S3 failed part-way")
+    left = stored()
+    assert len(gone.s3_deleted) == 1 and len(left) == len(before) - 1
+    assert not any(uri.endswith("/" + key) for uri in gone.s3_deleted for key in left)
+    again = forget(bucket, ALICE, settings=settings, connection=redis, s3_client=client)
+    assert again.complete and stored() == []

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import structlog
+from botocore.exceptions import BotoCoreError, ClientError
 from redis import Redis
 from rq import Queue
 from rq.job import Job
@@ -52,7 +53,7 @@ class Forgotten:
     jobs_deleted: list[str] = field(default_factory=list)
     still_running: list[str] = field(default_factory=list)  # nothing in S3 was deleted: run it again
     s3_deleted: list[str] = field(default_factory=list)
-    s3_remaining: str | None = None  # why older versions may remain in S3: run it again once mended
+    s3_remaining: str | None = None  # why verdict objects or older versions may remain in S3: run it again once mended
 
     @property
     def complete(self) -> bool:
@@ -219,5 +220,10 @@ def forget(
     upload_index.remove(connection, bucket, key, job_ids=forgotten_jobs, dedupe_keys=gone)
     if not out.still_running:
         store = VerdictStore.for_settings(settings, s3)
-        out.s3_deleted, out.s3_remaining = store.delete(S3Location(bucket, key))
+        try:
+            _, out.s3_remaining = store.delete(S3Location(bucket, key), out.s3_deleted)
+        except (BotoCoreError, ClientError) as exc:
+            # Redis is already erased: the record still says what went (0.4.5 printed only the error).
+            out.s3_remaining = f"S3 failed part-way ({exc}): the rest of its verdict objects remain; run it again"
+            log.warning("forget_s3_failed", upload=out.upload, error=str(exc), deleted=len(out.s3_deleted))
     return out

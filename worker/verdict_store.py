@@ -138,15 +138,17 @@ class VerdictStore:
                                        ContentType=REPORT_TYPES[path.suffix])
         return f"s3://{prefix.bucket}/{prefix.key}index.html"
 
-    def delete(self, upload: S3Location) -> tuple[list[str], str | None]:
+    def delete(self, upload: S3Location, deleted: list[str] | None = None) -> tuple[list[str], str | None]:
         """Delete the upload's verdict, feedback and report objects (`deepfake forget`): the s3:// URIs
-        deleted, and why older versions may remain (None: none can). In a versioned bucket every
+        deleted, and why older versions may remain (None: none can). Each URI is added to `deleted` as
+        its object goes, so that a request failing part-way leaves the list of those already gone. In a versioned bucket every
         version and delete marker goes (`?versionId=` URIs): a plain DELETE there only hides the face
         boxes and crops behind a delete marker. Where the bucket's versioning cannot be read, the
         current objects go and the erasure is not called complete (0.4.4 called it complete). An
         upload whose key is `unstorable` has none: its paths are another upload's feedback or report."""
+        deleted = [] if deleted is None else deleted
         if self.unstorable(upload):
-            return [], None
+            return deleted, None
         verdict, report = self.location_for(upload), self.report_location(upload)
         unknown = None
         try:
@@ -160,7 +162,7 @@ class VerdictStore:
                 log.warning("versioning_unknown", bucket=verdict.bucket, error=str(exc), reason=unknown)
         if status in ("Enabled", "Suspended"):
             keys = [verdict.key, self.feedback_location(upload).key]
-            return self._delete_versions(verdict.bucket, keys, report.key), None
+            return self._delete_versions(verdict.bucket, keys, report.key, deleted), None
         keys = []
         for single in (verdict, self.feedback_location(upload)):
             try:
@@ -173,7 +175,8 @@ class VerdictStore:
             Bucket=verdict.bucket, Prefix=report.key) for o in page.get("Contents", [])]
         for key in keys:
             self.client.delete_object(Bucket=verdict.bucket, Key=key)
-        return [f"s3://{verdict.bucket}/{key}" for key in keys], unknown
+            deleted.append(f"s3://{verdict.bucket}/{key}")
+        return deleted, unknown
 
     def unstorable(self, upload: S3Location) -> str | None:
         """Why the upload's verdict objects could not be kept apart from every other upload's (None:
@@ -187,8 +190,7 @@ class VerdictStore:
             return "the key is shaped like another upload's feedback or report path"
         return None
 
-    def _delete_versions(self, bucket: str, keys: list[str], prefix: str) -> list[str]:
-        deleted = []
+    def _delete_versions(self, bucket: str, keys: list[str], prefix: str, deleted: list[str]) -> list[str]:
         for where, exact in [*((k, True) for k in keys), (prefix, False)]:
             for page in self.client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=where):
                 for version in page.get("Versions", []) + page.get("DeleteMarkers", []):
