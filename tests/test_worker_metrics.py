@@ -74,6 +74,33 @@ def test_refused_and_storage_failures_are_counted_and_end_in_the_failed_registry
     assert sample(m, "deepfake_queue_jobs", queue=QUEUE, state="queued") == 0
 
 
+@pytest.mark.parametrize("status", [503, 403])
+def test_a_verdict_store_that_refuses_the_write_is_a_storage_failure(redis, settings, moderator, s3_server, corpus,
+                                                                     status, tmp_path):
+    """S3 throttling the verdict's PUT, or a policy without s3:PutObject on the verdict prefix: the
+    attempt counts as `storage` (DeepfakeStorageFailing) and says which upload's verdict store failed;
+    0.4.5 counted it `internal` (DeepfakeInternalErrors: "a bug") with botocore's bare error."""
+    from faultproxy import FaultProxy, Rule
+
+    from worker.queue import job_state
+
+    bucket = "metrics-verdicts"
+    s3_server.bucket_with(bucket, {"clip.mp4": corpus["carphone"].read_bytes()})
+    with FaultProxy(s3_server.port) as proxy:
+        proxy.add(Rule(method="PUT", action="status", status=status, path=r"\.json$"))
+        s = settings.model_copy(update={"allowed_buckets": bucket, "s3_endpoint_url": proxy.endpoint, "frames": 4,
+                                        "verdict_prefix": f"v-{tmp_path.name}/"})
+        runtime = WorkerRuntime(s, moderator=moderator, s3_client=make_client(proxy.endpoint, attempts=1))
+        job = get_queue(redis, QUEUE).enqueue(MODERATE_FUNC, args=(bucket, "clip.mp4"))
+        burst(redis, s, runtime=runtime)
+    m = runtime.metrics
+    assert sample(m, "deepfake_job_failures_total", reason="storage", retried="false") == 1
+    assert sample(m, "deepfake_job_failures_total", reason="internal", retried="false") == 0
+    error = job_state(job.id, settings=s, connection=redis).error
+    assert error.startswith(f"worker.errors.TransientError: the verdict store failed for s3://{bucket}/clip.mp4: "), error
+    assert "PutObject" in error
+
+
 def scrape_seconds(metrics: Metrics) -> tuple[float, str]:
     t0 = time.monotonic()
     body = generate_latest(metrics.registry).decode()

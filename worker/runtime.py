@@ -19,7 +19,8 @@ from worker import __version__
 from worker.errors import AccessDenied, ModerationError, Timeout, TransientError, Unsupported
 from worker.metrics import Metrics
 from worker.pipeline import Moderator
-from worker.s3 import NOT_FOUND_CODES, S3Location, S3Source, bucket_allowed, error_code, make_client, validate_location
+from worker.s3 import (NOT_FOUND_CODES, S3Location, S3Source, bucket_allowed, described, error_code, make_client,
+                       validate_location)
 from worker.settings import Settings
 from worker.verdict import error_verdict
 from worker.verdict_store import VerdictStore, input_etag, reusable
@@ -89,6 +90,16 @@ class WorkerRuntime:
         A timeout spent waiting on a slow store raises too, except on the job's `final_attempt`: then
         it is the `timeout` verdict, so no upload ends without one (whatever reads it is built to cost).
         """
+        try:
+            return self._moderate_s3(bucket, key, frames=frames, job_id=job_id, enqueued_at=enqueued_at,
+                                     final_attempt=final_attempt)
+        except (ClientError, BotoCoreError) as exc:
+            # Reading or writing the verdict or report: an outage, throttling or a missing permission,
+            # counted and retried as storage (0.4.5 counted it `internal`: "a bug").
+            raise TransientError(f"the verdict store failed for s3://{bucket}/{key}: {described(exc)}") from exc
+
+    def _moderate_s3(self, bucket: str, key: str, *, frames: int | None, job_id: str | None,
+                     enqueued_at: float | None, final_attempt: bool) -> dict:
         self.source = None
         check_job_arguments(bucket, key, frames)
         frames = frames or self.settings.frames

@@ -124,7 +124,7 @@ def translate_error(exc: Exception, uri: str) -> ModerationError | None:
     return None
 
 
-def _described(exc: Exception) -> str:
+def described(exc: Exception) -> str:
     """An S3 failure for an error message; for refused credentials, what the operator should check."""
     if error_code(exc) in CREDENTIAL_CODES:
         return f"{exc} (the worker's S3 credentials or its clock were refused: check its keys, token and time)"
@@ -176,7 +176,7 @@ class S3RangeReader(io.RawIOBase):
         return self._pos
 
     def _fail(self, exc: Exception, uri: str) -> Exception:
-        self.error = translate_error(exc, uri) or TransientError(f"reading {uri} failed: {_described(exc)}")
+        self.error = translate_error(exc, uri) or TransientError(f"reading {uri} failed: {described(exc)}")
         return self.error
 
     def _block(self, index: int) -> bytes:
@@ -269,7 +269,7 @@ class S3Source:
         except (ClientError, BotoCoreError) as exc:
             exc = _with_error_code(client, location, exc)
             raise translate_error(exc, location.uri) or TransientError(
-                f"HEAD {location.uri} failed: {_described(exc)}") from exc
+                f"HEAD {location.uri} failed: {described(exc)}") from exc
         size = int(head["ContentLength"])
         # The size decides here; the content type never does: the uploader chooses it (browsers send
         # image/gif for an animated GIF, `aws s3 cp` audio/3gpp for a .3gp video), and refusing on it
