@@ -55,14 +55,22 @@ RUN apt-get update \
 RUN python3 -m venv --system-site-packages /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY worker/ worker/
-COPY training/ training/
+# The dependencies first, in a layer of their own that only a change to them rebuilds: torch's CUDA
+# build is several GB, and a release that changes the code alone then reuses it, in the registry and
+# on every GPU node that pulled the last one. (The version lives in worker/__init__.py, not here.)
 # --isolated: NGC images may carry a pip constraints file pinned to their own packages. torch 2.13.0
 # comes from PyPI as its CUDA 13.0 build (see the top of this file).
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+       > /tmp/requirements.txt \
+    && pip install --isolated --no-cache-dir -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+COPY README.md LICENSE ./
+COPY worker/ worker/
+COPY training/ training/
 # The check: TensorRT's bindings are visible from the venv (found, not loaded: no driver at build
 # time), torch is the CUDA build, and the worker imports (cv2 finds its system libraries).
-RUN pip install --isolated --no-cache-dir . \
+RUN pip install --isolated --no-cache-dir --no-deps . \
     && python -c "import importlib.util as u, torch, worker.rq_worker; assert u.find_spec('tensorrt'), 'no TensorRT bindings'; assert torch.version.cuda, torch.__version__" \
     && rm -rf /src
 COPY --from=model /model/ /opt/deepfake/model/
@@ -112,10 +120,17 @@ RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --index-url "${TORCH_CPU_INDEX_URL}" torch==2.13.0
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# The other dependencies next, then the project alone (see the gpu stage): a code change rebuilds
+# only the last layer here. The runtime below copies the whole venv, in one layer.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+       > /tmp/requirements.txt \
+    && pip install --no-cache-dir -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+COPY README.md LICENSE ./
 COPY worker/ worker/
 COPY training/ training/
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir --no-deps . \
     && python -c "import torch, worker.rq_worker; assert torch.version.cuda is None, torch.__version__"
 
 # ---------------------------------------------------------------------------------------------

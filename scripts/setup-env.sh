@@ -7,7 +7,9 @@ if [ "$extra" = test ] || [ "$extra" = stack ]; then
   missing=""
   command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
   if [ "$extra" = test ]; then
-    command -v chromium >/dev/null 2>&1 || missing="$missing chromium fonts-liberation"
+    # Debian's chromium package; Ubuntu has none (its chromium-browser is a snap): install one first there.
+    command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+      || missing="$missing chromium fonts-liberation"
     command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"  # promtool + prometheus: tests/test_monitoring.py
   fi
   if [ -n "$missing" ]; then

@@ -152,13 +152,30 @@ def test_dockerfile_installs_this_project(target):
             if w == "COPY" and "--from=" not in rest:
                 copied.update(p.rstrip("/") for p in shlex.split(rest)[:-1] if not p.startswith("--"))
     project = pyproject()["project"]
-    needed = {"pyproject.toml", project["readme"]}
+    needed = {"pyproject.toml", project["readme"], *project.get("license-files", [])}
     needed |= {pattern.rstrip("*") for pattern in pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]}
     assert needed <= copied, f"{target}: not copied: {needed - copied}"
     # `rq` (the command) and the `deepfake` console script come with the project's own install.
     assert any(re.match(r"rq\b", d) for d in project["dependencies"])
     assert project["scripts"]["deepfake"].split(":")[0].split(".")[0] in needed
     assert WORKER_CLASS.split(".")[0] in needed
+
+
+@pytest.mark.parametrize("stage", ["gpu", "cpu-build"])
+def test_dockerfile_installs_the_dependencies_before_the_code(stage):
+    """The dependencies (torch's CUDA build: several GB) in a layer that only pyproject.toml feeds,
+    and so outlives a release that changes code alone (the version is read from worker/__init__.py);
+    then the project without them. The list installed is pyproject's, as the RUN line computes it."""
+    steps = dockerfile_stages()[stage]
+    deps = next(i for i, (w, rest) in enumerate(steps) if w == "RUN" and "-r /tmp/requirements.txt" in rest)
+    copied_before = [shlex.split(rest)[:-1] for w, rest in steps[:deps] if w == "COPY"]
+    assert copied_before == [["pyproject.toml"]], copied_before
+    project_install = next(i for i, (w, rest) in enumerate(steps) if w == "RUN" and "--no-deps ." in rest)
+    assert project_install > deps
+    assert pyproject()["project"]["dynamic"] == ["version"] and "version" not in pyproject()["project"]
+    listing = steps[deps][1].split(" > ")[0].replace("python -c", f"{sys.executable} -c", 1)
+    computed = subprocess.run(["bash", "-c", listing], cwd=ROOT, capture_output=True, text=True)
+    assert computed.stdout.split() == pyproject()["project"]["dependencies"], computed.stderr
 
 
 def test_dockerfile_cpu_torch_matches_pyproject():
