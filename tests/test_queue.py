@@ -222,6 +222,21 @@ def test_a_job_answered_by_its_stored_verdict_logs_job_done_too(s3, qsettings, m
     assert done["reused"] is True and done["status"] == first["status"]
 
 
+def test_an_error_verdicts_job_done_line_says_why(s3, qsettings, moderator):
+    """`access_denied` alone did not say whether the allow-list or S3 refused, and such verdicts are
+    not stored to be read: the line carries the verdict's message (0.4.5 logged the code only)."""
+    from structlog.testing import capture_logs
+
+    rt = WorkerRuntime(qsettings, moderator=moderator, s3_client=s3)
+    with capture_logs() as logs:
+        refused = rt.moderate_s3("private", "clips/carphone.mp4")
+        fine = rt.moderate_s3(BUCKET, UPLOADS["carphone"])
+    first, second = [e for e in logs if e["event"] == "job_done"]
+    assert first["code"] == refused["error"]["code"] == "access_denied"
+    assert first["error"] == refused["error"]["message"] and "allow-list" in first["error"]
+    assert fine["status"] == "ok" and second["code"] is None and "error" not in second
+
+
 def test_missing_key_and_forbidden_bucket(s3, redis, qsettings, moderator):
     missing = enqueue(BUCKET, "clips/never-uploaded.mp4", settings=qsettings, connection=redis, s3_client=s3)
     private = enqueue("private", "clips/carphone.mp4", settings=qsettings, connection=redis, s3_client=s3)

@@ -137,7 +137,7 @@ class WorkerRuntime:
                     max_sample_gap_s=self.settings.max_sample_gap_s, policy=self.moderator.policy):
             bound.info("verdict_reused", etag=source.etag)
             self.metrics.jobs.labels(status="reused").inc()  # its scores and actions were counted when made
-            bound.info("job_done", status=stored["status"], code=(stored.get("error") or {}).get("code"), reused=True)
+            bound.info("job_done", status=stored["status"], **_error_fields(stored), reused=True)
             return {**stored, "stored_at": self.store.location_for(upload).uri}  # type: ignore[dict-item]
         report_dir = Path(tempfile.mkdtemp(prefix="deepfake-report-")) if self.settings.upload_reports else None
         try:
@@ -251,9 +251,15 @@ class WorkerRuntime:
 
     def _finish(self, verdict: dict, bound) -> dict:
         self.metrics.observe_verdict(verdict)
-        bound.info("job_done", status=verdict["status"], code=(verdict.get("error") or {}).get("code"),
-                   timings_ms=verdict.get("timings_ms"))
+        bound.info("job_done", status=verdict["status"], **_error_fields(verdict), timings_ms=verdict.get("timings_ms"))
         return verdict
+
+
+def _error_fields(verdict: dict) -> dict:
+    """An error verdict's code and message for its `job_done` line: `access_denied` alone did not say
+    whether the allow-list or S3's policy refused, and refusals are not stored in S3 to be read."""
+    error = verdict.get("error") or {}
+    return {"code": error.get("code"), **({"error": error["message"]} if error.get("message") else {})}
 
 
 _runtime: WorkerRuntime | None = None
