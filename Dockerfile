@@ -100,7 +100,8 @@ VOLUME ["/tmp", "/var/cache/deepfake"]
 WORKDIR /tmp
 USER 10001:10001
 EXPOSE 9100
-HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
+# 600 s to start, as the Kubernetes startup probe allows: a first TensorRT engine build takes minutes.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('DEEPFAKE_METRICS_PORT') or '9100'; port == '0' or urllib.request.urlopen('http://127.0.0.1:%s/healthz' % port, timeout=4)"]
 # The base's entrypoint prints a banner into the (JSON) logs and is not needed: run rq directly.
 ENTRYPOINT []
