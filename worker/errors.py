@@ -83,6 +83,17 @@ class TransientError(Exception):
     """
 
 
+class Interrupted(Exception):
+    """A read refused because the job was stopped from outside (RQ's time limit): `reason` is what
+    stopped it, for the job to raise again. An Exception, unlike the reason: PyAV's read callback
+    passes an Exception on through FFmpeg, and swallows anything else into a read of 0 bytes, which
+    FFmpeg tries again, for ever."""
+
+    def __init__(self, reason: BaseException) -> None:
+        super().__init__(f"the read was stopped: {reason}")
+        self.reason = reason
+
+
 def last_line(exc_string: str | None) -> str | None:
     """A recorded traceback's last line, `Type: message`: what to show outside the logs."""
     lines = [line.strip() for line in (exc_string or "").splitlines() if line.strip()]

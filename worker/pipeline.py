@@ -22,7 +22,7 @@ from worker.decision import DecisionPolicy
 from worker.decode import Limits, SampledFrame, VideoReader
 from worker.engine import Engine, load_engine
 from worker.engine.base import checked_probabilities
-from worker.errors import Internal, ModerationError, TransientError
+from worker.errors import Internal, Interrupted, ModerationError, TransientError
 from worker.faces import FaceDetector, create_detector
 from worker.prefetch import prefetch
 from worker.preprocess import crop_face
@@ -213,7 +213,7 @@ class Moderator:
                 verdict = self._score(source, reader, frames or self.settings.frames, timer, crops)
         except ModerationError as exc:
             return self._reported(self._error(source.uri, exc, timer, reader), report_dir, {})
-        except TransientError:
+        except (TransientError, Interrupted):  # the store, or the job stopped mid-read: no verdict about the bytes
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must cost one verdict, not the worker
             log.exception("internal_error", source=source.uri)
@@ -273,7 +273,7 @@ class Moderator:
         streaming = self.overlap or self.settings.early_exit_frames > 0
         most_held = self.settings.model_batch_size()  # crops held unscored (and one chunk): all of 1024 frames took GBs
         if self.overlap:
-            chunks = prefetch(chunks, depth=2, name="decode-detect")
+            chunks = prefetch(chunks, depth=2, name="decode-detect", abort=getattr(source, "cancel", None))
         scored: list[int] = []  # index into `faces` of each crop's face
         pending: list[np.ndarray] = []
         shadow_pending: list[np.ndarray] = []  # the shadow model's own crops, when they are cut differently

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextvars
 import queue
 import threading
-from typing import Iterator, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 _DONE = object()
@@ -19,8 +19,13 @@ class _Raised:
         self.exc = exc
 
 
-def prefetch(items: Iterator[T], depth: int = 2, name: str = "prefetch") -> Iterator[T]:
-    """Yield `items` as produced by a daemon thread; its exceptions re-raise here, in order."""
+def prefetch(items: Iterator[T], depth: int = 2, name: str = "prefetch",
+             abort: Callable[[BaseException], None] | None = None) -> Iterator[T]:
+    """Yield `items` as produced by a daemon thread; its exceptions re-raise here, in order.
+
+    `abort` is called with what stopped the consumer from outside (RQ's job time limit, raised by
+    SIGALRM here, on the main thread), before the producer is waited for: it can make the producer's
+    source fail its next read instead of reading on (worker.s3.S3RangeReader.cancel)."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -54,6 +59,12 @@ def prefetch(items: Iterator[T], depth: int = 2, name: str = "prefetch") -> Iter
             if isinstance(item, _Raised):
                 raise item.exc
             yield item
+    except (Exception, GeneratorExit):  # the producer's own errors, or the consumer stopping early
+        raise
+    except BaseException as exc:
+        if abort is not None:
+            abort(exc)
+        raise
     finally:
         stop.set()  # the consumer stopped early: let the producer exit
         thread.join()  # it finishes its current item (bounded by the decode deadline) before the reader closes

@@ -16,7 +16,7 @@ import structlog
 from botocore.exceptions import BotoCoreError, ClientError
 
 from worker import __version__
-from worker.errors import AccessDenied, ModerationError, Timeout, TransientError, Unsupported
+from worker.errors import AccessDenied, Interrupted, ModerationError, Timeout, TransientError, Unsupported
 from worker.metrics import Metrics
 from worker.pipeline import Moderator
 from worker.s3 import (NOT_FOUND_CODES, S3Location, S3Source, bucket_allowed, described, error_code, make_client,
@@ -141,9 +141,14 @@ class WorkerRuntime:
             return {**stored, "stored_at": self.store.location_for(upload).uri}  # type: ignore[dict-item]
         report_dir = Path(tempfile.mkdtemp(prefix="deepfake-report-")) if self.settings.upload_reports else None
         try:
-            verdict = self.moderator.moderate(source, frames=frames, report_dir=report_dir)
+            try:
+                verdict = self.moderator.moderate(source, frames=frames, report_dir=report_dir)
+            except Interrupted as exc:  # the time limit fell in a read, and PyAV passed on what came of it
+                raise exc.reason from None
             if self.moderator.shadow is not None and verdict["status"] == "ok" and "shadow" not in verdict:
                 self.metrics.shadow_failures.inc()  # the shadow model raised (logged): the verdict went on
+            if source.interrupt is not None:  # the time limit fell in a read, and FFmpeg took it for the end
+                raise source.interrupt
             failure = source.read_error
             if failure is None and (verdict.get("error") or {}).get("code") == "timeout" and not final_attempt:
                 failure = self.slow_store(self.moderator.limits.decode_timeout_s)

@@ -17,7 +17,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from worker.errors import AccessDenied, Corrupt, ModerationError, NotFound, TransientError
+from worker.errors import AccessDenied, Corrupt, Interrupted, ModerationError, NotFound, TransientError
 from worker.source import check_size
 
 MAX_KEY_BYTES = 1024
@@ -160,6 +160,11 @@ class S3RangeReader(io.RawIOBase):
         # raised in its read callback (and treat it as the end of the data), so the caller checks
         # this after decoding: a failed read must never end as a verdict about the upload's bytes.
         self.error: Exception | None = None
+        # What stopped a read from outside (RQ's job time limit, raised by SIGALRM inside a GET): every
+        # later read raises Interrupted with it instead of a new GET. FFmpeg retries a failed read, and
+        # a new GET against a stalled store ran minutes past the limit and ended as a storage error,
+        # the timeout lost.
+        self.interrupt: BaseException | None = None
 
     def readable(self) -> bool:
         return True
@@ -179,7 +184,13 @@ class S3RangeReader(io.RawIOBase):
         self.error = translate_error(exc, uri) or TransientError(f"reading {uri} failed: {described(exc)}")
         return self.error
 
+    def cancel(self, reason: BaseException) -> None:
+        """Make every later read raise `reason` (a job stopped while another thread reads)."""
+        self.interrupt = self.interrupt or reason
+
     def _block(self, index: int) -> bytes:
+        if self.interrupt is not None:
+            raise Interrupted(self.interrupt)
         if self.error is not None:
             raise self.error
         if index in self._blocks:
@@ -191,6 +202,11 @@ class S3RangeReader(io.RawIOBase):
         t0 = time.monotonic()
         try:
             data = self._fetch(start, end, uri)
+        except Exception:
+            raise
+        except BaseException as exc:  # not the store's failure: a time limit or a stop, kept for every later read
+            self.interrupt = self.interrupt or exc
+            raise Interrupted(exc) from exc  # PyAV swallows a BaseException into a read of 0 bytes
         finally:
             self.io_s += time.monotonic() - t0
         self._blocks[index] = data
@@ -294,6 +310,16 @@ class S3Source:
     def requests(self) -> int:
         """Ranged GETs issued for the object opened last."""
         return self.reader.requests if self.reader is not None else 0
+
+    @property
+    def interrupt(self) -> BaseException | None:
+        """What stopped a read from the object opened last from outside (see S3RangeReader.interrupt)."""
+        return self.reader.interrupt if self.reader is not None else None
+
+    def cancel(self, reason: BaseException) -> None:
+        """Make the next read of the object opened last raise `reason` (pipeline's prefetch abort)."""
+        if self.reader is not None:
+            self.reader.cancel(reason)
 
     @property
     def read_error(self) -> Exception | None:

@@ -1,0 +1,91 @@
+"""RQ's job time limit (SIGALRM raised as JobTimedOut) ends a job whose S3 read stalls, with real S3
+behind a loopback fault proxy. PyAV catches what its read callback raises and FFmpeg reads again: a
+new GET against the stalled store ran on past the limit and ended as a storage error, the timeout
+lost (the liveness probe and maintenance then took the running job for dead)."""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import boto3
+import numpy as np
+import pytest
+from botocore.config import Config
+from faultproxy import FaultProxy, Rule
+from media import encode
+from rq.timeouts import JobTimeoutException
+
+from worker.jobs import JobTimedOut
+from worker.prefetch import prefetch
+from worker.rq_worker import DeepfakeDeathPenalty
+from worker.runtime import WorkerRuntime
+
+BUCKET = "time-limit"
+KEY = "big/noise.avi"  # an AVI's index is read from its end when it is opened: the second 4 MiB block
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server, tmp_path_factory):
+    rng = np.random.default_rng(5)
+    path = tmp_path_factory.mktemp("time-limit") / "noise.avi"
+    encode(path, [rng.integers(0, 256, (480, 640, 3), dtype=np.uint8) for _ in range(18)], codec="mjpeg",
+           pix_fmt="yuvj420p", rate=10, options={"qmin": "1", "qmax": "1"})
+    assert path.stat().st_size > 4 << 20
+    return s3_server.bucket_with(BUCKET, {KEY: path.read_bytes()})
+
+
+@pytest.mark.parametrize("overlap", ["off", "on"])
+def test_the_time_limit_ends_a_job_whose_read_stalls(s3, s3_server, settings, moderator, tmp_path, overlap):
+    s = settings.model_copy(update={"s3_endpoint_url": s3_server.endpoint, "allowed_buckets": BUCKET, "frames": 4,
+                                    "overlap": overlap, "verdict_prefix": f"v-{tmp_path.name}/"})
+    with FaultProxy(s3_server.port, seed=1) as proxy:
+        proxy.add(Rule("delay", method="GET", path=r"noise\.avi$", delay_s=30,
+                       when=lambda req: (req.range_start or 0) > 0))
+        client = boto3.client("s3", endpoint_url=proxy.endpoint, region_name="us-east-1", config=Config(
+            s3={"addressing_style": "path"}, retries={"mode": "standard", "total_max_attempts": 2},
+            connect_timeout=5, read_timeout=6))
+        rt = WorkerRuntime(s, moderator=moderator, s3_client=client)
+        t0 = time.monotonic()
+        with pytest.raises(JobTimedOut):
+            with DeepfakeDeathPenalty(2, JobTimeoutException, job_id="stalled"):
+                rt.moderate_s3(BUCKET, KEY)
+        took = time.monotonic() - t0
+    # A GET in flight when the limit fell is not waited out: 0.4.5 read on, 2 tries of 6 s more
+    # per read FFmpeg retried, and raised TransientError after ~20 s.
+    assert took < 5, took
+    assert rt.source.interrupt is not None and rt.source.read_error is None
+
+
+def test_prefetch_aborts_its_producer_source_when_the_consumer_is_stopped_from_outside():
+    """Decoding in the prefetch thread, stalled in a read, while SIGALRM stops the consumer waiting
+    for it: `abort` cancels the source, whose read then fails, and prefetch waits for that only, not
+    for the stalled read's own timeouts (here 30 s)."""
+    release = threading.Event()
+    aborted: list[BaseException] = []
+
+    def frames():
+        yield 0
+        if not release.wait(30):  # a read that stalls until its source is cancelled
+            yield 1
+        raise RuntimeError("read refused: the job was stopped")
+
+    class Stopped(BaseException):
+        pass
+
+    def alarm(signum, frame):
+        raise Stopped()
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    items = prefetch(frames(), depth=2, abort=lambda exc: (aborted.append(exc), release.set()))
+    t0 = time.monotonic()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(Stopped):
+            for _ in items:  # waits inside the generator for the stalled producer when the alarm falls
+                pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - t0 < 5
+    assert len(aborted) == 1 and isinstance(aborted[0], Stopped)
