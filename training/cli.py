@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import pickle
 import shlex
 import sys
@@ -24,6 +25,8 @@ from typing import Any
 
 # main() dispatches by name to cmd_*: the demo commands live in their own module
 from training.demo_commands import cmd_demo_model, cmd_make_demo_data  # noqa: F401
+from training.extract_command import cmd_extract  # noqa: F401
+from training.run_checks import UsageError, interrupted_hint
 from worker.cli_data import non_empty, probability
 
 log = logging.getLogger(__name__)
@@ -122,13 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model on crop caches (paper recipe by default)",
                        description="Trains on the 'train' split and validates on the 'val' split of each --data "
-                                   "cache; keeps best.pt (highest val accuracy) and last.pt (resume) under --out.")
+                                   "cache; keeps best.pt (highest val accuracy) and last.pt (resume) under --out, "
+                                   "which must not hold another run unless --resume continues it or --overwrite "
+                                   "replaces it.")
     p.add_argument("--data", required=True, nargs="+", type=Path, help="crop cache(s) with train and val splits")
     p.add_argument("--cycle", nargs="*", type=Path, default=[], help="extra training caches shown one per epoch "
                    "(e.g. SBI variants from make-demo-data --variants)")
     p.add_argument("--out", required=True, type=Path, help="run directory")
     p.add_argument("--resume", type=Path, help="continue from this last.pt (its optimizer and scheduler state "
                    "keep their learning rates; changed settings are named in a warning)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its last.pt and "
+                   "best.pt); without it such an --out is refused unless resuming from its last.pt")
     p.add_argument("--augment", action="store_true",
                    help="random zoom/shift/greyscale/brightness/contrast (training.sampling.Augment)")
     p.add_argument("--hflip", action="store_true", help="flip half the training crops left-right")
@@ -195,47 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
 # -- handlers (heavy imports inside, so --help stays fast) ------------------------------------------
 
 
-def _frames_for(dataset: str, override: int | None, sampling: str = "paper") -> tuple[dict[str, int], str]:
-    """Paper III-A: FF++ 270 consecutive train frames, 100 val/test; Celeb-DF 25 frames per video.
-    `sampling="worker"`: the worker's default frame count (or `override`) spread over each video."""
-    if sampling == "worker":
-        from worker.settings import Settings
-
-        n = override if override is not None else Settings.model_fields["frames"].default
-        return {s: n for s in ("train", "val", "test")}, "even"
-    if override is not None:
-        return {s: override for s in ("train", "val", "test")}, "even" if dataset == "celebdf" else "consecutive"
-    if dataset == "celebdf":
-        return {"train": 25, "val": 25, "test": 25}, "even"
-    return {"train": 270, "val": 100, "test": 100}, "consecutive"
-
-
-def cmd_extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from training.data import assign_frames, celebdf_videos, dfd_videos, extract_videos, ffpp_videos
-    from training.data.datasets import FFPP_COMPRESSIONS, FFPP_KNOWN
-
-    if args.frames is not None and args.frames < 1:
-        parser.error("--frames must be at least 1")
-    if args.compression not in FFPP_COMPRESSIONS:  # checked here: the data package is slow to import for --help
-        parser.error(f"--compression must be one of {', '.join(FFPP_COMPRESSIONS)}, not {args.compression!r}")
-    if unknown := sorted(set(args.manipulations or ()) - set(FFPP_KNOWN)):
-        dfd = " (for DeepFakeDetection: --dataset dfd)" if "DeepFakeDetection" in unknown else ""
-        parser.error(f"unknown --manipulations {', '.join(unknown)}; FF++ has {', '.join(FFPP_KNOWN)}{dfd}")
-    if args.dataset == "ffpp":
-        kw = {"manipulations": args.manipulations} if args.manipulations else {}
-        items = ffpp_videos(args.root, splits=args.splits, compression=args.compression, missing=args.missing, **kw)
-    elif args.dataset == "celebdf":
-        items = celebdf_videos(args.root, missing=args.missing)
-    else:
-        items = dfd_videos(args.root, compression=args.compression)
-    frames, mode = _frames_for(args.dataset, args.frames, args.sampling)
-    items = assign_frames(items, frames, balance=() if args.no_balance else ("train", "val"))
-    stats = extract_videos(items, args.out, frames_per_video=max(frames.values()), size=args.size, mode=mode)
-    print(json.dumps({"videos": stats.videos, "skipped": stats.skipped, "frames": stats.frames, "crops": stats.crops,
-                      "no_face": stats.no_face, "failed": len(stats.failed)}))
-    return 1 if stats.failed else 0
-
-
 def _config(args: argparse.Namespace, out: Path, **kw: Any):  # -> TrainConfig
     from training.train import TrainConfig
 
@@ -264,10 +230,12 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.cycle:
         train_ds = EpochCycle([train_ds] + [split([c], "train", True) for c in args.cycle])
     cfg = _config(args, args.out, model=args.model, model_kwargs=dict(args.model_arg), imagenet_path=args.imagenet,
-                  resume=str(args.resume) if args.resume else None, balance=args.balance, paired=args.paired)
+                  resume=str(args.resume) if args.resume else None, balance=args.balance, paired=args.paired,
+                  overwrite=args.overwrite)
     result = train(cfg, train_ds, split(args.data, "val", False), crop_recipe=caches_recipe([*args.data, *args.cycle]))
-    print(json.dumps({"best_epoch": result.best_epoch, "best": result.best, "best_path": str(result.best_path),
-                      "seconds": round(result.seconds, 1)}))
+    best = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.best.items()}
+    print(json.dumps({"best_epoch": result.best_epoch, "best": best, "best_path": str(result.best_path),
+                      "seconds": round(result.seconds, 1)}))  # null, not NaN: an AUC of one class is none
     return 0
 
 
@@ -277,6 +245,10 @@ def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from training.evaluate import evaluate_model
     from training.run_files import load_checkpoint_model, trained_recipe
 
+    names = [Path(root).name or Path(root).resolve().name for root in args.data]  # each one's report folder
+    if len(names) > 1 and (twice := sorted({n for n in names if names.count(n) > 1})):
+        parser.error(f"--data caches named alike ({', '.join(twice)}) would write one report folder under --out: "
+                     "give each cache a distinct folder name (a symlink will do)")
     threshold = args.threshold
     trained = None  # how the model's training crops were cut, where it records that
     if (args.engine or args.precision or args.int8_calibration) and not args.model_dir:
@@ -305,15 +277,15 @@ def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         trained = trained_recipe(model)
     threshold = 0.5 if threshold is None else threshold
     results = {}
-    for root in args.data:
+    for root, name in zip(args.data, names):
         if warning := recipe_mismatch(root, trained):
             log.warning(warning)
         res = evaluate_model(model, CropDataset(root, args.split), args.batch_size, threshold=threshold,
                              review_threshold=args.review_threshold, device=args.device)
-        out = args.out if len(args.data) == 1 else args.out / Path(root).name
+        out = args.out if len(args.data) == 1 else args.out / name
         write_report(res, out, name=args.name)
         print(markdown_report(res, name=args.name))
-        results[Path(root).name] = res
+        results[name] = res
     if len(results) > 1:
         table = cross_dataset_table(results, name=args.name)
         (args.out / "cross_dataset.md").write_text(table)
@@ -389,10 +361,13 @@ def main(argv: list[str] | None = None) -> int:
 
             check_device(args.device)
         return int(handler(args, parser) or 0)
+    except UsageError as exc:  # a run it would lose or mix up: a usage error, exit 2
+        parser.error(str(exc))
     except (FileNotFoundError, ValueError) as exc:  # bad paths or data: a clear line, not a traceback
         print(f"error: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
-        print(f"python -m training {args.command}: interrupted", file=sys.stderr)
+        hint = interrupted_hint(args.out) if args.command == "train" else ""
+        print(f"python -m training {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except (OSError, RuntimeError, TypeError, pickle.UnpicklingError) as exc:
         # An --out that is a file, a directory not writable, a --device this torch lacks, a truncated

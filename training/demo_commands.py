@@ -58,7 +58,7 @@ def cmd_demo_model(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     aug = Augment()
     train_ds = EpochCycle([CropDataset(r, "train", transform=aug, hflip=True, in_memory=True) for r in roots])
     val_ds, test_ds = (CropDataset(roots[0], s, in_memory=True) for s in ("val", "test"))
-    cfg = _config(args, args.work / "run", model="mdcsd_tiny", paired=True,
+    cfg = _config(args, args.work / "run", model="mdcsd_tiny", paired=True, overwrite=True,  # a rerun rebuilds it
                   model_kwargs={"input_size": args.size, **DEMO_MODEL_KWARGS})
     result = train(cfg, train_ds, val_ds, crop_recipe=caches_recipe(roots))
     model = result.model.cpu().eval()

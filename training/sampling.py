@@ -1,7 +1,6 @@
 """Batches and per-sample jitter for training on small face-crop sets (used by :mod:`training.train`)."""
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -110,16 +109,30 @@ class PairedBatchSampler(torch.utils.data.Sampler):
             groups.setdefault(self.key(r), []).append(i)
         return list(groups.values())
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def _batches(self, generator: torch.Generator) -> list[list[int]]:
+        """Groups in shuffled order, packed into batches of at most `batch_size` crops: a group that
+        would overflow the batch starts the next one (one larger than a batch is split)."""
         groups = self._groups()
-        batch: list[int] = []
-        for g in torch.randperm(len(groups), generator=self.generator).tolist():
-            batch.extend(groups[g])
-            if len(batch) >= self.batch_size:
-                yield batch
+        batches, batch = [], []
+        for g in torch.randperm(len(groups), generator=generator).tolist():
+            group = groups[g]
+            if batch and len(batch) + len(group) > self.batch_size:
+                batches.append(batch)
                 batch = []
+            batch.extend(group)
+            while len(batch) >= self.batch_size:
+                batches.append(batch[: self.batch_size])
+                batch = batch[self.batch_size:]
         if batch:
-            yield batch
+            batches.append(batch)
+        return batches
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        yield from self._batches(self.generator)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.dataset) / self.batch_size)  # type: ignore[arg-type]
+        """The next ``__iter__``'s batch count: how groups of one and two pack depends on their order, so
+        it is drawn from a copy of the generator in its present state (train seeds it, then asks)."""
+        peek = torch.Generator()
+        peek.set_state(self.generator.get_state())
+        return len(self._batches(peek))

@@ -12,7 +12,8 @@ Files under ``out_dir`` (rank 0 only): ``best.pt`` (weights of the best epoch + 
 ``last.pt`` (model, optimizer, scheduler, epoch, best and history: resume from it), both with the
 crops' ``crop_recipe`` (how they were cut, which export puts in the model card),
 ``metrics.csv`` (one row per epoch), ``config.json`` and TensorBoard events when tensorboard is
-installed. Validation metrics are frame-level unless named ``video``.
+installed. Validation metrics are frame-level unless named ``video``. Nothing is written before the
+checks of ``training.run_checks`` pass: an ``out_dir`` holding another run is refused (``overwrite``).
 
 Multi-GPU: ``torchrun --nproc_per_node=N -m training train ...`` sets WORLD_SIZE>1; each process
 then trains batch_size // N crops a step (the step's batch stays the paper's 32, as when it trained
@@ -22,12 +23,11 @@ scheduler and checkpoint decisions.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import random
-import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -43,12 +43,13 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from worker.preprocess import CropRecipe
-from worker.torch_files import load_tensors
 
 from training.evaluate import accuracy, roc_auc, video_level
 from training.models import create_model
 from training.models.cross_stitch import param_groups
 from training.normalise import fit_frequency_norm
+from training.run_checks import (best_plan, check_classes, check_out_dir, check_settings, load_resumed, prepare_run_dir,
+                                 read_resumed)
 from training.run_files import check_crops_fit, resume_changes, resumed_recipe, save_atomic, tensorboard_writer, write_csv
 from training.sampling import Augment, EpochCycle, PairedBatchSampler, labels_of, sbi_pair_key
 
@@ -82,6 +83,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" = cuda when available, else cpu
     out_dir: str = "runs/train"
     resume: str | None = None  # a last.pt to continue from
+    overwrite: bool = False  # replace the run already in out_dir (else refused: training.run_checks)
     log_every: int = 20  # steps between progress-bar / TensorBoard loss updates
     balance: bool = False  # sample real and fake crops equally often (single process only)
     paired: bool = False  # keep a frame's real and SBI crops in one batch (PairedBatchSampler; single process)
@@ -232,14 +234,20 @@ def train(
     rank, world, device, own_group = _dist_setup(cfg)
     out_dir = Path(cfg.out_dir)
     best_path, last_path = out_dir / "best.pt", out_dir / "last.pt"
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    check_settings(cfg.batch_size, world, cfg.balance, cfg.paired)
+    ckpt = read_resumed(cfg.resume, device) if cfg.resume else None
+    check_out_dir(out_dir, cfg.resume, cfg.overwrite)  # nothing is written into out_dir before the checks pass
     seed_everything(cfg.seed)
     fresh = model is None
     if model is None:
         model = create_model(cfg.model, imagenet_path=cfg.imagenet_path, **cfg.model_kwargs)
     check_crops_fit(model, train_ds)  # before the frequency normalisation's first forward pass
+    check_classes(train_ds, val_ds, warn=rank == 0)
+    if ckpt is not None:
+        load_resumed(ckpt, str(cfg.resume), model, cfg.model_kwargs)
+    plan = best_plan(ckpt, cfg.resume, best_path, cfg.overwrite)
+    if rank == 0:
+        prepare_run_dir(out_dir, asdict(cfg), plan, ckpt, cfg.resume)
     if fresh:
         full_width = getattr(model, "init_kwargs", {}).get("width") == 1.0  # ImageNet weights fit only this
         if cfg.imagenet_path is None and "rgb" in getattr(model, "branches", ()) and full_width and not cfg.resume \
@@ -249,43 +257,35 @@ def train(
         if cfg.freq_norm_crops > 0 and not cfg.resume and "freq_mean" not in cfg.model_kwargs:
             # Every rank draws the same crops with the same seed, so all fit the same constants.
             stats = fit_frequency_norm(model, train_ds, cfg.freq_norm_crops, progress=cfg.progress and rank == 0)
-            if stats is not None and cfg.progress and rank == 0:
+            if stats is not None and rank == 0:
                 tqdm.write("frequency-branch normalisation from the training crops: mean "
-                           f"{[round(v, 4) for v in stats[0]]} std {[round(v, 4) for v in stats[1]]}")
+                           f"{[round(v, 4) for v in stats[0]]} std {[round(v, 4) for v in stats[1]]}", file=sys.stderr)
     model.to(device)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp == "fp16")
 
     start_epoch, best, history = 0, None, []
-    if cfg.resume:
-        ckpt = load_tensors(cfg.resume, map_location=device)  # a text file, a cut one: said in one line
-        model.load_state_dict(ckpt["model"])
+    if ckpt is not None:  # its weights are in the model already (load_resumed)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best, history = int(ckpt["epoch"]), ckpt.get("best"), list(ckpt.get("history", []))
+        start_epoch, best, history = int(ckpt["epoch"]), plan.best, list(ckpt.get("history", []))
         crop_recipe = resumed_recipe(ckpt.get("crop_recipe"), crop_recipe, cfg.resume, warn=rank == 0)
         for change in resume_changes(ckpt.get("config") or {}, {**asdict(cfg), "processes": world}) if rank == 0 else ():
             log.warning("resuming %s with %s", cfg.resume, change)
-        src = Path(cfg.resume).with_name("best.pt")  # resuming into another directory: bring the best along
-        if rank == 0 and not best_path.exists() and src.exists():
-            shutil.copy2(src, best_path)
+        del ckpt  # its tensors (the optimizer's moments) need not outlive the loading
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     batch = cfg.batch_size // world  # the paper's batch is the whole step's, however many GPUs share it
-    if batch < 1:
-        raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {world} processes sharing it")
     if cfg.batch_size % world and rank == 0:
         log.warning("batch_size %d does not split over %d processes: each takes %d, %d a step",
                     cfg.batch_size, world, batch, batch * world)
     gen = torch.Generator()
     if world > 1:
-        if cfg.balance:
-            raise ValueError("balance=True is not supported with several processes")
         sampler: Any = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
     elif cfg.balance:
         labels = np.asarray(labels_of(train_ds))
@@ -295,8 +295,6 @@ def train(
         sampler = None
     pin = device.type == "cuda"
     if cfg.paired:
-        if world > 1 or cfg.balance:
-            raise ValueError("paired=True works in a single process and without balance")
         loader = DataLoader(train_ds, batch_sampler=PairedBatchSampler(train_ds, batch, gen),
                             num_workers=cfg.num_workers, pin_memory=pin, worker_init_fn=_seed_worker)
     else:
@@ -376,11 +374,10 @@ def train(
                 for k, v in row.items():
                     if k not in ("epoch", "best") and isinstance(v, float) and math.isfinite(v):
                         tb.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
-            if cfg.progress:
-                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} val_loss "
-                           f"{val['val_loss']:.4f} val_acc {val['val_acc']:.4f} val_auc {val['val_auc']:.4f} "
-                           f"video_auc {val['val_video_auc']:.4f} lr {row['lr']:.2e} "
-                           f"{row['seconds']:.0f}s{' *' if improved else ''}")
+            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} val_loss "  # bars or not
+                       f"{val['val_loss']:.4f} val_acc {val['val_acc']:.4f} val_auc {val['val_auc']:.4f} "
+                       f"video_auc {val['val_video_auc']:.4f} lr {row['lr']:.2e} "
+                       f"{row['seconds']:.0f}s{' *' if improved else ''}", file=sys.stderr)
         for cb in callbacks:
             cb(row, model)
         if world > 1:
