@@ -13,11 +13,14 @@ import json
 import socket
 import threading
 import time
+from typing import Callable
 from urllib.parse import unquote
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from prometheus_client import generate_latest
+from rq.job import Job
+from rq.serializers import JSONSerializer
 from workers import abandon, burst, queue_settings
 
 from worker.queue import enqueue, job_state, queue_status
@@ -38,12 +41,15 @@ class Receiver:
     def __init__(self) -> None:
         self.requests: list[dict] = []
         self.fail_next = 0  # answer this many POSTs with 503 first, whatever the path
+        self.on_post: Callable[[dict], None] | None = None  # called with each request before it is answered
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 receiver.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                if receiver.on_post is not None:
+                    receiver.on_post(receiver.requests[-1])
                 if self.path.startswith("/slow"):
                     time.sleep(5)
                 if receiver.fail_next > 0:
@@ -375,6 +381,27 @@ def test_a_webhook_not_delivered_is_sent_by_the_next_enqueue_with_it(s3, redis, 
                    s3_client=s3) == requeued
     burst(redis, settings, moderator)
     assert json.loads(receiver.requests[-1]["body"])["job_id"] == requeued and not redis.exists(undelivered_key(requeued))
+
+
+def test_a_webhook_is_noted_undelivered_until_it_is_delivered(s3, redis, redis_server, s3_server, random_model_dir,
+                                                              moderator, receiver, tmp_path):
+    """RQ saves the result, then sends: a worker killed mid-POST left no note, so the enqueue that
+    follows was answered by the finished job and the receiver never heard (0.4.5). The note is there
+    while the POST is under way, and gone once it is delivered."""
+    from worker.job_webhooks import was_undelivered
+
+    settings = worker_settings(random_model_dir, redis_server, s3_server, tmp_path, webhook_hosts="127.0.0.1")
+    burst(redis, settings, moderator)  # the published model: duplicates are matched
+    hook = receiver.url("/deepfake?token=t2")
+    noted = []
+    receiver.on_post = lambda req: noted.append(
+        (Job.fetch(json.loads(req["body"])["job_id"], connection=redis, serializer=JSONSerializer).get_status(),
+         was_undelivered(redis, json.loads(req["body"])["job_id"], hook)))
+    job_id = enqueue(BUCKET, KEY, webhook_url=hook, settings=settings, connection=redis, s3_client=s3)
+    burst(redis, settings, moderator)
+    assert noted == [("finished", True)]  # a kill now leaves the note: the next enqueue with it sends again
+    assert not was_undelivered(redis, job_id, hook)
+    assert enqueue(BUCKET, KEY, webhook_url=hook, settings=settings, connection=redis, s3_client=s3) == job_id
 
 
 def test_worker_refuses_an_internal_receiver_and_still_finishes_the_job(s3, redis, redis_server, s3_server,

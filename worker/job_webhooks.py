@@ -1,7 +1,9 @@
 """Sending a finished or failed job's webhooks (worker.rq_worker.DeepfakeJob.send_webhooks), and
 remembering which were not delivered.
 
-A webhook is tried once. One that failed (the receiver down, a timeout, a non-2xx answer) is noted
+A webhook is tried once. One that failed (the receiver down, a timeout, a non-2xx answer), or whose
+worker died while sending it (each is noted before it is sent, the note taken back once it is
+delivered or refused: a kill after RQ saved the result but before the POST lost it for good), is noted
 beside its job, as a sha256 digest of its URL (a URL's query may hold a token), for as long as the
 job's result: enqueueing the upload again with the same webhook then makes a new job, which reuses the
 stored verdict and sends it, where a duplicate would otherwise be answered by the finished job and the
@@ -91,7 +93,8 @@ def send_job_webhooks(job: "Job", status: Any, exc_string: str | None) -> None:
             rt.metrics.webhooks.labels(outcome="failed").inc(len(hooks))
         _note(job, failed=[h.url for h in hooks], sent=[], status=status)
         return
-    failed, sent = [], []
+    _note(job, failed=[h.url for h in hooks], sent=[], status=status)  # until each is delivered or refused
+    failed, settled = [], []
     for hook in hooks:
         host = None
         try:
@@ -111,8 +114,9 @@ def send_job_webhooks(job: "Job", status: Any, exc_string: str | None) -> None:
                         reason=f"unexpected {type(exc).__name__}")
         if rt is not None:
             rt.metrics.webhooks.labels(outcome=outcome).inc()
-        {"failed": failed, "sent": sent}.get(outcome, []).append(hook.url)
-    _note(job, failed=failed, sent=sent, status=status)
+        # the note is taken back for a refused one too: the workers' host policy would refuse it again
+        (settled if outcome in ("sent", "refused") else failed).append(hook.url)
+    _note(job, failed=failed, sent=settled, status=status)
 
 
 def _note(job: "Job", *, failed: list[str], sent: list[str], status: Any) -> None:
