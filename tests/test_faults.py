@@ -404,6 +404,33 @@ def test_two_runtimes_racing_write_one_verdict_and_both_return_it(s3, fsettings,
     assert events.count("verdict_race_lost") == 1, events  # B's, alone: A's write was the first
 
 
+def test_a_race_lost_to_another_question_returns_and_stores_this_jobs_answer(s3, fsettings, moderator, s3_server):
+    """A (4 frames) stores while B (8 frames: another enqueue's --frames, or a worker of the next
+    release) scores the same bytes: A's verdict does not answer B's question, as a stored one read
+    before scoring would not have, so B's replaces it and is B's result. 0.4.5 returned A's."""
+    a = runtime(fsettings, moderator, s3_server.endpoint)
+    b = runtime(fsettings, moderator, s3_server.endpoint)
+    inner = b.moderator.moderate
+
+    class Interleaved:
+        def __getattr__(self, name):
+            return getattr(moderator, name)
+
+        def moderate(self, source, frames=None, **kwargs):
+            verdict = inner(source, frames=frames, **kwargs)
+            a.moderate_s3(BUCKET, KEYS["carphone"], frames=4)  # A wins the race while B is still scoring
+            return verdict
+
+    b.moderator = Interleaved()
+    with capture_logs() as logs:
+        mine = b.moderate_s3(BUCKET, KEYS["carphone"], frames=8)
+    assert mine["input"]["frames"] == 8 and mine["video"]["frames_sampled"] == 8
+    [only] = stored(s3, fsettings, KEYS["carphone"])
+    assert only["created_at"] == mine["created_at"] and only["input"]["frames"] == 8
+    events = [e["event"] for e in logs]
+    assert "verdict_race_lost" in events and "verdict_for_another_question_replaced" in events, events
+
+
 @pytest.mark.timeout(300)
 def test_two_worker_processes_given_one_object_at_once_write_one_verdict(s3, redis_server, fsettings, tmp_path):
     """Two real worker processes take two jobs for one upload together. Whether their writes race (one

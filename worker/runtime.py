@@ -229,6 +229,12 @@ class WorkerRuntime:
         except BotoCoreError as exc:
             raise TransientError(f"HEAD {upload.uri} failed: {exc}") from exc
 
+    def _answers(self, verdict: dict, etag: str, frames: int) -> bool:
+        """Whether `verdict` is a final answer for the bytes with `etag` as this worker asks the question
+        (its model, policy and sample gap, and `frames`), as a stored verdict must be to be reused."""
+        return reusable(verdict, etag=etag, model_sha256=self.model["sha256"], frames=frames,
+                        max_sample_gap_s=self.settings.max_sample_gap_s, policy=self.moderator.policy)
+
     def _store(self, upload: S3Location, verdict: dict, stored_etag: str | None, bound, *,
                etag: str | None = None) -> dict:
         """Write the verdict for the bytes with `etag` (None: about no bytes, a missing upload's: it
@@ -245,6 +251,13 @@ class WorkerRuntime:
             if theirs is not None and etag is not None and input_etag(theirs) != etag \
                     and self._current_etag(upload) == etag:
                 bound.info("verdict_for_earlier_bytes_replaced", theirs=input_etag(theirs), ours=etag)
+                theirs = None
+            elif theirs is not None and etag is not None and (frames := (verdict.get("input") or {}).get("frames")) \
+                    and self._answers(verdict, etag, frames) and not self._answers(theirs, etag, frames):
+                # The same bytes asked another question (other frames, model or policy: a rolling update,
+                # an enqueue with --frames): theirs is replaced by this job's final answer, as a stored
+                # verdict read before scoring would have been, not returned as this job's (0.4.5 did).
+                bound.info("verdict_for_another_question_replaced", theirs_frames=(theirs.get("input") or {}).get("frames"))
                 theirs = None
             if theirs is None and their_etag is not None and self.store.put(upload, verdict, replaces=their_etag):
                 theirs = verdict
