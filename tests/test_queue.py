@@ -284,6 +284,22 @@ def test_duplicate_enqueue_returns_the_existing_job_then_the_stored_verdict(s3, 
     assert fresh["video"]["frames_sampled"] == 4 and fresh["created_at"] != original["created_at"]
 
 
+def test_a_lost_model_record_is_published_again_by_the_next_maintenance_pass(s3, redis, qsettings, moderator):
+    """Redis restarted empty under running workers: the record enqueuers match duplicates against was
+    gone until a worker started (every enqueue a new job, `deepfake status` model null). A maintenance
+    pass writes it again, and never over another worker's (the last to start is the one named)."""
+    worker = burst(redis, qsettings, moderator)
+    published = redis.get("deepfake:model:deepfake")
+    redis.delete("deepfake:model:deepfake")
+    worker.run_maintenance_tasks()
+    assert redis.get("deepfake:model:deepfake") == published
+    newer = json.dumps({**json.loads(published), "worker_version": "9.9.9"})
+    redis.set("deepfake:model:deepfake", newer)  # a worker that started later
+    worker.run_maintenance_tasks()
+    assert redis.get("deepfake:model:deepfake").decode() == newer
+    assert queue_status(settings=qsettings, connection=redis)["model"]["worker_version"] == "9.9.9"
+
+
 def test_a_duplicate_keeps_its_callers_webhook_and_priority(s3, redis, qsettings, moderator):
     """The duplicate's answer is the live job only where that job will tell this caller: another receiver
     gets a job of its own (which reuses the stored verdict); `--front` moves a waiting duplicate ahead."""

@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker, worker_registration
 from rq.exceptions import NoSuchJobError, StopRequested
 from rq.job import Job
@@ -232,6 +233,10 @@ class DeepfakeWorker(SimpleWorker):
         also restart the scheduler, stopped on purpose, forking the loaded worker.)"""
         if not self._stop_requested:
             super().run_maintenance_tasks()
+            try:
+                self.publish_model(only_if_missing=True)
+            except RedisError as exc:  # the next pass tries again; duplicates make new jobs meanwhile
+                log.warning("model_not_published", error=str(exc))
 
     def clean_registries(self) -> None:
         """RQ's, with `worker.maintenance.recover_stranded` for RQ's intermediate-list cleanup (the
@@ -275,12 +280,15 @@ class DeepfakeWorker(SimpleWorker):
             process.kill()
         process.join()
 
-    def publish_model(self) -> None:
+    def publish_model(self, only_if_missing: bool = False) -> None:
         """Tell enqueuers (duplicate matching) and `deepfake status` which model and decision policy
-        this worker runs; the last worker to start on a queue is the one named."""
-        assert self.runtime is not None
+        this worker runs; the last worker to start on a queue is the one named. With `only_if_missing`
+        (each maintenance pass), written again where it is gone: a Redis restarted empty lost it, and
+        every enqueue made a new job meanwhile (duplicates are matched against it)."""
+        if self.runtime is None:
+            return
         for q in self.queues:
-            self.connection.set(model_key(q.name), json.dumps(self.runtime.published()))
+            self.connection.set(model_key(q.name), json.dumps(self.runtime.published()), nx=only_if_missing)
 
     def load_runtime(self, settings: Settings | None = None) -> WorkerRuntime:
         if self.runtime is None:
