@@ -5,6 +5,7 @@ real S3 server, the real model loader and the real CLI entry point."""
 from __future__ import annotations
 
 import json
+import time
 import os
 import re
 import shutil
@@ -94,6 +95,20 @@ def test_a_working_configuration_passes_every_check(env, capsys, tmp_path):
     assert f"{BUCKET} reachable" in results["s3"]["detail"]
     assert "0 waiting" in results["redis"]["detail"]
     assert results["rq"]["detail"] == f"rq worker runs worker.rq_worker.DeepfakeWorker on {durable.url}"
+
+
+def test_a_clock_far_from_redis_is_warned_of(env, capsys, monkeypatch):
+    """RQ dates running jobs by each worker's clock: a CronJob or worker two minutes ahead takes a
+    running job for abandoned. The check compares this machine's clock with Redis' TIME (this one's
+    moved, as a skewed node's would be)."""
+    import worker.preflight as preflight
+
+    _, synced = check(capsys, "--only", "redis")
+    assert "clock" not in (synced["redis"]["warning"] or "")
+    monkeypatch.setattr(preflight, "_wall_clock", lambda: time.time() + 120)
+    code, ahead = check(capsys, "--only", "redis")
+    assert code == 0 and ahead["redis"]["ok"]  # a warning: the queue works, its cleaning may misjudge
+    assert "this machine's clock is 120 s ahead of Redis'" in ahead["redis"]["warning"], ahead["redis"]
 
 
 def test_the_rq_check_fails_where_rq_worker_would_fail_or_miss_every_job(env, capsys, redis, redis_server):

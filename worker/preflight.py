@@ -22,6 +22,11 @@ from worker.settings import DEFAULT_QUEUE, Settings
 CHECKS = ("model", "redis", "rq", "s3", "webhooks", "signing")
 NETWORK_TIMEOUT_S = 5.0
 NEARLY_FULL = 0.85  # of maxmemory: warned of, as DeepfakeRedisNearlyFull alerts
+# RQ dates a running job's registry entry by its worker's clock (its limit + 60 s ahead), and each
+# cleaner compares it with its own: one running that far ahead of a worker takes its running job
+# for abandoned and retries or fails it while it still runs.
+CLOCK_SKEW_S = 10.0
+_wall_clock = time.time  # this machine's clock, compared with Redis' (a test moves it)
 RQ_DEFAULT_URL = "redis://localhost:6379/0"  # what `rq worker` connects to when RQ_REDIS_URL is unset
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 _HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
@@ -85,11 +90,16 @@ def check_redis(settings: Settings) -> Check:
     connection = Redis.from_url(settings.redis_url, socket_timeout=NETWORK_TIMEOUT_S,
                                 socket_connect_timeout=NETWORK_TIMEOUT_S)
     connection.ping()
+    skew = clock_skew_s(connection)
     version = connection.info("server").get("redis_version", "?")
     depths = queue_depths(connection, settings.queue)
     detail = (f"Redis {version}, queue {settings.queue!r}: {depths['queued']} waiting, {depths['started']} running, "
               f"{depths['scheduled']} retries waiting out their backoff, {depths['failed']} failed")
     warnings = []
+    if skew is not None and abs(skew) > CLOCK_SKEW_S:
+        warnings.append(f"this machine's clock is {abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'} Redis': "
+                        "RQ dates running jobs by each worker's clock, and a cleaner a minute ahead of a worker "
+                        "takes its running job for abandoned; keep every clock synchronised (NTP)")
     try:
         aof = int(connection.info("persistence").get("aof_enabled", 0))
         memory = redis_memory(connection)
@@ -117,6 +127,20 @@ def check_redis(settings: Settings) -> Check:
                         "maxmemory or keep results for less time (docs/deploy.md, When Redis is full)")
     memory_detail = f"{used / 2**20:.1f} MiB" + (f" of {limit / 2**20:.0f} MiB" if limit else ", no maxmemory")
     return Check("redis", True, f"{detail}; {memory_detail}", "; ".join(warnings) or None)
+
+
+def clock_skew_s(connection) -> float | None:  # type: ignore[no-untyped-def]
+    """How far this machine's clock runs ahead of the Redis server's (negative: behind), to within
+    half a round trip; None where TIME is not allowed."""
+    from redis.exceptions import ResponseError
+
+    before = _wall_clock()
+    try:
+        seconds, micros = connection.time()
+    except ResponseError:
+        return None
+    after = _wall_clock()
+    return (before + after) / 2 - (seconds + micros / 1e6)
 
 
 def _import_class(dotted: str) -> type:
