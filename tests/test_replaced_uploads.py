@@ -136,3 +136,32 @@ def test_the_same_bytes_refused_at_head_keep_their_verdict(s3, rsettings, modera
     rt.timeout_verdict(BUCKET, key, 600)
     [only] = stored(s3, rsettings, key)
     assert only["created_at"] == judged["created_at"]
+
+
+def test_a_job_for_the_old_bytes_storing_last_keeps_the_new_bytes_verdict(s3, rsettings, moderator, corpus):
+    """A scores the old bytes; the upload is replaced and B judges and stores the new ones; then A
+    stores. B's verdict is about the bytes at the key and stays. (0.4.6's first cut of the race rule
+    for verdicts of another question took B's for one and replaced it with A's, about bytes no longer
+    there: found by a review of the change, never released.)"""
+    key = "clips/old-job-last.mp4"
+    put(s3, key, corpus["carphone"].read_bytes())
+    a = WorkerRuntime(rsettings, moderator=moderator, s3_client=s3)
+    b = WorkerRuntime(rsettings, moderator=moderator, s3_client=s3)
+    inner = a.moderator.moderate
+    new: dict[str, object] = {}
+
+    class ReplacedWhileScoring:
+        def __getattr__(self, name):
+            return getattr(moderator, name)
+
+        def moderate(self, source, frames=None, **kwargs):
+            verdict = inner(source, frames=frames, **kwargs)  # A scored the old bytes
+            new["etag"] = put(s3, key, corpus["faststart_mp4"].read_bytes())  # the upload is replaced
+            new["verdict"] = b.moderate_s3(BUCKET, key)  # B judges the new bytes and stores first
+            return verdict
+
+    a.moderator = ReplacedWhileScoring()
+    mine = a.moderate_s3(BUCKET, key)
+    [only] = stored(s3, rsettings, key)
+    assert only["input"]["etag"] == new["etag"] and only["created_at"] == new["verdict"]["created_at"]
+    assert mine["created_at"] == new["verdict"]["created_at"]  # A returns the verdict stored for the key

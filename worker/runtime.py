@@ -252,7 +252,8 @@ class WorkerRuntime:
                     and self._current_etag(upload) == etag:
                 bound.info("verdict_for_earlier_bytes_replaced", theirs=input_etag(theirs), ours=etag)
                 theirs = None
-            elif theirs is not None and etag is not None and (frames := (verdict.get("input") or {}).get("frames")) \
+            elif theirs is not None and etag is not None and input_etag(theirs) == etag \
+                    and (frames := (verdict.get("input") or {}).get("frames")) \
                     and self._answers(verdict, etag, frames) and not self._answers(theirs, etag, frames):
                 # The same bytes asked another question (other frames, model or policy: a rolling update,
                 # an enqueue with --frames): theirs is replaced by this job's final answer, as a stored
