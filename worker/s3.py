@@ -7,10 +7,12 @@ seen at HEAD time: an object replaced mid-read fails cleanly instead of mixing t
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import boto3
 from botocore.config import Config
@@ -150,6 +152,8 @@ class S3RangeReader(io.RawIOBase):
                  block_size: int = 4 << 20, cache_blocks: int = 4) -> None:
         super().__init__()
         self._client, self._bucket, self._key = client, bucket, key
+        client.meta.events.register("before-send.s3.GetObject", _refuse_when_interrupted,
+                                    unique_id="deepfake-refuse-when-interrupted")  # once per client
         self._size, self._etag = size, etag
         self._block_size, self._cache_blocks = block_size, cache_blocks
         self._blocks: OrderedDict[int, bytes] = OrderedDict()
@@ -185,12 +189,26 @@ class S3RangeReader(io.RawIOBase):
         return self.error
 
     def cancel(self, reason: BaseException) -> None:
-        """Make every later read raise `reason` (a job stopped while another thread reads)."""
+        """Make every later read, and the next try of a GET in flight, raise Interrupted(`reason`) (a
+        job stopped while another thread reads): the GET waits for its try in flight only."""
         self.interrupt = self.interrupt or reason
 
-    def _block(self, index: int) -> bytes:
+    @contextmanager
+    def _stoppable(self) -> Iterator[None]:
+        """What stops a read from outside (anything not an Exception: RQ's time limit, a stop) is kept,
+        and raised as Interrupted, an Exception: PyAV turns anything else raised in its read callback
+        into a read of 0 bytes, which FFmpeg tries again, for ever."""
         if self.interrupt is not None:
             raise Interrupted(self.interrupt)
+        try:
+            yield
+        except Exception:
+            raise
+        except BaseException as exc:
+            self.interrupt = self.interrupt or exc
+            raise Interrupted(exc) from exc
+
+    def _block(self, index: int) -> bytes:
         if self.error is not None:
             raise self.error
         if index in self._blocks:
@@ -202,11 +220,6 @@ class S3RangeReader(io.RawIOBase):
         t0 = time.monotonic()
         try:
             data = self._fetch(start, end, uri)
-        except Exception:
-            raise
-        except BaseException as exc:  # not the store's failure: a time limit or a stop, kept for every later read
-            self.interrupt = self.interrupt or exc
-            raise Interrupted(exc) from exc  # PyAV swallows a BaseException into a read of 0 bytes
         finally:
             self.io_s += time.monotonic() - t0
         self._blocks[index] = data
@@ -217,12 +230,17 @@ class S3RangeReader(io.RawIOBase):
     def _fetch(self, start: int, end: int, uri: str) -> bytes:
         """Bytes start..end (inclusive), pinned to the ETag, a body cut off mid-stream read again."""
         for attempt in range(BODY_ATTEMPTS):
+            if self.interrupt is not None:  # cancelled from another thread since the last try
+                raise Interrupted(self.interrupt)
             self.requests += 1
+            _in_flight.reader = self  # for _refuse_when_interrupted, on this thread
             try:
                 resp = self._client.get_object(Bucket=self._bucket, Key=self._key, Range=f"bytes={start}-{end}",
                                                IfMatch=self._etag)
             except (ClientError, BotoCoreError) as exc:  # botocore has already retried what it could
                 raise self._fail(exc, uri) from exc
+            finally:
+                _in_flight.reader = None
             try:
                 data = resp["Body"].read()
             # The body broke off mid-stream: botocore wraps a reset or a read timeout, but a TLS
@@ -236,6 +254,10 @@ class S3RangeReader(io.RawIOBase):
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def readinto(self, buffer: Any) -> int:
+        with self._stoppable():
+            return self._readinto(buffer)
+
+    def _readinto(self, buffer: Any) -> int:
         if self._pos >= self._size:
             return 0
         view = memoryview(buffer).cast("B")
@@ -253,11 +275,24 @@ class S3RangeReader(io.RawIOBase):
         return done
 
     def read(self, size: int = -1) -> bytes:
-        if size is None or size < 0:
-            size = self._size - self._pos
-        buf = bytearray(max(0, min(size, self._size - self._pos)))
-        n = self.readinto(buf)
-        return bytes(buf[:n])
+        with self._stoppable():
+            if size is None or size < 0:
+                size = self._size - self._pos
+            buf = bytearray(max(0, min(size, self._size - self._pos)))
+            n = self._readinto(buf)
+            return bytes(buf[:n])
+
+
+_in_flight = threading.local()  # the reader whose GET this thread is sending
+
+
+def _refuse_when_interrupted(**kwargs: Any) -> None:
+    """botocore's `before-send`, before each try of a request: a GET of a reader stopped meanwhile is
+    not tried again (botocore would, up to `attempts` tries of `read_timeout_s` against a stalled
+    store, while the stopped job waited for its decoding thread)."""
+    reader = getattr(_in_flight, "reader", None)
+    if reader is not None and reader.interrupt is not None:
+        raise Interrupted(reader.interrupt)
 
 
 @dataclass
