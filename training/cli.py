@@ -25,6 +25,7 @@ from typing import Any
 
 # main() dispatches by name to cmd_*: the demo commands live in their own module
 from training.demo_commands import cmd_demo_model, cmd_make_demo_data  # noqa: F401
+from training.export_command import cmd_export  # noqa: F401
 from training.extract_command import cmd_extract  # noqa: F401
 from training.run_checks import UsageError, interrupted_hint
 from worker.cli_data import non_empty, probability
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 DEMO_DEFAULTS = {"size": 128, "variants": 8, "epochs": 40, "lr": 1e-3, "patience": 10, "seed": 0, "target_fpr": 0.0,
                  "freq_norm_crops": 0}
 DEMO_MODEL_KWARGS: dict[str, Any] = {"width": 0.25}  # overrides of mdcsd_tiny for the demo
+CHECK_CROPS_HELP = ("decode every crop first (a progress bar) and refuse, naming them, when some do not, rather than "
+                    "fail when an epoch reaches one; missing crops are always refused at the start")
+FORCE_HELP = "replace the model in --out even when its model.json names another name or version"
+# Imported only by the commands that need them (pyproject's `train` extra): a missing one is named, not a traceback.
+TRAIN_EXTRA_MODULES = ("skimage", "scipy", "skvideo", "onnxscript")
 
 
 def _kv(text: str) -> tuple[str, Any]:
@@ -143,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(SBI-style caches from make-demo-data)")
     p.add_argument("--balance", action="store_true", help="sample real and fake crops equally often")
     p.add_argument("--in-memory", action="store_true", help="decode all crops once (small sets)")
+    p.add_argument("--check-crops", action="store_true", help=CHECK_CROPS_HELP)
     _add_train_args(p)
 
     p = sub.add_parser("evaluate", help="Acc/AUC/EER/AP, frame- and video-level, with the paper's tables",
@@ -156,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--threshold", type=probability, help="default: the model card's, else 0.5")
     p.add_argument("--review-threshold", type=probability,
-                   help="also report the allow/review/block shares; default: the model card's review threshold")
+                   help="also report the allow/review/block shares; default: the model card's review threshold, "
+                        "unless --threshold gives another threshold than the card's")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--name", default="model", help="row label in the tables")
@@ -164,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --model-dir: score through this worker engine (default: the PyTorch model itself)")
     p.add_argument("--precision", help="the engine's precision, e.g. int8 (onnxruntime on the CPU, tensorrt)")
     p.add_argument("--int8-calibration", type=Path, help="INT8 calibration crops: an image folder or a .npy")
+    p.add_argument("--check-crops", action="store_true", help=CHECK_CROPS_HELP)
 
     p = sub.add_parser("export", help="write a model directory: weights.pt, model.onnx, model.json",
                        description="Exports a checkpoint for the worker, checks ONNX Runtime against PyTorch "
@@ -183,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "video-level FPR on the calibration reals (>= --target-fpr), e.g. 0.05")
     p.add_argument("--metrics", type=Path, help="results.json from evaluate, stored on the card")
     p.add_argument("--no-onnx", action="store_true")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
 
     p = sub.add_parser("demo-model", help="make the packaged demo model end to end (CPU, 100-230 s on 2 cores)",
                        description="Builds the SBI demo data from real footage, trains mdcsd_tiny on it, evaluates "
@@ -195,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", type=int, default=DEMO_DEFAULTS["variants"], help="SBI seeds; default: %(default)s")
     p.add_argument("--target-fpr", type=float, default=DEMO_DEFAULTS["target_fpr"],
                    help="video-level FPR on the validation reals that sets the threshold; default: %(default)s")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     _add_train_args(p, demo=True)
     return parser
 
@@ -214,25 +225,30 @@ def _config(args: argparse.Namespace, out: Path, **kw: Any):  # -> TrainConfig
 def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from torch.utils.data import ConcatDataset
 
-    from training.data import CropDataset, caches_recipe
+    from training.data import CropDataset, caches_recipe, check_crops
     from training.train import Augment, EpochCycle, train
 
     if args.patience < 1 or args.epochs < 1:
         parser.error("--epochs and --patience must be at least 1")
     aug = Augment() if args.augment else None
+    built: list[CropDataset] = []  # every split read, for --check-crops
 
     def split(roots: list[Path], name: str, training: bool):  # type: ignore[no-untyped-def]
         sets = [CropDataset(r, name, transform=aug if training else None, hflip=training and args.hflip,
                             in_memory=args.in_memory) for r in roots]
+        built.extend(sets)
         return sets[0] if len(sets) == 1 else ConcatDataset(sets)
 
     train_ds = split(args.data, "train", True)
     if args.cycle:
         train_ds = EpochCycle([train_ds] + [split([c], "train", True) for c in args.cycle])
+    val_ds = split(args.data, "val", False)
+    if args.check_crops and not args.in_memory:  # --in-memory has decoded them all already
+        check_crops(built, progress=not args.no_progress)
     cfg = _config(args, args.out, model=args.model, model_kwargs=dict(args.model_arg), imagenet_path=args.imagenet,
                   resume=str(args.resume) if args.resume else None, balance=args.balance, paired=args.paired,
                   overwrite=args.overwrite)
-    result = train(cfg, train_ds, split(args.data, "val", False), crop_recipe=caches_recipe([*args.data, *args.cycle]))
+    result = train(cfg, train_ds, val_ds, crop_recipe=caches_recipe([*args.data, *args.cycle]))
     best = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.best.items()}
     print(json.dumps({"best_epoch": result.best_epoch, "best": best, "best_path": str(result.best_path),
                       "seconds": round(result.seconds, 1)}))  # null, not NaN: an AUC of one class is none
@@ -240,7 +256,7 @@ def cmd_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from training.data import CropDataset, recipe_mismatch
+    from training.data import CropDataset, check_crops, recipe_mismatch
     from training.eval_report import cross_dataset_table, markdown_report, write_report
     from training.evaluate import evaluate_model
     from training.run_files import load_checkpoint_model, trained_recipe
@@ -253,6 +269,9 @@ def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     trained = None  # how the model's training crops were cut, where it records that
     if (args.engine or args.precision or args.int8_calibration) and not args.model_dir:
         parser.error("--engine, --precision and --int8-calibration need --model-dir")
+    datasets = [CropDataset(root, args.split) for root in args.data]  # missing crops: refused before the model loads
+    if args.check_crops:
+        check_crops(datasets)
     if args.model_dir:
         from worker.engine.model_card import ModelCard
         from worker.engine.torch_engine import TorchEngine
@@ -270,17 +289,21 @@ def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         card = ModelCard.load(args.model_dir)
         trained = card.recipe() if card.crop_recipe is not None else None
         threshold = card.threshold if threshold is None else threshold
-        if args.review_threshold is None:
-            args.review_threshold = card.review_threshold
+        if args.review_threshold is None and card.review_threshold is not None:
+            if threshold == card.threshold:
+                args.review_threshold = card.review_threshold
+            else:  # the card's band lies below the card's threshold, not under one chosen here
+                log.warning("--threshold %s is not the model card's (%s): its review band (from %s) is left out; "
+                            "pass --review-threshold for one", threshold, card.threshold, card.review_threshold)
     else:
         model = load_checkpoint_model(args.checkpoint)
         trained = trained_recipe(model)
     threshold = 0.5 if threshold is None else threshold
     results = {}
-    for root, name in zip(args.data, names):
+    for root, name, dataset in zip(args.data, names, datasets):
         if warning := recipe_mismatch(root, trained):
             log.warning(warning)
-        res = evaluate_model(model, CropDataset(root, args.split), args.batch_size, threshold=threshold,
+        res = evaluate_model(model, dataset, args.batch_size, threshold=threshold,
                              review_threshold=args.review_threshold, device=args.device)
         out = args.out if len(args.data) == 1 else args.out / name
         write_report(res, out, name=args.name)
@@ -290,64 +313,6 @@ def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         table = cross_dataset_table(results, name=args.name)
         (args.out / "cross_dataset.md").write_text(table)
         print(table)
-    return 0
-
-
-def _real_video_scores(model, root: Path, split: str) -> list[float]:  # type: ignore[no-untyped-def]
-    from training.data import CropDataset
-    from training.evaluate import predict_dataset, video_level
-
-    pred = predict_dataset(model, CropDataset(root, split), desc=f"calibrate on {split}")
-    vs, vl, _ = video_level(pred["scores"], pred["labels"], pred["video_ids"])
-    return vs[vl == 0].tolist()
-
-
-def _some_crops(root: Path, split: str, n: int = 8):  # type: ignore[no-untyped-def]
-    """Real uint8 crops (half real, half fake) for the ONNX parity check."""
-    import numpy as np
-
-    from training.data import load_crop, read_index
-
-    recs = read_index(root, split)
-    picks = [r for r in recs if r.label == 0][: n // 2] + [r for r in recs if r.label == 1][: n - n // 2]
-    return np.stack([load_crop(Path(root) / split / r.path) for r in picks]) if picks else None
-
-
-def cmd_export(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from training.data import recipe_mismatch
-    from training.export import export_model_dir
-    from training.run_files import load_checkpoint_model, trained_recipe
-
-    model = load_checkpoint_model(args.checkpoint)
-    calibration, crops = None, None
-    if args.calibrate_on:
-        trained = trained_recipe(model)
-        if warning := recipe_mismatch(args.calibrate_on, trained):
-            log.warning("the threshold is calibrated on other crops than the worker cuts: %s", warning)
-        if not 0.0 <= args.target_fpr <= 1.0:
-            parser.error("--target-fpr must be in [0, 1]")
-        if args.review_fpr is not None and not args.target_fpr <= args.review_fpr <= 1.0:
-            parser.error("--review-fpr must lie between --target-fpr and 1")
-        calibration = {"real_scores": _real_video_scores(model, args.calibrate_on, args.calibration_split),
-                       "target_fpr": args.target_fpr, "level": "video (mean of a video's frame scores)",
-                       "data": f"{args.calibrate_on} split {args.calibration_split}"}
-        if args.review_fpr is not None:
-            calibration["review_fpr"] = args.review_fpr
-        crops = _some_crops(args.calibrate_on, args.calibration_split)
-    elif args.review_fpr is not None:
-        parser.error("--review-fpr needs --calibrate-on")
-    metrics = {}
-    if args.metrics:
-        if not isinstance(results := json.loads(args.metrics.read_text()), dict):
-            parser.error(f"--metrics {args.metrics}: not an evaluate results.json (a JSON object)")
-        metrics = {k: v for k, v in results.items() if k != "predictions"}
-    card = export_model_dir(model, args.out, name=args.name, version=args.version, trained=True,
-                            threshold=args.threshold, review_threshold=args.review_threshold,
-                            calibration=calibration, training_data=args.training_data,
-                            metrics=metrics, onnx=not args.no_onnx, parity_crops=crops,
-                            provenance={"command": command_line(), "checkpoint": str(args.checkpoint)})
-    print(json.dumps({"out": str(args.out), "threshold": card.threshold, "review_threshold": card.review_threshold,
-                      "files": card.files}))
     return 0
 
 
@@ -363,6 +328,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(handler(args, parser) or 0)
     except UsageError as exc:  # a run it would lose or mix up: a usage error, exit 2
         parser.error(str(exc))
+    except ModuleNotFoundError as exc:  # an installed wheel without the `train` extra
+        module = (exc.name or "").partition(".")[0]
+        if module not in TRAIN_EXTRA_MODULES:
+            raise
+        print(f"python -m training {args.command}: needs {module} (pip install 'deepfake-moderation[train]')",
+              file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError) as exc:  # bad paths or data: a clear line, not a traceback
         print(f"error: {exc}", file=sys.stderr)
     except KeyboardInterrupt:

@@ -15,6 +15,8 @@ DEMO_TRAINING_DATA = (
     "Celeb-DF, DFD or any real deepfake: a demonstration of the pipeline, not a detector to rely on."
 )
 
+DEMO_NAME, DEMO_VERSION = "mdcsd-tiny-sbi-demo", "0.1.0-demo"  # a rerun re-exports the same model: allowed
+
 
 def _demo_variants(out: Path, n: int) -> list[Path]:
     return [out] + [out.with_name(f"{out.name}_v{v}") for v in range(1, n)]
@@ -46,12 +48,14 @@ def cmd_demo_model(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     from training.data import CropDataset, caches_recipe
     from training.eval_report import markdown_report, results_json, write_report
     from training.evaluate import evaluate_model
-    from training.export import export_model_dir
-    from training.cli import DEMO_MODEL_KWARGS, _config, _real_video_scores, _some_crops, command_line
+    from training.export import check_replaces, export_model_dir
+    from training.cli import DEMO_MODEL_KWARGS, _config, command_line
+    from training.export_command import _real_video_scores, _some_crops
     from training.train import Augment, EpochCycle, train
 
     if args.variants < 1 or args.epochs < 1 or args.patience < 1:
         parser.error("--variants, --epochs and --patience must be at least 1")
+    check_replaces(args.out, DEMO_NAME, DEMO_VERSION, force=args.force)  # before minutes of training
     t0 = time.perf_counter()
     roots = make_demo_data(args.work / "data", size=args.size, seed=args.seed, variants=args.variants,
                            progress=not args.no_progress)
@@ -69,7 +73,7 @@ def cmd_demo_model(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     threshold = threshold_for_fpr(calibration["real_scores"], args.target_fpr)
     test = evaluate_model(model, test_ds, threshold=threshold, progress=not args.no_progress)
     test_05 = evaluate_model(model, test_ds, threshold=0.5, progress=False)
-    name = "mdcsd-tiny-sbi-demo"
+    name = DEMO_NAME
     write_report(test, args.work / "eval", name=name)
     report = markdown_report(test, name=name)
     print(report)
@@ -82,7 +86,7 @@ def cmd_demo_model(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         "train_seconds": round(result.seconds, 1),
     }
     card = export_model_dir(
-        model, args.out, name=name, version="0.1.0-demo", trained=True, calibration=calibration,
+        model, args.out, name=name, version=DEMO_VERSION, trained=True, calibration=calibration,
         training_data=DEMO_TRAINING_DATA, metrics=metrics, parity_crops=_some_crops(roots[0], "test"),
         reference_face=_some_crops(roots[0], "train", n=2)[0],  # a real training face
         provenance={"command": command_line(), "train_config": dict(vars(cfg)),

@@ -9,6 +9,7 @@ does not validate) leaves the model directory as it was.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from training.run_checks import UsageError
 from worker.engine.model_card import CARD_FILE, ModelCard, sha256_file
 from worker.preprocess import CropRecipe, crops_to_tensor_layout
 
@@ -152,6 +154,25 @@ def _normalization(kwargs: dict[str, Any]) -> dict[str, Any]:
 REFERENCE_FILE = "reference_face.png"
 
 
+def check_replaces(out_dir: Path, name: str, version: str, force: bool = False) -> None:
+    """Refuse to export over another model (`export`, `demo-model`): a directory whose card names
+    another name or version (or a model.json that is no card) holds some other model a worker may
+    serve, not an earlier export of this one, which is replaced freely. `force` replaces it all the same."""
+    path = Path(out_dir) / CARD_FILE
+    if force or not path.is_file():
+        return
+    try:
+        held = json.loads(path.read_text(encoding="utf-8"))
+        found = (str(held["name"]), str(held["version"]))
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable, not JSON, not an object, no name
+        found = None
+    if found == (name, version):
+        return
+    what = f"model {found[0]} version {found[1]}" if found else "a model.json that is not a model card"
+    raise UsageError(f"{out_dir} holds {what}, not {name} version {version}: export into another directory, "
+                     "or pass --force to replace it")
+
+
 def export_model_dir(
     model: nn.Module, out_dir: Path, *, name: str, version: str, trained: bool,
     architecture: str | None = None, architecture_kwargs: dict[str, Any] | None = None,
@@ -175,6 +196,7 @@ def export_model_dir(
     `reference_face`: a real training crop (S×S×3 uint8 RGB) the worker's report shows the spectrum of
     beside a scored face's (the paper's Fig. 1). `crop_recipe`: how the training crops were cut
     (default: the model's ``crop_recipe``, which training sets); the worker cuts its crops the same way.
+    It replaces whatever model `out_dir` holds: the commands ask :func:`check_replaces` first.
     """
     cfg = getattr(model, "model_config", {"architecture": None, "kwargs": {}})
     architecture = architecture or cfg["architecture"]

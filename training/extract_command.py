@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+FAILED_LISTED = 100  # failed videos named in the summary; more are counted
+
 
 def _frames_for(dataset: str, override: int | None, sampling: str = "paper") -> tuple[dict[str, int], str]:
     """Paper III-A: FF++ 270 consecutive train frames, 100 val/test; Celeb-DF 25 frames per video.
@@ -42,6 +44,10 @@ def cmd_extract(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     frames, mode = _frames_for(args.dataset, args.frames, args.sampling)
     items = assign_frames(items, frames, balance=() if args.no_balance else ("train", "val"))
     stats = extract_videos(items, args.out, frames_per_video=max(frames.values()), size=args.size, mode=mode)
-    print(json.dumps({"videos": stats.videos, "skipped": stats.skipped, "frames": stats.frames, "crops": stats.crops,
-                      "no_face": stats.no_face, "failed": len(stats.failed)}))
+    failed = [{"video": video, "error": error} for video, error in stats.failed]
+    summary = {"videos": stats.videos, "skipped": stats.skipped, "frames": stats.frames, "crops": stats.crops,
+               "no_face": stats.no_face, "failed": len(failed), "failed_videos": failed[:FAILED_LISTED]}
+    if len(failed) > FAILED_LISTED:
+        summary["failed_videos_not_listed"] = len(failed) - FAILED_LISTED
+    print(json.dumps(summary))
     return 1 if stats.failed else 0

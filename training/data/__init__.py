@@ -12,6 +12,7 @@ from .crops import (
     CropRecord,
     cache_recipe,
     caches_recipe,
+    check_crops,
     load_crop,
     read_index,
     recipe_mismatch,
@@ -33,7 +34,7 @@ from .sbi import self_blend
 
 __all__ = [
     "CropCache", "CropCacheMismatch", "CropDataset", "CropRecord", "DatasetLayoutError", "DemoStats", "ExtractStats",
-    "FFPP_MANIPULATIONS", "VideoItem", "assign_frames", "build_demo_crops", "cache_recipe", "caches_recipe", "celebdf_videos", "count_items",
+    "FFPP_MANIPULATIONS", "VideoItem", "assign_frames", "build_demo_crops", "cache_recipe", "caches_recipe", "celebdf_videos", "check_crops", "count_items",
     "dfd_videos", "extract_videos", "ffpp_videos", "iter_frames", "largest_face", "load_crop", "read_celebdf_list",
     "read_ffpp_split", "read_index", "recipe_mismatch", "self_blend", "video_labels",
 ]

@@ -24,12 +24,13 @@ import os
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from worker.preprocess import CropRecipe, crops_to_tensor_layout
 
@@ -276,12 +277,22 @@ def load_crop(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def _some(paths: Sequence[Path], n: int = 5) -> str:
+    """The first `n` paths, and how many more: one line however many there are."""
+    more = f" and {len(paths) - n} more" if len(paths) > n else ""
+    return ", ".join(str(p) for p in paths[:n]) + more
+
+
 class CropDataset(Dataset):
     """(x: float32 3×S×S in [0, 1], label: int, video_id: str) per cached crop of one split.
 
     `hflip=True` flips half the crops left-right (torch RNG, so DataLoader worker seeding applies);
     `transform` then gets the 3×S×S tensor. `in_memory=True` decodes every PNG once up front, which
     pays off for small sets trained for many epochs on CPU.
+
+    Every indexed crop must exist (a stat each, checked here): one gone would otherwise end a
+    training run when an epoch first reaches it, possibly hours in. Whether each decodes is
+    :func:`check_crops`' (``--check-crops``), which reads them all.
     """
 
     def __init__(self, root: str | Path, split: str, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -292,12 +303,20 @@ class CropDataset(Dataset):
         if not self.records:
             raise FileNotFoundError(f"no crops for split {split!r} under {self.root} "
                                     f"(missing {self.root / split / INDEX})")
+        if missing := [p for p in self.paths() if not os.path.isfile(p)]:
+            raise FileNotFoundError(f"{len(missing)} of the {len(self.records)} crops indexed in "
+                                    f"{self.root / split / INDEX} are missing: {_some(missing)}; restore them, "
+                                    "or extract into a new directory")
         self.transform = transform
         self.hflip = hflip
-        self._cache = [load_crop(self.root / split / r.path) for r in self.records] if in_memory else None
+        self._cache = _decode_all([self], progress=False, keep=True) if in_memory else None
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def paths(self) -> list[Path]:
+        """Each crop's file, in index order."""
+        return [self.root / self.split / r.path for r in self.records]
 
     @property
     def labels(self) -> list[int]:
@@ -312,3 +331,30 @@ class CropDataset(Dataset):
         if self.transform is not None:
             x = self.transform(x)
         return x, r.label, r.video_id
+
+
+def _decode_all(datasets: Iterable[CropDataset], progress: bool, keep: bool) -> list[np.ndarray]:
+    """Decode every crop of `datasets`, in order (kept when `keep`: a check of a large set must not
+    hold them all); raises ValueError naming all that do not decode."""
+    paths = [p for ds in datasets for p in ds.paths()]
+    images, bad = [], []
+    for path in tqdm(paths, desc="check crops", unit="crop", disable=not progress, leave=False):
+        try:
+            image = load_crop(path)
+        except OSError:
+            bad.append(path)
+            continue
+        if keep:
+            images.append(image)
+    if bad:
+        raise ValueError(f"{len(bad)} of {len(paths)} crops do not decode (cut short or corrupt): {_some(bad, 20)}; "
+                         "remove their rows from index.csv, or extract into a new directory")
+    return images
+
+
+def check_crops(datasets: Iterable[CropDataset], progress: bool = True) -> int:
+    """Decode every crop before the first epoch (``--check-crops``), so that a corrupt one is named
+    now, with all the others, rather than ending the run when an epoch reaches it. Returns how many."""
+    datasets = list(datasets)
+    _decode_all(datasets, progress, keep=False)
+    return sum(len(ds) for ds in datasets)

@@ -10,6 +10,7 @@ but only the frames not yet cached go through the detector.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import Counter
@@ -21,6 +22,7 @@ import av
 import av.error
 import numpy as np
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from worker.decode import Limits, VideoReader
 from worker.errors import ModerationError
@@ -163,19 +165,23 @@ def extract_videos(
     cache = CropCache(out_root, recipe)  # refuses a cache cut another way before the detector loads
     detector = detector or create_detector(DEFAULT_DETECTOR)
     stats = ExtractStats()
-    bar = tqdm(videos, desc="extract faces", unit="video", disable=not progress)
-    for item in bar:
-        if cache.video_done(item.split, item.video_id):
-            stats.skipped += 1
-            continue
-        try:
-            read, kept = _extract_one(item, cache, detector, item.frames or frames_per_video, mode, batch_size, stats)
-        except (ModerationError, av.error.FFmpegError, FileNotFoundError) as exc:
-            log.warning("skipping %s (%s): %s", item.video_id, item.path, exc)
-            stats.failed.append((item.video_id, str(exc)))
-            continue
-        stats.frames += read
-        stats.videos += 1
-        cache.mark_video_done(item.split, item.video_id, frames=read, faces=kept)
-        bar.set_postfix(crops=stats.crops, no_face=stats.no_face, failed=len(stats.failed))
+    # Warnings (a video skipped) go through the bar's own writer, on lines of their own, not onto the bar's.
+    with logging_redirect_tqdm() if progress else contextlib.nullcontext():
+        bar = tqdm(videos, desc="extract faces", unit="video", disable=not progress)
+        for item in bar:
+            if cache.video_done(item.split, item.video_id):
+                stats.skipped += 1
+                continue
+            try:
+                read, kept = _extract_one(item, cache, detector, item.frames or frames_per_video, mode, batch_size,
+                                          stats)
+            except (ModerationError, av.error.FFmpegError, FileNotFoundError) as exc:
+                reason = " ".join(str(exc).split())  # one line, for the log and the summary
+                log.warning("skipping %s (%s): %s", item.video_id, item.path, reason)
+                stats.failed.append((item.video_id, reason))
+            else:
+                stats.frames += read
+                stats.videos += 1
+                cache.mark_video_done(item.split, item.video_id, frames=read, faces=kept)
+            bar.set_postfix(crops=stats.crops, no_face=stats.no_face, failed=len(stats.failed))
     return stats
