@@ -28,7 +28,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 stamp=".venv/.installed-${extra:-base}"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# worker/__init__.py holds the version: an editable install's metadata follows it only when reinstalled.
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ worker/__init__.py -nt "$stamp" ]; then
   python -m pip install -q --upgrade pip
   # PyPI's torch 2.13.0 for Linux x86-64 is a CUDA build of several GB: the CPU build from PyTorch's
   # CPU index first, as the Dockerfile does; the project's install then finds torch satisfied.

@@ -2,7 +2,7 @@
 
 A job's decoded frames, crops and tensors are freed when it ends, but glibc keeps much of that
 memory mapped: its mmap threshold rises once big blocks are freed, so later frames come from the
-heap, whose free pages it returns only at the top. An idle 1080p worker kept 130-160 MB more than
+heap, whose free pages it returns only at the top. An idle 1080p worker kept 150-180 MB more than
 it needed (`python bench/bench_heap.py`); `malloc_trim` returns them in about 10 ms.
 """
 from __future__ import annotations
