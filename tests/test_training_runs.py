@@ -277,3 +277,13 @@ def test_paired_batches_fit_the_batch_size_and_len(batch, singles):
             keys = [(r.video_id.removesuffix("_sbi"), r.frame) for r in ds.records]
             assert all(where[i] == where[j] for i in range(len(ds)) for j in (i - 1,) if j >= 0
                        and keys[i] == keys[j])
+
+
+def test_a_best_epoch_with_a_nan_loss_is_still_recognised_as_the_runs_own():
+    """An fp16 overflow can leave epoch 1's val_loss NaN, and NaN never equals itself: the run's own
+    best.pt was then taken for another run's, and resuming it in place refused."""
+    from training.run_checks import _matches
+
+    nan = float("nan")
+    assert _matches({"epoch": 1, "val_acc": 0.5, "val_loss": nan}, {"epoch": 1, "val_acc": 0.5, "val_loss": nan})
+    assert not _matches({"epoch": 1, "val_acc": 0.5, "val_loss": nan}, {"epoch": 2, "val_acc": 0.5, "val_loss": nan})

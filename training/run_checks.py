@@ -8,6 +8,7 @@ A refusal that the command line can fix (another --out, --resume, --overwrite) i
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,8 +193,13 @@ def _best_epoch(path: Path) -> dict[str, Any] | None:
 
 
 def _matches(held: dict[str, Any] | None, best: dict[str, Any] | None) -> bool:
-    return held is not None and best is not None and all(held.get(k) == best.get(k)
+    return held is not None and best is not None and all(_same(held.get(k), best.get(k))
                                                          for k in ("epoch", "val_acc", "val_loss"))
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, a NaN included: an epoch whose loss overflowed (fp16) is still the same epoch."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
 def prepare_run_dir(out_dir: Path, config: dict[str, Any], plan: BestPlan, ckpt: dict[str, Any] | None,

@@ -86,6 +86,21 @@ def extend_started(job: Any, seconds: int) -> None:
         log.warning("started_entry_not_extended", job_id=job.id, error=str(exc))
 
 
+class DeepfakeDeathPenalty(UnixSignalDeathPenalty):
+    """RQ's SIGALRM job timeout, raised as JobTimedOut so it ends as a `timeout` verdict."""
+
+    def handle_death_penalty(self, signum: int, frame: Any) -> None:
+        if self._exception is JobTimeoutException:
+            stop = JobTimedOut(f"Task exceeded maximum timeout value ({self._timeout} seconds)")
+            # The upload's reader is stopped here too: the signal may land in PyAV's read or seek
+            # callback, which swallows what it raises, and FFmpeg would read on (worker/s3.py).
+            source = getattr(runtime.installed(), "source", None)
+            if hasattr(source, "cancel"):
+                source.cancel(stop)
+            raise stop
+        super().handle_death_penalty(signum, frame)
+
+
 class StoreTimedOut(BaseException):
     """Storing a timed-out job's verdict ran past `TIMEOUT_VERDICT_S`. A BaseException: botocore
     wraps an Exception raised mid-request as a retryable HTTPClientError and sends the request again."""

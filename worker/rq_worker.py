@@ -27,13 +27,12 @@ from rq.exceptions import NoSuchJobError, StopRequested
 from rq.job import Job
 from rq.registry import clean_registries
 from rq.serializers import JSONSerializer
-from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from rq.utils import now as rq_now
 from rq.worker.base import WorkerStatus
 
 from worker.errors import TransientError
 from worker.heap import release_free_memory
-from worker.jobs import MODERATE_FUNC, JobTimedOut
+from worker.jobs import MODERATE_FUNC, DeepfakeDeathPenalty, JobTimedOut  # noqa: F401 - importable from here too
 from worker.logging import configure_logging
 from worker.maintenance import maintenance_lock, recover_stranded, release_due_retries, restart_half_retried
 from worker.metrics import heartbeat_fresh, serve
@@ -142,15 +141,6 @@ class DeepfakeJob(Job):
     @property
     def stopped_callback(self) -> None:
         return None
-
-
-class DeepfakeDeathPenalty(UnixSignalDeathPenalty):
-    """RQ's SIGALRM job timeout, raised as JobTimedOut so it ends as a `timeout` verdict."""
-
-    def handle_death_penalty(self, signum: int, frame: Any) -> None:
-        if self._exception is JobTimeoutException:
-            raise JobTimedOut(f"Task exceeded maximum timeout value ({self._timeout} seconds)")
-        super().handle_death_penalty(signum, frame)
 
 
 class DeepfakeWorker(SimpleWorker):

@@ -10,9 +10,8 @@ import io
 import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import boto3
 from botocore.config import Config
@@ -180,9 +179,16 @@ class S3RangeReader(io.RawIOBase):
         return self._pos
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
+        if self.interrupt is not None:
+            raise Interrupted(self.interrupt)
+        try:
+            base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+            self._pos = max(0, base + offset)
+            return self._pos
+        except Exception:
+            raise
+        except BaseException as exc:
+            raise self._stopped(exc) from exc
 
     def _fail(self, exc: Exception, uri: str) -> Exception:
         self.error = translate_error(exc, uri) or TransientError(f"reading {uri} failed: {described(exc)}")
@@ -193,20 +199,14 @@ class S3RangeReader(io.RawIOBase):
         job stopped while another thread reads): the GET waits for its try in flight only."""
         self.interrupt = self.interrupt or reason
 
-    @contextmanager
-    def _stoppable(self) -> Iterator[None]:
+    def _stopped(self, exc: BaseException) -> Interrupted:
         """What stops a read from outside (anything not an Exception: RQ's time limit, a stop) is kept,
-        and raised as Interrupted, an Exception: PyAV turns anything else raised in its read callback
-        into a read of 0 bytes, which FFmpeg tries again, for ever."""
-        if self.interrupt is not None:
-            raise Interrupted(self.interrupt)
-        try:
-            yield
-        except Exception:
-            raise
-        except BaseException as exc:
-            self.interrupt = self.interrupt or exc
-            raise Interrupted(exc) from exc
+        and raised as Interrupted, an Exception: PyAV turns anything else raised in its read or seek
+        callback into a read of 0 bytes (or a failed seek), which FFmpeg tries again, for ever. (The
+        time limit's handler also cancels the reader itself, for a signal that lands in a callback
+        before this can catch it: worker.rq_worker.DeepfakeDeathPenalty.)"""
+        self.interrupt = self.interrupt or exc
+        return Interrupted(self.interrupt)
 
     def _block(self, index: int) -> bytes:
         if self.error is not None:
@@ -233,8 +233,8 @@ class S3RangeReader(io.RawIOBase):
             if self.interrupt is not None:  # cancelled from another thread since the last try
                 raise Interrupted(self.interrupt)
             self.requests += 1
-            _in_flight.reader = self  # for _refuse_when_interrupted, on this thread
             try:
+                _in_flight.reader = self  # for _refuse_when_interrupted, on this thread
                 resp = self._client.get_object(Bucket=self._bucket, Key=self._key, Range=f"bytes={start}-{end}",
                                                IfMatch=self._etag)
             except (ClientError, BotoCoreError) as exc:  # botocore has already retried what it could
@@ -254,8 +254,14 @@ class S3RangeReader(io.RawIOBase):
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def readinto(self, buffer: Any) -> int:
-        with self._stoppable():
+        if self.interrupt is not None:
+            raise Interrupted(self.interrupt)
+        try:
             return self._readinto(buffer)
+        except Exception:
+            raise
+        except BaseException as exc:
+            raise self._stopped(exc) from exc
 
     def _readinto(self, buffer: Any) -> int:
         if self._pos >= self._size:
@@ -275,12 +281,18 @@ class S3RangeReader(io.RawIOBase):
         return done
 
     def read(self, size: int = -1) -> bytes:
-        with self._stoppable():
+        if self.interrupt is not None:
+            raise Interrupted(self.interrupt)
+        try:
             if size is None or size < 0:
                 size = self._size - self._pos
             buf = bytearray(max(0, min(size, self._size - self._pos)))
             n = self._readinto(buf)
             return bytes(buf[:n])
+        except Exception:
+            raise
+        except BaseException as exc:
+            raise self._stopped(exc) from exc
 
 
 _in_flight = threading.local()  # the reader whose GET this thread is sending
