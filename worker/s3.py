@@ -204,7 +204,7 @@ class S3RangeReader(io.RawIOBase):
         and raised as Interrupted, an Exception: PyAV turns anything else raised in its read or seek
         callback into a read of 0 bytes (or a failed seek), which FFmpeg tries again, for ever. (The
         time limit's handler also cancels the reader itself, for a signal that lands in a callback
-        before this can catch it: worker.rq_worker.DeepfakeDeathPenalty.)"""
+        before this can catch it: worker.jobs.DeepfakeDeathPenalty.)"""
         self.interrupt = self.interrupt or exc
         return Interrupted(self.interrupt)
 
