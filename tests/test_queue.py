@@ -289,6 +289,9 @@ def test_a_lost_model_record_is_published_again_by_the_next_maintenance_pass(s3,
     gone until a worker started (every enqueue a new job, `deepfake status` model null). A maintenance
     pass writes it again, and never over another worker's (the last to start is the one named)."""
     worker = burst(redis, qsettings, moderator)
+    # A burst worker's scheduler has ended: RQ's maintenance would start it again, forking this
+    # process (pytest) into a scheduler that outlives the test and holds the queue's scheduler lock.
+    worker.scheduler = None
     published = redis.get("deepfake:model:deepfake")
     redis.delete("deepfake:model:deepfake")
     worker.run_maintenance_tasks()

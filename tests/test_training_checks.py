@@ -136,6 +136,9 @@ def test_extract_names_the_videos_that_failed(tmp_path, capsys, monkeypatch):
     root = _ffpp(tmp_path / "ffpp", broken="001_000")  # the last video: no success updates the bar after it
     argv = ["extract", "--dataset", "ffpp", "--root", str(root), "--out", str(tmp_path / "cache"),
             "--manipulations", "Deepfakes", "--splits", "train", "--frames", "1", "--size", "32"]
+    # `python -m training` configures no logging: the root logger as it starts, not as a worker's
+    # configure_logging, run by earlier tests in this process, left it
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
     capsys.readouterr()
     assert main(argv) == 1
     out, err = capsys.readouterr()
