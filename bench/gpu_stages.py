@@ -150,9 +150,11 @@ def _decode_proc(clip, n, queue):
 
 
 def pipeline(clips: dict, model_dir: str, device: str, deadline: float, workers_list=(1, 4), cpus: int | None = None,
-             progress: Callable[[dict], None] = lambda partial: None) -> dict:
-    """Videos/s of the whole pipeline in `workers_list` worker processes sharing the device, against
-    decode-only on `cpus` processes; `progress` gets the figures so far after each run."""
+             progress: Callable[[dict], None] = lambda partial: None, jobs: int | None = None,
+             decodes: int = 4) -> dict:
+    """Videos/s of the whole pipeline in `workers_list` worker processes sharing the device (each
+    scoring `jobs` videos: default 6 alone, 4 side by side), against decode-only on `cpus` processes
+    (`decodes` each); `progress` gets the figures so far after each run."""
     ctx = mp.get_context("spawn")
     out: dict = {}
     cpus = cpus or os.cpu_count() or 16
@@ -161,7 +163,7 @@ def pipeline(clips: dict, model_dir: str, device: str, deadline: float, workers_
             out[name] = "skipped: time"
             continue
         q = ctx.Queue()
-        n_dec = 4
+        n_dec = decodes
         procs = [ctx.Process(target=_decode_proc, args=(clip, n_dec, q)) for _ in range(cpus)]
         t0 = time.perf_counter()
         for p in procs:
@@ -175,8 +177,8 @@ def pipeline(clips: dict, model_dir: str, device: str, deadline: float, workers_
                 continue
             barrier = ctx.Barrier(workers)
             q = ctx.Queue()
-            jobs = 6 if workers == 1 else 4
-            procs = [ctx.Process(target=_pipeline_proc, args=(r, clip, model_dir, jobs, device, barrier, q))
+            n_jobs = jobs or (6 if workers == 1 else 4)
+            procs = [ctx.Process(target=_pipeline_proc, args=(r, clip, model_dir, n_jobs, device, barrier, q))
                      for r in range(workers)]
             for p in procs:
                 p.start()

@@ -306,9 +306,12 @@ def main() -> None:
         elif name == "throughput":
             throughput(deadline=until[name], modes=modes)
         elif name == "decode":
-            section("decode")(gpu_stages.decode_threading)(clips, thread_counts=(1, 2) if args.dry_run else (1, 4, 16))
+            if args.dry_run:  # every path once, not figures
+                section("decode")(gpu_stages.decode_threading)(clips, thread_counts=(1, 2), repeat=1)
+            else:
+                section("decode")(gpu_stages.decode_threading)(clips, thread_counts=(1, 4, 16))
         elif name == "detect":
-            section("detect")(gpu_stages.detect)(clips, DEV)
+            section("detect")(gpu_stages.detect)(clips, DEV, batches=(8,) if args.dry_run else (8, 32))
         elif name == "pipeline":
             def progress(partial: dict) -> None:
                 RESULTS["pipeline_partial"] = partial
@@ -318,7 +321,8 @@ def main() -> None:
             def pipeline() -> dict:  # the model directory is built inside, so its failure is the section's
                 if args.dry_run:
                     return gpu_stages.pipeline(dict(list(clips.items())[:1]), make_full_model_dir(), DEV,
-                                               deadline=t0 + 600, workers_list=(1,), cpus=2, progress=progress)
+                                               deadline=t0 + 600, workers_list=(1,), cpus=2, progress=progress,
+                                               jobs=2, decodes=1)
                 return gpu_stages.pipeline(clips, make_full_model_dir(), DEV, deadline=until[name], progress=progress)
             pipeline()
     RESULTS["total_s"] = round(time.time() - t0, 1)

@@ -336,7 +336,9 @@ def test_redis_killed_and_restarted_while_jobs_run_loses_nothing(outage_s, s3, f
     for key in keys:
         s3.put_object(Bucket=BUCKET, Key=key, Body=corpus["h264_mp4"].read_bytes())
     server = DurableRedis(free_ports(1)[0], tmp_path).start()
-    settings = fsettings.model_copy(update={"redis_url": server.url, "job_retries": 3})
+    # Retries at once (the default backoff is 30 s, then 120 s): what is tested is that no job is lost,
+    # not the backoff (tests/test_retry_backoff.py).
+    settings = fsettings.model_copy(update={"redis_url": server.url, "job_retries": 3, "job_retry_backoff_s": "0"})
     supervisor = Supervisor(settings, server.url, tmp_path,
                             env={"DEEPFAKE_FRAMES": "24", "DEEPFAKE_REDIS_OUTAGE_S": str(outage_s)})
     try:

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_gpu_check_dry_runs_every_section_without_an_error(tmp_path):
     # the clips are made in a child process: building a 10 s 1080p clip holds ~3 GB of frames, which
     # pytest would otherwise keep as its peak (and pass on to later tests' subprocesses)
-    make = ("import sys; from pathlib import Path; from bench.clips import face_clip\n"
-            "for h in (720, 1080): face_clip(Path(sys.argv[1]) / f'clip{h}p.mp4', height=h)")
+    make = ("import sys; from pathlib import Path; from bench.clips import face_clip\n"  # 3 s: a dry run checks paths
+            "for h in (720, 1080): face_clip(Path(sys.argv[1]) / f'clip{h}p.mp4', height=h, seconds=3)")
     subprocess.run([sys.executable, "-c", make, str(tmp_path)], cwd=ROOT, check=True, timeout=300)
     proc = subprocess.run([sys.executable, "bench/gpu_verify.py", "--out", str(tmp_path / "out"), "--clips",
                            str(tmp_path), "--dry-run", "--budget-s", "400"], cwd=ROOT, capture_output=True,

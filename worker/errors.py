@@ -98,3 +98,7 @@ def last_line(exc_string: str | None) -> str | None:
     """A recorded traceback's last line, `Type: message`: what to show outside the logs."""
     lines = [line.strip() for line in (exc_string or "").splitlines() if line.strip()]
     return lines[-1] if lines else None
+
+
+class ConfigurationError(RuntimeError):
+    """The worker itself is misconfigured (not the input): it must not start."""

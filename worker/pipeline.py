@@ -22,7 +22,7 @@ from worker.decision import DecisionPolicy
 from worker.decode import Limits, SampledFrame, VideoReader
 from worker.engine import Engine, load_engine
 from worker.engine.base import checked_probabilities
-from worker.errors import Internal, Interrupted, ModerationError, TransientError
+from worker.errors import ConfigurationError, Internal, Interrupted, ModerationError, TransientError  # noqa: F401 - ConfigurationError: importable from here too
 from worker.faces import FaceDetector, create_detector
 from worker.prefetch import prefetch
 from worker.preprocess import crop_face
@@ -36,9 +36,6 @@ log = structlog.get_logger("worker.pipeline")
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
 
-
-class ConfigurationError(RuntimeError):
-    """The worker itself is misconfigured (not the input): it must not start."""
 
 
 def check_device(device: str) -> None:

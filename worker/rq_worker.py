@@ -30,13 +30,12 @@ from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 from rq.worker.base import WorkerStatus
 
-from worker.errors import TransientError
+from worker.errors import ConfigurationError, TransientError
 from worker.heap import release_free_memory
 from worker.jobs import MODERATE_FUNC, DeepfakeDeathPenalty, JobTimedOut  # noqa: F401 - importable from here too
 from worker.logging import configure_logging
 from worker.maintenance import maintenance_lock, recover_stranded, release_due_retries, restart_half_retried
 from worker.metrics import heartbeat_fresh, serve
-from worker.pipeline import ConfigurationError
 from worker.preflight import check_webhooks
 from worker.redis_client import (connection_url, database_address, ride_out, waiting_for_space,
                                  without_password)

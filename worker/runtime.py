@@ -9,7 +9,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -18,13 +18,15 @@ from botocore.exceptions import BotoCoreError, ClientError
 from worker import __version__
 from worker.errors import AccessDenied, Interrupted, ModerationError, Timeout, TransientError, Unsupported
 from worker.metrics import Metrics
-from worker.pipeline import Moderator
 from worker.s3 import (NOT_FOUND_CODES, S3Location, S3Source, bucket_allowed, described, error_code, make_client,
                        validate_location)
 from worker.settings import Settings
 from worker.verdict import error_verdict
 from worker.verdict_store import VerdictStore, input_etag, reusable
 from worker.video import MAX_SAMPLED_FRAMES
+
+if TYPE_CHECKING:  # the pipeline (torch, PyAV, the detector) loads with a worker's first runtime, not with
+    from worker.pipeline import Moderator  # the queue code that imports this module (clients, `deepfake status`)
 
 log = structlog.get_logger("worker.runtime")
 
@@ -61,7 +63,11 @@ class WorkerRuntime:
     def __init__(self, settings: Settings, *, moderator: Moderator | None = None, s3_client: Any = None,
                  metrics: Metrics | None = None) -> None:
         self.settings = settings
-        self.moderator = moderator or Moderator(settings)
+        if moderator is None:
+            from worker.pipeline import Moderator
+
+            moderator = Moderator(settings)
+        self.moderator = moderator
         self.s3 = s3_client or make_client(settings.s3_endpoint_url, settings.s3_region)
         self.store = VerdictStore.for_settings(settings, self.s3, verify=True)
         self.allowed = settings.bucket_allow_list()
