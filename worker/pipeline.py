@@ -22,7 +22,8 @@ from worker.decision import DecisionPolicy
 from worker.decode import Limits, SampledFrame, VideoReader
 from worker.engine import Engine, load_engine
 from worker.engine.base import checked_probabilities
-from worker.errors import ConfigurationError, Internal, Interrupted, ModerationError, TransientError  # noqa: F401 - ConfigurationError: importable from here too
+from worker.errors import ConfigurationError  # noqa: F401 - importable from here too (it was defined here)
+from worker.errors import Internal, Interrupted, ModerationError, TransientError
 from worker.faces import FaceDetector, create_detector
 from worker.prefetch import prefetch
 from worker.preprocess import crop_face
@@ -35,7 +36,6 @@ from worker.verdict import aggregate_mean, error_verdict, no_face_verdict, ok_ve
 log = structlog.get_logger("worker.pipeline")
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
-
 
 
 def check_device(device: str) -> None:
