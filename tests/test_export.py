@@ -159,14 +159,22 @@ def test_parity_check_raises_on_mismatch(trained_like_model, tmp_path, monkeypat
     assert not (tmp_path / ONNX_FILE).exists() and not (tmp_path / "model.json").exists()
 
 
+@pytest.fixture(scope="module")
+def old_model_dir(trained_like_model, tmp_path_factory):
+    """A complete model directory (weights, graph, card) to export over; each test copies it."""
+    out = tmp_path_factory.mktemp("old") / "model"
+    export_model_dir(trained_like_model, out, name="old", version="1", trained=False)
+    return out
+
+
 @pytest.mark.parametrize("failure", ["parity", "card"])
-def test_a_failed_export_over_a_model_directory_leaves_it_as_it_was(failure, trained_like_model, tmp_path, monkeypatch):
+def test_a_failed_export_over_a_model_directory_leaves_it_as_it_was(failure, old_model_dir, tmp_path, monkeypatch):
     """The worker loads what the directory holds: new weights beside the old card (and no graph) used to
     be left by an export that failed its parity check or its card's validation."""
     import training.export as export_mod
 
     out = tmp_path / "model"
-    export_model_dir(trained_like_model, out, name="old", version="1", trained=False)
+    shutil.copytree(old_model_dir, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     changed = create_model("mdcsd_tiny", input_size=SIZE)  # other weights
     if failure == "parity":

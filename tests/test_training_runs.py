@@ -238,7 +238,7 @@ def test_interrupt_names_the_resume_command(demo32, tmp_path, monkeypatch, capsy
         calls.append(1)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "_validate", interrupted)  # Ctrl-C in epoch 2's validation
+    monkeypatch.setattr(train_mod, "validate", interrupted)  # Ctrl-C in epoch 2's validation
     capsys.readouterr()
     assert main([*_train_argv(data, out), "--epochs", "3", "--resume", str(out / "last.pt")]) == 130
     err = capsys.readouterr().err

@@ -55,6 +55,8 @@ def cmd_demo_model(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
 
     if args.variants < 1 or args.epochs < 1 or args.patience < 1:
         parser.error("--variants, --epochs and --patience must be at least 1")
+    if args.stop_after < 0:
+        parser.error("--stop-after must be 0 (train every epoch) or more")
     check_replaces(args.out, DEMO_NAME, DEMO_VERSION, force=args.force)  # before minutes of training
     t0 = time.perf_counter()
     roots = make_demo_data(args.work / "data", size=args.size, seed=args.seed, variants=args.variants,
@@ -83,6 +85,7 @@ def cmd_demo_model(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                           "frame": res["frame"], "video": res["video"], "by_source": res.get("by_source"),
                           "acc_at_0.5": {"frame": test_05["frame"]["acc"], "video": test_05["video"]["acc"]}},
         "validation_best": result.best, "best_epoch": result.best_epoch, "epochs": cfg.epochs,
+        "epochs_trained": len(result.history), "stop_after": cfg.stop_after,
         "train_seconds": round(result.seconds, 1),
     }
     card = export_model_dir(

@@ -3,7 +3,8 @@
 Defaults are the paper's: Adam (β 0.9/0.999, ε 1e-8), lr 2e-4 and 1e-3 for the cross-stitch alphas,
 batch 32, cross-entropy, the learning rate ×0.2 whenever the validation loss has not decreased for
 three consecutive epochs, and the checkpoint with the highest validation accuracy kept for testing
-(ties: the lower validation loss). What the paper leaves open (epochs, augmentation) is a setting.
+(ties: the lower validation loss). What the paper leaves open (epochs, augmentation) is a setting;
+so is ending a run once ``stop_after`` epochs in a row bring no new best (off by default).
 Before the first step a fresh model's frequency branch gets its input normalisation from the
 training crops (paper II-B, ``training.normalise``); a full-width RGB branch without ImageNet
 weights (``imagenet_path``, paper II-C) starts random, with a warning.
@@ -44,7 +45,6 @@ from tqdm import tqdm
 
 from worker.preprocess import CropRecipe
 
-from training.evaluate import accuracy, roc_auc, video_level
 from training.models import create_model
 from training.models.cross_stitch import param_groups
 from training.normalise import fit_frequency_norm
@@ -52,12 +52,12 @@ from training.run_checks import (best_plan, check_classes, check_out_dir, check_
                                  read_resumed)
 from training.run_files import check_crops_fit, resume_changes, resumed_recipe, save_atomic, tensorboard_writer, write_csv
 from training.sampling import Augment, EpochCycle, PairedBatchSampler, labels_of, sbi_pair_key
+from training.validation import AMP_DTYPES, autocast_for, validate
 
 __all__ = ["Augment", "EpochCycle", "PairedBatchSampler", "TrainConfig", "TrainResult", "build_optimizer",
            "build_scheduler", "is_better", "sbi_pair_key", "seed_everything", "train"]
 
 log = logging.getLogger(__name__)
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -76,6 +76,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     plateau_factor: float = 0.2
     plateau_patience: int = 3  # epochs in a row without a val-loss decrease before the LR drops (paper)
+    stop_after: int = 0  # end the run after this many epochs in a row without a new best (0: never, as the paper)
     seed: int = 0
     freq_norm_crops: int = 256  # training crops whose log-spectrum stats normalise the freq branch (0: model defaults)
     num_workers: int = 0
@@ -98,6 +99,8 @@ class TrainConfig:
             raise ValueError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         if self.plateau_patience < 1:
             raise ValueError("plateau_patience must be >= 1")
+        if self.stop_after < 0:
+            raise ValueError("stop_after must be >= 0 (0: train every epoch)")
         if self.freq_norm_crops < 0:
             raise ValueError("freq_norm_crops must be >= 0 (0: keep the model's constants)")
 
@@ -179,42 +182,6 @@ def _dist_setup(cfg: TrainConfig) -> tuple[int, int, torch.device, bool]:
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _autocast(device: torch.device, amp: str):
-    if device.type == "cuda" and amp in AMP_DTYPES:
-        return torch.autocast("cuda", dtype=AMP_DTYPES[amp])
-    return torch.autocast(device.type, enabled=False)
-
-
-def _validate(model: nn.Module, loader: DataLoader, device: torch.device, amp: str, world: int) -> dict[str, Any]:
-    """Mean CE loss and frame/video metrics over the whole validation set (gathered across ranks)."""
-    model.eval()
-    loss_sum, scores, labels, vids = 0.0, [], [], []
-    with torch.no_grad():
-        for x, y, v in loader:
-            x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device)
-            with _autocast(device, amp):
-                logits = model(x)
-            logits = logits.float()
-            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-            scores.extend(torch.softmax(logits, 1)[:, 1].cpu().tolist())
-            labels.extend(y.cpu().tolist())
-            vids.extend(str(i) for i in v)
-    if world > 1:
-        parts: list[Any] = [None] * world
-        dist.all_gather_object(parts, (loss_sum, scores, labels, vids))
-        loss_sum = sum(p[0] for p in parts)
-        scores, labels, vids = ([x for p in parts for x in p[k]] for k in (1, 2, 3))
-    n = max(len(scores), 1)
-    out = {"val_loss": loss_sum / n, "val_acc": accuracy(labels, scores, 0.5)}
-    vs, vl, _ = video_level(scores, labels, vids)
-    out["val_video_acc"] = accuracy(vl, vs, 0.5)
-    try:
-        out["val_auc"], out["val_video_auc"] = roc_auc(labels, scores), roc_auc(vl, vs)
-    except ValueError:  # one class only
-        out["val_auc"] = out["val_video_auc"] = math.nan
-    return out
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -308,6 +275,12 @@ def train(
     step = start_epoch * len(loader)
 
     for epoch in range(start_epoch, cfg.epochs):
+        if cfg.stop_after and best is not None and epoch - best["epoch"] >= cfg.stop_after:
+            if rank == 0:  # every rank decides alike: the validation metrics are gathered
+                tqdm.write(f"stopping after epoch {epoch}/{cfg.epochs}: no better validation accuracy for "
+                           f"{epoch - best['epoch']} epochs (--stop-after {cfg.stop_after}); best epoch "
+                           f"{best['epoch']}", file=sys.stderr)
+            break
         e_start = time.perf_counter()
         # Per-epoch seeds make a resumed run draw the same batches, flips and dropout as an unbroken one.
         gen.manual_seed(cfg.seed * 1000 + epoch)
@@ -326,7 +299,7 @@ def train(
             if i >= total:
                 break
             x, y = x.to(device, non_blocking=True), torch.as_tensor(y).to(device, non_blocking=True)
-            with _autocast(device, cfg.amp):
+            with autocast_for(device, cfg.amp):
                 logits = net(x)
             loss = loss_fn(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
@@ -346,7 +319,7 @@ def train(
         if world > 1:
             for t in (loss_sum, correct, seen):
                 dist.all_reduce(t)
-        val = _validate(net, val_loader, device, cfg.amp, world)
+        val = validate(net, val_loader, device, cfg.amp, world)
         row: dict[str, Any] = {
             "epoch": epoch + 1, "train_loss": float(loss_sum / seen.clamp(min=1)),
             "train_acc": float(correct / seen.clamp(min=1)), "train_crops": int(seen), **val,
