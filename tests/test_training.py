@@ -2,6 +2,7 @@
 the slow test trains the reduced-width model on the real-footage SBI demo data."""
 from __future__ import annotations
 
+import argparse
 import csv
 import logging
 import os
@@ -184,6 +185,41 @@ def test_stop_after_ends_the_run_once_epochs_bring_no_new_best(tmp_path, monkeyp
     assert res.best_epoch == 6 and len(res.history) == 7
     with pytest.raises(ValueError, match="stop_after must be >= 0"):
         cfg_for(tmp_path, stop_after=-1)
+
+
+def test_dataloader_workers_read_the_same_batches_as_the_training_process(tmp_path):
+    """Crops read by DataLoader worker processes (on CUDA by default) train exactly the weights read in
+    the training process gives: same batches, and each epoch's EpochCycle set, which the forked workers
+    only see when they are started anew each epoch."""
+    def run(workers: int, name: str):
+        data = EpochCycle([Synthetic(16, seed=0), Synthetic(16, seed=2)])
+        cfg = cfg_for(tmp_path, epochs=2, num_workers=workers, out_dir=str(tmp_path / name))
+        return train(cfg, data, Synthetic(8, seed=1)).model.state_dict()
+
+    in_process, in_workers = run(0, "in_process"), run(2, "in_workers")
+    assert in_process.keys() == in_workers.keys()
+    for key, value in in_process.items():
+        torch.testing.assert_close(in_workers[key], value, rtol=0, atol=0, msg=key)
+    swapped = EpochCycle([Synthetic(16, seed=2), Synthetic(16, seed=0)])  # what a stale epoch would show
+    other = train(cfg_for(tmp_path, epochs=2, num_workers=0, out_dir=str(tmp_path / "other")), swapped,
+                  Synthetic(8, seed=1)).model.state_dict()
+    assert not torch.equal(other["classifier.weight"], in_process["classifier.weight"])
+
+
+def test_dataloader_workers_default_by_device(monkeypatch):
+    from training.cli import loader_workers_arg
+    from training.run_files import loader_workers
+    import worker.cpus
+
+    monkeypatch.setattr(worker.cpus, "available_cpus", lambda: 16)
+    assert loader_workers(None, torch.device("cpu")) == 0 and loader_workers(3, torch.device("cpu")) == 3
+    assert loader_workers(None, torch.device("cuda", 0)) == 8  # up to 8 of 16
+    assert loader_workers(None, torch.device("cuda", 0), processes=4) == 3  # 4 of 16 each, one left
+    assert loader_workers(None, torch.device("cuda", 0), processes=16) == 1
+    assert loader_workers_arg("auto") is None and loader_workers_arg("0") == 0
+    for bad in ("-1", "two"):
+        with pytest.raises(argparse.ArgumentTypeError, match="a number of processes .* or auto"):
+            loader_workers_arg(bad)
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -393,7 +429,8 @@ def test_cli_train_evaluate_export(tmp_path, capsys, monkeypatch, caplog):
                  "--epochs", "1", "--no-progress"]) == 1
     assert "the training crops are 32×32 px but mdcsd_tiny takes 299×299: pass --model-arg input_size=32" \
         in capsys.readouterr().err
-    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(data), "--out", str(ev)]) == 0
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(data), "--out", str(ev),
+                 "--workers", "1"]) == 0
     res = json.loads((ev / "results.json").read_text())
     assert res["n_crops"] == 80 and {"frame", "video", "groups", "by_source"} <= set(res)
     assert (ev / "report.md").is_file() and (ev / "roc.png").stat().st_size > 1000

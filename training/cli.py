@@ -52,6 +52,23 @@ FORCE_HELP = "replace the model in --out even when its model.json names another 
 TRAIN_EXTRA_MODULES = ("skimage", "scipy", "skvideo", "onnxscript")
 
 
+WORKERS_HELP = ("DataLoader worker processes that read the crops; default: auto, none on the CPU and on CUDA up to "
+                "8, one fewer than the usable CPUs (per torchrun process)")
+
+
+def loader_workers_arg(text: str) -> int | None:
+    """``--workers``: a count, or ``auto`` (None: :func:`training.run_files.loader_workers` decides)."""
+    if text == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of processes (0 or more) or auto, got {text!r}")
+    return n
+
+
 def _kv(text: str) -> tuple[str, Any]:
     """``key=value`` with a JSON value when it parses as one (numbers, lists, true/false)."""
     key, sep, value = text.partition("=")
@@ -91,7 +108,7 @@ def _add_train_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "the best either way); 0 trains every epoch; default: %(default)s"
                         + ("" if demo else " (the paper trains a fixed number of epochs)"))
     g.add_argument("--seed", type=int, default=d["seed"] if demo else 0)
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes; default: %(default)s")
+    g.add_argument("--workers", type=loader_workers_arg, default=None, metavar="N|auto", help=WORKERS_HELP)
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast on CUDA; default: none")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]; default: %(default)s")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -173,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "unless --threshold gives another threshold than the card's")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=loader_workers_arg, default=None, metavar="N|auto", help=WORKERS_HELP)
     p.add_argument("--name", default="model", help="row label in the tables")
     p.add_argument("--engine", choices=["pytorch", "onnxruntime", "tensorrt"],
                    help="with --model-dir: score through this worker engine (default: the PyTorch model itself)")
@@ -312,7 +330,7 @@ def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         if warning := recipe_mismatch(root, trained):
             log.warning(warning)
         res = evaluate_model(model, dataset, args.batch_size, threshold=threshold,
-                             review_threshold=args.review_threshold, device=args.device)
+                             review_threshold=args.review_threshold, device=args.device, num_workers=args.workers)
         out = args.out if len(args.data) == 1 else args.out / name
         write_report(res, out, name=args.name)
         print(markdown_report(res, name=args.name))

@@ -21,6 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from training.run_files import loader_workers
+
 # -- basic metrics -------------------------------------------------------------------------------
 
 
@@ -181,13 +183,15 @@ def video_level(
 @torch.no_grad()
 def predict_dataset(
     model: nn.Module, dataset: Dataset, *, batch_size: int = 64, device: str | torch.device = "cpu",
-    num_workers: int = 0, progress: bool = True, desc: str = "evaluate",
+    num_workers: int | None = None, progress: bool = True, desc: str = "evaluate",
 ) -> dict[str, Any]:
-    """Fake probabilities for every item of a (x, label, video_id) dataset, in dataset order."""
+    """Fake probabilities for every item of a (x, label, video_id) dataset, in dataset order.
+    `num_workers` None: the device's default (:func:`training.run_files.loader_workers`)."""
     device = torch.device(device)
     was_training = model.training
     model.eval().to(device)  # a checkpoint or engine model loads on the CPU
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        num_workers=loader_workers(num_workers, device), pin_memory=device.type == "cuda")
     scores, labels, vids = [], [], []
     for x, y, v in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
         logits = model(x.to(device, non_blocking=True))
@@ -281,8 +285,8 @@ def evaluate_scores(
 
 def evaluate_model(
     model: nn.Module, dataset: Dataset, batch_size: int = 64, *, threshold: float = 0.5,
-    review_threshold: float | None = None, device: str | torch.device = "cpu", num_workers: int = 0, progress: bool = True,
-    meta: Sequence[dict[str, str]] | None = None,
+    review_threshold: float | None = None, device: str | torch.device = "cpu", num_workers: int | None = None,
+    progress: bool = True, meta: Sequence[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Score `dataset` and return :func:`evaluate_scores`' results plus the raw predictions (``predictions``).
 

@@ -1,7 +1,7 @@
 """What a training run writes into its directory: checkpoints replaced atomically, the per-epoch
 metrics CSV and (when the tensorboard package is installed) TensorBoard events; what a resumed
-run does with settings that differ from the checkpoint's; whether the crops fit the model; and a
-checkpoint loaded back as a model (evaluate, export)."""
+run does with settings that differ from the checkpoint's; whether the crops fit the model; how many
+processes read its crops; and a checkpoint loaded back as a model (evaluate, export)."""
 from __future__ import annotations
 
 import csv
@@ -69,6 +69,23 @@ def resume_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 def _norm(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
+
+
+MAX_AUTO_LOADER_WORKERS = 8
+
+
+def loader_workers(requested: int | None, device: torch.device, processes: int = 1) -> int:
+    """DataLoader worker processes: `requested`, or when None ("auto") none on the CPU, where the
+    model's arithmetic takes every core and reading crops is a small part of a step, and on CUDA up
+    to 8, one fewer than this process's share of the usable CPUs: decoding 299 px PNG crops in the
+    training process alone holds a GPU to a few hundred crops a second."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 0
+    from worker.cpus import available_cpus
+
+    return max(1, min(MAX_AUTO_LOADER_WORKERS, available_cpus() // max(1, processes) - 1))
 
 
 def check_crops_fit(model: nn.Module, train_ds: Dataset) -> None:

@@ -50,7 +50,8 @@ from training.models.cross_stitch import param_groups
 from training.normalise import fit_frequency_norm
 from training.run_checks import (best_plan, check_classes, check_out_dir, check_settings, load_resumed, prepare_run_dir,
                                  read_resumed)
-from training.run_files import check_crops_fit, resume_changes, resumed_recipe, save_atomic, tensorboard_writer, write_csv
+from training.run_files import (check_crops_fit, loader_workers, resume_changes, resumed_recipe, save_atomic,
+                                 tensorboard_writer, write_csv)
 from training.sampling import Augment, EpochCycle, PairedBatchSampler, labels_of, sbi_pair_key
 from training.validation import AMP_DTYPES, autocast_for, validate
 
@@ -79,7 +80,7 @@ class TrainConfig:
     stop_after: int = 0  # end the run after this many epochs in a row without a new best (0: never, as the paper)
     seed: int = 0
     freq_norm_crops: int = 256  # training crops whose log-spectrum stats normalise the freq branch (0: model defaults)
-    num_workers: int = 0
+    num_workers: int | None = None  # DataLoader processes; None: none on the CPU, up to 8 on CUDA (loader_workers)
     amp: str = "none"  # "bf16" | "fp16" | "none"; autocast on CUDA only (CPU always runs fp32)
     device: str = "auto"  # "auto" = cuda when available, else cpu
     out_dir: str = "runs/train"
@@ -99,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         if self.plateau_patience < 1:
             raise ValueError("plateau_patience must be >= 1")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError("num_workers must be >= 0, or None for the device's default")
         if self.stop_after < 0:
             raise ValueError("stop_after must be >= 0 (0: train every epoch)")
         if self.freq_norm_crops < 0:
@@ -261,14 +264,17 @@ def train(
     else:
         sampler = None
     pin = device.type == "cuda"
+    workers = loader_workers(cfg.num_workers, device, world)
+    if cfg.num_workers is None and workers and rank == 0:
+        tqdm.write(f"reading crops with {workers} DataLoader worker processes (--workers)", file=sys.stderr)
     if cfg.paired:
         loader = DataLoader(train_ds, batch_sampler=PairedBatchSampler(train_ds, batch, gen),
-                            num_workers=cfg.num_workers, pin_memory=pin, worker_init_fn=_seed_worker)
+                            num_workers=workers, pin_memory=pin, worker_init_fn=_seed_worker)
     else:
         loader = DataLoader(train_ds, batch_size=batch, shuffle=sampler is None, sampler=sampler,
-                            generator=gen, num_workers=cfg.num_workers, pin_memory=pin, worker_init_fn=_seed_worker)
+                            generator=gen, num_workers=workers, pin_memory=pin, worker_init_fn=_seed_worker)
     val_part = Subset(val_ds, range(rank, len(val_ds), world)) if world > 1 else val_ds  # type: ignore[arg-type]
-    val_loader = DataLoader(val_part, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=cfg.num_workers,
+    val_loader = DataLoader(val_part, batch_size=cfg.eval_batch_size, shuffle=False, num_workers=workers,
                             pin_memory=pin)
     tb = tensorboard_writer(out_dir, cfg.tensorboard) if rank == 0 else None
     loss_fn = nn.CrossEntropyLoss()
