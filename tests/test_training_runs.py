@@ -91,10 +91,18 @@ def test_out_holding_a_run_is_refused_without_resume_or_overwrite(tmp_path, monk
     with pytest.raises(ValueError, match="paired=True works in a single process and without balance"):
         train(cfg_for(tmp_path, paired=True, balance=True, overwrite=True), ds, val)
     assert _digests(run) == before
-    _scripted_validation(monkeypatch, accs=[0.5], losses=[0.7])  # a worse first epoch: best.pt all the same
+    events = run / "tensorboard" / "events.out.tfevents.1.host"  # the replaced run's curves
+    events.parent.mkdir()
+    events.write_bytes(b"old run")
+    _scripted_validation(monkeypatch, accs=[0.5, 0.6], losses=[0.7, 0.6])  # a worse first epoch: best.pt all the same
     res = train(cfg_for(tmp_path, epochs=1, max_steps_per_epoch=1, seed=3, overwrite=True), ds, val)
     assert res.best["val_acc"] == 0.5 and json.loads((run / "config.json").read_text())["seed"] == 3
     assert torch.load(run / "best.pt", weights_only=True)["metrics"]["val_acc"] == 0.5
+    assert not events.parent.exists()  # TensorBoard would have drawn both runs as one
+    events.parent.mkdir()
+    events.write_bytes(b"this run's first epoch")
+    train(cfg_for(tmp_path, epochs=2, max_steps_per_epoch=1, seed=3, resume=str(run / "last.pt")), ds, val)
+    assert events.read_bytes() == b"this run's first epoch"  # a resumed run keeps its curves
 
 
 def test_cli_refuses_an_out_holding_a_run(demo32, capsys):

@@ -204,8 +204,9 @@ def _same(a: Any, b: Any) -> bool:
 
 def prepare_run_dir(out_dir: Path, config: dict[str, Any], plan: BestPlan, ckpt: dict[str, Any] | None,
                     resume: str | None) -> None:
-    """Rank 0, once every check has passed: clear what the run replaces (check_out_dir let it through),
-    put the resumed run's best.pt in place and record the run's config.json."""
+    """Rank 0, once every check has passed: clear what the run replaces (check_out_dir let it through:
+    checkpoints, TensorBoard events, metrics.csv), put the resumed run's best.pt in place and record
+    the run's config.json."""
     import json
     import shutil
 
@@ -217,6 +218,9 @@ def prepare_run_dir(out_dir: Path, config: dict[str, Any], plan: BestPlan, ckpt:
     out_dir.mkdir(parents=True, exist_ok=True)
     if last_path.exists() and not _same_file(resume, last_path):
         last_path.unlink()  # another run's, to be replaced (--overwrite): not left beside this run's config
+    if not _same_file(resume, last_path):  # a new run: the replaced one's curves would mix with its own
+        shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
+        (out_dir / "metrics.csv").unlink(missing_ok=True)
     if plan.remove:
         best_path.unlink(missing_ok=True)
     if plan.copy_from is not None:  # whole or not at all: other torchrun ranks may be reading best.pt
