@@ -234,6 +234,30 @@ def test_evaluate_refuses_caches_named_alike(demo32, tmp_path, capsys):
 # -- 7. Ctrl-C says how to resume -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_a_crop_that_no_longer_decodes_ends_the_run_in_one_line_naming_it_and_the_resume(demo32, tmp_path, capsys,
+                                                                                          workers):
+    """Cut short after extraction: the error names the crop, its index and --check-crops, and the epoch
+    to resume from; read by a DataLoader worker process (on CUDA by default) it is the same one line,
+    not the worker's traceback."""
+    from training.cli import main
+
+    data, run = demo32
+    copy, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(data, copy)
+    shutil.copytree(run, out)  # epoch 1 finished
+    crop = sorted((copy / "train").rglob("*.png"))[0]
+    crop.write_bytes(crop.read_bytes()[:100])
+    capsys.readouterr()
+    argv = [*_train_argv(copy, out), "--epochs", "2", "--resume", str(out / "last.pt"), "--workers", workers]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: OSError: could not read crop {crop} (cut short or corrupt): remove its row from "
+                          f"{copy / 'train' / 'index.csv'}, or extract into a new directory; --check-crops "), err
+    assert err.endswith(f"; epoch 1 is the last finished: continue with --resume {out / 'last.pt'}"), err
+
+
 def test_interrupt_names_the_resume_command(demo32, tmp_path, monkeypatch, capsys):
     from training.cli import main
 

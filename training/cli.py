@@ -29,6 +29,7 @@ from training.export_command import cmd_export  # noqa: F401
 from training.extract_command import cmd_extract  # noqa: F401
 from training.run_checks import UsageError, interrupted_hint
 from worker.cli_data import non_empty, probability
+from worker.errors import last_line
 
 log = logging.getLogger(__name__)
 
@@ -362,16 +363,31 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as exc:  # bad paths or data: a clear line, not a traceback
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc, named=False)}{_resume_hint(args)}", file=sys.stderr)
     except KeyboardInterrupt:
-        hint = interrupted_hint(args.out) if args.command == "train" else ""
-        print(f"python -m training {args.command}: interrupted{hint}", file=sys.stderr)
+        print(f"python -m training {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     except (OSError, RuntimeError, TypeError, pickle.UnpicklingError) as exc:
         # An --out that is a file, a directory not writable, a --device this torch lacks, a truncated
-        # checkpoint, a --model-arg the architecture does not take: one line naming the cause.
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        # checkpoint, a --model-arg the architecture does not take, a crop that no longer decodes:
+        # one line naming the cause.
+        print(f"error: {_one_line(exc)}{_resume_hint(args)}", file=sys.stderr)
     return 1
+
+
+def _one_line(exc: BaseException, named: bool = True) -> str:
+    """`exc` as one line. A DataLoader worker's exception comes back with the worker's traceback in its
+    text ("Caught OSError in DataLoader worker process 0. Original Traceback ..."): its last line,
+    `Type: message`, is the cause."""
+    text = str(exc)
+    if "\n" in text.strip():
+        return last_line(text) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if named else text
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """A train run that stopped after finishing epochs: which epoch is kept and how to go on."""
+    return interrupted_hint(args.out) if args.command == "train" else ""
 
 
 def command_line(argv: list[str] | None = None) -> str:

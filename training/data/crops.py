@@ -324,7 +324,12 @@ class CropDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         r = self.records[i]
-        img = self._cache[i] if self._cache is not None else load_crop(self.root / self.split / r.path)
+        try:
+            img = self._cache[i] if self._cache is not None else load_crop(self.root / self.split / r.path)
+        except OSError as exc:  # cut short or corrupt since the index was written
+            raise OSError(f"{exc} (cut short or corrupt): remove its row from {self.root / self.split / INDEX}, or "
+                          "extract into a new directory; --check-crops names every such crop before the "
+                          "first epoch") from exc
         x = torch.from_numpy(crops_to_tensor_layout(img[None])[0])  # the worker's own conversion
         if self.hflip and torch.rand(()) < 0.5:
             x = x.flip(-1)
