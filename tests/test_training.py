@@ -6,6 +6,7 @@ import argparse
 import csv
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -565,3 +566,18 @@ def test_cli_extract_ffpp_layout(tmp_path, capsys):
             main(["extract", "--dataset", "ffpp", "--root", str(root), "--out", str(tmp_path / "slip"), *extra])
         assert exc.value.code == 2 and said in capsys.readouterr().err
         assert not (tmp_path / "slip").exists()
+
+
+def test_the_crop_loading_bench_prints_its_table():
+    """bench/bench_crop_loading.py (the figures behind `train --workers auto`) on a small cache."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "bench_crop_loading.py"
+    proc = subprocess.run([sys.executable, str(bench), "--size", "32", "--repeat", "1", "--passes", "1", "--steps",
+                           "0", "--workers", "0", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert re.match(r"\d+ crops of 32x32 px, 1 passes", lines[0]) and lines[1].split()[-1] == "workers"
+    assert [line.split()[0] for line in lines[2:]] == ["0", "1"] and float(lines[2].split()[-1]) == 1.0

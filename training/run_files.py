@@ -76,9 +76,9 @@ MAX_AUTO_LOADER_WORKERS = 8
 
 def loader_workers(requested: int | None, device: torch.device, processes: int = 1) -> int:
     """DataLoader worker processes: `requested`, or when None ("auto") none on the CPU, where the
-    model's arithmetic takes every core and reading crops is a small part of a step, and on CUDA up
-    to 8, one fewer than this process's share of the usable CPUs: decoding 299 px PNG crops in the
-    training process alone holds a GPU to a few hundred crops a second."""
+    model's step is hundreds of times slower than reading its crops, and on CUDA up to 8, one fewer
+    than this process's share of the usable CPUs: the training process alone reads about 260 crops/s
+    of 299 px (`bench/bench_crop_loading.py`), a third of what an H200 is estimated to train."""
     if requested is not None:
         return requested
     if device.type != "cuda":
