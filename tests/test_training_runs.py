@@ -258,6 +258,21 @@ def test_a_crop_that_no_longer_decodes_ends_the_run_in_one_line_naming_it_and_th
     assert err.endswith(f"; epoch 1 is the last finished: continue with --resume {out / 'last.pt'}"), err
 
 
+def test_a_run_that_fails_before_its_first_epoch_does_not_offer_the_replaced_runs_resume(demo32, tmp_path, capsys):
+    """--overwrite over another run, refused for crops of another side: that run's last.pt is not
+    this command's to continue, so the error line does not offer it."""
+    from training.cli import main
+
+    data, run = demo32
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    capsys.readouterr()
+    argv = [*_train_argv(data, out), "--overwrite", "--model-arg", "input_size=48"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: the training crops are 32×32 px but mdcsd_tiny takes 48×48") and "--resume" not in err
+
+
 def test_interrupt_names_the_resume_command(demo32, tmp_path, monkeypatch, capsys):
     from training.cli import main
 

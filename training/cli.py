@@ -20,6 +20,7 @@ import math
 import pickle
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -346,6 +347,7 @@ def cmd_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    started = time.time()
     handler = globals()["cmd_" + args.command.replace("-", "_")]
     try:
         if str(getattr(args, "device", "")).startswith("cuda"):  # torch's own is an AssertionError, deep inside
@@ -363,15 +365,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as exc:  # bad paths or data: a clear line, not a traceback
-        print(f"error: {_one_line(exc, named=False)}{_resume_hint(args)}", file=sys.stderr)
+        print(f"error: {_one_line(exc, named=False)}{_resume_hint(args, started)}", file=sys.stderr)
     except KeyboardInterrupt:
-        print(f"python -m training {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        print(f"python -m training {args.command}: interrupted{_resume_hint(args, started)}", file=sys.stderr)
         return 130
     except (OSError, RuntimeError, TypeError, pickle.UnpicklingError) as exc:
         # An --out that is a file, a directory not writable, a --device this torch lacks, a truncated
         # checkpoint, a --model-arg the architecture does not take, a crop that no longer decodes:
         # one line naming the cause.
-        print(f"error: {_one_line(exc)}{_resume_hint(args)}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}{_resume_hint(args, started)}", file=sys.stderr)
     return 1
 
 
@@ -385,9 +387,9 @@ def _one_line(exc: BaseException, named: bool = True) -> str:
     return f"{type(exc).__name__}: {text}" if named else text
 
 
-def _resume_hint(args: argparse.Namespace) -> str:
+def _resume_hint(args: argparse.Namespace, started: float) -> str:
     """A train run that stopped after finishing epochs: which epoch is kept and how to go on."""
-    return interrupted_hint(args.out) if args.command == "train" else ""
+    return interrupted_hint(args.out, args.resume, started) if args.command == "train" else ""
 
 
 def command_line(argv: list[str] | None = None) -> str:

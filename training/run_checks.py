@@ -233,12 +233,16 @@ def prepare_run_dir(out_dir: Path, config: dict[str, Any], plan: BestPlan, ckpt:
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def interrupted_hint(out_dir: Path) -> str:
-    """What to run after Ctrl-C: the last finished epoch is in last.pt, resumable."""
+def interrupted_hint(out_dir: Path, resume: str | Path | None = None, started: float | None = None) -> str:
+    """What to run after Ctrl-C or an error: the last finished epoch is in last.pt, resumable. Only
+    for this run's last.pt: the one it resumed, or one written since `started` (a time.time()); a
+    run it was to replace (--overwrite) is not this run's to continue."""
     from worker.torch_files import load_tensors
 
     last = Path(out_dir) / "last.pt"
     try:
+        if started is not None and not _same_file(resume, last) and last.stat().st_mtime < started:
+            return ""
         epoch = int(load_tensors(last)["epoch"])
     except (OSError, ValueError, KeyError, TypeError):  # no epoch finished (or no run of ours)
         return ""
