@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import os
 import re
@@ -175,7 +176,7 @@ def test_stop_after_ends_the_run_once_epochs_bring_no_new_best(tmp_path, monkeyp
     res = train(cfg_for(tmp_path, epochs=7, stop_after=3, max_steps_per_epoch=1), Synthetic(16), Synthetic(8))
     assert res.best_epoch == 2 and len(res.history) == 5  # epochs 3-5 bring nothing better: 6 and 7 never run
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 5
-    assert "stopping after epoch 5/7: no better validation accuracy for 3 epochs (--stop-after 3); best epoch 2" \
+    assert "stopping after epoch 5/7: no new best validation accuracy for 3 epochs (--stop-after 3); best epoch 2" \
         in capsys.readouterr().err
     res = train(cfg_for(tmp_path, epochs=9, stop_after=3, max_steps_per_epoch=1, resume=str(res.last_path)),
                 Synthetic(16), Synthetic(8))
@@ -189,9 +190,10 @@ def test_stop_after_ends_the_run_once_epochs_bring_no_new_best(tmp_path, monkeyp
 
 
 def test_dataloader_workers_read_the_same_batches_as_the_training_process(tmp_path):
-    """Crops read by DataLoader worker processes (on CUDA by default) train exactly the weights read in
-    the training process gives: same batches, and each epoch's EpochCycle set, which the forked workers
-    only see when they are started anew each epoch."""
+    """Crops read by DataLoader worker processes (on CUDA by default) come in the batches the training
+    process would read, each epoch's EpochCycle set included (the forked workers see it only when they
+    are started anew each epoch): with items that draw nothing at random (no hflip or augmentation,
+    which workers draw from their own seeds), the weights are the same to the bit."""
     def run(workers: int, name: str):
         data = EpochCycle([Synthetic(16, seed=0), Synthetic(16, seed=2)])
         cfg = cfg_for(tmp_path, epochs=2, num_workers=workers, out_dir=str(tmp_path / name))
@@ -208,7 +210,7 @@ def test_dataloader_workers_read_the_same_batches_as_the_training_process(tmp_pa
 
 
 def test_dataloader_workers_default_by_device(monkeypatch):
-    from training.cli import loader_workers_arg
+    from training.cli import _one_line, loader_workers_arg
     from training.run_files import loader_workers
     import worker.cpus
 
@@ -221,6 +223,12 @@ def test_dataloader_workers_default_by_device(monkeypatch):
     for bad in ("-1", "two"):
         with pytest.raises(argparse.ArgumentTypeError, match="a number of processes .* or auto"):
             loader_workers_arg(bad)
+    # a worker's exception, wrapped with its traceback, is said by its last line; any other stays whole
+    wrapped = "Caught OSError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n" \
+              '  File "x.py", line 1, in f\nOSError: could not read crop a.png\n'
+    assert _one_line(OSError(wrapped)) == "OSError: could not read crop a.png"
+    assert _one_line(RuntimeError("CUDA error: device-side assert triggered\nCompile with ...")) == \
+        "RuntimeError: CUDA error: device-side assert triggered\nCompile with ..."
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -252,14 +260,19 @@ def test_resuming_with_other_settings_says_what_each_change_does(tmp_path, caplo
     train(cfg_for(tmp_path, epochs=1, max_steps_per_epoch=1, lr=1e-3), ds, val)
     last = str(tmp_path / "run" / "last.pt")
     with caplog.at_level(logging.WARNING, logger="training.train"):
-        resumed = train(cfg_for(tmp_path, epochs=2, max_steps_per_epoch=1, lr=5e-4, batch_size=8, resume=last), ds, val)
+        resumed = train(cfg_for(tmp_path, epochs=2, max_steps_per_epoch=1, lr=5e-4, batch_size=8, num_workers=1,
+                                resume=last), ds, val)
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming ")]
-    assert len(said) == 2, said
+    assert len(said) == 3, said
     assert "lr 0.001 -> 0.0005: ignored" in said[0] and "batch_size 16 -> 8: applies from the next epoch" in said[1]
+    # worker processes draw their own flips: an auto count that differs on another machine is named too
+    assert "loader_workers 0 -> 1: applies from the next epoch" in said[2]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["loader_workers"] == 1
     assert resumed.history[-1]["lr"] == pytest.approx(1e-3)  # what the warning says: the saved state won
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="training.train"):  # the same settings: nothing to say
-        train(cfg_for(tmp_path, epochs=3, max_steps_per_epoch=1, lr=5e-4, batch_size=8, resume=last), ds, val)
+        train(cfg_for(tmp_path, epochs=3, max_steps_per_epoch=1, lr=5e-4, batch_size=8, num_workers=1, resume=last),
+              ds, val)
     assert not [r for r in caplog.records if r.getMessage().startswith("resuming ")]
 
 
@@ -413,8 +426,6 @@ def test_cli_refuses_a_negative_stop_after(command, tmp_path, capsys):
 
 def test_cli_train_evaluate_export(tmp_path, capsys, monkeypatch, caplog):
     """train -> evaluate -> export through ``python -m training`` on a small real-footage SBI cache."""
-    import json
-
     from training.cli import main
     from worker.engine.model_card import ModelCard
 
@@ -514,8 +525,6 @@ def test_cli_train_evaluate_export(tmp_path, capsys, monkeypatch, caplog):
 
 def test_cli_extract_ffpp_layout(tmp_path, capsys):
     """`extract` on a miniature FaceForensics++ layout (real footage standing in for every video)."""
-    import json
-
     from media import carphone_path
 
     from training.cli import main

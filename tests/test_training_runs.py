@@ -253,7 +253,7 @@ def test_a_crop_that_no_longer_decodes_ends_the_run_in_one_line_naming_it_and_th
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert err.startswith(f"error: OSError: could not read crop {crop} (cut short or corrupt): remove its row from "
+    assert err.startswith(f"error: OSError: could not read crop {crop} (gone, unreadable or corrupt): remove its row from "
                           f"{copy / 'train' / 'index.csv'}, or extract into a new directory; --check-crops "), err
     assert err.endswith(f"; epoch 1 is the last finished: continue with --resume {out / 'last.pt'}"), err
 

@@ -55,7 +55,8 @@ TRAIN_EXTRA_MODULES = ("skimage", "scipy", "skvideo", "onnxscript")
 
 
 WORKERS_HELP = ("DataLoader worker processes that read the crops; default: auto, none on the CPU and on CUDA up to "
-                "8, one fewer than the usable CPUs (per torchrun process)")
+                "8, one fewer than the usable CPUs{per} but at least 1. In a container they pass batches through "
+                "/dev/shm: give it room (docker run --shm-size 2g), or pass 0")
 
 
 def loader_workers_arg(text: str) -> int | None:
@@ -106,11 +107,13 @@ def _add_train_args(p: argparse.ArgumentParser, demo: bool = False) -> None:
                         "default: %(default)s (paper: 3)")
     g.add_argument("--factor", type=float, default=0.2, help="default: %(default)s (paper)")
     g.add_argument("--stop-after", type=int, default=d["stop_after"] if demo else 0, metavar="N",
-                   help="end the run once N epochs in a row bring no better validation accuracy (best.pt keeps "
-                        "the best either way); 0 trains every epoch; default: %(default)s"
+                   help="end the run once N epochs in a row bring no new best.pt (a higher validation accuracy, "
+                        "or an equal one at a lower loss); 0 trains every epoch; default: %(default)s"
                         + ("" if demo else " (the paper trains a fixed number of epochs)"))
     g.add_argument("--seed", type=int, default=d["seed"] if demo else 0)
-    g.add_argument("--workers", type=loader_workers_arg, default=None, metavar="N|auto", help=WORKERS_HELP)
+    g.add_argument("--workers", type=loader_workers_arg, default=None, metavar="N|auto",
+                   help=WORKERS_HELP.format(per=" per torchrun process") + "; a run repeats exactly only with the "
+                   "same count (each worker draws its own flips and augmentation)")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none", help="autocast on CUDA; default: none")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]; default: %(default)s")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -165,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="run directory")
     p.add_argument("--resume", type=Path, help="continue from this last.pt (its optimizer and scheduler state "
                    "keep their learning rates; changed settings are named in a warning)")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its last.pt and "
-                   "best.pt); without it such an --out is refused unless resuming from its last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its last.pt, "
+                   "best.pt, metrics.csv and TensorBoard events); without it such an --out is refused unless "
+                   "resuming from its last.pt")
     p.add_argument("--augment", action="store_true",
                    help="random zoom/shift/greyscale/brightness/contrast (training.sampling.Augment)")
     p.add_argument("--hflip", action="store_true", help="flip half the training crops left-right")
@@ -192,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "unless --threshold gives another threshold than the card's")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", type=loader_workers_arg, default=None, metavar="N|auto", help=WORKERS_HELP)
+    p.add_argument("--workers", type=loader_workers_arg, default=None, metavar="N|auto", help=WORKERS_HELP.format(per=""))
     p.add_argument("--name", default="model", help="row label in the tables")
     p.add_argument("--engine", choices=["pytorch", "onnxruntime", "tensorrt"],
                    help="with --model-dir: score through this worker engine (default: the PyTorch model itself)")
@@ -382,7 +386,7 @@ def _one_line(exc: BaseException, named: bool = True) -> str:
     text ("Caught OSError in DataLoader worker process 0. Original Traceback ..."): its last line,
     `Type: message`, is the cause."""
     text = str(exc)
-    if "\n" in text.strip():
+    if "Original Traceback" in text:  # torch.utils.data's ExceptionWrapper
         return last_line(text) or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if named else text
 

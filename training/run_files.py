@@ -53,7 +53,8 @@ def tensorboard_writer(out_dir: Path, enabled: bool):
 KEPT_ON_RESUME = ("lr", "stitch_lr", "betas", "eps", "weight_decay", "plateau_factor", "plateau_patience")
 # Settings a resumed run applies from its next epoch, so that it no longer draws the batches an
 # unbroken run would have drawn.
-CHANGED_ON_RESUME = ("batch_size", "seed", "processes", "amp", "balance", "paired", "max_steps_per_epoch")
+CHANGED_ON_RESUME = ("batch_size", "seed", "processes", "amp", "balance", "paired", "max_steps_per_epoch",
+                     "loader_workers")
 
 
 def resume_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -77,8 +78,10 @@ MAX_AUTO_LOADER_WORKERS = 8
 def loader_workers(requested: int | None, device: torch.device, processes: int = 1) -> int:
     """DataLoader worker processes: `requested`, or when None ("auto") none on the CPU, where the
     model's step is hundreds of times slower than reading its crops, and on CUDA up to 8, one fewer
-    than this process's share of the usable CPUs: the training process alone reads about 260 crops/s
-    of 299 px (`bench/bench_crop_loading.py`), a third of what an H200 is estimated to train."""
+    than this process's share of the usable CPUs but at least 1: the training process alone reads
+    about 260 crops/s of 299 px (`bench/bench_crop_loading.py`), a third of what an H200 is estimated
+    to train. Workers draw hflip and augmentation from their own seeds, so a run repeats exactly for
+    the same count, not across counts (the checkpoint records it: `loader_workers`)."""
     if requested is not None:
         return requested
     if device.type != "cuda":

@@ -77,7 +77,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     plateau_factor: float = 0.2
     plateau_patience: int = 3  # epochs in a row without a val-loss decrease before the LR drops (paper)
-    stop_after: int = 0  # end the run after this many epochs in a row without a new best (0: never, as the paper)
+    stop_after: int = 0  # end the run after this many epochs in a row without a new best.pt (0: never, as the paper)
     seed: int = 0
     freq_norm_crops: int = 256  # training crops whose log-spectrum stats normalise the freq branch (0: model defaults)
     num_workers: int | None = None  # DataLoader processes; None: none on the CPU, up to 8 on CUDA (loader_workers)
@@ -216,8 +216,11 @@ def train(
     if ckpt is not None:
         load_resumed(ckpt, str(cfg.resume), model, cfg.model_kwargs)
     plan = best_plan(ckpt, cfg.resume, best_path, cfg.overwrite)
+    # Worker processes draw the flips and augmentation from their own seeds: the count is part of the run.
+    workers = loader_workers(cfg.num_workers, device, world)
+    run_config = {**asdict(cfg), "processes": world, "loader_workers": workers}
     if rank == 0:
-        prepare_run_dir(out_dir, asdict(cfg), plan, ckpt, cfg.resume)
+        prepare_run_dir(out_dir, run_config, plan, ckpt, cfg.resume)
     if fresh:
         full_width = getattr(model, "init_kwargs", {}).get("width") == 1.0  # ImageNet weights fit only this
         if cfg.imagenet_path is None and "rgb" in getattr(model, "branches", ()) and full_width and not cfg.resume \
@@ -243,7 +246,7 @@ def train(
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, best, history = int(ckpt["epoch"]), plan.best, list(ckpt.get("history", []))
         crop_recipe = resumed_recipe(ckpt.get("crop_recipe"), crop_recipe, cfg.resume, warn=rank == 0)
-        for change in resume_changes(ckpt.get("config") or {}, {**asdict(cfg), "processes": world}) if rank == 0 else ():
+        for change in resume_changes(ckpt.get("config") or {}, run_config) if rank == 0 else ():
             log.warning("resuming %s with %s", cfg.resume, change)
         del ckpt  # its tensors (the optimizer's moments) need not outlive the loading
     net: nn.Module = model
@@ -264,7 +267,6 @@ def train(
     else:
         sampler = None
     pin = device.type == "cuda"
-    workers = loader_workers(cfg.num_workers, device, world)
     if cfg.num_workers is None and workers and rank == 0:
         tqdm.write(f"reading crops with {workers} DataLoader worker processes (--workers)", file=sys.stderr)
     if cfg.paired:
@@ -283,7 +285,7 @@ def train(
     for epoch in range(start_epoch, cfg.epochs):
         if cfg.stop_after and best is not None and epoch - best["epoch"] >= cfg.stop_after:
             if rank == 0:  # every rank decides alike: the validation metrics are gathered
-                tqdm.write(f"stopping after epoch {epoch}/{cfg.epochs}: no better validation accuracy for "
+                tqdm.write(f"stopping after epoch {epoch}/{cfg.epochs}: no new best validation accuracy for "
                            f"{epoch - best['epoch']} epochs (--stop-after {cfg.stop_after}); best epoch "
                            f"{best['epoch']}", file=sys.stderr)
             break
@@ -341,7 +343,7 @@ def train(
         history.append(row)
         if rank == 0:
             state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            meta = {"model_config": getattr(model, "model_config", None), "config": {**asdict(cfg), "processes": world},
+            meta = {"model_config": getattr(model, "model_config", None), "config": run_config,
                     "crop_recipe": crop_recipe.to_dict() if crop_recipe is not None else None}
             if improved:
                 save_atomic({"model": state, "epoch": epoch + 1, "metrics": best, **meta}, best_path)

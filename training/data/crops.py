@@ -326,8 +326,8 @@ class CropDataset(Dataset):
         r = self.records[i]
         try:
             img = self._cache[i] if self._cache is not None else load_crop(self.root / self.split / r.path)
-        except OSError as exc:  # cut short or corrupt since the index was written
-            raise OSError(f"{exc} (cut short or corrupt): remove its row from {self.root / self.split / INDEX}, or "
+        except OSError as exc:  # deleted, unreadable, cut short or corrupt since the index was written
+            raise OSError(f"{exc} (gone, unreadable or corrupt): remove its row from {self.root / self.split / INDEX}, or "
                           "extract into a new directory; --check-crops names every such crop before the "
                           "first epoch") from exc
         x = torch.from_numpy(crops_to_tensor_layout(img[None])[0])  # the worker's own conversion
