@@ -2,9 +2,9 @@
 #
 # deepfake-moderation worker images. Two targets, same entry point (`rq worker deepfake`):
 #
-#   docker build --target gpu -t deepfake-moderation:0.4.7-gpu .
-#   docker build --target cpu -t deepfake-moderation:0.4.7-cpu .
-#   docker build --target cpu --build-arg MODEL_DIR=models/mdcsd-v1 -t deepfake-moderation:0.4.7-cpu-mdcsd-v1 .
+#   docker build --target gpu -t deepfake-moderation:0.4.8-gpu .
+#   docker build --target cpu -t deepfake-moderation:0.4.8-cpu .
+#   docker build --target cpu --build-arg MODEL_DIR=models/mdcsd-v1 -t deepfake-moderation:0.4.8-cpu-mdcsd-v1 .
 #
 # Settings come from DEEPFAKE_* variables (worker/settings.py), the queue from RQ_REDIS_URL, S3
 # credentials from AWS_*; none are baked. See docs/deploy.md.

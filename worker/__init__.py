@@ -1,3 +1,3 @@
 """The deepfake-moderation worker: video in, verdict out."""
 
-__version__ = "0.4.7"
+__version__ = "0.4.8"
